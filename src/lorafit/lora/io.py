@@ -1,0 +1,150 @@
+"""Adapters on disk in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Keys are PEFT's: ``base_model.model.<module path>.lora_A.weight`` (the adapter name is not stored), plus
+``base_model.model.<path>.weight`` for ``modules_to_save`` and trainable biases. Files are written to a
+temporary name and renamed into place, so a crash never leaves a half-written adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lorafit.errors import LorafitError
+from lorafit.lora.config import LoraConfig
+from lorafit.lora.inject import apply_lora, named_lora_layers
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors an adapter file holds, under PEFT's key names.
+
+    PiSSA adapters are stored as plain LoRA relative to the *original* base weights (PEFT's
+    ``path_initial_model_for_weight_conversion``): rank 2r, ``[A; A0]`` and ``[B, -B0]``.
+    """
+    state = {}
+    for name, layer in named_lora_layers(model):
+        a, b = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
+        init = getattr(layer, "pissa_init", None)
+        if init is not None:
+            a, b = torch.cat([a, init[0]], 0), torch.cat([b, -init[1]], 1)
+        state[f"{PREFIX}{name}.lora_A.weight"] = a
+        state[f"{PREFIX}{name}.lora_B.weight"] = b
+    for pname, p in model.named_parameters():
+        if p.requires_grad and ".lora_A." not in pname and ".lora_B." not in pname:
+            state[PREFIX + pname] = p.detach()  # modules_to_save and trainable biases, under PEFT's names
+    return {k: v.contiguous().cpu() for k, v in state.items()}
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str | None = None) -> Path:
+    """Write the model's adapter to ``directory`` in PEFT's format (atomically, file by file)."""
+    config = getattr(model, "lora_config", None)
+    if config is None:
+        raise LorafitError("this model has no LoRA adapter to save")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = adapter_state_dict(model)
+    targets = sorted({n.split(".")[-1] for n, _ in named_lora_layers(model)})
+    peft_config = config.to_peft_dict(targets, base_model=base_model)
+    peft_config["fan_in_fan_out"] = any(layer.fan_in_fan_out for _, layer in named_lora_layers(model))
+    if config.init == "pissa":
+        # Stored as converted plain LoRA of rank 2r with the same scaling (see adapter_state_dict).
+        peft_config.update(init_lora_weights=True, r=2 * config.r,
+                           lora_alpha=config.alpha * (2**0.5 if config.use_rslora else 2))
+        peft_config["rank_pattern"] = {k: 2 * v for k, v in config.rank_pattern.items()}
+        peft_config["alpha_pattern"] = {k: v * (2**0.5 if config.use_rslora else 2) for k, v in config.alpha_pattern.items()}
+    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
+    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(peft_config, indent=2) + "\n"))
+    return directory
+
+
+def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise LorafitError(f"{path}: not found; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise LorafitError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    return LoraConfig.from_peft_dict(data, source=str(path))
+
+
+def read_adapter_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    directory = Path(directory)
+    path = directory / WEIGHTS_NAME
+    if path.is_file():
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as e:
+            raise LorafitError(f"{path}: cannot read safetensors file ({e})") from None
+    legacy = directory / "adapter_model.bin"
+    if legacy.is_file():
+        # weights_only: never unpickle arbitrary objects from a downloaded adapter.
+        return torch.load(legacy, map_location="cpu", weights_only=True)
+    raise LorafitError(f"{path}: not found; is {directory} an adapter folder?")
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable: bool = False) -> nn.Module:
+    """Attach the adapter saved in ``directory`` (lorafit's or PEFT's) to ``model`` and return it.
+
+    Checks that every tensor in the file has a place in the model with the same shape, and that every wrapped
+    layer gets its weights; otherwise says what differs (usually: the adapter belongs to another base model).
+    """
+    config = read_adapter_config(directory)
+    state = read_adapter_weights(directory)
+    try:
+        config.init = "kaiming"
+        apply_lora(model, config)
+    except LorafitError as e:
+        raise LorafitError(f"adapter {directory} does not fit this model: {e}") from None
+    own = {f"{PREFIX}{n}": p for n, p in model.named_parameters()}
+    for name, _ in named_lora_layers(model):  # older files name wrapped layers' biases without ".base_layer"
+        for suffix in ("bias", "weight"):
+            if f"{PREFIX}{name}.base_layer.{suffix}" in own:
+                own.setdefault(f"{PREFIX}{name}.{suffix}", own[f"{PREFIX}{name}.base_layer.{suffix}"])
+    unknown = [k for k in state if k not in own]
+    if unknown:
+        raise LorafitError(
+            f"adapter {directory}: {len(unknown)} tensors have no place in this model (first: {unknown[0]}); "
+            "it was trained on a different base model"
+        )
+    for key, tensor in state.items():
+        if tuple(own[key].shape) != tuple(tensor.shape):
+            raise LorafitError(
+                f"adapter {directory}: {key} has shape {tuple(tensor.shape)} but the model expects "
+                f"{tuple(own[key].shape)}; it was trained on a different base model (or r differs)"
+            )
+    missing = [f"{PREFIX}{n}.lora_{ab}.weight" for n, _ in named_lora_layers(model) for ab in "AB"
+               if f"{PREFIX}{n}.lora_{ab}.weight" not in state]
+    if missing:
+        raise LorafitError(f"adapter {directory}: no weights for {missing[0]} (and {len(missing) - 1} more)")
+    with torch.no_grad():
+        for key, tensor in state.items():
+            own[key].copy_(tensor.to(own[key].dtype))
+    for p in model.parameters():
+        if not trainable:
+            p.requires_grad_(False)
+    return model

@@ -1,0 +1,215 @@
+"""The LoRA linear layer and the autograd function that makes it lean.
+
+Math (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"; identical to PEFT)::
+
+    h = W x + b + s · B A dropout(x)        A: (r × in), B: (out × r), s = alpha / r   (rsLoRA: alpha / √r)
+
+``A`` starts kaiming-uniform with a = √5 (what ``nn.Linear`` uses, and PEFT), ``B`` starts at zero, so a fresh
+adapter leaves the model unchanged. Merging adds ``s · B A`` to ``W``; unmerging subtracts it.
+
+Why a hand-written autograd function: letting autograd trace ``W x + s·B(A(dropout(x)))`` keeps, per
+wrapped layer, a dropout mask and a dropped-out *copy* of ``x`` for ``dA``. With seven targets per decoder
+block that is seven extra activation-sized tensors per layer, more than the frozen model itself needs.
+``LoraLinearFunction`` saves only:
+
+* ``x`` itself, by reference — so q/k/v (and gate/up), which all read the same normed hidden state, share
+  one saved tensor (the frozen base matmul needs no saved input at all: ``dx = g W`` needs only ``W``);
+* ``x Aᵀ`` (tokens × r), tiny;
+* for dropout, a 64-bit seed: the mask is regenerated in backward instead of stored.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # GPT-2 style layers: weight stored as (in, out), y = x W + b.
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Conv1D = ()
+
+WRAPPABLE = (nn.Linear, Conv1D)
+
+
+def _dropout_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Inverted-dropout multiplier (0 or 1/(1-p)) for ``x``, reproducible from ``seed``."""
+    gen = torch.Generator(device=x.device)
+    gen.manual_seed(seed)
+    keep = torch.empty(x.shape, device=x.device, dtype=x.dtype).bernoulli_(1.0 - p, generator=gen)
+    return keep.mul_(1.0 / (1.0 - p))
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """``y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ`` with a minimal set of saved tensors (see module docstring).
+
+    ``weight`` is (out × in) in the compute dtype; ``lora_a``/``lora_b`` may be fp32 master weights: they are
+    cast to ``x.dtype`` for the matmuls and their gradients are returned in their own dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float, seed: int):
+        a = lora_a.to(x.dtype)
+        b = lora_b.to(x.dtype)
+        x2 = x.reshape(-1, x.shape[-1])
+        xd = x2 * _dropout_mask(x2, dropout_p, seed) if dropout_p > 0 else x2
+        xa = xd @ a.t()  # (N, r)
+        y = F.linear(x2, weight, bias)
+        y = torch.addmm(y, xa, b.t(), alpha=scaling)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
+        ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
+        ctx.has_bias = bias is not None
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, lora_a, lora_b, xa = ctx.saved_tensors
+        s, p = ctx.scaling, ctx.dropout_p
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        a = lora_a.to(g.dtype)
+        b = lora_b.to(g.dtype)
+        mask = _dropout_mask(x2, p, ctx.seed) if p > 0 and (need_x or need_a) else None
+
+        g_xa = (g @ b).mul_(s)  # (N, r): gradient reaching the output of A
+        grad_a = grad_b = grad_x = grad_w = grad_bias = None
+        if need_b:
+            grad_b = (g.t() @ xa).mul_(s).to(lora_b.dtype)
+        if need_a:
+            xd = x2 * mask if mask is not None else x2
+            grad_a = (g_xa.t() @ xd).to(lora_a.dtype)
+        if need_x:
+            if mask is None:
+                grad_x = torch.addmm(g @ weight, g_xa, a)
+            else:
+                grad_x = torch.addcmul(g @ weight, g_xa @ a, mask)
+            grad_x = grad_x.view(x.shape)
+        if need_w:
+            grad_w = g.t() @ x2
+        if need_bias and ctx.has_bias:
+            grad_bias = g.sum(0)
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
+
+
+class LoraLinear(nn.Module):
+    """A frozen ``nn.Linear`` (or GPT-2 ``Conv1D``) plus a trainable low-rank update.
+
+    Args:
+        base_layer: the layer being adapted; kept as ``self.base_layer`` (PEFT's attribute name, so state-dict
+            keys match PEFT's ``...q_proj.base_layer.weight`` / ``...q_proj.lora_A.weight``).
+        r: rank of the update.
+        alpha: scale numerator; the update is multiplied by ``alpha / r`` (``alpha / √r`` with ``use_rslora``).
+        dropout: probability of zeroing an input feature of the LoRA branch (not the base path).
+        init: ``"kaiming"`` (PEFT default), ``"gaussian"`` (A ~ N(0, 1/r)) or ``"pissa"`` (principal singular
+            vectors of W move into A, B; W keeps the residual — Meng et al. 2024).
+        adapter_dtype: dtype of A and B (fp32 by default, also under a bf16 base: the optimizer updates
+            would otherwise vanish in bf16 rounding).
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        adapter_dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        if not isinstance(base_layer, WRAPPABLE):
+            raise TypeError(f"LoraLinear wraps nn.Linear or Conv1D, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D) if Conv1D else False
+        out_features, in_features = self._weight_out_in().shape
+        self.in_features, self.out_features = in_features, out_features
+        self.r, self.alpha, self.dropout_p, self.use_rslora = r, alpha, float(dropout), use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        device = base_layer.weight.device
+        self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=adapter_dtype)
+        self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=adapter_dtype)
+        self.merged = False
+        self.disabled = False
+        self.pissa_init: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.reset_parameters(init)
+
+    # --- initialisation -------------------------------------------------------------------------------
+    def reset_parameters(self, init: str = "kaiming") -> None:
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        elif init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
+        elif init == "pissa":
+            self._init_pissa()
+            return
+        else:
+            raise ValueError(f"unknown init {init!r}")
+        nn.init.zeros_(self.lora_B.weight)
+
+    @torch.no_grad()
+    def _init_pissa(self) -> None:
+        """PiSSA: A, B take the top-r singular triplets of W (scaled so s·B A equals them); W keeps the rest."""
+        w = self._weight_out_in().float()
+        u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+        sr = sv[: self.r] / self.scaling
+        self.lora_A.weight.copy_(torch.diag(sr.sqrt()) @ vh[: self.r])
+        self.lora_B.weight.copy_(u[:, : self.r] @ torch.diag(sr.sqrt()))
+        self._add_to_weight(-self.delta_weight())
+        # The starting point, to save the trained adapter as plain LoRA against the original W (see io.py).
+        self.pissa_init = (self.lora_A.weight.detach().clone(), self.lora_B.weight.detach().clone())
+
+    # --- weights --------------------------------------------------------------------------------------
+    def _weight_out_in(self) -> torch.Tensor:
+        w = self.base_layer.weight
+        return w.t() if self.fan_in_fan_out else w
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s · B A`` in fp32, shaped (out × in)."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    @torch.no_grad()
+    def _add_to_weight(self, delta: torch.Tensor) -> None:
+        w = self.base_layer.weight
+        w.add_((delta.t() if self.fan_in_fan_out else delta).to(w.dtype))
+
+    @torch.no_grad()
+    def merge(self, safe: bool = False) -> None:
+        """Fold the update into the base weight. ``safe``: check the result is finite before writing it."""
+        if self.merged:
+            return
+        if safe:
+            merged = self._weight_out_in().float() + self.delta_weight()
+            if not torch.isfinite(merged).all():
+                raise ValueError("merging would write NaN/inf into the base weight")
+        self._add_to_weight(self.delta_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self._add_to_weight(-self.delta_weight())
+            self.merged = False
+
+    # --- forward --------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or self.disabled:
+            return self.base_layer(x)
+        weight = self._weight_out_in()
+        if weight.dtype != x.dtype:
+            x = x.to(weight.dtype)
+        dropout = self.dropout_p if self.training else 0.0
+        # A seed drawn from torch's global RNG: checkpointed RNG state reproduces it on resume, and
+        # activation checkpointing's RNG-state replay reproduces it on recomputation.
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout > 0 else 0
+        return LoraLinearFunction.apply(
+            x, weight, self.base_layer.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, dropout, seed
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, "
+            f"scaling={self.scaling:.4g}, dropout={self.dropout_p}, merged={self.merged}"
+        )
