@@ -1,0 +1,93 @@
+"""Causal-LM loss without ever materialising the full (tokens × vocab) fp32 logits.
+
+With a 49k–128k vocabulary the fp32 logits and their gradient are often the largest tensors of a LoRA step.
+:class:`LinearCrossEntropy` takes the final hidden states of the *trained* positions only (prompt tokens
+masked out of the loss need no logits at all), and walks over them in chunks: for each chunk it computes
+the logits in fp32, the summed cross-entropy, and right away the gradient w.r.t. the hidden states
+(``(softmax − onehot) · W``), which is all backward needs. Peak extra memory is one chunk of logits; the
+head matmul runs twice per token (forward and grad), as in an unchunked loss, instead of three times as
+with activation checkpointing of the head.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100
+# Logit elements per chunk: 2**23 fp32 values = 32 MiB (e.g. 170 tokens of a 49k vocabulary).
+CHUNK_ELEMENTS = 2**23
+
+
+def chunk_tokens_for(vocab_size: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
+    return max(16, chunk_elements // max(vocab_size, 1))
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """``sum_i CE(softcap(h_i Wᵀ), y_i)`` over rows ``h`` (n × d) and targets ``y`` (n,), computed in chunks."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk: int, softcap: float | None):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk):
+            hc, yc = h[start : start + chunk], targets[start : start + chunk]
+            logits = (hc @ weight.t()).float()
+            if softcap:
+                t = torch.tanh(logits / softcap)
+                logits = t * softcap
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            if not (need_h or need_w):
+                continue
+            # d CE / d logits = softmax − onehot, computed in place in the logits buffer.
+            grad = logits.sub_(lse[:, None]).exp_()
+            grad[torch.arange(yc.shape[0], device=yc.device), yc] -= 1.0
+            if softcap:
+                grad.mul_(1.0 - t * t)
+            if need_h:
+                grad_h[start : start + chunk] = grad.to(weight.dtype) @ weight
+            if need_w:
+                grad_w.addmm_(grad.t(), hc.float())
+        ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
+        ctx.has = (need_h, need_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = list(ctx.saved_tensors)
+        need_h, need_w = ctx.has
+        gh = saved.pop(0) * grad_out.to(saved[0].dtype) if need_h else None
+        gw = saved.pop(0) * grad_out if need_w else None
+        return gh, gw, None, None, None
+
+
+def _softcap(model: nn.Module) -> float | None:
+    return getattr(model.config, "final_logit_softcapping", None) or None
+
+
+def causal_lm_loss(
+    model: nn.Module, inputs: dict, labels: torch.Tensor, chunk_tokens: int | None = None
+) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over trained positions, and how many there were.
+
+    ``labels`` are aligned with ``input_ids`` (HF convention, ``-100`` = not trained); position ``t`` predicts
+    ``labels[t + 1]``. Returns ``(loss_sum, n_tokens)``; divide by the number of trained tokens of the whole
+    accumulated batch, not per micro-batch, so every trained token weighs the same.
+    """
+    body = model.base_model  # the decoder stack without the head (LlamaModel, GPT2Model, ...)
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise NotImplementedError("output heads with a bias are not supported by the chunked loss")
+    hidden = body(**inputs).last_hidden_state  # (B, T, d)
+    targets = labels[:, 1:].reshape(-1)
+    keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    n = int(keep.numel())
+    if n == 0:
+        return hidden.sum() * 0.0, 0
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, keep)
+    chunk = chunk_tokens or chunk_tokens_for(head.weight.shape[0])
+    loss = LinearCrossEntropy.apply(h, head.weight, targets.index_select(0, keep), chunk, _softcap(model))
+    return loss, n
