@@ -1,0 +1,160 @@
+"""From a config to tokenized train/eval samples: read rows, tokenize by format, truncate, split."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from lorafit.data.chat import ChatTokenizer, resolve_chat_template
+from lorafit.data.formats import (
+    IGNORE,
+    TokenizerInfo,
+    tokenize_alpaca,
+    tokenize_completion,
+    tokenize_input_output,
+)
+from lorafit.data.loading import RowError, iter_dataset
+from lorafit.errors import LorafitError
+
+
+@dataclass
+class Sample:
+    """One tokenized example. ``labels`` are aligned with ``input_ids`` (HF convention: the loss shifts by
+    one) and are -100 where the token is not trained."""
+
+    input_ids: list[int]
+    labels: list[int]
+    source: str = ""  # file and line/row it came from
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_trained(self) -> int:
+        """Tokens that contribute to the loss: labels[1:] != -100 (position 0 is never predicted)."""
+        return sum(1 for x in self.labels[1:] if x != IGNORE)
+
+
+@dataclass
+class DataReport:
+    """What happened to the rows on their way to samples."""
+
+    rows_read: int = 0
+    bad_rows_skipped: int = 0
+    dropped_no_trained_tokens: int = 0  # rows that had nothing to train (e.g. no assistant turn)
+    truncated: int = 0  # samples cut to sequence_len and kept
+    dropped_by_truncation: int = 0  # samples whose trained tokens were all beyond sequence_len
+    train_samples: int = 0
+    eval_samples: int = 0
+    trained_tokens: int = 0  # train split, labels[1:] != -100
+    total_tokens: int = 0  # train split
+    eval_trained_tokens: int = 0
+    bad_row_examples: list[str] = field(default_factory=list)  # first few skipped-row messages
+
+    def lines(self) -> list[str]:
+        out = [
+            f"rows read: {self.rows_read}",
+            f"train samples: {self.train_samples} ({self.total_tokens} tokens, {self.trained_tokens} trained)",
+            f"eval samples: {self.eval_samples} ({self.eval_trained_tokens} trained tokens)",
+        ]
+        if self.bad_rows_skipped:
+            out.append(f"bad rows skipped: {self.bad_rows_skipped}")
+            out += [f"  e.g. {m}" for m in self.bad_row_examples]
+        if self.truncated:
+            out.append(f"truncated to sequence_len: {self.truncated}")
+        if self.dropped_by_truncation:
+            out.append(f"dropped (nothing trained left after truncation): {self.dropped_by_truncation}")
+        if self.dropped_no_trained_tokens:
+            out.append(f"dropped (no trained tokens): {self.dropped_no_trained_tokens}")
+        return out
+
+    def summary(self) -> str:
+        return "; ".join(self.lines())
+
+
+def truncate(ids: list[int], labels: list[int], sequence_len: int) -> tuple[list[int], list[int]]:
+    """Cut both to ``sequence_len`` at the same place (keeps the start; the mask stays aligned)."""
+    return ids[:sequence_len], labels[:sequence_len]
+
+
+def _row_tokenizer(spec, cfg, info: TokenizerInfo):
+    if spec.type == "alpaca":
+        return lambda row: tokenize_alpaca(row, info, cfg.train_on_inputs)
+    if spec.type == "completion":
+        return lambda row: tokenize_completion(row, info, spec.text_field)
+    if spec.type == "input_output":
+        return lambda row: tokenize_input_output(row, info, cfg.train_on_inputs)
+    if spec.type == "chat_template":
+        return ChatTokenizer(info, resolve_chat_template(cfg, info.tok), spec, cfg.train_on_inputs)
+    raise LorafitError(f"{cfg.source}: unknown dataset type {spec.type!r}")  # pragma: no cover
+
+
+def tokenize_specs(specs, key: str, cfg, tokenizer, report: DataReport) -> list[Sample]:
+    """Read and tokenize every dataset in ``specs`` (the config list named ``key``)."""
+    info = TokenizerInfo(tokenizer)
+    samples: list[Sample] = []
+    for i, spec in enumerate(specs):
+        fn = _row_tokenizer(spec, cfg, info)
+        for row, where in iter_dataset(spec, f"{key}[{i}]", cfg):
+            report.rows_read += 1
+            try:
+                if isinstance(row, RowError):
+                    raise row
+                ids, labels = fn(row)
+            except RowError as e:
+                if not cfg.skip_bad_rows:
+                    raise LorafitError(f"{where}: {e} (set skip_bad_rows: true to skip bad rows)") from None
+                report.bad_rows_skipped += 1
+                if len(report.bad_row_examples) < 3:
+                    report.bad_row_examples.append(f"{where}: {e}")
+                continue
+            if len(ids) != len(labels):  # pragma: no cover - a bug in a format, not in the data
+                raise AssertionError(f"{where}: {len(ids)} ids but {len(labels)} labels")
+            if not any(x != IGNORE for x in labels[1:]):
+                report.dropped_no_trained_tokens += 1
+                continue
+            if len(ids) > cfg.sequence_len:
+                ids, labels = truncate(ids, labels, cfg.sequence_len)
+                if not any(x != IGNORE for x in labels[1:]):
+                    report.dropped_by_truncation += 1
+                    continue
+                report.truncated += 1
+            samples.append(Sample(ids, labels, where))
+    return samples
+
+
+def split_samples(samples: list[Sample], val_set_size: float | int, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Seeded split: ``val_set_size`` < 1 is a fraction, >= 1 a count. Order within each part is kept."""
+    if not val_set_size or not samples:
+        return list(samples), []
+    n = len(samples)
+    n_eval = int(val_set_size) if val_set_size >= 1 else max(1, round(val_set_size * n))
+    if n_eval >= n:
+        raise LorafitError(f"val_set_size {val_set_size} leaves no training samples out of {n}")
+    picked = set(random.Random(seed).sample(range(n), n_eval))
+    train = [s for i, s in enumerate(samples) if i not in picked]
+    evals = [s for i, s in enumerate(samples) if i in picked]
+    return train, evals
+
+
+def build_datasets(cfg, tokenizer) -> tuple[list[Sample], list[Sample], DataReport]:
+    """Read, tokenize, truncate and split the config's datasets.
+
+    Returns ``(train, eval, report)``. ``eval`` comes from ``test_datasets`` when given, otherwise from a
+    seeded ``val_set_size`` split of the training rows. Bad rows raise a one-line :class:`LorafitError`
+    naming file and line, or are skipped and counted with ``skip_bad_rows: true``.
+    """
+    report = DataReport()
+    train = tokenize_specs(cfg.datasets, "datasets", cfg, tokenizer, report)
+    if cfg.test_datasets:
+        evals = tokenize_specs(cfg.test_datasets, "test_datasets", cfg, tokenizer, report)
+    else:
+        train, evals = split_samples(train, cfg.val_set_size, cfg.seed)
+    if not train:
+        raise LorafitError(f"{cfg.source}: no training samples left ({report.summary()})")
+    report.train_samples = len(train)
+    report.eval_samples = len(evals)
+    report.total_tokens = sum(len(s) for s in train)
+    report.trained_tokens = sum(s.num_trained for s in train)
+    report.eval_trained_tokens = sum(s.num_trained for s in evals)
+    return train, evals, report

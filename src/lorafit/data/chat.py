@@ -1,0 +1,195 @@
+"""``type: chat_template`` rows: OpenAI-style messages rendered with a chat template, assistant turns trained.
+
+How trained spans are found, for any template:
+
+1. render the whole conversation once and tokenize it once (with character offsets), exactly as
+   ``apply_chat_template(tokenize=True)`` would (no added special tokens: the template places BOS itself);
+2. for message *i*, its rendered text lies between ``len(render(messages[:i]))`` and
+   ``len(render(messages[:i+1]))`` (checked: each shorter render must be a prefix of the full one);
+   inside that span the message's content is located, so the role header stays masked;
+3. tokens overlapping ``[content start, span end)`` are trained, up to and including the end-of-turn token
+   (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, EOS ...); text after it (the newline ChatML puts
+   after ``<|im_end|>``) is not.
+
+A message is trained when its role is in ``roles_to_train``; a per-message ``"train": true/false``
+overrides that. Templates that render a message differently depending on what follows (so that a shorter
+render is not a prefix of the full one) fall back to finding each content in order in the full text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lorafit.data.formats import IGNORE, TokenizerInfo
+from lorafit.data.loading import RowError
+from lorafit.errors import LorafitError
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+LLAMA3 = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+NAMED_TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3}
+END_OF_TURN_STRINGS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>",
+                       "<|end_of_text|>", "<|eom_id|>")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "tool": "tool"}
+
+
+def resolve_chat_template(cfg, tokenizer) -> str:
+    """The jinja template to use: the config's (a name, a file, or jinja text) or the tokenizer's own."""
+    name = cfg.chat_template
+    if name in (None, "", "tokenizer_default"):
+        tpl = getattr(tokenizer, "chat_template", None)
+        if not tpl:
+            raise LorafitError(
+                f"{cfg.source}: datasets of type chat_template need a chat template, and the tokenizer has "
+                f"none; set chat_template: to one of {', '.join(NAMED_TEMPLATES)}, a .jinja file, or jinja text"
+            )
+        return tpl if isinstance(tpl, str) else tpl.get("default", next(iter(tpl.values())))
+    if name in NAMED_TEMPLATES:
+        return NAMED_TEMPLATES[name]
+    if "{{" in name or "{%" in name:
+        return name
+    path = cfg.resolve_path(name)
+    if path.is_file():
+        return Path(path).read_text(encoding="utf-8")
+    raise LorafitError(
+        f"{cfg.source}: key 'chat_template': got {name!r}, must be tokenizer_default, "
+        f"{', '.join(NAMED_TEMPLATES)}, a path to a jinja file, or jinja text"
+    )
+
+
+class ChatTokenizer:
+    """Turns one messages row into (input_ids, labels) for a fixed template and dataset spec."""
+
+    def __init__(self, info: TokenizerInfo, template: str, spec, train_on_inputs: bool):
+        self.info = info
+        self.tok = info.tok
+        self.template = template
+        self.spec = spec
+        self.train_on_inputs = train_on_inputs
+        self.role_map = dict(SHAREGPT_ROLES)
+        for canonical, names in (spec.roles or {}).items():
+            for n in names:
+                self.role_map[n] = canonical
+        eot = {info.eos_id}
+        vocab = self.tok.get_vocab()
+        for s in END_OF_TURN_STRINGS:
+            if s in vocab and s in set(getattr(self.tok, "all_special_tokens", [])) | set(
+                getattr(self.tok, "added_tokens_encoder", {})
+            ):
+                eot.add(vocab[s])
+        self.eot_ids = eot
+
+    # -- rendering -----------------------------------------------------------------------------------
+    def _render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return self.tok.apply_chat_template(
+            messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def _messages(self, row: Any) -> tuple[list[dict], list[bool]]:
+        if not isinstance(row, dict):
+            raise RowError(f"chat_template row must be a JSON object, got {type(row).__name__}")
+        key = self.spec.field_messages
+        msgs = row.get(key)
+        if not isinstance(msgs, list) or not msgs:
+            has = ", ".join(str(k) for k in row) or "no fields"
+            raise RowError(f"chat_template row needs a non-empty list '{key}' (has: {has})")
+        rkey, ckey = self.spec.message_field_role, self.spec.message_field_content
+        out, train = [], []
+        for j, m in enumerate(msgs):
+            if not isinstance(m, dict) or rkey not in m or ckey not in m:
+                has = ", ".join(m) if isinstance(m, dict) else type(m).__name__
+                raise RowError(f"{key}[{j}] needs '{rkey}' and '{ckey}' (has: {has})")
+            content = m[ckey]
+            if not isinstance(content, str):
+                raise RowError(f"{key}[{j}].{ckey} must be a string, got {type(content).__name__}")
+            role = self.role_map.get(m[rkey], m[rkey])
+            out.append({"role": role, "content": content})
+            flag = m.get("train")
+            if flag is not None and not isinstance(flag, bool):
+                raise RowError(f"{key}[{j}].train must be true or false, got {flag!r}")
+            train.append(flag if flag is not None else (role in self.spec.roles_to_train or self.train_on_inputs))
+        return out, train
+
+    # -- spans ---------------------------------------------------------------------------------------
+    def _char_spans(self, msgs: list[dict], full: str, train: list[bool]) -> list[tuple[int, int]]:
+        """Character spans [content start, message end) of the trained messages in ``full``."""
+        spans = []
+        prev_end = 0
+        consistent = True
+        ends = []
+        for i in range(len(msgs)):
+            try:
+                r = self._render(msgs[: i + 1])
+            except Exception:  # templates that reject partial conversations (e.g. must end with user)
+                consistent = False
+                break
+            if not full.startswith(r):
+                consistent = False
+                break
+            ends.append(len(r))
+        if consistent:
+            for i, m in enumerate(msgs):
+                start_search = prev_end
+                end = ends[i]
+                prev_end = end
+                if not train[i]:
+                    continue
+                pos = _find_content(full, m["content"], start_search, end)
+                spans.append((start_search if pos is None else pos, end))
+            return spans
+        # fallback: contents in order; the span runs to the next end-of-turn (trimmed later)
+        cursor = 0
+        for i, m in enumerate(msgs):
+            pos = _find_content(full, m["content"], cursor, len(full))
+            if pos is None:
+                raise RowError(f"message {i} ({m['role']}) does not appear in the rendered chat template")
+            content_end = pos + len(m["content"].strip()) if m["content"].strip() else pos
+            nxt = len(full)
+            if i + 1 < len(msgs):
+                nxt_pos = _find_content(full, msgs[i + 1]["content"], content_end, len(full))
+                nxt = nxt_pos if nxt_pos is not None else nxt
+            if train[i]:
+                spans.append((pos, nxt))
+            cursor = content_end
+        return spans
+
+    def __call__(self, row: Any) -> tuple[list[int], list[int]]:
+        msgs, train = self._messages(row)
+        try:
+            full = self._render(msgs)
+        except Exception as e:
+            raise RowError(f"chat template failed on this row: {str(e).splitlines()[0]}") from None
+        enc = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        offsets = enc["offset_mapping"]
+        labels = [IGNORE] * len(ids)
+        for start, end in self._char_spans(msgs, full, train):
+            toks = [t for t, (a, b) in enumerate(offsets) if b > start and a < end and b > a]
+            # special tokens may report empty offsets with some backends; take them by position too
+            toks = [t for t in range(min(toks, default=0), max(toks, default=-1) + 1)] if toks else []
+            if not toks:
+                continue
+            last = max((t for t in toks if ids[t] in self.eot_ids), default=None)
+            if last is not None:
+                toks = [t for t in toks if t <= last]
+            for t in toks:
+                labels[t] = ids[t]
+        return ids, labels
+
+
+def _find_content(full: str, content: str, lo: int, hi: int) -> int | None:
+    """Where ``content`` (or its stripped form, for templates that trim) starts in ``full[lo:hi]``."""
+    for c in (content, content.strip()):
+        if not c:
+            return None
+        pos = full.find(c, lo, hi)
+        if pos >= 0:
+            return pos
+    return None
