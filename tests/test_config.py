@@ -1,0 +1,145 @@
+"""The YAML config schema: axolotl-shaped files validate; each mistake is one line naming key and value."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorafit.config import TrainConfig, load_config
+from lorafit.errors import LorafitError
+
+FIXTURES = Path(__file__).parent / "fixtures" / "axolotl"
+BASE = {
+    "base_model": "demo",
+    "datasets": [{"path": "data.jsonl", "type": "alpaca"}],
+    "adapter": "lora",
+    "lora_target_linear": True,
+}
+
+
+def make(**over) -> TrainConfig:
+    return TrainConfig.from_dict({**BASE, **over}, source="config.yaml")
+
+
+def error_of(**over) -> str:
+    with pytest.raises(LorafitError) as exc:
+        make(**over)
+    msg = str(exc.value)
+    assert "\n" not in msg
+    assert msg.startswith("config.yaml")
+    return msg
+
+
+def test_axolotl_lora_1b_example_validates():
+    cfg = load_config(FIXTURES / "lora-1b.yml")
+    assert cfg.is_lora and cfg.lora_r == 16 and cfg.lora_alpha == 32 and cfg.lora_dropout == 0.05
+    assert cfg.lora_targets == ["gate_proj", "down_proj", "up_proj", "q_proj", "v_proj", "k_proj", "o_proj"]
+    assert cfg.datasets[0].type == "alpaca" and cfg.val_set_size == 0.1
+    assert cfg.sample_packing and cfg.pad_to_sequence_len and cfg.gradient_checkpointing
+    assert cfg.bf16 == "auto" and cfg.fp16 is False and cfg.warmup_steps == 10
+    assert cfg.special_tokens == {"pad_token": "<|end_of_text|>"}
+    assert cfg.config_dir == FIXTURES.resolve()
+    assert any(n.startswith("flash_attention: ignored") for n in cfg.notices)
+    assert not any(n.startswith("wandb_project") for n in cfg.notices)  # empty keys are silent
+
+
+def test_axolotl_instruct_lora_8b_example_validates():
+    cfg = load_config(FIXTURES / "instruct-lora-8b.yml")
+    assert cfg.lora_targets == "all-linear"
+    ds = cfg.datasets[0]
+    assert ds.type == "chat_template" and ds.roles == {"user": ["user"], "assistant": ["assistant"]}
+    assert cfg.chat_template == "llama3"
+    assert any("8-bit loading is not supported yet" in n for n in cfg.notices)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit"])
+def test_original_8bit_optimizers_are_a_clear_error(optimizer):
+    msg = error_of(optimizer=optimizer)
+    assert "'optimizer'" in msg and optimizer in msg and "use adamw_torch" in msg
+
+
+def test_defaults_and_conveniences():
+    cfg = make()
+    assert cfg.lora_r == 8 and cfg.lora_alpha == 16 and cfg.lora_init == "kaiming"
+    assert cfg.sequence_len == 2048 and cfg.micro_batch_size == 1 and cfg.learning_rate == 2e-4
+    assert cfg.optimizer == "adamw_torch" and cfg.lr_scheduler == "cosine"
+    assert cfg.datasets[0].split == "train" and cfg.datasets[0].roles_to_train == ["assistant"]
+    assert cfg.effective_dtype == "float32"
+    assert make(bf16=True).effective_dtype == "bfloat16"
+    full = TrainConfig.from_dict({**BASE, "adapter": None})
+    assert not full.is_lora and full.lora_targets is None
+    assert make(adapter="none").is_lora is False
+    assert make(lora_target_linear=False, lora_target_modules=r".*\.(q|v)_proj").lora_targets == r".*\.(q|v)_proj"
+    assert make(val_set_size=20).val_set_size == 20
+
+
+@pytest.mark.parametrize(
+    ("over", "needles"),
+    [
+        ({"lora_rr": 4}, ["unknown key 'lora_rr'", "did you mean `lora_r`?"]),
+        ({"lora_r": -4}, ["key 'lora_r': got -4, must be an integer > 0"]),
+        ({"lora_r": 0}, ["key 'lora_r': got 0"]),
+        ({"lora_r": "abc"}, ["key 'lora_r': got 'abc', must be an integer"]),
+        ({"lora_dropout": 1.0}, ["key 'lora_dropout': got 1.0", "[0, 1)"]),
+        ({"sample_packing": "perhaps"}, ["key 'sample_packing': got 'perhaps', must be true or false"]),
+        ({"datasets": [{"path": "x.jsonl", "type": "alpaca_chat"}]},
+         ["key 'datasets[0].type': got 'alpaca_chat'", "alpaca, chat_template, completion, input_output"]),
+        ({"datasets": [{"path": "x.jsonl", "type": "alpaca", "feild": "t"}]},
+         ["unknown key 'datasets[0].feild'", "did you mean `field`?"]),
+        ({"datasets": [{"type": "alpaca"}]}, ["key 'datasets[0].path' is required"]),
+        ({"datasets": []}, ["key 'datasets'"]),
+        ({"adapter": "qlora"}, ["key 'adapter': got 'qlora'", "not supported yet"]),
+        ({"load_in_4bit": True}, ["key 'load_in_4bit': got true", "not supported yet"]),
+        ({"deepspeed": "ds.json"}, ["key 'deepspeed'"]),
+        ({"fsdp": ["full_shard"]}, ["key 'fsdp'"]),
+        ({"relora_steps": 100}, ["key 'relora_steps'"]),
+        ({"fp16": True}, ["key 'fp16': got true", "fp16 training is not supported; use bf16"]),
+        ({"warmup_steps": 10, "warmup_ratio": 0.1}, ["warmup_steps and warmup_ratio"]),
+        ({"lora_target_linear": False}, ["lora_target_linear: true"]),
+        ({"lora_target_linear": False, "lora_target_modules": "(["}, ["key 'lora_target_modules'", "regex"]),
+        ({"lr_scheduler": "rex"}, ["key 'lr_scheduler': got 'rex'", "cosine"]),
+        ({"bf16": "maybe"}, ["key 'bf16': got 'maybe', must be true, false or auto"]),
+        ({"val_set_size": 1.5}, ["key 'val_set_size': got 1.5"]),
+        ({"test_datasets": [{"path": "t.jsonl", "type": "alpaca"}], "val_set_size": 0.1}, ["test_datasets"]),
+        ({"lora_init": "xavier"}, ["key 'lora_init': got 'xavier'", "pissa"]),
+    ],
+)
+def test_bad_values_are_one_line_errors(over, needles):
+    msg = error_of(**over)
+    for needle in needles:
+        assert needle in msg, msg
+
+
+def test_missing_base_model():
+    with pytest.raises(LorafitError, match="key 'base_model' is required"):
+        TrainConfig.from_dict({"datasets": BASE["datasets"]}, source="c.yaml")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(LorafitError, match="nope.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("base_model: demo\ndatasets:\n  - path: [unclosed\nlora_r: 8\n")
+    with pytest.raises(LorafitError) as exc:
+        load_config(p)
+    msg = str(exc.value)
+    assert "bad.yaml: line" in msg and "invalid YAML" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", ""])
+def test_top_level_must_be_mapping(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(LorafitError, match=r"c\.yaml: "):
+        load_config(p)
+
+
+def test_yaml_round_trip_and_jinja_template(tmp_path):
+    d = {**BASE, "chat_template": "jinja", "chat_template_jinja": "{{ messages }}"}
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(d))
+    cfg = load_config(p)
+    assert cfg.chat_template == "{{ messages }}" and cfg.config_dir == tmp_path.resolve()
