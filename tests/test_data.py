@@ -1,0 +1,207 @@
+"""Data pipeline: formats and their label masks, loading every file type, bad rows, truncation, split."""
+
+import csv
+import json
+
+import pytest
+
+from lorafit.config import TrainConfig
+from lorafit.data import IGNORE, build_datasets, split_samples
+from lorafit.errors import LorafitError
+
+ALPACA = [
+    {"instruction": "Add two and two.", "input": "", "output": "Four."},
+    {"instruction": "Greet the person.", "input": "Bob", "output": "Hello, Bob!"},
+]
+CHAT = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Goodbye."},
+    ]
+}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def config(tmp_path, ds, **over):
+    ds = ds if isinstance(ds, list) else [ds]
+    return TrainConfig.from_dict({"base_model": "demo", "datasets": ds, **over}, config_dir=tmp_path)
+
+
+def build(tmp_path, tok, ds, **over):
+    return build_datasets(config(tmp_path, ds, **over), tok)
+
+
+def trained_text(tok, sample):
+    return tok.decode([x for x in sample.labels if x != IGNORE])
+
+
+def test_alpaca_trains_output_and_eos(tmp_path, demo_tokenizer):
+    tok = demo_tokenizer
+    write_jsonl(tmp_path / "a.jsonl", ALPACA)
+    train, evals, report = build(tmp_path, tok, {"path": "a.jsonl", "type": "alpaca"})
+    assert [trained_text(tok, s) for s in train] == ["Four.<|im_end|>", "Hello, Bob!<|im_end|>"]
+    text0, text1 = tok.decode(train[0].input_ids), tok.decode(train[1].input_ids)
+    assert text0.startswith("Below is an instruction that describes a task. Write a response")
+    assert "### Instruction:\nAdd two and two.\n\n### Response:\nFour.<|im_end|>" in text0
+    assert "### Input:\nBob\n\n### Response:\nHello, Bob!" in text1
+    assert train[0].labels[-1] == tok.eos_token_id  # EOS is trained even though pad == eos
+    assert report.rows_read == 2 and report.train_samples == 2 and not evals
+    assert report.trained_tokens == sum(s.num_trained for s in train)
+
+
+def test_alpaca_train_on_inputs(tmp_path, demo_tokenizer):
+    write_jsonl(tmp_path / "a.jsonl", ALPACA[:1])
+    train, _, _ = build(tmp_path, demo_tokenizer, {"path": "a.jsonl", "type": "alpaca"}, train_on_inputs=True)
+    assert train[0].labels == train[0].input_ids
+
+
+def test_chat_template_trains_assistant_turns_with_end_of_turn(tmp_path, demo_tokenizer):
+    tok = demo_tokenizer
+    write_jsonl(tmp_path / "c.jsonl", [CHAT])
+    (s,), _, _ = build(tmp_path, tok, {"path": "c.jsonl", "type": "chat_template"})
+    assert s.input_ids == tok.apply_chat_template(CHAT["messages"], tokenize=True, return_dict=True)["input_ids"]
+    # each trained run is exactly one assistant answer + <|im_end|>; headers, user and system are masked
+    runs, cur = [], []
+    for i, lab in zip(s.input_ids, s.labels, strict=True):
+        if lab != IGNORE:
+            assert lab == i
+            cur.append(i)
+        elif cur:
+            runs.append(tok.decode(cur))
+            cur = []
+    assert runs == ["Hello!<|im_end|>", "Goodbye.<|im_end|>"]
+
+
+def test_chat_template_train_on_inputs_and_per_message_override(tmp_path, demo_tokenizer):
+    tok = demo_tokenizer
+    row = json.loads(json.dumps(CHAT))
+    row["messages"][2]["train"] = False
+    write_jsonl(tmp_path / "c.jsonl", [row])
+    (s,), _, _ = build(tmp_path, tok, {"path": "c.jsonl", "type": "chat_template"})
+    assert trained_text(tok, s) == "Goodbye.<|im_end|>"
+    write_jsonl(tmp_path / "c2.jsonl", [CHAT])
+    (s,), _, _ = build(tmp_path, tok, {"path": "c2.jsonl", "type": "chat_template"}, train_on_inputs=True)
+    assert trained_text(tok, s) == "Be brief.<|im_end|>Hi there<|im_end|>Hello!<|im_end|>Bye<|im_end|>Goodbye.<|im_end|>"
+
+
+def test_chat_template_sharegpt_fields_and_named_template(tmp_path, demo_tokenizer):
+    tok = demo_tokenizer
+    row = {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]}
+    write_jsonl(tmp_path / "c.jsonl", [row])
+    ds = {"path": "c.jsonl", "type": "chat_template", "field_messages": "conversations",
+          "message_field_role": "from", "message_field_content": "value"}
+    (s,), _, _ = build(tmp_path, tok, ds, chat_template="chatml")
+    assert tok.decode(s.input_ids) == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"
+    assert trained_text(tok, s) == "4<|im_end|>"
+
+
+def test_completion_and_input_output(tmp_path, demo_tokenizer):
+    tok = demo_tokenizer
+    write_jsonl(tmp_path / "t.jsonl", [{"body": "Once upon a time"}])
+    (s,), _, _ = build(tmp_path, tok, {"path": "t.jsonl", "type": "completion", "field": "body"})
+    assert tok.decode(s.input_ids) == "Once upon a time<|im_end|>" and s.labels == s.input_ids
+    segs = {"segments": [{"text": "Q: hi\n", "label": False}, {"text": "A: yo<|im_end|>", "label": True}]}
+    write_jsonl(tmp_path / "io.jsonl", [segs])
+    (s,), _, _ = build(tmp_path, tok, {"path": "io.jsonl", "type": "input_output"})
+    assert tok.decode(s.input_ids) == "Q: hi\nA: yo<|im_end|>"
+    assert trained_text(tok, s) == "A: yo<|im_end|>"
+
+
+def test_all_file_types_load(tmp_path, demo_tokenizer):
+    pytest.importorskip("pyarrow")
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_jsonl(tmp_path / "a.jsonl", ALPACA)
+    (tmp_path / "a.json").write_text(json.dumps(ALPACA))
+    with open(tmp_path / "a.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["instruction", "input", "output"])
+        w.writeheader()
+        w.writerows(ALPACA)
+    pq.write_table(pa.Table.from_pylist(ALPACA), tmp_path / "a.parquet")
+    datasets.Dataset.from_list(ALPACA).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "folder").mkdir()
+    write_jsonl(tmp_path / "folder" / "part1.jsonl", ALPACA)
+    expected, _, _ = build(tmp_path, demo_tokenizer, {"path": "a.jsonl", "type": "alpaca"})
+    for path in ["a.json", "a.csv", "a.parquet", "saved", "folder"]:
+        got, _, _ = build(tmp_path, demo_tokenizer, {"path": path, "type": "alpaca"})
+        assert [s.input_ids for s in got] == [s.input_ids for s in expected], path
+        assert [s.labels for s in got] == [s.labels for s in expected], path
+
+
+def test_missing_field_names_file_and_line(tmp_path, demo_tokenizer, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    rows = [ALPACA[0]] * 16 + [{"instruction": "x", "input": "y"}]
+    write_jsonl(tmp_path / "data" / "train.jsonl", rows)
+    with pytest.raises(LorafitError) as exc:
+        build(tmp_path, demo_tokenizer, {"path": "data/train.jsonl", "type": "alpaca"})
+    assert str(exc.value).startswith("data/train.jsonl line 17: alpaca row is missing 'output' (has: instruction, input)")
+
+
+def test_bad_json_line_and_skip_bad_rows(tmp_path, demo_tokenizer):
+    p = tmp_path / "a.jsonl"
+    p.write_text(json.dumps(ALPACA[0]) + "\n{not json\n" + json.dumps({"instruction": "x"}) + "\n"
+                 + json.dumps(ALPACA[1]) + "\n")
+    ds = {"path": str(p), "type": "alpaca"}
+    with pytest.raises(LorafitError, match=r"a\.jsonl line 2: invalid JSON"):
+        build(tmp_path, demo_tokenizer, ds)
+    train, _, report = build(tmp_path, demo_tokenizer, ds, skip_bad_rows=True)
+    assert len(train) == 2 and report.bad_rows_skipped == 2 and report.rows_read == 4
+    assert "line 3" in report.bad_row_examples[1]
+
+
+def test_missing_dataset_path_names_key(tmp_path, demo_tokenizer):
+    with pytest.raises(LorafitError) as exc:
+        build(tmp_path, demo_tokenizer, [{"path": "nope.jsonl", "type": "alpaca"}])
+    msg = str(exc.value)
+    assert "datasets[0].path" in msg and "nope.jsonl" in msg and "\n" not in msg
+
+
+def test_truncation_keeps_mask_aligned_and_drops_untrained(tmp_path, demo_tokenizer):
+    tok = demo_tokenizer
+    long_answer = {"instruction": "Count.", "input": "", "output": " ".join(str(i) for i in range(60))}
+    write_jsonl(tmp_path / "a.jsonl", [ALPACA[0], long_answer])
+    full, _, _ = build(tmp_path, tok, {"path": "a.jsonl", "type": "alpaca"})
+    prompt_len = full[1].labels.index(next(x for x in full[1].labels if x != IGNORE))
+    seq = prompt_len + 10
+    train, _, report = build(tmp_path, tok, {"path": "a.jsonl", "type": "alpaca"}, sequence_len=seq)
+    short, cut = train
+    assert short.input_ids == full[0].input_ids  # untouched
+    assert cut.input_ids == full[1].input_ids[:seq] and cut.labels == full[1].labels[:seq]
+    assert report.truncated == 1 and report.dropped_by_truncation == 0
+    # a sequence_len that ends inside every prompt leaves nothing trained: all dropped, and said so
+    write_jsonl(tmp_path / "b.jsonl", [long_answer, ALPACA[1]])
+    with pytest.raises(LorafitError, match="dropped"):
+        build(tmp_path, tok, {"path": "b.jsonl", "type": "alpaca"}, sequence_len=20)
+    write_jsonl(tmp_path / "t.jsonl", [{"text": "short"}])
+    two = [{"path": "b.jsonl", "type": "alpaca"}, {"path": "t.jsonl", "type": "completion"}]
+    # both alpaca rows keep only (part of) their prompts and are dropped; the short completion stays
+    train, _, report = build(tmp_path, tok, two, sequence_len=prompt_len)
+    assert len(train) == 1 and report.dropped_by_truncation == 2 and report.rows_read == 3
+    assert tok.decode(train[0].input_ids) == "short<|im_end|>"
+
+
+def test_val_split_is_seeded_and_test_datasets(tmp_path, demo_tokenizer):
+    rows = [{"text": f"row {i}"} for i in range(20)]
+    write_jsonl(tmp_path / "t.jsonl", rows)
+    ds = {"path": "t.jsonl", "type": "completion"}
+    a_train, a_eval, rep = build(tmp_path, demo_tokenizer, ds, val_set_size=0.2)
+    b_train, b_eval, _ = build(tmp_path, demo_tokenizer, ds, val_set_size=0.2)
+    assert len(a_eval) == 4 and len(a_train) == 16 and rep.eval_samples == 4
+    assert [s.source for s in a_eval] == [s.source for s in b_eval]
+    _, c_eval, _ = build(tmp_path, demo_tokenizer, ds, val_set_size=0.2, seed=7)
+    assert [s.source for s in c_eval] != [s.source for s in a_eval]
+    _, d_eval, _ = build(tmp_path, demo_tokenizer, ds, val_set_size=3)
+    assert len(d_eval) == 3
+    train, evals, _ = build(tmp_path, demo_tokenizer, ds, test_datasets=[ds])
+    assert len(train) == 20 and len(evals) == 20
+    assert split_samples(train, 0, 1) == (train, [])
