@@ -13,7 +13,9 @@ sample order. ``position_ids`` restart at 0 for each sample. Samples in one row 
 other: :func:`model_inputs` passes ``position_ids`` with no 2-D ``attention_mask`` and ``use_cache=False``,
 which is the case in which transformers (``masking_utils.find_packed_sequence_indices``) builds a
 block-diagonal causal mask for sdpa, eager and flex attention (and flash-attention uses the same positions
-for its varlen path). ``model_inputs(batch, mask="4d")`` instead passes an explicit additive 4-D mask
+for its varlen path). ``use_cache=False`` is required: with the model's default ``use_cache=True`` a cache
+object is created even in training mode, and transformers 5.x then skips packed-sequence detection and
+silently lets packed samples attend to each other. ``model_inputs(batch, mask="4d")`` instead passes an explicit additive 4-D mask
 (:func:`block_causal_mask`), which transformers uses as is.
 """
 
