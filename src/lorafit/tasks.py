@@ -1,0 +1,342 @@
+"""Task scoring: held-out exact match and retention, used by ``lorafit eval`` and ``make demo``.
+
+Three pieces:
+
+- **Comparing answers.** :func:`normalize` puts a generated answer and a reference into one canonical
+  form (trimmed, whitespace collapsed, trailing end-of-turn markers and sentence punctuation dropped);
+  :func:`exact_match` compares two normalised strings; :func:`score` turns lists of predictions and
+  references into an exact-match rate. :func:`contains_answer` is the looser test used for retention: the
+  known answer appears in the prediction as a whole word (so ``"4"`` is found in ``"2 + 2 = 4."`` but not
+  in ``"14"``).
+- **Generating answers.** :func:`load_heldout` reads a ``chat_template`` JSONL file and splits each row
+  into the prompt messages and the final assistant answer; :func:`generate_answers` renders the prompts
+  with the tokenizer's chat template and decodes greedily in left-padded batches (the attention mask
+  keeps padding out, so a batch gives the same answers as one prompt at a time).
+- **Retention** (what fine-tuning kept of what the base model already did well): :func:`retention_score`
+  reads a retention file (rows ``{"messages", "reference", "answer"}``, made once from the base model by
+  ``examples/make_retention_set.py``) and reports (a) accuracy: the fraction of generated answers that still
+  contain the known answer, and (b) perplexity of the base model's own answers (``reference``) under the
+  model being scored, on the answer tokens and the end-of-turn token only (the prompt is masked).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorafit.errors import LorafitError
+
+# Strings that end a turn in common chat templates; a decoded answer may keep them when special tokens are
+# not skipped, and they are never part of the answer.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>",
+               "<|end_of_text|>", "<|eom_id|>")
+_TRAILING_PUNCT = ".!;,"
+_QUOTES = ("\"\"", "''", "``")
+
+Messages = list[dict[str, Any]]
+
+
+# --------------------------------------------------------------------------------------------- comparing
+
+def normalize(text: str, *, ignore_case: bool = False) -> str:
+    """Canonical form of an answer for comparison.
+
+    Trims, drops trailing end-of-turn markers (``<|im_end|>``, ``<|eot_id|>``, ``</s>`` ...), collapses every
+    run of whitespace to one space, removes one pair of surrounding quotes or backticks, and drops trailing
+    sentence punctuation (``. ! ; ,``) so ``"2021-03-05."`` equals ``"2021-03-05"``. Case is kept unless
+    ``ignore_case``. Inner punctuation is kept: ``"U.S"`` and ``"US"`` stay different.
+    """
+    s = text.strip()
+    changed = True
+    while changed:  # markers may repeat or be separated by whitespace: "...<|im_end|>\n</s>"
+        changed = False
+        for marker in END_OF_TURN:
+            if s.endswith(marker):
+                s = s[: -len(marker)].rstrip()
+                changed = True
+    s = " ".join(s.split())
+    if len(s) >= 2 and (s[0] + s[-1]) in _QUOTES:
+        s = s[1:-1].strip()
+    s = s.rstrip(_TRAILING_PUNCT).rstrip()
+    return s.lower() if ignore_case else s
+
+
+def exact_match(prediction: str, reference: str, *, ignore_case: bool = False) -> bool:
+    """True when the two answers are equal after :func:`normalize`."""
+    return normalize(prediction, ignore_case=ignore_case) == normalize(reference, ignore_case=ignore_case)
+
+
+def contains_answer(prediction: str, answer: str | Sequence[str]) -> bool:
+    """True when ``answer`` (or any of several accepted answers) appears in ``prediction`` as a whole word or phrase.
+
+    Case-insensitive, whitespace-normalised; "whole" means not glued to a letter or digit on either side,
+    so ``"Paris"`` is found in ``"The capital is Paris."`` and ``"4"`` is not found in ``"14"``.
+    """
+    answers = [answer] if isinstance(answer, str) else list(answer)
+    text = " ".join(prediction.split()).lower()
+    for a in answers:
+        a = " ".join(a.split()).lower()
+        if a and re.search(rf"(?<![0-9a-z]){re.escape(a)}(?![0-9a-z])", text):
+            return True
+    return False
+
+
+def score(predictions: Sequence[str], references: Sequence[str], *, ignore_case: bool = False) -> dict:
+    """Exact-match rate of ``predictions`` against ``references`` (same length, same order).
+
+    Returns ``{"exact_match": rate in [0, 1], "correct": k, "count": n}`` (rate 0.0 for empty lists).
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    correct = sum(exact_match(p, r, ignore_case=ignore_case) for p, r in zip(predictions, references, strict=True))
+    n = len(references)
+    return {"exact_match": correct / n if n else 0.0, "correct": correct, "count": n}
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+def _read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
+    path = Path(path)
+    if not path.is_file():
+        raise LorafitError(f"{path}: file not found")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LorafitError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+            if not isinstance(row, dict):
+                raise LorafitError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append((lineno, row))
+    if not rows:
+        raise LorafitError(f"{path}: no rows")
+    return rows
+
+
+def _check_messages(messages: Any, where: str) -> Messages:
+    if not isinstance(messages, list) or not messages:
+        raise LorafitError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise LorafitError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
+    return messages
+
+
+def load_heldout(path: str | Path) -> list[tuple[Messages, str]]:
+    """Read a ``chat_template`` JSONL file into ``(prompt messages, reference answer)`` pairs.
+
+    Each row is ``{"messages": [...]}`` whose last message is the assistant's answer; the prompt is every
+    message before it (a system message, earlier turns ...). Malformed rows raise :class:`LorafitError`
+    naming the file and line.
+    """
+    out = []
+    for lineno, row in _read_jsonl(path):
+        where = f"{path}:{lineno}"
+        if "messages" not in row:
+            raise LorafitError(f"{where}: missing key 'messages' (found: {', '.join(row) or 'none'})")
+        messages = _check_messages(row["messages"], where)
+        if messages[-1]["role"] != "assistant" or len(messages) < 2:
+            raise LorafitError(f"{where}: the last message must be the assistant's answer, after at least one prompt message")
+        out.append(([dict(m) for m in messages[:-1]], messages[-1]["content"]))
+    return out
+
+
+def load_retention(path: str | Path) -> list[dict]:
+    """Read a retention JSONL file: rows ``{"messages": [...prompt...], "reference": str, "answer": str | [str]}``."""
+    out = []
+    for lineno, row in _read_jsonl(path):
+        where = f"{path}:{lineno}"
+        missing = [k for k in ("messages", "reference", "answer") if k not in row]
+        if missing:
+            raise LorafitError(f"{where}: missing key(s) {', '.join(missing)}; a retention row has messages, reference, answer")
+        messages = _check_messages(row["messages"], where)
+        if messages[-1]["role"] == "assistant":
+            raise LorafitError(f"{where}: 'messages' holds the prompt only; the base answer goes in 'reference'")
+        if not isinstance(row["reference"], str) or not isinstance(row["answer"], str | list):
+            raise LorafitError(f"{where}: 'reference' must be a string and 'answer' a string or list of strings")
+        out.append({"messages": messages, "reference": row["reference"], "answer": row["answer"]})
+    return out
+
+
+# ------------------------------------------------------------------------------------------- generating
+
+def _render_prompt(tokenizer, messages: Messages) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _stop_token_ids(model, tokenizer) -> list[int]:
+    """EOS ids from the generation config and tokenizer, plus end-of-turn tokens the vocabulary has."""
+    ids: list[int] = []
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (gen_eos, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.append(value)
+        elif isinstance(value, list | tuple):
+            ids.extend(int(v) for v in value)
+    vocab = tokenizer.get_vocab()
+    ids.extend(vocab[s] for s in END_OF_TURN if s in vocab)
+    return sorted(set(ids))
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+@torch.inference_mode()
+def generate_answers(model, tokenizer, prompts: Sequence[Messages], max_new_tokens: int,
+                     batch_size: int = 16) -> list[str]:
+    """Greedy answers to chat ``prompts`` (lists of messages), in the order given.
+
+    Each prompt is rendered with the tokenizer's chat template plus the generation prompt and tokenised
+    without extra special tokens (the template places BOS itself, as ``apply_chat_template`` does).
+    Prompts are batched by length with **left** padding and an attention mask, so a batch decodes the same
+    tokens as one prompt at a time. Only new tokens are decoded, special tokens skipped, and the text
+    stripped. The model is put in eval mode for the call and restored after.
+    """
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError("max_new_tokens and batch_size must be >= 1")
+    if not prompts:
+        return []
+    texts = [_render_prompt(tokenizer, list(p)) for p in prompts]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise LorafitError("the tokenizer has neither a pad nor an EOS token; generation needs one to pad batches")
+    stop_ids = _stop_token_ids(model, tokenizer)
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
+    device = _model_device(model)
+    answers: list[str] = [""] * len(encoded)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids = encoded[i]
+                input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+                attention[row, width - len(ids):] = 1
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                 temperature=None, top_p=None, top_k=None,
+                                 pad_token_id=pad_id, eos_token_id=stop_ids or None)
+            for row, i in enumerate(idx):
+                answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+    finally:
+        model.train(was_training)
+    return answers
+
+
+# --------------------------------------------------------------------------------------------- retention
+
+def _answer_span(tokenizer, messages: Messages, reference: str) -> tuple[str, int, int]:
+    """Render prompt + reference; return (text up to the end-of-turn marker, answer start, answer end) in chars.
+
+    The scored span is the reference as the template rendered it, plus the end-of-turn marker that closes
+    it (``<|im_end|>`` ...); text after the marker (ChatML's newline) is not scored. If the template has no
+    recognisable marker, the tokenizer's EOS token is appended as the end of turn.
+    """
+    prompt = _render_prompt(tokenizer, messages)
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": reference}], tokenize=False)
+    if not full.startswith(prompt):
+        raise LorafitError("the chat template renders the prompt differently once an answer follows; "
+                           "retention perplexity needs the generation prompt to be a prefix of the full chat")
+    rest = full[len(prompt):]
+    pos = rest.find(reference.strip()) if reference.strip() else 0
+    if pos < 0:
+        raise LorafitError("the chat template changed the reference answer's text; cannot locate it to score it")
+    body_end = pos + len(reference.strip())
+    tail = rest[body_end:]
+    stripped = tail.lstrip()
+    for marker in END_OF_TURN:
+        if stripped.startswith(marker):
+            end = body_end + (len(tail) - len(stripped)) + len(marker)
+            return prompt + rest[:end], len(prompt), len(prompt) + end
+    eos = tokenizer.eos_token or ""
+    return prompt + rest[:body_end] + eos, len(prompt), len(prompt) + body_end + len(eos)
+
+
+def _answer_tokens(tokenizer, messages: Messages, reference: str) -> tuple[list[int], list[bool]]:
+    """Token ids of prompt + answer + end of turn, and which of them are scored (answer and end of turn)."""
+    text, start, _ = _answer_span(tokenizer, messages, reference)
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        scored = [e > start for _, e in enc["offset_mapping"]]  # a token ending inside the answer is scored
+        # a token spanning the prompt/answer boundary is scored too; it is rare with ChatML's trailing newline
+        return ids, scored
+    prompt_ids = tokenizer(text[:start], add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(text[start:], add_special_tokens=False)["input_ids"]
+    return prompt_ids + answer_ids, [False] * len(prompt_ids) + [True] * len(answer_ids)
+
+
+@torch.inference_mode()
+def answer_nll(model, tokenizer, items: Sequence[tuple[Messages, str]], batch_size: int = 16) -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) of each reference answer + end of turn given its prompt, and the token count.
+
+    ``items`` are ``(prompt messages, reference answer)`` pairs. Batches are right-padded; padding and prompt
+    tokens are excluded from the sum.
+    """
+    encoded = [_answer_tokens(tokenizer, list(m), r) for m, r in items]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    device = _model_device(model)
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start:start + batch_size]
+            width = max(len(ids) for ids, _ in chunk)
+            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(chunk), width), dtype=torch.long)
+            labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+            for row, (ids, scored) in enumerate(chunk):
+                t = torch.tensor(ids, dtype=torch.long)
+                input_ids[row, :len(ids)] = t
+                attention[row, :len(ids)] = 1
+                labels[row, :len(ids)] = torch.where(torch.tensor(scored), t, torch.full_like(t, -100))
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+            shift_logits = logits[:, :-1].float()
+            shift_labels = labels[:, 1:].to(device)
+            nll = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
+                                                    shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
+            total += float(nll)
+            count += int((shift_labels != -100).sum())
+    finally:
+        model.train(was_training)
+    return total, count
+
+
+def retention_score(model, tokenizer, path: str | Path, *, max_new_tokens: int = 64,
+                    batch_size: int = 16) -> dict:
+    """How much of what the base model did well the model being scored still does.
+
+    Reads a retention file (see :func:`load_retention`) and returns
+    ``{"accuracy", "perplexity", "nll", "tokens", "n"}``: ``accuracy`` is the fraction of greedy answers
+    (``max_new_tokens`` new tokens at most) that contain the known ``answer`` (:func:`contains_answer`);
+    ``perplexity`` is ``exp(nll)`` where ``nll`` is the mean per-token negative log-likelihood of the base
+    model's own answers (``reference``) and their end-of-turn token, prompts masked, over ``tokens`` tokens.
+    For the base model itself accuracy is 1.0 by construction and perplexity is low; fine-tuning that
+    forgets lowers the first and raises the second.
+    """
+    rows = load_retention(path)
+    predictions = generate_answers(model, tokenizer, [r["messages"] for r in rows], max_new_tokens, batch_size)
+    correct = sum(contains_answer(p, r["answer"]) for p, r in zip(predictions, rows, strict=True))
+    total, count = answer_nll(model, tokenizer, [(r["messages"], r["reference"]) for r in rows], batch_size)
+    mean_nll = total / count if count else float("nan")
+    return {"accuracy": correct / len(rows), "perplexity": math.exp(mean_nll) if count else float("nan"),
+            "nll": mean_nll, "tokens": count, "n": len(rows)}
