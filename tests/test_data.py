@@ -205,3 +205,56 @@ def test_val_split_is_seeded_and_test_datasets(tmp_path, demo_tokenizer):
     train, evals, _ = build(tmp_path, demo_tokenizer, ds, test_datasets=[ds])
     assert len(train) == 20 and len(evals) == 20
     assert split_samples(train, 0, 1) == (train, [])
+
+
+def test_chat_template_edge_cases(tmp_path, demo_tokenizer):
+    tok = demo_tokenizer
+    convo = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""},
+             {"role": "user", "content": "Again"}, {"role": "assistant", "content": " Sure. "}]
+    write_jsonl(tmp_path / "c.jsonl", [{"messages": convo}])
+    ds = {"path": "c.jsonl", "type": "chat_template"}
+    (s,), _, _ = build(tmp_path, tok, ds, chat_template="chatml")
+    assert trained_text(tok, s) == "<|im_end|> Sure. <|im_end|>"  # empty answer: only its end of turn
+    # a template that trims content and marks the last turn (so partial renders are not prefixes)
+    tpl = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content | trim }}"
+           "{% if loop.last %} [END]{% endif %}<|im_end|>\n{% endfor %}")
+    (s,), _, _ = build(tmp_path, tok, ds, chat_template=tpl)
+    assert tok.decode(s.input_ids).endswith("<|im_start|>assistant\nSure. [END]<|im_end|>\n")
+    assert trained_text(tok, s).endswith("Sure. [END]<|im_end|>")
+    assert "Again" not in trained_text(tok, s) and "user" not in trained_text(tok, s)
+    # a jinja file next to the config
+    (tmp_path / "t.jinja").write_text(tpl)
+    (s2,), _, _ = build(tmp_path, tok, ds, chat_template="t.jinja")
+    assert s2.input_ids == s.input_ids
+    with pytest.raises(LorafitError, match="chat_template"):
+        build(tmp_path, tok, ds, chat_template="vicuna")
+
+
+def test_chat_template_bad_rows(tmp_path, demo_tokenizer):
+    rows = [{"messages": [{"role": "user"}]}, {"msgs": []}, {"messages": [{"role": "user", "content": 3}]}]
+    write_jsonl(tmp_path / "c.jsonl", rows)
+    ds = {"path": "c.jsonl", "type": "chat_template"}
+    with pytest.raises(LorafitError, match=r"c\.jsonl line 1: messages\[0\] needs 'role' and 'content'"):
+        build(tmp_path, demo_tokenizer, ds)
+    write_jsonl(tmp_path / "c.jsonl", rows + [CHAT])
+    train, _, report = build(tmp_path, demo_tokenizer, ds, skip_bad_rows=True)
+    assert len(train) == 1 and report.bad_rows_skipped == 3
+    assert "line 2: chat_template row needs a non-empty list 'messages' (has: msgs)" in report.bad_row_examples[1]
+
+
+def test_show_samples_highlights_trained_text(tmp_path, demo_tokenizer):
+    from rich.console import Console
+
+    from lorafit.data.preview import render_sample, show_samples
+
+    write_jsonl(tmp_path / "a.jsonl", ALPACA)
+    cfg = config(tmp_path, {"path": "a.jsonl", "type": "alpaca"}, wandb_project="x")
+    console = Console(record=True, width=100, force_terminal=True)
+    report = show_samples(cfg, 1, console, tokenizer=demo_tokenizer)
+    out = console.export_text()
+    assert "Four.<|im_end|>" in out and "rows read: 2" in out and "wandb_project: ignored" in out
+    assert report.train_samples == 2
+    (s, _), _, _ = build(tmp_path, demo_tokenizer, {"path": "a.jsonl", "type": "alpaca"})
+    spans = render_sample(s, demo_tokenizer).spans
+    green = [str(render_sample(s, demo_tokenizer))[sp.start : sp.end] for sp in spans if "green" in str(sp.style)]
+    assert green == ["Four.<|im_end|>"]

@@ -7,9 +7,10 @@ How trained spans are found, for any template:
 2. for message *i*, its rendered text lies between ``len(render(messages[:i]))`` and
    ``len(render(messages[:i+1]))`` (checked: each shorter render must be a prefix of the full one);
    inside that span the message's content is located, so the role header stays masked;
-3. tokens overlapping ``[content start, span end)`` are trained, up to and including the end-of-turn token
-   (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, EOS ...); text after it (the newline ChatML puts
-   after ``<|im_end|>``) is not.
+3. tokens from the one holding the content's first character are trained, up to and including the first
+   end-of-turn token after the content (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, EOS ...); text
+   after it (the newline ChatML puts after ``<|im_end|>``) is not. A template without such a token trains
+   to the end of the message's rendered text. An empty message trains just its end of turn.
 
 A message is trained when its role is in ``roles_to_train``; a per-message ``"train": true/false``
 overrides that. Templates that render a message differently depending on what follows (so that a shorter
@@ -118,47 +119,57 @@ class ChatTokenizer:
         return out, train
 
     # -- spans ---------------------------------------------------------------------------------------
-    def _char_spans(self, msgs: list[dict], full: str, train: list[bool]) -> list[tuple[int, int]]:
-        """Character spans [content start, message end) of the trained messages in ``full``."""
-        spans = []
-        prev_end = 0
-        consistent = True
+    def _char_spans(self, msgs: list[dict], full: str, train: list[bool]) -> list[tuple[int, int, int]]:
+        """``(content start, content end, message end)`` in ``full`` for each trained message."""
         ends = []
         for i in range(len(msgs)):
             try:
                 r = self._render(msgs[: i + 1])
             except Exception:  # templates that reject partial conversations (e.g. must end with user)
-                consistent = False
                 break
             if not full.startswith(r):
-                consistent = False
                 break
             ends.append(len(r))
-        if consistent:
+        spans = []
+        if len(ends) == len(msgs):
+            prev_end = 0
             for i, m in enumerate(msgs):
-                start_search = prev_end
-                end = ends[i]
-                prev_end = end
+                lo, hi = prev_end, ends[i]
+                prev_end = hi
                 if not train[i]:
                     continue
-                pos = _find_content(full, m["content"], start_search, end)
-                spans.append((start_search if pos is None else pos, end))
+                pos = _find_content(full, m["content"], lo, hi)
+                if pos is None:  # empty content: start after the generation prompt, train the end of turn
+                    pos = self._generation_prompt_end(msgs[:i], full, lo, hi)
+                    spans.append((pos, pos, hi))
+                else:
+                    spans.append((pos, pos + len(_stripped_match(full, m["content"], pos)), hi))
             return spans
-        # fallback: contents in order; the span runs to the next end-of-turn (trimmed later)
+        # fallback: find the contents in order; each span ends where the next message's content starts.
+        # (An empty message cannot be located this way; it is left untrained.)
         cursor = 0
+        found: list[tuple[int, int] | None] = []
         for i, m in enumerate(msgs):
+            if not m["content"].strip():
+                found.append(None)
+                continue
             pos = _find_content(full, m["content"], cursor, len(full))
             if pos is None:
                 raise RowError(f"message {i} ({m['role']}) does not appear in the rendered chat template")
-            content_end = pos + len(m["content"].strip()) if m["content"].strip() else pos
-            nxt = len(full)
-            if i + 1 < len(msgs):
-                nxt_pos = _find_content(full, msgs[i + 1]["content"], content_end, len(full))
-                nxt = nxt_pos if nxt_pos is not None else nxt
-            if train[i]:
-                spans.append((pos, nxt))
-            cursor = content_end
+            cursor = pos + len(_stripped_match(full, m["content"], pos))
+            found.append((pos, cursor))
+        for i, where in enumerate(found):
+            if train[i] and where is not None:
+                nxt = next((f[0] for f in found[i + 1 :] if f is not None), len(full))
+                spans.append((where[0], where[1], nxt))
         return spans
+
+    def _generation_prompt_end(self, prefix: list[dict], full: str, lo: int, hi: int) -> int:
+        try:
+            g = self._render(prefix, add_generation_prompt=True) if prefix else ""
+        except Exception:
+            return lo
+        return len(g) if full.startswith(g) and lo <= len(g) <= hi else lo
 
     def __call__(self, row: Any) -> tuple[list[int], list[int]]:
         msgs, train = self._messages(row)
@@ -168,18 +179,24 @@ class ChatTokenizer:
             raise RowError(f"chat template failed on this row: {str(e).splitlines()[0]}") from None
         enc = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
-        offsets = enc["offset_mapping"]
+        offsets = [tuple(o) for o in enc["offset_mapping"]]
         labels = [IGNORE] * len(ids)
-        for start, end in self._char_spans(msgs, full, train):
-            toks = [t for t, (a, b) in enumerate(offsets) if b > start and a < end and b > a]
-            # special tokens may report empty offsets with some backends; take them by position too
-            toks = [t for t in range(min(toks, default=0), max(toks, default=-1) + 1)] if toks else []
-            if not toks:
+        for start, content_end, end in self._char_spans(msgs, full, train):
+            # first token overlapping the content (a token may straddle the header/content boundary)
+            first = next((t for t, (a, b) in enumerate(offsets) if b > start and b > a), None)
+            if first is None:
                 continue
-            last = max((t for t in toks if ids[t] in self.eot_ids), default=None)
-            if last is not None:
-                toks = [t for t in toks if t <= last]
-            for t in toks:
+            # through the first end-of-turn token after the content; without one, to the message end
+            last = None
+            for t in range(first, len(ids)):
+                a, b = offsets[t]
+                if a >= end:
+                    break
+                if ids[t] in self.eot_ids and a >= content_end:
+                    last = t
+                    break
+                last = t
+            for t in range(first, (last if last is not None else first - 1) + 1):
                 labels[t] = ids[t]
         return ids, labels
 
@@ -193,3 +210,8 @@ def _find_content(full: str, content: str, lo: int, hi: int) -> int | None:
         if pos >= 0:
             return pos
     return None
+
+
+def _stripped_match(full: str, content: str, pos: int) -> str:
+    """The form of ``content`` found at ``pos`` (as given, or stripped by the template)."""
+    return content if full.startswith(content, pos) else content.strip()
