@@ -136,10 +136,10 @@ def _cache_demo_model(model, tok) -> None:
         shutil.rmtree(tmp, ignore_errors=True)  # a read-only cache only costs speed
 
 
-def load_model_and_tokenizer(name: str, dtype: str | torch.dtype = "float32"):
-    """Load model and tokenizer; the tokenizer always has a pad token (the EOS one if it had none)."""
+def load_model_and_tokenizer(name: str, dtype: str | torch.dtype = "float32", tokenizer: str | None = None):
+    """Load model and tokenizer (from ``tokenizer`` if given); the tokenizer always has a pad token."""
     from_gguf_demo = name in DEMO_ALIASES and resolve_model_path(name)[1] is not None
-    tok = load_tokenizer(name)
+    tok = load_tokenizer(tokenizer or name)
     model = load_model(name, "float32" if from_gguf_demo else dtype)
     if from_gguf_demo:
         _cache_demo_model(model, tok)

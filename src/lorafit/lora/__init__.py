@@ -14,7 +14,7 @@ from lorafit.lora.inject import (
     unload,
     unmerge,
 )
-from lorafit.lora.io import adapter_state_dict, load_adapter, read_adapter_config, save_adapter
+from lorafit.lora.io import adapter_state_dict, load_adapter, read_adapter_config, read_adapter_weights, save_adapter
 from lorafit.lora.layer import LoraLinear, LoraLinearFunction
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "merge_and_unload",
     "named_lora_layers",
     "read_adapter_config",
+    "read_adapter_weights",
     "save_adapter",
     "unload",
     "unmerge",

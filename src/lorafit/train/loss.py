@@ -59,8 +59,12 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         saved = list(ctx.saved_tensors)
         need_h, need_w = ctx.has
-        gh = saved.pop(0) * grad_out.to(saved[0].dtype) if need_h else None
-        gw = saved.pop(0) * grad_out if need_w else None
+        gh = gw = None
+        if need_h:
+            gh = saved.pop(0)
+            gh = gh * grad_out.to(gh.dtype)
+        if need_w:
+            gw = saved.pop(0) * grad_out
         return gh, gw, None, None, None
 
 

@@ -1,0 +1,127 @@
+"""Checkpoints that resume exactly: weights, optimizer, scheduler, RNG states and the data position.
+
+A checkpoint is a folder ``output_dir/checkpoint-<step>`` built under a temporary name and renamed into place
+in one step, so a crash (even SIGKILL) never leaves a folder that resume would take for complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_model
+from torch import nn
+
+from lorafit.errors import LorafitError
+from lorafit.lora import named_lora_layers, read_adapter_weights, save_adapter
+from lorafit.lora.io import PREFIX
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """Where training is: optimizer steps done, and the next micro-batch to read."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_index: int = 0
+    tokens_seen: int = 0
+    elapsed_s: float = 0.0
+
+
+def rng_state() -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": json.dumps(random.getstate()),
+        "numpy": json.dumps(np.random.get_state()[1].tolist()),
+        "numpy_pos": int(np.random.get_state()[2]),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    py = json.loads(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np.random.set_state(("MT19937", np.array(json.loads(state["numpy"]), dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+
+
+def save_checkpoint(output_dir: Path, model: nn.Module, optimizer, scheduler, state: TrainState,
+                    config_dump: dict, keep: int | None = None) -> Path:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    final = output_dir / f"checkpoint-{state.step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-checkpoint-{state.step}-", dir=output_dir))
+    try:
+        if getattr(model, "lora_config", None) is not None:
+            save_adapter(model, tmp, base_model=config_dump.get("base_model"))
+        else:
+            save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+            tmp / "trainer_state.pt",
+        )
+        (tmp / "state.json").write_text(json.dumps({**asdict(state), "config": config_dump}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep:
+        for old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders of an interrupted save are ignored)."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _NAME.match(p.name)) and (p / "state.json").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> TrainState:
+    """Restore everything :func:`save_checkpoint` wrote into the live objects; returns the train state."""
+    try:
+        meta = json.loads((path / "state.json").read_text())
+        trainer_state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise LorafitError(f"checkpoint {path} is unreadable ({e}); delete it to resume from an earlier one") from None
+    with torch.no_grad():
+        if getattr(model, "lora_config", None) is not None:
+            weights = read_adapter_weights(path)
+            own = {f"{PREFIX}{n}": p for n, p in model.named_parameters()}
+            for name, _ in named_lora_layers(model):
+                for ab in "AB":
+                    key = f"{PREFIX}{name}.lora_{ab}.weight"
+                    if key not in weights:
+                        raise LorafitError(f"checkpoint {path} lacks {key}: it was made with another LoRA config")
+            for key, t in weights.items():
+                own[key].copy_(t)
+        else:
+            state = load_file(path / "model.safetensors")
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if unexpected:
+                raise LorafitError(f"checkpoint {path} does not match the model (unexpected {unexpected[0]})")
+    optimizer.load_state_dict(trainer_state["optimizer"])
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    set_rng_state(trainer_state["rng"])
+    fields = {k: meta[k] for k in TrainState.__dataclass_fields__ if k in meta}
+    return TrainState(**fields)

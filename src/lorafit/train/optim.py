@@ -1,0 +1,58 @@
+"""Optimizer and learning-rate schedule from the config (axolotl's names)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lorafit.errors import LorafitError
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay weight matrices (LoRA A/B included); never biases or norm scales — the usual split."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and "norm" not in name else no_decay).append(p)
+    if not decay and not no_decay:
+        raise LorafitError("the model has no trainable parameters (check adapter / lora_target_modules)")
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    name = cfg.optimizer
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=0.0)
+    # adamw_torch / adamw_hf / adamw / adamw_torch_fused: torch's AdamW (fused only where the device has it).
+    fused = name == "adamw_torch_fused" and torch.cuda.is_available()
+    return torch.optim.AdamW(
+        groups,
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon,
+        fused=fused or None,
+    )
+
+
+def warmup_steps(cfg, total_steps: int) -> int:
+    if cfg.warmup_steps is not None:
+        return cfg.warmup_steps
+    if cfg.warmup_ratio is not None:
+        return math.ceil(cfg.warmup_ratio * total_steps)
+    return 0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int):
+    from transformers import get_scheduler
+
+    warm = warmup_steps(cfg, total_steps)
+    name = cfg.lr_scheduler
+    if name == "constant" and warm:
+        name = "constant_with_warmup"
+    return get_scheduler(name, optimizer, num_warmup_steps=warm, num_training_steps=total_steps)

@@ -1,0 +1,165 @@
+"""End-to-end training on a tiny random Llama (with the demo tokenizer): loss, files, accumulation, resume."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lorafit import LorafitError
+from lorafit.config import TrainConfig
+from lorafit.data import batches
+from lorafit.lora import load_adapter, lora_layers
+from lorafit.models import load_tokenizer
+from lorafit.train.loss import causal_lm_loss
+from lorafit.train.trainer import prepare_model, train, train_step
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    tok = load_tokenizer("demo")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
+                                         initializer_range=0.5))  # large enough that LoRA can move the logits
+    model.save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    words = ["apple", "pear", "plum", "fig", "kiwi", "lime", "date", "lemon"]
+    rows = [{"messages": [{"role": "user", "content": f"Repeat twice: {w}"},
+                          {"role": "assistant", "content": f"{w} {w}"}]} for w in words * 6]
+    (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def config(workdir: Path, out: str, **kw) -> dict:
+    base = dict(base_model=str(workdir / "model"), adapter="lora", lora_r=4, lora_alpha=8, lora_target_linear=True,
+                datasets=[{"path": str(workdir / "data.jsonl"), "type": "chat_template"}], sequence_len=64,
+                micro_batch_size=4, gradient_accumulation_steps=1, max_steps=30, learning_rate=5e-3,
+                lr_scheduler="constant", output_dir=str(workdir / out), seed=7)
+    base.update(kw)
+    return base
+
+
+def test_training_lowers_loss_and_saves_a_reloadable_adapter(workdir):
+    cfg = TrainConfig.from_dict(config(workdir, "run1", val_set_size=0.1, eval_steps=10, learning_rate=3e-2))
+    result = train(cfg)
+    losses = [r["loss"] for r in result.history if "loss" in r]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    out = workdir / "run1"
+    assert {"adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png"} <= {p.name for p in out.iterdir()}
+    assert any("eval_loss" in r for r in result.history)
+    # the saved adapter on a fresh base gives the trained model's logits
+    trained, tok = result.model.eval(), load_tokenizer("demo")
+    fresh = LlamaForCausalLM.from_pretrained(workdir / "model")
+    load_adapter(fresh, out)
+    ids = torch.tensor([tok("Repeat twice: fig").input_ids])
+    torch.testing.assert_close(trained(ids).logits, fresh(ids).logits)
+    base = LlamaForCausalLM.from_pretrained(workdir / "model")
+    assert not torch.allclose(base(ids).logits, fresh(ids).logits)
+
+
+def test_full_finetuning_runs(workdir):
+    cfg = TrainConfig.from_dict(config(workdir, "full", adapter=None, max_steps=5, learning_rate=1e-3))
+    result = train(cfg)
+    assert result.steps == 5 and (workdir / "full" / "model" / "config.json").is_file()
+
+
+def test_accumulating_4x1_equals_one_batch_of_4(workdir):
+    cfg = TrainConfig.from_dict(config(workdir, "acc", lora_dropout=0.0))
+    model, tok = prepare_model(cfg)
+    for layer in lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
+    from lorafit.data import build_datasets
+
+    samples, _, _ = build_datasets(cfg, tok)
+    samples = sorted(samples[:4], key=len)  # different lengths: padding and per-batch token counts differ
+    one = batches(samples, micro_batch_size=4, sequence_len=64, pad_id=tok.pad_token_id, packing=False, shuffle=False, seed=0, epoch=0)
+    four = batches(samples, micro_batch_size=1, sequence_len=64, pad_id=tok.pad_token_id, packing=False, shuffle=False, seed=0, epoch=0)
+    results = []
+    for group in (one, four):
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        row = train_step(m, opt, sched, group, max_grad_norm=0.0, dtype=torch.float32)
+        results.append((row["loss"], [p.detach().clone() for p in m.parameters() if p.requires_grad]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # and it is the token-weighted mean, not the mean of per-batch means
+    sums = [causal_lm_loss(model, {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}, b["labels"]) for b in four]
+    token_mean = sum(float(s) for s, _ in sums) / sum(n for _, n in sums)
+    assert results[1][0] == pytest.approx(token_mean, rel=1e-6)
+
+
+def _run_cli(args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "lorafit.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_sigkill_then_resume_is_bitwise_identical(workdir, tmp_path):
+    common = dict(max_steps=150, save_steps=10, lora_dropout=0.1, gradient_accumulation_steps=2, micro_batch_size=2,
+                  lr_scheduler="cosine", warmup_steps=5, weight_decay=0.01)
+    straight = tmp_path / "straight.yaml"
+    straight.write_text(yaml.safe_dump(config(workdir, "straight", **common)))
+    killed = tmp_path / "killed.yaml"
+    killed.write_text(yaml.safe_dump(config(workdir, "killed", **common)))
+    assert _run_cli(["train", str(straight)]).wait(timeout=300) == 0
+
+    proc = _run_cli(["train", str(killed)])
+    out = workdir / "killed"
+    deadline = time.time() + 240
+    while not (out / "checkpoint-30").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "adapter_model.safetensors").exists()
+    resumed = _run_cli(["train", str(killed), "--resume"])
+    log, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, log
+    assert "resumed from" in log
+    a = load_file(workdir / "straight" / "adapter_model.safetensors")
+    b = load_file(out / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[: len(steps)] == sorted(steps) and steps[-1] == 150
+
+
+def test_stop_saves_a_checkpoint_and_resume_continues(workdir):
+    d = config(workdir, "stopped", max_steps=12)
+    r = train(TrainConfig.from_dict(d), stop_after=5)
+    assert r.interrupted and (workdir / "stopped" / "checkpoint-5" / "state.json").is_file()
+    r2 = train(TrainConfig.from_dict(d), resume=True)
+    assert not r2.interrupted and r2.steps == 12
+
+
+def test_nan_loss_stops_with_a_clear_message(workdir):
+    cfg = TrainConfig.from_dict(config(workdir, "nan", max_steps=50, learning_rate=1e30, lr_scheduler="constant"))
+    with pytest.raises(LorafitError, match="loss became"):
+        train(cfg)
+    assert not (workdir / "nan" / "adapter_model.safetensors").exists()
+
+
+def test_cli_reports_bad_config_in_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base_model: demo\nadapter: lora\nlora_rr: 8\ndatasets: [{path: x.jsonl, type: alpaca}]\n")
+    proc = _run_cli(["train", str(bad)])
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in log.splitlines() if line.strip()]
+    assert len(lines) == 1 and "lora_rr" in lines[0] and "lora_r" in lines[0], log
