@@ -128,10 +128,11 @@ def test_all_file_types_load(tmp_path, demo_tokenizer):
         w.writerows(ALPACA)
     pq.write_table(pa.Table.from_pylist(ALPACA), tmp_path / "a.parquet")
     datasets.Dataset.from_list(ALPACA).save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ALPACA)}).save_to_disk(str(tmp_path / "saved_dict"))
     (tmp_path / "folder").mkdir()
     write_jsonl(tmp_path / "folder" / "part1.jsonl", ALPACA)
     expected, _, _ = build(tmp_path, demo_tokenizer, {"path": "a.jsonl", "type": "alpaca"})
-    for path in ["a.json", "a.csv", "a.parquet", "saved", "folder"]:
+    for path in ["a.json", "a.csv", "a.parquet", "saved", "saved_dict", "folder"]:
         got, _, _ = build(tmp_path, demo_tokenizer, {"path": path, "type": "alpaca"})
         assert [s.input_ids for s in got] == [s.input_ids for s in expected], path
         assert [s.labels for s in got] == [s.labels for s in expected], path
