@@ -1,0 +1,180 @@
+"""Task scoring: answer normalisation, exact match, held-out files, batched generation, retention."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from lorafit.errors import LorafitError
+from lorafit.tasks import (
+    answer_nll,
+    contains_answer,
+    exact_match,
+    generate_answers,
+    load_heldout,
+    load_retention,
+    normalize,
+    retention_score,
+    score,
+)
+
+# ------------------------------------------------------------------------------------ normalise / match
+
+@pytest.mark.parametrize("raw, expected", [
+    ("  2021-03-05  ", "2021-03-05"),
+    ("2021-03-05<|im_end|>", "2021-03-05"),
+    ("2021-03-05 <|im_end|>\n</s>", "2021-03-05"),
+    ("2021-03-05.", "2021-03-05"),
+    ("Paris!", "Paris"),
+    ("a\n\t b   c", "a b c"),
+    ('"positive"', "positive"),
+    ("`x = 1`", "x = 1"),
+    ("U.S.", "U.S"),
+    ("", ""),
+])
+def test_normalize(raw, expected):
+    assert normalize(raw) == expected
+
+
+def test_exact_match_rules():
+    assert exact_match("2021-03-05", "2021-03-05")
+    assert exact_match(" 2021-03-05.<|im_end|>", "2021-03-05")
+    assert not exact_match("2021-03-05 is the date", "2021-03-05")
+    assert not exact_match("2021-3-5", "2021-03-05")
+    assert not exact_match("Positive", "positive")
+    assert exact_match("Positive", "positive", ignore_case=True)
+
+
+def test_contains_answer_whole_words():
+    assert contains_answer("The capital of France is Paris.", "Paris")
+    assert contains_answer("2 + 2 = 4", "4")
+    assert not contains_answer("14", "4")
+    assert not contains_answer("Parisian food", "Paris")
+    assert contains_answer("It is WASHINGTON, D.C.", ["Washington D.C.", "washington"])
+    assert contains_answer("New   York City", "new york")
+
+
+def test_score():
+    assert score(["a", "b.", "c"], ["a", "b", "x"]) == {"exact_match": 2 / 3, "correct": 2, "count": 3}
+    assert score([], []) == {"exact_match": 0.0, "correct": 0, "count": 0}
+    with pytest.raises(ValueError):
+        score(["a"], [])
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+def _write(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_load_heldout_splits_prompt_and_answer(tmp_path):
+    f = _write(tmp_path / "h.jsonl", [
+        {"messages": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}]},
+        "",
+        {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q2"},
+                      {"role": "assistant", "content": "A2"}]},
+    ])
+    items = load_heldout(f)
+    assert items == [([{"role": "user", "content": "Q1"}], "A1"),
+                     ([{"role": "system", "content": "S"}, {"role": "user", "content": "Q2"}], "A2")]
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ("{not json", ":1: not valid JSON"),
+    ({"text": "x"}, ":1: missing key 'messages'"),
+    ({"messages": [{"role": "user", "content": "Q"}]}, ":1: the last message must be the assistant"),
+    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "A"}]}, "messages[0]"),
+])
+def test_load_heldout_errors_name_the_line(tmp_path, bad, needle):
+    f = _write(tmp_path / "bad.jsonl", [bad])
+    with pytest.raises(LorafitError, match=None) as e:
+        load_heldout(f)
+    assert needle in str(e.value) and "bad.jsonl" in str(e.value)
+
+
+def test_load_heldout_missing_file(tmp_path):
+    with pytest.raises(LorafitError, match="not found"):
+        load_heldout(tmp_path / "nope.jsonl")
+
+
+def test_load_retention(tmp_path):
+    row = {"messages": [{"role": "user", "content": "Capital of France?"}], "reference": "Paris.", "answer": "Paris"}
+    assert load_retention(_write(tmp_path / "r.jsonl", [row]))[0]["answer"] == "Paris"
+    with pytest.raises(LorafitError, match="missing key"):
+        load_retention(_write(tmp_path / "r2.jsonl", [{"messages": row["messages"]}]))
+
+
+def test_shipped_demo_files_are_well_formed():
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / "examples"
+    train, heldout = load_heldout(root / "demo" / "train.jsonl"), load_heldout(root / "demo" / "heldout.jsonl")
+    assert len(train) >= 1000 and len(heldout) >= 100
+    assert not {m[0]["content"] for m, _ in train} & {m[0]["content"] for m, _ in heldout}
+    assert all(len(a) == 10 and a[4] == a[7] == "-" for _, a in heldout)
+
+
+# ------------------------------------------------------------------------------------------- generation
+
+@pytest.fixture(scope="module")
+def demo_tokenizer():
+    from lorafit.models import load_tokenizer
+    try:
+        return load_tokenizer("demo")
+    except LorafitError as e:  # the demo model package is not installed
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(demo_tokenizer):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=2, vocab_size=len(demo_tokenizer), initializer_range=0.2,
+                      pad_token_id=demo_tokenizer.pad_token_id, eos_token_id=demo_tokenizer.eos_token_id)
+    cfg._attn_implementation = "sdpa"
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+PROMPTS = [
+    [{"role": "user", "content": "Convert to ISO date (YYYY-MM-DD): March 5, 2021"}],
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France? Answer in one word."}],
+    [{"role": "user", "content": "Convert to ISO date (YYYY-MM-DD): Friday, the 17th of August 1987, a long day"}],
+    [{"role": "user", "content": "2+2?"}],
+]
+
+
+def test_batched_generation_equals_one_by_one(demo_tokenizer, tiny_llama):
+    single = [generate_answers(tiny_llama, demo_tokenizer, [p], max_new_tokens=8)[0] for p in PROMPTS]
+    batched = generate_answers(tiny_llama, demo_tokenizer, PROMPTS, max_new_tokens=8, batch_size=16)
+    in_pairs = generate_answers(tiny_llama, demo_tokenizer, PROMPTS, max_new_tokens=8, batch_size=2)
+    assert batched == single == in_pairs
+    assert any(single)  # the random model says something, so the comparison is not vacuous
+
+
+def test_generation_decodes_only_new_tokens(demo_tokenizer, tiny_llama):
+    out = generate_answers(tiny_llama, demo_tokenizer, PROMPTS[:1], max_new_tokens=4)[0]
+    assert "Convert" not in out and "<|im_start|>" not in out
+    assert len(demo_tokenizer(out, add_special_tokens=False)["input_ids"]) <= 6
+    assert tiny_llama.training is False
+
+
+def test_answer_nll_masks_prompt_and_padding(demo_tokenizer, tiny_llama):
+    items = [(PROMPTS[0], "2021-03-05"), (PROMPTS[1], "Hello there, how can I help?")]
+    total, n = answer_nll(tiny_llama, demo_tokenizer, items, batch_size=2)
+    parts = [answer_nll(tiny_llama, demo_tokenizer, [it], batch_size=1) for it in items]
+    assert n == sum(c for _, c in parts)
+    assert total == pytest.approx(sum(t for t, _ in parts), rel=1e-4)
+    # scored tokens = the answer's tokens + <|im_end|>
+    expect = len(demo_tokenizer("2021-03-05<|im_end|>", add_special_tokens=False)["input_ids"])
+    assert parts[0][1] == expect
+
+
+def test_retention_score_runs(demo_tokenizer, tiny_llama, tmp_path):
+    f = _write(tmp_path / "r.jsonl", [
+        {"messages": PROMPTS[2], "reference": "Paris.", "answer": "Paris"},
+        {"messages": PROMPTS[4], "reference": "4", "answer": "4"},
+    ])
+    r = retention_score(tiny_llama, demo_tokenizer, f, max_new_tokens=4)
+    assert r["n"] == 2 and 0.0 <= r["accuracy"] <= 1.0 and r["perplexity"] > 1.0 and r["tokens"] >= 4
