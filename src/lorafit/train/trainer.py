@@ -166,8 +166,6 @@ def train(cfg, resume: bool = False, console: Console | None = None, stop_after:
     model, tokenizer = prepare_model(cfg, console)
     train_samples, eval_samples, report = build_datasets(cfg, tokenizer)
     console.print("data: " + report.summary())
-    if not train_samples:
-        raise LorafitError(f"{cfg.source}: no training samples left after tokenisation (see the data report above)")
     pad_id = tokenizer.pad_token_id
 
     def epoch_batches(epoch: int) -> list[dict]:
