@@ -82,7 +82,12 @@ def resolve_model_path(name: str) -> tuple[Path, str | None]:
 
 
 def _quiet_transformers():
+    """transformers' own warnings and per-file progress bars would bury lorafit's one-line messages."""
+    from transformers.utils import logging as hf_logging
+
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", module="transformers")
 
 
@@ -92,7 +97,13 @@ def load_tokenizer(name: str):
     _quiet_transformers()
     folder, gguf = resolve_model_path(name)
     kwargs = {"gguf_file": gguf} if gguf else {}
-    return AutoTokenizer.from_pretrained(folder, **kwargs)
+    try:
+        return AutoTokenizer.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError) as e:
+        raise LorafitError(
+            f"could not load a tokenizer from {name!r} ({str(e).splitlines()[0]}); "
+            "save the tokenizer next to the model or set tokenizer_config"
+        ) from e
 
 
 def load_model(name: str, dtype: str | torch.dtype = "float32", attn_implementation: str = "sdpa"):

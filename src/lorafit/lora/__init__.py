@@ -14,7 +14,13 @@ from lorafit.lora.inject import (
     unload,
     unmerge,
 )
-from lorafit.lora.io import adapter_state_dict, load_adapter, read_adapter_config, read_adapter_weights, save_adapter
+from lorafit.lora.io import (
+    adapter_state_dict,
+    load_adapter,
+    read_adapter_config,
+    read_adapter_weights,
+    save_adapter,
+)
 from lorafit.lora.layer import LoraLinear, LoraLinearFunction
 
 __all__ = [

@@ -75,6 +75,8 @@ def inspect_model(model, console: Console, show_all: bool = False) -> None:
 
 def run(args) -> int:
     console = Console()
+    if not console.is_terminal:  # piped: do not squeeze module paths into 80 columns
+        console = Console(width=160)
     path = Path(args.path)
     if (path / CONFIG_NAME).is_file():
         inspect_adapter(path, console)
