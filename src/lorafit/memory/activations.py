@@ -1,0 +1,210 @@
+"""Saved activations per decoder layer, tensor by tensor, in bytes per token.
+
+Derived from what autograd keeps for the HF modules lorafit trains (checked with saved-tensor hooks):
+
+* RMSNorm (Llama/Qwen2/Mistral/Phi-3/Gemma): ``x.float()`` is saved by ``pow`` and ``mul`` (4 B/elt whatever
+  the dtype: in fp32 it is the input itself, in bf16 a fp32 copy) plus ``rsqrt`` (4 B/token). A trainable
+  scale also saves the normalised tensor (Llama: in the compute dtype; Gemma: fp32). Nothing is saved when
+  no gradient flows into the norm (layer 0 of a LoRA model: the embedding is frozen).
+* Projections: a frozen linear saves nothing; a trainable one saves its input; a LoRA layer saves its input
+  by reference (one copy per group of layers reading the same tensor) and ``x·Aᵀ`` (r per token).
+* Rotary: ``cos``/``sin`` (seq × head_dim, shared by all layers); ``q_embed``, ``k_embed`` are new tensors.
+* SDPA (CPU flash / CUDA flash kernels): saves q, k, v, the output (which is also ``o_proj``'s input: the
+  transpose back is free) and a fp32 log-sum-exp per head and token.
+* Gated MLP: gate (for the activation), up and act (for their product), the product (for down_proj).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lorafit.memory.spec import ModelSpec
+
+
+@dataclass
+class Activations:
+    total: int  # bytes saved for backward at the end of forward, all layers and the model-level tensors
+    per_layer: int  # bytes of one (non-first) decoder layer without checkpointing
+    recompute: int  # with checkpointing: one layer's activations recomputed in backward (else 0)
+    resident_end: int  # still saved when backward reaches the first layer
+    formula: str
+
+
+@dataclass
+class LossBuffers:
+    total: int
+    head_grad: int  # fp32 gradient of the head the chunked loss builds during forward (full fine-tuning)
+    formula: str
+
+
+@dataclass
+class Temporaries:
+    total: int
+    formula: str
+
+
+def _block_per_token(spec: ModelSpec, s, wrapped: set[str], rg: bool) -> tuple[int, bool]:
+    """Bytes saved per token by one decoder block; ``rg``: does a gradient flow into the block's input."""
+    e, d, q, kv, inter = s.bytes, spec.hidden, spec.q_dim, spec.kv_dim, spec.intermediate
+    full = s.method == "full"
+    r = s.r
+    if spec.family == "gpt2":
+        return _gpt2_block(spec, s, wrapped, rg)
+    gemma = spec.family in ("gemma", "gemma2")
+
+    def norm(rg_in: bool) -> int:
+        if not (rg_in or full):
+            return 0
+        return 4 * d + 4 + ((4 * d if gemma else e * d) if full else 0)
+
+    def xa(names) -> int:
+        return sum(r * e for n in names if n in wrapped)
+
+    lin = {n: (i, o, g) for n, i, o, g in spec.linear_layers()}
+    groups: dict[str, list[str]] = {}
+    for n, (_, _, g) in lin.items():
+        groups.setdefault(g, []).append(n)
+    total = norm(rg)
+    # attention input group
+    attn_in = groups["attn_in"]
+    if full or any(n in wrapped for n in attn_in):
+        total += e * d + xa(attn_in)
+    attn_rg = rg or full or any(n in wrapped for n in attn_in)
+    if attn_rg:
+        if spec.family == "phi3":  # v is a view of the fused qkv output: the whole output stays alive
+            total += e * (q + kv) + e * (q + 2 * kv)
+        else:
+            total += e * (q + 2 * kv)
+        total += e * q + 4 * spec.heads  # output (= o_proj input) + log-sum-exp
+    o = groups["attn_out"]
+    if not attn_rg and any(n in wrapped for n in o):
+        total += e * q
+    total += xa(o)
+    out_rg = attn_rg or any(n in wrapped for n in o)
+    if spec.family == "gemma2":
+        total += norm(out_rg)  # post_attention_layernorm on the attention output
+    h_rg = rg or out_rg
+    total += norm(h_rg)
+    mlp_in = groups["mlp_in"]
+    if full or any(n in wrapped for n in mlp_in):
+        total += e * d + xa(mlp_in)
+    mlp_rg = h_rg or full or any(n in wrapped for n in mlp_in)
+    if mlp_rg:
+        total += 3 * e * inter  # gate (activation input), up and act (product inputs)
+    down = groups["mlp_out"]
+    if full or any(n in wrapped for n in down):
+        total += e * inter + xa(down)  # product (down_proj input)
+    if spec.family == "gemma2":
+        total += norm(mlp_rg or any(n in wrapped for n in down))
+    return total, h_rg or mlp_rg or any(n in wrapped for n in down)
+
+
+def _gpt2_block(spec: ModelSpec, s, wrapped: set[str], rg: bool) -> tuple[int, bool]:
+    """GPT-2: LayerNorm saves input + mean + rstd; c_attn output holds q, k, v (views); tanh-GELU in 6 ops."""
+    e, d, inter, r = s.bytes, spec.hidden, spec.intermediate, s.r
+    full = s.method == "full"
+    w = {n.split(".")[-1] if n != "attn.c_proj" else "c_proj" for n in wrapped}
+    ln = e * d + 8
+    total = ln if rg or full else 0
+    if full or "c_attn" in w:
+        total += e * d + (r * e if "c_attn" in w else 0)
+    attn_rg = rg or full or "c_attn" in w
+    if attn_rg:
+        total += e * 3 * d + e * d + 4 * spec.heads
+    total += (r * e if "attn.c_proj" in wrapped else 0)
+    total += ln  # ln_2: the residual requires grad from here on when anything above was trainable
+    if full or "c_fc" in w:
+        total += e * d + (r * e if "c_fc" in w else 0)
+    total += GPT2_GELU_SAVED * e * inter
+    if full or "mlp.c_proj" in wrapped:
+        total += e * inter + (r * e if "mlp.c_proj" in wrapped else 0)
+    return total, True
+
+
+# NewGELU = 0.5·x·(1 + tanh(√(2/π)(x + 0.044715 x³))): saves x, tanh output, 0.5·x and 1 + tanh.
+GPT2_GELU_SAVED = 4
+
+
+def activations(spec: ModelSpec, s, targets: list[tuple]) -> Activations:
+    e, d, n_tok, L = s.bytes, spec.hidden, s.tokens, spec.layers
+    wrapped = {t[0] for t in targets}
+    full = s.method == "full"
+    first, rg = _block_per_token(spec, s, wrapped, rg=full)
+    rest, _ = _block_per_token(spec, s, wrapped, rg=rg)
+    per_layer = rest * n_tok
+    per_first = first * n_tok
+    # Model level: rotary cos/sin (batch 1 × seq × head_dim, shared), the final norm.
+    rotary = 0 if spec.family == "gpt2" else 2 * s.seq_len * spec.head_dim * e
+    if spec.family == "gpt2":
+        final = (e * d + 8) * n_tok
+    else:
+        final = (4 * d + 4 + ((4 * d if spec.family.startswith("gemma") else e * d) if full else 0)) * n_tok
+    if s.packing:  # block-causal mask built from the position restarts: bool (B × 1 × T × T), shared
+        rotary += s.micro_batch * s.seq_len * s.seq_len
+    if s.gradient_checkpointing:
+        layer_inputs = L * n_tok * d * e
+        total = layer_inputs + rotary + final
+        return Activations(total, per_layer, per_layer, rotary + n_tok * d * e,
+                           f"checkpointing: {L} layer inputs × {n_tok} tokens × {d} × {e} B "
+                           f"+ final norm + rotary; one layer ({per_layer / 2**20:.1f} MiB) recomputed in backward")
+    total = per_first + (L - 1) * per_layer + rotary + final
+    formula = (f"{L} layers × {n_tok} tokens × {rest} B/token ({per_layer / 2**20:.1f} MiB per layer"
+               + (f"; layer 0 {first} B/token" if first != rest else "") + ") + final norm + rotary")
+    return Activations(total, per_layer, 0, rotary + per_first, formula)
+
+
+def chunk_tokens(spec: ModelSpec, s) -> int:
+    if s.loss_chunk_tokens:
+        return s.loss_chunk_tokens
+    from lorafit.train.loss import chunk_tokens_for
+
+    return chunk_tokens_for(spec.vocab)
+
+
+def loss_buffers(spec: ModelSpec, s) -> LossBuffers:
+    """Memory of the loss at the end of forward, beyond the saved activations.
+
+    Chunked (``lorafit.train.loss``): the final hidden states, their shifted copy (batch > 1) and the gathered
+    trained rows, the hidden-state gradient computed in forward, and one chunk's fp32 logits (+ a compute-dtype
+    copy when that is not fp32). Full fine-tuning adds the head's fp32 gradient.
+    HF: the full logits in the compute dtype, their fp32 upcast, log-softmax output and its gradient.
+    """
+    e, d, V, B, T = s.bytes, spec.hidden, spec.vocab, s.micro_batch, s.seq_len
+    n_tok, n_tr = B * T, B * (T - 1)
+    head_grad = V * d * 4 if s.method == "full" else 0
+    if s.loss == "hf":
+        per = e + 12 if e != 4 else 12
+        total = n_tok * V * per
+        return LossBuffers(total, 0, f"plain HF loss: {n_tok} tokens × {V} vocab × {per} B (logits, fp32 upcast, "
+                                     "log-softmax and its gradient)")
+    c = min(chunk_tokens(spec, s), n_tr)
+    chunk = c * V * (4 + (e if e != 4 else 0))
+    hidden = n_tok * d * e + (n_tr * d * e if B > 1 else 0) + 2 * n_tr * d * e
+    total = hidden + chunk
+    return LossBuffers(total, head_grad,
+                       f"hidden states and copies {hidden / 2**20:.1f} MiB + one chunk of {c} tokens × {V} vocab × "
+                       f"{4 + (e if e != 4 else 0)} B" + (" + head gradient fp32 (V × d × 4 B)" if head_grad else ""))
+
+
+def backward_temporaries(spec: ModelSpec, s, targets: list[tuple]) -> Temporaries:
+    """Transient gradients while backward runs through the last decoder layer (calibrated, see measure)."""
+    e, d, inter, n_tok = s.bytes, spec.hidden, spec.intermediate, s.tokens
+    wrapped = {t[0] for t in targets}
+    down_lora = any(n.endswith(("down_proj", "mlp.c_proj")) for n in wrapped)
+    k = BW_MLP_DROPOUT if (s.method == "lora" and s.dropout > 0 and down_lora) else BW_MLP
+    total = int(k * n_tok * inter * e + BW_HIDDEN * n_tok * d * e)
+    act = activations(spec, s, targets)
+    total += act.recompute
+    return Temporaries(total, f"{k} × tokens × intermediate × {e} B + {BW_HIDDEN} × tokens × hidden × {e} B"
+                              + (" + one recomputed layer" if act.recompute else ""))
+
+
+def embedding_backward(spec: ModelSpec, s) -> int:
+    """Full fine-tuning: the dense (vocab × hidden) embedding gradient built before it is accumulated."""
+    return spec.vocab * spec.hidden * s.bytes if s.method == "full" else 0
+
+
+# Calibrated against MemTracker peaks (benchmarks/estimate_vs_measured.py).
+BW_MLP = 3
+BW_MLP_DROPOUT = 5
+BW_HIDDEN = 3

@@ -1,0 +1,159 @@
+"""Measured peak memory of real training steps, split like the estimate, next to it.
+
+The step is the trainer's own (:func:`lorafit.train.trainer.train_step`: forward, chunked loss, backward,
+gradient clipping, optimizer and scheduler step, ``zero_grad(set_to_none=True)``), on a model prepared the
+way :func:`lorafit.train.trainer.prepare_model` prepares it. On CPU the peak comes from torch's
+``MemTracker`` (parameters, gradients, activations, optimizer states, temporaries); on CUDA from
+``torch.cuda.max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+
+from lorafit.memory.estimate import Estimate, Settings, estimate
+from lorafit.memory.spec import ModelSpec
+
+
+@dataclass
+class Measured:
+    peak: int
+    by_kind: dict[str, int] = field(default_factory=dict)  # MemTracker categories at the peak (CPU only)
+    device: str = "cpu"
+    steps: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+def build_model(spec: ModelSpec, s: Settings, model_name: str | None = None, seed: int = 0):
+    """A random-weight model with ``spec``'s shape (or the real ``model_name``), adapter attached like the trainer."""
+    import transformers
+
+    torch.manual_seed(seed)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[s.dtype]
+    if model_name:
+        from lorafit.models import load_model
+
+        model = load_model(model_name, s.dtype)
+    else:
+        transformers.logging.set_verbosity_error()
+        model = transformers.AutoModelForCausalLM.from_config(spec.hf_config(), dtype=dtype, attn_implementation="sdpa")
+    _prepare(model, s)
+    return model
+
+
+def _prepare(model, s: Settings) -> None:
+    """The part of ``lorafit.train.trainer.prepare_model`` after loading (it loads by name, we may not)."""
+    from lorafit.lora import LoraConfig, apply_lora
+
+    if s.method == "lora":
+        apply_lora(model, LoraConfig(r=s.r, alpha=s.alpha, dropout=s.dropout, target_modules=s.targets))
+    else:
+        model.requires_grad_(True)
+    if s.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+
+
+def _batch(vocab: int, s: Settings, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (s.micro_batch, s.seq_len), generator=g)
+    batch = {"input_ids": ids, "labels": ids.clone(), "num_trained_tokens": s.micro_batch * (s.seq_len - 1)}
+    if s.packing:  # two documents per row: positions restart half-way
+        half = s.seq_len // 2
+        pos = torch.cat([torch.arange(half), torch.arange(s.seq_len - half)]).expand(s.micro_batch, -1)
+        batch["position_ids"] = pos.contiguous()
+        batch["seq_ids"] = (torch.arange(s.seq_len) >= half).long().expand(s.micro_batch, -1).contiguous()
+    else:
+        batch["attention_mask"] = torch.ones_like(ids)
+    return batch
+
+
+def _optimizer_config(s: Settings):
+    return SimpleNamespace(optimizer={"adamw": "adamw_torch", "adamw_fused": "adamw_torch_fused", "sgd": "sgd"}[s.optimizer],
+                           learning_rate=1e-4, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+                           lr_scheduler="constant", warmup_steps=0, warmup_ratio=None)
+
+
+def _step_fn(model, s: Settings):
+    """One optimizer step with the trainer's code (or a plain HF-loss step for peer comparison)."""
+    from lorafit.train.optim import build_optimizer, build_scheduler
+    from lorafit.train.trainer import train_step
+
+    cfg = _optimizer_config(s)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, 100)
+    dtype = next(model.parameters()).dtype
+
+    def step(batch):
+        if s.loss == "hf":
+            from lorafit.data import model_inputs
+
+            out = model(**model_inputs(batch), labels=batch["labels"])
+            out.loss.backward()
+            loss = float(out.loss.detach())
+            del out
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss
+        return train_step(model, optimizer, scheduler, [batch], 1.0, dtype)["loss"]
+
+    return step, optimizer
+
+
+def measure(spec: ModelSpec, s: Settings, steps: int = 3, model_name: str | None = None,
+            device: str | None = None) -> Measured:
+    """Run ``steps`` training steps and return the peak tensor memory (bytes) over all of them."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(spec, s, model_name)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if device == "cuda":
+        model.to("cuda")
+    step, optimizer = _step_fn(model, s)
+    batches = [_batch(vocab, s, i) for i in range(steps)]
+    losses = []
+    if device == "cuda":
+        batches = [{k: v.cuda() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        for b in batches:
+            losses.append(step(b))
+        torch.cuda.synchronize()
+        result = Measured(torch.cuda.max_memory_allocated(), {}, "cuda", steps, losses)
+    else:
+        from torch.distributed._tools.mem_tracker import MemTracker
+
+        mt = MemTracker()
+        # MemTracker hooks every parameter's gradient; frozen ones (LoRA base) cannot take a hook: mark them done.
+        for p in model.parameters():
+            if not p.requires_grad:
+                mt._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
+        mt.track_external(model, optimizer)
+        with mt:
+            for b in batches:
+                losses.append(step(b))
+                mt.reset_mod_stats()
+        snap = mt.get_tracker_snapshot("peak")
+        dev = next(iter(snap.values())) if snap else {}
+        by_kind = {str(getattr(k, "value", k)): int(v) for k, v in dev.items()}
+        result = Measured(int(by_kind.get("Total", 0)), by_kind, "cpu", steps, losses)
+    del model, optimizer, step
+    gc.collect()
+    return result
+
+
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
+def compare(spec: ModelSpec, s: Settings, steps: int = 3, model_name: str | None = None) -> tuple[Estimate, Measured, float]:
+    """Estimate (tensor memory only, no framework overhead) vs measured peak; error in % of the measured."""
+    m = measure(spec, s, steps, model_name)
+    est = estimate(spec, Settings(**{**s.to_dict(), "device": "cpu"}))
+    err = 100.0 * (est.allocated_peak - m.peak) / m.peak
+    return est, m, err
