@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from lorafit.models import load_model_and_tokenizer
-from lorafit.tasks import generate_answers, load_heldout, score
+from lorafit.tasks import generate_answers, load_heldout, retention_score, score
 
 HERE = Path(__file__).resolve().parent
 
@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-base", action="store_true", help="do not score the base model first")
+    ap.add_argument("--retention", action="store_true",
+                    help="also score retention (examples/retention/retention.jsonl) after training")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -92,6 +94,8 @@ def main() -> None:
     preds = generate_answers(model, tok, prompts, max_new_tokens=12)
     result = score(preds, refs)
     print("after", result, f"train {train_s:.0f}s, eval {time.time() - t:.0f}s")
+    if args.retention:
+        print("retention after", retention_score(model, tok, HERE / "retention" / "retention.jsonl"))
     for p, r in zip(preds, refs, strict=True):
         if p != r:
             print("  miss:", r, repr(p))

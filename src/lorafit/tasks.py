@@ -76,13 +76,19 @@ def contains_answer(prediction: str, answer: str | Sequence[str]) -> bool:
     """True when ``answer`` (or any of several accepted answers) appears in ``prediction`` as a whole word or phrase.
 
     Case-insensitive, whitespace-normalised; "whole" means not glued to a letter or digit on either side,
-    so ``"Paris"`` is found in ``"The capital is Paris."`` and ``"4"`` is not found in ``"14"``.
+    nor part of a decimal or negative number: ``"Paris"`` is found in ``"The capital is Paris."``, while
+    ``"4"`` is not found in ``"14"``, ``"4.22"`` or ``"-4"``.
     """
     answers = [answer] if isinstance(answer, str) else list(answer)
     text = " ".join(prediction.split()).lower()
     for a in answers:
         a = " ".join(a.split()).lower()
-        if a and re.search(rf"(?<![0-9a-z]){re.escape(a)}(?![0-9a-z])", text):
+        if not a:
+            continue
+        # not glued to a letter or digit, and not part of a decimal ("0" is not in "-18.0", "4" not in "4.22")
+        before = r"(?<![0-9a-z])(?<![0-9][.,])" + (r"(?<!-)" if a[0].isdigit() else "")
+        after = r"(?![0-9a-z])(?![.,][0-9])"
+        if re.search(before + re.escape(a) + after, text):
             return True
     return False
 
