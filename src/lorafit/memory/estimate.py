@@ -85,8 +85,6 @@ class Settings:
             raise LorafitError(f"loss chunk tokens: got {self.loss_chunk_tokens}, must be > 0")
         if self.device not in ("cuda", "cpu"):
             raise LorafitError(f"device: got {self.device!r}, use cuda or cpu")
-        if isinstance(self.targets, str) and self.targets != "all-linear":
-            self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
         if not self.targets:
             raise LorafitError("lora targets: empty; give module names like q_proj,v_proj or all-linear")
 
@@ -151,6 +149,14 @@ def lora_targets(spec: ModelSpec, targets: list[str] | str) -> list[tuple[str, i
     layers = spec.linear_layers()
     if targets == "all-linear":
         return layers
+    if isinstance(targets, str):  # a regex over module paths, as lorafit.lora matches it
+        import re
+
+        hit = [ly for ly in layers if re.search(targets, ly[0])]
+        if not hit:
+            raise LorafitError(f"lora target regex {targets!r} matches no linear layer of {spec.name}; "
+                               f"this model has: {', '.join(spec.module_names())}")
+        return hit
     chosen = []
     for t in targets:
         hit = [ly for ly in layers if ly[0] == t or ly[0].endswith("." + t) or ly[0].split(".")[-1] == t]
@@ -209,7 +215,8 @@ def estimate(spec: ModelSpec, settings: Settings) -> Estimate:
                    if lora else "all weights (counted above)")),
         Component("gradients", g_bytes, grads_at,
                   f"{trainable:,} trainable × {4 if lora else e} B" + ("" if grads_at == g_bytes else
-                                                                      "; at the peak only the head's")),
+                  "; at the peak: the head's fp32 gradient only" if grads_at else
+                  "; none at the peak (freed by zero_grad, rebuilt in backward)")),
         Component("optimizer states", o_bytes, o_bytes,
                   f"{n_states} states × {trainable:,} × {state_elt} B" if n_states else "SGD without momentum: none"),
         Component("activations", acts.total, acts_at, acts.formula),

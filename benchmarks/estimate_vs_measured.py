@@ -1,0 +1,131 @@
+"""Estimate vs measured peak memory of lorafit training steps, on this machine's CPU (MemTracker) or CUDA.
+
+Each configuration runs in a fresh subprocess (peaks cannot leak between rows): build the model (random
+weights from a transformers config of the given shape, or the real demo model), attach the adapter as the
+trainer does, run 3 steps of ``lorafit.train.trainer.train_step``, take the peak; compare with
+``lorafit.memory.estimate`` (tensor memory, no framework overhead).
+
+    .venv/bin/python benchmarks/estimate_vs_measured.py            # all rows, writes results JSON
+    .venv/bin/python benchmarks/estimate_vs_measured.py --quick    # 5 rows
+    .venv/bin/python benchmarks/estimate_vs_measured.py --cuda     # on a GPU (see scripts/gpu_check.sh)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from lorafit.memory.spec import ModelSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _spec(name, arch, d, inter, layers, heads, kv, vocab, tied=True, **kw) -> ModelSpec:
+    return ModelSpec(name, arch, d, inter, layers, heads, kv, d // heads, vocab, tied, **kw)
+
+
+SHAPES = {
+    "llama-tiny": _spec("llama-tiny", "llama", 128, 344, 4, 4, 2, 4096),
+    "llama-small": _spec("llama-small", "llama", 256, 688, 6, 8, 4, 16384, tied=False),
+    "qwen2-small": _spec("qwen2-small", "qwen2", 256, 704, 4, 8, 2, 32000, qkv_bias=True),
+    "gemma-small": _spec("gemma-small", "gemma", 256, 768, 4, 4, 1, 16000),
+    "gpt2-small": _spec("gpt2-small", "gpt2", 256, 1024, 4, 4, 4, 8192, norm="layer", mlp="plain", max_positions=512),
+    "phi3-tiny": _spec("phi3-tiny", "phi3", 192, 512, 3, 6, 6, 8000, tied=False),
+    "llama-1b-slice": _spec("llama-1b-slice", "llama", 2048, 8192, 1, 32, 8, 128256),  # Llama 3.2 1B, one layer
+}
+
+# (shape, settings). Settings keys: see lorafit.memory.estimate.Settings.
+ROWS = [
+    ("llama-tiny", dict(method="lora", dtype="float32", micro_batch=2, seq_len=128, r=8)),
+    ("llama-tiny", dict(method="lora", dtype="bfloat16", micro_batch=4, seq_len=128, r=64)),
+    ("llama-tiny", dict(method="full", dtype="float32", micro_batch=2, seq_len=256)),
+    ("llama-tiny", dict(method="full", dtype="bfloat16", micro_batch=1, seq_len=512, gradient_checkpointing=True)),
+    ("llama-tiny", dict(method="lora", dtype="float32", micro_batch=2, seq_len=256, r=16, gradient_checkpointing=True)),
+    ("llama-small", dict(method="lora", dtype="bfloat16", micro_batch=2, seq_len=256, r=16)),
+    ("llama-small", dict(method="lora", dtype="float32", micro_batch=1, seq_len=256, r=4, targets=["q_proj", "v_proj"], dropout=0.0)),
+    ("llama-small", dict(method="full", dtype="bfloat16", micro_batch=2, seq_len=128, optimizer="sgd")),
+    ("llama-small", dict(method="lora", dtype="bfloat16", micro_batch=1, seq_len=512, r=32, targets=["gate_proj", "up_proj", "down_proj"])),
+    ("qwen2-small", dict(method="lora", dtype="bfloat16", micro_batch=2, seq_len=256, r=16)),
+    ("qwen2-small", dict(method="full", dtype="float32", micro_batch=1, seq_len=256)),
+    ("qwen2-small", dict(method="lora", dtype="float32", micro_batch=2, seq_len=128, r=8, gradient_checkpointing=True)),
+    ("gemma-small", dict(method="lora", dtype="bfloat16", micro_batch=2, seq_len=256, r=16)),
+    ("gemma-small", dict(method="full", dtype="bfloat16", micro_batch=1, seq_len=256)),
+    ("gemma-small", dict(method="lora", dtype="float32", micro_batch=1, seq_len=256, r=8, targets=["q_proj", "k_proj", "v_proj", "o_proj"])),
+    ("gpt2-small", dict(method="lora", dtype="float32", micro_batch=2, seq_len=256, r=16)),
+    ("gpt2-small", dict(method="full", dtype="bfloat16", micro_batch=2, seq_len=128)),
+    ("phi3-tiny", dict(method="lora", dtype="bfloat16", micro_batch=2, seq_len=128, r=8)),
+    ("llama-1b-slice", dict(method="lora", dtype="bfloat16", micro_batch=1, seq_len=256, r=16)),
+    ("demo", dict(method="lora", dtype="bfloat16", micro_batch=2, seq_len=128, r=16)),
+    ("demo", dict(method="lora", dtype="float32", micro_batch=1, seq_len=128, r=8, gradient_checkpointing=True)),
+    ("demo", dict(method="full", dtype="bfloat16", micro_batch=1, seq_len=128)),
+]
+QUICK = [0, 2, 9, 12, 15]
+
+
+def run_one(shape: str, settings: dict, steps: int, device: str) -> dict:
+    """In this process: measure and estimate one row."""
+    from lorafit.memory.estimate import Settings, estimate
+    from lorafit.memory.measure import measure
+    from lorafit.memory.spec import resolve_spec
+
+    spec = resolve_spec("demo") if shape == "demo" else SHAPES[shape]
+    s = Settings(**settings, device=device)
+    t0 = time.perf_counter()
+    m = measure(spec, s, steps, model_name="demo" if shape == "demo" else None, device=device)
+    est = estimate(spec, Settings(**settings, device="cpu"))  # tensor memory only, no CUDA overhead
+    return {"shape": shape, "settings": settings, "device": device, "estimate_bytes": est.allocated_peak,
+            "measured_bytes": m.peak, "error_pct": 100.0 * (est.allocated_peak - m.peak) / m.peak,
+            "peak_moment": est.peak_moment, "measured_by_kind": m.by_kind, "seconds": time.perf_counter() - t0,
+            "model": asdict(spec)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--cuda", action="store_true")
+    ap.add_argument("--rows", help="comma-separated row indices")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "estimate_vs_measured.json"))
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    device = "cuda" if args.cuda else "cpu"
+    if args.one:
+        shape, settings = json.loads(args.one)
+        print(json.dumps(run_one(shape, settings, args.steps, device)))
+        return 0
+    idx = [int(i) for i in args.rows.split(",")] if args.rows else QUICK if args.quick else range(len(ROWS))
+    results = []
+    print(f"{'#':>2} {'shape':15} {'settings':70} {'estimate':>9} {'measured':>9} {'error':>7}")
+    for i in idx:
+        shape, settings = ROWS[i]
+        cmd = [sys.executable, __file__, "--one", json.dumps([shape, settings]), "--steps", str(args.steps)]
+        if args.cuda:
+            cmd.append("--cuda")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            print(f"{i:>2} {shape:15} FAILED: {proc.stderr.strip().splitlines()[-1] if proc.stderr else ''}")
+            continue
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        results.append(row)
+        desc = " ".join(f"{k}={v}" for k, v in settings.items()).replace("method=", "").replace("dtype=", "")
+        print(f"{i:>2} {shape:15} {desc[:70]:70} {row['estimate_bytes'] / 2**20:8.1f}M {row['measured_bytes'] / 2**20:8.1f}M "
+              f"{row['error_pct']:+6.1f}%", flush=True)
+    if results:
+        worst = max(results, key=lambda r: abs(r["error_pct"]))
+        print(f"worst row: {worst['shape']} {worst['settings']}: {worst['error_pct']:+.1f}% "
+              f"({sum(abs(r['error_pct']) <= 5 for r in results)}/{len(results)} within ±5%)")
+        if not args.rows and not args.quick:
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"device": device, "rows": results}, indent=2) + "\n")
+            print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

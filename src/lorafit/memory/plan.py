@@ -1,0 +1,116 @@
+"""``lorafit plan``: the fastest settings that fit a GPU, written as an axolotl-style YAML config.
+
+Search order (first fit wins): full sequence length before shorter ones (only with ``allow_shorter_seq``);
+the user's rank and target set before smaller ones (quality); no gradient checkpointing before checkpointing
+(checkpointing recomputes the forward, ~30% slower); then the largest micro-batch that divides the effective
+batch (gradient accumulation keeps the effective batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from lorafit.memory.estimate import Estimate, Settings, estimate
+from lorafit.memory.spec import ModelSpec
+
+SAFETY_MARGIN = 0.10
+
+
+@dataclass
+class Plan:
+    estimate: Estimate | None
+    budget: int
+    gpu_bytes: int
+    micro_batch: int
+    grad_accum: int
+    tried: int
+    closest: Estimate | None = None
+    reason: str = ""
+
+    @property
+    def fits(self) -> bool:
+        return self.estimate is not None
+
+
+def _target_sets(spec: ModelSpec, first):
+    names = spec.module_names()
+    attn = [n for n in names if n in ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "c_attn")]
+    qv = [n for n in names if n in ("q_proj", "v_proj", "qkv_proj", "c_attn")]
+    out = [first]
+    for t in ("all-linear", attn, qv):
+        if t and t not in out:
+            out.append(t)
+    return out
+
+
+def search(spec: ModelSpec, base: Settings, gpu_bytes: int, effective_batch: int = 8,
+           allow_shorter_seq: bool = False, margin: float = SAFETY_MARGIN, min_seq: int = 256) -> Plan:
+    budget = int(gpu_bytes * (1 - margin))
+    seqs = [base.seq_len]
+    if allow_shorter_seq:
+        s = base.seq_len // 2
+        while s >= min_seq:
+            seqs.append(s)
+            s //= 2
+    micro = [m for m in range(effective_batch, 0, -1) if effective_batch % m == 0]
+    if base.method == "lora":
+        ranks = [base.r] + [r for r in (16, 8, 4) if r < base.r]
+        quality = [(r, t) for t in _target_sets(spec, base.targets) for r in ranks]
+    else:
+        quality = [(base.r, base.targets)]
+    best, tried = None, 0
+    for seq in seqs:
+        for r, targets in quality:
+            for ckpt in (False, True):
+                for mb in micro:
+                    s = replace(base, seq_len=seq, r=r, targets=targets, gradient_checkpointing=ckpt, micro_batch=mb)
+                    est = estimate(spec, s)
+                    tried += 1
+                    if best is None or est.total < best.total:
+                        best = est
+                    if est.total <= budget:
+                        return Plan(est, budget, gpu_bytes, mb, effective_batch // mb, tried)
+    return Plan(None, budget, gpu_bytes, 0, 0, tried, closest=best, reason=_why(best, budget))
+
+
+def _why(est: Estimate, budget: int) -> str:
+    GiB = 1024**3
+    biggest = max(est.components, key=lambda c: c.at_peak)
+    fixed = est.component("weights").bytes
+    if fixed > budget:
+        return (f"the weights alone need {fixed / GiB:.1f} GiB, more than the {budget / GiB:.1f} GiB budget; "
+                "use a smaller model or a bigger GPU (QLoRA is not supported yet)")
+    return (f"smallest setting needs {est.total / GiB:.1f} GiB (budget {budget / GiB:.1f} GiB); largest part: "
+            f"{biggest.name} {biggest.at_peak / GiB:.1f} GiB")
+
+
+def to_yaml(plan: Plan, base_model: str, effective_batch: int) -> str:
+    s = plan.estimate.settings
+    lines = [
+        f"# Written by `lorafit plan`: estimated peak {plan.estimate.total / 1024**3:.2f} GiB of "
+        f"{plan.gpu_bytes / 1024**3:.2f} GiB (budget {plan.budget / 1024**3:.2f} GiB with safety margin).",
+        f"base_model: {base_model}",
+        f"adapter: {'lora' if s.method == 'lora' else 'none'}",
+    ]
+    if s.method == "lora":
+        lines += [f"lora_r: {s.r}", f"lora_alpha: {s.alpha:g}", f"lora_dropout: {s.dropout:g}"]
+        if s.targets == "all-linear":
+            lines.append("lora_target_linear: true")
+        else:
+            lines.append("lora_target_modules:" + "".join(f"\n  - {t}" for t in s.targets))
+    lines += [
+        f"sequence_len: {s.seq_len}",
+        f"sample_packing: {'true' if s.packing else 'false'}",
+        f"micro_batch_size: {s.micro_batch}",
+        f"gradient_accumulation_steps: {effective_batch // s.micro_batch}",
+        f"gradient_checkpointing: {'true' if s.gradient_checkpointing else 'false'}",
+        f"bf16: {'true' if s.dtype == 'bfloat16' else 'false'}",
+        f"optimizer: {'sgd' if s.optimizer == 'sgd' else 'adamw_torch_fused' if s.optimizer == 'adamw_fused' else 'adamw_torch'}",
+        "learning_rate: 0.0002",
+        "num_epochs: 1",
+        "datasets:  # edit: your data",
+        "  - path: data/train.jsonl",
+        "    type: alpaca",
+        "output_dir: ./lora-out",
+    ]
+    return "\n".join(lines) + "\n"

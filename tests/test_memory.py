@@ -1,0 +1,136 @@
+"""Memory estimator: catalog, one-line errors, formulas on known numbers, a few measured rows (±10%)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorafit import LorafitError
+from lorafit.cli import main
+from lorafit.memory import catalog
+from lorafit.memory.estimate import GiB, Settings, estimate
+from lorafit.memory.plan import search, to_yaml
+from lorafit.memory.spec import ModelSpec, resolve_spec
+
+
+def test_catalog_has_the_issue_models_and_gpus():
+    for name in ["llama-3.1-8b", "llama-3.1-70b", "llama-3.2-1b", "llama-3.2-3b", "mistral-7b", "qwen2.5-0.5b",
+                 "qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b", "qwen2.5-14b", "gemma-2-2b", "gemma-2-9b",
+                 "phi-3-mini", "smollm2-135m", "smollm2-360m", "smollm2-1.7b"]:
+        assert catalog.get_model(name).total_params() > 0
+    for gpu in ["RTX 3090", "rtx-4090", "4080", "T4", "L4", "A10G", "L40S", "A100-40GB", "a100-80gb", "H100", "H200"]:
+        assert catalog.gpu_memory(gpu) > 10 * GiB
+    assert catalog.gpu_memory("rtx-4090") == 24564 * 2**20
+
+
+@pytest.mark.parametrize("name,billions", [("llama-3.1-8b", 8.03), ("llama-3.1-70b", 70.55), ("llama-3.2-1b", 1.24),
+                                           ("qwen2.5-7b", 7.62), ("mistral-7b", 7.25), ("smollm2-135m", 0.1345),
+                                           ("gemma-2-2b", 2.61), ("phi-3-mini", 3.82), ("gpt2", 0.124)])
+def test_parameter_counts_match_published_sizes(name, billions):
+    assert catalog.get_model(name).total_params() / 1e9 == pytest.approx(billions, rel=0.01)
+
+
+def test_known_numbers_llama_8b():
+    spec = catalog.get_model("meta-llama/Llama-3.1-8B")
+    full = estimate(spec, Settings(method="full", dtype="bf16"))
+    assert full.component("weights").bytes / GiB == pytest.approx(14.96, abs=0.01)
+    assert full.component("optimizer states").bytes == 2 * full.component("weights").bytes
+    lora = estimate(spec, Settings(method="lora", r=16, targets="all-linear"))
+    # 32 layers × r·(in+out) summed over q,k,v,o,gate,up,down
+    assert lora.params["adapter"] == 41_943_040
+    assert lora.component("optimizer states").bytes == 2 * 4 * 41_943_040
+    assert lora.total < full.total / 2
+    assert sum(c.at_peak for c in lora.components) == lora.total
+
+
+def test_estimate_monotone_in_tokens_and_checkpointing_saves():
+    spec = catalog.get_model("llama-3.2-1b")
+    a = estimate(spec, Settings(seq_len=1024)).total
+    b = estimate(spec, Settings(seq_len=2048)).total
+    c = estimate(spec, Settings(seq_len=2048, gradient_checkpointing=True)).total
+    assert a < b and c < b
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["estimate", "llama-3.1-8x"], "closest: llama-3.1-8b"),
+    (["estimate", "llama-3.1-8b", "--gpu", "rtx-9090"], "closest: rtx-4090"),
+    (["estimate", "llama-3.1-8b", "--micro-batch", "0"], "micro-batch"),
+    (["estimate", "llama-3.1-8b", "--seq-len", "-5"], "seq-len"),
+    (["estimate", "llama-3.1-8b", "--gpu-mem", "0GB"], "greater than zero"),
+    (["estimate", "llama-3.1-8b", "--targets", "foo_proj"], "matches no linear layer"),
+    (["plan", "llama-3.1-8b"], "--gpu"),
+])
+def test_one_line_errors(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err
+
+
+def test_config_json_missing_fields(tmp_path):
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    with pytest.raises(LorafitError, match="missing num_hidden_layers, num_attention_heads, vocab_size"):
+        resolve_spec(str(tmp_path))
+    p.write_text(json.dumps({"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                             "num_key_value_heads": 2, "vocab_size": 100, "intermediate_size": 128}))
+    spec = resolve_spec(str(p))
+    assert (spec.layers, spec.kv_heads, spec.head_dim, spec.qkv_bias) == (2, 2, 16, True)
+
+
+def test_demo_and_gguf_spec():
+    spec = resolve_spec("demo")
+    assert (spec.hidden, spec.layers, spec.vocab, spec.tied_embeddings) == (576, 30, 49152, True)
+    try:
+        from lorafit.models import demo_model_file
+
+        f = demo_model_file()
+    except LorafitError:
+        pytest.skip("demo GGUF not installed")
+    g = resolve_spec(str(f))
+    assert (g.hidden, g.intermediate, g.layers, g.heads, g.kv_heads, g.vocab, g.tied_embeddings) == (
+        576, 1536, 30, 9, 3, 49152, True)
+
+
+def test_cli_estimate_json_and_compare(capsys):
+    assert main(["estimate", "llama-3.1-8b", "--compare", "--gpu", "rtx-4090", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    full, lora = out
+    assert full["settings"]["method"] == "full" and not full["fits"]
+    assert lora["total_peak_bytes"] < full["total_peak_bytes"]
+    assert main(["estimate", "smollm2-135m", "--gpu", "t4", "--explain"]) == 0
+    assert "fits" in capsys.readouterr().out
+
+
+def test_plan_writes_a_fitting_config(tmp_path):
+    from lorafit.config import TrainConfig
+
+    spec = catalog.get_model("llama-3.1-8b")
+    plan = search(spec, Settings(), catalog.gpu_memory("rtx-4090"), effective_batch=8)
+    assert plan.fits and plan.estimate.total <= plan.budget
+    assert plan.estimate.settings.gradient_checkpointing  # 8B LoRA at 2048 tokens needs it on 24 GB
+    text = to_yaml(plan, "llama-3.1-8b", 8)
+    import yaml
+
+    cfg = TrainConfig.from_dict(yaml.safe_load(text))
+    assert cfg.micro_batch_size * cfg.gradient_accumulation_steps == 8
+    none = search(catalog.get_model("llama-3.1-70b"), Settings(), catalog.gpu_memory("rtx-4090"))
+    assert not none.fits and "weights alone" in none.reason
+
+
+TINY = ModelSpec("tiny", "llama", 64, 160, 2, 4, 2, 16, 512, True)
+
+
+@pytest.mark.parametrize("spec,settings", [
+    (TINY, dict(method="lora", dtype="float32", micro_batch=2, seq_len=64, r=8)),
+    (TINY, dict(method="full", dtype="bfloat16", micro_batch=2, seq_len=64)),
+    (TINY, dict(method="lora", dtype="bfloat16", micro_batch=1, seq_len=128, r=4, gradient_checkpointing=True)),
+    (ModelSpec("tiny-gpt2", "gpt2", 64, 256, 2, 4, 4, 16, 512, True, norm="layer", mlp="plain", max_positions=128),
+     dict(method="lora", dtype="float32", micro_batch=2, seq_len=64, r=8)),
+])
+def test_measured_rows_within_10_percent(spec, settings):
+    from lorafit.memory.measure import compare
+
+    est, m, err = compare(spec, Settings(**settings, device="cpu"), steps=2)
+    assert m.peak > 0 and m.losses and all(x == x for x in m.losses)
+    assert abs(err) <= 10, f"estimate {est.allocated_peak} vs measured {m.peak}: {err:+.1f}%"
