@@ -65,6 +65,15 @@ ROWS = [
     ("demo", dict(method="full", dtype="bfloat16", micro_batch=1, seq_len=128)),
 ]
 QUICK = [0, 2, 9, 12, 15]
+# GPU rows (scripts/gpu_check.sh): the real Llama 3.2 1B shape, random weights.
+CUDA_ROWS = [
+    ("llama-3.2-1b", dict(method="lora", dtype="bfloat16", micro_batch=2, seq_len=1024, r=16)),
+    ("llama-3.2-1b", dict(method="lora", dtype="bfloat16", micro_batch=4, seq_len=2048, r=16, gradient_checkpointing=True)),
+    ("llama-3.2-1b", dict(method="full", dtype="bfloat16", micro_batch=1, seq_len=1024)),
+    ("llama-3.2-1b", dict(method="lora", dtype="float32", micro_batch=1, seq_len=512, r=8, targets=["q_proj", "v_proj"])),
+    ("llama-3.2-1b", dict(method="full", dtype="bfloat16", micro_batch=1, seq_len=1024, optimizer="adamw_fused")),
+    ("qwen2-small", dict(method="lora", dtype="bfloat16", micro_batch=4, seq_len=512, r=16)),
+]
 
 
 def run_one(shape: str, settings: dict, steps: int, device: str) -> dict:
@@ -73,7 +82,7 @@ def run_one(shape: str, settings: dict, steps: int, device: str) -> dict:
     from lorafit.memory.measure import measure
     from lorafit.memory.spec import resolve_spec
 
-    spec = resolve_spec("demo") if shape == "demo" else SHAPES[shape]
+    spec = resolve_spec(shape) if shape == "demo" or shape not in SHAPES else SHAPES[shape]
     s = Settings(**settings, device=device)
     t0 = time.perf_counter()
     m = measure(spec, s, steps, model_name="demo" if shape == "demo" else None, device=device)
@@ -90,7 +99,7 @@ def main() -> int:
     ap.add_argument("--cuda", action="store_true")
     ap.add_argument("--rows", help="comma-separated row indices")
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "estimate_vs_measured.json"))
+    ap.add_argument("--out", help="results JSON (default benchmarks/results/estimate_vs_measured[_cuda].json)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = "cuda" if args.cuda else "cpu"
@@ -98,11 +107,12 @@ def main() -> int:
         shape, settings = json.loads(args.one)
         print(json.dumps(run_one(shape, settings, args.steps, device)))
         return 0
-    idx = [int(i) for i in args.rows.split(",")] if args.rows else QUICK if args.quick else range(len(ROWS))
+    rows = CUDA_ROWS if args.cuda else ROWS
+    idx = [int(i) for i in args.rows.split(",")] if args.rows else QUICK if args.quick and not args.cuda else range(len(rows))
     results = []
     print(f"{'#':>2} {'shape':15} {'settings':70} {'estimate':>9} {'measured':>9} {'error':>7}")
     for i in idx:
-        shape, settings = ROWS[i]
+        shape, settings = rows[i]
         cmd = [sys.executable, __file__, "--one", json.dumps([shape, settings]), "--steps", str(args.steps)]
         if args.cuda:
             cmd.append("--cuda")
@@ -119,8 +129,8 @@ def main() -> int:
         worst = max(results, key=lambda r: abs(r["error_pct"]))
         print(f"worst row: {worst['shape']} {worst['settings']}: {worst['error_pct']:+.1f}% "
               f"({sum(abs(r['error_pct']) <= 5 for r in results)}/{len(results)} within ±5%)")
-        if not args.rows and not args.quick:
-            out = Path(args.out)
+        if not args.rows and (args.cuda or not args.quick):
+            out = Path(args.out or ROOT / "benchmarks" / "results" / f"estimate_vs_measured{'_cuda' if args.cuda else ''}.json")
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"device": device, "rows": results}, indent=2) + "\n")
             print(f"wrote {out}")
