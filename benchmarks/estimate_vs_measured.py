@@ -35,7 +35,7 @@ SHAPES = {
     "qwen2-small": _spec("qwen2-small", "qwen2", 256, 704, 4, 8, 2, 32000, qkv_bias=True),
     "gemma-small": _spec("gemma-small", "gemma", 256, 768, 4, 4, 1, 16000),
     "gpt2-small": _spec("gpt2-small", "gpt2", 256, 1024, 4, 4, 4, 8192, norm="layer", mlp="plain", max_positions=512),
-    "phi3-tiny": _spec("phi3-tiny", "phi3", 192, 512, 3, 6, 6, 8000, tied=False),
+    "phi3-tiny": _spec("phi3-tiny", "phi3", 192, 512, 3, 6, 6, 32064, tied=False),
     "llama-1b-slice": _spec("llama-1b-slice", "llama", 2048, 8192, 1, 32, 8, 128256),  # Llama 3.2 1B, one layer
 }
 
