@@ -1,0 +1,358 @@
+"""lorafit vs PEFT, side by side: tokens/s, peak memory and loss on the same model, data, seed and settings.
+
+    .venv/bin/python benchmarks/peer.py                 # all CPU configurations (~25-35 min on a quiet 2-core box)
+    .venv/bin/python benchmarks/peer.py --quick         # smoke run: small shape, few steps (~2 min)
+    .venv/bin/python benchmarks/peer.py --profile       # torch.profiler of one step, lorafit and PEFT (1 thread)
+    .venv/bin/python benchmarks/peer.py --device cuda   # Llama-3.2-1B shape, torch.cuda.max_memory_allocated
+
+Every (configuration, implementation) runs in its own process (``peer_worker.py``), lorafit and its peers
+alternating (order reversed on every other repeat so drift does not favour one side). Peers: PEFT in a plain
+PyTorch loop and PEFT under ``transformers.Trainer``; lorafit's ratios are against the *faster* peer.
+Settings (from issue 5): LoRA r=16, alpha 16, dropout 0.05, all linear layers, batch 4 × 256 tokens, every
+token trained, AdamW lr 1e-4 without weight decay, gradient clipping 1.0, random-weight model of the given
+shape (seed 0), random token ids. Memory: ``MemTracker`` peak of one extra step after the timed ones (tensor
+bytes, split by kind); RSS high-water over the timed steps (VmHWM reset before them); ``ru_maxrss`` of the
+whole process (includes building the model). The ``exact`` check: dropout 0, fp32, the first 20 steps —
+lorafit's and PEFT's losses must agree to 1e-4 relative. Writes ``benchmarks/results/peer.json``
+(``peer_cuda.json`` on CUDA, ``peer_profile.json`` for ``--profile``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+WORKER = HERE / "peer_worker.py"
+RESULTS = HERE / "results"
+RESULT_TAG = "PEER_RESULT "
+IMPLS = ("lorafit", "peft-loop", "peft-trainer")
+PEERS = ("peft-loop", "peft-trainer")
+EXACT_RTOL = 1e-4
+MiB = 1024**2
+
+CPU_CONFIGS = {
+    "135m-fp32": dict(shape="smollm2-135m", dtype="float32", gc=False),
+    "135m-bf16": dict(shape="smollm2-135m", dtype="bfloat16", gc=False),
+    "135m-fp32-gc": dict(shape="smollm2-135m", dtype="float32", gc=True),
+    "135m-bf16-gc": dict(shape="smollm2-135m", dtype="bfloat16", gc=True),
+    "135m-4layers-fp32": dict(shape="smollm2-135m", layers=4, dtype="float32", gc=False),
+    "exact": dict(shape="smollm2-135m", dtype="float32", gc=False, exact=True),
+}
+CUDA_CONFIGS = {
+    "1b-bf16": dict(shape="llama-3.2-1b", dtype="bfloat16", gc=False),
+    "1b-bf16-gc": dict(shape="llama-3.2-1b", dtype="bfloat16", gc=True),
+    "1b-fp32": dict(shape="llama-3.2-1b", dtype="float32", gc=False),
+    "exact": dict(shape="llama-3.2-1b", dtype="float32", gc=False, exact=True),
+}
+QUICK_CONFIGS = {
+    "135m-4layers-fp32": CPU_CONFIGS["135m-4layers-fp32"],
+    "135m-4layers-bf16": dict(shape="smollm2-135m", layers=4, dtype="bfloat16", gc=False),
+    "exact-4layers": dict(shape="smollm2-135m", layers=4, dtype="float32", gc=False, exact=True),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small shape, few steps: a smoke run")
+    p.add_argument("--configs", help="comma-separated configuration names (default: all for the device)")
+    p.add_argument("--peers", default=",".join(PEERS), help="PEFT peers to run: peft-loop,peft-trainer")
+    p.add_argument("--warmup", type=int, help="untimed steps per run (default 2; quick 1)")
+    p.add_argument("--steps", type=int, help="timed steps per run (default 5; quick 2)")
+    p.add_argument("--exact-steps", type=int, help="steps of the exactness check (default 20; quick 5)")
+    p.add_argument("--repeats", type=int, default=1, help="runs per (configuration, implementation); median taken")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per run")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, help="sequence length (default 256; cuda 1024)")
+    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--no-memory", action="store_true", help="skip the MemTracker step")
+    p.add_argument("--profile", action="store_true", help="profile one step of lorafit and peft-loop instead")
+    p.add_argument("--out", type=Path, help="JSON output path")
+    p.add_argument("--timeout", type=int, default=3600, help="seconds per run before it is killed")
+    return p.parse_args(argv)
+
+
+# --- running ------------------------------------------------------------------------------------------
+def run_one(spec: dict, timeout: int) -> dict:
+    env = dict(os.environ)
+    threads = str(spec["threads"])
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", ""))
+    load = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, str(WORKER), json.dumps(spec)], capture_output=True, text=True,
+                              env=env, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"impl": spec["impl"], "spec": spec, "error": f"timed out after {timeout} s", "loadavg_1m": load}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            res = json.loads(line[len(RESULT_TAG):])
+            res["loadavg_1m"] = load
+            res["process_s"] = time.perf_counter() - t0
+            return res
+    tail = (proc.stderr or proc.stdout)[-3000:]
+    return {"impl": spec["impl"], "spec": spec, "error": f"exit {proc.returncode}: {tail}", "loadavg_1m": load}
+
+
+def base_spec(args, name: str, cfg: dict, impl: str) -> dict:
+    exact = cfg.get("exact", False)
+    seq = args.seq or (1024 if args.device == "cuda" else 256)
+    return {
+        "config": name, "impl": impl, "shape": cfg["shape"], "layers": cfg.get("layers"), "dtype": cfg["dtype"],
+        "gc": cfg["gc"], "batch": args.batch, "seq": seq, "r": 16, "alpha": 16,
+        "dropout": 0.0 if exact else args.dropout, "seed": 0, "threads": args.threads, "device": args.device,
+        "warmup": 0 if exact else args.warmup, "steps": args.exact_steps if exact else args.steps,
+        "memory": not (exact or args.no_memory), "profile": False, "floor": not exact and impl == "lorafit",
+    }
+
+
+def plan(args, configs: dict) -> list[dict]:
+    peers = [p for p in args.peers.split(",") if p]
+    runs = []
+    for name, cfg in configs.items():
+        impls = ["lorafit", "peft-loop"] if cfg.get("exact") else ["lorafit", *peers]
+        for rep in range(1 if cfg.get("exact") else args.repeats):
+            for impl in impls if rep % 2 == 0 else impls[::-1]:
+                runs.append({**base_spec(args, name, cfg, impl), "repeat": rep})
+    return runs
+
+
+# --- summarising --------------------------------------------------------------------------------------
+def _loss_after(res: dict) -> float | None:
+    n = res["spec"]["warmup"] + res["spec"]["steps"]
+    return res["losses"][n - 1] if len(res.get("losses", [])) >= n else None
+
+
+def summarise(results: list[dict]) -> dict:
+    by = {}
+    for r in results:
+        by.setdefault(r["spec"]["config"], {}).setdefault(r["impl"], []).append(r)
+    summary = {}
+    for config, impls in by.items():
+        row = {}
+        for impl, runs in impls.items():
+            ok = [r for r in runs if "error" not in r]
+            if not ok:
+                row[impl] = {"error": runs[0]["error"][-500:]}
+                continue
+            first = ok[0]
+            tps = [r["tokens_per_s"] for r in ok if r.get("tokens_per_s")]
+            mem = first.get("memory") or {}
+            rss = first.get("rss") or {}
+            row[impl] = {
+                "tokens_per_s": statistics.median(tps) if tps else None,
+                "tokens_per_s_runs": tps,
+                "step_s_median": statistics.median([s for r in ok for s in r["step_s"]]) if tps else None,
+                "memtracker_peak": mem.get("peak"), "memtracker_by_kind": mem.get("by_kind"),
+                "block0_saved_activations": mem.get("block0_saved_activations"),
+                "rss_timed_peak": rss.get("timed_hwm_kib", 0) * 1024 if rss.get("hwm_reset") else None,
+                "rss_before_timed": (rss.get("before_timed_kib") or 0) * 1024,
+                "ru_maxrss": first["ru_maxrss_kib"] * 1024,
+                "cuda_max_allocated": first.get("cuda_max_allocated"),
+                "loss_after_n": _loss_after(first), "losses": first["losses"], "floor": first.get("floor"),
+                "loadavg_1m": [r.get("loadavg_1m") for r in ok],
+            }
+        summary[config] = {"impls": row, **compare(config, row, impls)}
+    return summary
+
+
+def compare(config: str, row: dict, impls: dict) -> dict:
+    lf = row.get("lorafit", {})
+    peers = {k: v for k, v in row.items() if k != "lorafit" and v.get("tokens_per_s")}
+    out = {}
+    spec = next(iter(impls.values()))[0]["spec"]
+    if spec["warmup"] == 0 and spec["dropout"] == 0.0 and "peft-loop" in row and lf.get("losses"):
+        a, b = lf["losses"], row["peft-loop"].get("losses") or []
+        rel = [abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b, strict=False)]
+        out["exact"] = {"steps": len(rel), "max_rel_diff": max(rel) if rel else None,
+                        "passed": bool(rel) and len(rel) == spec["steps"] and max(rel) <= EXACT_RTOL,
+                        "rtol": EXACT_RTOL}
+        return out
+    if not peers or not lf.get("tokens_per_s"):
+        return out
+    faster = max(peers, key=lambda k: peers[k]["tokens_per_s"])
+    p = peers[faster]
+
+    def ratio(key, peer=p):
+        return lf[key] / peer[key] if lf.get(key) and peer.get(key) else None
+
+    out["faster_peer"] = faster
+    out["ratios"] = {"tokens_per_s": ratio("tokens_per_s"), "memtracker_peak": ratio("memtracker_peak"),
+                     "rss_timed_peak": ratio("rss_timed_peak"), "ru_maxrss": ratio("ru_maxrss"),
+                     "cuda_max_allocated": ratio("cuda_max_allocated")}
+    out["ratios_vs"] = {k: {"tokens_per_s": ratio("tokens_per_s", v), "memtracker_peak": ratio("memtracker_peak", v)}
+                        for k, v in peers.items()}
+    return out
+
+
+def _mib(x):
+    return f"{x / MiB:,.0f}" if x else "–"
+
+
+def _x(x):
+    return f"{x:.2f}×" if x else "–"
+
+
+def print_table(summary: dict, device: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="lorafit vs PEFT (ratios: lorafit / faster PEFT peer)", show_lines=False)
+    for col in ("config", "impl", "tok/s", "s/step", "floor tok/s",
+                "CUDA peak MiB" if device == "cuda" else "MemTracker MiB", "act MiB", "RSS steps MiB",
+                "ru_maxrss MiB", "loss@N", "tok/s ×", "mem ×", "RSS ×"):
+        t.add_column(col, justify="left" if col in ("config", "impl") else "right")
+    for config, s in summary.items():
+        if "exact" in s:
+            continue
+        for i, (impl, r) in enumerate(sorted(s["impls"].items(), key=lambda kv: IMPLS.index(kv[0]))):
+            if "error" in r:
+                t.add_row(config if i == 0 else "", impl, "error", *[""] * 10)
+                continue
+            ratios = s.get("ratios", {}) if impl == "lorafit" else {}
+            floor = r.get("floor") or {}
+            peak = r["cuda_max_allocated"] if device == "cuda" else r["memtracker_peak"]
+            act = (r.get("memtracker_by_kind") or {}).get("Activation")
+            mem_ratio = ratios.get("cuda_max_allocated" if device == "cuda" else "memtracker_peak")
+            t.add_row(config if i == 0 else "", impl + (" *" if impl == s.get("faster_peer") else ""),
+                      f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "–",
+                      f"{r['step_s_median']:.2f}" if r["step_s_median"] else "–",
+                      f"{floor['floor_tokens_per_s']:.0f}" if floor else "", _mib(peak), _mib(act),
+                      _mib(r["rss_timed_peak"]), _mib(r["ru_maxrss"]),
+                      f"{r['loss_after_n']:.5f}" if r["loss_after_n"] is not None else "–",
+                      _x(ratios.get("tokens_per_s")), _x(mem_ratio), _x(ratios.get("rss_timed_peak")))
+        t.add_section()
+    console = Console(width=200)
+    console.print(t)
+    console.print("* faster PEFT peer. MemTracker: tensor bytes at the peak of one step; act: activations at that "
+                  "peak; RSS steps: process RSS high-water over the timed steps; ru_maxrss includes model building.")
+    for config, s in summary.items():
+        if "exact" in s:
+            e = s["exact"]
+            verdict = "[green]PASS[/]" if e["passed"] else "[red]FAIL[/]"
+            diff = f"{e['max_rel_diff']:.2e}" if e["max_rel_diff"] is not None else "n/a"
+            console.print(f"exactness ({config}): dropout 0, fp32, {e['steps']} steps, lorafit vs peft-loop losses: "
+                          f"max relative difference {diff} (bound {e['rtol']:g}) {verdict}")
+
+
+def machine_info(args) -> dict:
+    import torch
+
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("transformers", "peft", "accelerate"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=ROOT).stdout.strip()
+    except OSError:
+        commit = ""
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "threads": args.threads, "device": args.device,
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "loadavg_start": os.getloadavg(),
+            "commit": commit, "versions": versions}
+    if args.device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def strip(res: dict) -> dict:
+    res = dict(res)
+    if "profile" in res:
+        res["profile"] = {k: v for k, v in res["profile"].items() if k != "table"}
+    return res
+
+
+def run_profile(args) -> None:
+    out = args.out or RESULTS / "peer_profile.json"
+    cfg = CPU_CONFIGS["135m-fp32"] if args.device == "cpu" else CUDA_CONFIGS["1b-bf16"]
+    results = []
+    for impl in ("lorafit", "peft-loop"):
+        spec = {**base_spec(args, "profile", cfg, impl), "warmup": 1, "steps": 1, "profile": True,
+                "memory": args.device == "cpu" and not args.no_memory, "floor": False}
+        print(f"profiling {impl} ({spec['threads']} thread(s)) …", flush=True)
+        res = run_one(spec, args.timeout)
+        if "error" in res:
+            print(res["error"])
+            continue
+        print(f"\n=== {impl}: one step under the profiler took {res['profile']['wall_s']:.2f} s "
+              f"(unprofiled: {res['step_s'][0]:.2f} s)")
+        print(res["profile"]["table"])
+        if res.get("memory"):
+            m = res["memory"]
+            print("MemTracker peak by kind (MiB):",
+                  {k: round(v / MiB, 1) for k, v in m["by_kind"].items()},
+                  "| block 0 saved activations:", _mib(m.get("block0_saved_activations")), "MiB")
+        results.append(strip(res))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine_info(args), "runs": results}, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.warmup is None:
+        args.warmup = 1 if args.quick else 2
+    if args.steps is None:
+        args.steps = 2 if args.quick else 5
+    if args.exact_steps is None:
+        args.exact_steps = 5 if args.quick else 20
+    if args.profile:
+        if args.threads == (os.cpu_count() or 1) and args.device == "cpu":
+            args.threads = 1
+        run_profile(args)
+        return 0
+    table = CUDA_CONFIGS if args.device == "cuda" else (QUICK_CONFIGS if args.quick else CPU_CONFIGS)
+    if args.configs:
+        known = {**CPU_CONFIGS, **QUICK_CONFIGS, **CUDA_CONFIGS}
+        unknown = [c for c in args.configs.split(",") if c not in known]
+        if unknown:
+            print(f"unknown configuration(s) {unknown}; known: {', '.join(known)}", file=sys.stderr)
+            return 2
+        table = {c: known[c] for c in args.configs.split(",")}
+    out = args.out or RESULTS / ("peer_cuda.json" if args.device == "cuda" else "peer.json")
+    info = machine_info(args)
+    runs = plan(args, table)
+    print(f"{len(runs)} runs, {args.threads} thread(s), load average {info['loadavg_start'][0]:.2f}", flush=True)
+    results, t_start = [], time.perf_counter()
+    for i, spec in enumerate(runs, 1):
+        res = run_one(spec, args.timeout)
+        results.append(res)
+        what = f"[{i}/{len(runs)}] {spec['config']:<18} {spec['impl']:<13}"
+        if "error" in res:
+            print(f"{what} ERROR {res['error'][-800:]}", flush=True)
+        else:
+            tps = f"{res['tokens_per_s']:.0f} tok/s" if res.get("tokens_per_s") else ""
+            print(f"{what} {tps:>12}  ({res['process_s']:.0f} s, load {res['loadavg_1m']:.2f})", flush=True)
+    summary = summarise(results)
+    info["wall_s"] = time.perf_counter() - t_start
+    info["loadavg_end"] = os.getloadavg()
+    print_table(summary, args.device)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": info, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+               "summary": summary, "runs": [strip(r) for r in results]}
+    out.write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"wrote {out} in {info['wall_s'] / 60:.1f} min")
+    failed = any("error" in r for r in results) or any(not s["exact"]["passed"] for s in summary.values() if "exact" in s)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
