@@ -1,0 +1,633 @@
+"""The article's claims about LoRA, measured on SmolLM2-135M-Instruct and the demo task (date normalisation).
+
+Claims checked: LoRA (1) saves memory, (2) forgets less of what the model knew, (3) works with little data,
+(4) a small rank suits an easy task (16-64 for harder ones). Full fine-tuning and LoRA at several ranks are
+trained on the same token budget (same steps x micro-batch) at two training-set sizes; each run reports the
+measured peak memory of one training step (torch's MemTracker, split by kind, plus process peak RSS),
+tokens/s, trainable parameters, adapter / checkpoint size on disk, held-out exact match and retention
+(``lorafit.tasks.retention_score``: accuracy and perplexity of the base model's own answers), next to the
+base model's.
+
+    python benchmarks/claims.py            # full: 5 methods x 2 sizes, LR sweep per method   (~40 min, 2 cores)
+    python benchmarks/claims.py --quick    # full FT vs r=8 vs r=64, one size, fixed LRs     (< 10 min)
+    python benchmarks/claims.py --smoke    # 2 methods, 3 steps, 10 held-out rows            (~2 min)
+    python benchmarks/claims.py --resume   # continue: skip runs already in the JSON file
+
+Design (see also the generated markdown):
+- alpha is fixed at 16 for every rank. With Adam, the first update of ``s * B @ A`` grows with ``s * r``;
+  alpha = 2r would make r = 64 take steps 16x larger than r = 4 at the same learning rate, so a rank
+  comparison would mostly compare step sizes. With alpha fixed, ``s * r`` = 16 at every rank and the
+  comparison is about capacity.
+- Learning rates: full mode sweeps 3 per method on a short budget (training rows only) and picks the lowest
+  loss on a validation split (100 training rows never trained on); quick and smoke use fixed values from the
+  usual ranges (LoRA 2e-3, full fine-tuning 5e-5).
+- Data: ``examples/demo/train.jsonl`` rows 0-1399 are the "large" set, rows 0-99 the "small" set, rows
+  1400-1499 the validation split for the LR sweep; ``examples/demo/heldout.jsonl`` is only scored.
+- Every run (and every method's sweep) is a subprocess of this script, so memory numbers do not leak
+  between runs. Finished runs are written to the JSON file at once; ``--resume`` skips them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import io
+import json
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+TRAIN = ROOT / "examples" / "demo" / "train.jsonl"
+HELDOUT = ROOT / "examples" / "demo" / "heldout.jsonl"
+RETENTION = ROOT / "examples" / "retention" / "retention.jsonl"
+
+LORA_ALPHA = 16
+MB = 1024 * 1024
+
+MODES = {
+    # methods, sizes, steps, micro-batch, sweep (LRs per kind, steps) or fixed LRs, held-out / retention limits
+    "full": dict(methods=["full", "r4", "r8", "r16", "r64"], sizes=["large", "small"], steps=50, batch=8,
+                 sweep={"full": [1e-5, 3e-5, 1e-4], "lora": [1e-3, 2e-3, 4e-3]}, sweep_steps=12,
+                 sweep_data="large", heldout_limit=None, retention_limit=None, out="claims"),
+    "quick": dict(methods=["full", "r8", "r64"], sizes=["large"], steps=40, batch=8, sweep=None, sweep_steps=0,
+                  heldout_limit=None, retention_limit=None, out="claims_quick"),
+    "smoke": dict(methods=["full", "r8"], sizes=["small"], steps=3, batch=8,
+                  sweep={"lora": [1e-3, 2e-3]}, sweep_steps=2, sweep_data="small",
+                  heldout_limit=10, retention_limit=12, out="claims_smoke"),
+}
+FIXED_LR = {"full": 5e-5, "lora": 2e-3}
+SIZES = {"large": 1400, "small": 100}
+VAL_ROWS = (1400, 1500)
+
+
+def kind(method: str) -> str:
+    return "full" if method == "full" else "lora"
+
+
+def rank(method: str) -> int | None:
+    return None if method == "full" else int(method[1:])
+
+
+def label(method: str) -> str:
+    return "full FT" if method == "full" else f"LoRA r={rank(method)}"
+
+
+# ------------------------------------------------------------------------------------------- worker side
+
+def rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_peak() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def make_cfg(method: str, data: Path, eval_data: Path, steps: int, batch: int, lr: float, out: Path):
+    from lorafit.config import TrainConfig
+
+    d = dict(base_model="demo", adapter="lora" if kind(method) == "lora" else None,
+             lora_r=rank(method) or 8, lora_alpha=LORA_ALPHA, lora_dropout=0.0, lora_target_linear=True,
+             datasets=[{"path": str(data), "type": "chat_template"}],
+             test_datasets=[{"path": str(eval_data), "type": "chat_template"}],
+             sequence_len=128, micro_batch_size=batch, gradient_accumulation_steps=1, max_steps=steps,
+             learning_rate=lr, lr_scheduler="cosine", warmup_steps=max(1, steps // 10), weight_decay=0.0,
+             max_grad_norm=1.0, bf16=False, gradient_checkpointing=False, output_dir=str(out), seed=42)
+    return TrainConfig.from_dict(d, source=f"claims:{method}")
+
+
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
+def measure_step(cfg) -> dict:
+    """Peak tensor memory of one real training step (MemTracker, by kind) and the process RSS around it."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from lorafit.data import batches, build_datasets
+    from lorafit.lora import count_parameters
+    from lorafit.train.optim import build_optimizer, build_scheduler
+    from lorafit.train.trainer import prepare_model, seed_everything, train_step
+
+    seed_everything(cfg.seed)
+    model, tok = prepare_model(cfg)
+    samples, _, _ = build_datasets(cfg, tok)
+    batch = max(batches(samples, micro_batch_size=cfg.micro_batch_size, sequence_len=cfg.sequence_len,
+                        pad_id=tok.pad_token_id, packing=False, shuffle=True, seed=cfg.seed, epoch=0)[:20],
+                key=lambda b: b["input_ids"].numel())  # the widest of the first batches
+    params = count_parameters(model)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, 10)
+    model.train()
+    rss_before = rss_now()
+    mt = MemTracker()
+    for p in model.parameters():  # frozen parameters cannot take a gradient hook: mark them as done
+        if not p.requires_grad:
+            mt._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
+    mt.track_external(model, optimizer)
+    with mt:
+        train_step(model, optimizer, scheduler, [batch], cfg.max_grad_norm, None)
+    snap = mt.get_tracker_snapshot("peak")
+    dev = next(iter(snap.values())) if snap else {}
+    by_kind = {str(getattr(k, "value", k)): int(v) for k, v in dev.items()}
+    out = {"peak_bytes": by_kind.get("Total", 0), "peak_by_kind": by_kind, "rss_peak_bytes": rss_peak(),
+           "rss_before_step_bytes": rss_before, "mem_batch_shape": list(batch["input_ids"].shape),
+           "trainable_params": params.trainable, "total_params": params.total}
+    del model, optimizer, scheduler, mt
+    gc.collect()
+    return out
+
+
+def disk_size(out: Path, method: str) -> int:
+    folder = out if kind(method) == "lora" else out / "model"
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def score_model(model, tok, heldout: Path, retention: Path, limit: int | None) -> dict:
+    from lorafit.train.commands import evaluate_model
+
+    t = time.perf_counter()
+    r = evaluate_model(model, tok, None, str(heldout), str(retention), limit)
+    return {"heldout_em": r["heldout_exact_match"], "retention_acc": r["retention_accuracy"],
+            "retention_ppl": r["retention_ppl"], "examples": r.get("_examples", []),
+            "score_s": time.perf_counter() - t}
+
+
+def worker(spec: dict) -> dict:
+    import torch
+    from rich.console import Console
+
+    torch.set_num_threads(spec["threads"])
+    quiet = Console(file=io.StringIO())
+    work = Path(spec["work"])
+    if spec["job"] == "base":
+        from lorafit.models import load_model_and_tokenizer
+
+        model, tok = load_model_and_tokenizer("demo")
+        return score_model(model, tok, Path(spec["heldout"]), Path(spec["retention"]), spec["heldout_limit"])
+
+    from lorafit.train.trainer import train
+
+    method = spec["method"]
+    if spec["job"] == "sweep":  # short runs on the large set, lowest validation loss wins
+        losses = {}
+        for lr in spec["lrs"]:
+            out = work / "sweep" / f"{method}-lr{lr:g}"
+            cfg = make_cfg(method, Path(spec["data"]), Path(spec["val"]), spec["steps"], spec["batch"], lr, out)
+            r = train(cfg, console=quiet)
+            losses[f"{lr:g}"] = r.eval_loss if r.eval_loss is not None and math.isfinite(r.eval_loss) else None
+            del r
+            shutil.rmtree(out, ignore_errors=True)
+            gc.collect()
+            print(f"  sweep {label(method)} lr={lr:g}: val loss {losses[f'{lr:g}']}", flush=True)
+        return {"val_loss": losses}
+
+    out = work / "runs" / spec["run_id"]
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = make_cfg(method, Path(spec["data"]), Path(spec["heldout"]), spec["steps"], spec["batch"], spec["lr"], out)
+    res = {"run_id": spec["run_id"], "method": method, "label": label(method), "rank": rank(method),
+           "alpha": LORA_ALPHA if kind(method) == "lora" else None, "size": spec["size"],
+           "train_rows": spec["rows"], "lr": spec["lr"], "steps": spec["steps"], "micro_batch": spec["batch"]}
+    res.update(measure_step(cfg))
+    r = train(cfg, console=quiet)
+    steps_tps = sorted(h["tokens_per_s"] for h in r.history if "tokens_per_s" in h)
+    res.update({"train_loss": r.train_loss, "heldout_loss": r.eval_loss, "train_wall_s": r.wall_s,
+                "tokens_per_s": r.tokens_per_s,
+                "tokens_per_s_median_step": steps_tps[len(steps_tps) // 2] if steps_tps else None,
+                "disk_bytes": disk_size(out, method)})
+    from lorafit.models import load_model_and_tokenizer
+
+    _, tok = load_model_and_tokenizer("demo")
+    res.update(score_model(r.model, tok, Path(spec["heldout"]), Path(spec["retention"]), spec["heldout_limit"]))
+    if kind(method) == "full" and not spec.get("keep_models"):
+        shutil.rmtree(out / "model", ignore_errors=True)  # 0.5 GB per run; its size is recorded above
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+ORDER = ["full", "r4", "r8", "r16", "r64"]
+
+
+def _ordered(runs: dict) -> list[dict]:
+    key = {m: i for i, m in enumerate(ORDER)}
+    return sorted(runs.values(), key=lambda r: (r["size"] != "large", key.get(r["method"], 99)))
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def em_tolerance(n: int) -> float:
+    """Exact-match differences below this are treated as noise: about 1.4 binomial standard errors at p=0.5."""
+    return max(0.03, 1.0 / math.sqrt(max(n, 1)))
+
+
+def forgetting(r: dict, base: dict) -> tuple[float, float]:
+    """(retention accuracy drop in points of 1, relative perplexity increase) against the base model."""
+    return base["retention_acc"] - r["retention_acc"], r["retention_ppl"] / base["retention_ppl"] - 1
+
+
+def findings(results: dict) -> list[str]:
+    """Statements derived from the numbers with fixed thresholds; nothing here is written in advance."""
+    base, runs, meta = results["base"], results["runs"], results["meta"]
+    by = {(r["method"], r["size"]): r for r in runs.values()}
+    sizes = [s for s in ("large", "small") if any(r["size"] == s for r in runs.values())]
+    tol = em_tolerance(meta["heldout_rows"])
+    out = [f"Base model: held-out exact match {_pct(base['heldout_em'])}, retention accuracy "
+           f"{_pct(base['retention_acc'])}, perplexity of its own answers {base['retention_ppl']:.3f}. "
+           f"Exact-match differences under {100 * tol:.0f} points are within noise for "
+           f"{meta['heldout_rows']} held-out rows."]
+    if not runs:
+        return out + ["No finished runs."]
+
+    # (1) memory
+    size = "large" if "large" in sizes else sizes[0]
+    full = by.get(("full", size))
+    loras = [by[(m, size)] for m in ORDER[1:] if (m, size) in by]
+    if full and loras:
+        ratios = [r["peak_bytes"] / full["peak_bytes"] for r in loras]
+        k = lambda r, name: r["peak_by_kind"].get(name, 0) / MB  # noqa: E731
+        worst = max(ratios)
+        verdict = ("holds" if worst <= 0.8 else "holds only weakly" if worst <= 0.95 else "does NOT hold")
+        out.append(
+            f"**Memory ({verdict}).** Peak tensor memory of one training step: full FT {full['peak_bytes'] / MB:.0f} MiB, "
+            f"LoRA {min(r['peak_bytes'] for r in loras) / MB:.0f}-{max(r['peak_bytes'] for r in loras) / MB:.0f} MiB "
+            f"({_pct(min(ratios))}-{_pct(worst)} of full). Weights are the same {k(full, 'Parameter'):.0f} MiB in both "
+            f"(LoRA keeps the frozen base). At full FT's peak, gradients + optimizer states hold "
+            f"{k(full, 'Gradient') + k(full, 'Optstate'):.0f} MiB and activations {k(full, 'Activation'):.0f} MiB; "
+            f"LoRA's gradients + Adam states are only {max(r['trainable_params'] for r in loras) * 12 / MB:.0f} MiB "
+            f"at most (fp32), so its peak is set by activations "
+            f"({min(k(r, 'Activation') for r in loras):.0f}-{max(k(r, 'Activation') for r in loras):.0f} MiB at "
+            f"its peak): the saving shrinks as batch x sequence grows. Process peak RSS: full {full['rss_peak_bytes'] / MB:.0f} MiB, "
+            f"LoRA {min(r['rss_peak_bytes'] for r in loras) / MB:.0f}-{max(r['rss_peak_bytes'] for r in loras) / MB:.0f} MiB.")
+        speed = [r["tokens_per_s"] / full["tokens_per_s"] for r in loras]
+        word = ("faster" if min(speed) > 1.1 else "slower" if max(speed) < 0.9 else "about as fast (within 10%)"
+                if max(abs(x - 1) for x in speed) <= 0.1 else "mixed in speed")
+        out.append(f"**Speed and disk.** LoRA trains {word}: {min(speed):.2f}-{max(speed):.2f}x full FT's tokens/s. "
+                   f"Adapters take {min(r['disk_bytes'] for r in loras) / MB:.1f}-{max(r['disk_bytes'] for r in loras) / MB:.1f} MB "
+                   f"on disk vs {full['disk_bytes'] / MB:.0f} MB for the full fine-tuned model.")
+
+    # (2) forgetting
+    for size in sizes:
+        full = by.get(("full", size))
+        loras = [by[(m, size)] for m in ORDER[1:] if (m, size) in by]
+        if not (full and loras):
+            continue
+        f_acc, f_ppl = forgetting(full, base)
+        noticeable = lambda acc, ppl: acc >= 0.05 or ppl >= 0.05  # noqa: E731
+        lo = [(r, *forgetting(r, base)) for r in loras]
+        desc = (f"full FT: accuracy {_pct(full['retention_acc'])}, perplexity +{100 * f_ppl:.1f}%; "
+                + "; ".join(f"{r['label']}: {_pct(r['retention_acc'])}, +{100 * p:.1f}%" for r, _, p in lo))
+        if not noticeable(f_acc, f_ppl) and not any(noticeable(a, p) for _, a, p in lo):
+            verdict = "not tested: no method forgot measurably (accuracy drop < 5 points, perplexity rise < 5%)"
+        elif all(p < f_ppl and a <= f_acc + 0.03 for _, a, p in lo):
+            verdict = "holds"
+        elif all(p >= f_ppl and a >= f_acc - 0.03 for _, a, p in lo):
+            verdict = "does NOT hold: every LoRA run forgot as much or more than full FT"
+        else:
+            worse = [r["label"] for r, a, p in lo if p >= f_ppl]
+            verdict = ("holds only partly: " + ", ".join(worse) + " forgot as much or more than full FT") if worse \
+                else "holds on perplexity, not on accuracy"
+        learned = max(r["heldout_em"] for r in loras) - full["heldout_em"]
+        caveat = ""
+        if learned >= tol:
+            caveat = (f" Caveat: full FT also learned less here (held-out {_pct(full['heldout_em'])} vs best LoRA "
+                      f"{_pct(max(r['heldout_em'] for r in loras))}), so this is not like-for-like.")
+        elif -learned >= tol:
+            caveat = (f" Caveat: full FT learned more (held-out {_pct(full['heldout_em'])} vs best LoRA "
+                      f"{_pct(max(r['heldout_em'] for r in loras))}): less forgetting may just be less learning.")
+        out.append(f"**Forgets less, {SIZES[size]} rows ({verdict}).** {desc}.{caveat}")
+
+    # (3) little data
+    if "small" in sizes:
+        small = [by[(m, "small")] for m in ORDER[1:] if (m, "small") in by]
+        full_s = by.get(("full", "small"))
+        if small:
+            best = max(small, key=lambda r: r["heldout_em"])
+            large = by.get((best["method"], "large"))
+            works = best["heldout_em"] >= 0.8 or (large is not None and best["heldout_em"] >= large["heldout_em"] - tol)
+            parts = [f"best LoRA on {SIZES['small']} rows ({best['label']}) reaches {_pct(best['heldout_em'])}"]
+            if large:
+                parts.append(f"vs {_pct(large['heldout_em'])} on {SIZES['large']} rows")
+            verdict = "holds" if works else "does NOT hold"
+            if full_s:
+                parts.append(f"full FT on {SIZES['small']} rows: {_pct(full_s['heldout_em'])}")
+                if full_s["heldout_em"] >= best["heldout_em"] - tol and works:
+                    verdict = "holds, but is not special to LoRA: full FT does as well on little data"
+                elif full_s["heldout_em"] >= best["heldout_em"] + tol:
+                    verdict += "; full FT does better on little data here"
+            out.append(f"**Works with little data ({verdict}).** " + ", ".join(parts) + ".")
+
+    # (4) rank
+    for size in sizes:
+        ranked = [by[(m, size)] for m in ORDER[1:] if (m, size) in by]
+        if len(ranked) < 2:
+            continue
+        best = max(r["heldout_em"] for r in ranked)
+        enough = min((r for r in ranked if r["heldout_em"] >= best - tol), key=lambda r: r["rank"])
+        desc = ", ".join(f"r={r['rank']} {_pct(r['heldout_em'])}" for r in ranked)
+        smallest = ranked[0]
+        if enough is smallest:
+            verdict = f"holds for this easy task: r={smallest['rank']} is within noise of the best rank"
+        else:
+            verdict = (f"does NOT hold here: r={smallest['rank']} trails; r={enough['rank']} is the smallest rank "
+                       f"within noise of the best")
+        ppl = ", ".join(f"r={r['rank']} +{100 * forgetting(r, base)[1]:.1f}%" for r in ranked)
+        out.append(f"**Small rank for an easy task, {SIZES[size]} rows ({verdict}).** Held-out: {desc}. "
+                   f"Retention perplexity rise: {ppl}.")
+    out.append("The second half of claim 4 (harder tasks want r = 16-64) is not tested: there is one task here, "
+               "and it is easy for this model. Learning rates, alpha and the token budget are in the table notes.")
+    return out
+
+
+def _row(r: dict, base: dict) -> list[str]:
+    k = r["peak_by_kind"]
+    acc_drop, ppl_rise = forgetting(r, base)
+    return [r["label"], str(r["train_rows"]), f"{r['lr']:g}", f"{r['trainable_params'] / 1e6:.2f}M",
+            f"{r['peak_bytes'] / MB:.0f}",
+            f"{k.get('Parameter', 0) / MB:.0f}/{k.get('Gradient', 0) / MB:.0f}/{k.get('Optstate', 0) / MB:.0f}/"
+            f"{k.get('Activation', 0) / MB:.0f}",
+            f"{r['rss_peak_bytes'] / MB:.0f}", f"{r['tokens_per_s']:.0f}", f"{r['disk_bytes'] / MB:.1f}",
+            _pct(r["heldout_em"]), _pct(r["retention_acc"]),
+            f"{r['retention_ppl']:.3f} (+{100 * ppl_rise:.1f}%)"]
+
+
+HEADER = ["method", "train rows", "LR", "trainable", "peak MiB", "params/grads/optim/acts MiB", "peak RSS MiB",
+          "tokens/s", "disk MB", "held-out EM", "retention acc", "retention ppl"]
+
+
+def write_report(results: dict, stem: Path) -> None:
+    base, meta = results["base"], results["meta"]
+    runs = _ordered(results["runs"])
+    lines = [f"# The article's claims, measured ({meta['mode']} mode)", "",
+             f"{meta['model']}, {meta['task']}; every run: {meta['steps']} steps x {meta['micro_batch']} samples "
+             f"(same token budget), sequence_len {meta['sequence_len']}, cosine schedule, AdamW, fp32, "
+             f"{meta['threads']} CPU thread(s). LoRA: all linear layers, alpha = {meta['lora_alpha']} at every rank "
+             f"(so s*r is the same and one LR means the same first-step size at every rank). "
+             f"Learning rates: {meta['lr_policy']}. Held-out: {meta['heldout_rows']} rows; retention: "
+             f"{meta['retention_rows']} prompts the base model answers right.", "",
+             "Peak memory is MemTracker's peak over one training step (tensors only, split by kind); RSS is the "
+             "whole process (Python, torch, tokenizer included). Produced by `python benchmarks/claims.py"
+             + {"full": "", "quick": " --quick", "smoke": " --smoke"}[meta["mode"]] + "`.", "",
+             "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER),
+             f"| base model | - | - | - | - | - | - | - | - | {_pct(base['heldout_em'])} | {_pct(base['retention_acc'])} "
+             f"| {base['retention_ppl']:.3f} |"]
+    lines += ["| " + " | ".join(_row(r, base)) + " |" for r in runs]
+    if results.get("lr"):
+        lines += ["", "Learning rates (validation loss after the sweep, when swept):", ""]
+        for m, v in results["lr"].items():
+            sweep = ", ".join(f"{lr}: {loss:.4f}" if loss is not None else f"{lr}: diverged"
+                              for lr, loss in (v.get("val_loss") or {}).items())
+            lines.append(f"- {label(m)}: {v['lr']:g}" + (f" (sweep {sweep})" if sweep else "")
+                         + (f" — {v['note']}" if v.get("note") and v["note"] != "fixed" else ""))
+    lines += ["", "## What we found", ""] + [f"- {s}" for s in findings(results)]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    plot(results, stem.with_suffix(".png"))
+    print_table(results)
+
+
+COLORS = {"full": "tab:red", "r4": "tab:blue", "r8": "tab:cyan", "r16": "tab:green", "r64": "tab:purple"}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base, runs = results["base"], _ordered(results["runs"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5))
+    for r in runs:
+        marker = "o" if r["size"] == "large" else "^"
+        c = COLORS.get(r["method"], "k")
+        name = f"{r['label']}, {r['train_rows']} rows"
+        ax1.scatter(r["heldout_em"] * 100, r["retention_ppl"], marker=marker, color=c, s=60)
+        ax1.annotate(name, (r["heldout_em"] * 100, r["retention_ppl"]), fontsize=7, xytext=(4, 3),
+                     textcoords="offset points")
+        ax2.scatter(r["peak_bytes"] / MB, r["heldout_em"] * 100, marker=marker, color=c, s=60)
+        ax2.annotate(name, (r["peak_bytes"] / MB, r["heldout_em"] * 100), fontsize=7, xytext=(4, 3),
+                     textcoords="offset points")
+    ax1.axhline(base["retention_ppl"], color="gray", ls="--", lw=1)
+    ax1.scatter([base["heldout_em"] * 100], [base["retention_ppl"]], marker="*", color="k", s=120)
+    ax1.annotate(f"base (retention acc {_pct(base['retention_acc'])})", (base["heldout_em"] * 100, base["retention_ppl"]),
+                 fontsize=7, xytext=(4, -10), textcoords="offset points")
+    ax1.set_xlabel("held-out exact match (%)  → learned more")
+    ax1.set_ylabel("retention: perplexity of base model's answers  ↓ forgot less")
+    ax1.set_title("task score vs retention (o = large set, ^ = small set)")
+    ax2.set_xlabel("peak tensor memory of one training step (MiB, MemTracker)")
+    ax2.set_ylabel("held-out exact match (%)")
+    ax2.set_title("memory vs task score")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    meta = results["meta"]
+    fig.suptitle(f"SmolLM2-135M-Instruct, demo task: full FT vs LoRA ({meta['mode']} mode, {meta['steps']} steps x "
+                 f"{meta['micro_batch']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_table(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    base = results["base"]
+    t = Table(title=f"claims benchmark ({results['meta']['mode']})")
+    for h in HEADER:
+        t.add_column(h, justify="left" if h == "method" else "right")
+    t.add_row("base model", *(["-"] * 8), _pct(base["heldout_em"]), _pct(base["retention_acc"]),
+              f"{base['retention_ppl']:.3f}")
+    for r in _ordered(results["runs"]):
+        t.add_row(*_row(r, base))
+    console = Console()
+    console.print(t)
+    for s in findings(results):
+        console.print("• " + s.replace("**", ""), highlight=False, markup=False)
+
+
+# ------------------------------------------------------------------------------------------- parent side
+
+def prepare_data(work: Path, retention_limit: int | None, val_limit: int | None) -> dict[str, Path]:
+    rows = TRAIN.read_text(encoding="utf-8").splitlines()
+    data = work / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, n in SIZES.items():
+        files[name] = data / f"train_{name}.jsonl"
+        files[name].write_text("\n".join(rows[:n]) + "\n", encoding="utf-8")
+    files["val"] = data / "val.jsonl"
+    val = rows[VAL_ROWS[0]:VAL_ROWS[1]][:val_limit]
+    files["val"].write_text("\n".join(val) + "\n", encoding="utf-8")
+    files["retention"] = RETENTION
+    if retention_limit:
+        files["retention"] = data / "retention.jsonl"
+        lines = RETENTION.read_text(encoding="utf-8").splitlines()[:retention_limit]
+        files["retention"].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return files
+
+
+def run_worker(spec: dict, log: Path) -> dict:
+    spec_path = log.with_suffix(".spec.json")
+    res_path = log.with_suffix(".result.json")
+    spec_path.write_text(json.dumps(spec))
+    res_path.unlink(missing_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, __file__, "--worker", str(spec_path), str(res_path)],
+                              stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if proc.returncode != 0 or not res_path.is_file():
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+        raise RuntimeError(f"worker {log.stem} failed (exit {proc.returncode}); log {log}:\n{tail}")
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("  sweep"):
+            print(line)
+    return json.loads(res_path.read_text())
+
+
+def save(results: dict, path: Path) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def choose_lr(val_loss: dict) -> tuple[float, str]:
+    ok = {float(k): v for k, v in val_loss.items() if v is not None}
+    if not ok:
+        return min(float(k) for k in val_loss), "every LR diverged; the smallest was used"
+    best = min(ok, key=ok.get)
+    grid = sorted(float(k) for k in val_loss)
+    note = ""
+    if best in (grid[0], grid[-1]) and len(grid) > 1:
+        note = f"at the {'low' if best == grid[0] else 'high'} edge of the grid"
+    return best, note
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="full FT vs r=8 vs r=64 on one size, fixed LRs (< 10 min)")
+    g.add_argument("--smoke", action="store_true", help="a few steps, to check the script runs (~2 min)")
+    ap.add_argument("--resume", action="store_true", help="keep finished runs in the JSON file and skip them")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per run")
+    ap.add_argument("--steps", type=int, help="override the steps per run (same for every run)")
+    ap.add_argument("--methods", help="comma-separated subset, e.g. full,r8,r64")
+    ap.add_argument("--sizes", help="comma-separated subset of large,small")
+    ap.add_argument("--no-sweep", action="store_true", help="use the fixed LRs even in full mode")
+    ap.add_argument("--keep-models", action="store_true", help="keep full fine-tuned model folders (0.5 GB each)")
+    ap.add_argument("--work", default=str(ROOT / "runs" / "claims"), help="folder for data copies, runs, logs")
+    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.worker:
+        result = worker(json.loads(Path(args.worker[0]).read_text()))
+        Path(args.worker[1]).write_text(json.dumps(result))
+        return 0
+
+    mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    mode = dict(MODES[mode_name])
+    if args.steps:
+        mode["steps"] = args.steps
+    if args.methods:
+        mode["methods"] = args.methods.split(",")
+    if args.sizes:
+        mode["sizes"] = args.sizes.split(",")
+    if args.no_sweep:
+        mode["sweep"] = None
+    work = Path(args.work) / mode_name
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    out_json = RESULTS / f"{mode['out']}.json"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    files = prepare_data(work, mode["retention_limit"], mode["heldout_limit"])
+
+    meta = {"mode": mode_name, "model": "SmolLM2-135M-Instruct (demo, fp32)", "task": "demo date normalisation",
+            "steps": mode["steps"], "micro_batch": mode["batch"], "sequence_len": 128, "lora_alpha": LORA_ALPHA,
+            "lora_targets": "all-linear", "sizes": {s: SIZES[s] for s in mode["sizes"]},
+            "heldout_rows": mode["heldout_limit"] or sum(1 for line in open(HELDOUT) if line.strip()),
+            "retention_rows": sum(1 for line in open(files["retention"]) if line.strip()),
+            "lr_policy": (f"sweep {mode['sweep']} for {mode['sweep_steps']} steps, lowest validation loss"
+                          if mode["sweep"] else f"fixed {FIXED_LR}"),
+            "threads": args.threads}
+    results = {"meta": meta, "base": None, "lr": {}, "runs": {}}
+    if args.resume and out_json.is_file():
+        old = json.loads(out_json.read_text())
+        same = {k: old.get("meta", {}).get(k) for k in ("mode", "steps", "micro_batch")} == \
+               {k: meta[k] for k in ("mode", "steps", "micro_batch")}
+        if not same:
+            print(f"{out_json} was made with other settings ({old.get('meta')}); not resuming. "
+                  "Remove it or drop --resume.")
+            return 2
+        results.update({k: old.get(k, results[k]) for k in ("base", "lr", "runs")})
+        print(f"resuming: {len(results['runs'])} finished run(s) kept")
+    t_all = time.perf_counter()
+    common = {"threads": args.threads, "work": str(work), "heldout": str(HELDOUT),
+              "retention": str(files["retention"]), "heldout_limit": mode["heldout_limit"],
+              "batch": mode["batch"], "keep_models": args.keep_models}
+
+    if results["base"] is None:
+        t = time.perf_counter()
+        results["base"] = run_worker({**common, "job": "base"}, work / "logs" / "base.log")
+        results["base"]["wall_s"] = time.perf_counter() - t
+        save(results, out_json)
+    b = results["base"]
+    print(f"base model: held-out EM {b['heldout_em']:.0%}, retention acc {b['retention_acc']:.0%}, "
+          f"ppl {b['retention_ppl']:.3f}")
+
+    for method in mode["methods"]:
+        if method in results["lr"]:
+            continue
+        if mode["sweep"] and kind(method) in mode["sweep"]:
+            t = time.perf_counter()
+            r = run_worker({**common, "job": "sweep", "method": method, "lrs": mode["sweep"][kind(method)],
+                            "steps": mode["sweep_steps"], "data": str(files[mode["sweep_data"]]),
+                            "val": str(files["val"])},
+                           work / "logs" / f"sweep-{method}.log")
+            lr, note = choose_lr(r["val_loss"])
+            results["lr"][method] = {"lr": lr, "val_loss": r["val_loss"], "note": note,
+                                     "wall_s": time.perf_counter() - t}
+        else:
+            results["lr"][method] = {"lr": FIXED_LR[kind(method)], "val_loss": None, "note": "fixed", "wall_s": 0}
+        save(results, out_json)
+        print(f"{label(method)}: learning rate {results['lr'][method]['lr']:g} {results['lr'][method]['note']}")
+
+    for size in mode["sizes"]:
+        for method in mode["methods"]:
+            run_id = f"{method}-{size}"
+            if run_id in results["runs"]:
+                print(f"{run_id}: already done, skipped")
+                continue
+            t = time.perf_counter()
+            spec = {**common, "job": "run", "run_id": run_id, "method": method, "size": size,
+                    "rows": SIZES[size], "data": str(files[size]), "steps": mode["steps"],
+                    "lr": results["lr"][method]["lr"]}
+            try:
+                r = run_worker(spec, work / "logs" / f"{run_id}.log")
+            except RuntimeError as e:
+                print(f"[{run_id}] {e}")
+                continue
+            r["wall_s"] = time.perf_counter() - t
+            results["runs"][run_id] = r
+            save(results, out_json)
+            print(f"{run_id}: EM {r['heldout_em']:.0%}, retention {r['retention_acc']:.0%} / ppl "
+                  f"{r['retention_ppl']:.3f}, peak {r['peak_bytes'] / MB:.0f} MiB, "
+                  f"{r['tokens_per_s']:.0f} tok/s, {r['wall_s']:.0f} s")
+    results["meta"]["wall_s_this_invocation"] = time.perf_counter() - t_all
+    save(results, out_json)
+
+    write_report(results, RESULTS / mode["out"])
+    print(f"wrote {out_json}, {mode['out']}.md, {mode['out']}.png in {RESULTS} "
+          f"({time.perf_counter() - t_all:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
