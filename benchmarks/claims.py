@@ -54,7 +54,7 @@ MB = 1024 * 1024
 MODES = {
     # methods, sizes, steps, micro-batch, sweep (LRs per kind, steps) or fixed LRs, held-out / retention limits
     "full": dict(methods=["full", "r4", "r8", "r16", "r64"], sizes=["large", "small"], steps=50, batch=8,
-                 sweep={"full": [1e-5, 3e-5, 1e-4], "lora": [1e-3, 2e-3, 4e-3]}, sweep_steps=12,
+                 sweep={"full": [1e-5, 3e-5, 1e-4], "lora": [1e-3, 2e-3, 4e-3]}, sweep_steps=10,
                  sweep_data="large", heldout_limit=None, retention_limit=None, out="claims"),
     "quick": dict(methods=["full", "r8", "r64"], sizes=["large"], steps=40, batch=8, sweep=None, sweep_steps=0,
                   heldout_limit=None, retention_limit=None, out="claims_quick"),
@@ -361,7 +361,7 @@ def _row(r: dict, base: dict) -> list[str]:
             f"{r['retention_ppl']:.3f} (+{100 * ppl_rise:.1f}%)"]
 
 
-HEADER = ["method", "train rows", "LR", "trainable", "peak MiB", "params/grads/optim/acts MiB", "peak RSS MiB",
+HEADER = ["method", "train rows", "LR", "trainable", "peak MiB", "at peak: params/grads/optim/acts MiB", "peak RSS MiB",
           "tokens/s", "disk MB", "held-out EM", "retention acc", "retention ppl"]
 
 
