@@ -93,7 +93,7 @@ def test_accumulating_4x1_equals_one_batch_of_4(workdir):
         m = copy.deepcopy(model)
         opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        row = train_step(m, opt, sched, group, max_grad_norm=0.0, dtype=torch.float32)
+        row = train_step(m, opt, sched, group, max_grad_norm=0.0)
         results.append((row["loss"], [p.detach().clone() for p in m.parameters() if p.requires_grad]))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
     for a, b in zip(results[0][1], results[1][1], strict=True):

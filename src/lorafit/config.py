@@ -65,7 +65,6 @@ _IGNORED_KEYS: dict[str, str] = {
     "eval_sample_packing": "evaluation batches follow sample_packing",
     "eval_strategy": "use eval_steps or evals_per_epoch",
     "save_strategy": "use save_steps or saves_per_epoch",
-    "save_total_limit": "",
     "save_safetensors": "adapters are always saved as safetensors",
     "auto_resume_from_checkpoints": "set resume_from_checkpoint to resume",
     "fsdp_config": "",
@@ -236,6 +235,7 @@ class TrainConfig(BaseModel):
     adam_epsilon: float = Field(1e-8, gt=0)
     max_grad_norm: float = Field(1.0, ge=0)
     gradient_checkpointing: bool = False
+    loss_chunk_tokens: int | None = Field(None, ge=1)  # lorafit: tokens per loss chunk (None: sized to the vocab)
     bf16: bool | Literal["auto"] = False
     fp16: bool = False
     tf32: bool | None = None
@@ -245,6 +245,7 @@ class TrainConfig(BaseModel):
     evals_per_epoch: int | None = Field(None, ge=0)
     save_steps: int | None = Field(None, ge=1)
     saves_per_epoch: int | None = Field(None, ge=0)
+    save_total_limit: int | None = Field(None, ge=1)  # keep only the newest N checkpoints
     logging_steps: int = Field(1, ge=1)
     output_dir: str = "./lora-out"
     seed: int = 42

@@ -46,17 +46,12 @@ def build_model(spec: ModelSpec, s: Settings, model_name: str | None = None, see
 
 
 def _prepare(model, s: Settings) -> None:
-    """The part of ``lorafit.train.trainer.prepare_model`` after loading (it loads by name, we may not)."""
-    from lorafit.lora import LoraConfig, apply_lora
+    """The trainer's own preparation of a loaded model (adapter, checkpointing, no cache)."""
+    from lorafit.lora import LoraConfig
+    from lorafit.train.trainer import make_trainable
 
-    if s.method == "lora":
-        apply_lora(model, LoraConfig(r=s.r, alpha=s.alpha, dropout=s.dropout, target_modules=s.targets))
-    else:
-        model.requires_grad_(True)
-    if s.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    model.train()
+    lora = LoraConfig(r=s.r, alpha=s.alpha, dropout=s.dropout, target_modules=s.targets) if s.method == "lora" else None
+    make_trainable(model, lora, s.gradient_checkpointing)
 
 
 def _batch(vocab: int, s: Settings, seed: int) -> dict:
@@ -87,7 +82,6 @@ def _step_fn(model, s: Settings):
     cfg = _optimizer_config(s)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, 100)
-    dtype = next(model.parameters()).dtype
 
     def step(batch):
         if s.loss == "hf":
@@ -100,7 +94,7 @@ def _step_fn(model, s: Settings):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             return loss
-        return train_step(model, optimizer, scheduler, [batch], 1.0, dtype)["loss"]
+        return train_step(model, optimizer, scheduler, [batch], 1.0, s.loss_chunk_tokens)["loss"]
 
     return step, optimizer
 

@@ -29,8 +29,10 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     name = cfg.optimizer
     if name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=0.0)
-    # adamw_torch / adamw_hf / adamw / adamw_torch_fused: torch's AdamW (fused only where the device has it).
-    fused = name == "adamw_torch_fused" and torch.cuda.is_available()
+    # adamw_torch / adamw_hf / adamw / adamw_torch_fused: torch's AdamW. On CUDA the fused kernel is used: the
+    # default multi-tensor path makes a temporary as large as all trainable parameters (GBs in full fine-tuning).
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    fused = on_cuda and torch.cuda.is_available()
     return torch.optim.AdamW(
         groups,
         lr=cfg.learning_rate,

@@ -23,7 +23,7 @@ from rich.console import Console
 from lorafit.data import batches, build_datasets, model_inputs
 from lorafit.errors import LorafitError
 from lorafit.lora import LoraConfig, apply_lora, count_parameters, save_adapter
-from lorafit.models import load_model_and_tokenizer, parse_dtype
+from lorafit.models import load_model_and_tokenizer
 from lorafit.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from lorafit.train.loss import causal_lm_loss
 from lorafit.train.metrics import MetricsLog, plot_loss
@@ -93,32 +93,46 @@ def lora_config_from(cfg) -> LoraConfig:
     )
 
 
-def prepare_model(cfg, console: Console | None = None):
-    """Load the base model and tokenizer, attach the adapter (or unfreeze all for full fine-tuning)."""
-    model, tokenizer = load_model_and_tokenizer(cfg.base_model, cfg.effective_dtype, tokenizer=cfg.tokenizer_config)
-    if cfg.is_lora:
-        apply_lora(model, lora_config_from(cfg))
+def make_trainable(model, lora: LoraConfig | None, gradient_checkpointing: bool):
+    """What training does to a loaded model: attach the adapter (or unfreeze all), checkpointing, no KV cache.
+
+    Shared with ``lorafit.memory.measure`` so the measured step is the trainer's own.
+    """
+    if lora is not None:
+        apply_lora(model, lora)
     else:
         model.requires_grad_(True)
-    if cfg.gradient_checkpointing:
+    if gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so it works with a frozen embedding.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    model.train()
+    return model
+
+
+def prepare_model(cfg, console: Console | None = None):
+    """Load the base model and tokenizer, attach the adapter (or unfreeze all for full fine-tuning)."""
+    model, tokenizer = load_model_and_tokenizer(cfg.base_model, cfg.effective_dtype, tokenizer=cfg.tokenizer_config)
+    make_trainable(model, lora_config_from(cfg) if cfg.is_lora else None, cfg.gradient_checkpointing)
     return model, tokenizer
 
 
-def micro_step(model, batch, dtype: torch.dtype, normaliser: int) -> float:
+def micro_step(model, batch, normaliser: int, chunk_tokens: int | None = None) -> float:
     """Forward + backward of one micro-batch; returns its summed token loss."""
-    loss_sum, _ = causal_lm_loss(model, model_inputs(batch), batch["labels"])
+    loss_sum, _ = causal_lm_loss(model, model_inputs(batch), batch["labels"], chunk_tokens)
     if normaliser:
         (loss_sum / normaliser).backward()
     return float(loss_sum.detach())
 
 
-def train_step(model, optimizer, scheduler, micro_batches: list[dict], max_grad_norm: float, dtype) -> dict:
-    """One optimizer step over ``micro_batches``; returns loss (per trained token), grad norm and token counts."""
+def train_step(model, optimizer, scheduler, micro_batches: list[dict], max_grad_norm: float,
+               chunk_tokens: int | None = None) -> dict:
+    """One optimizer step over ``micro_batches``; returns loss (per trained token), grad norm and token counts.
+
+    ``chunk_tokens``: tokens per chunk of the loss (None: sized to the vocabulary, see ``train.loss``).
+    """
     n_trained = sum(b["num_trained_tokens"] for b in micro_batches)
-    total = sum(micro_step(model, b, dtype, n_trained) for b in micro_batches)
+    total = sum(micro_step(model, b, n_trained, chunk_tokens) for b in micro_batches)
     loss = total / max(n_trained, 1)
     if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
@@ -143,7 +157,7 @@ def evaluate(model, samples, cfg, pad_id: int, max_batches: int | None = None) -
     eval_batches = batches(samples, micro_batch_size=cfg.micro_batch_size, sequence_len=cfg.sequence_len,
                            pad_id=pad_id, packing=False, shuffle=False, seed=cfg.seed, epoch=0)
     for batch in eval_batches[:max_batches]:
-        loss_sum, k = causal_lm_loss(model, model_inputs(batch), batch["labels"])
+        loss_sum, k = causal_lm_loss(model, model_inputs(batch), batch["labels"], cfg.loss_chunk_tokens)
         total, n = total + float(loss_sum), n + k
     model.train(was_training)
     mean = total / max(n, 1)
@@ -159,7 +173,6 @@ def train(cfg, resume: bool = False, console: Console | None = None, stop_after:
     console = console or Console()
     out = Path(cfg.output_dir)
     seed_everything(cfg.seed)
-    dtype = parse_dtype(cfg.effective_dtype)
     for notice in cfg.notices:
         console.print(f"[yellow]note:[/] {notice}")
 
@@ -200,10 +213,9 @@ def train(cfg, resume: bool = False, console: Console | None = None, stop_after:
 
     def checkpoint() -> Path:
         return save_checkpoint(out, model, optimizer, scheduler, state, config_dump,
-                               keep=getattr(cfg, "save_total_limit", None))
+                               keep=cfg.save_total_limit)
 
     last_loss = None
-    model.train()
     t_start = time.perf_counter() - state.elapsed_s
     with GracefulStop() as stop, TrainProgress(total_steps, start=state.step, console=console) as progress:
         while state.step < total_steps and not stop.requested:
@@ -218,7 +230,7 @@ def train(cfg, resume: bool = False, console: Console | None = None, stop_after:
                 group.append(current[state.batch_index])
                 state.batch_index += 1
             t0 = time.perf_counter()
-            row = train_step(model, optimizer, scheduler, group, cfg.max_grad_norm, dtype)
+            row = train_step(model, optimizer, scheduler, group, cfg.max_grad_norm, cfg.loss_chunk_tokens)
             if not math.isfinite(row["loss"]):
                 raise TrainingDiverged(
                     f"loss became {row['loss']} at step {state.step + 1}; stopped without updating the weights "
