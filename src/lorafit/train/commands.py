@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heldout", help="chat_template JSONL of held-out examples scored by exact match")
     p.add_argument("--retention", help="retention set JSONL (things the base model already does well)")
     p.add_argument("--limit", type=int, help="score only the first N held-out examples")
-    p.add_argument("--no-base", action="store_true", help="skip the base-model column")
+    p.add_argument("--no-base", action="store_true", help="with an adapter: skip the base-model column")
     p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
     p.set_defaults(func=cmd_eval)
 
@@ -184,17 +184,14 @@ def cmd_eval(args) -> int:
     from lorafit.lora import disable_adapter
 
     base_model, adapter, cfg = _eval_columns(args)
-    if not (adapter or not args.no_base):
-        raise LorafitError("nothing to evaluate: no adapter given and --no-base set")
     if cfg is None and not (args.heldout or args.retention):
         raise LorafitError("give a training config (for its eval split), --heldout or --retention")
     model, tok = _model_with_adapter(base_model, adapter)
     results = {}
-    if not args.no_base:
-        if adapter:
-            with disable_adapter(model):
-                results["base"] = evaluate_model(model, tok, cfg, args.heldout, args.retention, args.limit)
-        else:
+    if not adapter:  # a single model (a base, or a fully fine-tuned folder): one column
+        results["model"] = evaluate_model(model, tok, cfg, args.heldout, args.retention, args.limit)
+    elif not args.no_base:
+        with disable_adapter(model):
             results["base"] = evaluate_model(model, tok, cfg, args.heldout, args.retention, args.limit)
     if adapter:
         results["adapter"] = evaluate_model(model, tok, cfg, args.heldout, args.retention, args.limit)
