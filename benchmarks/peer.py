@@ -281,8 +281,10 @@ def strip(res: dict) -> dict:
 
 
 def run_profile(args) -> None:
-    out = args.out or RESULTS / "peer_profile.json"
-    cfg = CPU_CONFIGS["135m-fp32"] if args.device == "cpu" else CUDA_CONFIGS["1b-bf16"]
+    out = args.out or RESULTS / f"peer_profile{'' if not args.configs else '_' + args.configs.split(',')[0]}.json"
+    known = {**CPU_CONFIGS, **QUICK_CONFIGS, **CUDA_CONFIGS}
+    name = (args.configs or ("135m-fp32" if args.device == "cpu" else "1b-bf16")).split(",")[0]
+    cfg = {**known[name], "exact": False}
     results = []
     for impl in ("lorafit", "peft-loop"):
         spec = {**base_spec(args, "profile", cfg, impl), "warmup": 1, "steps": 1, "profile": True,

@@ -17,6 +17,7 @@ timed steps. Prints one line ``PEER_RESULT <json>``.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -207,15 +208,15 @@ class Recorder:
 
 
 def run_lorafit(spec, device, rec: Recorder):
-    from lorafit.data import model_inputs
     from lorafit.train.trainer import train_step
 
     model = prepare_lorafit(spec).to(device)
     model.train()
     opt = adamw(trainable(model))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    dtype = DTYPES[spec["dtype"]]
-    return model, opt, lambda b: train_step(model, opt, sched, [b], 1.0, dtype)["loss"], model_inputs
+    # Older train_step versions take the compute dtype as a sixth argument.
+    extra = {"dtype": DTYPES[spec["dtype"]]} if "dtype" in inspect.signature(train_step).parameters else {}
+    return model, opt, lambda b: train_step(model, opt, sched, [b], 1.0, **extra)["loss"]
 
 
 def run_peft_loop(spec, device, rec: Recorder):
@@ -234,11 +235,11 @@ def run_peft_loop(spec, device, rec: Recorder):
         opt.zero_grad(set_to_none=True)
         return loss
 
-    return model, opt, step, None
+    return model, opt, step
 
 
 def loop(spec, device, rec: Recorder, impl_fn):
-    model, opt, step, _ = impl_fn(spec, device, rec)
+    model, opt, step = impl_fn(spec, device, rec)
     n_total = spec["warmup"] + spec["steps"] + (1 if spec["memory"] else 0) + (1 if spec["profile"] else 0)
     batches = make_batches(spec, model.config.vocab_size, n_total, device)
     i = 0

@@ -9,6 +9,7 @@ adapter lorafit saves loads in ``peft.PeftModel.from_pretrained`` with the logit
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -80,7 +81,9 @@ def trained():
     ours.train()
     _, opt = adamw(ours)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    our_losses = [train_step(ours, opt, sched, [b], 1.0, torch.float32)["loss"] for b in batches]
+    # Older train_step versions take the compute dtype as a sixth argument.
+    extra = {"dtype": torch.float32} if "dtype" in inspect.signature(train_step).parameters else {}
+    our_losses = [train_step(ours, opt, sched, [b], 1.0, **extra)["loss"] for b in batches]
     return {"base": base, "peft": peft_model.eval(), "ours": ours.eval(),
             "peft_losses": peft_losses, "our_losses": our_losses}
 
