@@ -285,7 +285,6 @@ def run_peft_trainer(spec, device, rec: Recorder):
             if step == spec["warmup"]:
                 rec.before_timed()
             if step == n_timed_end:
-                rec.after_timed()
                 if spec["memory"] and device.type == "cpu":
                     opt = kw["optimizer"]
                     self.tracker = Tracker(kw["model"], getattr(opt, "optimizer", opt))
@@ -299,6 +298,8 @@ def run_peft_trainer(spec, device, rec: Recorder):
             step = state.global_step - 1
             if spec["warmup"] <= step < n_timed_end:
                 rec.times.append(dt)
+            if step == n_timed_end - 1:
+                rec.after_timed()
             if self.tracker is not None:
                 self.tracker.__exit__(None, None, None)
                 rec.memory = self.tracker.result()
