@@ -212,8 +212,8 @@ def test_only_adapter_parameters_change_after_training():
 
 
 def test_dropout_backward_matches_autograd_reference():
-    """With dropout, our saved-seed backward equals autograd through an explicit mask."""
-    from lorafit.lora.layer import LoraLinear, _dropout_mask
+    """With dropout, our packed-mask backward equals autograd through an explicit mask."""
+    from lorafit.lora.layer import LoraLinear, dropout_keep
 
     torch.manual_seed(0)
     layer = LoraLinear(torch.nn.Linear(16, 12), r=4, alpha=8, dropout=0.3).train()
@@ -222,8 +222,7 @@ def test_dropout_backward_matches_autograd_reference():
     torch.manual_seed(7)
     y = layer(x)
     torch.manual_seed(7)
-    seed = int(torch.randint(0, 2**62, (1,)).item())
-    mask = _dropout_mask(x.detach().reshape(-1, 16), 0.3, seed).view_as(x)
+    mask = dropout_keep(x.numel(), 0.3, x.device).view_as(x).float() / 0.7
     x2 = x.detach().clone().requires_grad_(True)
     a, b = layer.lora_A.weight.detach().clone().requires_grad_(), layer.lora_B.weight.detach().clone().requires_grad_()
     ref = layer.base_layer(x2) + ((x2 * mask) @ a.t() @ b.t()) * layer.scaling
@@ -234,6 +233,16 @@ def test_dropout_backward_matches_autograd_reference():
     torch.testing.assert_close(x.grad, x2.grad)
     torch.testing.assert_close(layer.lora_A.weight.grad, a.grad)
     torch.testing.assert_close(layer.lora_B.weight.grad, b.grad)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 1000, 4099])
+def test_dropout_mask_bits_roundtrip_and_rate(n):
+    from lorafit.lora.layer import dropout_keep, pack_bits, unpack_bits
+
+    keep = dropout_keep(n, 0.25, "cpu")
+    assert torch.equal(unpack_bits(pack_bits(keep), n), keep)
+    big = dropout_keep(200_000, 0.25, "cpu")
+    assert abs(big.float().mean().item() - 0.75) < 0.01
 
 
 def test_bf16_base_keeps_fp32_adapter():
