@@ -35,22 +35,28 @@ class LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, h.shape[0], chunk):
             hc, yc = h[start : start + chunk], targets[start : start + chunk]
             logits = (hc @ weight.t()).float()
-            if softcap:
-                t = torch.tanh(logits / softcap)
+            t = None
+            if softcap:  # tanh in place; t is kept for the derivative 1 − t²
+                t = logits.div_(softcap).tanh_()
                 logits = t * softcap
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
             if not (need_h or need_w):
+                del logits, t
                 continue
             # d CE / d logits = softmax − onehot, computed in place in the logits buffer.
             grad = logits.sub_(lse[:, None]).exp_()
             grad[torch.arange(yc.shape[0], device=yc.device), yc] -= 1.0
             if softcap:
-                grad.mul_(1.0 - t * t)
+                grad.mul_(t.mul_(t).neg_().add_(1.0))
+                t = None
             if need_h:
                 grad_h[start : start + chunk] = grad.to(weight.dtype) @ weight
             if need_w:
                 grad_w.addmm_(grad.t(), hc.float())
+            # Drop this chunk's fp32 buffer now: kept until the next assignment, it would still be alive while
+            # the next chunk's logits are built (a second chunk of 4 B per element at the loss peak).
+            del logits, grad, t
         ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
         ctx.has = (need_h, need_w)
         return total
