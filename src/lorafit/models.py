@@ -131,20 +131,14 @@ def load_model(name: str, dtype: str | torch.dtype = "float32", attn_implementat
 
 def _cache_demo_model(model, tok) -> None:
     """Save the dequantised demo model as safetensors so later loads take a second, not ~20 s."""
-    import shutil
-    import tempfile
+    from lorafit.fsutil import atomic_dir
 
-    target = demo_cache_dir()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-demo-", dir=target.parent))
     try:
-        model.to(torch.float32).save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        with atomic_dir(demo_cache_dir()) as tmp:
+            model.to(torch.float32).save_pretrained(tmp)
+            tok.save_pretrained(tmp)
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # a read-only cache only costs speed
+        pass  # a read-only cache only costs speed
 
 
 def load_model_and_tokenizer(name: str, dtype: str | torch.dtype = "float32", tokenizer: str | None = None):

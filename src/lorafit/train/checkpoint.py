@@ -1,17 +1,15 @@
 """Checkpoints that resume exactly: weights, optimizer, scheduler, RNG states and the data position.
 
 A checkpoint is a folder ``output_dir/checkpoint-<step>`` built under a temporary name and renamed into place
-in one step, so a crash (even SIGKILL) never leaves a folder that resume would take for complete.
+(:func:`lorafit.fsutil.atomic_dir`), so a crash (even SIGKILL) never leaves a folder that resume would take for complete.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 from lorafit.errors import LorafitError
+from lorafit.fsutil import atomic_dir
 from lorafit.lora import named_lora_layers, read_adapter_weights, save_adapter
 from lorafit.lora.io import PREFIX
 
@@ -59,10 +58,8 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(output_dir: Path, model: nn.Module, optimizer, scheduler, state: TrainState,
                     config_dump: dict, keep: int | None = None) -> Path:
-    output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"checkpoint-{state.step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-checkpoint-{state.step}-", dir=output_dir))
-    try:
+    with atomic_dir(final) as tmp:
         if getattr(model, "lora_config", None) is not None:
             save_adapter(model, tmp, base_model=config_dump.get("base_model"))
         else:
@@ -72,12 +69,6 @@ def save_checkpoint(output_dir: Path, model: nn.Module, optimizer, scheduler, st
             tmp / "trainer_state.pt",
         )
         (tmp / "state.json").write_text(json.dumps({**asdict(state), "config": config_dump}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if keep:
         for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from lorafit.errors import LorafitError
+from lorafit.fsutil import atomic_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -112,17 +110,9 @@ def cmd_merge(args) -> int:
     merge_and_unload(model, safe=True)
     model = model.to(parse_dtype(args.dtype))
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     Console().print(f"wrote merged model to {out} (loads with transformers' AutoModelForCausalLM.from_pretrained)")
     return 0
 

@@ -8,7 +8,6 @@ short micro-batch does not weigh as much as a long one (the mean of per-batch me
 from __future__ import annotations
 
 import math
-import os
 import random
 import signal
 import threading
@@ -22,6 +21,7 @@ from rich.console import Console
 
 from lorafit.data import batches, build_datasets, model_inputs
 from lorafit.errors import LorafitError
+from lorafit.fsutil import atomic_dir
 from lorafit.lora import LoraConfig, apply_lora, count_parameters, save_adapter
 from lorafit.models import load_model_and_tokenizer
 from lorafit.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -280,13 +280,6 @@ def save_final(model, tokenizer, cfg, out: Path) -> None:
     if getattr(model, "lora_config", None) is not None:
         save_adapter(model, out, base_model=cfg.base_model)
     else:
-        import shutil
-        import tempfile
-
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-model-", dir=out))
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        final = out / "model"
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with atomic_dir(out / "model") as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
