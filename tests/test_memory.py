@@ -134,3 +134,36 @@ def test_measured_rows_within_10_percent(spec, settings):
     est, m, err = compare(spec, Settings(**settings, device="cpu"), steps=2)
     assert m.peak > 0 and m.losses and all(x == x for x in m.losses)
     assert abs(err) <= 10, f"estimate {est.allocated_peak} vs measured {m.peak}: {err:+.1f}%"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_saved_tensors_match_the_model(dtype):
+    """Guard: what one forward + loss saves for backward is exactly what the estimator's activation model says.
+
+    A change in what ``LoraLinearFunction``, the HF modules or the chunked loss save breaks this test until
+    ``lorafit.memory.activations`` follows it (and the estimate-vs-measured table is rerun).
+    """
+    import torch
+
+    from lorafit.data import model_inputs
+    from lorafit.memory import activations as act
+    from lorafit.memory.estimate import lora_targets
+    from lorafit.memory.measure import _batch, build_model
+    from lorafit.train.loss import causal_lm_loss
+
+    s = Settings(method="lora", dtype=dtype, micro_batch=2, seq_len=32, r=8, dropout=0.1, device="cpu")
+    model = build_model(TINY, s)
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in weights:  # weights are saved by reference: no memory of their own
+            saved[st.data_ptr()] = st.nbytes()  # one storage saved by several layers counts once
+        return t
+
+    batch = _batch(TINY.vocab, s, 0)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, n = causal_lm_loss(model, model_inputs(batch), batch["labels"])
+    assert n == 2 * 31 and loss.requires_grad
+    assert sum(saved.values()) == act.saved_for_backward(TINY, s, lora_targets(TINY, s.targets))

@@ -7,7 +7,8 @@ Derived from what autograd keeps for the HF modules lorafit trains (checked with
   scale also saves the normalised tensor (Llama: in the compute dtype; Gemma: fp32). Nothing is saved when
   no gradient flows into the norm (layer 0 of a LoRA model: the embedding is frozen).
 * Projections: a frozen linear saves nothing; a trainable one saves its input; a LoRA layer saves its input
-  by reference (one copy per group of layers reading the same tensor) and ``x·Aᵀ`` (r per token).
+  by reference (one copy per group of layers reading the same tensor), ``x·Aᵀ`` (r per token) and, with
+  dropout, its keep-mask packed as bits (``in / 8`` bytes per token, one per LoRA layer).
 * Rotary: ``cos``/``sin`` (seq × head_dim, shared by all layers); ``q_embed``, ``k_embed`` are new tensors.
 * SDPA (CPU flash / CUDA flash kernels): saves q, k, v, the output (which is also ``o_proj``'s input: the
   transpose back is free) and a fp32 log-sum-exp per head and token.
@@ -57,10 +58,13 @@ def _block_per_token(spec: ModelSpec, s, wrapped: set[str], rg: bool) -> tuple[i
             return 0
         return 4 * d + 4 + ((4 * d if gemma else e * d) if full else 0)
 
-    def xa(names) -> int:
-        return sum(r * e for n in names if n in wrapped)
-
     lin = {n: (i, o, g) for n, i, o, g in spec.linear_layers()}
+    mask = s.method == "lora" and s.dropout > 0
+
+    def xa(names) -> int:
+        # x·Aᵀ (r values in the compute dtype) and, with dropout, the layer's own keep-mask packed 8 per byte.
+        return sum(r * e + (-(-lin[n][0] // 8) if mask else 0) for n in names if n in wrapped)
+
     groups: dict[str, list[str]] = {}
     for n, (_, _, g) in lin.items():
         groups.setdefault(g, []).append(n)
@@ -104,20 +108,25 @@ def _gpt2_block(spec: ModelSpec, s, wrapped: set[str], rg: bool) -> tuple[int, b
     e, d, inter, r = s.bytes, spec.hidden, spec.intermediate, s.r
     full = s.method == "full"
     w = {n.split(".")[-1] if n != "attn.c_proj" else "c_proj" for n in wrapped}
+    mask = s.method == "lora" and s.dropout > 0
+
+    def xa(in_features: int) -> int:  # x·Aᵀ + the packed dropout mask (see _block_per_token)
+        return r * e + (-(-in_features // 8) if mask else 0)
+
     ln = e * d + 8
     total = ln if rg or full else 0
     if full or "c_attn" in w:
-        total += e * d + (r * e if "c_attn" in w else 0)
+        total += e * d + (xa(d) if "c_attn" in w else 0)
     attn_rg = rg or full or "c_attn" in w
     if attn_rg:
         total += e * 3 * d + e * d + 4 * spec.heads
-    total += (r * e if "attn.c_proj" in wrapped else 0)
+    total += (xa(d) if "attn.c_proj" in wrapped else 0)
     total += ln  # ln_2: the residual requires grad from here on when anything above was trainable
     if full or "c_fc" in w:
-        total += e * d + (r * e if "c_fc" in w else 0)
+        total += e * d + (xa(d) if "c_fc" in w else 0)
     total += GPT2_GELU_SAVED * e * inter
     if full or "mlp.c_proj" in wrapped:
-        total += e * inter + (r * e if "mlp.c_proj" in wrapped else 0)
+        total += e * inter + (xa(inter) if "mlp.c_proj" in wrapped else 0)
     return total, True
 
 
@@ -216,3 +225,15 @@ def embedding_backward(spec: ModelSpec, s) -> int:
 BW_MLP = 3
 BW_MLP_DROPOUT = 5
 BW_HIDDEN = 3
+
+
+def saved_for_backward(spec: ModelSpec, s, targets: list[tuple]) -> int:
+    """Bytes autograd holds for backward at the end of forward + loss, every position trained, no checkpointing.
+
+    The decoder's saved activations (:func:`activations`), the hidden-state gradient the chunked loss computes
+    in forward and saves (trained rows × hidden × dtype) and the int64 index of the trained rows. Parameters
+    saved by reference are not counted. ``tests/test_memory.py`` checks this against saved-tensor hooks, so a
+    change in what the LoRA layer, the HF modules or the loss save fails a test until the model follows.
+    """
+    n_tr = s.micro_batch * (s.seq_len - 1)
+    return activations(spec, s, targets).total + n_tr * spec.hidden * s.bytes + n_tr * 8
