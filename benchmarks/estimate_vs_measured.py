@@ -8,6 +8,8 @@ trainer does, run 3 steps of ``lorafit.train.trainer.train_step``, take the peak
     .venv/bin/python benchmarks/estimate_vs_measured.py            # all rows, writes results JSON
     .venv/bin/python benchmarks/estimate_vs_measured.py --quick    # 5 rows
     .venv/bin/python benchmarks/estimate_vs_measured.py --cuda     # on a GPU (see scripts/gpu_check.sh)
+    .venv/bin/python benchmarks/estimate_vs_measured.py --reestimate   # rescore the JSON's measured peaks
+                                                                       # with the current estimator (no runs)
 """
 
 from __future__ import annotations
@@ -93,6 +95,37 @@ def run_one(shape: str, settings: dict, steps: int, device: str) -> dict:
             "model": asdict(spec)}
 
 
+def _print_row(i: int, row: dict) -> None:
+    desc = " ".join(f"{k}={v}" for k, v in row["settings"].items()).replace("method=", "").replace("dtype=", "")
+    print(f"{i:>2} {row['shape']:15} {desc[:70]:70} {row['estimate_bytes'] / 2**20:8.1f}M "
+          f"{row['measured_bytes'] / 2**20:8.1f}M {row['error_pct']:+6.1f}%", flush=True)
+
+
+def _summary(results: list[dict]) -> None:
+    worst = max(results, key=lambda r: abs(r["error_pct"]))
+    print(f"worst row: {worst['shape']} {worst['settings']}: {worst['error_pct']:+.1f}% "
+          f"({sum(abs(r['error_pct']) <= 5 for r in results)}/{len(results)} within ±5%, "
+          f"{sum(abs(r['error_pct']) <= 10 for r in results)}/{len(results)} within ±10%)")
+
+
+def reestimate(path: Path) -> int:
+    """Rescore stored rows with the current estimator: the measured peaks stay, estimates and errors change."""
+    from lorafit.memory.estimate import Settings, estimate
+    from lorafit.memory.spec import ModelSpec
+
+    data = json.loads(path.read_text())
+    print(f"{'#':>2} {'shape':15} {'settings':70} {'estimate':>9} {'measured':>9} {'error':>7}")
+    for i, row in enumerate(data["rows"]):
+        est = estimate(ModelSpec(**row["model"]), Settings(**row["settings"], device="cpu"))
+        row.update(estimate_bytes=est.allocated_peak, peak_moment=est.peak_moment,
+                   error_pct=100.0 * (est.allocated_peak - row["measured_bytes"]) / row["measured_bytes"])
+        _print_row(row.get("row", i), row)
+    _summary(data["rows"])
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"rescored {path}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -101,8 +134,13 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", help="results JSON (default benchmarks/results/estimate_vs_measured[_cuda].json)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--reestimate", action="store_true",
+                    help="recompute estimates and errors of the results JSON from its stored measured peaks")
     args = ap.parse_args()
     device = "cuda" if args.cuda else "cpu"
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"estimate_vs_measured{'_cuda' if args.cuda else ''}.json")
+    if args.reestimate:
+        return reestimate(out)
     if args.one:
         shape, settings = json.loads(args.one)
         print(json.dumps(run_one(shape, settings, args.steps, device)))
@@ -121,16 +159,12 @@ def main() -> int:
             print(f"{i:>2} {shape:15} FAILED: {proc.stderr.strip().splitlines()[-1] if proc.stderr else ''}")
             continue
         row = json.loads(proc.stdout.strip().splitlines()[-1])
+        row["row"] = i
         results.append(row)
-        desc = " ".join(f"{k}={v}" for k, v in settings.items()).replace("method=", "").replace("dtype=", "")
-        print(f"{i:>2} {shape:15} {desc[:70]:70} {row['estimate_bytes'] / 2**20:8.1f}M {row['measured_bytes'] / 2**20:8.1f}M "
-              f"{row['error_pct']:+6.1f}%", flush=True)
+        _print_row(i, row)
     if results:
-        worst = max(results, key=lambda r: abs(r["error_pct"]))
-        print(f"worst row: {worst['shape']} {worst['settings']}: {worst['error_pct']:+.1f}% "
-              f"({sum(abs(r['error_pct']) <= 5 for r in results)}/{len(results)} within ±5%)")
+        _summary(results)
         if not args.rows and (args.cuda or not args.quick):
-            out = Path(args.out or ROOT / "benchmarks" / "results" / f"estimate_vs_measured{'_cuda' if args.cuda else ''}.json")
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"device": device, "rows": results}, indent=2) + "\n")
             print(f"wrote {out}")
