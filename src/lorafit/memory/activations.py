@@ -12,7 +12,8 @@ Derived from what autograd keeps for the HF modules lorafit trains (checked with
 * Rotary: ``cos``/``sin`` (seq × head_dim, shared by all layers); ``q_embed``, ``k_embed`` are new tensors.
 * SDPA (CPU flash / CUDA flash kernels): saves q, k, v, the output (which is also ``o_proj``'s input: the
   transpose back is free) and a fp32 log-sum-exp per head and token.
-* Gated MLP: gate (for the activation), up and act (for their product), the product (for down_proj).
+* Gated MLP (``lorafit.train.gated_mlp``): gate and up (act(gate) is recomputed in backward), the product (for
+  down_proj). Phi-3's fused gate_up MLP is left as transformers has it and also keeps act(gate).
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def _block_per_token(spec: ModelSpec, s, wrapped: set[str], rg: bool) -> tuple[i
         total += e * d + xa(mlp_in)
     mlp_rg = h_rg or full or any(n in wrapped for n in mlp_in)
     if mlp_rg:
-        total += 3 * e * inter  # gate (activation input), up and act (product inputs)
+        # gate and up; lorafit.train.gated_mlp recomputes act(gate) in backward (Phi-3's fused MLP keeps it)
+        total += (3 if spec.family == "phi3" else 2) * e * inter
     down = groups["mlp_out"]
     if full or any(n in wrapped for n in down):
         total += e * inter + xa(down)  # product (down_proj input)

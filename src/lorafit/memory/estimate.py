@@ -237,15 +237,13 @@ def _optimizer_temporaries(spec, s, trainable, elt, targets) -> tuple[int, str]:
     """Extra memory inside ``optimizer.step()``.
 
     torch's AdamW on CPU runs per tensor: ``exp_avg_sq.sqrt() / bias_correction`` makes two tensors of the
-    largest parameter. On CUDA its default is the multi-tensor (foreach) path, whose ``_foreach_sqrt`` makes
-    one temporary as large as the whole parameter group; the fused kernel makes none. SGD: none.
+    largest parameter. On CUDA lorafit's trainer uses the fused kernel (``train.optim``), which makes none; torch's
+    default there (foreach) would make one temporary as large as all trainable parameters. SGD: none.
     """
-    if s.optimizer in ("sgd", "adamw_fused"):
-        return 0, "no temporaries (SGD / fused AdamW)"
+    if s.optimizer in ("sgd", "adamw_fused") or s.device == "cuda":
+        return 0, "no temporaries (SGD / fused AdamW, lorafit's AdamW on CUDA)"
     if s.method == "lora":
         largest = max(s.r * max(i, o) for _, i, o, _ in targets)
     else:
         largest = max(spec.vocab * spec.hidden, max(i * o for _, i, o, _ in spec.linear_layers()))
-    if s.device == "cuda":
-        return trainable * elt, f"foreach AdamW: one temporary the size of all {trainable:,} trainable params × {elt} B"
     return 2 * largest * elt, f"per-tensor AdamW: 2 × largest trainable tensor ({largest:,}) × {elt} B"

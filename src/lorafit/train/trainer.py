@@ -25,6 +25,7 @@ from lorafit.fsutil import atomic_dir
 from lorafit.lora import LoraConfig, apply_lora, count_parameters, save_adapter
 from lorafit.models import load_model_and_tokenizer
 from lorafit.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from lorafit.train.gated_mlp import use_lean_gated_mlps
 from lorafit.train.loss import causal_lm_loss
 from lorafit.train.metrics import MetricsLog, plot_loss
 from lorafit.train.optim import build_optimizer, build_scheduler
@@ -94,7 +95,7 @@ def lora_config_from(cfg) -> LoraConfig:
 
 
 def make_trainable(model, lora: LoraConfig | None, gradient_checkpointing: bool):
-    """What training does to a loaded model: attach the adapter (or unfreeze all), checkpointing, no KV cache.
+    """What training does to a loaded model: adapter (or unfreeze all), lean gated MLPs, checkpointing, no cache.
 
     Shared with ``lorafit.memory.measure`` so the measured step is the trainer's own.
     """
@@ -102,6 +103,7 @@ def make_trainable(model, lora: LoraConfig | None, gradient_checkpointing: bool)
         apply_lora(model, lora)
     else:
         model.requires_grad_(True)
+    use_lean_gated_mlps(model)
     if gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so it works with a frozen embedding.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
