@@ -8,3 +8,17 @@ def demo_tokenizer():
     from lorafit.models import load_tokenizer
 
     return load_tokenizer("demo")
+
+
+def save_tiny_llama(folder, tokenizer, **config):
+    """A 2-layer random Llama with the demo tokenizer's vocabulary, saved as a HF folder; returns the model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=len(tokenizer))
+    model = LlamaForCausalLM(LlamaConfig(**{**kw, **config}))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model

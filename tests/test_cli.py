@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import save_tiny_llama
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lorafit.cli import main
@@ -16,12 +17,7 @@ from lorafit.models import load_tokenizer
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
-    tok = load_tokenizer("demo")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok)))
-    model.save_pretrained(d / "model")
-    tok.save_pretrained(d / "model")
+    model = save_tiny_llama(d / "model", load_tokenizer("demo"))
     apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
     with torch.no_grad():
         for layer in lora_layers(model):

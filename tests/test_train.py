@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import save_tiny_llama
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from lorafit import LorafitError
 from lorafit.config import TrainConfig
@@ -29,13 +30,7 @@ from lorafit.train.trainer import prepare_model, train, train_step
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("train")
-    tok = load_tokenizer("demo")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
-                                         initializer_range=0.5))  # large enough that LoRA can move the logits
-    model.save_pretrained(d / "model")
-    tok.save_pretrained(d / "model")
+    save_tiny_llama(d / "model", load_tokenizer("demo"), initializer_range=0.5)  # so LoRA can move the logits
     words = ["apple", "pear", "plum", "fig", "kiwi", "lime", "date", "lemon"]
     rows = [{"messages": [{"role": "user", "content": f"Repeat twice: {w}"},
                           {"role": "assistant", "content": f"{w} {w}"}]} for w in words * 6]
