@@ -105,14 +105,14 @@ def adamw(params):
 
 
 def prepare_lorafit(spec: dict):
-    from lorafit.lora import LoraConfig, apply_lora, named_lora_layers
+    """What ``lorafit train`` does to a loaded model (adapter, lean gated MLPs, checkpointing, no cache)."""
+    from lorafit.lora import LoraConfig, named_lora_layers
+    from lorafit.train.trainer import make_trainable
 
     model = build_base(spec)
-    apply_lora(model, LoraConfig(r=spec["r"], alpha=spec["alpha"], dropout=spec["dropout"], target_modules="all-linear"))
+    lora = LoraConfig(r=spec["r"], alpha=spec["alpha"], dropout=spec["dropout"], target_modules="all-linear")
+    make_trainable(model, lora, spec["gc"])
     init_adapter([(n, m.lora_A.weight, m.lora_B.weight) for n, m in named_lora_layers(model)])
-    if spec["gc"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
     return model
 
 
