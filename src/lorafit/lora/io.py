@@ -120,6 +120,18 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable: bool
         apply_lora(model, config)
     except LorafitError as e:
         raise LorafitError(f"adapter {directory} does not fit this model: {e}") from None
+    copy_adapter_weights(model, state, f"adapter {directory}")
+    if not trainable:
+        model.requires_grad_(False)
+    return model
+
+
+def copy_adapter_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Copy PEFT-named tensors into a model that already has its LoRA layers, after checking they fit.
+
+    Every tensor must have a place of the same shape, and every LoRA layer must get its A and B; otherwise
+    the error says which tensor differs (``where`` names the file in the message).
+    """
     own = {f"{PREFIX}{n}": p for n, p in model.named_parameters()}
     for name, _ in named_lora_layers(model):  # older files name wrapped layers' biases without ".base_layer"
         for suffix in ("bias", "weight"):
@@ -128,23 +140,19 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable: bool
     unknown = [k for k in state if k not in own]
     if unknown:
         raise LorafitError(
-            f"adapter {directory}: {len(unknown)} tensors have no place in this model (first: {unknown[0]}); "
+            f"{where}: {len(unknown)} tensors have no place in this model (first: {unknown[0]}); "
             "it was trained on a different base model"
         )
     for key, tensor in state.items():
         if tuple(own[key].shape) != tuple(tensor.shape):
             raise LorafitError(
-                f"adapter {directory}: {key} has shape {tuple(tensor.shape)} but the model expects "
+                f"{where}: {key} has shape {tuple(tensor.shape)} but the model expects "
                 f"{tuple(own[key].shape)}; it was trained on a different base model (or r differs)"
             )
     missing = [f"{PREFIX}{n}.lora_{ab}.weight" for n, _ in named_lora_layers(model) for ab in "AB"
                if f"{PREFIX}{n}.lora_{ab}.weight" not in state]
     if missing:
-        raise LorafitError(f"adapter {directory}: no weights for {missing[0]} (and {len(missing) - 1} more)")
+        raise LorafitError(f"{where}: no weights for {missing[0]} (and {len(missing) - 1} more)")
     with torch.no_grad():
         for key, tensor in state.items():
             own[key].copy_(tensor.to(own[key].dtype))
-    for p in model.parameters():
-        if not trainable:
-            p.requires_grad_(False)
-    return model

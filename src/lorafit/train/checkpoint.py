@@ -20,8 +20,8 @@ from torch import nn
 
 from lorafit.errors import LorafitError
 from lorafit.fsutil import atomic_dir
-from lorafit.lora import named_lora_layers, read_adapter_weights, save_adapter
-from lorafit.lora.io import PREFIX
+from lorafit.lora import read_adapter_weights, save_adapter
+from lorafit.lora.io import copy_adapter_weights
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -95,22 +95,12 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> Train
         trainer_state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise LorafitError(f"checkpoint {path} is unreadable ({e}); delete it to resume from an earlier one") from None
-    with torch.no_grad():
-        if getattr(model, "lora_config", None) is not None:
-            weights = read_adapter_weights(path)
-            own = {f"{PREFIX}{n}": p for n, p in model.named_parameters()}
-            for name, _ in named_lora_layers(model):
-                for ab in "AB":
-                    key = f"{PREFIX}{name}.lora_{ab}.weight"
-                    if key not in weights:
-                        raise LorafitError(f"checkpoint {path} lacks {key}: it was made with another LoRA config")
-            for key, t in weights.items():
-                own[key].copy_(t)
-        else:
-            state = load_file(path / "model.safetensors")
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            if unexpected:
-                raise LorafitError(f"checkpoint {path} does not match the model (unexpected {unexpected[0]})")
+    if getattr(model, "lora_config", None) is not None:
+        copy_adapter_weights(model, read_adapter_weights(path), f"checkpoint {path}")
+    else:
+        missing, unexpected = model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+        if unexpected:
+            raise LorafitError(f"checkpoint {path} does not match the model (unexpected {unexpected[0]})")
     optimizer.load_state_dict(trainer_state["optimizer"])
     scheduler.load_state_dict(trainer_state["scheduler"])
     set_rng_state(trainer_state["rng"])
