@@ -18,9 +18,10 @@ Design (see also the generated markdown):
   alpha = 2r would make r = 64 take steps 16x larger than r = 4 at the same learning rate, so a rank
   comparison would mostly compare step sizes. With alpha fixed, ``s * r`` = 16 at every rank and the
   comparison is about capacity.
-- Learning rates: full mode sweeps 3 per method on a short budget (training rows only) and picks the lowest
-  loss on a validation split (100 training rows never trained on); quick and smoke use fixed values from the
-  usual ranges (LoRA 2e-3, full fine-tuning 5e-5).
+- Learning rates: full mode sweeps 3 per kind on a short budget (20 steps, training rows only) and picks the
+  lowest loss on a validation split (100 training rows never trained on). LoRA is swept once, at r=16, and
+  every rank uses that LR: with alpha fixed, s*r is the same at every rank, so one LR is the same step size
+  (the design point above). Quick and smoke use fixed values from the usual ranges (LoRA 2e-3, full 5e-5).
 - Data: ``examples/demo/train.jsonl`` rows 0-1399 are the "large" set, rows 0-99 the "small" set, rows
   1400-1499 the validation split for the LR sweep; ``examples/demo/heldout.jsonl`` is only scored.
 - Every run (and every method's sweep) is a subprocess of this script, so memory numbers do not leak
@@ -54,7 +55,7 @@ MB = 1024 * 1024
 MODES = {
     # methods, sizes, steps, micro-batch, sweep (LRs per kind, steps) or fixed LRs, held-out / retention limits
     "full": dict(methods=["full", "r4", "r8", "r16", "r64"], sizes=["large", "small"], steps=50, batch=8,
-                 sweep={"full": [1e-5, 3e-5, 1e-4], "lora": [1e-3, 2e-3, 4e-3]}, sweep_steps=10,
+                 sweep={"full": [1e-5, 3e-5, 1e-4], "lora": [2e-4, 6e-4, 2e-3]}, sweep_steps=20,
                  sweep_data="large", heldout_limit=None, retention_limit=None, out="claims"),
     "quick": dict(methods=["full", "r8", "r64"], sizes=["large"], steps=40, batch=8, sweep=None, sweep_steps=0,
                   heldout_limit=None, retention_limit=None, out="claims_quick"),
@@ -63,6 +64,7 @@ MODES = {
                   heldout_limit=10, retention_limit=12, out="claims_smoke"),
 }
 FIXED_LR = {"full": 5e-5, "lora": 2e-3}
+SWEEP_AT = {"full": "full", "lora": "r16"}  # the method whose sweep sets the LR of its kind
 SIZES = {"large": 1400, "small": 100}
 VAL_ROWS = (1400, 1500)
 
@@ -410,16 +412,12 @@ def plot(results: dict, path: Path) -> None:
         marker = "o" if r["size"] == "large" else "^"
         c = COLORS.get(r["method"], "k")
         name = f"{r['label']}, {r['train_rows']} rows"
-        ax1.scatter(r["heldout_em"] * 100, r["retention_ppl"], marker=marker, color=c, s=60)
-        ax1.annotate(name, (r["heldout_em"] * 100, r["retention_ppl"]), fontsize=7, xytext=(4, 3),
-                     textcoords="offset points")
-        ax2.scatter(r["peak_bytes"] / MB, r["heldout_em"] * 100, marker=marker, color=c, s=60)
-        ax2.annotate(name, (r["peak_bytes"] / MB, r["heldout_em"] * 100), fontsize=7, xytext=(4, 3),
-                     textcoords="offset points")
+        # a legend, not labels on the points: runs that tie would print on top of each other
+        ax1.scatter(r["heldout_em"] * 100, r["retention_ppl"], marker=marker, color=c, s=60, alpha=0.8, label=name)
+        ax2.scatter(r["peak_bytes"] / MB, r["heldout_em"] * 100, marker=marker, color=c, s=60, alpha=0.8)
     ax1.axhline(base["retention_ppl"], color="gray", ls="--", lw=1)
-    ax1.scatter([base["heldout_em"] * 100], [base["retention_ppl"]], marker="*", color="k", s=120)
-    ax1.annotate(f"base (retention acc {_pct(base['retention_acc'])})", (base["heldout_em"] * 100, base["retention_ppl"]),
-                 fontsize=7, xytext=(4, -10), textcoords="offset points")
+    ax1.scatter([base["heldout_em"] * 100], [base["retention_ppl"]], marker="*", color="k", s=120,
+                label=f"base model (retention acc {_pct(base['retention_acc'])})")
     ax1.set_xlabel("held-out exact match (%)  → learned more")
     ax1.set_ylabel("retention: perplexity of base model's answers  ↓ forgot less")
     ax1.set_title("task score vs retention (o = large set, ^ = small set)")
@@ -428,6 +426,7 @@ def plot(results: dict, path: Path) -> None:
     ax2.set_title("memory vs task score")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
+    ax1.legend(fontsize=7, loc="best")
     meta = results["meta"]
     fig.suptitle(f"SmolLM2-135M-Instruct, demo task: full FT vs LoRA ({meta['mode']} mode, {meta['steps']} steps x "
                  f"{meta['micro_batch']})", fontsize=10)
@@ -585,17 +584,26 @@ def main(argv=None) -> int:
     for method in mode["methods"]:
         if method in results["lr"]:
             continue
-        if mode["sweep"] and kind(method) in mode["sweep"]:
+        k = kind(method)
+        swept = next((m for m, v in results["lr"].items() if kind(m) == k and v.get("val_loss")), None)
+        if mode["sweep"] and k in mode["sweep"] and swept:  # one sweep per kind: reuse it
+            results["lr"][method] = {**results["lr"][swept], "val_loss": None, "wall_s": 0,
+                                     "note": f"from the {label(swept)} sweep"}
+        elif mode["sweep"] and k in mode["sweep"]:
+            at = SWEEP_AT[k] if SWEEP_AT[k] in mode["methods"] else method
             t = time.perf_counter()
-            r = run_worker({**common, "job": "sweep", "method": method, "lrs": mode["sweep"][kind(method)],
+            r = run_worker({**common, "job": "sweep", "method": at, "lrs": mode["sweep"][k],
                             "steps": mode["sweep_steps"], "data": str(files[mode["sweep_data"]]),
                             "val": str(files["val"])},
-                           work / "logs" / f"sweep-{method}.log")
+                           work / "logs" / f"sweep-{at}.log")
             lr, note = choose_lr(r["val_loss"])
-            results["lr"][method] = {"lr": lr, "val_loss": r["val_loss"], "note": note,
-                                     "wall_s": time.perf_counter() - t}
+            results["lr"][at] = {"lr": lr, "val_loss": r["val_loss"], "note": note,
+                                 "wall_s": time.perf_counter() - t}
+            if at != method:
+                results["lr"][method] = {**results["lr"][at], "val_loss": None, "wall_s": 0,
+                                         "note": f"from the {label(at)} sweep"}
         else:
-            results["lr"][method] = {"lr": FIXED_LR[kind(method)], "val_loss": None, "note": "fixed", "wall_s": 0}
+            results["lr"][method] = {"lr": FIXED_LR[k], "val_loss": None, "note": "fixed", "wall_s": 0}
         save(results, out_json)
         print(f"{label(method)}: learning rate {results['lr'][method]['lr']:g} {results['lr'][method]['note']}")
 
