@@ -4,7 +4,8 @@ With a 49k–128k vocabulary the fp32 logits and their gradient are often the la
 :class:`LinearCrossEntropy` takes the final hidden states of the *trained* positions only (prompt tokens
 masked out of the loss need no logits at all), and walks over them in chunks: for each chunk it computes
 the logits in fp32, the summed cross-entropy, and right away the gradient w.r.t. the hidden states
-(``(softmax − onehot) · W``), which is all backward needs. Peak extra memory is one chunk of logits; the
+(``(softmax − onehot) · W``), which is all backward needs. Peak extra memory is one chunk of logits (one fp32
+buffer, plus one in the compute dtype for the matmuls, reused by every chunk); the
 head matmul runs twice per token (forward and grad), as in an unchunked loss, instead of three times as
 with activation checkpointing of the head.
 """
@@ -32,31 +33,42 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        # One set of chunk buffers, reused: a fresh 32 MiB tensor per chunk and per op costs more in page faults
+        # (CPU) and allocator traffic than the arithmetic done in it.
+        rows, vocab = min(chunk, h.shape[0]), weight.shape[0]
+        z_buf = torch.empty(rows, vocab, dtype=torch.float32, device=h.device)
+        low_buf = torch.empty(rows, vocab, dtype=weight.dtype, device=h.device) if weight.dtype != torch.float32 else None
+        t_buf = torch.empty_like(z_buf) if softcap else None
         for start in range(0, h.shape[0], chunk):
             hc, yc = h[start : start + chunk], targets[start : start + chunk]
-            logits = (hc @ weight.t()).float()
+            n = hc.shape[0]
+            z = z_buf[:n]
+            if low_buf is None:
+                torch.mm(hc, weight.t(), out=z)
+            else:
+                z.copy_(torch.mm(hc, weight.t(), out=low_buf[:n]))
             t = None
-            if softcap:  # tanh in place; t is kept for the derivative 1 − t²
-                t = logits.div_(softcap).tanh_()
-                logits = t * softcap
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            if softcap:  # t = tanh(z / c) is kept for the derivative 1 − t²
+                t = torch.tanh(z.div_(softcap), out=t_buf[:n])
+                torch.mul(t, softcap, out=z)
+            # Cross-entropy and its gradient softmax − onehot, in place in z: z − max, exp, sum, divide.
+            zmax = z.amax(1, keepdim=True)
+            target_logit = z.gather(1, yc[:, None])
+            expz = z.sub_(zmax).exp_()
+            sumexp = expz.sum(1, keepdim=True)
+            total += (sumexp.log() + zmax - target_logit).sum()
             if not (need_h or need_w):
-                del logits, t
                 continue
-            # d CE / d logits = softmax − onehot, computed in place in the logits buffer.
-            grad = logits.sub_(lse[:, None]).exp_()
-            grad[torch.arange(yc.shape[0], device=yc.device), yc] -= 1.0
+            grad = expz.div_(sumexp)
+            grad[torch.arange(n, device=yc.device), yc] -= 1.0
             if softcap:
                 grad.mul_(t.mul_(t).neg_().add_(1.0))
-                t = None
             if need_h:
-                grad_h[start : start + chunk] = grad.to(weight.dtype) @ weight
+                low = grad if low_buf is None else low_buf[:n].copy_(grad)
+                torch.mm(low, weight, out=grad_h[start : start + n])
             if need_w:
                 grad_w.addmm_(grad.t(), hc.float())
-            # Drop this chunk's fp32 buffer now: kept until the next assignment, it would still be alive while
-            # the next chunk's logits are built (a second chunk of 4 B per element at the loss peak).
-            del logits, grad, t
+        del z_buf, low_buf, t_buf
         ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
         ctx.has = (need_h, need_w)
         return total
