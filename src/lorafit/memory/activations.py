@@ -191,15 +191,14 @@ def loss_buffers(spec: ModelSpec, s) -> LossBuffers:
         return LossBuffers(total, 0, f"plain HF loss: {n_tok} tokens × {V} vocab × {per} B (logits, fp32 upcast, "
                                      "log-softmax and its gradient)")
     c = min(chunk_tokens(spec, s), n_tr)
-    # One chunk at a time (the previous chunk's buffer is freed before the next matmul). Per logit: the fp32
-    # logits (4 B) + the compute-dtype matmul output they are upcast from (e B, when not fp32); with a final
-    # soft-cap, tanh runs in place and ``t`` (4 B) stays next to the capped logits (4 B) for 1 − t².
-    per = max(4 + (e if e != 4 else 0), 8 if spec.final_logit_softcap else 0)
+    # One chunk's buffers, reused by every chunk. Per logit: the fp32 logits (4 B) + the compute-dtype buffer the
+    # matmuls read and write (e B, when not fp32); with a final soft-cap, ``t = tanh`` (4 B) kept for 1 − t².
+    per = 4 + (e if e != 4 else 0) + (4 if spec.final_logit_softcap else 0)
     chunk = c * V * per
     hidden = n_tok * d * e + (n_tr * d * e if B > 1 else 0) + 2 * n_tr * d * e
     total = hidden + chunk
-    why = ("fp32 logits + tanh output (soft-cap)" if per == 8 and spec.final_logit_softcap else
-           "fp32 logits" + (f" + {s.dtype} matmul output" if e != 4 else ""))
+    why = ("fp32 logits" + (f" + {s.dtype} matmul buffer" if e != 4 else "")
+           + (" + tanh output (soft-cap)" if spec.final_logit_softcap else ""))
     return LossBuffers(total, head_grad,
                        f"hidden states and copies {hidden / 2**20:.1f} MiB + one chunk of {c} tokens × {V} vocab × "
                        f"{per} B ({why})" + (" + head gradient fp32 (V × d × 4 B)" if head_grad else ""))
