@@ -2,10 +2,11 @@
 
 Derived from what autograd keeps for the HF modules lorafit trains (checked with saved-tensor hooks):
 
-* RMSNorm (Llama/Qwen2/Mistral/Phi-3/Gemma): ``x.float()`` is saved by ``pow`` and ``mul`` (4 B/elt whatever
-  the dtype: in fp32 it is the input itself, in bf16 a fp32 copy) plus ``rsqrt`` (4 B/token). A trainable
-  scale also saves the normalised tensor (Llama: in the compute dtype; Gemma: fp32). Nothing is saved when
-  no gradient flows into the norm (layer 0 of a LoRA model: the embedding is frozen).
+* RMSNorm, Llama-style (Llama/Qwen2/Mistral/Phi-3; ``lorafit.train.rms_norm``): the input by reference
+  (e B/elt) and ``rstd`` (4 B/token), trainable scale or not. Gemma's norm (left as transformers has it):
+  ``x.float()`` saved by ``pow`` and ``mul`` (4 B/elt), ``rsqrt`` (4 B/token) and, with a trainable scale,
+  the fp32 normalised tensor. Nothing is saved when no gradient flows into the norm (layer 0 of a LoRA
+  model: the embedding is frozen).
 * Projections: a frozen linear saves nothing; a trainable one saves its input; a LoRA layer saves its input
   by reference (one copy per group of layers reading the same tensor), ``x·Aᵀ`` (r per token) and, with
   dropout, its keep-mask packed as bits (``in / 8`` bytes per token, one per LoRA layer).
@@ -45,6 +46,14 @@ class Temporaries:
     formula: str
 
 
+def rms_norm_bytes(spec, e: int, full: bool) -> int:
+    """Bytes per token one RMSNorm saves (see the module docstring)."""
+    d = spec.hidden
+    if spec.family.startswith("gemma"):
+        return 4 * d + 4 + (4 * d if full else 0)
+    return e * d + 4
+
+
 def _block_per_token(spec: ModelSpec, s, wrapped: set[str], rg: bool) -> tuple[int, bool]:
     """Bytes saved per token by one decoder block; ``rg``: does a gradient flow into the block's input."""
     e, d, q, kv, inter = s.bytes, spec.hidden, spec.q_dim, spec.kv_dim, spec.intermediate
@@ -57,7 +66,7 @@ def _block_per_token(spec: ModelSpec, s, wrapped: set[str], rg: bool) -> tuple[i
     def norm(rg_in: bool) -> int:
         if not (rg_in or full):
             return 0
-        return 4 * d + 4 + ((4 * d if gemma else e * d) if full else 0)
+        return rms_norm_bytes(spec, e, full)
 
     lin = {n: (i, o, g) for n, i, o, g in spec.linear_layers()}
     mask = s.method == "lora" and s.dropout > 0
@@ -149,7 +158,7 @@ def activations(spec: ModelSpec, s, targets: list[tuple]) -> Activations:
     if spec.family == "gpt2":
         final = (e * d + 8) * n_tok
     else:
-        final = (4 * d + 4 + ((4 * d if spec.family.startswith("gemma") else e * d) if full else 0)) * n_tok
+        final = rms_norm_bytes(spec, e, full) * n_tok
     if s.packing:  # block-causal mask built from the position restarts: bool (B × 1 × T × T), shared
         rotary += s.micro_batch * s.seq_len * s.seq_len
     if s.gradient_checkpointing:

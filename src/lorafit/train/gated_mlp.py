@@ -14,6 +14,8 @@ import types
 import torch
 from torch import nn
 
+from lorafit.train.compiled import compiled
+
 # MLP classes whose forward is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` in transformers.
 GATED_MLP_CLASSES = {
     "LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP",
@@ -21,18 +23,42 @@ GATED_MLP_CLASSES = {
 }
 
 
+def _silu_mul(g, u):
+    return torch.nn.functional.silu(g) * u
+
+
+def _silu_mul_backward(g, u, grad):
+    # silu'(g) = σ(g)·(1 + g·(1 − σ(g))), as torch's silu_backward computes it. Compiled only: eager, the fp32
+    # temporaries would outweigh the saving, and autograd's silu_backward is used instead.
+    sig = torch.sigmoid(g.float())
+    grad_u = (grad.float() * (g.float() * sig)).to(u.dtype)
+    grad_g = (grad.float() * u.float() * sig * (1 + g.float() * (1 - sig))).to(g.dtype)
+    return grad_g, grad_u
+
+
+_silu_mul_c = compiled(_silu_mul)
+_silu_mul_backward_c = compiled(_silu_mul_backward)
+
+
+def _is_silu(act) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
 class ActMul(torch.autograd.Function):
-    """``act(g) * u`` saving ``g`` and ``u`` only."""
+    """``act(g) * u`` saving ``g`` and ``u`` only; SiLU (most models) runs as one compiled kernel each way."""
 
     @staticmethod
     def forward(ctx, g, u, act):
         ctx.act = act
         ctx.save_for_backward(g, u)
-        return act(g) * u
+        return _silu_mul_c(g, u) if _is_silu(act) else act(g) * u  # eager _silu_mul is the same expression
 
     @staticmethod
     def backward(ctx, grad):
         g, u = ctx.saved_tensors
+        if _is_silu(ctx.act) and _silu_mul_backward_c.usable:  # fused; eager, autograd's own backward below
+            grad_g, grad_u = _silu_mul_backward_c(g, u, grad.contiguous())
+            return (grad_g if ctx.needs_input_grad[0] else None), (grad_u if ctx.needs_input_grad[1] else None), None
         with torch.enable_grad():
             g_ = g.detach().requires_grad_(ctx.needs_input_grad[0])
             a = ctx.act(g_)

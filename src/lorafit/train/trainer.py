@@ -26,6 +26,7 @@ from lorafit.lora import LoraConfig, apply_lora, count_parameters, save_adapter
 from lorafit.models import load_model_and_tokenizer
 from lorafit.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from lorafit.train.gated_mlp import use_lean_gated_mlps
+from lorafit.train.rms_norm import use_lean_rms_norms
 from lorafit.train.loss import causal_lm_loss
 from lorafit.train.metrics import MetricsLog, plot_loss
 from lorafit.train.optim import build_optimizer, build_scheduler
@@ -95,7 +96,8 @@ def lora_config_from(cfg) -> LoraConfig:
 
 
 def make_trainable(model, lora: LoraConfig | None, gradient_checkpointing: bool):
-    """What training does to a loaded model: adapter (or unfreeze all), lean gated MLPs, checkpointing, no cache.
+    """What training does to a loaded model: adapter (or unfreeze all), lean gated MLPs and RMSNorms, checkpointing,
+    no cache.
 
     Shared with ``lorafit.memory.measure`` so the measured step is the trainer's own.
     """
@@ -104,6 +106,7 @@ def make_trainable(model, lora: LoraConfig | None, gradient_checkpointing: bool)
     else:
         model.requires_grad_(True)
     use_lean_gated_mlps(model)
+    use_lean_rms_norms(model)
     if gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so it works with a frozen embedding.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

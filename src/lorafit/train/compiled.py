@@ -1,0 +1,61 @@
+"""Small pure functions compiled with ``torch.compile``, falling back to eager where compiling fails.
+
+The decoder's glue (RMSNorm, the gated activation) is a chain of elementwise ops; eager PyTorch runs each as
+its own pass over memory, and on CPU those passes cost more than the LoRA matmuls. Compiling just these
+functions fuses each chain into one kernel without compiling the model (whole-layer compilation was slower
+on CPU: graph breaks at the LoRA autograd function). Shapes are marked dynamic, so a new sequence length
+does not recompile. ``LORAFIT_COMPILE=0`` turns it off; without a working compiler it falls back by itself.
+Under a ``TorchDispatchMode`` (``MemTracker`` in ``lorafit measure`` and the estimator's validation) the eager
+path runs, so what is measured is tensor by tensor; the fused kernels allocate only their outputs, no more.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def enabled() -> bool:
+    return os.environ.get("LORAFIT_COMPILE", "1") not in ("0", "false", "no", "off")
+
+
+def active() -> bool:
+    """Whether compiled kernels run here: on, and no dispatch mode (a memory tracker) is watching."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return enabled() and _get_current_dispatch_mode() is None
+
+
+class Compiled:
+    """``fn`` compiled on first use; eager ``fn`` when compiling is off or fails (see :func:`active`)."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self._compiled: Callable | None = None
+        self._failed = False
+
+    @property
+    def usable(self) -> bool:
+        return not self._failed and active()
+
+    def __call__(self, *args):
+        if not self.usable:
+            return self.fn(*args)
+        if self._compiled is None:
+            self._compiled = torch.compile(self.fn, dynamic=True)
+        try:
+            return self._compiled(*args)
+        except Exception as e:  # no C++ compiler, unsupported device or dtype: the eager function is the same math
+            log.warning("torch.compile of %s failed (%s: %s); using eager PyTorch", self.fn.__name__,
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            self._failed = True
+            return self.fn(*args)
+
+
+def compiled(fn: Callable) -> Compiled:
+    return Compiled(fn)
