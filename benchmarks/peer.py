@@ -323,7 +323,9 @@ def main(argv=None) -> int:
         return 0
     table = CUDA_CONFIGS if args.device == "cuda" else (QUICK_CONFIGS if args.quick else CPU_CONFIGS)
     if args.configs:
-        known = {**CPU_CONFIGS, **QUICK_CONFIGS, **CUDA_CONFIGS}
+        # the device's own table wins: "exact" is a 135M shape on CPU and a 1B shape on CUDA
+        known = ({**CPU_CONFIGS, **QUICK_CONFIGS, **CUDA_CONFIGS} if args.device == "cuda"
+                 else {**CUDA_CONFIGS, **QUICK_CONFIGS, **CPU_CONFIGS})
         unknown = [c for c in args.configs.split(",") if c not in known]
         if unknown:
             print(f"unknown configuration(s) {unknown}; known: {', '.join(known)}", file=sys.stderr)
