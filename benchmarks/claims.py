@@ -8,7 +8,7 @@ tokens/s, trainable parameters, adapter / checkpoint size on disk, held-out exac
 (``lorafit.tasks.retention_score``: accuracy and perplexity of the base model's own answers), next to the
 base model's.
 
-    python benchmarks/claims.py            # full: 5 methods x 2 sizes, LR sweep per method   (~40 min, 2 cores)
+    python benchmarks/claims.py            # full: 5 methods x 2 sizes, LR sweeps (~49 min at 1 thread)
     python benchmarks/claims.py --quick    # full FT vs r=8 vs r=64, one size, fixed LRs     (< 10 min)
     python benchmarks/claims.py --smoke    # 2 methods, 3 steps, 10 held-out rows            (~2 min)
     python benchmarks/claims.py --resume   # continue: skip runs already in the JSON file
