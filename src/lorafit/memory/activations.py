@@ -61,7 +61,6 @@ def _block_per_token(spec: ModelSpec, s, wrapped: set[str], rg: bool) -> tuple[i
     r = s.r
     if spec.family == "gpt2":
         return _gpt2_block(spec, s, wrapped, rg)
-    gemma = spec.family in ("gemma", "gemma2")
 
     def norm(rg_in: bool) -> int:
         if not (rg_in or full):

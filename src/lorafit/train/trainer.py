@@ -26,11 +26,11 @@ from lorafit.lora import LoraConfig, apply_lora, count_parameters, save_adapter
 from lorafit.models import load_model_and_tokenizer
 from lorafit.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from lorafit.train.gated_mlp import use_lean_gated_mlps
-from lorafit.train.rms_norm import use_lean_rms_norms
 from lorafit.train.loss import causal_lm_loss
 from lorafit.train.metrics import MetricsLog, plot_loss
 from lorafit.train.optim import build_optimizer, build_scheduler
 from lorafit.train.progress import TrainProgress
+from lorafit.train.rms_norm import use_lean_rms_norms
 
 
 class TrainingDiverged(LorafitError):
