@@ -73,6 +73,61 @@ def as_multiplier(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return keep.view(torch.uint8).to(dtype)
 
 
+def lora_forward(x2, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float):
+    """``x2 Wᵀ + b + s · (drop(x2) Aᵀ) Bᵀ`` for 2-D ``x2``; returns ``(y, xa, packed mask or None)``, what
+    :func:`lora_backward` needs besides ``x2`` and the weights."""
+    a = lora_a.to(x2.dtype)
+    b = lora_b.to(x2.dtype)
+    packed = None
+    if dropout_p > 0:
+        keep = dropout_keep(x2.numel(), dropout_p, x2.device)
+        packed = pack_bits(keep)
+        xa = ((x2 * as_multiplier(keep, x2.dtype).view(x2.shape)) @ a.t()).mul_(1.0 / (1.0 - dropout_p))  # (N, r)
+        del keep
+    else:
+        xa = x2 @ a.t()
+    y = F.linear(x2, weight, bias)
+    y = torch.addmm(y, xa, b.t(), alpha=scaling)
+    return y, xa, packed
+
+
+def lora_backward(g, x2, weight, lora_a, lora_b, xa, packed, scaling: float, dropout_p: float, needs):
+    """Gradients ``(x, weight, bias, A, B)`` of :func:`lora_forward` for the 2-D output gradient ``g``.
+
+    ``needs``: the five ``needs_input_grad`` flags. ``x2`` may be a callable returning the input: it is then
+    called only if ``dA`` (the only user of the input when the base is frozen) is needed.
+    """
+    need_x, need_w, need_bias, need_a, need_b = needs
+    s, p = scaling, dropout_p
+    a = lora_a.to(g.dtype)
+    b = lora_b.to(g.dtype)
+    n_in = weight.shape[1]
+    keep = None
+    if packed is not None and (need_x or need_a):
+        keep = as_multiplier(unpack_bits(packed, g.shape[0] * n_in), g.dtype).view(g.shape[0], n_in)
+    if callable(x2) and (need_a or need_w):
+        x2 = x2()
+
+    # gradient reaching drop(x)·Aᵀ, with dropout's 1/(1-p) folded in while it is small (N × r)
+    g_xa = (g @ b).mul_(s / (1.0 - p) if keep is not None else s)
+    grad_a = grad_b = grad_x = grad_w = grad_bias = None
+    if need_b:
+        grad_b = (g.t() @ xa).mul_(s).to(lora_b.dtype)
+    if need_a:
+        xd = x2 * keep if keep is not None else x2
+        grad_a = (g_xa.t() @ xd).to(lora_a.dtype)
+    if need_x:
+        if keep is None:
+            grad_x = torch.addmm(g @ weight, g_xa, a)
+        else:
+            grad_x = torch.addcmul(g @ weight, g_xa @ a, keep)
+    if need_w:
+        grad_w = g.t() @ x2
+    if need_bias:
+        grad_bias = g.sum(0)
+    return grad_x, grad_w, grad_bias, grad_a, grad_b
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """``y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ`` with a minimal set of saved tensors (see module docstring).
 
@@ -83,19 +138,7 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float):
-        a = lora_a.to(x.dtype)
-        b = lora_b.to(x.dtype)
-        x2 = x.reshape(-1, x.shape[-1])
-        packed = None
-        if dropout_p > 0:
-            keep = dropout_keep(x2.numel(), dropout_p, x.device)
-            packed = pack_bits(keep)
-            xa = ((x2 * as_multiplier(keep, x.dtype).view(x2.shape)) @ a.t()).mul_(1.0 / (1.0 - dropout_p))  # (N, r)
-            del keep
-        else:
-            xa = x2 @ a.t()
-        y = F.linear(x2, weight, bias)
-        y = torch.addmm(y, xa, b.t(), alpha=scaling)
+        y, xa, packed = lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scaling, dropout_p)
         ctx.save_for_backward(x, weight, lora_a, lora_b, xa, packed)
         ctx.scaling, ctx.dropout_p = scaling, dropout_p
         ctx.has_bias = bias is not None
@@ -104,34 +147,13 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, lora_a, lora_b, xa, packed = ctx.saved_tensors
-        s, p = ctx.scaling, ctx.dropout_p
-        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        g = grad_out.reshape(-1, grad_out.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
-        a = lora_a.to(g.dtype)
-        b = lora_b.to(g.dtype)
-        keep = None
-        if packed is not None and (need_x or need_a):
-            keep = as_multiplier(unpack_bits(packed, x2.numel()), g.dtype).view(x2.shape)
-
-        # gradient reaching drop(x)·Aᵀ, with dropout's 1/(1-p) folded in while it is small (N × r)
-        g_xa = (g @ b).mul_(s / (1.0 - p) if keep is not None else s)
-        grad_a = grad_b = grad_x = grad_w = grad_bias = None
-        if need_b:
-            grad_b = (g.t() @ xa).mul_(s).to(lora_b.dtype)
-        if need_a:
-            xd = x2 * keep if keep is not None else x2
-            grad_a = (g_xa.t() @ xd).to(lora_a.dtype)
-        if need_x:
-            if keep is None:
-                grad_x = torch.addmm(g @ weight, g_xa, a)
-            else:
-                grad_x = torch.addcmul(g @ weight, g_xa @ a, keep)
+        needs = list(ctx.needs_input_grad[:5])
+        needs[2] = needs[2] and ctx.has_bias
+        grad_x, grad_w, grad_bias, grad_a, grad_b = lora_backward(
+            grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1]), weight, lora_a, lora_b, xa,
+            packed, ctx.scaling, ctx.dropout_p, needs)
+        if grad_x is not None:
             grad_x = grad_x.view(x.shape)
-        if need_w:
-            grad_w = g.t() @ x2
-        if need_bias and ctx.has_bias:
-            grad_bias = g.sum(0)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
 
 
@@ -238,15 +260,19 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:
             return self.base_layer(x)
-        weight = self._weight_out_in()
-        if weight.dtype != x.dtype:
-            x = x.to(weight.dtype)
+        args = self.function_args()
+        if args[0].dtype != x.dtype:
+            x = x.to(args[0].dtype)
+        return LoraLinearFunction.apply(x, *args)
+
+    def function_args(self) -> tuple:
+        """What :class:`LoraLinearFunction` (or a fused caller, see ``train.gated_mlp``) takes after the input:
+        ``(weight (out × in), bias, A, B, scaling, dropout p)``."""
         # The dropout mask comes from torch's global RNG: a checkpoint's saved RNG state reproduces it on resume,
         # and activation checkpointing's RNG replay reproduces it on recomputation.
         dropout = self.dropout_p if self.training else 0.0
-        return LoraLinearFunction.apply(
-            x, weight, self.base_layer.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, dropout
-        )
+        return (self._weight_out_in(), self.base_layer.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,
+                dropout)
 
     def extra_repr(self) -> str:
         return (

@@ -13,8 +13,9 @@ Derived from what autograd keeps for the HF modules lorafit trains (checked with
 * Rotary: ``cos``/``sin`` (seq × head_dim, shared by all layers); ``q_embed``, ``k_embed`` are new tensors.
 * SDPA (CPU flash / CUDA flash kernels): saves q, k, v, the output (which is also ``o_proj``'s input: the
   transpose back is free) and a fp32 log-sum-exp per head and token.
-* Gated MLP (``lorafit.train.gated_mlp``): gate and up (act(gate) is recomputed in backward), the product (for
-  down_proj). Phi-3's fused gate_up MLP is left as transformers has it and also keeps act(gate).
+* Gated MLP (``lorafit.train.gated_mlp``): gate and up (act(gate) is recomputed in backward); the product
+  (down_proj's input) only when down_proj is trainable in full (a LoRA down_proj recomputes it for ``dA``).
+  Phi-3's fused gate_up MLP is left as transformers has it: it keeps act(gate) and the product.
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ def _block_per_token(spec: ModelSpec, s, wrapped: set[str], rg: bool) -> tuple[i
         total += (3 if spec.family == "phi3" else 2) * e * inter
     down = groups["mlp_out"]
     if full or any(n in wrapped for n in down):
-        total += e * inter + xa(down)  # product (down_proj input)
+        # the product (down_proj's input); a LoRA down_proj in lorafit's gated MLP recomputes it in backward
+        total += (e * inter if full or spec.family == "phi3" else 0) + xa(down)
     if spec.family == "gemma2":
         total += norm(mlp_rg or any(n in wrapped for n in down))
     return total, h_rg or mlp_rg or any(n in wrapped for n in down)

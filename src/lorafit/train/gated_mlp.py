@@ -5,6 +5,10 @@
 per layer, the largest activations of a decoder block. :class:`ActMul` keeps only ``gate(x)`` and ``up(x)``
 and recomputes ``act(gate(x))`` in backward, one cheap elementwise op. The math is unchanged: forward is the
 same expression and backward is autograd's own over the recomputed activation.
+
+When ``down_proj`` is a LoRA layer over a frozen base, the product itself need not be kept either: its only
+use in backward is LoRA's ``dA``, so :class:`ActMulLoraDown` recomputes it there from ``gate(x)`` and ``up(x)``
+(one fused elementwise kernel) — one more (tokens × intermediate) tensor less per layer.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import types
 import torch
 from torch import nn
 
+from lorafit.lora.layer import LoraLinear, lora_backward, lora_forward
 from lorafit.train.compiled import compiled
 
 # MLP classes whose forward is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` in transformers.
@@ -44,6 +49,23 @@ def _is_silu(act) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
+def act_mul(g, u, act):
+    return _silu_mul_c(g, u) if _is_silu(act) else act(g) * u  # eager _silu_mul is the same expression
+
+
+def act_mul_backward(g, u, act, grad, need_g: bool, need_u: bool):
+    """Gradients of ``act(g) * u`` for ``grad``; SiLU runs as one compiled kernel, else autograd's own."""
+    if _is_silu(act) and _silu_mul_backward_c.usable:
+        grad_g, grad_u = _silu_mul_backward_c(g, u, grad.contiguous())
+        return (grad_g if need_g else None), (grad_u if need_u else None)
+    with torch.enable_grad():
+        g_ = g.detach().requires_grad_(need_g)
+        a = act(g_)
+    grad_u = grad * a.detach() if need_u else None
+    grad_g = torch.autograd.grad(a, g_, grad * u)[0] if need_g else None
+    return grad_g, grad_u
+
+
 class ActMul(torch.autograd.Function):
     """``act(g) * u`` saving ``g`` and ``u`` only; SiLU (most models) runs as one compiled kernel each way."""
 
@@ -51,24 +73,56 @@ class ActMul(torch.autograd.Function):
     def forward(ctx, g, u, act):
         ctx.act = act
         ctx.save_for_backward(g, u)
-        return _silu_mul_c(g, u) if _is_silu(act) else act(g) * u  # eager _silu_mul is the same expression
+        return act_mul(g, u, act)
 
     @staticmethod
     def backward(ctx, grad):
         g, u = ctx.saved_tensors
-        if _is_silu(ctx.act) and _silu_mul_backward_c.usable:  # fused; eager, autograd's own backward below
-            grad_g, grad_u = _silu_mul_backward_c(g, u, grad.contiguous())
-            return (grad_g if ctx.needs_input_grad[0] else None), (grad_u if ctx.needs_input_grad[1] else None), None
-        with torch.enable_grad():
-            g_ = g.detach().requires_grad_(ctx.needs_input_grad[0])
-            a = ctx.act(g_)
-        grad_u = grad * a.detach() if ctx.needs_input_grad[1] else None
-        grad_g = torch.autograd.grad(a, g_, grad * u)[0] if ctx.needs_input_grad[0] else None
-        return grad_g, grad_u, None
+        return *act_mul_backward(g, u, ctx.act, grad, *ctx.needs_input_grad[:2]), None
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+class ActMulLoraDown(torch.autograd.Function):
+    """``down(act(g) * u)`` for a LoRA ``down_proj`` (frozen base), saving ``g`` and ``u`` but not the product.
+
+    Same math as ``ActMul`` followed by ``LoraLinearFunction``: the product is recomputed in backward, only
+    when LoRA's ``dA`` is needed, from the tensors ``ActMul`` keeps anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, g, u, act, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float):
+        y, xa, packed = lora_forward(_flat(act_mul(g, u, act)), weight, bias, lora_a, lora_b, scaling, dropout_p)
+        ctx.save_for_backward(g, u, weight, lora_a, lora_b, xa, packed)
+        ctx.act, ctx.scaling, ctx.dropout_p, ctx.has_bias = act, scaling, dropout_p, bias is not None
+        return y.view(*g.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        g, u, weight, lora_a, lora_b, xa, packed = ctx.saved_tensors
+        need_g, need_u, _, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:7]
+        grad_h, grad_w, grad_bias, grad_a, grad_b = lora_backward(
+            _flat(grad), lambda: _flat(act_mul(g, u, ctx.act)), weight, lora_a, lora_b, xa, packed,
+            ctx.scaling, ctx.dropout_p, (need_g or need_u, need_w, need_bias and ctx.has_bias, need_a, need_b))
+        grad_g = grad_u = None
+        if grad_h is not None:
+            grad_g, grad_u = act_mul_backward(g, u, ctx.act, grad_h.view(g.shape), need_g, need_u)
+        return grad_g, grad_u, None, grad_w, grad_bias, grad_a, grad_b, None, None
+
+
+def _fusable_down(down: nn.Module, g: torch.Tensor) -> bool:
+    """Whether ``down`` can run inside :class:`ActMulLoraDown`: an active LoRA layer over a frozen base, training."""
+    return (isinstance(down, LoraLinear) and not (down.merged or down.disabled) and torch.is_grad_enabled()
+            and not down.base_layer.weight.requires_grad and down.base_layer.weight.dtype == g.dtype)
 
 
 def _lean_forward(self, x):
-    return self.down_proj(ActMul.apply(self.gate_proj(x), self.up_proj(x), self.act_fn))
+    g, u = self.gate_proj(x), self.up_proj(x)
+    if _fusable_down(self.down_proj, g):
+        return ActMulLoraDown.apply(g, u, self.act_fn, *self.down_proj.function_args())
+    return self.down_proj(ActMul.apply(g, u, self.act_fn))
 
 
 def use_lean_gated_mlps(model: nn.Module) -> int:
