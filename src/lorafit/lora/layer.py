@@ -15,7 +15,8 @@ block that is seven extra activation-sized tensors per layer, more than the froz
 * ``x`` itself, by reference — so q/k/v (and gate/up), which all read the same normed hidden state, share
   one saved tensor (the frozen base matmul needs no saved input at all: ``dx = g W`` needs only ``W``);
 * ``x Aᵀ`` (tokens × r), tiny;
-* for dropout, the mask packed as bits (1/32 of an fp32 copy of ``x``), not a mask plus a dropped-out copy.
+* for dropout, a seed: the mask is a hash of it and the element index, recomputed in backward inside the
+  kernel that applies it (``lora.dropout``), not a mask plus a dropped-out copy.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorafit.lora import dropout as lora_dropout
+
 try:  # GPT-2 style layers: weight stored as (in, out), y = x W + b.
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency
@@ -34,64 +37,25 @@ except ImportError:  # pragma: no cover - transformers is a dependency
 WRAPPABLE = (nn.Linear, Conv1D)
 
 
-# --- dropout mask: drawn once, kept as bits -------------------------------------------------------------
-# Drawing the mask costs more than the LoRA matmuls it feeds, so it is drawn once (16-bit random lanes, two per
-# 32-bit draw) and kept for backward packed 8 booleans to a byte: 1/32 of an fp32 copy of x.
-_PACK = 0x0102040810204080  # (8 bytes of 0/1) * _PACK puts them, as bits, in the top byte
-_REPEAT = 0x0101010101010101  # a byte copied into all 8 bytes
-_SELECT = 0x8040201008040201 - 2**64  # byte i keeps bit i (as a signed int64)
-_LOW7 = 0x7F7F7F7F7F7F7F7F  # + this sets bit 7 of every non-zero byte, without carries
-_HIGH = 0x8080808080808080 - 2**64
-
-
-def dropout_keep(n: int, p: float, device) -> torch.Tensor:
-    """``n`` booleans, each True with probability ``1 - p`` (p rounded to 1/65536), from torch's global RNG."""
-    lanes = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(0, 2**32)
-    lanes = lanes.to(torch.int32).view(torch.int16)[:n]
-    return lanes >= (-32768 + round(p * 65536))
-
-
-def pack_bits(keep: torch.Tensor) -> torch.Tensor:
-    """Booleans → uint8, 8 per byte (the length is padded to a multiple of 8)."""
-    flat = keep.reshape(-1)
-    if flat.numel() % 8:
-        flat = torch.cat([flat, flat.new_zeros(8 - flat.numel() % 8)])
-    words = flat.view(torch.uint8).view(torch.int64)
-    return ((words * _PACK) >> 56).to(torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: the first ``n`` booleans."""
-    words = (packed.to(torch.int64) * _REPEAT) & _SELECT
-    words = (((words + _LOW7) & _HIGH) >> 7) & _REPEAT  # each byte 0 or 1
-    return words.view(torch.bool)[:n]
-
-
-def as_multiplier(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Booleans as 0/1 in ``dtype``; through uint8, which converts ~4× faster than bool, and multiplying by
-    it is ~3× faster than ``torch.where`` on this path."""
-    return keep.view(torch.uint8).to(dtype)
-
-
 def lora_forward(x2, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float):
-    """``x2 Wᵀ + b + s · (drop(x2) Aᵀ) Bᵀ`` for 2-D ``x2``; returns ``(y, xa, packed mask or None)``, what
+    """``x2 Wᵀ + b + s · (drop(x2) Aᵀ) Bᵀ`` for 2-D ``x2``; returns ``(y, xa, dropout seed or None)``, what
     :func:`lora_backward` needs besides ``x2`` and the weights."""
     a = lora_a.to(x2.dtype)
     b = lora_b.to(x2.dtype)
-    packed = None
+    seed = None
     if dropout_p > 0:
-        keep = dropout_keep(x2.numel(), dropout_p, x2.device)
-        packed = pack_bits(keep)
-        xa = ((x2 * as_multiplier(keep, x2.dtype).view(x2.shape)) @ a.t()).mul_(1.0 / (1.0 - dropout_p))  # (N, r)
-        del keep
+        seed = lora_dropout.new_seed(x2.device)
+        xd = lora_dropout.dropped(x2, seed=seed, p=dropout_p)
+        xa = (xd @ a.t()).mul_(1.0 / (1.0 - dropout_p))  # (N, r)
+        del xd
     else:
         xa = x2 @ a.t()
     y = F.linear(x2, weight, bias)
     y = torch.addmm(y, xa, b.t(), alpha=scaling)
-    return y, xa, packed
+    return y, xa, seed
 
 
-def lora_backward(g, x2, weight, lora_a, lora_b, xa, packed, scaling: float, dropout_p: float, needs):
+def lora_backward(g, x2, weight, lora_a, lora_b, xa, seed, scaling: float, dropout_p: float, needs):
     """Gradients ``(x, weight, bias, A, B)`` of :func:`lora_forward` for the 2-D output gradient ``g``.
 
     ``needs``: the five ``needs_input_grad`` flags. ``x2`` may be a callable returning the input: it is then
@@ -101,26 +65,26 @@ def lora_backward(g, x2, weight, lora_a, lora_b, xa, packed, scaling: float, dro
     s, p = scaling, dropout_p
     a = lora_a.to(g.dtype)
     b = lora_b.to(g.dtype)
-    n_in = weight.shape[1]
-    keep = None
-    if packed is not None and (need_x or need_a):
-        keep = as_multiplier(unpack_bits(packed, g.shape[0] * n_in), g.dtype).view(g.shape[0], n_in)
     if callable(x2) and (need_a or need_w):
         x2 = x2()
 
     # gradient reaching drop(x)·Aᵀ, with dropout's 1/(1-p) folded in while it is small (N × r)
-    g_xa = (g @ b).mul_(s / (1.0 - p) if keep is not None else s)
+    g_xa = (g @ b).mul_(s / (1.0 - p) if seed is not None else s)
     grad_a = grad_b = grad_x = grad_w = grad_bias = None
     if need_b:
         grad_b = (g.t() @ xa).mul_(s).to(lora_b.dtype)
+    xd = None  # the input A saw
+    if seed is None:
+        xd = x2 if need_a else None
+        grad_x = torch.addmm(g @ weight, g_xa, a) if need_x else None
+    elif need_x and need_a:  # one pass over the mask for both
+        xd, grad_x = lora_dropout.dropped_and_add_dropped(x2, g @ weight, g_xa @ a, seed=seed, p=p)
+    elif need_x:
+        grad_x = lora_dropout.add_dropped(g @ weight, g_xa @ a, seed=seed, p=p)
+    elif need_a:
+        xd = lora_dropout.dropped(x2, seed=seed, p=p)
     if need_a:
-        xd = x2 * keep if keep is not None else x2
         grad_a = (g_xa.t() @ xd).to(lora_a.dtype)
-    if need_x:
-        if keep is None:
-            grad_x = torch.addmm(g @ weight, g_xa, a)
-        else:
-            grad_x = torch.addcmul(g @ weight, g_xa @ a, keep)
     if need_w:
         grad_w = g.t() @ x2
     if need_bias:
@@ -138,20 +102,20 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float):
-        y, xa, packed = lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scaling, dropout_p)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, xa, packed)
+        y, xa, seed = lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scaling, dropout_p)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, xa, seed)
         ctx.scaling, ctx.dropout_p = scaling, dropout_p
         ctx.has_bias = bias is not None
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, lora_a, lora_b, xa, packed = ctx.saved_tensors
+        x, weight, lora_a, lora_b, xa, seed = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[:5])
         needs[2] = needs[2] and ctx.has_bias
         grad_x, grad_w, grad_bias, grad_a, grad_b = lora_backward(
             grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1]), weight, lora_a, lora_b, xa,
-            packed, ctx.scaling, ctx.dropout_p, needs)
+            seed, ctx.scaling, ctx.dropout_p, needs)
         if grad_x is not None:
             grad_x = grad_x.view(x.shape)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None

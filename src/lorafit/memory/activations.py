@@ -9,7 +9,7 @@ Derived from what autograd keeps for the HF modules lorafit trains (checked with
   model: the embedding is frozen).
 * Projections: a frozen linear saves nothing; a trainable one saves its input; a LoRA layer saves its input
   by reference (one copy per group of layers reading the same tensor), ``x·Aᵀ`` (r per token) and, with
-  dropout, its keep-mask packed as bits (``in / 8`` bytes per token, one per LoRA layer).
+  dropout, nothing more (an 8-byte seed: ``lora.dropout`` recomputes the mask in backward).
 * Rotary: ``cos``/``sin`` (seq × head_dim, shared by all layers); ``q_embed``, ``k_embed`` are new tensors.
 * SDPA (CPU flash / CUDA flash kernels): saves q, k, v, the output (which is also ``o_proj``'s input: the
   transpose back is free) and a fp32 log-sum-exp per head and token.
@@ -69,11 +69,9 @@ def _block_per_token(spec: ModelSpec, s, wrapped: set[str], rg: bool) -> tuple[i
         return rms_norm_bytes(spec, e, full)
 
     lin = {n: (i, o, g) for n, i, o, g in spec.linear_layers()}
-    mask = s.method == "lora" and s.dropout > 0
 
-    def xa(names) -> int:
-        # x·Aᵀ (r values in the compute dtype) and, with dropout, the layer's own keep-mask packed 8 per byte.
-        return sum(r * e + (-(-lin[n][0] // 8) if mask else 0) for n in names if n in wrapped)
+    def xa(names) -> int:  # x·Aᵀ: r values per token in the compute dtype (a dropout mask is not kept)
+        return sum(r * e for n in names if n in wrapped)
 
     groups: dict[str, list[str]] = {}
     for n, (_, _, g) in lin.items():
@@ -120,10 +118,9 @@ def _gpt2_block(spec: ModelSpec, s, wrapped: set[str], rg: bool) -> tuple[int, b
     e, d, inter, r = s.bytes, spec.hidden, spec.intermediate, s.r
     full = s.method == "full"
     w = {n.split(".")[-1] if n != "attn.c_proj" else "c_proj" for n in wrapped}
-    mask = s.method == "lora" and s.dropout > 0
 
-    def xa(in_features: int) -> int:  # x·Aᵀ + the packed dropout mask (see _block_per_token)
-        return r * e + (-(-in_features // 8) if mask else 0)
+    def xa(in_features: int) -> int:  # x·Aᵀ (see _block_per_token)
+        return r * e
 
     ln = e * d + 8
     total = ln if rg or full else 0
@@ -168,7 +165,9 @@ def activations(spec: ModelSpec, s, targets: list[tuple]) -> Activations:
         return Activations(total, per_layer, per_layer, rotary + n_tok * d * e,
                            f"checkpointing: {L} layer inputs × {n_tok} tokens × {d} × {e} B "
                            f"+ final norm + rotary; one layer ({per_layer / 2**20:.1f} MiB) recomputed in backward")
-    total = per_first + (L - 1) * per_layer + rotary + final
+    # every LoRA layer with dropout keeps its mask's seed (two int32)
+    seeds = 8 * len(targets) * L if s.method == "lora" and s.dropout > 0 else 0
+    total = per_first + (L - 1) * per_layer + rotary + final + seeds
     formula = (f"{L} layers × {n_tok} tokens × {rest} B/token ({per_layer / 2**20:.1f} MiB per layer"
                + (f"; layer 0 {first} B/token" if first != rest else "") + ") + final norm + rotary")
     return Activations(total, per_layer, 0, rotary + per_first, formula)

@@ -94,17 +94,17 @@ class ActMulLoraDown(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, g, u, act, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float):
-        y, xa, packed = lora_forward(_flat(act_mul(g, u, act)), weight, bias, lora_a, lora_b, scaling, dropout_p)
-        ctx.save_for_backward(g, u, weight, lora_a, lora_b, xa, packed)
+        y, xa, seed = lora_forward(_flat(act_mul(g, u, act)), weight, bias, lora_a, lora_b, scaling, dropout_p)
+        ctx.save_for_backward(g, u, weight, lora_a, lora_b, xa, seed)
         ctx.act, ctx.scaling, ctx.dropout_p, ctx.has_bias = act, scaling, dropout_p, bias is not None
         return y.view(*g.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        g, u, weight, lora_a, lora_b, xa, packed = ctx.saved_tensors
+        g, u, weight, lora_a, lora_b, xa, seed = ctx.saved_tensors
         need_g, need_u, _, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:7]
         grad_h, grad_w, grad_bias, grad_a, grad_b = lora_backward(
-            _flat(grad), lambda: _flat(act_mul(g, u, ctx.act)), weight, lora_a, lora_b, xa, packed,
+            _flat(grad), lambda: _flat(act_mul(g, u, ctx.act)), weight, lora_a, lora_b, xa, seed,
             ctx.scaling, ctx.dropout_p, (need_g or need_u, need_w, need_bias and ctx.has_bias, need_a, need_b))
         grad_g = grad_u = None
         if grad_h is not None:
