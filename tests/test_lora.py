@@ -238,13 +238,18 @@ def test_dropout_backward_matches_autograd_reference(monkeypatch, compile_):
     torch.testing.assert_close(layer.lora_B.weight.grad, b.grad)
 
 
-def test_dropout_mask_rate_independence_and_kernels_agree(monkeypatch):
-    """Keep rate 1 - p; masks of successive calls and neighbouring elements uncorrelated; the compiled kernels,
-    the eager block-wise path and :func:`keep_mask` give the same mask."""
+@pytest.mark.parametrize("compile_", ["1", "0"])
+def test_dropout_mask_rate_independence_and_kernels_agree(monkeypatch, compile_):
+    """Keep rate 1 - p; masks of successive calls and neighbouring elements uncorrelated; the kernels (compiled
+    hash, or eager draws) apply the mask :func:`keep_mask` gives for the seed, also under a memory tracker."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
     from lorafit.lora import dropout
 
+    monkeypatch.setenv("LORAFIT_COMPILE", compile_)
     torch.manual_seed(0)
     s1, s2 = dropout.new_seed("cpu"), dropout.new_seed("cpu")
+    assert s1.dtype == (torch.int32 if compile_ == "1" else torch.int64)
     m1 = dropout.keep_mask(s1, (400, 500), 0.25)
     m2 = dropout.keep_mask(s2, (400, 500), 0.25)
     assert abs(m1.mean().item() - 0.75) < 0.005
@@ -252,11 +257,28 @@ def test_dropout_mask_rate_independence_and_kernels_agree(monkeypatch):
     assert abs(corr(m1, m2)) < 0.01  # two calls
     assert abs(corr(m1[:, 1:], m1[:, :-1])) < 0.01 and abs(corr(m1[1:], m1[:-1])) < 0.01  # neighbours
     x = torch.randn(400, 500)
-    for compile_ in ("1", "0"):  # eager runs in blocks of rows; the mask must not depend on the blocking
-        monkeypatch.setenv("LORAFIT_COMPILE", compile_)
-        assert torch.equal(dropout.dropped(x, seed=s1, p=0.25), x * m1)
+    assert torch.equal(dropout.dropped(x, seed=s1, p=0.25), x * m1)
+    with MemTracker():
         xd, y = dropout.dropped_and_add_dropped(x, x, x, seed=s1, p=0.25)
-        assert torch.equal(xd, x * m1) and torch.allclose(y, x + x * m1)
+    assert torch.equal(xd, x * m1) and torch.allclose(y, x + x * m1)
+
+
+def test_dropout_masks_replay_under_activation_checkpointing():
+    """Recomputation draws the same seeds (checkpointing restores the RNG state): checkpointed gradients equal
+    plain ones, dropout on, through the lean gated MLP's fused LoRA down_proj."""
+    from lorafit.train.trainer import make_trainable
+
+    grads = []
+    for gc in (False, True):
+        m = make_trainable(make_model("llama"), LoraConfig(r=4, dropout=0.3, target_modules="all-linear"), gc)
+        for layer in lora_layers(m):
+            torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
+        torch.manual_seed(5)
+        m(ids(), labels=ids()).loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], msg=n)
 
 
 def test_bf16_base_keeps_fp32_adapter():

@@ -40,6 +40,10 @@ class Compiled:
         self._failed = False
 
     @property
+    def failed(self) -> bool:
+        return self._failed
+
+    @property
     def usable(self) -> bool:
         return not self._failed and active()
 
