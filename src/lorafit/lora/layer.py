@@ -73,10 +73,10 @@ def lora_backward(g, x2, weight, lora_a, lora_b, xa, seed, scaling: float, dropo
     grad_a = grad_b = grad_x = grad_w = grad_bias = None
     if need_b:
         grad_b = (g.t() @ xa).mul_(s).to(lora_b.dtype)
-    xd = None  # the input A saw
+    xd = x2  # the input A saw
     if seed is None:
-        xd = x2 if need_a else None
-        grad_x = torch.addmm(g @ weight, g_xa, a) if need_x else None
+        if need_x:
+            grad_x = torch.addmm(g @ weight, g_xa, a)
     elif need_x and need_a:  # one pass over the mask for both
         xd, grad_x = lora_dropout.dropped_and_add_dropped(x2, g @ weight, g_xa @ a, seed=seed, p=p)
     elif need_x:

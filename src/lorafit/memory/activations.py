@@ -118,24 +118,22 @@ def _gpt2_block(spec: ModelSpec, s, wrapped: set[str], rg: bool) -> tuple[int, b
     e, d, inter, r = s.bytes, spec.hidden, spec.intermediate, s.r
     full = s.method == "full"
     w = {n.split(".")[-1] if n != "attn.c_proj" else "c_proj" for n in wrapped}
-
-    def xa(in_features: int) -> int:  # x·Aᵀ (see _block_per_token)
-        return r * e
+    xa = r * e  # x·Aᵀ per LoRA layer (see _block_per_token)
 
     ln = e * d + 8
     total = ln if rg or full else 0
     if full or "c_attn" in w:
-        total += e * d + (xa(d) if "c_attn" in w else 0)
+        total += e * d + (xa if "c_attn" in w else 0)
     attn_rg = rg or full or "c_attn" in w
     if attn_rg:
         total += e * 3 * d + e * d + 4 * spec.heads
-    total += (xa(d) if "attn.c_proj" in wrapped else 0)
+    total += (xa if "attn.c_proj" in wrapped else 0)
     total += ln  # ln_2: the residual requires grad from here on when anything above was trainable
     if full or "c_fc" in w:
-        total += e * d + (xa(d) if "c_fc" in w else 0)
+        total += e * d + (xa if "c_fc" in w else 0)
     total += GPT2_GELU_SAVED * e * inter
     if full or "mlp.c_proj" in wrapped:
-        total += e * inter + (xa(inter) if "mlp.c_proj" in wrapped else 0)
+        total += e * inter + (xa if "mlp.c_proj" in wrapped else 0)
     return total, True
 
 
