@@ -50,8 +50,8 @@ def lora_forward(x2, weight, bias, lora_a, lora_b, scaling: float, dropout_p: fl
         del xd
     else:
         xa = x2 @ a.t()
-    y = F.linear(x2, weight, bias)
-    y = torch.addmm(y, xa, b.t(), alpha=scaling)
+    # in place: out-of-place addmm would first copy the (N × out) base result into a new tensor
+    y = F.linear(x2, weight, bias).addmm_(xa, b.t(), alpha=scaling)
     return y, xa, seed
 
 
@@ -76,7 +76,7 @@ def lora_backward(g, x2, weight, lora_a, lora_b, xa, seed, scaling: float, dropo
     xd = x2  # the input A saw
     if seed is None:
         if need_x:
-            grad_x = torch.addmm(g @ weight, g_xa, a)
+            grad_x = (g @ weight).addmm_(g_xa, a)
     elif need_x and need_a:  # one pass over the mask for both
         xd, grad_x = lora_dropout.dropped_and_add_dropped(x2, g @ weight, g_xa @ a, seed=seed, p=p)
     elif need_x:
