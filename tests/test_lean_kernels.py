@@ -67,3 +67,65 @@ def test_compiled_falls_back_to_eager_when_compiling_fails(monkeypatch):
     k = compiled.compiled(lambda a, b: a * b + 1)
     assert torch.equal(k(torch.ones(3), torch.ones(3)), torch.full((3,), 2.0))
     assert not k.usable  # stays eager from now on
+
+
+def rope_inputs(dtype):
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    b, s, d = 2, 12, 16
+    x = torch.randn(b, s, 64, dtype=dtype)
+    cos, sin = LlamaRotaryEmbedding(cfg)(x, torch.arange(s).expand(b, s))
+    # q and k as the attention makes them: transposed views of the projections' outputs
+    qp = torch.randn(b, s, 4 * d, dtype=dtype, requires_grad=True)
+    kp = torch.randn(b, s, 2 * d, dtype=dtype, requires_grad=True)
+    return qp, kp, cos, sin
+
+
+def rope_run(fn, qp, kp, cos, sin):
+    qp.grad = kp.grad = None
+    b, s = qp.shape[:2]
+    q, k = fn(qp.view(b, s, 4, -1).transpose(1, 2), kp.view(b, s, 2, -1).transpose(1, 2), cos, sin)
+    torch.manual_seed(1)
+    (q.float() * torch.randn(q.shape)).sum().add((k.float() * torch.randn(k.shape)).sum()).backward()
+    return q.detach().float(), k.detach().float(), qp.grad.float(), kp.grad.float()
+
+
+@pytest.mark.parametrize("compile_", ["1", "0"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_lean_rotary_matches_transformers(monkeypatch, compile_, dtype, tol):
+    from transformers.models.llama import modeling_llama
+
+    from lorafit.train.rotary import _make_lean
+
+    monkeypatch.setenv("LORAFIT_COMPILE", compile_)
+    original = getattr(modeling_llama.apply_rotary_pos_emb, "lorafit_original", modeling_llama.apply_rotary_pos_emb)
+    inputs = rope_inputs(dtype)
+    ref = rope_run(original, *inputs)
+    lean = rope_run(_make_lean(original), *inputs)
+    for a, b in zip(lean, ref):
+        assert float((a - b).abs().max() / b.abs().max()) <= tol
+
+
+def test_use_lean_rotary_switches_llama_modules_once(monkeypatch):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.models.llama import modeling_llama
+
+    from lorafit.train.rotary import use_lean_rotary
+
+    original = getattr(modeling_llama.apply_rotary_pos_emb, "lorafit_original", modeling_llama.apply_rotary_pos_emb)
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", original)  # undone after the test
+    model = tiny(torch.float32)
+    ids = torch.randint(0, 100, (2, 16))
+    o1, g1, w1 = run(model, ids, True)
+    model.zero_grad(set_to_none=True)
+    assert use_lean_rotary(model) == 1 and use_lean_rotary(model) == 0
+    assert modeling_llama.apply_rotary_pos_emb.lorafit_original is original
+    o2, g2, w2 = run(model, ids, True)
+    assert torch.allclose(o1, o2, rtol=1e-5, atol=1e-6) and torch.allclose(g1, g2, rtol=1e-5, atol=1e-6)
+    for n in w1:
+        assert torch.allclose(w1[n], w2[n], rtol=1e-4, atol=1e-6), n
+    with torch.no_grad():  # nothing to train: the original function runs
+        assert torch.equal(model(ids).logits, model(ids).logits)
+    assert use_lean_rotary(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2))) == 0

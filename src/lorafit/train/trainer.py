@@ -31,6 +31,7 @@ from lorafit.train.metrics import MetricsLog, plot_loss
 from lorafit.train.optim import build_optimizer, build_scheduler
 from lorafit.train.progress import TrainProgress
 from lorafit.train.rms_norm import use_lean_rms_norms
+from lorafit.train.rotary import use_lean_rotary
 
 
 class TrainingDiverged(LorafitError):
@@ -96,8 +97,8 @@ def lora_config_from(cfg) -> LoraConfig:
 
 
 def make_trainable(model, lora: LoraConfig | None, gradient_checkpointing: bool):
-    """What training does to a loaded model: adapter (or unfreeze all), lean gated MLPs and RMSNorms, checkpointing,
-    no cache.
+    """What training does to a loaded model: adapter (or unfreeze all), lean gated MLPs, RMSNorms and RoPE,
+    checkpointing, no cache.
 
     Shared with ``lorafit.memory.measure`` so the measured step is the trainer's own.
     """
@@ -107,6 +108,7 @@ def make_trainable(model, lora: LoraConfig | None, gradient_checkpointing: bool)
         model.requires_grad_(True)
     use_lean_gated_mlps(model)
     use_lean_rms_norms(model)
+    use_lean_rotary(model)
     if gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so it works with a frozen embedding.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
