@@ -104,7 +104,7 @@ def test_lean_rotary_matches_transformers(monkeypatch, compile_, dtype, tol):
     inputs = rope_inputs(dtype)
     ref = rope_run(original, *inputs)
     lean = rope_run(_make_lean(original), *inputs)
-    for a, b in zip(lean, ref):
+    for a, b in zip(lean, ref, strict=True):
         assert float((a - b).abs().max() / b.abs().max()) <= tol
 
 
