@@ -3,6 +3,16 @@
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _transformers_rope_restored():
+    """Training switches transformers' RoPE process-wide (``lorafit.train.rotary``): undo it after each test, so
+    tests that use transformers as the reference do not depend on the order they run in."""
+    yield
+    from lorafit.train.rotary import restore_rotary
+
+    restore_rotary()
+
+
 @pytest.fixture(scope="session")
 def demo_tokenizer():
     from lorafit.models import load_tokenizer

@@ -69,63 +69,97 @@ def test_compiled_falls_back_to_eager_when_compiling_fails(monkeypatch):
     assert not k.usable  # stays eager from now on
 
 
-def rope_inputs(dtype):
+def rope_inputs(dtype, layout):
+    """q, k as attention makes them (views of the projections' outputs), and transformers' cos/sin."""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
     b, s, d = 2, 12, 16
-    x = torch.randn(b, s, 64, dtype=dtype)
-    cos, sin = LlamaRotaryEmbedding(cfg)(x, torch.arange(s).expand(b, s))
-    # q and k as the attention makes them: transposed views of the projections' outputs
+    cos, sin = LlamaRotaryEmbedding(cfg)(torch.randn(b, s, 64, dtype=dtype), torch.arange(s).expand(b, s))
     qp = torch.randn(b, s, 4 * d, dtype=dtype, requires_grad=True)
     kp = torch.randn(b, s, 2 * d, dtype=dtype, requires_grad=True)
-    return qp, kp, cos, sin
+
+    def heads(t, n):  # (b, h, s, d) for unsqueeze_dim=1, (b, s, h, d) for 2
+        t = t.view(b, s, n, d)
+        return t.transpose(1, 2) if layout == 1 else t
+
+    return qp, kp, lambda fn: fn(heads(qp, 4), heads(kp, 2), cos, sin, unsqueeze_dim=layout)
 
 
-def rope_run(fn, qp, kp, cos, sin):
+def rope_run(call, qp, kp):
     qp.grad = kp.grad = None
-    b, s = qp.shape[:2]
-    q, k = fn(qp.view(b, s, 4, -1).transpose(1, 2), kp.view(b, s, 2, -1).transpose(1, 2), cos, sin)
+    q, k = call()
     torch.manual_seed(1)
-    (q.float() * torch.randn(q.shape)).sum().add((k.float() * torch.randn(k.shape)).sum()).backward()
-    return q.detach().float(), k.detach().float(), qp.grad.float(), kp.grad.float()
+    loss = (q.float() * torch.randn(q.shape)).sum()
+    if k.requires_grad:
+        loss = loss + (k.float() * torch.randn(k.shape)).sum()
+    loss.backward()
+    return q, k, qp.grad, kp.grad
+
+
+def original_rope():
+    from transformers.models.llama import modeling_llama
+
+    fn = modeling_llama.apply_rotary_pos_emb
+    return getattr(fn, "lorafit_original", fn)
 
 
 @pytest.mark.parametrize("compile_", ["1", "0"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-def test_lean_rotary_matches_transformers(monkeypatch, compile_, dtype, tol):
-    from transformers.models.llama import modeling_llama
-
-    from lorafit.train.rotary import _make_lean
+@pytest.mark.parametrize("layout", [1, 2])
+def test_lean_rotary_matches_transformers(monkeypatch, compile_, dtype, tol, layout):
+    from lorafit.train import rotary
 
     monkeypatch.setenv("LORAFIT_COMPILE", compile_)
-    original = getattr(modeling_llama.apply_rotary_pos_emb, "lorafit_original", modeling_llama.apply_rotary_pos_emb)
-    inputs = rope_inputs(dtype)
-    ref = rope_run(original, *inputs)
-    lean = rope_run(_make_lean(original), *inputs)
+    qp, kp, call = rope_inputs(dtype, layout)
+    ref = rope_run(lambda: call(original_rope()), qp, kp)
+    lean = rope_run(lambda: call(rotary._make_lean(original_rope())), qp, kp)
+    assert "RotaryFunction" in type(lean[0].grad_fn).__name__
+    assert not rotary._forward_c.failed and not rotary._backward_c.failed
     for a, b in zip(lean, ref, strict=True):
+        a, b = a.detach().float(), b.detach().float()
         assert float((a - b).abs().max() / b.abs().max()) <= tol
 
 
+def test_lean_rotary_asks_no_gradient_for_a_frozen_input():
+    from lorafit.train import rotary
+
+    qp, kp, call = rope_inputs(torch.float32, 1)
+    kp.requires_grad_(False)  # k of layer 0 when k_proj is not adapted and the embedding is frozen
+    ref = rope_run(lambda: call(original_rope()), qp, kp)
+    q, k, gq, gk = rope_run(lambda: call(rotary._make_lean(original_rope())), qp, kp)
+    assert q.requires_grad and not k.requires_grad and gk is None
+    assert torch.allclose(gq, ref[2], rtol=1e-6, atol=1e-7) and torch.equal(k, ref[1])
+
+
 def test_use_lean_rotary_switches_llama_modules_once(monkeypatch):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import Phi3Config, Phi3ForCausalLM
     from transformers.models.llama import modeling_llama
 
+    from lorafit.train import rotary
     from lorafit.train.rotary import use_lean_rotary
 
-    original = getattr(modeling_llama.apply_rotary_pos_emb, "lorafit_original", modeling_llama.apply_rotary_pos_emb)
-    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", original)  # undone after the test
+    original = original_rope()
     model = tiny(torch.float32)
     ids = torch.randint(0, 100, (2, 16))
     o1, g1, w1 = run(model, ids, True)
     model.zero_grad(set_to_none=True)
     assert use_lean_rotary(model) == 1 and use_lean_rotary(model) == 0
     assert modeling_llama.apply_rotary_pos_emb.lorafit_original is original
+    calls = []
+    kernel = rotary._forward_c
+    monkeypatch.setattr(rotary, "_forward_c", lambda *a: calls.append(1) or kernel(*a))
     o2, g2, w2 = run(model, ids, True)
+    assert len(calls) == 2  # one per layer
     assert torch.allclose(o1, o2, rtol=1e-5, atol=1e-6) and torch.allclose(g1, g2, rtol=1e-5, atol=1e-6)
     for n in w1:
         assert torch.allclose(w1[n], w2[n], rtol=1e-4, atol=1e-6), n
-    with torch.no_grad():  # nothing to train: the original function runs
-        assert torch.equal(model(ids).logits, model(ids).logits)
-    assert use_lean_rotary(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2))) == 0
+    with torch.no_grad():  # nothing to train: transformers' own function runs, same logits
+        assert torch.allclose(model(inputs_embeds=model.model.embed_tokens(ids)).logits.float(), o1, atol=1e-6)
+    assert len(calls) == 2
+    # Phi-3 rotates only part of each head (its own apply_rotary_pos_emb): left alone
+    phi3 = Phi3ForCausalLM(Phi3Config(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                      num_key_value_heads=2, num_hidden_layers=1, vocab_size=100,
+                                      partial_rotary_factor=0.5, pad_token_id=0))
+    assert use_lean_rotary(phi3) == 0
