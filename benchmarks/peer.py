@@ -246,6 +246,14 @@ def print_table(summary: dict, device: str) -> None:
                           f"max relative difference {diff} (bound {e['rtol']:g}) {verdict}")
 
 
+def _cpu_flags() -> list[str]:
+    try:
+        flags = next(line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return sorted(f for f in flags if f.startswith(("amx", "avx512_bf16", "avx512_fp16")))
+
+
 def machine_info(args) -> dict:
     import torch
 
@@ -265,7 +273,10 @@ def machine_info(args) -> dict:
                                 cwd=ROOT).stdout.strip()
     except OSError:
         commit = ""
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "threads": args.threads, "device": args.device,
+    # The vector unit PyTorch dispatches to: without AMX (capability below AVX512_BF16/AMX) bf16 matmuls run
+    # slower than fp32 ones, which changes every bf16 row of the table.
+    info = {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_flags": _cpu_flags(),
+            "cpu_count": os.cpu_count(), "threads": args.threads, "device": args.device,
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "loadavg_start": os.getloadavg(),
             "commit": commit, "versions": versions}
     if args.device == "cuda" and torch.cuda.is_available():
@@ -334,7 +345,8 @@ def main(argv=None) -> int:
     out = args.out or RESULTS / ("peer_cuda.json" if args.device == "cuda" else "peer.json")
     info = machine_info(args)
     runs = plan(args, table)
-    print(f"{len(runs)} runs, {args.threads} thread(s), load average {info['loadavg_start'][0]:.2f}", flush=True)
+    print(f"{len(runs)} runs, {args.threads} thread(s), CPU capability {info.get('cpu_capability', '?')} "
+          f"{' '.join(info.get('cpu_flags', []))}, load average {info['loadavg_start'][0]:.2f}", flush=True)
     results, t_start = [], time.perf_counter()
     for i, spec in enumerate(runs, 1):
         res = run_one(spec, args.timeout)
