@@ -273,7 +273,7 @@ def machine_info(args) -> dict:
                                 cwd=ROOT).stdout.strip()
     except OSError:
         commit = ""
-    # The vector unit PyTorch dispatches to: without AMX (capability below AVX512_BF16/AMX) bf16 matmuls run
+    # The vector unit PyTorch dispatches to and the CPU's AMX/bf16 flags: without AMX, bf16 matmuls can run
     # slower than fp32 ones, which changes every bf16 row of the table.
     info = {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_flags": _cpu_flags(),
             "cpu_count": os.cpu_count(), "threads": args.threads, "device": args.device,
@@ -345,8 +345,8 @@ def main(argv=None) -> int:
     out = args.out or RESULTS / ("peer_cuda.json" if args.device == "cuda" else "peer.json")
     info = machine_info(args)
     runs = plan(args, table)
-    print(f"{len(runs)} runs, {args.threads} thread(s), CPU capability {info.get('cpu_capability', '?')} "
-          f"{' '.join(info.get('cpu_flags', []))}, load average {info['loadavg_start'][0]:.2f}", flush=True)
+    print(f"{len(runs)} runs, {args.threads} thread(s), CPU capability {info['cpu_capability']} "
+          f"{' '.join(info['cpu_flags'])}, load average {info['loadavg_start'][0]:.2f}", flush=True)
     results, t_start = [], time.perf_counter()
     for i, spec in enumerate(runs, 1):
         res = run_one(spec, args.timeout)
