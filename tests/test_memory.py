@@ -136,8 +136,8 @@ def test_measured_rows_within_10_percent(spec, settings):
     assert abs(err) <= 10, f"estimate {est.allocated_peak} vs measured {m.peak}: {err:+.1f}%"
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_saved_tensors_match_the_model(dtype):
+@pytest.mark.parametrize("dtype,matmul", [("float32", "auto"), ("bfloat16", "native"), ("bfloat16", "fp32")])
+def test_saved_tensors_match_the_model(monkeypatch, dtype, matmul):
     """Guard: what one forward + loss saves for backward is exactly what the estimator's activation model says.
 
     A change in what ``LoraLinearFunction``, the HF modules or the chunked loss save breaks this test until
@@ -151,6 +151,7 @@ def test_saved_tensors_match_the_model(dtype):
     from lorafit.memory.measure import _batch, build_model
     from lorafit.train.loss import causal_lm_loss
 
+    monkeypatch.setenv("LORAFIT_HALF_MATMUL", matmul)  # bf16 matmuls on fp32 copies save x·Aᵀ in fp32
     s = Settings(method="lora", dtype=dtype, micro_batch=2, seq_len=32, r=8, dropout=0.1, device="cpu")
     model = build_model(TINY, s)
     weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}

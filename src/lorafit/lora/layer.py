@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorafit import matmul
 from lorafit.lora import dropout as lora_dropout
 
 try:  # GPT-2 style layers: weight stored as (in, out), y = x W + b.
@@ -102,7 +103,14 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float):
-        y, xa, seed = lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scaling, dropout_p)
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.compute_dtype = compute_dtype_for(x, weight)
+        if ctx.compute_dtype != x.dtype:  # bf16 GEMMs slow here: fp32 copies, one rounding (see lorafit.matmul)
+            y, xa, seed = lora_forward(x2.to(ctx.compute_dtype), *upcast(ctx.compute_dtype, weight, bias),
+                                       lora_a, lora_b, scaling, dropout_p)
+            y = y.to(x.dtype)
+        else:
+            y, xa, seed = lora_forward(x2, weight, bias, lora_a, lora_b, scaling, dropout_p)
         ctx.save_for_backward(x, weight, lora_a, lora_b, xa, seed)
         ctx.scaling, ctx.dropout_p = scaling, dropout_p
         ctx.has_bias = bias is not None
@@ -113,12 +121,32 @@ class LoraLinearFunction(torch.autograd.Function):
         x, weight, lora_a, lora_b, xa, seed = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[:5])
         needs[2] = needs[2] and ctx.has_bias
-        grad_x, grad_w, grad_bias, grad_a, grad_b = lora_backward(
-            grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1]), weight, lora_a, lora_b, xa,
-            seed, ctx.scaling, ctx.dropout_p, needs)
+        cd = ctx.compute_dtype
+        x2 = x.reshape(-1, x.shape[-1])
+        grads = lora_backward(
+            grad_out.reshape(-1, grad_out.shape[-1]).to(cd), x2 if cd == x.dtype else lambda: x2.to(cd),
+            weight.to(cd), lora_a, lora_b, xa, seed, ctx.scaling, ctx.dropout_p, needs)
+        grad_x, grad_w, grad_bias, grad_a, grad_b = lowered(grads, x.dtype)
         if grad_x is not None:
             grad_x = grad_x.view(x.shape)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
+
+
+def compute_dtype_for(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """fp32 for a frozen bf16/fp16 base on a CPU whose half-precision GEMMs are slow, else ``x.dtype``."""
+    return x.dtype if weight.requires_grad else matmul.compute_dtype(x.dtype, x.device)
+
+
+def upcast(dtype: torch.dtype, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    return weight.to(dtype), (None if bias is None else bias.to(dtype))
+
+
+def lowered(grads: tuple, dtype: torch.dtype) -> tuple:
+    """``lora_backward``'s gradients with those of the base path (x, weight, bias) back in ``dtype``; A and B
+    keep their own dtype."""
+    grad_x, grad_w, grad_bias, grad_a, grad_b = grads
+    grad_x, grad_w, grad_bias = (None if t is None else t.to(dtype) for t in (grad_x, grad_w, grad_bias))
+    return grad_x, grad_w, grad_bias, grad_a, grad_b
 
 
 class LoraLinear(nn.Module):

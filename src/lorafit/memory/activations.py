@@ -70,8 +70,8 @@ def _block_per_token(spec: ModelSpec, s, wrapped: set[str], rg: bool) -> tuple[i
 
     lin = {n: (i, o, g) for n, i, o, g in spec.linear_layers()}
 
-    def xa(names) -> int:  # x·Aᵀ: r values per token in the compute dtype (a dropout mask is not kept)
-        return sum(r * e for n in names if n in wrapped)
+    def xa(names) -> int:  # x·Aᵀ: r values per token in the matmuls' dtype (a dropout mask is not kept)
+        return sum(r * s.compute_bytes for n in names if n in wrapped)
 
     groups: dict[str, list[str]] = {}
     for n, (_, _, g) in lin.items():
@@ -118,7 +118,7 @@ def _gpt2_block(spec: ModelSpec, s, wrapped: set[str], rg: bool) -> tuple[int, b
     e, d, inter, r = s.bytes, spec.hidden, spec.intermediate, s.r
     full = s.method == "full"
     w = {n.split(".")[-1] if n != "attn.c_proj" else "c_proj" for n in wrapped}
-    xa = r * e  # x·Aᵀ per LoRA layer (see _block_per_token)
+    xa = r * s.compute_bytes  # x·Aᵀ per LoRA layer (see _block_per_token)
 
     ln = e * d + 8
     total = ln if rg or full else 0
@@ -199,16 +199,21 @@ def loss_buffers(spec: ModelSpec, s) -> LossBuffers:
                                      "log-softmax and its gradient)")
     c = min(chunk_tokens(spec, s), n_tr)
     # One chunk's buffers, reused by every chunk. Per logit: the fp32 logits (4 B) + the compute-dtype buffer the
-    # matmuls read and write (e B, when not fp32); with a final soft-cap, ``t = tanh`` (4 B) kept for 1 − t².
-    per = 4 + (e if e != 4 else 0) + (4 if spec.final_logit_softcap else 0)
+    # matmuls read and write (e B, when they do not run in fp32); with a final soft-cap, ``t = tanh`` (4 B) kept
+    # for 1 − t². Frozen matmuls on fp32 copies (``lorafit.matmul``): the head's fp32 copy, made once for all
+    # chunks, and a chunk's fp32 rows and hidden-state gradient.
+    low = s.compute_bytes != 4
+    per = 4 + (e if low else 0) + (4 if spec.final_logit_softcap else 0)
     chunk = c * V * per
+    upcast = V * d * 4 + 2 * c * d * 4 if s.upcast else 0
     hidden = n_tok * d * e + (n_tr * d * e if B > 1 else 0) + 2 * n_tr * d * e
-    total = hidden + chunk
-    why = ("fp32 logits" + (f" + {s.dtype} matmul buffer" if e != 4 else "")
+    total = hidden + chunk + upcast
+    why = ("fp32 logits" + (f" + {s.dtype} matmul buffer" if low else "")
            + (" + tanh output (soft-cap)" if spec.final_logit_softcap else ""))
     return LossBuffers(total, head_grad,
                        f"hidden states and copies {hidden / 2**20:.1f} MiB + one chunk of {c} tokens × {V} vocab × "
-                       f"{per} B ({why})" + (" + head gradient fp32 (V × d × 4 B)" if head_grad else ""))
+                       f"{per} B ({why})" + (f" + fp32 copy of the head {upcast / 2**20:.1f} MiB" if upcast else "")
+                       + (" + head gradient fp32 (V × d × 4 B)" if head_grad else ""))
 
 
 def backward_temporaries(spec: ModelSpec, s, targets: list[tuple]) -> Temporaries:
@@ -217,10 +222,12 @@ def backward_temporaries(spec: ModelSpec, s, targets: list[tuple]) -> Temporarie
     wrapped = {t[0] for t in targets}
     down_lora = any(n.endswith(("down_proj", "mlp.c_proj")) for n in wrapped)
     k = BW_MLP_DROPOUT if (s.method == "lora" and s.dropout > 0 and down_lora) else BW_MLP
-    total = int(k * n_tok * inter * e + BW_HIDDEN * n_tok * d * e)
+    # Frozen matmuls on fp32 copies (lorafit.matmul): the MLP's transients are fp32 (same count, measured).
+    c = s.compute_bytes
+    total = int(k * n_tok * inter * c + BW_HIDDEN * n_tok * d * e)
     act = activations(spec, s, targets)
     total += act.recompute
-    return Temporaries(total, f"{k} × tokens × intermediate × {e} B + {BW_HIDDEN} × tokens × hidden × {e} B"
+    return Temporaries(total, f"{k} × tokens × intermediate × {c} B + {BW_HIDDEN} × tokens × hidden × {e} B"
                               + (" + one recomputed layer" if act.recompute else ""))
 
 

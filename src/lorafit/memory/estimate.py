@@ -55,6 +55,8 @@ class Settings:
     loss: str = "chunked"  # "chunked" (lorafit) | "hf" (plain transformers loss: full logits)
     loss_chunk_tokens: int | None = None  # None: lorafit's default for the vocabulary
     device: str = "cuda"  # "cuda" adds context/allocator overhead; "cpu" adds none
+    # dtype the frozen LoRA/loss matmuls run in; None: what lorafit.matmul picks (on "cpu": for this machine's CPU)
+    matmul_dtype: str | None = None
 
     def __post_init__(self):
         self.validate()
@@ -87,10 +89,24 @@ class Settings:
             raise LorafitError(f"device: got {self.device!r}, use cuda or cpu")
         if not self.targets:
             raise LorafitError("lora targets: empty; give module names like q_proj,v_proj or all-linear")
+        if self.matmul_dtype is None:
+            self.matmul_dtype = _matmul_dtype(self.dtype, self.device) if self.method == "lora" else self.dtype
+        elif DTYPE_NAMES.get(str(self.matmul_dtype).lower()) not in (self.dtype, "float32"):
+            raise LorafitError(f"matmul dtype: got {self.matmul_dtype!r}, use {self.dtype} or float32")
+        self.matmul_dtype = DTYPE_NAMES[str(self.matmul_dtype).lower()]
 
     @property
     def bytes(self) -> int:
         return DTYPE_BYTES[self.dtype]
+
+    @property
+    def upcast(self) -> bool:
+        """Whether the frozen matmuls run on fp32 copies of the bf16/fp16 tensors (see ``lorafit.matmul``)."""
+        return self.matmul_dtype != self.dtype
+
+    @property
+    def compute_bytes(self) -> int:
+        return DTYPE_BYTES[self.matmul_dtype]
 
     @property
     def tokens(self) -> int:
@@ -165,6 +181,14 @@ def lora_targets(spec: ModelSpec, targets: list[str] | str) -> list[tuple[str, i
                                f"this model has: {', '.join(spec.module_names())}")
         chosen += [h for h in hit if h not in chosen]
     return chosen
+
+
+def _matmul_dtype(dtype: str, device: str) -> str:
+    import torch
+
+    from lorafit import matmul
+
+    return str(matmul.compute_dtype(getattr(torch, dtype), device)).removeprefix("torch.")
 
 
 def estimate(spec: ModelSpec, settings: Settings) -> Estimate:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lorafit import matmul
+
 IGNORE_INDEX = -100
 # Logit elements per chunk: 2**23 fp32 values = 32 MiB (e.g. 170 tokens of a 49k vocabulary).
 CHUNK_ELEMENTS = 2**23
@@ -33,6 +35,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        # A frozen bf16 head on a CPU whose bf16 GEMMs are slow: one fp32 copy of it for all chunks (lorafit.matmul).
+        upcast = not need_w and matmul.upcasts(weight.dtype, weight.device)
+        if upcast:
+            weight = weight.float()
         # One set of chunk buffers, reused: a fresh 32 MiB tensor per chunk and per op costs more in page faults
         # (CPU) and allocator traffic than the arithmetic done in it.
         rows, vocab = min(chunk, h.shape[0]), weight.shape[0]
@@ -41,6 +47,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         t_buf = torch.empty_like(z_buf) if softcap else None
         for start in range(0, h.shape[0], chunk):
             hc, yc = h[start : start + chunk], targets[start : start + chunk]
+            if upcast:
+                hc = hc.float()
             n = hc.shape[0]
             z = z_buf[:n]
             if low_buf is None:
@@ -63,12 +71,14 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad[torch.arange(n, device=yc.device), yc] -= 1.0
             if softcap:
                 grad.mul_(t.mul_(t).neg_().add_(1.0))
-            if need_h:
+            if need_h and upcast:  # the fp32 softmax gradient is used as it is, not rounded first
+                grad_h[start : start + n] = torch.mm(grad, weight)
+            elif need_h:
                 low = grad if low_buf is None else low_buf[:n].copy_(grad)
                 torch.mm(low, weight, out=grad_h[start : start + n])
             if need_w:
                 grad_w.addmm_(grad.t(), hc.float())
-        del z_buf, low_buf, t_buf
+        del z_buf, low_buf, t_buf, weight
         ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
         ctx.has = (need_h, need_w)
         return total

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from lorafit import matmul
 from lorafit.data import batches, build_datasets, model_inputs
 from lorafit.errors import LorafitError
 from lorafit.fsutil import atomic_dir
@@ -171,6 +172,13 @@ def evaluate(model, samples, cfg, pad_id: int, max_batches: int | None = None) -
     return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": n}
 
 
+def _matmul_note(model) -> str:
+    weight = model.get_output_embeddings().weight
+    if not matmul.upcasts(weight.dtype, weight.device):
+        return ""
+    return f" (frozen matmuls on fp32 copies: faster on this CPU; {matmul.ENV}=native to turn off)"
+
+
 def _config_dump(cfg) -> dict:
     return cfg.model_dump(mode="json")
 
@@ -213,7 +221,8 @@ def train(cfg, resume: bool = False, console: Console | None = None, stop_after:
                 current = epoch_batches(state.epoch)
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=state.step if resume else None)
     params = count_parameters(model)
-    console.print(f"{'LoRA' if cfg.is_lora else 'full fine-tuning'} | {params} | dtype {cfg.effective_dtype} | "
+    console.print(f"{'LoRA' if cfg.is_lora else 'full fine-tuning'} | {params} | dtype {cfg.effective_dtype}"
+                  f"{_matmul_note(model) if cfg.is_lora else ''} | "
                   f"{total_steps} steps of {cfg.micro_batch_size}×{cfg.gradient_accumulation_steps} "
                   f"({steps_per_epoch} per epoch)")
     config_dump = _config_dump(cfg)

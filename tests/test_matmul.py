@@ -1,0 +1,195 @@
+"""Frozen bf16 matmuls on fp32 copies (``lorafit.matmul``): when it is chosen, and that it is the same math
+rounded once — at least as close to an fp64 reference as the native bf16 GEMMs."""
+
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lorafit import LorafitError, matmul
+from lorafit.lora import LoraConfig, LoraLinear, apply_lora
+from lorafit.lora import layer as lora_layer
+from lorafit.memory.estimate import Settings
+from lorafit.train import gated_mlp
+from lorafit.train.gated_mlp import use_lean_gated_mlps
+from lorafit.train.loss import LinearCrossEntropy
+
+bf16 = torch.bfloat16
+
+
+@pytest.fixture
+def fresh_probe():
+    matmul._fp32_faster.cache_clear()
+    yield
+    matmul._fp32_faster.cache_clear()
+
+
+def test_which_dtype_the_matmuls_run_in(monkeypatch):
+    monkeypatch.setenv(matmul.ENV, "fp32")
+    assert matmul.compute_dtype(bf16, "cpu") == torch.float32
+    assert matmul.compute_dtype(torch.float16, "cpu") == torch.float32
+    assert matmul.compute_dtype(torch.float32, "cpu") == torch.float32
+    assert matmul.compute_dtype(bf16, "cuda") == bf16  # a GPU's bf16 GEMMs are the fast ones
+    monkeypatch.setenv(matmul.ENV, "native")
+    assert matmul.compute_dtype(bf16, "cpu") == bf16
+    monkeypatch.setenv(matmul.ENV, "fast")
+    with pytest.raises(LorafitError, match=f"{matmul.ENV}='fast': use one of auto, native, fp32"):
+        matmul.compute_dtype(bf16, "cpu")
+
+
+@pytest.mark.parametrize("native,upcast,expected", [(1.0, 0.5, torch.float32), (1.0, 0.95, bf16)])
+def test_auto_follows_the_probe(monkeypatch, fresh_probe, native, upcast, expected):
+    monkeypatch.setenv(matmul.ENV, "auto")
+    calls = []
+    monkeypatch.setattr(matmul, "probe", lambda dtype: calls.append(dtype) or (native, upcast))
+    assert matmul.compute_dtype(bf16, "cpu") == expected
+    assert matmul.compute_dtype(bf16, "cpu") == expected
+    assert calls == [bf16]  # measured once per process, dtype and thread count
+
+
+def test_probe_is_not_seen_by_a_memory_tracker(monkeypatch, fresh_probe):
+    monkeypatch.setenv(matmul.ENV, "auto")
+    seen = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        matmul.compute_dtype(bf16, "cpu")
+    assert seen == []
+
+
+def _lora_layer(bias: bool, dropout: float) -> LoraLinear:
+    torch.manual_seed(0)
+    layer = LoraLinear(torch.nn.Linear(48, 40, bias=bias).to(bf16), r=4, alpha=8, dropout=dropout)
+    layer.base_layer.requires_grad_(False)
+    torch.nn.init.normal_(layer.lora_B.weight, std=0.2)
+    return layer
+
+
+def _run(layer, x, g):
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(5)  # the dropout seed
+    y = layer(x)
+    y.backward(g)
+    return y, x.grad, layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_lora_layer_on_fp32_copies(monkeypatch, bias, dropout):
+    layer = _lora_layer(bias, dropout)
+    x = torch.randn(3, 7, 48).to(bf16)
+    g = torch.randn(3, 7, 40).to(bf16)
+    calls = []
+    monkeypatch.setattr(lora_layer, "upcast", lambda *a: calls.append(1) or upcast_fn(*a))
+    results = {}
+    for mode in ("native", "fp32"):
+        monkeypatch.setenv(matmul.ENV, mode)
+        layer.zero_grad()
+        results[mode] = _run(layer, x, g)
+    assert len(calls) == 1  # only the fp32 run took the upcast path
+    y, gx, ga, gb = results["fp32"]
+    assert y.dtype == gx.dtype == bf16 and ga.dtype == gb.dtype == torch.float32
+
+    # fp64 reference with the same mask: the model's own math in a wider dtype
+    ref = copy.deepcopy(layer).double()
+    ref.zero_grad()
+    monkeypatch.setenv(matmul.ENV, "native")
+    yr, gxr, gar, gbr = _run(ref, x.double(), g.double())
+
+    def err(a, b):
+        return float((a.detach().double() - b.detach()).abs().max() / b.detach().abs().max())
+
+    for got, native, want in zip(results["fp32"], results["native"], (yr, gxr, gar, gbr), strict=True):
+        assert err(got, want) <= 4e-3  # one bf16 rounding of the result (2⁻⁸ relative)
+        assert err(got, want) <= err(native, want) * 1.5 + 1e-6
+
+
+def upcast_fn(dtype, weight, bias):
+    return weight.to(dtype), (None if bias is None else bias.to(dtype))
+
+
+def _tiny_lora_llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=2, vocab_size=300)
+    model = LlamaForCausalLM(cfg).to(bf16)
+    apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1, target_modules="all-linear"))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    use_lean_gated_mlps(model)
+    return model.train()
+
+
+def test_fused_down_proj_on_fp32_copies(monkeypatch):
+    """The gated MLP's fused LoRA down_proj takes the same path: same outputs and gradients, within bf16."""
+    model = _tiny_lora_llama()
+    ids = torch.randint(0, 300, (2, 16))
+    runs = {}
+    calls = []
+    monkeypatch.setattr(gated_mlp, "upcast", lambda *a: calls.append(1) or upcast_fn(*a))
+    for mode in ("native", "fp32"):
+        monkeypatch.setenv(matmul.ENV, mode)
+        m = copy.deepcopy(model)
+        torch.manual_seed(3)
+        out = m(ids).logits.float()
+        out.square().mean().backward()
+        runs[mode] = out, {n: p.grad.float() for n, p in m.named_parameters() if p.grad is not None}
+    assert calls == [1, 1]  # both layers' down_proj, in the fp32 run only
+    (o1, g1), (o2, g2) = runs["native"], runs["fp32"]
+    assert float((o1 - o2).abs().max() / o1.abs().max()) < 3e-2
+    assert set(g1) == set(g2) and len(g1) == 2 * 7 * 2
+    for n in g1:
+        assert float((g1[n] - g2[n]).abs().max() / g1[n].abs().max()) < 6e-2, n
+
+
+def test_loss_head_on_fp32_copy(monkeypatch):
+    """A frozen bf16 head: logits from an fp32 copy are not rounded to bf16, so the loss is closer to fp64."""
+    torch.manual_seed(0)
+    h = torch.randn(40, 32).to(bf16)
+    w = (torch.randn(500, 32) * 0.3).to(bf16)
+    y = torch.randint(0, 500, (40,))
+    hr = h.double().requires_grad_(True)
+    want = LinearCrossEntropy.apply(hr, w.double(), y, 16, None)
+    want.backward()
+    got = {}
+    for mode in ("native", "fp32"):
+        monkeypatch.setenv(matmul.ENV, mode)
+        hx = h.clone().requires_grad_(True)
+        loss = LinearCrossEntropy.apply(hx, w, y, 16, None)
+        loss.backward()
+        got[mode] = float(loss), hx.grad
+    assert got["fp32"][1].dtype == bf16
+    err = {m: abs(v[0] - float(want)) / float(want) for m, v in got.items()}
+    assert err["fp32"] < 1e-5 < err["native"]
+    gerr = float((got["fp32"][1].double() - hr.grad).abs().max() / hr.grad.abs().max())
+    assert gerr <= 4e-3
+
+
+def test_estimator_counts_the_fp32_copies(monkeypatch):
+    kw = dict(method="lora", dtype="bfloat16", micro_batch=2, seq_len=64, r=8, device="cpu")
+    monkeypatch.setenv(matmul.ENV, "fp32")
+    up = Settings(**kw)
+    assert up.upcast and up.matmul_dtype == "float32" and up.compute_bytes == 4
+    assert Settings(**{**kw, "device": "cuda"}).matmul_dtype == "bfloat16"
+    assert Settings(**{**kw, "method": "full"}).matmul_dtype == "bfloat16"  # a trained base is not upcast
+    monkeypatch.setenv(matmul.ENV, "native")
+    native = Settings(**kw)
+    assert not native.upcast and Settings(**{**kw, "matmul_dtype": "fp32"}).upcast
+    with pytest.raises(LorafitError, match="matmul dtype"):
+        Settings(**{**kw, "matmul_dtype": "float16"})
+
+    from lorafit.memory import activations as act
+    from lorafit.memory.spec import ModelSpec
+
+    spec = ModelSpec("t", "llama", 64, 160, 2, 4, 2, 16, 5000, True)
+    d_loss = act.loss_buffers(spec, up).total - act.loss_buffers(spec, native).total
+    c = min(act.chunk_tokens(spec, up), 2 * 63)  # one chunk, at most all trained rows
+    # + the head's fp32 copy and a chunk's fp32 rows and gradient, − the bf16 logits buffer
+    assert d_loss == 5000 * 64 * 4 + 2 * c * 64 * 4 - c * 5000 * 2
