@@ -4,13 +4,16 @@ import pytest
 
 
 @pytest.fixture(autouse=True)
-def _transformers_rope_restored():
-    """Training switches transformers' RoPE process-wide (``lorafit.train.rotary``): undo it after each test, so
-    tests that use transformers as the reference do not depend on the order they run in."""
+def _transformers_functions_restored():
+    """Training switches transformers' RoPE and SDPA attention process-wide (``lorafit.train.rotary``,
+    ``lorafit.train.attention``): undo it after each test, so tests that use transformers as the reference do
+    not depend on the order they run in."""
     yield
+    from lorafit.train.attention import restore_attention
     from lorafit.train.rotary import restore_rotary
 
     restore_rotary()
+    restore_attention()
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from lorafit import LorafitError, matmul
 from lorafit.lora import LoraConfig, LoraLinear, apply_lora
 from lorafit.lora import layer as lora_layer
 from lorafit.memory.estimate import Settings
-from lorafit.train import gated_mlp
+from lorafit.train import attention, gated_mlp
 from lorafit.train.gated_mlp import use_lean_gated_mlps
 from lorafit.train.loss import LinearCrossEntropy
 
@@ -193,3 +193,79 @@ def test_estimator_counts_the_fp32_copies(monkeypatch):
     c = min(act.chunk_tokens(spec, up), 2 * 63)  # one chunk, at most all trained rows
     # + the head's fp32 copy and a chunk's fp32 rows and gradient, − the bf16 logits buffer
     assert d_loss == 5000 * 64 * 4 + 2 * c * 64 * 4 - c * 5000 * 2
+
+
+def _tiny_llama_bf16():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=2, vocab_size=100, attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg).to(bf16)
+
+
+def _embedding_grad(model, ids, **kw):
+    model.zero_grad()
+    model.model.embed_tokens.weight.requires_grad_(True)
+    out = model(ids, **kw).logits.float()
+    out.square().mean().backward()
+    return out.detach(), model.model.embed_tokens.weight.grad.float()
+
+
+def _saved_bytes(model, ids) -> int:
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids)
+    return total
+
+
+def test_attention_on_fp32_copies(monkeypatch):
+    """Causal attention of a bf16 model on fp32 copies: as close to fp64 as SDPA in bf16, same saved bytes."""
+    monkeypatch.setenv(matmul.ENV, "fp32")
+    model = _tiny_llama_bf16()
+    ids = torch.randint(0, 100, (2, 16))
+    ref = copy.deepcopy(model).double()
+    want, want_g = _embedding_grad(ref, ids)
+    native, native_g = _embedding_grad(model, ids)
+    saved_native = _saved_bytes(model, ids)
+
+    calls = []
+    monkeypatch.setattr(attention.HalfAttentionOnFp32, "forward",
+                        staticmethod(lambda ctx, *a, f=attention.HalfAttentionOnFp32.forward: calls.append(1) or f(ctx, *a)))
+    assert attention.use_lean_attention() and not attention.use_lean_attention()  # switched once
+    got, got_g = _embedding_grad(model, ids)
+    assert len(calls) == 2  # one per layer
+
+    def err(a, b):
+        return float((a.double() - b).abs().max() / b.abs().max())
+
+    assert err(got, want) <= err(native, want) * 1.5 + 1e-6
+    assert err(got_g, want_g) <= err(native_g, want_g) * 1.5 + 1e-6
+    assert _saved_bytes(model, ids) == saved_native
+
+
+def test_attention_leaves_other_cases_to_transformers(monkeypatch):
+    model = _tiny_llama_bf16()
+    ids = torch.randint(0, 100, (2, 16))
+    attention.use_lean_attention()
+    calls = []
+    monkeypatch.setattr(attention.HalfAttentionOnFp32, "apply",
+                        lambda *a, f=attention.HalfAttentionOnFp32.apply: calls.append(1) or f(*a))
+    monkeypatch.setenv(matmul.ENV, "fp32")
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding: a mask, which the wrapper does not take
+    model(ids, attention_mask=mask)
+    assert calls == []
+    model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False)
+    assert calls == [1, 1]  # the prefill, one per layer; not the cached decoding steps (one query token)
+    monkeypatch.setenv(matmul.ENV, "native")
+    model(ids)
+    assert calls == [1, 1]
+    assert attention.restore_attention() == 1
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    assert not hasattr(ALL_ATTENTION_FUNCTIONS["sdpa"], "lorafit_original")

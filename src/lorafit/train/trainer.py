@@ -25,6 +25,7 @@ from lorafit.errors import LorafitError
 from lorafit.fsutil import atomic_dir
 from lorafit.lora import LoraConfig, apply_lora, count_parameters, save_adapter
 from lorafit.models import load_model_and_tokenizer
+from lorafit.train.attention import use_lean_attention
 from lorafit.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from lorafit.train.gated_mlp import use_lean_gated_mlps
 from lorafit.train.loss import causal_lm_loss
@@ -98,8 +99,8 @@ def lora_config_from(cfg) -> LoraConfig:
 
 
 def make_trainable(model, lora: LoraConfig | None, gradient_checkpointing: bool):
-    """What training does to a loaded model: adapter (or unfreeze all), lean gated MLPs, RMSNorms and RoPE,
-    checkpointing, no cache.
+    """What training does to a loaded model: adapter (or unfreeze all), lean gated MLPs, RMSNorms, RoPE and
+    half-precision attention, checkpointing, no cache.
 
     Shared with ``lorafit.memory.measure`` so the measured step is the trainer's own.
     """
@@ -110,6 +111,7 @@ def make_trainable(model, lora: LoraConfig | None, gradient_checkpointing: bool)
     use_lean_gated_mlps(model)
     use_lean_rms_norms(model)
     use_lean_rotary(model)
+    use_lean_attention()
     if gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so it works with a frozen embedding.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
