@@ -73,7 +73,8 @@ def lora_backward(g, x2, weight, lora_a, lora_b, xa, seed, scaling: float, dropo
     g_xa = (g @ b).mul_(s / (1.0 - p) if seed is not None else s)
     grad_a = grad_b = grad_x = grad_w = grad_bias = None
     if need_b:
-        grad_b = (g.t() @ xa).mul_(s).to(lora_b.dtype)
+        # (xaᵀ g)ᵀ, not gᵀ xa: the GEMM reads g row-major (135M shape: 0.48 vs 0.65 ms for 1536 outputs)
+        grad_b = (xa.t() @ g).t().mul_(s).to(lora_b.dtype)
     xd = x2  # the input A saw
     if seed is None:
         if need_x:
