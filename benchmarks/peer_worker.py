@@ -10,9 +10,10 @@ Implementations:
 All three build the same random-weight model (same seed), start from the same adapter (A drawn per module
 from a generator seeded by the module's name, B zero: see :func:`init_adapter`), see the same batches in
 the same order and use the same optimizer settings (AdamW lr 1e-4, betas 0.9/0.999, eps 1e-8, no weight
-decay, constant schedule, gradient clipping at 1.0). Steps: ``warmup`` untimed, ``steps`` timed, then
-(optionally) one more step under ``MemTracker`` for the memory breakdown, so the tracker never slows the
-timed steps. Prints one line ``PEER_RESULT <json>``.
+decay, constant schedule, gradient clipping at 1.0). Each uses the AdamW implementation it picks by itself:
+lorafit and the Trainer torch's fused kernel, the plain loop ``torch.optim.AdamW(params)`` as written.
+Steps: ``warmup`` untimed, ``steps`` timed, then (optionally) one more step under ``MemTracker`` for the
+memory breakdown, so the tracker never slows the timed steps. Prints one line ``PEER_RESULT <json>``.
 """
 
 from __future__ import annotations
@@ -208,11 +209,16 @@ class Recorder:
 
 
 def run_lorafit(spec, device, rec: Recorder):
+    from types import SimpleNamespace
+
+    from lorafit.train.optim import build_optimizer
     from lorafit.train.trainer import train_step
 
     model = prepare_lorafit(spec).to(device)
     model.train()
-    opt = adamw(trainable(model))
+    # lorafit train's own optimizer (torch's fused AdamW), with the shared settings
+    opt = build_optimizer(model, SimpleNamespace(optimizer="adamw_torch", learning_rate=1e-4, weight_decay=0.0,
+                                                 adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     # Older train_step versions take the compute dtype as a sixth argument.
     extra = {"dtype": DTYPES[spec["dtype"]]} if "dtype" in inspect.signature(train_step).parameters else {}
@@ -315,7 +321,7 @@ def run_peft_trainer(spec, device, rec: Recorder):
         args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=spec["batch"], max_steps=n_total, learning_rate=1e-4,
             weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0,
-            lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
+            lr_scheduler_type="constant", warmup_steps=0,  # optim: the Trainer's default (fused AdamW)
             bf16=spec["dtype"] == "bfloat16", gradient_checkpointing=spec["gc"],
             gradient_checkpointing_kwargs={"use_reentrant": False}, report_to=[], save_strategy="no",
             logging_strategy="no", use_cpu=device.type == "cpu", dataloader_num_workers=0,

@@ -209,7 +209,7 @@ def estimate(spec: ModelSpec, settings: Settings) -> Estimate:
     acts = act.activations(spec, s, targets)
     loss = act.loss_buffers(spec, s)
     bw_first = act.backward_temporaries(spec, s, targets)
-    opt_tmp, opt_tmp_formula = _optimizer_temporaries(spec, s, trainable, state_elt, targets)
+    opt_tmp, opt_tmp_formula = _optimizer_temporaries()
 
     persistent = w_bytes + a_bytes + o_bytes
     head_grad = loss.head_grad  # full FT: the head/embedding gradient the chunked loss builds in forward
@@ -257,17 +257,8 @@ def estimate(spec: ModelSpec, settings: Settings) -> Estimate:
                     params={"total": P, "trainable": trainable, "adapter": adapter})
 
 
-def _optimizer_temporaries(spec, s, trainable, elt, targets) -> tuple[int, str]:
-    """Extra memory inside ``optimizer.step()``.
-
-    torch's AdamW on CPU runs per tensor: ``exp_avg_sq.sqrt() / bias_correction`` makes two tensors of the
-    largest parameter. On CUDA lorafit's trainer uses the fused kernel (``train.optim``), which makes none; torch's
-    default there (foreach) would make one temporary as large as all trainable parameters. SGD: none.
-    """
-    if s.optimizer in ("sgd", "adamw_fused") or s.device == "cuda":
-        return 0, "no temporaries (SGD / fused AdamW, lorafit's AdamW on CUDA)"
-    if s.method == "lora":
-        largest = max(s.r * max(i, o) for _, i, o, _ in targets)
-    else:
-        largest = max(spec.vocab * spec.hidden, max(i * o for _, i, o, _ in spec.linear_layers()))
-    return 2 * largest * elt, f"per-tensor AdamW: 2 × largest trainable tensor ({largest:,}) × {elt} B"
+def _optimizer_temporaries() -> tuple[int, str]:
+    """Extra memory inside ``optimizer.step()``: none. lorafit's trainer uses torch's fused AdamW on CUDA and
+    CPU (``train.optim``), which updates in place; torch's default (foreach) would make one temporary as large
+    as all trainable parameters. SGD without momentum: none either."""
+    return 0, "no temporaries (fused AdamW / SGD)"

@@ -29,17 +29,15 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     name = cfg.optimizer
     if name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=0.0)
-    # adamw_torch / adamw_hf / adamw / adamw_torch_fused: torch's AdamW. On CUDA the fused kernel is used: the
-    # default multi-tensor path makes a temporary as large as all trainable parameters (GBs in full fine-tuning).
-    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
-    fused = on_cuda and torch.cuda.is_available()
-    return torch.optim.AdamW(
-        groups,
-        lr=cfg.learning_rate,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_epsilon,
-        fused=fused or None,
-    )
+    # adamw_torch / adamw_hf / adamw / adamw_torch_fused: torch's AdamW, fused (one kernel over all tensors, on
+    # CUDA and CPU) wherever torch has it. The default multi-tensor path makes a temporary as large as all
+    # trainable parameters (GBs in full fine-tuning); the per-tensor one, two of the largest tensor, and on CPU
+    # it was 5× slower for a LoRA adapter (210 tensors of 135M: 25.7 vs 4.8 ms a step, 2 threads).
+    kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kw)
+    except RuntimeError:  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(groups, **kw)
 
 
 def warmup_steps(cfg, total_steps: int) -> int:
