@@ -2,6 +2,7 @@
 rounded once — at least as close to an fp64 reference as the native bf16 GEMMs."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -176,12 +177,13 @@ def test_estimator_counts_the_fp32_copies(monkeypatch):
     kw = dict(method="lora", dtype="bfloat16", micro_batch=2, seq_len=64, r=8, device="cpu")
     monkeypatch.setenv(matmul.ENV, "fp32")
     up = Settings(**kw)
-    assert up.upcast and up.matmul_dtype == "float32" and up.compute_bytes == 4
-    assert Settings(**{**kw, "device": "cuda"}).matmul_dtype == "bfloat16"
-    assert Settings(**{**kw, "method": "full"}).matmul_dtype == "bfloat16"  # a trained base is not upcast
+    assert up.upcast and up.effective_matmul_dtype == "float32" and up.compute_bytes == 4
+    assert Settings(**{**kw, "device": "cuda"}).effective_matmul_dtype == "bfloat16"
+    assert Settings(**{**kw, "method": "full"}).effective_matmul_dtype == "bfloat16"  # a trained base: never
+    assert not replace(up, method="full").upcast and not replace(up, device="cuda").upcast  # re-resolved
     monkeypatch.setenv(matmul.ENV, "native")
     native = Settings(**kw)
-    assert not native.upcast and Settings(**{**kw, "matmul_dtype": "fp32"}).upcast
+    assert not native.upcast and Settings(**{**kw, "matmul_dtype": "fp32"}).upcast  # an explicit choice wins
     with pytest.raises(LorafitError, match="matmul dtype"):
         Settings(**{**kw, "matmul_dtype": "float16"})
 

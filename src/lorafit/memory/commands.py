@@ -150,7 +150,7 @@ def _label(e: Estimate) -> str:
 def print_estimates(console: Console, ests: list[Estimate], gpu_name=None, gpu_bytes=None, explain=False) -> None:
     e0 = ests[0]
     s = e0.settings
-    matmuls = f" (LoRA matmuls on {s.matmul_dtype} copies: faster on this CPU)" if s.upcast else ""
+    matmuls = f" (LoRA matmuls on {s.effective_matmul_dtype} copies: faster on this CPU)" if s.upcast else ""
     console.print(f"[bold]{e0.spec.name}[/]: {e0.params['total'] / 1e9:.2f}B params | {s.dtype}{matmuls} | micro-batch "
                   f"{s.micro_batch} × {s.seq_len} tokens | {s.optimizer} | gradient checkpointing "
                   f"{'on' if s.gradient_checkpointing else 'off'} | loss {s.loss} | target {s.device}")

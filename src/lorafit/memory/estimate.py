@@ -55,7 +55,8 @@ class Settings:
     loss: str = "chunked"  # "chunked" (lorafit) | "hf" (plain transformers loss: full logits)
     loss_chunk_tokens: int | None = None  # None: lorafit's default for the vocabulary
     device: str = "cuda"  # "cuda" adds context/allocator overhead; "cpu" adds none
-    # dtype the frozen LoRA/loss matmuls run in; None: what lorafit.matmul picks (on "cpu": for this machine's CPU)
+    # dtype the frozen LoRA/loss matmuls run in; None: what lorafit.matmul picks (on "cpu": for this machine's CPU).
+    # Resolved on use (see effective_matmul_dtype), so dataclasses.replace() with another method/device re-resolves.
     matmul_dtype: str | None = None
 
     def __post_init__(self):
@@ -89,24 +90,31 @@ class Settings:
             raise LorafitError(f"device: got {self.device!r}, use cuda or cpu")
         if not self.targets:
             raise LorafitError("lora targets: empty; give module names like q_proj,v_proj or all-linear")
-        if self.matmul_dtype is None:
-            self.matmul_dtype = _matmul_dtype(self.dtype, self.device) if self.method == "lora" else self.dtype
-        elif DTYPE_NAMES.get(str(self.matmul_dtype).lower()) not in (self.dtype, "float32"):
-            raise LorafitError(f"matmul dtype: got {self.matmul_dtype!r}, use {self.dtype} or float32")
-        self.matmul_dtype = DTYPE_NAMES[str(self.matmul_dtype).lower()]
+        if self.matmul_dtype is not None:
+            dt = DTYPE_NAMES.get(str(self.matmul_dtype).lower())
+            if dt not in (self.dtype, "float32"):
+                raise LorafitError(f"matmul dtype: got {self.matmul_dtype!r}, use {self.dtype} or float32")
+            self.matmul_dtype = dt
 
     @property
     def bytes(self) -> int:
         return DTYPE_BYTES[self.dtype]
 
     @property
+    def effective_matmul_dtype(self) -> str:
+        """The dtype the frozen matmuls run in: a trained (full fine-tuning) base is never upcast."""
+        if self.method != "lora":
+            return self.dtype
+        return self.matmul_dtype or _matmul_dtype(self.dtype, self.device)
+
+    @property
     def upcast(self) -> bool:
         """Whether the frozen matmuls run on fp32 copies of the bf16/fp16 tensors (see ``lorafit.matmul``)."""
-        return self.matmul_dtype != self.dtype
+        return self.effective_matmul_dtype != self.dtype
 
     @property
     def compute_bytes(self) -> int:
-        return DTYPE_BYTES[self.matmul_dtype]
+        return DTYPE_BYTES[self.effective_matmul_dtype]
 
     @property
     def tokens(self) -> int:
@@ -153,6 +161,7 @@ class Estimate:
     def to_dict(self) -> dict:
         return {
             "model": self.spec.to_dict(), "settings": self.settings.to_dict(), "params": self.params,
+            "matmul_dtype": self.settings.effective_matmul_dtype,
             "components": [c.to_dict() for c in self.components], "peak_moment": self.peak_moment,
             "moments": self.moments, "activation_per_layer_bytes": self.activation_per_layer,
             "allocated_peak_bytes": self.allocated_peak, "total_peak_bytes": self.total,
