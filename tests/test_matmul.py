@@ -46,8 +46,11 @@ def test_auto_follows_the_probe(monkeypatch, fresh_probe, native, upcast, expect
     calls = []
     monkeypatch.setattr(matmul, "probe", lambda dtype: calls.append(dtype) or (native, upcast))
     assert matmul.compute_dtype(bf16, "cpu") == expected
-    assert matmul.compute_dtype(bf16, "cpu") == expected
+    assert matmul.compute_dtype(bf16, "cpu", rows=512) == expected
+    assert matmul.compute_dtype(bf16, "cpu", rows=1) == bf16  # a generation step: the weight copy would cost more
     assert calls == [bf16]  # measured once per process, dtype and thread count
+    monkeypatch.setenv(matmul.ENV, "fp32")
+    assert matmul.compute_dtype(bf16, "cpu", rows=1) == torch.float32  # forced: whatever the size
 
 
 def test_probe_is_not_seen_by_a_memory_tracker(monkeypatch, fresh_probe):

@@ -30,6 +30,10 @@ MODES = ("auto", "native", "fp32")
 HALF = (torch.bfloat16, torch.float16)
 # fp32 only when clearly faster: on a CPU where both are about equal, keep the dtype the user asked for.
 MARGIN = 0.9
+# Below this many rows (tokens) the weight's fp32 copy costs more than the faster GEMM saves ("auto" only):
+# generation's one-token steps and tiny batches keep the native GEMM. Converting a weight costs about as much
+# as ~100 rows of the GEMM's saving on the 135M shape.
+MIN_ROWS = 128
 
 
 def mode() -> str:
@@ -39,19 +43,21 @@ def mode() -> str:
     return value
 
 
-def compute_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
-    """The dtype frozen GEMMs over tensors stored in ``dtype`` run in on ``device``: ``dtype`` or fp32."""
+def compute_dtype(dtype: torch.dtype, device: torch.device | str, rows: int | None = None) -> torch.dtype:
+    """The dtype frozen GEMMs over tensors stored in ``dtype`` run in on ``device``: ``dtype`` or fp32.
+    ``rows``: the GEMM's rows (tokens), if known; a GEMM with fewer than ``MIN_ROWS`` stays native in "auto"."""
     if dtype not in HALF or torch.device(device).type != "cpu":
         return dtype  # fp32 already, or a GPU: its bf16 GEMMs are the fast ones
     m = mode()
-    if m == "native" or (m == "auto" and not _fp32_faster(dtype, torch.get_num_threads())):
+    if m == "native" or (m == "auto" and ((rows is not None and rows < MIN_ROWS)
+                                         or not _fp32_faster(dtype, torch.get_num_threads()))):
         return dtype
     return torch.float32
 
 
-def upcasts(dtype: torch.dtype, device: torch.device | str) -> bool:
+def upcasts(dtype: torch.dtype, device: torch.device | str, rows: int | None = None) -> bool:
     """Whether :func:`compute_dtype` turns ``dtype`` into fp32 on ``device``."""
-    return compute_dtype(dtype, device) != dtype
+    return compute_dtype(dtype, device, rows) != dtype
 
 
 def probe(dtype: torch.dtype, tokens: int = 512, features: int = 1024, repeats: int = 7) -> tuple[float, float]:

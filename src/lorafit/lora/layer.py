@@ -135,7 +135,8 @@ class LoraLinearFunction(torch.autograd.Function):
 
 def compute_dtype_for(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """fp32 for a frozen bf16/fp16 base on a CPU whose half-precision GEMMs are slow, else ``x.dtype``."""
-    return x.dtype if weight.requires_grad else matmul.compute_dtype(x.dtype, x.device)
+    rows = x.numel() // max(x.shape[-1], 1)
+    return x.dtype if weight.requires_grad else matmul.compute_dtype(x.dtype, x.device, rows)
 
 
 def upcast(dtype: torch.dtype, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:

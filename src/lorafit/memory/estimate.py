@@ -105,7 +105,7 @@ class Settings:
         """The dtype the frozen matmuls run in: a trained (full fine-tuning) base is never upcast."""
         if self.method != "lora":
             return self.dtype
-        return self.matmul_dtype or _matmul_dtype(self.dtype, self.device)
+        return self.matmul_dtype or _matmul_dtype(self.dtype, self.device, self.tokens)
 
     @property
     def upcast(self) -> bool:
@@ -192,12 +192,12 @@ def lora_targets(spec: ModelSpec, targets: list[str] | str) -> list[tuple[str, i
     return chosen
 
 
-def _matmul_dtype(dtype: str, device: str) -> str:
+def _matmul_dtype(dtype: str, device: str, tokens: int) -> str:
     import torch
 
     from lorafit import matmul
 
-    return str(matmul.compute_dtype(getattr(torch, dtype), device)).removeprefix("torch.")
+    return str(matmul.compute_dtype(getattr(torch, dtype), device, rows=tokens)).removeprefix("torch.")
 
 
 def estimate(spec: ModelSpec, settings: Settings) -> Estimate:

@@ -9,7 +9,8 @@ so saved memory is unchanged.
 
 transformers' ``"sdpa"`` attention function is wrapped process-wide (:func:`use_lean_attention`); the wrapper
 takes over only the plain case (causal, no mask, no dropout, no position bias, equal query and key lengths, on
-a CPU where :func:`lorafit.matmul.upcasts` says so) and hands everything else to transformers unchanged.
+a CPU where :func:`lorafit.matmul.upcasts` says so; there is no weight to copy, so no minimum size) and hands
+everything else to transformers unchanged.
 """
 
 from __future__ import annotations

@@ -174,9 +174,9 @@ def evaluate(model, samples, cfg, pad_id: int, max_batches: int | None = None) -
     return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": n}
 
 
-def _matmul_note(model) -> str:
+def _matmul_note(model, rows: int) -> str:
     weight = model.get_output_embeddings().weight
-    if not matmul.upcasts(weight.dtype, weight.device):
+    if not matmul.upcasts(weight.dtype, weight.device, rows):
         return ""
     return f" (frozen matmuls on fp32 copies: faster on this CPU; {matmul.ENV}=native to turn off)"
 
@@ -224,7 +224,7 @@ def train(cfg, resume: bool = False, console: Console | None = None, stop_after:
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=state.step if resume else None)
     params = count_parameters(model)
     console.print(f"{'LoRA' if cfg.is_lora else 'full fine-tuning'} | {params} | dtype {cfg.effective_dtype}"
-                  f"{_matmul_note(model) if cfg.is_lora else ''} | "
+                  f"{_matmul_note(model, cfg.micro_batch_size * cfg.sequence_len) if cfg.is_lora else ''} | "
                   f"{total_steps} steps of {cfg.micro_batch_size}×{cfg.gradient_accumulation_steps} "
                   f"({steps_per_epoch} per epoch)")
     config_dump = _config_dump(cfg)
