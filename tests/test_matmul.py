@@ -194,6 +194,7 @@ def test_estimator_counts_the_fp32_copies(monkeypatch):
     from lorafit.memory.spec import ModelSpec
 
     spec = ModelSpec("t", "llama", 64, 160, 2, 4, 2, 16, 5000, True)
+    up, native = Settings(**kw, matmul_dtype="float32"), Settings(**kw, matmul_dtype="bfloat16")
     d_loss = act.loss_buffers(spec, up).total - act.loss_buffers(spec, native).total
     c = min(act.chunk_tokens(spec, up), 2 * 63)  # one chunk, at most all trained rows
     # + the head's fp32 copy and a chunk's fp32 rows and gradient, − the bf16 logits buffer
