@@ -232,8 +232,12 @@ def backward_temporaries(spec: ModelSpec, s, targets: list[tuple]) -> Temporarie
 
 
 def embedding_backward(spec: ModelSpec, s) -> int:
-    """Full fine-tuning: the dense (vocab × hidden) embedding gradient built before it is accumulated."""
-    return spec.vocab * spec.hidden * s.bytes if s.method == "full" else 0
+    """Full fine-tuning: the dense (vocab × hidden) embedding gradient built before it is accumulated. Tied to
+    the head, the weight already holds the head's gradient from the loss, and accumulating makes the sum as a
+    new tensor: a second (vocab × hidden) at the end of backward (measured with MemTracker)."""
+    if s.method != "full":
+        return 0
+    return (2 if spec.tied_embeddings else 1) * spec.vocab * spec.hidden * s.bytes
 
 
 # Calibrated against MemTracker peaks (benchmarks/estimate_vs_measured.py).
