@@ -254,3 +254,25 @@ def test_attention_leaves_other_cases_to_transformers(monkeypatch):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     assert not hasattr(ALL_ATTENTION_FUNCTIONS["sdpa"], "lorafit_original")
+
+
+def test_large_heads_stay_native(monkeypatch):
+    """auto: a head whose fp32 copy would exceed HEAD_COPY_MAX_BYTES is not copied; the estimator agrees."""
+    monkeypatch.setenv(matmul.ENV, "auto")
+    monkeypatch.setattr(matmul, "slow_bf16_gemm", lambda: True)
+    monkeypatch.setattr(matmul, "HEAD_COPY_MAX_BYTES", 4 * 5000 * 64 - 1)
+    assert not matmul.upcasts_head(bf16, "cpu", rows=512, numel=5000 * 64)
+    assert matmul.upcasts_head(bf16, "cpu", rows=512, numel=4000 * 64)
+    monkeypatch.setenv(matmul.ENV, "fp32")
+    assert matmul.upcasts_head(bf16, "cpu", rows=512, numel=5000 * 64)  # forced
+
+    from lorafit.memory import activations as act
+    from lorafit.memory.spec import ModelSpec
+
+    monkeypatch.setenv(matmul.ENV, "auto")
+    kw = dict(method="lora", dtype="bfloat16", micro_batch=2, seq_len=128, r=8, device="cpu")
+    s = Settings(**kw)
+    assert s.upcast and not s.upcast_head(5000 * 64)
+    spec = ModelSpec("t", "llama", 64, 160, 2, 4, 2, 16, 5000, True)
+    native = Settings(**kw, matmul_dtype="bfloat16")
+    assert act.loss_buffers(spec, s).total == act.loss_buffers(spec, native).total  # layers copied, head not

@@ -30,6 +30,10 @@ MODES = ("auto", "native", "fp32")
 # generation's one-token steps and tiny batches keep the native GEMM. Converting a weight costs about as much
 # as ~100 rows of the GEMM's saving on the 135M shape.
 MIN_ROWS = 128
+# The loss's head is copied whole, once per step (its GEMMs run chunk by chunk over all of it). A copy larger
+# than this stays native: it would add more to the peak than the chunked loss saves (Llama 3.2 1B's
+# 128k-vocabulary head is 1 GiB in fp32; SmolLM2-135M's is 109 MiB).
+HEAD_COPY_MAX_BYTES = 256 * 2**20
 
 
 def mode() -> str:
@@ -58,3 +62,9 @@ def compute_dtype(dtype: torch.dtype, device: torch.device | str, rows: int | No
 def upcasts(dtype: torch.dtype, device: torch.device | str, rows: int | None = None) -> bool:
     """Whether :func:`compute_dtype` turns ``dtype`` into fp32 on ``device``."""
     return compute_dtype(dtype, device, rows) != dtype
+
+
+def upcasts_head(dtype: torch.dtype, device: torch.device | str, rows: int, numel: int) -> bool:
+    """Whether the loss copies a frozen (vocab × hidden) head of ``numel`` elements to fp32 (see above)."""
+    return (upcasts(dtype, device, rows)
+            and (mode() == "fp32" or 4 * numel <= HEAD_COPY_MAX_BYTES))

@@ -202,10 +202,10 @@ def loss_buffers(spec: ModelSpec, s) -> LossBuffers:
     # matmuls read and write (e B, when they do not run in fp32); with a final soft-cap, ``t = tanh`` (4 B) kept
     # for 1 − t². Frozen matmuls on fp32 copies (``lorafit.matmul``): the head's fp32 copy, made once for all
     # chunks, and a chunk's fp32 rows and hidden-state gradient.
-    low = s.compute_bytes != 4
+    low = e != 4 and not s.upcast_head(V * d)
     per = 4 + (e if low else 0) + (4 if spec.final_logit_softcap else 0)
     chunk = c * V * per
-    upcast = V * d * 4 + 2 * c * d * 4 if s.upcast else 0
+    upcast = V * d * 4 + 2 * c * d * 4 if s.upcast_head(V * d) else 0
     hidden = n_tok * d * e + (n_tr * d * e if B > 1 else 0) + 2 * n_tr * d * e
     total = hidden + chunk + upcast
     why = ("fp32 logits" + (f" + {s.dtype} matmul buffer" if low else "")

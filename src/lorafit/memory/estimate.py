@@ -112,6 +112,14 @@ class Settings:
         """Whether the frozen matmuls run on fp32 copies of the bf16/fp16 tensors (see ``lorafit.matmul``)."""
         return self.effective_matmul_dtype != self.dtype
 
+    def upcast_head(self, numel: int) -> bool:
+        """Whether the chunked loss runs on an fp32 copy of a (frozen) head of ``numel`` elements."""
+        if not self.upcast:
+            return False
+        from lorafit import matmul
+
+        return self.matmul_dtype == "float32" or matmul.mode() == "fp32" or 4 * numel <= matmul.HEAD_COPY_MAX_BYTES
+
     @property
     def compute_bytes(self) -> int:
         return DTYPE_BYTES[self.effective_matmul_dtype]

@@ -36,7 +36,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         # A frozen bf16 head on a CPU whose bf16 GEMMs are slow: one fp32 copy of it for all chunks (lorafit.matmul).
-        upcast = not need_w and matmul.upcasts(weight.dtype, weight.device, rows=h.shape[0])
+        upcast = not need_w and matmul.upcasts_head(weight.dtype, weight.device, h.shape[0], weight.numel())
         if upcast:
             weight = weight.float()
         # One set of chunk buffers, reused: a fresh 32 MiB tensor per chunk and per op costs more in page faults
