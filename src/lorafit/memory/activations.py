@@ -222,12 +222,15 @@ def backward_temporaries(spec: ModelSpec, s, targets: list[tuple]) -> Temporarie
     wrapped = {t[0] for t in targets}
     down_lora = any(n.endswith(("down_proj", "mlp.c_proj")) for n in wrapped)
     k = BW_MLP_DROPOUT if (s.method == "lora" and s.dropout > 0 and down_lora) else BW_MLP
-    # Frozen matmuls on fp32 copies (lorafit.matmul): the MLP's transients are fp32 (same count, measured).
+    # Frozen matmuls on fp32 copies (lorafit.matmul): the MLP's transients are fp32 (same count, measured), and
+    # the weight being multiplied has an fp32 copy (one at a time; the largest counts).
     c = s.compute_bytes
     total = int(k * n_tok * inter * c + BW_HIDDEN * n_tok * d * e)
+    weight_copy = 4 * max(i * o for _, i, o, _ in targets) if s.upcast and targets else 0
     act = activations(spec, s, targets)
-    total += act.recompute
+    total += act.recompute + weight_copy
     return Temporaries(total, f"{k} × tokens × intermediate × {c} B + {BW_HIDDEN} × tokens × hidden × {e} B"
+                              + (f" + fp32 copy of a weight {weight_copy / 2**20:.1f} MiB" if weight_copy else "")
                               + (" + one recomputed layer" if act.recompute else ""))
 
 
