@@ -276,3 +276,8 @@ def test_large_heads_stay_native(monkeypatch):
     spec = ModelSpec("t", "llama", 64, 160, 2, 4, 2, 16, 5000, True)
     native = Settings(**kw, matmul_dtype="bfloat16")
     assert act.loss_buffers(spec, s).total == act.loss_buffers(spec, native).total  # layers copied, head not
+
+
+def test_a_torch_without_the_cpu_checks_keeps_native(monkeypatch):
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert not matmul.slow_bf16_gemm()

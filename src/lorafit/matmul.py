@@ -44,8 +44,11 @@ def mode() -> str:
 
 
 def slow_bf16_gemm() -> bool:
-    """An x86 CPU without AMX: bf16 GEMMs run on AVX-512/AVX2 units, slower than fp32 ones."""
-    return torch.cpu._is_avx2_supported() and not torch.cpu._is_amx_tile_supported()
+    """An x86 CPU without AMX: bf16 GEMMs run on AVX-512/AVX2 units, slower than fp32 ones. (torch's own
+    cpuinfo-based checks; private, so a torch without them keeps native bf16.)"""
+    avx2 = getattr(torch.cpu, "_is_avx2_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return avx2 is not None and amx is not None and avx2() and not amx()
 
 
 def compute_dtype(dtype: torch.dtype, device: torch.device | str, rows: int | None = None) -> torch.dtype:
