@@ -281,3 +281,23 @@ def test_large_heads_stay_native(monkeypatch):
 def test_a_torch_without_the_cpu_checks_keeps_native(monkeypatch):
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
     assert not matmul.slow_bf16_gemm()
+
+
+def test_fused_adamw_is_kept_on_resume():
+    from types import SimpleNamespace
+
+    from lorafit.train.optim import build_optimizer, use_fused
+
+    model = torch.nn.Linear(4, 3)
+    cfg = SimpleNamespace(optimizer="adamw_torch", learning_rate=1e-3, weight_decay=0.0, adam_beta1=0.9,
+                          adam_beta2=0.999, adam_epsilon=1e-8)
+    opt = build_optimizer(model, cfg)
+    assert all(g["fused"] for g in opt.param_groups)
+    old = opt.state_dict()
+    for g in old["param_groups"]:  # a checkpoint written before AdamW ran fused on CPU
+        g["fused"] = None
+    opt.load_state_dict(old)
+    use_fused(opt)
+    assert all(g["fused"] for g in opt.param_groups)
+    model.weight.grad = torch.ones_like(model.weight)
+    opt.step()

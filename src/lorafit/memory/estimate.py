@@ -92,8 +92,9 @@ class Settings:
             raise LorafitError("lora targets: empty; give module names like q_proj,v_proj or all-linear")
         if self.matmul_dtype is not None:
             dt = DTYPE_NAMES.get(str(self.matmul_dtype).lower())
-            if dt not in (self.dtype, "float32"):
-                raise LorafitError(f"matmul dtype: got {self.matmul_dtype!r}, use {self.dtype} or float32")
+            if dt not in (self.dtype, "float32") or (dt == "float32" and self.dtype == "float16"):
+                ok = f"{self.dtype} or float32" if self.dtype == "bfloat16" else self.dtype
+                raise LorafitError(f"matmul dtype: got {self.matmul_dtype!r}, use {ok}")
             self.matmul_dtype = dt
 
     @property
@@ -118,7 +119,7 @@ class Settings:
             return False
         from lorafit import matmul
 
-        return self.matmul_dtype == "float32" or matmul.mode() == "fp32" or 4 * numel <= matmul.HEAD_COPY_MAX_BYTES
+        return matmul.mode() == "fp32" or 4 * numel <= matmul.HEAD_COPY_MAX_BYTES  # the same rule as training
 
     @property
     def compute_bytes(self) -> int:

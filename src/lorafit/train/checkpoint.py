@@ -22,6 +22,7 @@ from lorafit.errors import LorafitError
 from lorafit.fsutil import atomic_dir
 from lorafit.lora import read_adapter_weights, save_adapter
 from lorafit.lora.io import copy_adapter_weights
+from lorafit.train.optim import use_fused
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -102,6 +103,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> Train
         if unexpected:
             raise LorafitError(f"checkpoint {path} does not match the model (unexpected {unexpected[0]})")
     optimizer.load_state_dict(trainer_state["optimizer"])
+    use_fused(optimizer)
     scheduler.load_state_dict(trainer_state["scheduler"])
     set_rng_state(trainer_state["rng"])
     fields = {k: meta[k] for k in TrainState.__dataclass_fields__ if k in meta}
