@@ -12,7 +12,7 @@ from lorafit import LorafitError, matmul
 from lorafit.lora import LoraConfig, LoraLinear, apply_lora
 from lorafit.lora import layer as lora_layer
 from lorafit.memory.estimate import Settings
-from lorafit.train import attention, gated_mlp
+from lorafit.train import attention
 from lorafit.train.gated_mlp import use_lean_gated_mlps
 from lorafit.train.loss import LinearCrossEntropy
 
@@ -69,13 +69,13 @@ def test_lora_layer_on_fp32_copies(monkeypatch, bias, dropout):
     x = torch.randn(3, 7, 48).to(bf16)
     g = torch.randn(3, 7, 40).to(bf16)
     calls = []
-    monkeypatch.setattr(lora_layer, "upcast", lambda *a: calls.append(1) or upcast_fn(*a))
+    monkeypatch.setattr(lora_layer, "to_compute", _spy(lora_layer.to_compute, calls))
     results = {}
     for mode in ("native", "fp32"):
         monkeypatch.setenv(matmul.ENV, mode)
         layer.zero_grad()
         results[mode] = _run(layer, x, g)
-    assert len(calls) == 1  # only the fp32 run took the upcast path
+    assert [mode for mode, _ in calls] == ["fp32", "fp32"]  # only the fp32 run took the upcast path, each way
     y, gx, ga, gb = results["fp32"]
     assert y.dtype == gx.dtype == bf16 and ga.dtype == gb.dtype == torch.float32
 
@@ -93,8 +93,15 @@ def test_lora_layer_on_fp32_copies(monkeypatch, bias, dropout):
         assert err(got, want) <= err(native, want) * 1.5 + 1e-6
 
 
-def upcast_fn(dtype, weight, bias):
-    return weight.to(dtype), (None if bias is None else bias.to(dtype))
+def _spy(fn, calls):
+    """``fn`` recording (LORAFIT_HALF_MATMUL, (number of tensors, first tensor's last dim)) per call."""
+    import os
+
+    def spy(dtype, *tensors):
+        calls.append((os.environ[matmul.ENV], (len(tensors), tensors[0].shape[-1])))
+        return fn(dtype, *tensors)
+
+    return spy
 
 
 def _tiny_lora_llama():
@@ -116,7 +123,7 @@ def test_fused_down_proj_on_fp32_copies(monkeypatch):
     ids = torch.randint(0, 300, (2, 16))
     runs = {}
     calls = []
-    monkeypatch.setattr(gated_mlp, "upcast", lambda *a: calls.append(1) or upcast_fn(*a))
+    monkeypatch.setattr(lora_layer, "to_compute", _spy(lora_layer.to_compute, calls))
     for mode in ("native", "fp32"):
         monkeypatch.setenv(matmul.ENV, mode)
         m = copy.deepcopy(model)
@@ -124,7 +131,8 @@ def test_fused_down_proj_on_fp32_copies(monkeypatch):
         out = m(ids).logits.float()
         out.square().mean().backward()
         runs[mode] = out.detach(), {n: p.grad.float() for n, p in m.named_parameters() if p.grad is not None}
-    assert calls == [1, 1]  # both layers' down_proj, in the fp32 run only
+    # forward copies (input, weight, bias) of width intermediate=128: both layers' down_proj, in the fp32 run only
+    assert [mode for mode, what in calls if what == (3, 128)] == ["fp32", "fp32"]
     (o1, g1), (o2, g2) = runs["native"], runs["fp32"]
     assert float((o1 - o2).abs().max() / o1.abs().max()) < 3e-2
     assert set(g1) == set(g2) and len(g1) == 2 * 7 * 2

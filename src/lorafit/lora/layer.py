@@ -38,9 +38,18 @@ except ImportError:  # pragma: no cover - transformers is a dependency
 WRAPPABLE = (nn.Linear, Conv1D)
 
 
-def lora_forward(x2, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float):
+def to_compute(dtype: torch.dtype, *tensors):
+    """``tensors`` (None kept) in the matmuls' ``dtype``: fp32 copies of bf16 ones where lorafit.matmul says so."""
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
+def lora_forward(x2, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float, compute_dtype=None):
     """``x2 Wᵀ + b + s · (drop(x2) Aᵀ) Bᵀ`` for 2-D ``x2``; returns ``(y, xa, dropout seed or None)``, what
-    :func:`lora_backward` needs besides ``x2`` and the weights."""
+    :func:`lora_backward` needs besides ``x2`` and the weights. ``compute_dtype`` (see :func:`compute_dtype_for`):
+    the matmuls run on copies in it, and ``y`` is rounded once back to ``x2``'s dtype."""
+    out_dtype = x2.dtype
+    if compute_dtype is not None and compute_dtype != out_dtype:
+        x2, weight, bias = to_compute(compute_dtype, x2, weight, bias)
     a = lora_a.to(x2.dtype)
     b = lora_b.to(x2.dtype)
     seed = None
@@ -53,15 +62,23 @@ def lora_forward(x2, weight, bias, lora_a, lora_b, scaling: float, dropout_p: fl
         xa = x2 @ a.t()
     # in place: out-of-place addmm would first copy the (N × out) base result into a new tensor
     y = F.linear(x2, weight, bias).addmm_(xa, b.t(), alpha=scaling)
-    return y, xa, seed
+    return y.to(out_dtype), xa, seed
 
 
-def lora_backward(g, x2, weight, lora_a, lora_b, xa, seed, scaling: float, dropout_p: float, needs):
+def lora_backward(g, x2, weight, lora_a, lora_b, xa, seed, scaling: float, dropout_p: float, needs,
+                  compute_dtype=None):
     """Gradients ``(x, weight, bias, A, B)`` of :func:`lora_forward` for the 2-D output gradient ``g``.
 
     ``needs``: the five ``needs_input_grad`` flags. ``x2`` may be a callable returning the input: it is then
-    called only if ``dA`` (the only user of the input when the base is frozen) is needed.
+    called only if ``dA`` (the only user of the input when the base is frozen) is needed. ``compute_dtype``: as
+    in :func:`lora_forward`; the gradients of x, weight and bias come back in ``g``'s dtype, A's and B's in
+    their own.
     """
+    out_dtype = g.dtype
+    if compute_dtype is not None and compute_dtype != out_dtype:
+        g, weight = to_compute(compute_dtype, g, weight)
+        x_in = x2
+        x2 = lambda: (x_in() if callable(x_in) else x_in).to(compute_dtype)  # noqa: E731 - copied only if used
     need_x, need_w, need_bias, need_a, need_b = needs
     s, p = scaling, dropout_p
     a = lora_a.to(g.dtype)
@@ -91,27 +108,24 @@ def lora_backward(g, x2, weight, lora_a, lora_b, xa, seed, scaling: float, dropo
         grad_w = g.t() @ x2
     if need_bias:
         grad_bias = g.sum(0)
+    grad_x, grad_w, grad_bias = (None if t is None else t.to(out_dtype) for t in (grad_x, grad_w, grad_bias))
     return grad_x, grad_w, grad_bias, grad_a, grad_b
 
 
 class LoraLinearFunction(torch.autograd.Function):
     """``y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ`` with a minimal set of saved tensors (see module docstring).
 
-    ``weight`` is (out × in) in the compute dtype; ``lora_a``/``lora_b`` may be fp32 master weights: they are
-    cast to ``x.dtype`` for the matmuls and their gradients are returned in their own dtype. Dropout multiplies
+    ``weight`` is (out × in) in ``x``'s dtype; ``lora_a``/``lora_b`` may be fp32 master weights: they are cast
+    to the matmuls' dtype (``x``'s, or fp32, see :func:`compute_dtype_for`) and their gradients are returned in
+    their own dtype. Dropout multiplies
     x by a 0/1 mask and applies its ``1/(1-p)`` to the small (N × r) product instead of the (N × in) input.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float):
-        x2 = x.reshape(-1, x.shape[-1])
-        ctx.compute_dtype = compute_dtype_for(x, weight)
-        if ctx.compute_dtype != x.dtype:  # bf16 GEMMs slow here: fp32 copies, one rounding (see lorafit.matmul)
-            y, xa, seed = lora_forward(x2.to(ctx.compute_dtype), *upcast(ctx.compute_dtype, weight, bias),
-                                       lora_a, lora_b, scaling, dropout_p)
-            y = y.to(x.dtype)
-        else:
-            y, xa, seed = lora_forward(x2, weight, bias, lora_a, lora_b, scaling, dropout_p)
+        ctx.compute_dtype = compute_dtype_for(x, weight)  # fp32 where bf16 GEMMs are slow (see lorafit.matmul)
+        y, xa, seed = lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scaling, dropout_p,
+                                   ctx.compute_dtype)
         ctx.save_for_backward(x, weight, lora_a, lora_b, xa, seed)
         ctx.scaling, ctx.dropout_p = scaling, dropout_p
         ctx.has_bias = bias is not None
@@ -122,33 +136,18 @@ class LoraLinearFunction(torch.autograd.Function):
         x, weight, lora_a, lora_b, xa, seed = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[:5])
         needs[2] = needs[2] and ctx.has_bias
-        cd = ctx.compute_dtype
-        x2 = x.reshape(-1, x.shape[-1])
-        grads = lora_backward(
-            grad_out.reshape(-1, grad_out.shape[-1]).to(cd), x2 if cd == x.dtype else lambda: x2.to(cd),
-            weight.to(cd), lora_a, lora_b, xa, seed, ctx.scaling, ctx.dropout_p, needs)
-        grad_x, grad_w, grad_bias, grad_a, grad_b = lowered(grads, x.dtype)
+        grad_x, grad_w, grad_bias, grad_a, grad_b = lora_backward(
+            grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1]), weight, lora_a, lora_b, xa,
+            seed, ctx.scaling, ctx.dropout_p, needs, ctx.compute_dtype)
         if grad_x is not None:
             grad_x = grad_x.view(x.shape)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
 
 
 def compute_dtype_for(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """fp32 for a frozen bf16/fp16 base on a CPU whose half-precision GEMMs are slow, else ``x.dtype``."""
+    """fp32 for a frozen bf16 base on a CPU whose bf16 GEMMs are slow, else ``x.dtype``."""
     rows = x.numel() // max(x.shape[-1], 1)
     return x.dtype if weight.requires_grad else matmul.compute_dtype(x.dtype, x.device, rows)
-
-
-def upcast(dtype: torch.dtype, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
-    return weight.to(dtype), (None if bias is None else bias.to(dtype))
-
-
-def lowered(grads: tuple, dtype: torch.dtype) -> tuple:
-    """``lora_backward``'s gradients with those of the base path (x, weight, bias) back in ``dtype``; A and B
-    keep their own dtype."""
-    grad_x, grad_w, grad_bias, grad_a, grad_b = grads
-    grad_x, grad_w, grad_bias = (None if t is None else t.to(dtype) for t in (grad_x, grad_w, grad_bias))
-    return grad_x, grad_w, grad_bias, grad_a, grad_b
 
 
 class LoraLinear(nn.Module):

@@ -18,7 +18,7 @@ import types
 import torch
 from torch import nn
 
-from lorafit.lora.layer import LoraLinear, compute_dtype_for, lora_backward, lora_forward, lowered, upcast
+from lorafit.lora.layer import LoraLinear, compute_dtype_for, lora_backward, lora_forward
 from lorafit.train.compiled import compiled
 
 # MLP classes whose forward is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` in transformers.
@@ -94,27 +94,21 @@ class ActMulLoraDown(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, g, u, act, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float):
-        cd = ctx.compute_dtype = compute_dtype_for(g, weight)  # fp32 where bf16 GEMMs are slow (lorafit.matmul)
-        h = _flat(act_mul(g, u, act))
-        if cd != g.dtype:
-            h, (weight_c, bias_c) = h.to(cd), upcast(cd, weight, bias)
-        else:
-            weight_c, bias_c = weight, bias
-        y, xa, seed = lora_forward(h, weight_c, bias_c, lora_a, lora_b, scaling, dropout_p)
-        del h
+        ctx.compute_dtype = compute_dtype_for(g, weight)  # fp32 where bf16 GEMMs are slow (see lorafit.matmul)
+        y, xa, seed = lora_forward(_flat(act_mul(g, u, act)), weight, bias, lora_a, lora_b, scaling, dropout_p,
+                                   ctx.compute_dtype)
         ctx.save_for_backward(g, u, weight, lora_a, lora_b, xa, seed)
         ctx.act, ctx.scaling, ctx.dropout_p, ctx.has_bias = act, scaling, dropout_p, bias is not None
-        return y.to(g.dtype).view(*g.shape[:-1], y.shape[-1])
+        return y.view(*g.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
         g, u, weight, lora_a, lora_b, xa, seed = ctx.saved_tensors
         need_g, need_u, _, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:7]
-        cd = ctx.compute_dtype
-        grads = lora_backward(
-            _flat(grad).to(cd), lambda: _flat(act_mul(g, u, ctx.act)).to(cd), weight.to(cd), lora_a, lora_b, xa,
-            seed, ctx.scaling, ctx.dropout_p, (need_g or need_u, need_w, need_bias and ctx.has_bias, need_a, need_b))
-        grad_h, grad_w, grad_bias, grad_a, grad_b = lowered(grads, g.dtype)
+        grad_h, grad_w, grad_bias, grad_a, grad_b = lora_backward(
+            _flat(grad), lambda: _flat(act_mul(g, u, ctx.act)), weight, lora_a, lora_b, xa, seed,
+            ctx.scaling, ctx.dropout_p, (need_g or need_u, need_w, need_bias and ctx.has_bias, need_a, need_b),
+            ctx.compute_dtype)
         grad_g = grad_u = None
         if grad_h is not None:
             grad_g, grad_u = act_mul_backward(g, u, ctx.act, grad_h.view(g.shape), need_g, need_u)
