@@ -35,3 +35,19 @@ def save_tiny_llama(folder, tokenizer, **config):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return model
+
+
+def saved_bytes(model, ids):
+    """``model(ids).logits`` and the bytes autograd saved for backward during that forward (each saved tensor)."""
+    import torch
+
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(ids).logits
+    return out, total

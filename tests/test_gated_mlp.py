@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from conftest import saved_bytes
 from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, Qwen2Config
 
 from lorafit.lora import LoraConfig, apply_lora
@@ -16,19 +17,6 @@ def tiny(arch):
               vocab_size=100)
     cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config, "gemma": GemmaConfig}[arch](**kw)
     return AutoModelForCausalLM.from_config(cfg)
-
-
-def saved_bytes(model, ids):
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(ids).logits
-    return out, total
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import saved_bytes
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorafit import LorafitError, matmul
@@ -203,19 +204,6 @@ def _embedding_grad(model, ids, **kw):
     return out.detach(), model.model.embed_tokens.weight.grad.float()
 
 
-def _saved_bytes(model, ids) -> int:
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(ids)
-    return total
-
-
 def test_attention_on_fp32_copies(monkeypatch):
     """Causal attention of a bf16 model on fp32 copies: as close to fp64 as SDPA in bf16, same saved bytes."""
     monkeypatch.setenv(matmul.ENV, "fp32")
@@ -224,7 +212,7 @@ def test_attention_on_fp32_copies(monkeypatch):
     ref = copy.deepcopy(model).double()
     want, want_g = _embedding_grad(ref, ids)
     native, native_g = _embedding_grad(model, ids)
-    saved_native = _saved_bytes(model, ids)
+    saved_native = saved_bytes(model, ids)[1]
 
     calls = []
     monkeypatch.setattr(attention.HalfAttentionOnFp32, "forward",
@@ -238,7 +226,7 @@ def test_attention_on_fp32_copies(monkeypatch):
 
     assert err(got, want) <= err(native, want) * 1.5 + 1e-6
     assert err(got_g, want_g) <= err(native_g, want_g) * 1.5 + 1e-6
-    assert _saved_bytes(model, ids) == saved_native
+    assert saved_bytes(model, ids)[1] == saved_native
 
 
 def test_attention_leaves_other_cases_to_transformers(monkeypatch):

@@ -67,7 +67,11 @@ def upcasts(dtype: torch.dtype, device: torch.device | str, rows: int | None = N
     return compute_dtype(dtype, device, rows) != dtype
 
 
+def head_copy_allowed(numel: int) -> bool:
+    """Whether a (vocab × hidden) head of ``numel`` elements may be copied to fp32: under the cap, or forced."""
+    return mode() == "fp32" or 4 * numel <= HEAD_COPY_MAX_BYTES
+
+
 def upcasts_head(dtype: torch.dtype, device: torch.device | str, rows: int, numel: int) -> bool:
     """Whether the loss copies a frozen (vocab × hidden) head of ``numel`` elements to fp32 (see above)."""
-    return (upcasts(dtype, device, rows)
-            and (mode() == "fp32" or 4 * numel <= HEAD_COPY_MAX_BYTES))
+    return upcasts(dtype, device, rows) and head_copy_allowed(numel)

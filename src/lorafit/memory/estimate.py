@@ -115,11 +115,9 @@ class Settings:
 
     def upcast_head(self, numel: int) -> bool:
         """Whether the chunked loss runs on an fp32 copy of a (frozen) head of ``numel`` elements."""
-        if not self.upcast:
-            return False
         from lorafit import matmul
 
-        return matmul.mode() == "fp32" or 4 * numel <= matmul.HEAD_COPY_MAX_BYTES  # the same rule as training
+        return self.upcast and matmul.head_copy_allowed(numel)  # the rule training uses
 
     @property
     def compute_bytes(self) -> int:
@@ -227,7 +225,9 @@ def estimate(spec: ModelSpec, settings: Settings) -> Estimate:
     acts = act.activations(spec, s, targets)
     loss = act.loss_buffers(spec, s)
     bw_first = act.backward_temporaries(spec, s, targets)
-    opt_tmp, opt_tmp_formula = _optimizer_temporaries()
+    # No temporaries in optimizer.step(): the trainer's AdamW is fused on CUDA and CPU (``train.optim``) and
+    # updates in place (torch's default, foreach, would make one as large as all trainable parameters); SGD none.
+    opt_tmp, opt_tmp_formula = 0, "no temporaries (fused AdamW / SGD)"
 
     persistent = w_bytes + a_bytes + o_bytes
     head_grad = loss.head_grad  # full FT: the head/embedding gradient the chunked loss builds in forward
@@ -273,10 +273,3 @@ def estimate(spec: ModelSpec, settings: Settings) -> Estimate:
     return Estimate(spec=spec, settings=s, components=comps, peak_moment=moment, moments=moments,
                     activation_per_layer=acts.per_layer,
                     params={"total": P, "trainable": trainable, "adapter": adapter})
-
-
-def _optimizer_temporaries() -> tuple[int, str]:
-    """Extra memory inside ``optimizer.step()``: none. lorafit's trainer uses torch's fused AdamW on CUDA and
-    CPU (``train.optim``), which updates in place; torch's default (foreach) would make one temporary as large
-    as all trainable parameters. SGD without momentum: none either."""
-    return 0, "no temporaries (fused AdamW / SGD)"
