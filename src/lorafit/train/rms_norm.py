@@ -69,8 +69,13 @@ def _is_llama_rmsnorm(module: nn.Module) -> bool:
         return True
     if not cls.__name__.endswith("RMSNorm") or not hasattr(module, "variance_epsilon"):
         return False
+    return same_source(cls.forward, LlamaRMSNorm.forward)
+
+
+def same_source(fn, reference) -> bool:
+    """Whether ``fn`` is ``reference`` or has exactly its source (False where the source cannot be read)."""
     try:
-        return inspect.getsource(cls.forward) == inspect.getsource(LlamaRMSNorm.forward)
+        return fn is reference or inspect.getsource(fn) == inspect.getsource(reference)
     except (OSError, TypeError):
         return False
 

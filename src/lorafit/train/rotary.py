@@ -17,13 +17,13 @@ wanted, e.g. generation) to the original function. :func:`restore_rotary` undoes
 
 from __future__ import annotations
 
-import inspect
 import sys
 
 import torch
 from torch import nn
 
 from lorafit.train.compiled import compiled
+from lorafit.train.rms_norm import same_source
 
 _SWITCHED: list = []  # the modelling modules whose apply_rotary_pos_emb use_lean_rotary replaced
 
@@ -77,19 +77,12 @@ def _make_lean(original):
     return apply_rotary_pos_emb
 
 
-def _same_source(fn, reference) -> bool:
-    try:
-        return fn is reference or inspect.getsource(fn) == inspect.getsource(reference)
-    except (OSError, TypeError):
-        return False
-
-
 def _is_llama_rope(module) -> bool:
     """Whether ``module``'s ``apply_rotary_pos_emb`` and the ``rotate_half`` it calls are exactly Llama's."""
     from transformers.models.llama import modeling_llama as llama
 
     reference = getattr(llama.apply_rotary_pos_emb, "lorafit_original", llama.apply_rotary_pos_emb)
-    return _same_source(module.apply_rotary_pos_emb, reference) and _same_source(
+    return same_source(module.apply_rotary_pos_emb, reference) and same_source(
         getattr(module, "rotate_half", None), llama.rotate_half)
 
 
