@@ -46,3 +46,42 @@ def test_same_math_less_saved(arch, lora):
     one = 2 * 9 * 64 * 4  # one (tokens × intermediate) fp32 tensor
     # act(gate) in each of 2 layers; with a LoRA down_proj, the product (down's input) too
     assert saved_ref - saved_lean >= (4 if lora else 2) * one
+
+
+@pytest.mark.parametrize("compile_", ["1", "0"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_silu_lora_down_fused_kernels(monkeypatch, compile_, dropout):
+    """SiLU with compiled kernels: the product and its dropped-out copy come from one kernel in forward, and
+    backward recomputes, masks and differentiates it in one more; without a compiler the unfused path runs.
+    Either way the outputs and gradients are the plain model's."""
+    from lorafit.train import gated_mlp
+
+    monkeypatch.setenv("LORAFIT_COMPILE", compile_)
+    calls = {"forward": 0, "backward": 0}
+    for name, kernel in (("forward", gated_mlp._silu_mul_dropped_c), ("backward", gated_mlp._down_input_backward_c)):
+        def counted(*args, _name=name, _run=kernel.kernel):
+            calls[_name] += 1
+            return _run(*args)
+        monkeypatch.setattr(kernel, "kernel", counted)
+    ref = tiny("llama")
+    apply_lora(ref, LoraConfig(r=4, dropout=dropout, target_modules="all-linear"))
+    ref.train()
+    for n, p in ref.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    lean = copy.deepcopy(ref)
+    use_lean_gated_mlps(lean)
+    ids = torch.randint(0, 100, (2, 9))
+    outs = []
+    for m in (ref, lean):
+        torch.manual_seed(1)
+        out = m(ids).logits
+        out.square().mean().backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-6, rtol=1e-6)
+    grads = dict(ref.named_parameters())
+    for n, p in lean.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n].grad, atol=1e-7, rtol=1e-6, msg=n)
+    fused = compile_ == "1"
+    assert calls == {"forward": 2 if fused and dropout else 0, "backward": 2 if fused else 0}

@@ -19,7 +19,6 @@ says which of the two a call used, so its backward recomputes the same mask).
 from __future__ import annotations
 
 import torch
-from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode
 
 from lorafit.train import compiled as _compiled
 
@@ -77,24 +76,17 @@ def _dropped_and_add_dropped(x, base, low, seed, p: float):
 
 
 class _MaskKernel:
-    """``fn(*tensors, seed, p)``: one fused compiled kernel for hashed seeds, eager PyTorch otherwise."""
+    """``fn(*tensors, seed, p)``: one fused compiled kernel for hashed seeds, eager PyTorch otherwise; under a
+    memory tracker (``lorafit measure``) the tracker sees only the outputs either way."""
 
     def __init__(self, fn):
         self.fn = fn
         self.compiled = _compiled.compiled(fn)
 
     def __call__(self, *tensors, seed: torch.Tensor, p: float):
-        if _get_current_dispatch_mode() is not None:
-            # A memory tracker is watching (``lorafit measure``): let it see what the fused kernel allocates, its
-            # outputs, and not the temporaries of an eager run of the hash.
-            with _disable_current_modes():
-                res = self(*tensors, seed=seed, p=p)
-            if isinstance(res, tuple):
-                return tuple(torch.empty_like(r).copy_(r) for r in res)
-            return torch.empty_like(res).copy_(res)
-        if seed.dtype == torch.int32 and self.compiled.usable:
-            return self.compiled(*tensors, seed, p)
-        return self.fn(*tensors, seed, p)
+        if seed.dtype == torch.int32:
+            return self.compiled.kernel(*tensors, seed, p)
+        return _compiled.unseen(self.fn, *tensors, seed, p)
 
 
 dropped = _MaskKernel(_dropped)  # x · keep
@@ -103,10 +95,15 @@ dropped_and_add_dropped = _MaskKernel(_dropped_and_add_dropped)  # both, one pas
 _KERNELS = (dropped, add_dropped, dropped_and_add_dropped)
 
 
+def hashed() -> bool:
+    """Whether masks are hashed in compiled kernels (int32 seeds), not drawn by ``bernoulli_`` (int64 seeds)."""
+    return all(k.compiled.available for k in _KERNELS)
+
+
 def new_seed(device) -> torch.Tensor:
     """A call's seed, from torch's global RNG of ``device``: two int32 halves when the hashed mask can run
     compiled, else one int64 for ``bernoulli_``."""
-    if _compiled.enabled() and not any(k.compiled.failed for k in _KERNELS):
+    if hashed():
         return torch.empty(2, dtype=torch.int32, device=device).random_()
     return torch.empty((), dtype=torch.int64, device=device).random_()
 

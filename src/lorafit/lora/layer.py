@@ -43,10 +43,12 @@ def to_compute(dtype: torch.dtype, *tensors):
     return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
-def lora_forward(x2, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float, compute_dtype=None):
+def lora_forward(x2, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float, compute_dtype=None,
+                 dropped=None):
     """``x2 Wᵀ + b + s · (drop(x2) Aᵀ) Bᵀ`` for 2-D ``x2``; returns ``(y, xa, dropout seed or None)``, what
     :func:`lora_backward` needs besides ``x2`` and the weights. ``compute_dtype`` (see :func:`compute_dtype_for`):
-    the matmuls run on copies in it, and ``y`` is rounded once back to ``x2``'s dtype."""
+    the matmuls run on copies in it, and ``y`` is rounded once back to ``x2``'s dtype. ``dropped``: ``(drop(x2),
+    seed)`` when the caller made them in the same pass as ``x2`` (``train.gated_mlp``)."""
     out_dtype = x2.dtype
     if compute_dtype is not None and compute_dtype != out_dtype:
         x2, weight, bias = to_compute(compute_dtype, x2, weight, bias)
@@ -54,8 +56,11 @@ def lora_forward(x2, weight, bias, lora_a, lora_b, scaling: float, dropout_p: fl
     b = lora_b.to(x2.dtype)
     seed = None
     if dropout_p > 0:
-        seed = lora_dropout.new_seed(x2.device)
-        xd = lora_dropout.dropped(x2, seed=seed, p=dropout_p)
+        if dropped is None:
+            seed = lora_dropout.new_seed(x2.device)
+            xd = lora_dropout.dropped(x2, seed=seed, p=dropout_p)
+        else:
+            xd, seed = dropped[0].to(x2.dtype), dropped[1]
         xa = (xd @ a.t()).mul_(1.0 / (1.0 - dropout_p))  # (N, r)
         del xd
     else:
@@ -66,13 +71,16 @@ def lora_forward(x2, weight, bias, lora_a, lora_b, scaling: float, dropout_p: fl
 
 
 def lora_backward(g, x2, weight, lora_a, lora_b, xa, seed, scaling: float, dropout_p: float, needs,
-                  compute_dtype=None):
+                  compute_dtype=None, fused_input=None):
     """Gradients ``(x, weight, bias, A, B)`` of :func:`lora_forward` for the 2-D output gradient ``g``.
 
     ``needs``: the five ``needs_input_grad`` flags. ``x2`` may be a callable returning the input: it is then
     called only if ``dA`` (the only user of the input when the base is frozen) is needed. ``compute_dtype``: as
     in :func:`lora_forward`; the gradients of x, weight and bias come back in ``g``'s dtype, A's and B's in
-    their own.
+    their own. ``fused_input(base, low, seed) -> (drop(x2), grad)``: for a caller that recomputes ``x2`` from
+    tensors it keeps (``train.gated_mlp``) and goes on from x's gradient ``base + low · keep`` (``base + low``
+    without dropout) in the same pass; used when both x's and A's gradients are needed, and its ``grad`` is
+    returned in place of x's.
     """
     out_dtype = g.dtype
     if compute_dtype is not None and compute_dtype != out_dtype:
@@ -83,7 +91,8 @@ def lora_backward(g, x2, weight, lora_a, lora_b, xa, seed, scaling: float, dropo
     s, p = scaling, dropout_p
     a = lora_a.to(g.dtype)
     b = lora_b.to(g.dtype)
-    if callable(x2) and (need_a or need_w):
+    fused = fused_input is not None and need_x and need_a and not need_w
+    if callable(x2) and (need_a or need_w) and not fused:
         x2 = x2()
 
     # gradient reaching drop(x)·Aᵀ, with dropout's 1/(1-p) folded in while it is small (N × r)
@@ -93,7 +102,13 @@ def lora_backward(g, x2, weight, lora_a, lora_b, xa, seed, scaling: float, dropo
         # (xaᵀ g)ᵀ, not gᵀ xa: the GEMM reads g row-major (135M shape: 0.48 vs 0.65 ms for 1536 outputs)
         grad_b = (xa.t() @ g).t().mul_(s).to(lora_b.dtype)
     xd = x2  # the input A saw
-    if seed is None:
+    if fused:
+        base = g @ weight
+        if seed is None:
+            xd, grad_x = fused_input(base.addmm_(g_xa, a), None, None)
+        else:
+            xd, grad_x = fused_input(base, g_xa @ a, seed)
+    elif seed is None:
         if need_x:
             grad_x = (g @ weight).addmm_(g_xa, a)
     elif need_x and need_a:  # one pass over the mask for both
@@ -108,7 +123,9 @@ def lora_backward(g, x2, weight, lora_a, lora_b, xa, seed, scaling: float, dropo
         grad_w = g.t() @ x2
     if need_bias:
         grad_bias = g.sum(0)
-    grad_x, grad_w, grad_bias = (None if t is None else t.to(out_dtype) for t in (grad_x, grad_w, grad_bias))
+    grad_w, grad_bias = (None if t is None else t.to(out_dtype) for t in (grad_w, grad_bias))
+    if grad_x is not None and not fused:
+        grad_x = grad_x.to(out_dtype)
     return grad_x, grad_w, grad_bias, grad_a, grad_b
 
 

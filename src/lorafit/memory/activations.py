@@ -221,15 +221,22 @@ def backward_temporaries(spec: ModelSpec, s, targets: list[tuple]) -> Temporarie
     e, d, inter, n_tok = s.bytes, spec.hidden, spec.intermediate, s.tokens
     wrapped = {t[0] for t in targets}
     down_lora = any(n.endswith(("down_proj", "mlp.c_proj")) for n in wrapped)
-    k = BW_MLP_DROPOUT if (s.method == "lora" and s.dropout > 0 and down_lora) else BW_MLP
+    dropout = s.method == "lora" and s.dropout > 0
     # Frozen matmuls on fp32 copies (lorafit.matmul): the MLP's transients are fp32 (same count, measured), and
     # the weight being multiplied has an fp32 copy (one at a time; the largest counts).
     c = s.compute_bytes
-    total = int(k * n_tok * inter * c + BW_HIDDEN * n_tok * d * e)
+    if s.method == "lora" and down_lora and spec.family == "llama":
+        # SiLU MLP, LoRA down_proj (lorafit.train.gated_mlp): one fused kernel reads down's input gradient
+        # (``base``, and the masked LoRA part ``low``) and writes drop(h), grad gate, grad up.
+        mlp, why = (3 if dropout else 2) * c + 2 * e, f"({3 if dropout else 2} × {c} + 2 × {e}) B"
+    else:
+        k = BW_MLP_DROPOUT if (dropout and down_lora) else BW_MLP
+        mlp, why = k * c, f"{k} × {c} B"
+    total = int(mlp * n_tok * inter + BW_HIDDEN * n_tok * d * e)
     weight_copy = 4 * max(i * o for _, i, o, _ in targets) if s.upcast and targets else 0
     act = activations(spec, s, targets)
     total += act.recompute + weight_copy
-    return Temporaries(total, f"{k} × tokens × intermediate × {c} B + {BW_HIDDEN} × tokens × hidden × {e} B"
+    return Temporaries(total, f"tokens × intermediate × {why} + {BW_HIDDEN} × tokens × hidden × {e} B"
                               + (f" + fp32 copy of a weight {weight_copy / 2**20:.1f} MiB" if weight_copy else "")
                               + (" + one recomputed layer" if act.recompute else ""))
 

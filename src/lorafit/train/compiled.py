@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,6 @@ def enabled() -> bool:
 
 def active() -> bool:
     """Whether compiled kernels run here: on, and no dispatch mode (a memory tracker) is watching."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
     return enabled() and _get_current_dispatch_mode() is None
 
 
@@ -47,6 +46,11 @@ class Compiled:
     def usable(self) -> bool:
         return not self._failed and active()
 
+    @property
+    def available(self) -> bool:
+        """Compiling is on and has not failed: :meth:`kernel` runs the compiled kernel."""
+        return not self._failed and enabled()
+
     def __call__(self, *args):
         if not self.usable:
             return self.fn(*args)
@@ -59,6 +63,24 @@ class Compiled:
                         type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             self._failed = True
             return self.fn(*args)
+
+    def kernel(self, *args):
+        """Call as one fused kernel, also under a memory tracker (see :func:`unseen`)."""
+        return unseen(self, *args)
+
+
+def unseen(fn: Callable, *args):
+    """``fn(*args)``; under a dispatch mode (a memory tracker) run out of its sight and hand it copies of the
+    outputs, so it sees what a fused kernel allocates rather than an eager run's temporaries."""
+    if _get_current_dispatch_mode() is None:
+        return fn(*args)
+    with _disable_current_modes():
+        res = fn(*args)
+
+    def seen(t):
+        return torch.empty_like(t).copy_(t) if isinstance(t, torch.Tensor) else t
+
+    return tuple(seen(t) for t in res) if isinstance(res, tuple) else seen(res)
 
 
 def compiled(fn: Callable) -> Compiled:

@@ -18,6 +18,7 @@ import types
 import torch
 from torch import nn
 
+from lorafit.lora import dropout as lora_dropout
 from lorafit.lora.layer import LoraLinear, compute_dtype_for, lora_backward, lora_forward
 from lorafit.train.compiled import compiled
 
@@ -41,8 +42,27 @@ def _silu_mul_backward(g, u, grad):
     return grad_g, grad_u
 
 
+def _silu_mul_dropped(g, u, seed, p: float):
+    """``(h, h · keep)`` for ``h = silu(g) · u`` (2-D): down_proj's input and LoRA's dropped-out copy, one pass."""
+    h = _silu_mul(g, u)
+    return h, h * lora_dropout.keep_mask(seed, h.shape, p, h.dtype)
+
+
+def _down_input_backward(g, u, base, low, seed, p: float):
+    """Backward through down_proj's input ``h = silu(g) · u`` (2-D) in one pass, h's gradient being
+    ``base + low · keep`` (``base`` without dropout): ``(drop(h), grad g, grad u)``, ``drop(h)`` in ``base``'s dtype
+    for LoRA's dA. Replaces three passes (recompute h; apply the mask; SiLU-product backward)."""
+    h = _silu_mul(g, u).to(base.dtype)
+    if seed is None:
+        return (h, *_silu_mul_backward(g, u, base))
+    keep = lora_dropout.keep_mask(seed, base.shape, p, base.dtype)
+    return (h * keep, *_silu_mul_backward(g, u, base + low * keep))
+
+
 _silu_mul_c = compiled(_silu_mul)
 _silu_mul_backward_c = compiled(_silu_mul_backward)
+_silu_mul_dropped_c = compiled(_silu_mul_dropped)
+_down_input_backward_c = compiled(_down_input_backward)
 
 
 def _is_silu(act) -> bool:
@@ -89,14 +109,23 @@ class ActMulLoraDown(torch.autograd.Function):
     """``down(act(g) * u)`` for a LoRA ``down_proj`` (frozen base), saving ``g`` and ``u`` but not the product.
 
     Same math as ``ActMul`` followed by ``LoraLinearFunction``: the product is recomputed in backward, only
-    when LoRA's ``dA`` is needed, from the tensors ``ActMul`` keeps anyway.
+    when LoRA's ``dA`` is needed, from the tensors ``ActMul`` keeps anyway. With SiLU and compiled kernels the
+    elementwise work around down_proj is fused: forward makes the product and its dropped-out copy in one pass,
+    backward recomputes it, applies the mask and runs the product's backward in one more (memory traffic, not
+    arithmetic, is what these passes cost).
     """
 
     @staticmethod
     def forward(ctx, g, u, act, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float):
         ctx.compute_dtype = compute_dtype_for(g, weight)  # fp32 where bf16 GEMMs are slow (see lorafit.matmul)
-        y, xa, seed = lora_forward(_flat(act_mul(g, u, act)), weight, bias, lora_a, lora_b, scaling, dropout_p,
-                                   ctx.compute_dtype)
+        dropped = None
+        if dropout_p > 0 and _is_silu(act) and _silu_mul_dropped_c.available and lora_dropout.hashed():
+            seed = lora_dropout.new_seed(g.device)
+            h, hd = _silu_mul_dropped_c.kernel(_flat(g), _flat(u), seed, dropout_p)
+            dropped = (hd, seed)
+        else:
+            h = _flat(act_mul(g, u, act))
+        y, xa, seed = lora_forward(h, weight, bias, lora_a, lora_b, scaling, dropout_p, ctx.compute_dtype, dropped)
         ctx.save_for_backward(g, u, weight, lora_a, lora_b, xa, seed)
         ctx.act, ctx.scaling, ctx.dropout_p, ctx.has_bias = act, scaling, dropout_p, bias is not None
         return y.view(*g.shape[:-1], y.shape[-1])
@@ -105,12 +134,20 @@ class ActMulLoraDown(torch.autograd.Function):
     def backward(ctx, grad):
         g, u, weight, lora_a, lora_b, xa, seed = ctx.saved_tensors
         need_g, need_u, _, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:7]
+        fused_input = None
+        if _is_silu(ctx.act) and _down_input_backward_c.available and (seed is None or seed.dtype == torch.int32):
+            def fused_input(base, low, s):
+                hd, grad_g, grad_u = _down_input_backward_c.kernel(_flat(g), _flat(u), base, low, s, ctx.dropout_p)
+                return hd, (grad_g, grad_u)
         grad_h, grad_w, grad_bias, grad_a, grad_b = lora_backward(
             _flat(grad), lambda: _flat(act_mul(g, u, ctx.act)), weight, lora_a, lora_b, xa, seed,
             ctx.scaling, ctx.dropout_p, (need_g or need_u, need_w, need_bias and ctx.has_bias, need_a, need_b),
-            ctx.compute_dtype)
+            ctx.compute_dtype, fused_input)
         grad_g = grad_u = None
-        if grad_h is not None:
+        if isinstance(grad_h, tuple):  # the fused kernel went on to the product's backward
+            grad_g = grad_h[0].view(g.shape) if need_g else None
+            grad_u = grad_h[1].view(u.shape) if need_u else None
+        elif grad_h is not None:
             grad_g, grad_u = act_mul_backward(g, u, ctx.act, grad_h.view(g.shape), need_g, need_u)
         return grad_g, grad_u, None, grad_w, grad_bias, grad_a, grad_b, None, None
 
