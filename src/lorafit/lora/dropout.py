@@ -75,6 +75,18 @@ def _dropped_and_add_dropped(x, base, low, seed, p: float):
     return x * keep, base + low * keep
 
 
+def _dropped_each(x, seeds, p: float):
+    return tuple(x * _keep(s, x.shape, p, x.dtype) for s in seeds)
+
+
+def _dropped_each_and_add(x, base, lows, seeds, p: float):
+    keeps = [_keep(s, x.shape, p, x.dtype) for s in seeds]
+    grad = base
+    for low, keep in zip(lows, keeps, strict=True):
+        grad = grad + low * keep
+    return (*(x * keep for keep in keeps), grad)
+
+
 class _MaskKernel:
     """``fn(*tensors, seed, p)``: one fused compiled kernel for hashed seeds, eager PyTorch otherwise; under a
     memory tracker (``lorafit measure``) the tracker sees only the outputs either way."""
@@ -83,8 +95,9 @@ class _MaskKernel:
         self.fn = fn
         self.compiled = _compiled.compiled(fn)
 
-    def __call__(self, *tensors, seed: torch.Tensor, p: float):
-        if seed.dtype == torch.int32:
+    def __call__(self, *tensors, seed, p: float):
+        seeds = seed if isinstance(seed, tuple) else (seed,)
+        if all(s.dtype == torch.int32 for s in seeds):
             return self.compiled.kernel(*tensors, seed, p)
         return _compiled.unseen(self.fn, *tensors, seed, p)
 
@@ -92,7 +105,10 @@ class _MaskKernel:
 dropped = _MaskKernel(_dropped)  # x · keep
 add_dropped = _MaskKernel(_add_dropped)  # base + low · keep
 dropped_and_add_dropped = _MaskKernel(_dropped_and_add_dropped)  # both, one pass over the mask
-_KERNELS = (dropped, add_dropped, dropped_and_add_dropped)
+# Several layers reading the same x (``lora.group``), ``seed`` a tuple with one seed per layer:
+dropped_each = _MaskKernel(_dropped_each)  # (x · keep_i for each i), one pass over x
+dropped_each_and_add = _MaskKernel(_dropped_each_and_add)  # (*x · keep_i, base + Σ low_i · keep_i)
+_KERNELS = (dropped, add_dropped, dropped_and_add_dropped, dropped_each, dropped_each_and_add)
 
 
 def hashed() -> bool:

@@ -206,6 +206,7 @@ class LoraLinear(nn.Module):
         self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=adapter_dtype)
         self.merged = False
         self.disabled = False
+        self.group = None  # lora.group.SharedInput: siblings reading the same input, run as one function
         self.pissa_init: tuple[torch.Tensor, torch.Tensor] | None = None
         self.reset_parameters(init)
 
@@ -270,6 +271,10 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:
             return self.base_layer(x)
+        if self.group is not None:
+            y = self.group(self, x)
+            if y is not None:
+                return y
         args = self.function_args()
         if args[0].dtype != x.dtype:
             x = x.to(args[0].dtype)

@@ -24,6 +24,7 @@ from lorafit.data import batches, build_datasets, model_inputs
 from lorafit.errors import LorafitError
 from lorafit.fsutil import atomic_dir
 from lorafit.lora import LoraConfig, apply_lora, count_parameters, save_adapter
+from lorafit.lora.group import use_shared_input_groups
 from lorafit.models import load_model_and_tokenizer
 from lorafit.train.attention import use_lean_attention
 from lorafit.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -108,6 +109,7 @@ def make_trainable(model, lora: LoraConfig | None, gradient_checkpointing: bool)
         apply_lora(model, lora)
     else:
         model.requires_grad_(True)
+    use_shared_input_groups(model)
     use_lean_gated_mlps(model)
     use_lean_rms_norms(model)
     use_lean_rotary(model)
