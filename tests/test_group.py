@@ -58,24 +58,126 @@ def test_grouped_equals_one_by_one(monkeypatch, compile_, dropout, arch, dtype, 
         torch.testing.assert_close(grads[n], grads_ref[n], **tol, msg=n)
 
 
-def test_member_called_on_another_tensor_computes_alone():
-    """A member whose input is not the first member's tensor (or was modified in place) computes by itself."""
+def grouped_attention(monkeypatch, calls, dropout=0.0):
+    monkeypatch.setattr(lora_group.LoraGroupFunction, "apply",
+                        lambda *a, _f=lora_group.LoraGroupFunction.apply: calls.append(1) or _f(*a))
     m = tiny()
-    apply_lora(m, LoraConfig(r=4, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj"]))
+    apply_lora(m, LoraConfig(r=4, dropout=dropout, target_modules=["q_proj", "k_proj", "v_proj"]))
     lora_group.use_shared_input_groups(m)
     m.train()
-    attn = m.model.layers[0].self_attn
+    for n, p in m.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    return m, m.model.layers[0].self_attn
+
+
+def test_member_called_on_another_tensor_computes_alone_and_turns_the_group_off(monkeypatch):
+    """A member called on another tensor, or on the same one modified in place, computes by itself, and the
+    group stays off from then on; each output is still its own layer's."""
+    calls = []
+    _, attn = grouped_attention(monkeypatch, calls)
+
+    def alone(proj, inp):
+        return proj.base_layer(inp) + proj.lora_B(proj.lora_A(inp)) * proj.scaling
+
     x = torch.randn(2, 5, 32)
     q = attn.q_proj(x)
+    assert calls == [1] and attn.q_proj.group.active
     x2 = x.clone()
-    k = attn.k_proj(x2)  # another tensor
-    x.add_(1.0)
-    v = attn.v_proj(x)  # same tensor, modified
-    for proj, inp, y in ((attn.q_proj, x - 1.0, q), (attn.k_proj, x2, k), (attn.v_proj, x, v)):
-        torch.testing.assert_close(y, proj.base_layer(inp) + proj.lora_B(proj.lora_A(inp)) * proj.scaling)
-    with torch.no_grad():  # not training: no group
-        attn.q_proj(x)
-        assert attn.q_proj.group._pending == []
+    k = attn.k_proj(x2)  # another tensor: a miss
+    assert not attn.q_proj.group.active
+    v = attn.v_proj(x)
+    torch.testing.assert_close(q, alone(attn.q_proj, x))
+    torch.testing.assert_close(k, alone(attn.k_proj, x2))
+    torch.testing.assert_close(v, alone(attn.v_proj, x))
+    attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    assert calls == [1]  # off for good
+
+    calls.clear()
+    _, attn = grouped_attention(monkeypatch, calls)
+    q = attn.q_proj(x)
+    x.add_(1.0)  # modified in place after the group ran: k and v compute alone
+    k = attn.k_proj(x)
+    torch.testing.assert_close(k, alone(attn.k_proj, x))
+    assert not attn.q_proj.group.active
+
+
+def test_not_training_or_no_grad_runs_one_by_one(monkeypatch):
+    calls = []
+    m, attn = grouped_attention(monkeypatch, calls)
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    m.eval()
+    attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    assert calls == [] and attn.q_proj.group.active
+
+
+def test_unused_member_output_gets_no_gradient(monkeypatch):
+    """An output nobody uses (v here) gets no gradient, as one by one: its A and B grads stay None."""
+    calls = []
+    m, attn = grouped_attention(monkeypatch, calls, dropout=0.2)
+    ref = copy.deepcopy(m)
+    for layer in (ref.model.layers[0].self_attn.q_proj, ref.model.layers[0].self_attn.k_proj):
+        layer.group = None
+    x = torch.randn(2, 5, 32)
+    grads = []
+    for model in (m, ref):
+        a = model.model.layers[0].self_attn
+        torch.manual_seed(3)
+        q, k = a.q_proj(x), a.k_proj(x)
+        if model is m:
+            a.v_proj(x)  # consumed, unused
+        (q.square().sum() + k.sum()).backward()
+        grads.append({n: p.grad for n, p in a.named_parameters() if p.requires_grad})
+    assert calls == [1]
+    assert grads[0]["v_proj.lora_A.weight"] is None and grads[0]["v_proj.lora_B.weight"] is None
+    for n in ("q_proj.lora_A.weight", "q_proj.lora_B.weight", "k_proj.lora_A.weight", "k_proj.lora_B.weight"):
+        torch.testing.assert_close(grads[0][n], grads[1][n], msg=n)
+
+
+def test_trainable_biases_and_frozen_a_with_dropout(monkeypatch):
+    """Qwen2's q/k/v biases trained (bias="lora_only") and every A frozen, dropout on: the mixed needs path."""
+    calls = []
+    monkeypatch.setattr(lora_group.LoraGroupFunction, "apply",
+                        lambda *a, _f=lora_group.LoraGroupFunction.apply: calls.append(1) or _f(*a))
+    base = tiny("qwen2")
+    apply_lora(base, LoraConfig(r=4, dropout=0.2, target_modules="all-linear", bias="lora_only"))
+    for n, p in base.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+        if "lora_A" in n:
+            p.requires_grad_(False)
+    grouped = copy.deepcopy(base)
+    lora_group.use_shared_input_groups(grouped)
+    base.train(), grouped.train()
+    ids = torch.randint(0, 100, (2, 9))
+    out_ref, grads_ref = run(base, ids)
+    out, grads = run(grouped, ids)
+    assert len(calls) == 4 and any(n.endswith("q_proj.base_layer.bias") for n in grads)
+    torch.testing.assert_close(out, out_ref)
+    for n in grads:
+        torch.testing.assert_close(grads[n], grads_ref[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_deepcopy_regroups_the_copy_and_model_is_freed_by_refcount():
+    import gc
+    import weakref
+
+    m = tiny()
+    apply_lora(m, LoraConfig(r=4, target_modules="all-linear"))
+    lora_group.use_shared_input_groups(m)
+    c = copy.deepcopy(m)
+    attn = c.model.layers[1].self_attn
+    assert attn.q_proj.group is not m.model.layers[1].self_attn.q_proj.group
+    assert attn.q_proj.group.layers == [attn.q_proj, attn.k_proj, attn.v_proj]
+    gc.disable()
+    try:
+        ref = weakref.ref(m.model.layers[0].self_attn.q_proj)
+        del m
+        assert ref() is None  # no reference cycle through the groups
+    finally:
+        gc.enable()
 
 
 def test_trainer_groups_and_checkpointing_replays_masks():

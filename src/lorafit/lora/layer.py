@@ -47,8 +47,9 @@ def lora_forward(x2, weight, bias, lora_a, lora_b, scaling: float, dropout_p: fl
                  dropped=None):
     """``x2 Wᵀ + b + s · (drop(x2) Aᵀ) Bᵀ`` for 2-D ``x2``; returns ``(y, xa, dropout seed or None)``, what
     :func:`lora_backward` needs besides ``x2`` and the weights. ``compute_dtype`` (see :func:`compute_dtype_for`):
-    the matmuls run on copies in it, and ``y`` is rounded once back to ``x2``'s dtype. ``dropped``: ``(drop(x2),
-    seed)`` when the caller made them in the same pass as ``x2`` (``train.gated_mlp``)."""
+    the matmuls run on copies in it, and ``y`` is rounded once back to ``x2``'s dtype. ``dropped``: a list
+    ``[drop(x2), seed]`` when the caller made them together with ``x2`` (``train.gated_mlp``, ``lora.group``);
+    it is emptied here."""
     out_dtype = x2.dtype
     if compute_dtype is not None and compute_dtype != out_dtype:
         x2, weight, bias = to_compute(compute_dtype, x2, weight, bias)
@@ -59,8 +60,9 @@ def lora_forward(x2, weight, bias, lora_a, lora_b, scaling: float, dropout_p: fl
         if dropped is None:
             seed = lora_dropout.new_seed(x2.device)
             xd = lora_dropout.dropped(x2, seed=seed, p=dropout_p)
-        else:
+        else:  # the caller's [drop(x2), seed]; emptied, so the copy is freed as soon as A has read it
             xd, seed = dropped[0].to(x2.dtype), dropped[1]
+            dropped.clear()
         xa = (xd @ a.t()).mul_(1.0 / (1.0 - dropout_p))  # (N, r)
         del xd
     else:
@@ -78,9 +80,11 @@ def lora_backward(g, x2, weight, lora_a, lora_b, xa, seed, scaling: float, dropo
     called only if ``dA`` (the only user of the input when the base is frozen) is needed. ``compute_dtype``: as
     in :func:`lora_forward`; the gradients of x, weight and bias come back in ``g``'s dtype, A's and B's in
     their own. ``fused_input(base, low, seed) -> (drop(x2), grad)``: for a caller that recomputes ``x2`` from
-    tensors it keeps (``train.gated_mlp``) and goes on from x's gradient ``base + low · keep`` (``base + low``
-    without dropout) in the same pass; used when both x's and A's gradients are needed, and its ``grad`` is
-    returned in place of x's.
+    tensors it keeps (``train.gated_mlp``) and goes on from x's gradient in the same pass. That gradient is
+    ``base + low · keep`` (``seed`` a hashed int32 seed: the caller passes ``fused_input`` only then) or, without
+    dropout, ``base`` itself (``low``, ``seed`` None). Used when x's and A's gradients are both needed and the
+    weight is frozen; whatever ``grad`` it returns (the gated MLP: gate's and up's gradients) is returned in
+    place of x's.
     """
     out_dtype = g.dtype
     if compute_dtype is not None and compute_dtype != out_dtype:
@@ -271,7 +275,7 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:
             return self.base_layer(x)
-        if self.group is not None:
+        if getattr(self, "group", None) is not None:  # getattr: layers pickled before groups existed
             y = self.group(self, x)
             if y is not None:
                 return y

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lorafit.memory.spec import ModelSpec
+from lorafit.train import compiled
 
 
 @dataclass
@@ -225,7 +226,7 @@ def backward_temporaries(spec: ModelSpec, s, targets: list[tuple]) -> Temporarie
     # Frozen matmuls on fp32 copies (lorafit.matmul): the MLP's transients are fp32 (same count, measured), and
     # the weight being multiplied has an fp32 copy (one at a time; the largest counts).
     c = s.compute_bytes
-    if s.method == "lora" and down_lora and spec.family == "llama":
+    if s.method == "lora" and down_lora and spec.family == "llama" and compiled.enabled():
         # SiLU MLP, LoRA down_proj (lorafit.train.gated_mlp): one fused kernel reads down's input gradient
         # (``base``, and the masked LoRA part ``low``) and writes drop(h), grad gate, grad up.
         mlp, why = (3 if dropout else 2) * c + 2 * e, f"({3 if dropout else 2} × {c} + 2 × {e}) B"

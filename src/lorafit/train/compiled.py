@@ -5,8 +5,11 @@ its own pass over memory, and on CPU those passes cost more than the LoRA matmul
 functions fuses each chain into one kernel without compiling the model (whole-layer compilation was slower
 on CPU: graph breaks at the LoRA autograd function). Shapes are marked dynamic, so a new sequence length
 does not recompile. ``LORAFIT_COMPILE=0`` turns it off; without a working compiler it falls back by itself.
-Under a ``TorchDispatchMode`` (``MemTracker`` in ``lorafit measure`` and the estimator's validation) the eager
-path runs, so what is measured is tensor by tensor; the fused kernels allocate only their outputs, no more.
+Under a ``TorchDispatchMode`` (``MemTracker`` in ``lorafit measure`` and the estimator's validation) a plain
+call runs the eager path, so what is measured is tensor by tensor (these kernels allocate only their outputs,
+no more); :meth:`Compiled.kernel` runs the compiled kernel out of the tracker's sight and shows it the outputs,
+for kernels whose eager form would allocate what the compiled one does not (the dropout hash, the fused
+gated-MLP backward).
 """
 
 from __future__ import annotations

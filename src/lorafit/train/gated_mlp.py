@@ -122,7 +122,8 @@ class ActMulLoraDown(torch.autograd.Function):
         if dropout_p > 0 and _is_silu(act) and _silu_mul_dropped_c.available and lora_dropout.hashed():
             seed = lora_dropout.new_seed(g.device)
             h, hd = _silu_mul_dropped_c.kernel(_flat(g), _flat(u), seed, dropout_p)
-            dropped = (hd, seed)
+            dropped = [hd, seed]  # lora_forward frees hd once A has read it
+            del hd
         else:
             h = _flat(act_mul(g, u, act))
         y, xa, seed = lora_forward(h, weight, bias, lora_a, lora_b, scaling, dropout_p, ctx.compute_dtype, dropped)
