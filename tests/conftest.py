@@ -37,6 +37,18 @@ def save_tiny_llama(folder, tokenizer, **config):
     return model
 
 
+def tiny_causal_lm(arch: str = "llama"):
+    """A 2-layer random Llama, Qwen2 or Gemma (hidden 32, intermediate 64, vocab 100), seeded."""
+    import torch
+    from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, Qwen2Config
+
+    torch.manual_seed(0)
+    kw = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+              vocab_size=100)
+    cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config, "gemma": GemmaConfig}[arch](**kw)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
 def saved_bytes(model, ids):
     """``model(ids).logits`` and the bytes autograd saved for backward during that forward (each saved tensor)."""
     import torch

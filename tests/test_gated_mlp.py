@@ -5,18 +5,10 @@ import copy
 import pytest
 import torch
 from conftest import saved_bytes
-from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, Qwen2Config
+from conftest import tiny_causal_lm as tiny
 
 from lorafit.lora import LoraConfig, apply_lora
 from lorafit.train.gated_mlp import use_lean_gated_mlps
-
-
-def tiny(arch):
-    torch.manual_seed(0)
-    kw = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-              vocab_size=100)
-    cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config, "gemma": GemmaConfig}[arch](**kw)
-    return AutoModelForCausalLM.from_config(cfg)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])

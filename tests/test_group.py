@@ -4,18 +4,19 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from conftest import tiny_causal_lm as tiny
 
 from lorafit.lora import LoraConfig, apply_lora
 from lorafit.lora import group as lora_group
 from lorafit.train.trainer import make_trainable
 
 
-def tiny(arch="llama"):
-    torch.manual_seed(0)
-    kw = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-              vocab_size=100)
-    return AutoModelForCausalLM.from_config({"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](**kw))
+def counted_group_calls(monkeypatch) -> list:
+    """A list that gets one entry per ``LoraGroupFunction.apply``."""
+    calls = []
+    monkeypatch.setattr(lora_group.LoraGroupFunction, "apply",
+                        lambda *a, _f=lora_group.LoraGroupFunction.apply: calls.append(1) or _f(*a))
+    return calls
 
 
 def run(model, ids):
@@ -36,9 +37,7 @@ def run(model, ids):
 def test_grouped_equals_one_by_one(monkeypatch, compile_, dropout, arch, dtype, matmul):
     monkeypatch.setenv("LORAFIT_COMPILE", compile_)
     monkeypatch.setenv("LORAFIT_HALF_MATMUL", matmul)
-    calls = []
-    monkeypatch.setattr(lora_group.LoraGroupFunction, "apply",
-                        lambda *a, _f=lora_group.LoraGroupFunction.apply: calls.append(1) or _f(*a))
+    calls = counted_group_calls(monkeypatch)
     base = tiny(arch).to(dtype)
     apply_lora(base, LoraConfig(r=4, dropout=dropout, target_modules="all-linear"))
     for n, p in base.named_parameters():
@@ -58,9 +57,9 @@ def test_grouped_equals_one_by_one(monkeypatch, compile_, dropout, arch, dtype, 
         torch.testing.assert_close(grads[n], grads_ref[n], **tol, msg=n)
 
 
-def grouped_attention(monkeypatch, calls, dropout=0.0):
-    monkeypatch.setattr(lora_group.LoraGroupFunction, "apply",
-                        lambda *a, _f=lora_group.LoraGroupFunction.apply: calls.append(1) or _f(*a))
+def grouped_attention(monkeypatch, dropout=0.0):
+    """A tiny Llama with LoRA q/k/v grouped, its first attention block, and the group-call counter."""
+    calls = counted_group_calls(monkeypatch)
     m = tiny()
     apply_lora(m, LoraConfig(r=4, dropout=dropout, target_modules=["q_proj", "k_proj", "v_proj"]))
     lora_group.use_shared_input_groups(m)
@@ -68,14 +67,13 @@ def grouped_attention(monkeypatch, calls, dropout=0.0):
     for n, p in m.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.1)
-    return m, m.model.layers[0].self_attn
+    return m, m.model.layers[0].self_attn, calls
 
 
 def test_member_called_on_another_tensor_computes_alone_and_turns_the_group_off(monkeypatch):
     """A member called on another tensor, or on the same one modified in place, computes by itself, and the
     group stays off from then on; each output is still its own layer's."""
-    calls = []
-    _, attn = grouped_attention(monkeypatch, calls)
+    _, attn, calls = grouped_attention(monkeypatch)
 
     def alone(proj, inp):
         return proj.base_layer(inp) + proj.lora_B(proj.lora_A(inp)) * proj.scaling
@@ -93,8 +91,7 @@ def test_member_called_on_another_tensor_computes_alone_and_turns_the_group_off(
     attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
     assert calls == [1]  # off for good
 
-    calls.clear()
-    _, attn = grouped_attention(monkeypatch, calls)
+    _, attn, calls = grouped_attention(monkeypatch)
     q = attn.q_proj(x)
     x.add_(1.0)  # modified in place after the group ran: k and v compute alone
     k = attn.k_proj(x)
@@ -103,8 +100,7 @@ def test_member_called_on_another_tensor_computes_alone_and_turns_the_group_off(
 
 
 def test_not_training_or_no_grad_runs_one_by_one(monkeypatch):
-    calls = []
-    m, attn = grouped_attention(monkeypatch, calls)
+    m, attn, calls = grouped_attention(monkeypatch)
     x = torch.randn(2, 5, 32)
     with torch.no_grad():
         attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
@@ -115,8 +111,7 @@ def test_not_training_or_no_grad_runs_one_by_one(monkeypatch):
 
 def test_unused_member_output_gets_no_gradient(monkeypatch):
     """An output nobody uses (v here) gets no gradient, as one by one: its A and B grads stay None."""
-    calls = []
-    m, attn = grouped_attention(monkeypatch, calls, dropout=0.2)
+    m, attn, calls = grouped_attention(monkeypatch, dropout=0.2)
     ref = copy.deepcopy(m)
     for layer in (ref.model.layers[0].self_attn.q_proj, ref.model.layers[0].self_attn.k_proj):
         layer.group = None
@@ -138,9 +133,7 @@ def test_unused_member_output_gets_no_gradient(monkeypatch):
 
 def test_trainable_biases_and_frozen_a_with_dropout(monkeypatch):
     """Qwen2's q/k/v biases trained (bias="lora_only") and every A frozen, dropout on: the mixed needs path."""
-    calls = []
-    monkeypatch.setattr(lora_group.LoraGroupFunction, "apply",
-                        lambda *a, _f=lora_group.LoraGroupFunction.apply: calls.append(1) or _f(*a))
+    calls = counted_group_calls(monkeypatch)
     base = tiny("qwen2")
     apply_lora(base, LoraConfig(r=4, dropout=0.2, target_modules="all-linear", bias="lora_only"))
     for n, p in base.named_parameters():

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lorafit.lora import dropout as lora_dropout
-from lorafit.lora.layer import LoraLinear, compute_dtype_for, lora_forward, to_compute
+from lorafit.lora.layer import LoraLinear, branch_grads, compute_dtype_for, lora_forward, to_compute
 
 _FIELDS = 5  # per member: weight (out × in), bias, A, B, scaling
 
@@ -43,14 +43,12 @@ class LoraGroupFunction(torch.autograd.Function):
         xds = list(lora_dropout.dropped_each(x2, seed=seeds, p=p)) if seeds else None
         outs, xas = [], []
         for i, (w, b, a, bb, s) in enumerate(ms):
-            w, b = to_compute(cd, w, b)
             dropped = None
             if seeds:
                 dropped, xds[i] = [xds[i], seeds[i]], None  # lora_forward frees it once A has read it
-            y, xa, _ = lora_forward(x2, w, b, a, bb, s, p, cd, dropped)
+            y, xa, _ = lora_forward(x2, w, b, a, bb, s, p, cd, dropped)  # copies the weight to cd if need be
             outs.append(y.to(x.dtype).view(*x.shape[:-1], y.shape[-1]))
             xas.append(xa)
-            del w, b, y  # before the next member's copies (fp32 weight copies can be large)
         ctx.p, ctx.n, ctx.compute_dtype = p, len(ms), cd
         ctx.scalings = [m[4] for m in ms]
         ctx.has_bias = [m[1] is not None for m in ms]
@@ -71,13 +69,10 @@ class LoraGroupFunction(torch.autograd.Function):
         for i in (i for i in range(n) if grads[i] is not None):
             need_bias, need_a, need_b = (needs[2 + _FIELDS * i + k] for k in (1, 2, 3))
             g = to_compute(cd, grads[i].reshape(-1, grads[i].shape[-1]))[0]
-            s = ctx.scalings[i]
-            # gradient reaching drop(x)·Aᵀ, with dropout's 1/(1-p) folded in while it is small (N × r)
-            g_xa = (g @ lora_bs[i].to(cd)).mul_(s / (1.0 - p) if seeds else s)
+            g_xa, result[2 + _FIELDS * i + 3] = branch_grads(g, lora_bs[i], xas[i], ctx.scalings[i], p,
+                                                             seeds is not None, need_b)
             if need_a:
                 g_xas[i] = g_xa
-            if need_b:
-                result[2 + _FIELDS * i + 3] = (xas[i].t() @ g).t().mul_(s).to(lora_bs[i].dtype)
             if need_bias and ctx.has_bias[i]:
                 result[2 + _FIELDS * i + 1] = g.sum(0).to(x.dtype)
             if need_x:

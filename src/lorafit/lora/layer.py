@@ -51,7 +51,7 @@ def lora_forward(x2, weight, bias, lora_a, lora_b, scaling: float, dropout_p: fl
     ``[drop(x2), seed]`` when the caller made them together with ``x2`` (``train.gated_mlp``, ``lora.group``);
     it is emptied here."""
     out_dtype = x2.dtype
-    if compute_dtype is not None and compute_dtype != out_dtype:
+    if compute_dtype is not None and compute_dtype != weight.dtype:  # x2 may already be a copy (lora.group)
         x2, weight, bias = to_compute(compute_dtype, x2, weight, bias)
     a = lora_a.to(x2.dtype)
     b = lora_b.to(x2.dtype)
@@ -92,19 +92,14 @@ def lora_backward(g, x2, weight, lora_a, lora_b, xa, seed, scaling: float, dropo
         x_in = x2
         x2 = lambda: (x_in() if callable(x_in) else x_in).to(compute_dtype)  # noqa: E731 - copied only if used
     need_x, need_w, need_bias, need_a, need_b = needs
-    s, p = scaling, dropout_p
+    p = dropout_p
     a = lora_a.to(g.dtype)
-    b = lora_b.to(g.dtype)
     fused = fused_input is not None and need_x and need_a and not need_w
     if callable(x2) and (need_a or need_w) and not fused:
         x2 = x2()
 
-    # gradient reaching drop(x)·Aᵀ, with dropout's 1/(1-p) folded in while it is small (N × r)
-    g_xa = (g @ b).mul_(s / (1.0 - p) if seed is not None else s)
-    grad_a = grad_b = grad_x = grad_w = grad_bias = None
-    if need_b:
-        # (xaᵀ g)ᵀ, not gᵀ xa: the GEMM reads g row-major (135M shape: 0.48 vs 0.65 ms for 1536 outputs)
-        grad_b = (xa.t() @ g).t().mul_(s).to(lora_b.dtype)
+    g_xa, grad_b = branch_grads(g, lora_b, xa, scaling, dropout_p, seed is not None, need_b)
+    grad_a = grad_x = grad_w = grad_bias = None
     xd = x2  # the input A saw
     if fused:
         base = g @ weight
@@ -131,6 +126,16 @@ def lora_backward(g, x2, weight, lora_a, lora_b, xa, seed, scaling: float, dropo
     if grad_x is not None and not fused:
         grad_x = grad_x.to(out_dtype)
     return grad_x, grad_w, grad_bias, grad_a, grad_b
+
+
+def branch_grads(g, lora_b, xa, scaling: float, dropout_p: float, dropout: bool, need_b: bool):
+    """``(g_xa, dB)`` of the LoRA branch for the 2-D output gradient ``g`` (in the matmuls' dtype): the gradient
+    reaching ``drop(x)·Aᵀ``, with dropout's ``1/(1-p)`` folded in while it is small (N × r), and B's gradient in
+    B's dtype (None unless ``need_b``)."""
+    g_xa = (g @ lora_b.to(g.dtype)).mul_(scaling / (1.0 - dropout_p) if dropout else scaling)
+    # (xaᵀ g)ᵀ, not gᵀ xa: the GEMM reads g row-major (135M shape: 0.48 vs 0.65 ms for 1536 outputs)
+    grad_b = (xa.t() @ g).t().mul_(scaling).to(lora_b.dtype) if need_b else None
+    return g_xa, grad_b
 
 
 class LoraLinearFunction(torch.autograd.Function):
