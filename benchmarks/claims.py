@@ -5,7 +5,7 @@ Claims checked: LoRA (1) saves memory, (2) forgets less of what the model knew, 
 trained on the same token budget (same steps x micro-batch) at two training-set sizes; each run reports the
 measured peak memory of one training step (torch's MemTracker, split by kind, plus process peak RSS),
 tokens/s, trainable parameters, adapter / checkpoint size on disk, held-out exact match and retention
-(``lorafit.tasks.retention_score``: accuracy and perplexity of the base model's own answers), next to the
+(``lorafit.eval.tasks.retention_score``: accuracy and perplexity of the base model's own answers), next to the
 base model's.
 
     python benchmarks/claims.py            # full: 5 methods x 2 sizes, LR sweeps (~49 min at 1 thread)
@@ -116,8 +116,8 @@ def measure_step(cfg) -> dict:
 
     from lorafit.data import batches, build_datasets
     from lorafit.lora import count_parameters
+    from lorafit.train import prepare_model, seed_everything, train_step
     from lorafit.train.optim import build_optimizer, build_scheduler
-    from lorafit.train.trainer import prepare_model, seed_everything, train_step
 
     seed_everything(cfg.seed)
     model, tok = prepare_model(cfg)
@@ -154,7 +154,7 @@ def disk_size(out: Path, method: str) -> int:
 
 
 def score_model(model, tok, heldout: Path, retention: Path, limit: int | None) -> dict:
-    from lorafit.train.commands import evaluate_model
+    from lorafit.eval.report import evaluate_model
 
     t = time.perf_counter()
     r = evaluate_model(model, tok, None, str(heldout), str(retention), limit)
@@ -176,7 +176,7 @@ def worker(spec: dict) -> dict:
         model, tok = load_model_and_tokenizer("demo")
         return score_model(model, tok, Path(spec["heldout"]), Path(spec["retention"]), spec["heldout_limit"])
 
-    from lorafit.train.trainer import train
+    from lorafit.train import train
 
     method = spec["method"]
     if spec["job"] == "sweep":  # short runs on the large set, lowest validation loss wins

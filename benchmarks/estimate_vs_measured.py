@@ -2,7 +2,7 @@
 
 Each configuration runs in a fresh subprocess (peaks cannot leak between rows): build the model (random
 weights from a transformers config of the given shape, or the real demo model), attach the adapter as the
-trainer does, run 3 steps of ``lorafit.train.trainer.train_step``, take the peak; compare with
+trainer does, run 3 steps of ``lorafit.train.train_step``, take the peak; compare with
 ``lorafit.memory.estimate`` (tensor memory, no framework overhead).
 
     .venv/bin/python benchmarks/estimate_vs_measured.py            # all rows, writes results JSON
@@ -19,7 +19,7 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from lorafit.memory.spec import ModelSpec
@@ -73,22 +73,22 @@ CUDA_ROWS = [
     ("llama-3.2-1b", dict(method="lora", dtype="bfloat16", micro_batch=4, seq_len=2048, r=16, gradient_checkpointing=True)),
     ("llama-3.2-1b", dict(method="full", dtype="bfloat16", micro_batch=1, seq_len=1024)),
     ("llama-3.2-1b", dict(method="lora", dtype="float32", micro_batch=1, seq_len=512, r=8, targets=["q_proj", "v_proj"])),
-    ("llama-3.2-1b", dict(method="full", dtype="bfloat16", micro_batch=1, seq_len=1024, optimizer="adamw_fused")),
+    ("llama-3.2-1b", dict(method="full", dtype="bfloat16", micro_batch=1, seq_len=1024, optimizer="adamw_torch_fused")),
     ("qwen2-small", dict(method="lora", dtype="bfloat16", micro_batch=4, seq_len=512, r=16)),
 ]
 
 
 def run_one(shape: str, settings: dict, steps: int, device: str) -> dict:
     """In this process: measure and estimate one row."""
+    from lorafit.measure import measure
     from lorafit.memory.estimate import Settings, estimate
-    from lorafit.memory.measure import measure
     from lorafit.memory.spec import resolve_spec
 
     spec = resolve_spec(shape) if shape == "demo" or shape not in SHAPES else SHAPES[shape]
     s = Settings(**settings, device=device)
     t0 = time.perf_counter()
     m = measure(spec, s, steps, model_name="demo" if shape == "demo" else None, device=device)
-    est = estimate(spec, Settings(**settings, device="cpu"))  # tensor memory only, no CUDA overhead
+    est = estimate(spec, replace(s, device="cpu"))  # tensor memory only, no CUDA overhead
     return {"shape": shape, "settings": settings, "device": device, "estimate_bytes": est.allocated_peak,
             "measured_bytes": m.peak, "error_pct": 100.0 * (est.allocated_peak - m.peak) / m.peak,
             "peak_moment": est.peak_moment, "measured_by_kind": m.by_kind, "seconds": time.perf_counter() - t0,

@@ -1,4 +1,4 @@
-"""bf16 GEMM vs the same GEMM on fp32 copies, on this CPU: what ``lorafit.matmul`` decides from the CPU's flags.
+"""bf16 GEMM vs the same GEMM on fp32 copies, on this CPU: what ``lorafit.options`` decides from the CPU's flags.
 
 Times ``F.linear`` over the 135M model's LoRA-layer shapes (1024 tokens) in bf16, and on fp32 copies of the bf16
 operands rounded back to bf16 (the copies included), with preallocated buffers (the steady state of a training
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lorafit import matmul
+from lorafit.options import RuntimeOptions, cpu_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(1024, 576, 576), (1024, 576, 192), (1024, 576, 1536), (1024, 1536, 576)]  # tokens, in, out
@@ -61,11 +61,13 @@ def main() -> int:
     print(f"{'tokens × in × out':>20} {'bf16 ms':>9} {'fp32 copies ms':>15} {'copies / bf16':>14}")
     for r in rows:
         print(f"{' × '.join(map(str, r['shape'])):>20} {r['bf16_ms']:9.2f} {r['fp32_copies_ms']:15.2f} {r['ratio']:13.2f}×")
-    choice = "fp32 copies" if matmul.upcasts(torch.bfloat16, "cpu") else "native bf16"
+    runtime = RuntimeOptions.resolve()
+    choice = "fp32 copies" if runtime.upcasts("bfloat16", "cpu") else "native bf16"
     faster = "fp32 copies" if sum(r["fp32_copies_ms"] for r in rows) < sum(r["bf16_ms"] for r in rows) else "native bf16"
-    print(f"faster here: {faster}; lorafit.matmul picks (from the CPU flags, {matmul.ENV}={matmul.mode()}): {choice}")
-    cpu = {"capability": torch.backends.cpu.get_cpu_capability(), "amx": torch.cpu._is_amx_tile_supported(),
-           "avx512_bf16": torch.cpu._is_avx512_bf16_supported(), "threads": args.threads}
+    print(f"faster here: {faster}; lorafit picks (half_matmul={runtime.half_matmul}, from the CPU flags): {choice}")
+    flags = cpu_flags()
+    cpu = {"capability": torch.backends.cpu.get_cpu_capability(), "amx": "amx_tile" in flags,
+           "avx512_bf16": "avx512_bf16" in flags, "threads": args.threads}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"cpu": cpu, "rows": rows, "faster": faster, "lorafit_picks": choice}, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -2,7 +2,7 @@
 
 Implementations:
 
-* ``lorafit``      — ``apply_lora`` + ``lorafit.train.trainer.train_step`` (chunked loss, lean LoRA autograd).
+* ``lorafit``      — ``make_trainable`` + ``lorafit.train.train_step`` (chunked loss, lean LoRA autograd).
 * ``peft-loop``    — ``peft.get_peft_model`` in a plain loop: ``model(**batch, labels=...).loss.backward()``,
                      gradient clipping, ``AdamW.step()``.
 * ``peft-trainer`` — the same PEFT model under ``transformers.Trainer`` (what most users run).
@@ -18,7 +18,6 @@ memory breakdown, so the tracker never slows the timed steps. Prints one line ``
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -61,10 +60,11 @@ def reset_rss_peak() -> bool:
 def build_base(spec: dict):
     import transformers
 
+    from lorafit.measure import hf_config
     from lorafit.memory.catalog import get_model
 
     transformers.logging.set_verbosity_error()
-    cfg = get_model(spec["shape"]).hf_config()
+    cfg = hf_config(get_model(spec["shape"]))
     if spec.get("layers"):
         cfg.num_hidden_layers = spec["layers"]
     cfg.use_cache = False
@@ -108,11 +108,12 @@ def adamw(params):
 def prepare_lorafit(spec: dict):
     """What ``lorafit train`` does to a loaded model (adapter, lean gated MLPs, checkpointing, no cache)."""
     from lorafit.lora import LoraConfig, named_lora_layers
-    from lorafit.train.trainer import make_trainable
+    from lorafit.options import RuntimeOptions
+    from lorafit.train import make_trainable
 
     model = build_base(spec)
     lora = LoraConfig(r=spec["r"], alpha=spec["alpha"], dropout=spec["dropout"], target_modules="all-linear")
-    make_trainable(model, lora, spec["gc"])
+    make_trainable(model, lora, spec["gc"], RuntimeOptions.resolve())
     init_adapter([(n, m.lora_A.weight, m.lora_B.weight) for n, m in named_lora_layers(model)])
     return model
 
@@ -134,21 +135,14 @@ def prepare_peft(spec: dict):
 
 
 # --- the measured step's memory -----------------------------------------------------------------------
-class _NoHook:
-    def remove(self) -> None:
-        pass
-
-
 class Tracker:
     """MemTracker around one step; frozen parameters cannot take gradient hooks, so they are marked done."""
 
     def __init__(self, model, optimizer):
-        from torch.distributed._tools.mem_tracker import MemTracker
+        from lorafit._compat import mem_tracker, skip_frozen_grad_hooks
 
-        self.mt = MemTracker()
-        for p in model.parameters():
-            if not p.requires_grad:
-                self.mt._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
+        self.mt = mem_tracker()
+        skip_frozen_grad_hooks(self.mt, model)
         self.mt.track_external(model, optimizer)
 
     def __enter__(self):
@@ -209,20 +203,16 @@ class Recorder:
 
 
 def run_lorafit(spec, device, rec: Recorder):
-    from types import SimpleNamespace
-
+    from lorafit.train import train_step
     from lorafit.train.optim import build_optimizer
-    from lorafit.train.trainer import train_step
 
     model = prepare_lorafit(spec).to(device)
     model.train()
     # lorafit train's own optimizer (torch's fused AdamW), with the shared settings
-    opt = build_optimizer(model, SimpleNamespace(optimizer="adamw_torch", learning_rate=1e-4, weight_decay=0.0,
-                                                 adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8))
+    opt = build_optimizer(model, "adamw_torch", lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    # Older train_step versions take the compute dtype as a sixth argument.
-    extra = {"dtype": DTYPES[spec["dtype"]]} if "dtype" in inspect.signature(train_step).parameters else {}
-    return model, opt, lambda b: train_step(model, opt, sched, [b], 1.0, **extra)["loss"]
+    options = model.lean_kernels.options
+    return model, opt, lambda b: train_step(model, opt, sched, [b], 1.0, options=options)["loss"]
 
 
 def run_peft_loop(spec, device, rec: Recorder):

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from lorafit.eval.tasks import generate_answers, load_heldout, retention_score, score
 from lorafit.models import load_model_and_tokenizer
-from lorafit.tasks import generate_answers, load_heldout, retention_score, score
 
 HERE = Path(__file__).resolve().parent
 

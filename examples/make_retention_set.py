@@ -1,7 +1,7 @@
 """Make the retention set: prompts the base SmolLM2-135M-Instruct already answers correctly, with its own answers.
 
 Used to measure forgetting (issue 6): after fine-tuning, does the model still answer these correctly, and
-how likely does it still find the base model's own answers? ``lorafit.tasks.retention_score`` computes both.
+how likely does it still find the base model's own answers? ``lorafit.eval.tasks.retention_score`` computes both.
 
 How it is made (once; the output is shipped in ``retention/retention.jsonl``):
 
@@ -11,7 +11,7 @@ How it is made (once; the output is shipped in ``retention/retention.jsonl``):
 2. The base model answers each greedily (``MAX_NEW_TOKENS`` new tokens at most).
 3. A candidate is kept when it is not in ``EXCLUDE`` (answers read by hand that contain the known answer
    but are wrong around it), when the answer contains a known answer as a whole word
-   (``lorafit.tasks.contains_answer``) and finished (ended its turn) well within the token limit, so the
+   (``lorafit.eval.tasks.contains_answer``) and finished (ended its turn) well within the token limit, so the
    stored answer is complete.
 4. Each kept row is ``{"messages": [user prompt], "reference": base answer, "answer": known answer(s)}``.
 
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
+from lorafit.eval.tasks import contains_answer, generate_answers
 from lorafit.models import load_model_and_tokenizer
-from lorafit.tasks import contains_answer, generate_answers
 
 MAX_NEW_TOKENS = 64
 KEEP_MAX_TOKENS = 56  # an answer this long or longer may have been cut off: dropped

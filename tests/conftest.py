@@ -1,19 +1,23 @@
-"""Shared fixtures: the demo model's real tokenizer (loaded once per session)."""
+"""Shared fixtures: the demo model's real tokenizer (loaded once per session), tiny models, lean-kernel switches."""
 
 import pytest
 
+SWITCHES = ("shared_inputs", "swiglu", "rms_norm", "rope", "attention")
 
-@pytest.fixture(autouse=True)
-def _transformers_functions_restored():
-    """Training switches transformers' RoPE and SDPA attention process-wide (``lorafit.train.rotary``,
-    ``lorafit.train.attention``): undo it after each test, so tests that use transformers as the reference do
-    not depend on the order they run in."""
-    yield
-    from lorafit.train.attention import restore_attention
-    from lorafit.train.rotary import restore_rotary
 
-    restore_rotary()
-    restore_attention()
+def options(compile_=True, half_matmul="auto"):
+    """Runtime options for a test (``compile_`` may be the strings "1"/"0" of a parametrization)."""
+    from lorafit.options import RuntimeOptions
+
+    return RuntimeOptions.resolve(compile_ in (True, "1"), half_matmul)
+
+
+def lean_kernels(model, compile_=True, half_matmul="auto", **only):
+    """``apply_lean_kernels`` with only the switches named in ``only`` on; returns the handle."""
+    from lorafit.patches import apply_lean_kernels
+
+    switches = {name: bool(only.get(name, False)) for name in SWITCHES}
+    return apply_lean_kernels(model, options=options(compile_, half_matmul), **switches)
 
 
 @pytest.fixture(scope="session")

@@ -64,8 +64,10 @@ def test_defaults_and_conveniences():
     assert cfg.sequence_len == 2048 and cfg.micro_batch_size == 1 and cfg.learning_rate == 2e-4
     assert cfg.optimizer == "adamw_torch" and cfg.lr_scheduler == "cosine"
     assert cfg.datasets[0].split == "train" and cfg.datasets[0].roles_to_train == ["assistant"]
-    assert cfg.effective_dtype == "float32"
-    assert make(bf16=True).effective_dtype == "bfloat16"
+    assert cfg.dtype_for(bf16_supported=False) == "float32"
+    assert make(bf16=True).dtype_for(bf16_supported=False) == "bfloat16"
+    assert make(bf16="auto").dtype_for(bf16_supported=True) == "bfloat16"
+    assert make(bf16="auto").dtype_for(bf16_supported=False) == "float32"
     full = TrainConfig.from_dict({**BASE, "adapter": None})
     assert not full.is_lora and full.lora_targets is None
     assert make(adapter="none").is_lora is False

@@ -4,11 +4,10 @@ import copy
 
 import pytest
 import torch
-from conftest import saved_bytes
+from conftest import lean_kernels, saved_bytes
 from conftest import tiny_causal_lm as tiny
 
 from lorafit.lora import LoraConfig, apply_lora
-from lorafit.train.gated_mlp import use_lean_gated_mlps
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
@@ -22,7 +21,7 @@ def test_same_math_less_saved(arch, lora):
             if "lora_B" in n:
                 torch.nn.init.normal_(p, std=0.1)
     lean = copy.deepcopy(ref)
-    assert use_lean_gated_mlps(lean) == 2
+    assert lean_kernels(lean, swiglu=True).applied == {"swiglu": 2}
     ids = torch.randint(0, 100, (2, 9))
     torch.manual_seed(1)
     out_ref, saved_ref = saved_bytes(ref, ids)
@@ -48,7 +47,7 @@ def test_silu_lora_down_fused_kernels(monkeypatch, compile_, dropout, dtype):
     """SiLU with compiled kernels: the product and its dropped-out copy come from one kernel in forward, and
     backward recomputes, masks and differentiates it in one more; without a compiler the unfused path runs.
     Either way the outputs and gradients are the plain model's (bf16: to its rounding)."""
-    from lorafit.train import gated_mlp
+    from lorafit.kernels import gated_mlp
 
     monkeypatch.setenv("LORAFIT_COMPILE", compile_)
     monkeypatch.setenv("LORAFIT_HALF_MATMUL", "fp32")
@@ -65,7 +64,7 @@ def test_silu_lora_down_fused_kernels(monkeypatch, compile_, dropout, dtype):
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.1)
     lean = copy.deepcopy(ref)
-    use_lean_gated_mlps(lean)
+    lean_kernels(lean, compile_, "fp32", swiglu=True)
     ids = torch.randint(0, 100, (2, 9))
     outs = []
     for m in (ref, lean):

@@ -4,11 +4,12 @@ import copy
 
 import pytest
 import torch
+from conftest import options
 from conftest import tiny_causal_lm as tiny
 
 from lorafit.lora import LoraConfig, apply_lora
 from lorafit.lora import group as lora_group
-from lorafit.train.trainer import make_trainable
+from lorafit.train import make_trainable
 
 
 def counted_group_calls(monkeypatch) -> list:
@@ -44,7 +45,7 @@ def test_grouped_equals_one_by_one(monkeypatch, compile_, dropout, arch, dtype, 
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.1)
     grouped = copy.deepcopy(base)
-    assert lora_group.use_shared_input_groups(grouped) == 4  # (q/k/v, gate/up) × 2 layers
+    assert len(lora_group.use_shared_input_groups(grouped)) == 4  # (q/k/v, gate/up) × 2 layers
     base.train(), grouped.train()
     ids = torch.randint(0, 100, (2, 9))
     out_ref, grads_ref = run(base, ids)
@@ -177,7 +178,7 @@ def test_trainer_groups_and_checkpointing_replays_masks():
     """make_trainable groups the projections; with checkpointing the recomputed group draws the same masks."""
     grads = []
     for gc in (False, True):
-        m = make_trainable(tiny(), LoraConfig(r=4, dropout=0.3, target_modules="all-linear"), gc)
+        m = make_trainable(tiny(), LoraConfig(r=4, dropout=0.3, target_modules="all-linear"), gc, options())
         assert m.model.layers[0].self_attn.q_proj.group is not None
         for n, p in m.named_parameters():
             if "lora_B" in n:

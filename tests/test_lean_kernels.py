@@ -4,11 +4,12 @@ import copy
 
 import pytest
 import torch
+from conftest import lean_kernels, options
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lorafit.train import compiled
-from lorafit.train.gated_mlp import use_lean_gated_mlps
-from lorafit.train.rms_norm import use_lean_rms_norms
+from lorafit.kernels import compiled
+from lorafit.kernels import rotary as rotary_kernel
+from lorafit.patches import apply_lean_kernels, rotary
 
 
 def tiny(dtype):
@@ -35,11 +36,11 @@ def run(model, ids, full):
 @pytest.mark.parametrize("compile_", ["1", "0"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("full", [False, True])
-def test_lean_norm_and_act_match_transformers(monkeypatch, compile_, dtype, tol, full):
-    monkeypatch.setenv("LORAFIT_COMPILE", compile_)
+def test_lean_norm_and_act_match_transformers(compile_, dtype, tol, full):
     ref = tiny(dtype)
     lean = copy.deepcopy(ref)
-    assert use_lean_rms_norms(lean) == 5 and use_lean_gated_mlps(lean) == 2
+    handle = lean_kernels(lean, compile_, rms_norm=True, swiglu=True)
+    assert handle.applied == {"swiglu": 2, "rms_norm": 5}
     ids = torch.randint(0, 100, (2, 16))
     o1, g1, w1 = run(ref, ids, full)
     o2, g2, w2 = run(lean, ids, full)
@@ -51,10 +52,21 @@ def test_lean_norm_and_act_match_transformers(monkeypatch, compile_, dtype, tol,
 
 
 def test_norms_other_than_llamas_are_left_alone():
+    from conftest import tiny_causal_lm
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 
-    m = torch.nn.Sequential(GemmaRMSNorm(8))
-    assert use_lean_rms_norms(m) == 0
+    gemma = tiny_causal_lm("gemma")  # (1 + weight) · normalize(x): not Llama's norm
+    handle = lean_kernels(gemma, rms_norm=True, swiglu=True)
+    assert "rms_norm" not in handle.applied and handle.applied["swiglu"] == 2
+    assert not any("forward" in vars(m) for m in gemma.modules() if isinstance(m, GemmaRMSNorm))
+
+
+def test_families_without_lean_kernels_train_plain_with_one_notice():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=100))
+    handle = apply_lean_kernels(gpt2, options=options())
+    assert "gpt2" in handle.notice and not any(n for k, n in handle.applied.items() if k != "attention")
 
 
 def test_compiled_falls_back_to_eager_when_compiling_fails(monkeypatch):
@@ -65,8 +77,8 @@ def test_compiled_falls_back_to_eager_when_compiling_fails(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", boom)
     k = compiled.compiled(lambda a, b: a * b + 1)
-    assert torch.equal(k(torch.ones(3), torch.ones(3)), torch.full((3,), 2.0))
-    assert not k.usable  # stays eager from now on
+    assert torch.equal(k(torch.ones(3), torch.ones(3), compile=True), torch.full((3,), 2.0))
+    assert not k.usable(True)  # stays eager from now on
 
 
 def rope_inputs(dtype, layout):
@@ -105,51 +117,60 @@ def original_rope():
     return getattr(fn, "lorafit_original", fn)
 
 
+def lean_rope(compile_=True):
+    """The dispatcher a patched model's attention calls, as it runs inside such a module."""
+    dispatcher = rotary._dispatcher(original_rope())
+
+    def call(*args, **kwargs):
+        token = rotary._ACTIVE.set(options(compile_))
+        try:
+            return dispatcher(*args, **kwargs)
+        finally:
+            rotary._ACTIVE.reset(token)
+
+    return call
+
+
 @pytest.mark.parametrize("compile_", ["1", "0"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("layout", [1, 2])
-def test_lean_rotary_matches_transformers(monkeypatch, compile_, dtype, tol, layout):
-    from lorafit.train import rotary
-
-    monkeypatch.setenv("LORAFIT_COMPILE", compile_)
+def test_lean_rotary_matches_transformers(compile_, dtype, tol, layout):
     qp, kp, call = rope_inputs(dtype, layout)
     ref = rope_run(lambda: call(original_rope()), qp, kp)
-    lean = rope_run(lambda: call(rotary._make_lean(original_rope())), qp, kp)
+    lean = rope_run(lambda: call(lean_rope(compile_)), qp, kp)
     assert "RotaryFunction" in type(lean[0].grad_fn).__name__
-    assert not rotary._forward_c.failed and not rotary._backward_c.failed
+    assert not rotary_kernel._forward_c.failed and not rotary_kernel._backward_c.failed
     for a, b in zip(lean, ref, strict=True):
         a, b = a.detach().float(), b.detach().float()
         assert float((a - b).abs().max() / b.abs().max()) <= tol
 
 
 def test_lean_rotary_asks_no_gradient_for_a_frozen_input():
-    from lorafit.train import rotary
-
     qp, kp, call = rope_inputs(torch.float32, 1)
     kp.requires_grad_(False)  # k of layer 0 when k_proj is not adapted and the embedding is frozen
     ref = rope_run(lambda: call(original_rope()), qp, kp)
-    q, k, gq, gk = rope_run(lambda: call(rotary._make_lean(original_rope())), qp, kp)
+    q, k, gq, gk = rope_run(lambda: call(lean_rope()), qp, kp)
     assert q.requires_grad and not k.requires_grad and gk is None
     assert torch.allclose(gq, ref[2], rtol=1e-6, atol=1e-7) and torch.equal(k, ref[1])
 
 
-def test_use_lean_rotary_switches_llama_modules_once(monkeypatch):
+def test_lean_rotary_is_per_model_and_restored(monkeypatch):
     from transformers import Phi3Config, Phi3ForCausalLM
     from transformers.models.llama import modeling_llama
 
-    from lorafit.train import rotary
-    from lorafit.train.rotary import use_lean_rotary
-
     original = original_rope()
-    model = tiny(torch.float32)
+    model, other = tiny(torch.float32), tiny(torch.float32)
     ids = torch.randint(0, 100, (2, 16))
     o1, g1, w1 = run(model, ids, True)
     model.zero_grad(set_to_none=True)
-    assert use_lean_rotary(model) == 1 and use_lean_rotary(model) == 0
+    handle = lean_kernels(model, rope=True)
+    assert handle.applied == {"rope": 1}
+    with pytest.raises(ValueError):  # once per model
+        lean_kernels(model, rope=True)
     assert modeling_llama.apply_rotary_pos_emb.lorafit_original is original
     calls = []
-    kernel = rotary._forward_c
-    monkeypatch.setattr(rotary, "_forward_c", lambda *a: calls.append(1) or kernel(*a))
+    kernel = rotary_kernel._forward_c
+    monkeypatch.setattr(rotary_kernel, "_forward_c", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     o2, g2, w2 = run(model, ids, True)
     assert len(calls) == 2  # one per layer
     assert torch.allclose(o1, o2, rtol=1e-5, atol=1e-6) and torch.allclose(g1, g2, rtol=1e-5, atol=1e-6)
@@ -157,9 +178,14 @@ def test_use_lean_rotary_switches_llama_modules_once(monkeypatch):
         assert torch.allclose(w1[n], w2[n], rtol=1e-4, atol=1e-6), n
     with torch.no_grad():  # nothing to train: transformers' own function runs, same logits
         assert torch.allclose(model(inputs_embeds=model.model.embed_tokens(ids)).logits.float(), o1, atol=1e-6)
+    run(other, ids, True)  # a model that was not patched computes as transformers wrote it
+    assert len(calls) == 2
+    handle.restore()
+    assert modeling_llama.apply_rotary_pos_emb is original
+    run(model, ids, True)
     assert len(calls) == 2
     # Phi-3 rotates only part of each head (its own apply_rotary_pos_emb): left alone
     phi3 = Phi3ForCausalLM(Phi3Config(hidden_size=32, intermediate_size=64, num_attention_heads=4,
                                       num_key_value_heads=2, num_hidden_layers=1, vocab_size=100,
                                       partial_rotary_factor=0.5, pad_token_id=0))
-    assert use_lean_rotary(phi3) == 0
+    assert "rope" not in lean_kernels(phi3, rope=True).applied

@@ -214,7 +214,7 @@ def test_only_adapter_parameters_change_after_training():
 @pytest.mark.parametrize("compile_", ["1", "0"])
 def test_dropout_backward_matches_autograd_reference(monkeypatch, compile_):
     """With dropout, our seeded-mask forward and backward equal autograd through the explicit mask."""
-    from lorafit.lora import dropout
+    from lorafit.kernels import dropout
     from lorafit.lora.layer import LoraLinear
 
     monkeypatch.setenv("LORAFIT_COMPILE", compile_)
@@ -225,7 +225,7 @@ def test_dropout_backward_matches_autograd_reference(monkeypatch, compile_):
     torch.manual_seed(7)
     y = layer(x)
     torch.manual_seed(7)
-    mask = dropout.keep_mask(dropout.new_seed("cpu"), (15, 16), 0.3).view_as(x) / 0.7
+    mask = dropout.keep_mask(dropout.new_seed("cpu", layer.options.compile), (15, 16), 0.3).view_as(x) / 0.7
     x2 = x.detach().clone().requires_grad_(True)
     a, b = layer.lora_A.weight.detach().clone().requires_grad_(), layer.lora_B.weight.detach().clone().requires_grad_()
     ref = layer.base_layer(x2) + ((x2 * mask) @ a.t() @ b.t()) * layer.scaling
@@ -239,16 +239,16 @@ def test_dropout_backward_matches_autograd_reference(monkeypatch, compile_):
 
 
 @pytest.mark.parametrize("compile_", ["1", "0"])
-def test_dropout_mask_rate_independence_and_kernels_agree(monkeypatch, compile_):
+def test_dropout_mask_rate_independence_and_kernels_agree(compile_):
     """Keep rate 1 - p; masks of successive calls and neighbouring elements uncorrelated; the kernels (compiled
     hash, or eager draws) apply the mask :func:`keep_mask` gives for the seed, also under a memory tracker."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from lorafit.lora import dropout
+    from lorafit.kernels import dropout
 
-    monkeypatch.setenv("LORAFIT_COMPILE", compile_)
+    hashed = compile_ == "1"
     torch.manual_seed(0)
-    s1, s2 = dropout.new_seed("cpu"), dropout.new_seed("cpu")
+    s1, s2 = dropout.new_seed("cpu", hashed), dropout.new_seed("cpu", hashed)
     assert s1.dtype == (torch.int32 if compile_ == "1" else torch.int64)
     m1 = dropout.keep_mask(s1, (400, 500), 0.25)
     m2 = dropout.keep_mask(s2, (400, 500), 0.25)
@@ -266,11 +266,14 @@ def test_dropout_mask_rate_independence_and_kernels_agree(monkeypatch, compile_)
 def test_dropout_masks_replay_under_activation_checkpointing():
     """Recomputation draws the same seeds (checkpointing restores the RNG state): checkpointed gradients equal
     plain ones, dropout on, through the lean gated MLP's fused LoRA down_proj."""
-    from lorafit.train.trainer import make_trainable
+    from conftest import options
+
+    from lorafit.train import make_trainable
 
     grads = []
     for gc in (False, True):
-        m = make_trainable(make_model("llama"), LoraConfig(r=4, dropout=0.3, target_modules="all-linear"), gc)
+        m = make_trainable(make_model("llama"), LoraConfig(r=4, dropout=0.3, target_modules="all-linear"), gc,
+                           options())
         for layer in lora_layers(m):
             torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
         torch.manual_seed(5)

@@ -129,7 +129,7 @@ TINY = ModelSpec("tiny", "llama", 64, 160, 2, 4, 2, 16, 512, True)
      dict(method="lora", dtype="float32", micro_batch=2, seq_len=64, r=8)),
 ])
 def test_measured_rows_within_10_percent(spec, settings):
-    from lorafit.memory.measure import compare
+    from lorafit.measure import compare
 
     est, m, err = compare(spec, Settings(**settings, device="cpu"), steps=2)
     assert m.peak > 0 and m.losses and all(x == x for x in m.losses)
@@ -137,7 +137,7 @@ def test_measured_rows_within_10_percent(spec, settings):
 
 
 @pytest.mark.parametrize("dtype,matmul", [("float32", "auto"), ("bfloat16", "native"), ("bfloat16", "fp32")])
-def test_saved_tensors_match_the_model(monkeypatch, dtype, matmul):
+def test_saved_tensors_match_the_model(dtype, matmul):
     """Guard: what one forward + loss saves for backward is exactly what the estimator's activation model says.
 
     A change in what ``LoraLinearFunction``, the HF modules or the chunked loss save breaks this test until
@@ -146,13 +146,15 @@ def test_saved_tensors_match_the_model(monkeypatch, dtype, matmul):
     import torch
 
     from lorafit.data import model_inputs
+    from lorafit.measure import _batch, build_model
     from lorafit.memory import activations as act
     from lorafit.memory.estimate import lora_targets
-    from lorafit.memory.measure import _batch, build_model
+    from lorafit.options import RuntimeOptions
     from lorafit.train.loss import causal_lm_loss
 
-    monkeypatch.setenv("LORAFIT_HALF_MATMUL", matmul)  # bf16 matmuls on fp32 copies save x·Aᵀ in fp32
-    s = Settings(method="lora", dtype=dtype, micro_batch=2, seq_len=32, r=8, dropout=0.1, device="cpu")
+    # bf16 matmuls on fp32 copies save x·Aᵀ in fp32
+    s = Settings(method="lora", dtype=dtype, micro_batch=2, seq_len=32, r=8, dropout=0.1, device="cpu",
+                 runtime=RuntimeOptions.resolve(half_matmul=matmul))
     model = build_model(TINY, s)
     weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     saved: dict[int, int] = {}
@@ -165,6 +167,6 @@ def test_saved_tensors_match_the_model(monkeypatch, dtype, matmul):
 
     batch = _batch(TINY.vocab, s, 0)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, n = causal_lm_loss(model, model_inputs(batch), batch["labels"])
+        loss, n = causal_lm_loss(model, model_inputs(batch), batch["labels"], options=s.runtime)
     assert n == 2 * 31 and loss.requires_grad
-    assert sum(saved.values()) == act.saved_for_backward(TINY, s, lora_targets(TINY, s.targets))
+    assert sum(saved.values()) == act.saved_for_backward(TINY, s, lora_targets(TINY, s))

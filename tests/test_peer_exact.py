@@ -18,7 +18,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from lorafit.lora import LoraConfig, apply_lora, named_lora_layers, save_adapter  # noqa: E402
-from lorafit.train.trainer import train_step  # noqa: E402
+from lorafit.train import train_step  # noqa: E402
 
 STEPS = 20
 R, ALPHA, LR = 8, 16, 1e-3  # scaling 2, and a learning rate that moves the adapter visibly in 20 steps

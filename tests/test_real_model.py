@@ -46,7 +46,7 @@ def test_smollm2_matches_peft_and_roundtrips(smollm, tmp_path):
 @pytest.mark.ci
 def test_smollm2_fine_tunes_a_few_steps(tmp_path):
     from lorafit.config import TrainConfig
-    from lorafit.train.trainer import train
+    from lorafit.train import train
 
     rows = [{"messages": [{"role": "user", "content": f"Convert to ISO date (YYYY-MM-DD): March {d}, 2021"},
                           {"role": "assistant", "content": f"2021-03-{d:02d}"}]} for d in range(1, 29)]

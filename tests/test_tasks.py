@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from lorafit.errors import LorafitError
-from lorafit.tasks import (
+from lorafit.eval.tasks import (
     answer_nll,
     contains_answer,
     exact_match,

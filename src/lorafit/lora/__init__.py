@@ -1,5 +1,6 @@
-"""The LoRA engine: config, layer math, model surgery and PEFT-format files."""
+"""The LoRA engine: config, the layer and its variants, shared-input groups, model surgery, PEFT-format files."""
 
+from lorafit.kernels.lora_branch import LoraLinearFunction
 from lorafit.lora.config import ALL_LINEAR, LoraConfig
 from lorafit.lora.inject import (
     ParameterCount,
@@ -21,13 +22,15 @@ from lorafit.lora.io import (
     read_adapter_weights,
     save_adapter,
 )
-from lorafit.lora.layer import LoraLinear, LoraLinearFunction
+from lorafit.lora.layer import LoraLinear
+from lorafit.lora.variants import LoraVariant
 
 __all__ = [
     "ALL_LINEAR",
     "LoraConfig",
     "LoraLinear",
     "LoraLinearFunction",
+    "LoraVariant",
     "ParameterCount",
     "adapter_state_dict",
     "apply_lora",

@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lorafit.errors import LorafitError
+from lorafit.targets import ALL_LINEAR, pattern_value
 
-ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("kaiming", "gaussian", "pissa")
 
@@ -69,10 +69,10 @@ class LoraConfig:
             raise LorafitError(f"lora layers_to_transform: got {self.layers_to_transform!r}, must be layer indices >= 0")
 
     def rank_for(self, module_path: str) -> int:
-        return int(_pattern_value(self.rank_pattern, module_path, self.r))
+        return int(pattern_value(self.rank_pattern, module_path, self.r))
 
     def alpha_for(self, module_path: str) -> float:
-        return float(_pattern_value(self.alpha_pattern, module_path, self.alpha))
+        return float(pattern_value(self.alpha_pattern, module_path, self.alpha))
 
     def scaling_for(self, module_path: str) -> float:
         r, alpha = self.rank_for(module_path), self.alpha_for(module_path)
@@ -142,11 +142,3 @@ def _as_list(value):
 def _check_rank(name: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise LorafitError(f"lora {name}: got {value!r}, must be an integer > 0 (8 for easy tasks, 16-64 for harder)")
-
-
-def _pattern_value(patterns: dict, module_path: str, default):
-    """PEFT's rule: the first pattern that matches the end of the dotted path (``(.*\\.)?pattern$``)."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_path):
-            return value
-    return default

@@ -8,19 +8,17 @@ layers wrapped and ``model.lora_config`` set.
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from lorafit import targets as targets_rule
 from lorafit.errors import LorafitError
 from lorafit.lora.config import ALL_LINEAR, LoraConfig
 from lorafit.lora.layer import WRAPPABLE, LoraLinear
-
-# Names of the containers that hold the repeated blocks (``model.layers.3``, ``transformer.h.3`` …), as in PEFT.
-_LAYER_INDEX = re.compile(r".*\.(?:layers|h|block|blocks|layer)\.(\d+)(?:\.|$)")
+from lorafit.options import RuntimeOptions
 
 
 def output_head_names(model: nn.Module) -> set[str]:
@@ -34,21 +32,6 @@ def output_head_names(model: nn.Module) -> set[str]:
     return names
 
 
-def _name_matches(name: str, targets: list[str] | str, heads: set[str]) -> bool:
-    if targets == ALL_LINEAR:
-        return name not in heads
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def _layer_allowed(name: str, layers: list[int] | None) -> bool:
-    if layers is None:
-        return True
-    m = _LAYER_INDEX.match(name)
-    return m is not None and int(m.group(1)) in layers
-
-
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Dotted names of the modules ``config`` selects. Raises a clear error for typos and unwrappable types."""
     heads = output_head_names(model)
@@ -59,7 +42,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             continue
         if targets == ALL_LINEAR and not isinstance(module, WRAPPABLE):
             continue
-        if not _name_matches(name, targets, heads) or not _layer_allowed(name, config.layers_to_transform):
+        if not targets_rule.selected(name, targets, config.layers_to_transform, heads):
             continue
         (matched if isinstance(module, WRAPPABLE) else unwrappable).append((name, module))
     if unwrappable:
@@ -70,12 +53,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         )
     available = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, WRAPPABLE)} - {
         h.split(".")[-1] for h in heads})
-    if isinstance(targets, list):
-        for t in targets:
-            if not any(n == t or n.endswith("." + t) for n, _ in matched):
-                raise LorafitError(
-                    f"lora target_modules entry {t!r} matches no Linear layer; this model has: {', '.join(available)}"
-                )
+    for t in targets_rule.unmatched_names(targets, [n for n, _ in matched]):
+        raise LorafitError(f"lora target_modules entry {t!r} matches no Linear layer; this model has: {', '.join(available)}")
     if not matched:
         raise LorafitError(
             f"lora target_modules {targets!r} (layers {config.layers_to_transform}) match nothing; "
@@ -90,10 +69,13 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def apply_lora(model: nn.Module, config: LoraConfig, adapter_dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Wrap the targets of ``config`` in ``model`` (in place), freeze everything else, and return ``model``."""
+def apply_lora(model: nn.Module, config: LoraConfig, adapter_dtype: torch.dtype = torch.float32,
+               options: RuntimeOptions | None = None) -> nn.Module:
+    """Wrap the targets of ``config`` in ``model`` (in place), freeze everything else, and return ``model``.
+    ``options``: how the layers' kernels run (default: resolved from the environment, once, here)."""
     if getattr(model, "lora_config", None) is not None:
         raise LorafitError("this model already has a LoRA adapter; merge_and_unload it before adding another")
+    options = options or RuntimeOptions.resolve()
     names = find_targets(model, config)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -107,6 +89,7 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_dtype: torch.dtype 
             use_rslora=config.use_rslora,
             init=config.init,
             adapter_dtype=adapter_dtype,
+            options=options,
         )
         _set_submodule(model, name, layer)
     _mark_bias_trainable(model, config.bias)

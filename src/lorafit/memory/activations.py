@@ -2,18 +2,18 @@
 
 Derived from what autograd keeps for the HF modules lorafit trains (checked with saved-tensor hooks):
 
-* RMSNorm, Llama-style (Llama/Qwen2/Mistral/Phi-3; ``lorafit.train.rms_norm``): the input by reference
+* RMSNorm, Llama-style (Llama/Qwen2/Mistral/Phi-3; ``lorafit.kernels.rms_norm``): the input by reference
   (e B/elt) and ``rstd`` (4 B/token), trainable scale or not. Gemma's norm (left as transformers has it):
   ``x.float()`` saved by ``pow`` and ``mul`` (4 B/elt), ``rsqrt`` (4 B/token) and, with a trainable scale,
   the fp32 normalised tensor. Nothing is saved when no gradient flows into the norm (layer 0 of a LoRA
   model: the embedding is frozen).
 * Projections: a frozen linear saves nothing; a trainable one saves its input; a LoRA layer saves its input
   by reference (one copy per group of layers reading the same tensor), ``x·Aᵀ`` (r per token) and, with
-  dropout, nothing more (an 8-byte seed: ``lora.dropout`` recomputes the mask in backward).
+  dropout, nothing more (an 8-byte seed: ``lorafit.kernels.dropout`` recomputes the mask in backward).
 * Rotary: ``cos``/``sin`` (seq × head_dim, shared by all layers); ``q_embed``, ``k_embed`` are new tensors.
 * SDPA (CPU flash / CUDA flash kernels): saves q, k, v, the output (which is also ``o_proj``'s input: the
   transpose back is free) and a fp32 log-sum-exp per head and token.
-* Gated MLP (``lorafit.train.gated_mlp``): gate and up (act(gate) is recomputed in backward); the product
+* Gated MLP (``lorafit.kernels.gated_mlp``): gate and up (act(gate) is recomputed in backward); the product
   (down_proj's input) only when down_proj is trainable in full (a LoRA down_proj recomputes it for ``dA``).
   Phi-3's fused gate_up MLP is left as transformers has it: it keeps act(gate) and the product.
 """
@@ -21,18 +21,31 @@ Derived from what autograd keeps for the HF modules lorafit trains (checked with
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from lorafit.memory.spec import ModelSpec
-from lorafit.train import compiled
+from lorafit.options import loss_chunk_tokens
+
+# Per decoder block, bottom to top: the linear layers LoRA wraps there (path inside the block -> rank).
+# Full fine-tuning: no wrapped layers, every block trained (``s.method == "full"``).
+Adapters = list[dict[str, int]]
 
 
 @dataclass
 class Activations:
     total: int  # bytes saved for backward at the end of forward, all layers and the model-level tensors
-    per_layer: int  # bytes of one (non-first) decoder layer without checkpointing
+    per_layer: int  # bytes of the largest decoder layer without checkpointing
     recompute: int  # with checkpointing: one layer's activations recomputed in backward (else 0)
-    resident_end: int  # still saved when backward reaches the first layer
+    resident_end: int  # still saved when backward reaches the lowest layer it runs through
     formula: str
+
+
+class Block(NamedTuple):
+    """What one decoder block saves for backward."""
+
+    per_token: int  # bytes per token
+    grad_out: bool  # a gradient flows out of it, into the block above
+    attention: bool  # its attention saves for backward (and with it the shared rotary cos/sin, packing mask)
 
 
 @dataclass
@@ -56,11 +69,10 @@ def rms_norm_bytes(spec, e: int, full: bool) -> int:
     return e * d + 4
 
 
-def _block_per_token(spec: ModelSpec, s, wrapped: set[str], rg: bool) -> tuple[int, bool]:
-    """Bytes saved per token by one decoder block; ``rg``: does a gradient flow into the block's input."""
+def _block(spec: ModelSpec, s, wrapped: dict[str, int], rg: bool) -> Block:
+    """What one decoder block saves; ``rg``: does a gradient flow into the block's input."""
     e, d, q, kv, inter = s.bytes, spec.hidden, spec.q_dim, spec.kv_dim, spec.intermediate
     full = s.method == "full"
-    r = s.r
     if spec.family == "gpt2":
         return _gpt2_block(spec, s, wrapped, rg)
 
@@ -69,13 +81,11 @@ def _block_per_token(spec: ModelSpec, s, wrapped: set[str], rg: bool) -> tuple[i
             return 0
         return rms_norm_bytes(spec, e, full)
 
-    lin = {n: (i, o, g) for n, i, o, g in spec.linear_layers()}
-
     def xa(names) -> int:  # x·Aᵀ: r values per token in the matmuls' dtype (a dropout mask is not kept)
-        return sum(r * s.compute_bytes for n in names if n in wrapped)
+        return sum(wrapped[n] * s.compute_bytes for n in names if n in wrapped)
 
     groups: dict[str, list[str]] = {}
-    for n, (_, _, g) in lin.items():
+    for n, _, _, g in spec.linear_layers():
         groups.setdefault(g, []).append(n)
     total = norm(rg)
     # attention input group
@@ -103,7 +113,7 @@ def _block_per_token(spec: ModelSpec, s, wrapped: set[str], rg: bool) -> tuple[i
         total += e * d + xa(mlp_in)
     mlp_rg = h_rg or full or any(n in wrapped for n in mlp_in)
     if mlp_rg:
-        # gate and up; lorafit.train.gated_mlp recomputes act(gate) in backward (Phi-3's fused MLP keeps it)
+        # gate and up; lorafit.kernels.gated_mlp recomputes act(gate) in backward (Phi-3's fused MLP keeps it)
         total += (3 if spec.family == "phi3" else 2) * e * inter
     down = groups["mlp_out"]
     if full or any(n in wrapped for n in down):
@@ -111,83 +121,120 @@ def _block_per_token(spec: ModelSpec, s, wrapped: set[str], rg: bool) -> tuple[i
         total += (e * inter if full or spec.family == "phi3" else 0) + xa(down)
     if spec.family == "gemma2":
         total += norm(mlp_rg or any(n in wrapped for n in down))
-    return total, h_rg or mlp_rg or any(n in wrapped for n in down)
+    return Block(total, h_rg or mlp_rg or any(n in wrapped for n in down), attn_rg)
 
 
-def _gpt2_block(spec: ModelSpec, s, wrapped: set[str], rg: bool) -> tuple[int, bool]:
+def _gpt2_block(spec: ModelSpec, s, wrapped: dict[str, int], rg: bool) -> Block:
     """GPT-2: LayerNorm saves input + mean + rstd; c_attn output holds q, k, v (views); tanh-GELU in 6 ops."""
-    e, d, inter, r = s.bytes, spec.hidden, spec.intermediate, s.r
+    e, d, inter = s.bytes, spec.hidden, spec.intermediate
     full = s.method == "full"
-    w = {n.split(".")[-1] if n != "attn.c_proj" else "c_proj" for n in wrapped}
-    xa = r * s.compute_bytes  # x·Aᵀ per LoRA layer (see _block_per_token)
+
+    def xa(name: str) -> int:  # x·Aᵀ per LoRA layer (see _block)
+        return wrapped[name] * s.compute_bytes if name in wrapped else 0
 
     ln = e * d + 8
     total = ln if rg or full else 0
-    if full or "c_attn" in w:
-        total += e * d + (xa if "c_attn" in w else 0)
-    attn_rg = rg or full or "c_attn" in w
+    c_attn = full or "attn.c_attn" in wrapped
+    if c_attn:
+        total += e * d + xa("attn.c_attn")
+    attn_rg = rg or c_attn
     if attn_rg:
         total += e * 3 * d + e * d + 4 * spec.heads
-    total += (xa if "attn.c_proj" in wrapped else 0)
-    total += ln  # ln_2: the residual requires grad from here on when anything above was trainable
-    if full or "c_fc" in w:
-        total += e * d + (xa if "c_fc" in w else 0)
-    total += GPT2_GELU_SAVED * e * inter
-    if full or "mlp.c_proj" in wrapped:
-        total += e * inter + (xa if "mlp.c_proj" in wrapped else 0)
-    return total, True
+    c_proj = full or "attn.c_proj" in wrapped
+    if c_proj and not attn_rg:
+        total += e * d  # c_proj's input (the attention output), counted above when attention saves it
+    total += xa("attn.c_proj")
+    h_rg = attn_rg or c_proj
+    if h_rg:
+        total += ln  # ln_2: the residual requires grad from here on
+    c_fc = full or "mlp.c_fc" in wrapped
+    if c_fc:
+        total += e * d + xa("mlp.c_fc")
+    mlp_rg = h_rg or c_fc
+    if mlp_rg:
+        total += GPT2_GELU_SAVED * e * inter
+    down = full or "mlp.c_proj" in wrapped
+    if down:
+        total += e * inter + xa("mlp.c_proj")
+    return Block(total, mlp_rg or down, attn_rg)
 
 
 # NewGELU = 0.5·x·(1 + tanh(√(2/π)(x + 0.044715 x³))): saves x, tanh output, 0.5·x and 1 + tanh.
 GPT2_GELU_SAVED = 4
 
 
-def activations(spec: ModelSpec, s, targets: list[tuple]) -> Activations:
+def blocks(spec: ModelSpec, s, adapters: Adapters) -> list[Block]:
+    """What each decoder block saves, bottom to top. In LoRA no gradient flows into the blocks below the
+    lowest adapter (the embedding is frozen): they save nothing."""
+    out, rg, seen = [], s.method == "full", {}
+    for wrapped in adapters:
+        key = (tuple(sorted(wrapped.items())), rg)
+        if key not in seen:  # blocks alike (most of them) are computed once
+            seen[key] = _block(spec, s, wrapped, rg)
+        out.append(seen[key])
+        rg = seen[key].grad_out
+    return out
+
+
+def layer_bytes(spec: ModelSpec, s, adapters: Adapters) -> list[int]:
+    """Bytes per token each decoder block saves, bottom to top."""
+    return [b.per_token for b in blocks(spec, s, adapters)]
+
+
+def activations(spec: ModelSpec, s, adapters: Adapters) -> Activations:
     e, d, n_tok, L = s.bytes, spec.hidden, s.tokens, spec.layers
-    wrapped = {t[0] for t in targets}
-    full = s.method == "full"
-    first, rg = _block_per_token(spec, s, wrapped, rg=full)
-    rest, _ = _block_per_token(spec, s, wrapped, rg=rg)
-    per_layer = rest * n_tok
-    per_first = first * n_tok
-    # Model level: rotary cos/sin (batch 1 × seq × head_dim, shared), the final norm.
-    rotary = 0 if spec.family == "gpt2" else 2 * s.seq_len * spec.head_dim * e
+    layers = blocks(spec, s, adapters)
+    per_token = [b.per_token for b in layers]
+    active = [b for b in per_token if b]  # the blocks backward runs through
+    per_layer = max(per_token) * n_tok
+    lowest = active[0] * n_tok if active else 0
+    # Model level: rotary cos/sin (batch 1 × seq × head_dim, shared, kept by any attention that saves), the
+    # final norm.
+    attention = any(b.attention for b in layers)
+    rotary = 2 * s.seq_len * spec.head_dim * e if attention and spec.family != "gpt2" else 0
     if spec.family == "gpt2":
         final = (e * d + 8) * n_tok
     else:
-        final = rms_norm_bytes(spec, e, full) * n_tok
-    if s.packing:  # block-causal mask built from the position restarts: bool (B × 1 × T × T), shared
+        final = rms_norm_bytes(spec, e, s.method == "full") * n_tok
+    if s.packing and attention:  # block-causal mask built from the position restarts: bool (B × 1 × T × T)
         rotary += s.micro_batch * s.seq_len * s.seq_len
     if s.gradient_checkpointing:
-        layer_inputs = L * n_tok * d * e
-        total = layer_inputs + rotary + final
+        # A checkpoint keeps its block's input while the block holds anything for backward: not below the
+        # lowest adapter.
+        n_in = len(active)
+        total = n_in * n_tok * d * e + rotary + final
         return Activations(total, per_layer, per_layer, rotary + n_tok * d * e,
-                           f"checkpointing: {L} layer inputs × {n_tok} tokens × {d} × {e} B "
+                           f"checkpointing: {n_in} layer inputs × {n_tok} tokens × {d} × {e} B "
                            f"+ final norm + rotary; one layer ({per_layer / 2**20:.1f} MiB) recomputed in backward")
     # every LoRA layer with dropout keeps its mask's seed (two int32)
-    seeds = 8 * len(targets) * L if s.method == "lora" and s.dropout > 0 else 0
-    total = per_first + (L - 1) * per_layer + rotary + final + seeds
-    formula = (f"{L} layers × {n_tok} tokens × {rest} B/token ({per_layer / 2**20:.1f} MiB per layer"
-               + (f"; layer 0 {first} B/token" if first != rest else "") + ") + final norm + rotary")
-    return Activations(total, per_layer, 0, rotary + per_first, formula)
+    n_lora = sum(len(w) for w in adapters)
+    seeds = 8 * n_lora if s.method == "lora" and s.dropout > 0 else 0
+    total = sum(per_token) * n_tok + rotary + final + seeds
+    return Activations(total, per_layer, 0, rotary + lowest, _formula(per_token, n_tok, L, per_layer))
+
+
+def _formula(per_token: list[int], n_tok: int, L: int, per_layer: int) -> str:
+    first, rest = per_token[0], per_token[-1]
+    if len(set(per_token[1:])) <= 1:  # every block alike but (maybe) the first
+        return (f"{L} layers × {n_tok} tokens × {rest} B/token ({per_layer / 2**20:.1f} MiB per layer"
+                + (f"; layer 0 {first} B/token" if first != rest else "") + ") + final norm + rotary")
+    active = [b for b in per_token if b]
+    return (f"{len(active)} of {L} layers save tensors: {n_tok} tokens × {min(active)}–{max(active)} B/token "
+            f"(largest {per_layer / 2**20:.1f} MiB) + final norm + rotary")
 
 
 def chunk_tokens(spec: ModelSpec, s) -> int:
-    if s.loss_chunk_tokens:
-        return s.loss_chunk_tokens
-    from lorafit.train.loss import chunk_tokens_for
-
-    return chunk_tokens_for(spec.vocab)
+    return s.loss_chunk_tokens or loss_chunk_tokens(spec.vocab)
 
 
 def loss_buffers(spec: ModelSpec, s) -> LossBuffers:
     """Memory of the loss at the end of forward, beyond the saved activations.
 
-    Chunked (``lorafit.train.loss``): the final hidden states, their shifted copy (batch > 1) and the gathered
-    trained rows, the hidden-state gradient computed in forward, and one chunk's fp32 logits (+ the compute-dtype
-    matmul output when that is not fp32; + ``tanh`` output with a soft-cap). Full fine-tuning adds the head's
-    fp32 gradient. Measured on one call of ``LinearCrossEntropy.forward`` with a dispatch-mode tracker: 4.0 B per
-    chunk element in fp32, 6.0 in bf16, whatever the number of chunks.
+    Chunked (``lorafit.kernels.loss``): the final hidden states, their shifted copy (batch > 1) and the
+    gathered trained rows, the hidden-state gradient computed in forward, and one chunk's fp32 logits (+ the
+    compute-dtype matmul output when that is not fp32; + ``tanh`` output with a soft-cap). Full fine-tuning
+    adds the head's fp32 gradient. Measured on one call of ``LinearCrossEntropy.forward`` with a dispatch-mode
+    tracker: 4.0 B per chunk element in fp32, 6.0 in bf16, whatever the number of chunks.
     HF: the full logits in the compute dtype, their fp32 upcast, log-softmax output and its gradient.
     """
     e, d, V, B, T = s.bytes, spec.hidden, spec.vocab, s.micro_batch, s.seq_len
@@ -201,8 +248,8 @@ def loss_buffers(spec: ModelSpec, s) -> LossBuffers:
     c = min(chunk_tokens(spec, s), n_tr)
     # One chunk's buffers, reused by every chunk. Per logit: the fp32 logits (4 B) + the compute-dtype buffer the
     # matmuls read and write (e B, when they do not run in fp32); with a final soft-cap, ``t = tanh`` (4 B) kept
-    # for 1 − t². Frozen matmuls on fp32 copies (``lorafit.matmul``): the head's fp32 copy, made once for all
-    # chunks, and a chunk's fp32 rows and hidden-state gradient.
+    # for 1 − t². Frozen matmuls on fp32 copies (``lorafit.kernels.matmul``): the head's fp32 copy, made once
+    # for all chunks, and a chunk's fp32 rows and hidden-state gradient.
     low = e != 4 and not s.upcast_head(V * d)
     per = 4 + (e if low else 0) + (4 if spec.final_logit_softcap else 0)
     chunk = c * V * per
@@ -217,29 +264,37 @@ def loss_buffers(spec: ModelSpec, s) -> LossBuffers:
                        + (" + head gradient fp32 (V × d × 4 B)" if head_grad else ""))
 
 
-def backward_temporaries(spec: ModelSpec, s, targets: list[tuple]) -> Temporaries:
-    """Transient gradients while backward runs through the last decoder layer (calibrated, see measure)."""
-    e, d, inter, n_tok = s.bytes, spec.hidden, spec.intermediate, s.tokens
-    wrapped = {t[0] for t in targets}
+def backward_temporaries(spec: ModelSpec, s, adapters: Adapters) -> Temporaries:
+    """Transient gradients while backward runs through a decoder layer (calibrated, see measure): the largest
+    over the layers it runs through, the top one when all are alike."""
+    e, d, n_tok = s.bytes, spec.hidden, s.tokens
+    per_token = layer_bytes(spec, s, adapters)
+    mlp, why = max(_mlp_temporaries(spec, s, set(w)) for w, b in zip(adapters, per_token, strict=True) if b)
+    total = int(mlp * n_tok * spec.intermediate + BW_HIDDEN * n_tok * d * e)
+    # Frozen matmuls on fp32 copies (lorafit.kernels.matmul): the weight being multiplied has an fp32 copy
+    # (one at a time; the largest counts).
+    shapes = {n: i * o for n, i, o, _ in spec.linear_layers()}
+    wrapped = {n for w in adapters for n in w}
+    weight_copy = 4 * max(shapes[n] for n in wrapped) if s.upcast and wrapped else 0
+    act = activations(spec, s, adapters)
+    total += act.recompute + weight_copy
+    copy = f" + fp32 copy of a weight {weight_copy / 2**20:.1f} MiB" if weight_copy else ""
+    return Temporaries(total, f"tokens × intermediate × {why} + {BW_HIDDEN} × tokens × hidden × {e} B{copy}"
+                              + (" + one recomputed layer" if act.recompute else ""))
+
+
+def _mlp_temporaries(spec: ModelSpec, s, wrapped: set[str]) -> tuple[int, str]:
+    """Bytes per (token × intermediate) of the MLP's backward transients in one block, and their formula.
+    Frozen matmuls on fp32 copies make them fp32 (same count, measured)."""
+    e, c = s.bytes, s.compute_bytes
     down_lora = any(n.endswith(("down_proj", "mlp.c_proj")) for n in wrapped)
     dropout = s.method == "lora" and s.dropout > 0
-    # Frozen matmuls on fp32 copies (lorafit.matmul): the MLP's transients are fp32 (same count, measured), and
-    # the weight being multiplied has an fp32 copy (one at a time; the largest counts).
-    c = s.compute_bytes
-    if s.method == "lora" and down_lora and spec.family == "llama" and compiled.enabled():
-        # SiLU MLP, LoRA down_proj (lorafit.train.gated_mlp): one fused kernel reads down's input gradient
+    if s.method == "lora" and down_lora and spec.family == "llama" and s.runtime.compile:
+        # SiLU MLP, LoRA down_proj (lorafit.kernels.gated_mlp): one fused kernel reads down's input gradient
         # (``base``, and the masked LoRA part ``low``) and writes drop(h), grad gate, grad up.
-        mlp, why = (3 if dropout else 2) * c + 2 * e, f"({3 if dropout else 2} × {c} + 2 × {e}) B"
-    else:
-        k = BW_MLP_DROPOUT if (dropout and down_lora) else BW_MLP
-        mlp, why = k * c, f"{k} × {c} B"
-    total = int(mlp * n_tok * inter + BW_HIDDEN * n_tok * d * e)
-    weight_copy = 4 * max(i * o for _, i, o, _ in targets) if s.upcast and targets else 0
-    act = activations(spec, s, targets)
-    total += act.recompute + weight_copy
-    return Temporaries(total, f"tokens × intermediate × {why} + {BW_HIDDEN} × tokens × hidden × {e} B"
-                              + (f" + fp32 copy of a weight {weight_copy / 2**20:.1f} MiB" if weight_copy else "")
-                              + (" + one recomputed layer" if act.recompute else ""))
+        return (3 if dropout else 2) * c + 2 * e, f"({3 if dropout else 2} × {c} + 2 × {e}) B"
+    k = BW_MLP_DROPOUT if (dropout and down_lora) else BW_MLP
+    return k * c, f"{k} × {c} B"
 
 
 def embedding_backward(spec: ModelSpec, s) -> int:
@@ -257,7 +312,7 @@ BW_MLP_DROPOUT = 5
 BW_HIDDEN = 3
 
 
-def saved_for_backward(spec: ModelSpec, s, targets: list[tuple]) -> int:
+def saved_for_backward(spec: ModelSpec, s, adapters: Adapters) -> int:
     """Bytes autograd holds for backward at the end of forward + loss, every position trained, no checkpointing.
 
     The decoder's saved activations (:func:`activations`), the hidden-state gradient the chunked loss computes
@@ -266,4 +321,4 @@ def saved_for_backward(spec: ModelSpec, s, targets: list[tuple]) -> int:
     change in what the LoRA layer, the HF modules or the loss save fails a test until the model follows.
     """
     n_tr = s.micro_batch * (s.seq_len - 1)
-    return activations(spec, s, targets).total + n_tr * spec.hidden * s.bytes + n_tr * 8
+    return activations(spec, s, adapters).total + n_tr * spec.hidden * s.bytes + n_tr * 8

@@ -1,9 +1,9 @@
 """The analytic memory model of one ``lorafit train`` step: bytes per component, each with its formula.
 
-What is modelled is lorafit's own step (``lorafit.train.trainer.train_step``): the base in ``dtype``; for LoRA,
+What is modelled is lorafit's own step (``lorafit.train.train_step``): the base in ``dtype``; for LoRA,
 fp32 adapter weights, fp32 gradients and fp32 AdamW states, and :class:`lorafit.lora.LoraLinearFunction`'s
 saved tensors (the layer input by reference, ``x·Aᵀ``, a dropout seed); the chunked loss of
-``lorafit.train.loss`` (no full logits); torch's AdamW (two states in the parameter's dtype).
+``lorafit.kernels.loss`` (no full logits); torch's AdamW (two states in the parameter's dtype).
 
 Activations are counted from first principles per decoder layer, tensor by tensor, as the HF modules save
 them for backward (see :mod:`lorafit.memory.activations`). The step's peak is the largest of four moments:
@@ -21,20 +21,21 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from lorafit import dtypes
+from lorafit import targets as targets_rule
+from lorafit.config import OPTIMIZERS
 from lorafit.errors import LorafitError
 from lorafit.memory import activations as act
-from lorafit.memory.spec import ModelSpec
+from lorafit.memory.spec import HEAD, ModelSpec
+from lorafit.options import RuntimeOptions
 
 GiB = 1024**3
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-               "float16": "float16", "fp16": "float16"}
-OPTIMIZERS = {"adamw": "adamw", "adamw_torch": "adamw", "adamw_hf": "adamw", "adamw_torch_fused": "adamw_fused",
-              "adamw_fused": "adamw_fused", "sgd": "sgd"}
 # Outside the allocator on a GPU: CUDA context, cuBLAS/cuDNN workspaces (measured 0.4-0.6 GiB on recent cards).
 CUDA_CONTEXT_BYTES = int(0.5 * GiB)
 # Allocator slack between reserved and allocated memory at the peak (caching allocator, block rounding).
 ALLOCATOR_FRACTION = 0.05
+# Optimizer states per trainable parameter, by optimizer kind (``lorafit.config.OPTIMIZERS``).
+OPTIMIZER_STATES = {"adamw": 2, "sgd": 0}
 
 
 @dataclass
@@ -49,15 +50,16 @@ class Settings:
     alpha: float = 16.0
     dropout: float = 0.05
     targets: list[str] | str = "all-linear"
-    optimizer: str = "adamw"  # adamw | adamw_fused | sgd
+    layers_to_transform: list[int] | None = None  # decoder blocks that get an adapter (None: all)
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # module name/regex -> rank (PEFT's rule)
+    optimizer: str = "adamw"  # an optimizer name of lorafit.config.OPTIMIZERS
     gradient_checkpointing: bool = False
     packing: bool = False
     loss: str = "chunked"  # "chunked" (lorafit) | "hf" (plain transformers loss: full logits)
     loss_chunk_tokens: int | None = None  # None: lorafit's default for the vocabulary
     device: str = "cuda"  # "cuda" adds context/allocator overhead; "cpu" adds none
-    # dtype the frozen LoRA/loss matmuls run in; None: what lorafit.matmul picks (on "cpu": for this machine's CPU).
-    # Resolved on use (see effective_matmul_dtype), so dataclasses.replace() with another method/device re-resolves.
-    matmul_dtype: str | None = None
+    # How the kernels run (compiled or not; bf16 matmuls on fp32 copies on a CPU): the rules of training.
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions.resolve)
 
     def __post_init__(self):
         self.validate()
@@ -66,18 +68,12 @@ class Settings:
         self.method = {"none": "full", "": "full", "full": "full", "lora": "lora"}.get(str(self.method).lower(), self.method)
         if self.method not in ("lora", "full"):
             raise LorafitError(f"method: got {self.method!r}, use lora or full")
-        dt = DTYPE_NAMES.get(str(self.dtype).lower())
-        if dt is None:
-            raise LorafitError(f"dtype: got {self.dtype!r}, use bfloat16 or float32")
-        self.dtype = dt
-        opt = OPTIMIZERS.get(str(self.optimizer).lower())
-        if opt is None:
+        self.dtype = dtypes.canonical(self.dtype)
+        self.optimizer = str(self.optimizer).lower()
+        if self.optimizer not in OPTIMIZERS:
             raise LorafitError(f"optimizer: got {self.optimizer!r}, use one of: {', '.join(OPTIMIZERS)}")
-        self.optimizer = opt
         for name in ("micro_batch", "seq_len", "r"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise LorafitError(f"{name.replace('_', '-')}: got {v!r}, must be an integer > 0")
+            _check_positive(name.replace("_", "-"), getattr(self, name))
         if self.seq_len < 2:
             raise LorafitError(f"seq-len: got {self.seq_len}, must be at least 2 (one token predicts the next)")
         if not 0 <= float(self.dropout) < 1:
@@ -90,38 +86,44 @@ class Settings:
             raise LorafitError(f"device: got {self.device!r}, use cuda or cpu")
         if not self.targets:
             raise LorafitError("lora targets: empty; give module names like q_proj,v_proj or all-linear")
-        if self.matmul_dtype is not None:
-            dt = DTYPE_NAMES.get(str(self.matmul_dtype).lower())
-            if dt not in (self.dtype, "float32") or (dt == "float32" and self.dtype == "float16"):
-                ok = f"{self.dtype} or float32" if self.dtype == "bfloat16" else self.dtype
-                raise LorafitError(f"matmul dtype: got {self.matmul_dtype!r}, use {ok}")
-            self.matmul_dtype = dt
+        if self.layers_to_transform is not None and not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers_to_transform):
+            raise LorafitError(f"layers to transform: got {self.layers_to_transform!r}, "
+                               "must be layer indices >= 0")
+        self.rank_pattern = dict(self.rank_pattern or {})
+        for key, value in self.rank_pattern.items():
+            _check_positive(f"rank_pattern[{key!r}]", value)
+        if isinstance(self.runtime, dict):  # from to_dict(), e.g. a stored benchmark row
+            self.runtime = RuntimeOptions(**self.runtime)
 
     @property
     def bytes(self) -> int:
-        return DTYPE_BYTES[self.dtype]
+        return dtypes.BYTES[self.dtype]
+
+    @property
+    def optimizer_kind(self) -> str:
+        """``"adamw"`` or ``"sgd"``: what the named optimizer keeps per parameter."""
+        return OPTIMIZERS[self.optimizer]
 
     @property
     def effective_matmul_dtype(self) -> str:
         """The dtype the frozen matmuls run in: a trained (full fine-tuning) base is never upcast."""
         if self.method != "lora":
             return self.dtype
-        return self.matmul_dtype or _matmul_dtype(self.dtype, self.device, self.tokens)
+        return self.runtime.matmul_dtype(self.dtype, self.device, self.tokens)
 
     @property
     def upcast(self) -> bool:
-        """Whether the frozen matmuls run on fp32 copies of the bf16/fp16 tensors (see ``lorafit.matmul``)."""
+        """Whether the frozen matmuls run on fp32 copies of the bf16 tensors (see ``lorafit.options``)."""
         return self.effective_matmul_dtype != self.dtype
 
     def upcast_head(self, numel: int) -> bool:
         """Whether the chunked loss runs on an fp32 copy of a (frozen) head of ``numel`` elements."""
-        from lorafit import matmul
-
-        return self.upcast and matmul.head_copy_allowed(numel)  # the rule training uses
+        return self.upcast and self.runtime.head_copy_allowed(numel)  # the rule training uses
 
     @property
     def compute_bytes(self) -> int:
-        return DTYPE_BYTES[self.effective_matmul_dtype]
+        return dtypes.BYTES[self.effective_matmul_dtype]
 
     @property
     def tokens(self) -> int:
@@ -129,6 +131,11 @@ class Settings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _check_positive(name: str, v) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise LorafitError(f"{name}: got {v!r}, must be an integer > 0")
 
 
 @dataclass
@@ -176,55 +183,60 @@ class Estimate:
         }
 
 
-def lora_targets(spec: ModelSpec, targets: list[str] | str) -> list[tuple[str, int, int, str]]:
-    """The linear layers of one block that ``targets`` selects (same matching rule as lorafit.lora)."""
-    layers = spec.linear_layers()
-    if targets == "all-linear":
-        return layers
-    if isinstance(targets, str):  # a regex over module paths, as lorafit.lora matches it
-        import re
-
-        hit = [ly for ly in layers if re.search(targets, ly[0])]
-        if not hit:
-            raise LorafitError(f"lora target regex {targets!r} matches no linear layer of {spec.name}; "
-                               f"this model has: {', '.join(spec.module_names())}")
-        return hit
-    chosen = []
-    for t in targets:
-        hit = [ly for ly in layers if ly[0] == t or ly[0].endswith("." + t) or ly[0].split(".")[-1] == t]
-        if not hit:
-            raise LorafitError(f"lora target {t!r} matches no linear layer of {spec.name}; "
-                               f"this model has: {', '.join(spec.module_names())}")
-        chosen += [h for h in hit if h not in chosen]
-    return chosen
+def lora_targets(spec: ModelSpec, s: Settings) -> act.Adapters:
+    """Per decoder block, the linear layers the adapter wraps (path inside the block → rank); none for full
+    fine-tuning. ``lorafit.targets``' rule on the module paths the transformers model has
+    (``model.layers.3.self_attn.q_proj``), as ``lorafit.lora`` applies it to the live model."""
+    if s.method != "lora":
+        return [{} for _ in range(spec.layers)]
+    adapters = [_block_targets(spec, s, i) for i in range(spec.layers)]
+    _check_matched(spec, s, adapters)
+    return adapters
 
 
-def _matmul_dtype(dtype: str, device: str, tokens: int) -> str:
-    import torch
+def _block_targets(spec: ModelSpec, s: Settings, layer: int) -> dict[str, int]:
+    prefix, out = spec.block_prefix(layer), {}
+    for name, *_ in spec.linear_layers():
+        path = f"{prefix}.{name}"
+        if targets_rule.selected(path, s.targets, s.layers_to_transform, {HEAD}):
+            out[name] = int(targets_rule.pattern_value(s.rank_pattern, path, s.r))
+    return out
 
-    from lorafit import matmul
 
-    return str(matmul.compute_dtype(getattr(torch, dtype), device, rows=tokens)).removeprefix("torch.")
+def _check_matched(spec: ModelSpec, s: Settings, adapters: act.Adapters) -> None:
+    """One-line errors for a target that matches nothing, as training would raise them."""
+    paths = [f"{spec.block_prefix(i)}.{n}" for i, w in enumerate(adapters) for n in w]
+    where = f" in layers {s.layers_to_transform}" if s.layers_to_transform is not None else ""
+    has = f"this model has: {', '.join(spec.module_names())}"
+    for t in targets_rule.unmatched_names(s.targets, paths):
+        raise LorafitError(f"lora target {t!r} matches no linear layer of {spec.name}{where}; {has}")
+    if not paths and isinstance(s.targets, str) and s.targets != targets_rule.ALL_LINEAR:
+        example = f"{spec.block_prefix(0)}.{spec.linear_layers()[0][0]}"
+        raise LorafitError(f"lora target regex {s.targets!r} matches no linear layer of {spec.name}{where} "
+                           f"(a regex matches the whole path, e.g. {example}); {has}")
+    if not paths:
+        raise LorafitError(f"lora targets {s.targets!r} match no linear layer of {spec.name}{where}; {has}")
 
 
 def estimate(spec: ModelSpec, settings: Settings) -> Estimate:
     s, e = settings, settings.bytes
     lora = s.method == "lora"
     P = spec.total_params()
-    targets = lora_targets(spec, s.targets) if lora else []
-    adapter = spec.layers * sum(s.r * (i + o) for _, i, o, _ in targets)
+    adapters = lora_targets(spec, s)
+    shapes = {n: i + o for n, i, o, _ in spec.linear_layers()}
+    adapter = sum(r * shapes[n] for w in adapters for n, r in w.items())
     trainable = adapter if lora else P
     w_bytes = P * e
     a_bytes = adapter * 4
     # Gradients: LoRA fp32 (adapter dtype); full fine-tuning in the parameter dtype.
     g_bytes = adapter * 4 if lora else P * e
     state_elt = 4 if lora else e
-    n_states = {"adamw": 2, "adamw_fused": 2, "sgd": 0}[s.optimizer]
+    n_states = OPTIMIZER_STATES[s.optimizer_kind]
     o_bytes = n_states * trainable * state_elt
 
-    acts = act.activations(spec, s, targets)
+    acts = act.activations(spec, s, adapters)
     loss = act.loss_buffers(spec, s)
-    bw_first = act.backward_temporaries(spec, s, targets)
+    bw_first = act.backward_temporaries(spec, s, adapters)
     # No temporaries in optimizer.step(): the trainer's AdamW is fused on CUDA and CPU (``train.optim``) and
     # updates in place (torch's default, foreach, would make one as large as all trainable parameters); SGD none.
     opt_tmp, opt_tmp_formula = 0, "no temporaries (fused AdamW / SGD)"
@@ -253,8 +265,7 @@ def estimate(spec: ModelSpec, settings: Settings) -> Estimate:
     comps = [
         Component("weights", w_bytes, w_bytes, f"{P:,} params × {e} B ({s.dtype})"),
         Component(name, a_bytes if lora else w_bytes, a_bytes,
-                  (f"{adapter:,} = {spec.layers} layers × Σ r·(in+out) over {len(targets)} targets × 4 B (fp32)"
-                   if lora else "all weights (counted above)")),
+                  _adapter_formula(spec, s, adapters, adapter) if lora else "all weights (counted above)"),
         Component("gradients", g_bytes, grads_at,
                   f"{trainable:,} trainable × {4 if lora else e} B" + ("" if grads_at == g_bytes else
                   "; at the peak: the head's fp32 gradient only" if grads_at else
@@ -273,3 +284,13 @@ def estimate(spec: ModelSpec, settings: Settings) -> Estimate:
     return Estimate(spec=spec, settings=s, components=comps, peak_moment=moment, moments=moments,
                     activation_per_layer=acts.per_layer,
                     params={"total": P, "trainable": trainable, "adapter": adapter})
+
+
+def _adapter_formula(spec: ModelSpec, s: Settings, adapters: act.Adapters, adapter: int) -> str:
+    n_layers = sum(1 for w in adapters if w)
+    if n_layers == spec.layers and len({tuple(w.items()) for w in adapters}) == 1 and not s.rank_pattern:
+        return (f"{adapter:,} = {spec.layers} layers × Σ r·(in+out) over {len(adapters[0])} targets "
+                "× 4 B (fp32)")
+    n_modules = sum(len(w) for w in adapters)
+    return (f"{adapter:,} = Σ r·(in+out) over {n_modules} adapted layers in {n_layers} of {spec.layers} "
+            "blocks × 4 B (fp32)")

@@ -8,6 +8,7 @@ batch (gradient accumulation keeps the effective batch).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 
 from lorafit.memory.estimate import Estimate, Settings, estimate
@@ -96,8 +97,12 @@ def to_yaml(plan: Plan, base_model: str, effective_batch: int) -> str:
         lines += [f"lora_r: {s.r}", f"lora_alpha: {s.alpha:g}", f"lora_dropout: {s.dropout:g}"]
         if s.targets == "all-linear":
             lines.append("lora_target_linear: true")
+        elif isinstance(s.targets, str):  # a regex: one quoted string (JSON's quoting is YAML's)
+            lines.append(f"lora_target_modules: {json.dumps(s.targets)}")
         else:
             lines.append("lora_target_modules:" + "".join(f"\n  - {t}" for t in s.targets))
+        if s.layers_to_transform is not None:
+            lines.append(f"lora_layers_to_transform: {json.dumps(s.layers_to_transform)}")
     lines += [
         f"sequence_len: {s.seq_len}",
         f"sample_packing: {'true' if s.packing else 'false'}",
@@ -105,7 +110,7 @@ def to_yaml(plan: Plan, base_model: str, effective_batch: int) -> str:
         f"gradient_accumulation_steps: {effective_batch // s.micro_batch}",
         f"gradient_checkpointing: {'true' if s.gradient_checkpointing else 'false'}",
         f"bf16: {'true' if s.dtype == 'bfloat16' else 'false'}",
-        f"optimizer: {'sgd' if s.optimizer == 'sgd' else 'adamw_torch_fused' if s.optimizer == 'adamw_fused' else 'adamw_torch'}",
+        f"optimizer: {axolotl_optimizer(s.optimizer)}",
         "learning_rate: 0.0002",
         "num_epochs: 1",
         "datasets:  # edit: your data",
@@ -114,3 +119,8 @@ def to_yaml(plan: Plan, base_model: str, effective_batch: int) -> str:
         "output_dir: ./lora-out",
     ]
     return "\n".join(lines) + "\n"
+
+
+def axolotl_optimizer(name: str) -> str:
+    """The name axolotl knows for ``name`` (lorafit also accepts the bare ``adamw``, torch's AdamW)."""
+    return "adamw_torch" if name == "adamw" else name

@@ -14,7 +14,11 @@ import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from lorafit.config import DEMO_ALIASES
 from lorafit.errors import LorafitError
+
+# The output head's module path in every supported family: never an "all-linear" target.
+HEAD = "lm_head"
 
 # model_type (HF config) -> our architecture family; the family decides module names and norm/MLP details.
 ARCH_FAMILIES = {
@@ -56,23 +60,29 @@ class ModelSpec:
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
 
-    def linear_layers(self) -> list[tuple[str, int, int, str]]:
-        """Linear layers of one decoder block: (module name, in, out, input group).
+    def block_prefix(self, layer: int) -> str:
+        """Dotted path of decoder block ``layer`` in the transformers model (``model.layers.3``)."""
+        return f"transformer.h.{layer}" if self.family == "gpt2" else f"model.layers.{layer}"
 
-        Layers in the same input group read the same tensor (q/k/v read the normed hidden state; gate/up
-        likewise), which the LoRA layer saves once for all of them.
+    def linear_layers(self) -> list[tuple[str, int, int, str]]:
+        """Linear layers of one decoder block: (path inside the block, in, out, input group).
+
+        Paths are the transformers modules' (``self_attn.q_proj``; GPT-2 ``attn.c_attn``), so LoRA targets
+        match them as they match the real model's. Layers in the same input group read the same tensor (q/k/v
+        read the normed hidden state; gate/up likewise), which the LoRA layer saves once for all of them.
         """
         d, i, q, kv = self.hidden, self.intermediate, self.q_dim, self.kv_dim
         fam = self.family
         if fam == "gpt2":
-            return [("c_attn", d, 3 * d, "attn_in"), ("attn.c_proj", d, d, "attn_out"),
-                    ("c_fc", d, i, "mlp_in"), ("mlp.c_proj", i, d, "mlp_out")]
+            return [("attn.c_attn", d, 3 * d, "attn_in"), ("attn.c_proj", d, d, "attn_out"),
+                    ("mlp.c_fc", d, i, "mlp_in"), ("mlp.c_proj", i, d, "mlp_out")]
         if fam == "phi3":
-            return [("qkv_proj", d, q + 2 * kv, "attn_in"), ("o_proj", q, d, "attn_out"),
-                    ("gate_up_proj", d, 2 * i, "mlp_in"), ("down_proj", i, d, "mlp_out")]
-        return [("q_proj", d, q, "attn_in"), ("k_proj", d, kv, "attn_in"), ("v_proj", d, kv, "attn_in"),
-                ("o_proj", q, d, "attn_out"), ("gate_proj", d, i, "mlp_in"), ("up_proj", d, i, "mlp_in"),
-                ("down_proj", i, d, "mlp_out")]
+            return [("self_attn.qkv_proj", d, q + 2 * kv, "attn_in"), ("self_attn.o_proj", q, d, "attn_out"),
+                    ("mlp.gate_up_proj", d, 2 * i, "mlp_in"), ("mlp.down_proj", i, d, "mlp_out")]
+        return [("self_attn.q_proj", d, q, "attn_in"), ("self_attn.k_proj", d, kv, "attn_in"),
+                ("self_attn.v_proj", d, kv, "attn_in"), ("self_attn.o_proj", q, d, "attn_out"),
+                ("mlp.gate_proj", d, i, "mlp_in"), ("mlp.up_proj", d, i, "mlp_in"),
+                ("mlp.down_proj", i, d, "mlp_out")]
 
     def module_names(self) -> list[str]:
         """Short names a user can put in ``lora_target_modules`` (``c_proj`` matches both GPT-2 projections)."""
@@ -109,32 +119,6 @@ class ModelSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    def hf_config(self):
-        """A transformers config with this shape (for random-weight models in measurements and tests)."""
-        import transformers as tf
-
-        common = dict(vocab_size=self.vocab, tie_word_embeddings=self.tied_embeddings)
-        if self.family == "gpt2":
-            return tf.GPT2Config(n_embd=self.hidden, n_layer=self.layers, n_head=self.heads, n_inner=self.intermediate,
-                                 n_positions=self.max_positions or 1024, resid_pdrop=0.0, embd_pdrop=0.0,
-                                 attn_pdrop=0.0, **common)
-        kw = dict(hidden_size=self.hidden, intermediate_size=self.intermediate, num_hidden_layers=self.layers,
-                  num_attention_heads=self.heads, num_key_value_heads=self.kv_heads, head_dim=self.head_dim,
-                  **common)
-        if self.arch == "qwen2":
-            return tf.Qwen2Config(**kw)
-        if self.arch == "mistral":
-            return tf.MistralConfig(sliding_window=None, **kw)
-        if self.arch == "gemma":
-            return tf.GemmaConfig(**kw)
-        if self.arch == "gemma2":
-            return tf.Gemma2Config(final_logit_softcapping=self.final_logit_softcap,
-                                   attn_logit_softcapping=self.attn_logit_softcap, sliding_window=None, **kw)
-        if self.arch == "phi3":
-            kw.pop("head_dim")
-            return tf.Phi3Config(**kw)
-        return tf.LlamaConfig(**kw)
 
 
 _REQUIRED = {
@@ -235,7 +219,6 @@ def spec_from_gguf(path: Path) -> ModelSpec:
 def resolve_spec(model: str) -> ModelSpec:
     """The spec for ``model``: demo model, local folder / config.json / .gguf, or a catalog name."""
     from lorafit.memory import catalog
-    from lorafit.models import DEMO_ALIASES
 
     if not isinstance(model, str) or not model.strip():
         raise LorafitError("model: give a catalog name (e.g. llama-3.1-8b), a local folder, a config.json or a .gguf file")

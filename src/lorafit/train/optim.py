@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from lorafit.config import OPTIMIZERS
 from lorafit.errors import LorafitError
 
 
@@ -24,17 +25,25 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
-    name = cfg.optimizer
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=0.0)
-    # adamw_torch / adamw_hf / adamw / adamw_torch_fused: torch's AdamW, fused (one kernel over all tensors, on
-    # CUDA and CPU) wherever torch has it. The default multi-tensor path makes a temporary as large as all
-    # trainable parameters (GBs in full fine-tuning); the per-tensor one, two of the largest tensor, and on CPU
-    # it was 5× slower for a LoRA adapter (210 tensors of 135M: 25.7 vs 4.8 ms a step, 2 threads).
-    kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
-    return torch.optim.AdamW(groups, fused=can_fuse(groups) or None, **kw)
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0,
+                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
+    """The optimizer an axolotl optimizer ``name`` stands for (``lorafit.config.OPTIMIZERS``)."""
+    kind = OPTIMIZERS.get(name)
+    if kind is None:
+        raise LorafitError(f"optimizer {name!r}: use one of: {', '.join(OPTIMIZERS)}")
+    groups = param_groups(model, weight_decay)
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.0)
+    # Every AdamW name: torch's AdamW, fused (one kernel over all tensors, on CUDA and CPU) wherever torch has
+    # it. The default multi-tensor path makes a temporary as large as all trainable parameters (GBs in full
+    # fine-tuning); the per-tensor one, two of the largest tensor, and on CPU it was 5× slower for a LoRA
+    # adapter (210 tensors of 135M: 25.7 vs 4.8 ms a step, 2 threads).
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=can_fuse(groups) or None)
+
+
+def optimizer_from_config(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    return build_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay,
+                           (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon)
 
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -61,11 +70,14 @@ def warmup_steps(cfg, total_steps: int) -> int:
     return 0
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int):
+def build_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup: int, total_steps: int):
+    """transformers' schedule ``name`` (cosine, linear, constant, constant_with_warmup) with ``warmup`` steps."""
     from transformers import get_scheduler
 
-    warm = warmup_steps(cfg, total_steps)
-    name = cfg.lr_scheduler
-    if name == "constant" and warm:
+    if name == "constant" and warmup:
         name = "constant_with_warmup"
-    return get_scheduler(name, optimizer, num_warmup_steps=warm, num_training_steps=total_steps)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def scheduler_from_config(optimizer: torch.optim.Optimizer, cfg, total_steps: int):
+    return build_scheduler(optimizer, cfg.lr_scheduler, warmup_steps(cfg, total_steps), total_steps)

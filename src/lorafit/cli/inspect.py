@@ -9,23 +9,26 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from lorafit.lora.io import CONFIG_NAME, read_adapter_config, read_adapter_weights
+# lorafit.lora and lorafit.models import torch: they are imported by the functions that need them
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="show the modules, shapes and trainable parameters of a model or adapter")
+    p = sub.add_parser("inspect",
+                       help="show the modules, shapes and trainable parameters of a model or adapter")
     p.add_argument("path", help="adapter folder, model folder, .gguf file, or 'demo'")
     p.add_argument("--adapter", help="also attach this adapter to the model and show what it adds")
     p.add_argument("--all", action="store_true", help="list every module instead of grouping repeated layers")
-    p.set_defaults(func=run)
+    p.set_defaults(func=cmd_inspect)
 
 
 def _group(name: str) -> str:
-    """``model.layers.12.self_attn.q_proj`` → ``model.layers.*.self_attn.q_proj``: one row per repeated layer."""
+    """``model.layers.12.mlp.up_proj`` → ``model.layers.*.mlp.up_proj``: one row per repeated layer."""
     return ".".join("*" if part.isdigit() else part for part in name.split("."))
 
 
 def inspect_adapter(path: Path, console: Console) -> None:
+    from lorafit.lora.io import WEIGHTS_NAME, read_adapter_config, read_adapter_weights
+
     config = read_adapter_config(path)
     state = read_adapter_weights(path)
     rows: dict[str, list] = defaultdict(lambda: [0, None, 0])
@@ -41,10 +44,12 @@ def inspect_adapter(path: Path, console: Console) -> None:
         table.add_row(g, str(n), str(shape), f"{numel:,}")
     console.print(table)
     total = sum(t.numel() for t in state.values())
-    size = (path / "adapter_model.safetensors").stat().st_size if (path / "adapter_model.safetensors").exists() else 0
+    weights = path / WEIGHTS_NAME
+    size = weights.stat().st_size if weights.exists() else 0
+    scaling = config.alpha / (config.r ** 0.5 if config.use_rslora else config.r)
     console.print(
-        f"r={config.r} alpha={config.alpha} scaling={config.alpha / (config.r ** 0.5 if config.use_rslora else config.r):.4g} "
-        f"dropout={config.dropout} targets={config.target_modules} | {total:,} parameters, {size / 2**20:.2f} MiB on disk"
+        f"r={config.r} alpha={config.alpha} scaling={scaling:.4g} dropout={config.dropout} "
+        f"targets={config.target_modules} | {total:,} parameters, {size / 2**20:.2f} MiB on disk"
     )
 
 
@@ -73,7 +78,10 @@ def inspect_model(model, console: Console, show_all: bool = False) -> None:
     console.print(str(count_parameters(model)))
 
 
-def run(args) -> int:
+def cmd_inspect(args) -> int:
+    from lorafit.lora.io import CONFIG_NAME, load_adapter
+    from lorafit.models import load_model
+
     console = Console()
     if not console.is_terminal:  # piped: do not squeeze module paths into 80 columns
         console = Console(width=160)
@@ -81,9 +89,6 @@ def run(args) -> int:
     if (path / CONFIG_NAME).is_file():
         inspect_adapter(path, console)
         return 0
-    from lorafit.lora.io import load_adapter
-    from lorafit.models import load_model
-
     model = load_model(args.path)
     if args.adapter:
         load_adapter(model, args.adapter, trainable=True)

@@ -7,20 +7,22 @@ checkpoint's saved RNG state reproduces it on resume, and activation checkpointi
 recomputation), and the mask is recomputed from the seed wherever it is applied, in forward and again in
 backward. Only the seed is saved.
 
-With ``torch.compile`` (the default), the keep bit of element ``i`` is ``hash(i, seed)``, computed inside one
+With compiled kernels (``RuntimeOptions.compile``, the default), the keep bit of element ``i`` is ``hash(i, seed)``, computed inside one
 fused kernel with the multiply it feeds. The hash is lowbias32 (C. Wellons' "hash prospector": a 32-bit mixer
 with near-ideal avalanche), applied twice with the two seed halves as keys, on wrapping int32 lanes; an
 element is kept iff the top 24 bits of its hash are ≥ ``round(p · 2²⁴)`` (p holds to 2⁻²⁴; indices wrap at
-2³² elements per call). Without a compiler, eager PyTorch would need ~25 passes over memory for the hash,
+2³² elements per call). With compiling turned off, eager PyTorch would need ~25 passes over memory for the hash,
 so the mask is drawn instead by ``bernoulli_`` from a generator seeded with the call's seed (an int64 seed
-says which of the two a call used, so its backward recomputes the same mask).
+says which of the two a call used, so its backward recomputes the same mask). Which one a run uses is
+decided once, by its options, never by whether a compile happened to fail: a hashed mask whose kernel cannot
+be compiled is computed eagerly, the same mask, only slower.
 """
 
 from __future__ import annotations
 
 import torch
 
-from lorafit.train import compiled as _compiled
+from lorafit.kernels.compiled import compiled, unseen
 
 _BITS = 24
 
@@ -88,18 +90,18 @@ def _dropped_each_and_add(x, base, lows, seeds, p: float):
 
 
 class _MaskKernel:
-    """``fn(*tensors, seed, p)``: one fused compiled kernel for hashed seeds, eager PyTorch otherwise; under a
-    memory tracker (``lorafit measure``) the tracker sees only the outputs either way."""
+    """``fn(*tensors, seed, p)``: one fused compiled kernel for hashed (int32) seeds, eager PyTorch for drawn
+    (int64) ones; under a memory tracker (``lorafit measure``) the tracker sees only the outputs either way."""
 
     def __init__(self, fn):
         self.fn = fn
-        self.compiled = _compiled.compiled(fn)
+        self.compiled = compiled(fn)
 
     def __call__(self, *tensors, seed, p: float):
         seeds = seed if isinstance(seed, tuple) else (seed,)
         if all(s.dtype == torch.int32 for s in seeds):
             return self.compiled.kernel(*tensors, seed, p)
-        return _compiled.unseen(self.fn, *tensors, seed, p)
+        return unseen(self.fn, *tensors, seed, p)
 
 
 dropped = _MaskKernel(_dropped)  # x · keep
@@ -108,18 +110,12 @@ dropped_and_add_dropped = _MaskKernel(_dropped_and_add_dropped)  # both, one pas
 # Several layers reading the same x (``lora.group``), ``seed`` a tuple with one seed per layer:
 dropped_each = _MaskKernel(_dropped_each)  # (x · keep_i for each i), one pass over x
 dropped_each_and_add = _MaskKernel(_dropped_each_and_add)  # (*x · keep_i, base + Σ low_i · keep_i)
-_KERNELS = (dropped, add_dropped, dropped_and_add_dropped, dropped_each, dropped_each_and_add)
 
 
-def hashed() -> bool:
-    """Whether masks are hashed in compiled kernels (int32 seeds), not drawn by ``bernoulli_`` (int64 seeds)."""
-    return all(k.compiled.available for k in _KERNELS)
-
-
-def new_seed(device) -> torch.Tensor:
-    """A call's seed, from torch's global RNG of ``device``: two int32 halves when the hashed mask can run
-    compiled, else one int64 for ``bernoulli_``."""
-    if hashed():
+def new_seed(device, hashed: bool) -> torch.Tensor:
+    """A call's seed, from torch's global RNG of ``device``: two int32 halves for the hashed mask (compiled
+    kernels on), else one int64 for ``bernoulli_``."""
+    if hashed:
         return torch.empty(2, dtype=torch.int32, device=device).random_()
     return torch.empty((), dtype=torch.int64, device=device).random_()
 

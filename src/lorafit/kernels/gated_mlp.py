@@ -9,24 +9,26 @@ same expression and backward is autograd's own over the recomputed activation.
 When ``down_proj`` is a LoRA layer over a frozen base, the product itself need not be kept either: its only
 use in backward is LoRA's ``dA``, so :class:`ActMulLoraDown` recomputes it there from ``gate(x)`` and ``up(x)``
 (one fused elementwise kernel) — one more (tokens × intermediate) tensor less per layer.
+
+Which MLP modules run these functions is :mod:`lorafit.patches.gated_mlp`'s business.
 """
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
 
-from lorafit.lora import dropout as lora_dropout
-from lorafit.lora.layer import LoraLinear, compute_dtype_for, lora_backward, lora_forward
-from lorafit.train.compiled import compiled
-
-# MLP classes whose forward is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` in transformers.
-GATED_MLP_CLASSES = {
-    "LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP",
-    "OlmoMLP", "Olmo2MLP", "GraniteMLP", "SmolLM3MLP", "CohereMLP",
-}
+from lorafit.kernels import dropout as lora_dropout
+from lorafit.kernels.compiled import compiled
+from lorafit.kernels.lora_branch import (
+    Branch,
+    Needs,
+    Saved,
+    branch_backward,
+    branch_forward,
+    compute_dtype_for,
+)
+from lorafit.options import RuntimeOptions
 
 
 def _silu_mul(g, u):
@@ -69,14 +71,15 @@ def _is_silu(act) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
-def act_mul(g, u, act):
-    return _silu_mul_c(g, u) if _is_silu(act) else act(g) * u  # eager _silu_mul is the same expression
+def act_mul(g, u, act, compile: bool):
+    # eager _silu_mul is the same expression
+    return _silu_mul_c(g, u, compile=compile) if _is_silu(act) else act(g) * u
 
 
-def act_mul_backward(g, u, act, grad, need_g: bool, need_u: bool):
+def act_mul_backward(g, u, act, grad, need_g: bool, need_u: bool, compile: bool):
     """Gradients of ``act(g) * u`` for ``grad``; SiLU runs as one compiled kernel, else autograd's own."""
-    if _is_silu(act) and _silu_mul_backward_c.usable:
-        grad_g, grad_u = _silu_mul_backward_c(g, u, grad.contiguous())
+    if _is_silu(act) and _silu_mul_backward_c.usable(compile):
+        grad_g, grad_u = _silu_mul_backward_c(g, u, grad.contiguous(), compile=True)
         return (grad_g if need_g else None), (grad_u if need_u else None)
     with torch.enable_grad():
         g_ = g.detach().requires_grad_(need_g)
@@ -90,15 +93,15 @@ class ActMul(torch.autograd.Function):
     """``act(g) * u`` saving ``g`` and ``u`` only; SiLU (most models) runs as one compiled kernel each way."""
 
     @staticmethod
-    def forward(ctx, g, u, act):
-        ctx.act = act
+    def forward(ctx, g, u, act, compile: bool):
+        ctx.act, ctx.compile = act, compile
         ctx.save_for_backward(g, u)
-        return act_mul(g, u, act)
+        return act_mul(g, u, act, compile)
 
     @staticmethod
     def backward(ctx, grad):
         g, u = ctx.saved_tensors
-        return *act_mul_backward(g, u, ctx.act, grad, *ctx.needs_input_grad[:2]), None
+        return *act_mul_backward(g, u, ctx.act, grad, *ctx.needs_input_grad[:2], ctx.compile), None, None
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -116,18 +119,21 @@ class ActMulLoraDown(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, g, u, act, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float):
-        ctx.compute_dtype = compute_dtype_for(g, weight)  # fp32 where bf16 GEMMs are slow (see lorafit.matmul)
+    def forward(ctx, g, u, act, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float,
+                options: RuntimeOptions):
+        br = Branch(weight, bias, lora_a, lora_b, scaling, dropout_p)
+        ctx.compute_dtype = compute_dtype_for(options, g, weight)  # fp32 where bf16 GEMMs are slow
+        ctx.compile = compile = options.compile
         dropped = None
-        if dropout_p > 0 and _is_silu(act) and _silu_mul_dropped_c.available and lora_dropout.hashed():
-            seed = lora_dropout.new_seed(g.device)
+        if dropout_p > 0 and _is_silu(act) and compile:  # hashed masks: the product and its masked copy in one pass
+            seed = lora_dropout.new_seed(g.device, hashed=True)
             h, hd = _silu_mul_dropped_c.kernel(_flat(g), _flat(u), seed, dropout_p)
-            dropped = [hd, seed]  # lora_forward frees hd once A has read it
+            dropped = [hd, seed]  # branch_forward frees hd once A has read it
             del hd
         else:
-            h = _flat(act_mul(g, u, act))
-        y, xa, seed = lora_forward(h, weight, bias, lora_a, lora_b, scaling, dropout_p, ctx.compute_dtype, dropped)
-        ctx.save_for_backward(g, u, weight, lora_a, lora_b, xa, seed)
+            h = _flat(act_mul(g, u, act, compile))
+        y, saved = branch_forward(h, br, ctx.compute_dtype, compile, dropped)
+        ctx.save_for_backward(g, u, weight, lora_a, lora_b, saved.xa, saved.seed)
         ctx.act, ctx.scaling, ctx.dropout_p, ctx.has_bias = act, scaling, dropout_p, bias is not None
         return y.view(*g.shape[:-1], y.shape[-1])
 
@@ -136,43 +142,18 @@ class ActMulLoraDown(torch.autograd.Function):
         g, u, weight, lora_a, lora_b, xa, seed = ctx.saved_tensors
         need_g, need_u, _, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:7]
         fused_input = None
-        if _is_silu(ctx.act) and _down_input_backward_c.available and (seed is None or seed.dtype == torch.int32):
+        if _is_silu(ctx.act) and ctx.compile and (seed is None or seed.dtype == torch.int32):
             def fused_input(base, low, s):
                 hd, grad_g, grad_u = _down_input_backward_c.kernel(_flat(g), _flat(u), base, low, s, ctx.dropout_p)
                 return hd, (grad_g, grad_u)
-        grad_h, grad_w, grad_bias, grad_a, grad_b = lora_backward(
-            _flat(grad), lambda: _flat(act_mul(g, u, ctx.act)), weight, lora_a, lora_b, xa, seed,
-            ctx.scaling, ctx.dropout_p, (need_g or need_u, need_w, need_bias and ctx.has_bias, need_a, need_b),
-            ctx.compute_dtype, fused_input)
+        br = Branch(weight, None, lora_a, lora_b, ctx.scaling, ctx.dropout_p)
+        needs = Needs(x=need_g or need_u, weight=need_w, bias=need_bias and ctx.has_bias, lora_a=need_a, lora_b=need_b)
+        grads = branch_backward(_flat(grad), br, Saved(xa, seed), needs, ctx.compute_dtype,
+                                input_fn=lambda: _flat(act_mul(g, u, ctx.act, ctx.compile)), fused_input=fused_input)
         grad_g = grad_u = None
-        if isinstance(grad_h, tuple):  # the fused kernel went on to the product's backward
-            grad_g = grad_h[0].view(g.shape) if need_g else None
-            grad_u = grad_h[1].view(u.shape) if need_u else None
-        elif grad_h is not None:
-            grad_g, grad_u = act_mul_backward(g, u, ctx.act, grad_h.view(g.shape), need_g, need_u)
-        return grad_g, grad_u, None, grad_w, grad_bias, grad_a, grad_b, None, None
-
-
-def _fusable_down(down: nn.Module, g: torch.Tensor) -> bool:
-    """Whether ``down`` can run inside :class:`ActMulLoraDown`: an active LoRA layer over a frozen base, training."""
-    return (isinstance(down, LoraLinear) and not (down.merged or down.disabled) and torch.is_grad_enabled()
-            and not down.base_layer.weight.requires_grad and down.base_layer.weight.dtype == g.dtype)
-
-
-def _lean_forward(self, x):
-    g, u = self.gate_proj(x), self.up_proj(x)
-    if _fusable_down(self.down_proj, g):
-        return ActMulLoraDown.apply(g, u, self.act_fn, *self.down_proj.function_args())
-    return self.down_proj(ActMul.apply(g, u, self.act_fn))
-
-
-def use_lean_gated_mlps(model: nn.Module) -> int:
-    """Switch every known gated MLP of ``model`` to :class:`ActMul` (in place); returns how many."""
-    count = 0
-    for module in model.modules():
-        if type(module).__name__ in GATED_MLP_CLASSES and all(
-            hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")
-        ):
-            module.forward = types.MethodType(_lean_forward, module)
-            count += 1
-    return count
+        if isinstance(grads.x, tuple):  # the fused kernel went on to the product's backward
+            grad_g = grads.x[0].view(g.shape) if need_g else None
+            grad_u = grads.x[1].view(u.shape) if need_u else None
+        elif grads.x is not None:
+            grad_g, grad_u = act_mul_backward(g, u, ctx.act, grads.x.view(g.shape), need_g, need_u, ctx.compile)
+        return grad_g, grad_u, None, grads.weight, grads.bias, grads.lora_a, grads.lora_b, None, None, None

@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from lorafit.config import DEMO_ALIASES
 from lorafit.errors import LorafitError
 from lorafit.memory import catalog
 from lorafit.memory.estimate import Estimate, GiB, Settings, estimate
+from lorafit.memory.settings import settings_from_config
 from lorafit.memory.spec import resolve_spec
 
 _SETTING_FLAGS = ("method", "dtype", "micro_batch", "seq_len", "r", "alpha", "dropout", "targets", "optimizer",
@@ -68,30 +71,14 @@ def register(sub) -> None:
 
 
 # ---- settings from a config file and flags ------------------------------------------------------------
-def settings_from_config(path: str) -> tuple[str, dict]:
-    """(base_model, Settings kwargs) from a YAML config: via lorafit.config when it validates, else raw keys."""
-    from lorafit.config import load_config
-
-    cfg = load_config(path)
-    kw = dict(method="lora" if cfg.is_lora else "full", dtype=cfg.effective_dtype, micro_batch=cfg.micro_batch_size,
-              seq_len=cfg.sequence_len, gradient_checkpointing=bool(cfg.gradient_checkpointing),
-              packing=bool(cfg.sample_packing), optimizer=cfg.optimizer)
-    if cfg.is_lora:
-        kw.update(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets)
-    return cfg.base_model, kw
-
-
-def _settings(args, base: dict | None = None, device: str = "cuda") -> Settings:
-    kw = dict(base or {})
-    for name in _SETTING_FLAGS:
-        v = getattr(args, name, None)
-        if v is not None:
-            kw[name] = v
+def _settings(args, base: Settings | None = None, device: str = "cuda") -> Settings:
+    """Settings from the flags, over ``base`` (a config's) when given."""
+    kw = {name: getattr(args, name) for name in _SETTING_FLAGS if getattr(args, name, None) is not None}
     t = kw.get("targets")
     if isinstance(t, str) and t != "all-linear" and all(p.strip().isidentifier() for p in t.split(",")):
         kw["targets"] = [p.strip() for p in t.split(",")]  # names; anything else stays a regex
     kw["device"] = device
-    return Settings(**kw)
+    return replace(base, **kw) if base is not None else Settings(**kw)
 
 
 def _gpu(args) -> tuple[str | None, int | None]:
@@ -110,18 +97,19 @@ def cmd_estimate(args) -> int:
     console = Console()
     if args.list:
         return _print_catalog(console)
-    base, model = {}, args.model
+    base, model = None, args.model
+    device = "cpu" if args.cpu else "cuda"
     if args.config:
-        model_cfg, base = settings_from_config(args.config)
-        model = model or model_cfg
+        from lorafit.config import load_config
+
+        cfg = load_config(args.config)
+        base, model = settings_from_config(cfg, device), model or cfg.base_model
     if not model:
         raise LorafitError("estimate: give a MODEL (e.g. llama-3.1-8b) or --config FILE")
     spec = resolve_spec(model)
     gpu_name, gpu_bytes = _gpu(args)
-    s = _settings(args, base, device="cpu" if args.cpu else "cuda")
+    s = _settings(args, base, device)
     if args.compare:
-        from dataclasses import replace
-
         ests = [estimate(spec, replace(s, method="full")), estimate(spec, replace(s, method="lora"))]
     else:
         ests = [estimate(spec, s)]
@@ -217,7 +205,7 @@ def cmd_plan(args) -> int:
         raise LorafitError(f"--effective-batch: got {args.effective_batch}, must be > 0")
     if not 0 <= args.margin < 1:
         raise LorafitError(f"--margin: got {args.margin}, must be in [0, 1)")
-    s = _settings(args, {})
+    s = _settings(args)
     plan = search(spec, s, gpu_bytes, args.effective_batch, args.allow_shorter_seq, args.margin)
     if not plan.fits:
         console.print(f"[red]nothing fits[/] {spec.name} on {gpu_name} ({gpu_bytes / GiB:.1f} GiB, "
@@ -237,18 +225,19 @@ def cmd_plan(args) -> int:
 
 # ---- measure -----------------------------------------------------------------------------------------
 def cmd_measure(args) -> int:
-    from lorafit.memory.measure import measure
-    from lorafit.models import DEMO_ALIASES
-
     if args.steps <= 0:
         raise LorafitError(f"--steps: got {args.steps}, must be > 0")
-    model, kw = settings_from_config(args.config)
-    spec = resolve_spec(model)
     import torch
 
+    from lorafit.config import load_config
+    from lorafit.measure import measure
+    from lorafit.models import train_dtype
+
+    cfg = load_config(args.config)
+    spec = resolve_spec(cfg.base_model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    s = Settings(**kw, device=device)
-    real = None if args.random_weights else model
+    s = replace(settings_from_config(cfg, device), dtype=train_dtype(cfg))  # what training here picks
+    real = None if args.random_weights else cfg.base_model
     if real is not None and real not in DEMO_ALIASES and not Path(real).exists():
         real = None
     m = measure(spec, s, args.steps, model_name=real, device=device)

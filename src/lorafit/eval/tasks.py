@@ -73,7 +73,7 @@ def exact_match(prediction: str, reference: str, *, ignore_case: bool = False) -
 
 
 def contains_answer(prediction: str, answer: str | Sequence[str]) -> bool:
-    """True when ``answer`` (or any of several accepted answers) appears in ``prediction`` as a whole word or phrase.
+    """True when ``answer`` (or one of several accepted answers) is in ``prediction`` as a whole word/phrase.
 
     Case-insensitive, whitespace-normalised; "whole" means not glued to a letter or digit on either side,
     nor part of a decimal or negative number: ``"Paris"`` is found in ``"The capital is Paris."``, while
@@ -100,7 +100,8 @@ def score(predictions: Sequence[str], references: Sequence[str], *, ignore_case:
     """
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
-    correct = sum(exact_match(p, r, ignore_case=ignore_case) for p, r in zip(predictions, references, strict=True))
+    pairs = zip(predictions, references, strict=True)
+    correct = sum(exact_match(p, r, ignore_case=ignore_case) for p, r in pairs)
     n = len(references)
     return {"exact_match": correct / n if n else 0.0, "correct": correct, "count": n}
 
@@ -119,7 +120,8 @@ def _read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise LorafitError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+                raise LorafitError(f"{path}:{lineno}: not valid JSON ({e.msg}); "
+                                   "each line must be one JSON object") from None
             if not isinstance(row, dict):
                 raise LorafitError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             rows.append((lineno, row))
@@ -132,7 +134,7 @@ def _check_messages(messages: Any, where: str) -> Messages:
     if not isinstance(messages, list) or not messages:
         raise LorafitError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise LorafitError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
     return messages
 
@@ -151,24 +153,31 @@ def load_heldout(path: str | Path) -> list[tuple[Messages, str]]:
             raise LorafitError(f"{where}: missing key 'messages' (found: {', '.join(row) or 'none'})")
         messages = _check_messages(row["messages"], where)
         if messages[-1]["role"] != "assistant" or len(messages) < 2:
-            raise LorafitError(f"{where}: the last message must be the assistant's answer, after at least one prompt message")
+            raise LorafitError(f"{where}: the last message must be the assistant's answer, "
+                               "after at least one prompt message")
         out.append(([dict(m) for m in messages[:-1]], messages[-1]["content"]))
     return out
 
 
 def load_retention(path: str | Path) -> list[dict]:
-    """Read a retention JSONL file: rows ``{"messages": [...prompt...], "reference": str, "answer": str | [str]}``."""
+    """Read a retention JSONL file.
+
+    Rows are ``{"messages": [...prompt...], "reference": str, "answer": str | [str]}``.
+    """
     out = []
     for lineno, row in _read_jsonl(path):
         where = f"{path}:{lineno}"
         missing = [k for k in ("messages", "reference", "answer") if k not in row]
         if missing:
-            raise LorafitError(f"{where}: missing key(s) {', '.join(missing)}; a retention row has messages, reference, answer")
+            raise LorafitError(f"{where}: missing key(s) {', '.join(missing)}; "
+                               "a retention row has messages, reference, answer")
         messages = _check_messages(row["messages"], where)
         if messages[-1]["role"] == "assistant":
-            raise LorafitError(f"{where}: 'messages' holds the prompt only; the base answer goes in 'reference'")
+            raise LorafitError(f"{where}: 'messages' holds the prompt only; "
+                               "the base answer goes in 'reference'")
         if not isinstance(row["reference"], str) or not isinstance(row["answer"], str | list):
-            raise LorafitError(f"{where}: 'reference' must be a string and 'answer' a string or list of strings")
+            raise LorafitError(f"{where}: 'reference' must be a string "
+                               "and 'answer' a string or list of strings")
         out.append({"messages": messages, "reference": row["reference"], "answer": row["answer"]})
     return out
 
@@ -218,7 +227,8 @@ def generate_answers(model, tokenizer, prompts: Sequence[Messages], max_new_toke
     texts = [_render_prompt(tokenizer, list(p)) for p in prompts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
-        raise LorafitError("the tokenizer has neither a pad nor an EOS token; generation needs one to pad batches")
+        raise LorafitError("the tokenizer has neither a pad nor an EOS token; "
+                           "generation needs one to pad batches")
     stop_ids = _stop_token_ids(model, tokenizer)
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
@@ -250,21 +260,23 @@ def generate_answers(model, tokenizer, prompts: Sequence[Messages], max_new_toke
 # --------------------------------------------------------------------------------------------- retention
 
 def _answer_span(tokenizer, messages: Messages, reference: str) -> tuple[str, int, int]:
-    """Render prompt + reference; return (text up to the end-of-turn marker, answer start, answer end) in chars.
+    """Render prompt + reference: (text up to the end-of-turn marker, answer start, answer end), in chars.
 
     The scored span is the reference as the template rendered it, plus the end-of-turn marker that closes
     it (``<|im_end|>`` ...); text after the marker (ChatML's newline) is not scored. If the template has no
     recognisable marker, the tokenizer's EOS token is appended as the end of turn.
     """
     prompt = _render_prompt(tokenizer, messages)
-    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": reference}], tokenize=False)
+    answered = messages + [{"role": "assistant", "content": reference}]
+    full = tokenizer.apply_chat_template(answered, tokenize=False)
     if not full.startswith(prompt):
         raise LorafitError("the chat template renders the prompt differently once an answer follows; "
                            "retention perplexity needs the generation prompt to be a prefix of the full chat")
     rest = full[len(prompt):]
     pos = rest.find(reference.strip()) if reference.strip() else 0
     if pos < 0:
-        raise LorafitError("the chat template changed the reference answer's text; cannot locate it to score it")
+        raise LorafitError("the chat template changed the reference answer's text; "
+                           "cannot locate it to score it")
     body_end = pos + len(reference.strip())
     tail = rest[body_end:]
     stripped = tail.lstrip()
@@ -291,8 +303,10 @@ def _answer_tokens(tokenizer, messages: Messages, reference: str) -> tuple[list[
 
 
 @torch.inference_mode()
-def answer_nll(model, tokenizer, items: Sequence[tuple[Messages, str]], batch_size: int = 16) -> tuple[float, int]:
-    """Summed negative log-likelihood (nats) of each reference answer + end of turn given its prompt, and the token count.
+def answer_nll(model, tokenizer, items: Sequence[tuple[Messages, str]],
+               batch_size: int = 16) -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) of each reference answer + end of turn given its prompt,
+    and the number of tokens summed.
 
     ``items`` are ``(prompt messages, reference answer)`` pairs. Batches are right-padded; padding and prompt
     tokens are excluded from the sum.
@@ -319,7 +333,8 @@ def answer_nll(model, tokenizer, items: Sequence[tuple[Messages, str]], batch_si
             shift_logits = logits[:, :-1].float()
             shift_labels = labels[:, 1:].to(device)
             nll = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
-                                                    shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
+                                                    shift_labels.reshape(-1), ignore_index=-100,
+                                                    reduction="sum")
             total += float(nll)
             count += int((shift_labels != -100).sum())
     finally:
@@ -340,7 +355,8 @@ def retention_score(model, tokenizer, path: str | Path, *, max_new_tokens: int =
     forgets lowers the first and raises the second.
     """
     rows = load_retention(path)
-    predictions = generate_answers(model, tokenizer, [r["messages"] for r in rows], max_new_tokens, batch_size)
+    prompts = [r["messages"] for r in rows]
+    predictions = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
     correct = sum(contains_answer(p, r["answer"]) for p, r in zip(predictions, rows, strict=True))
     total, count = answer_nll(model, tokenizer, [(r["messages"], r["reference"]) for r in rows], batch_size)
     mean_nll = total / count if count else float("nan")

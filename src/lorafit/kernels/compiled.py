@@ -1,10 +1,15 @@
 """Small pure functions compiled with ``torch.compile``, falling back to eager where compiling fails.
 
-The decoder's glue (RMSNorm, the gated activation) is a chain of elementwise ops; eager PyTorch runs each as
-its own pass over memory, and on CPU those passes cost more than the LoRA matmuls. Compiling just these
-functions fuses each chain into one kernel without compiling the model (whole-layer compilation was slower
-on CPU: graph breaks at the LoRA autograd function). Shapes are marked dynamic, so a new sequence length
-does not recompile. ``LORAFIT_COMPILE=0`` turns it off; without a working compiler it falls back by itself.
+The decoder's glue (RMSNorm, the gated activation, RoPE, the dropout hash) is a chain of elementwise ops;
+eager PyTorch runs each as its own pass over memory, and on CPU those passes cost more than the LoRA matmuls.
+Compiling just these functions fuses each chain into one kernel without compiling the model (whole-layer
+compilation was slower on CPU: graph breaks at the LoRA autograd function). Shapes are marked dynamic, so a
+new sequence length does not recompile.
+
+Whether to compile is the caller's: every call passes ``compile`` from the run's
+:class:`~lorafit.options.RuntimeOptions`. A compiler failure falls back to the eager function (same math)
+for the rest of the process, with one warning.
+
 Under a ``TorchDispatchMode`` (``MemTracker`` in ``lorafit measure`` and the estimator's validation) a plain
 call runs the eager path, so what is measured is tensor by tensor (these kernels allocate only their outputs,
 no more); :meth:`Compiled.kernel` runs the compiled kernel out of the tracker's sight and shows it the outputs,
@@ -15,26 +20,17 @@ gated-MLP backward).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 
 import torch
-from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode
+
+from lorafit._compat import dispatch_mode_active, dispatch_modes_disabled
 
 log = logging.getLogger(__name__)
 
 
-def enabled() -> bool:
-    return os.environ.get("LORAFIT_COMPILE", "1") not in ("0", "false", "no", "off")
-
-
-def active() -> bool:
-    """Whether compiled kernels run here: on, and no dispatch mode (a memory tracker) is watching."""
-    return enabled() and _get_current_dispatch_mode() is None
-
-
 class Compiled:
-    """``fn`` compiled on first use; eager ``fn`` when compiling is off or fails (see :func:`active`)."""
+    """``fn`` compiled on first use when asked to; eager ``fn`` otherwise or once compiling has failed."""
 
     def __init__(self, fn: Callable):
         self.fn = fn
@@ -45,17 +41,12 @@ class Compiled:
     def failed(self) -> bool:
         return self._failed
 
-    @property
-    def usable(self) -> bool:
-        return not self._failed and active()
+    def usable(self, compile: bool) -> bool:
+        """Whether a plain call runs compiled: asked to, not failed, and no memory tracker watching."""
+        return compile and not self._failed and not dispatch_mode_active()
 
-    @property
-    def available(self) -> bool:
-        """Compiling is on and has not failed: :meth:`kernel` runs the compiled kernel."""
-        return not self._failed and enabled()
-
-    def __call__(self, *args):
-        if not self.usable:
+    def __call__(self, *args, compile: bool):
+        if not self.usable(compile):
             return self.fn(*args)
         if self._compiled is None:
             self._compiled = torch.compile(self.fn, dynamic=True)
@@ -67,17 +58,17 @@ class Compiled:
             self._failed = True
             return self.fn(*args)
 
-    def kernel(self, *args):
+    def kernel(self, *args, compile: bool = True):
         """Call as one fused kernel, also under a memory tracker (see :func:`unseen`)."""
-        return unseen(self, *args)
+        return unseen(lambda *a: self(*a, compile=compile), *args)
 
 
 def unseen(fn: Callable, *args):
     """``fn(*args)``; under a dispatch mode (a memory tracker) run out of its sight and hand it copies of the
     outputs, so it sees what a fused kernel allocates rather than an eager run's temporaries."""
-    if _get_current_dispatch_mode() is None:
+    if not dispatch_mode_active():
         return fn(*args)
-    with _disable_current_modes():
+    with dispatch_modes_disabled():
         res = fn(*args)
 
     def seen(t):

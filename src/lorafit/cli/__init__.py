@@ -1,7 +1,9 @@
 """The ``lorafit`` command line: one sub-command per verb.
 
-Each verb lives in the module that owns the concept and exposes ``register(subparsers)``; this file only
-wires them up and turns a :class:`LorafitError` into one line on stderr and exit code 2.
+Each command group is a module of this package that exposes ``register(subparsers)``; this file only wires
+them up and turns a :class:`LorafitError` into one line on stderr and exit code 2. Command modules import
+torch and the modules that need it inside their command functions, so ``lorafit --help`` and the estimator
+stay quick.
 """
 
 from __future__ import annotations
@@ -15,24 +17,22 @@ from lorafit.errors import LorafitError
 
 # Modules that each add their verbs (``register(subparsers)``), in the order shown by ``--help``.
 COMMAND_MODULES = [
-    "lorafit.train.commands",   # train, preprocess, merge, generate, eval
-    "lorafit.memory.commands",  # estimate, plan, measure
-    "lorafit.lora.commands",    # inspect
+    "lorafit.cli.train",     # train, preprocess
+    "lorafit.cli.merge",     # merge
+    "lorafit.cli.generate",  # generate
+    "lorafit.cli.eval",      # eval
+    "lorafit.cli.memory",    # estimate, plan, measure
+    "lorafit.cli.inspect",   # inspect
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorafit", description="LoRA fine-tuning when GPU memory is the limit.")
+    parser = argparse.ArgumentParser(prog="lorafit",
+                                     description="LoRA fine-tuning when GPU memory is the limit.")
     parser.add_argument("--version", action="version", version=f"lorafit {__import__('lorafit').__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 
@@ -52,6 +52,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lorafit {args.command}: interrupted", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,8 @@
 """Measured peak memory of real training steps, split like the estimate, next to it.
 
-The step is the trainer's own (:func:`lorafit.train.trainer.train_step`: forward, chunked loss, backward,
-gradient clipping, optimizer and scheduler step, ``zero_grad(set_to_none=True)``), on a model prepared the
-way :func:`lorafit.train.trainer.prepare_model` prepares it. On CPU the peak comes from torch's
+The step is the trainer's own (:func:`lorafit.train.train_step`: forward, chunked loss, backward, gradient
+clipping, optimizer and scheduler step, ``zero_grad(set_to_none=True)``), on a model prepared by
+:func:`lorafit.train.make_trainable` with the settings' runtime options. On CPU the peak comes from torch's
 ``MemTracker`` (parameters, gradients, activations, optimizer states, temporaries); on CUDA from
 ``torch.cuda.max_memory_allocated``.
 """
@@ -10,8 +10,7 @@ way :func:`lorafit.train.trainer.prepare_model` prepares it. On CPU the peak com
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass, field
-from types import SimpleNamespace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -28,30 +27,62 @@ class Measured:
     losses: list[float] = field(default_factory=list)
 
 
+def hf_config(spec: ModelSpec):
+    """A transformers config with ``spec``'s shape (random-weight models in measurements, tests and
+    benchmarks; here, not in the torch-free ``lorafit.memory``)."""
+    import transformers as tf
+
+    common = dict(vocab_size=spec.vocab, tie_word_embeddings=spec.tied_embeddings)
+    if spec.family == "gpt2":
+        return tf.GPT2Config(n_embd=spec.hidden, n_layer=spec.layers, n_head=spec.heads,
+                             n_inner=spec.intermediate, n_positions=spec.max_positions or 1024, resid_pdrop=0.0,
+                             embd_pdrop=0.0, attn_pdrop=0.0, **common)
+    kw = dict(hidden_size=spec.hidden, intermediate_size=spec.intermediate, num_hidden_layers=spec.layers,
+              num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads, head_dim=spec.head_dim,
+              **common)
+    if spec.arch == "qwen2":
+        return tf.Qwen2Config(**kw)
+    if spec.arch == "mistral":
+        return tf.MistralConfig(sliding_window=None, **kw)
+    if spec.arch == "gemma":
+        return tf.GemmaConfig(**kw)
+    if spec.arch == "gemma2":
+        return tf.Gemma2Config(final_logit_softcapping=spec.final_logit_softcap,
+                               attn_logit_softcapping=spec.attn_logit_softcap, sliding_window=None, **kw)
+    if spec.arch == "phi3":
+        kw.pop("head_dim")
+        # Phi-3's default pad id (32000) is outside a small test vocabulary
+        return tf.Phi3Config(pad_token_id=32000 if spec.vocab > 32000 else None, **kw)
+    return tf.LlamaConfig(**kw)
+
+
 def build_model(spec: ModelSpec, s: Settings, model_name: str | None = None, seed: int = 0):
     """A random-weight model with ``spec``'s shape (or the real ``model_name``), adapter attached like the trainer."""
     import transformers
 
-    torch.manual_seed(seed)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[s.dtype]
-    if model_name:
-        from lorafit.models import load_model
+    from lorafit.models import load_model, parse_dtype
 
+    torch.manual_seed(seed)
+    if model_name:
         model = load_model(model_name, s.dtype)
     else:
         transformers.logging.set_verbosity_error()
-        model = transformers.AutoModelForCausalLM.from_config(spec.hf_config(), dtype=dtype, attn_implementation="sdpa")
+        model = transformers.AutoModelForCausalLM.from_config(
+            hf_config(spec), dtype=parse_dtype(s.dtype), attn_implementation="sdpa")
     _prepare(model, s)
     return model
 
 
 def _prepare(model, s: Settings) -> None:
-    """The trainer's own preparation of a loaded model (adapter, checkpointing, no cache)."""
-    from lorafit.lora import LoraConfig
-    from lorafit.train.trainer import make_trainable
+    """The trainer's own preparation of a loaded model (adapter, lean kernels, checkpointing, no cache)."""
+    from lorafit.lora.config import LoraConfig
+    from lorafit.train import make_trainable
 
-    lora = LoraConfig(r=s.r, alpha=s.alpha, dropout=s.dropout, target_modules=s.targets) if s.method == "lora" else None
-    make_trainable(model, lora, s.gradient_checkpointing)
+    lora = None
+    if s.method == "lora":
+        lora = LoraConfig(r=s.r, alpha=s.alpha, dropout=s.dropout, target_modules=s.targets,
+                          layers_to_transform=s.layers_to_transform, rank_pattern=dict(s.rank_pattern))
+    make_trainable(model, lora, s.gradient_checkpointing, s.runtime)
 
 
 def _batch(vocab: int, s: Settings, seed: int) -> dict:
@@ -68,20 +99,13 @@ def _batch(vocab: int, s: Settings, seed: int) -> dict:
     return batch
 
 
-def _optimizer_config(s: Settings):
-    return SimpleNamespace(optimizer={"adamw": "adamw_torch", "adamw_fused": "adamw_torch_fused", "sgd": "sgd"}[s.optimizer],
-                           learning_rate=1e-4, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-                           lr_scheduler="constant", warmup_steps=0, warmup_ratio=None)
-
-
 def _step_fn(model, s: Settings):
     """One optimizer step with the trainer's code (or a plain HF-loss step for peer comparison)."""
+    from lorafit.train import train_step
     from lorafit.train.optim import build_optimizer, build_scheduler
-    from lorafit.train.trainer import train_step
 
-    cfg = _optimizer_config(s)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, 100)
+    optimizer = build_optimizer(model, s.optimizer, lr=1e-4)
+    scheduler = build_scheduler(optimizer, "constant", 0, 100)  # no warmup, 100 steps
 
     def step(batch):
         if s.loss == "hf":
@@ -119,7 +143,7 @@ def measure(spec: ModelSpec, s: Settings, steps: int = 3, model_name: str | None
         torch.cuda.synchronize()
         result = Measured(torch.cuda.max_memory_allocated(), {}, "cuda", steps, losses)
     else:
-        from torch.distributed._tools.mem_tracker import MemTracker
+        from lorafit._compat import mem_tracker, skip_frozen_grad_hooks
 
         # One tracker per step, the peak is the largest of the steps'. A tracker kept over several steps holds
         # each step's leaf tensors that require grad (with checkpointing, HF makes the embedding output one) and
@@ -127,11 +151,8 @@ def measure(spec: ModelSpec, s: Settings, steps: int = 3, model_name: str | None
         # without a tracker never allocates.
         dev: dict = {}
         for b in batches:
-            mt = MemTracker()
-            # MemTracker hooks every parameter's gradient; frozen ones (LoRA base) cannot take a hook: mark them done.
-            for p in model.parameters():
-                if not p.requires_grad:
-                    mt._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
+            mt = mem_tracker()
+            skip_frozen_grad_hooks(mt, model)  # frozen parameters (a LoRA base) cannot take a gradient hook
             mt.track_external(model, optimizer)  # parameters and the optimizer states made by earlier steps
             with mt:
                 losses.append(step(b))
@@ -148,14 +169,9 @@ def measure(spec: ModelSpec, s: Settings, steps: int = 3, model_name: str | None
     return result
 
 
-class _NoHook:
-    def remove(self) -> None:
-        pass
-
-
 def compare(spec: ModelSpec, s: Settings, steps: int = 3, model_name: str | None = None) -> tuple[Estimate, Measured, float]:
     """Estimate (tensor memory only, no framework overhead) vs measured peak; error in % of the measured."""
     m = measure(spec, s, steps, model_name)
-    est = estimate(spec, Settings(**{**s.to_dict(), "device": "cpu"}))
+    est = estimate(spec, replace(s, device="cpu"))
     err = 100.0 * (est.allocated_peak - m.peak) / m.peak
     return est, m, err

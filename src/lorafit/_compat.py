@@ -1,0 +1,91 @@
+"""Every private torch / transformers API lorafit touches, in one place, each behind a guard with a fallback.
+
+A torch or transformers release may rename or drop any of these; when it does, the guard here turns the
+feature off (or takes the public route) instead of failing at import, and this file is the one to update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# ---- dispatch modes (torch.utils._python_dispatch, torch ≥ 2.0) ---------------------------------------------
+# MemTracker (``lorafit measure``) is a TorchDispatchMode: kernels ask whether one is watching, and run their
+# compiled form out of its sight (``lorafit.kernels.compiled.unseen``).
+try:
+    from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode
+except ImportError:  # pragma: no cover - a torch without them: no tracker can be detected, nothing to hide from
+    _get_current_dispatch_mode = None
+    _disable_current_modes = None
+
+
+def dispatch_mode_active() -> bool:
+    """Whether a TorchDispatchMode (a memory tracker) is watching the current thread."""
+    return _get_current_dispatch_mode is not None and _get_current_dispatch_mode() is not None
+
+
+def dispatch_modes_disabled():
+    """A context where no dispatch mode sees the ops run inside it."""
+    return _disable_current_modes() if _disable_current_modes is not None else contextlib.nullcontext()
+
+
+# ---- CPU flash attention (aten private ops, torch ≥ 2.3) ----------------------------------------------------
+_aten = torch.ops.aten
+CPU_FLASH_ATTENTION = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+CPU_FLASH_ATTENTION_BACKWARD = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def has_cpu_flash_attention() -> bool:
+    """Both CPU flash-attention ops exist (else lorafit's fp32-copy attention stays off: SDPA as it is)."""
+    return CPU_FLASH_ATTENTION is not None and CPU_FLASH_ATTENTION_BACKWARD is not None
+
+
+# ---- MemTracker (torch.distributed._tools.mem_tracker, torch ≥ 2.5) -----------------------------------------
+def mem_tracker():
+    """A new ``MemTracker``; a one-line error where this torch has none."""
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker
+    except ImportError:
+        from lorafit.errors import LorafitError
+
+        raise LorafitError(f"measuring CPU memory needs torch's MemTracker (torch >= 2.5; this is {torch.__version__})"
+                           ) from None
+    return MemTracker()
+
+
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
+def skip_frozen_grad_hooks(tracker, model: torch.nn.Module) -> None:
+    """MemTracker hooks every parameter's gradient, and a frozen one (a LoRA base) cannot take a hook: mark them
+    as hooked already (MemTracker's private ``_param_to_grad_hook_handles``; without it, nothing to do)."""
+    handles = getattr(tracker, "_param_to_grad_hook_handles", None)
+    if handles is None:
+        return
+    for p in model.parameters():
+        if not p.requires_grad:
+            handles[p] = (_NoHook(), _NoHook())
+
+
+# ---- transformers ------------------------------------------------------------------------------------------
+def forget_gguf_quantization(model) -> None:
+    """A model loaded from GGUF arrives dequantised but still flagged as quantised; drop the flags so
+    ``save_pretrained`` writes a plain HF model (``hf_quantizer`` / ``is_quantized`` are transformers' own)."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+
+
+def attn_implementation(model) -> str | None:
+    """The attention implementation a transformers model runs (its config's private ``_attn_implementation``;
+    the public setter is ``set_attn_implementation``)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)

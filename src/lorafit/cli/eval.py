@@ -1,0 +1,85 @@
+"""``lorafit eval``: loss, held-out score and retention of a model, with and without its adapter."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from lorafit.cli.loading import model_with_adapter
+from lorafit.errors import LorafitError
+
+# metric key -> (row label, which direction is better)
+LABELS = {
+    "eval_loss": ("eval loss (nats/token)", "lower"),
+    "eval_ppl": ("eval perplexity", "lower"),
+    "heldout_exact_match": ("held-out exact match", "higher"),
+    "retention_accuracy": ("retention: still correct", "higher"),
+    "retention_ppl": ("retention: perplexity of base answers", "lower"),
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="loss, task score and retention with and without an adapter")
+    p.add_argument("config", help="training config (its base_model and eval split are used) or a model")
+    p.add_argument("--adapter", help="adapter folder (default: the config's output_dir, if it holds one)")
+    p.add_argument("--heldout", help="chat_template JSONL of held-out examples scored by exact match")
+    p.add_argument("--retention", help="retention set JSONL (things the base model already does well)")
+    p.add_argument("--limit", type=int, help="score only the first N held-out examples")
+    p.add_argument("--no-base", action="store_true", help="with an adapter: skip the base-model column")
+    p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+
+def resolve_target(args):
+    """``(base_model, adapter, cfg or None)`` from a config path or a model name."""
+    if Path(args.config).suffix not in (".yaml", ".yml"):
+        return args.config, args.adapter, None
+    from lorafit.config import load_config
+
+    cfg = load_config(args.config)
+    trained = Path(cfg.output_dir) / "adapter_config.json"
+    adapter = args.adapter or (cfg.output_dir if trained.is_file() else None)
+    return cfg.base_model, adapter, cfg
+
+
+def cmd_eval(args) -> int:
+    from lorafit.eval.report import evaluate_columns, without_examples
+
+    base_model, adapter, cfg = resolve_target(args)
+    if cfg is None and not (args.heldout or args.retention):
+        raise LorafitError("give a training config (for its eval split), --heldout or --retention")
+    model, tok = model_with_adapter(base_model, adapter)
+    results = evaluate_columns(model, tok, cfg, has_adapter=bool(adapter), with_base=not args.no_base,
+                               heldout=args.heldout, retention=args.retention, limit=args.limit)
+    print_eval(results, adapter)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(without_examples(results), indent=2) + "\n")
+    return 0
+
+
+def _fmt(metric: str, v) -> str:
+    if v is None:
+        return "-"
+    return f"{100 * v:.1f}%" if "exact" in metric or "accuracy" in metric else f"{v:.4f}"
+
+
+def print_eval(results: dict, adapter: str | None) -> None:
+    """One table, a row per metric any column has and a column per model, then the example answers."""
+    console = Console()
+    cols = list(results)
+    table = Table(title="evaluation" + (f" of {adapter}" if adapter else ""))
+    table.add_column("metric")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for m, (label, better) in LABELS.items():
+        if any(m in r for r in results.values()):
+            table.add_row(f"{label} ({better} is better)", *[_fmt(m, results[c].get(m)) for c in cols])
+    console.print(table)
+    for c in cols:
+        for prompt, pred, ref in results[c].get("_examples", []):
+            console.print(f"[dim]{c}:[/] {prompt!r} → {pred!r} (expected {ref!r})",
+                          markup=True, highlight=False)

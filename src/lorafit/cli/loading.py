@@ -1,0 +1,18 @@
+"""Loading a model for the inference verbs (merge, generate, eval): base weights, then an optional adapter.
+
+Imports torch only when called, so building the parser stays light.
+"""
+
+from __future__ import annotations
+
+
+def model_with_adapter(base_model: str, adapter: str | None, dtype: str = "float32"):
+    """``(model, tokenizer)`` in eval mode, with ``adapter`` attached when given."""
+    from lorafit.lora import load_adapter
+    from lorafit.models import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(base_model, dtype)
+    if adapter:
+        load_adapter(model, adapter)
+    model.eval()
+    return model, tok

@@ -1,0 +1,64 @@
+"""``lorafit train`` and ``lorafit preprocess``: fine-tune from a YAML config, or show what it trains on."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="fine-tune from a YAML config (LoRA or full)")
+    p.add_argument("config")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the last complete checkpoint in output_dir")
+    p.add_argument("--max-steps", type=int, help="override max_steps")
+    p.add_argument("--output-dir", help="override output_dir")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("preprocess", help="tokenise the datasets of a config and show what is trained")
+    p.add_argument("config")
+    p.add_argument("--show", type=int, default=3, metavar="N",
+                   help="print N samples with trained tokens highlighted")
+    p.set_defaults(func=cmd_preprocess)
+
+
+def load_cfg(path: str, **overrides):
+    """The config at ``path`` with the flags that were given (not None) set on top."""
+    from lorafit.config import load_config  # pydantic: only when a command runs
+
+    cfg = load_config(path)
+    for k, v in overrides.items():
+        if v is not None:
+            setattr(cfg, k, v)
+    return cfg
+
+
+def cmd_train(args) -> int:
+    from lorafit.train import train
+
+    cfg = load_cfg(args.config, max_steps=args.max_steps, output_dir=args.output_dir)
+    console = Console()
+    result = train(cfg, resume=args.resume, console=console)
+    if result.interrupted:
+        return 130
+    console.print(summary(result))
+    console.print(f"wrote {result.output_dir} (adapter / model, metrics.jsonl, loss.png)")
+    return 0
+
+
+def summary(result) -> str:
+    """One line: steps, time, throughput, final losses."""
+    parts = [f"done: {result.steps} steps in {result.wall_s:.0f} s ({result.tokens_per_s:.0f} tokens/s)"]
+    if result.train_loss is not None:
+        parts.append(f"final train loss {result.train_loss:.4f}")
+    if result.eval_loss is not None:
+        parts.append(f"eval loss {result.eval_loss:.4f}")
+    return " | ".join(parts)
+
+
+def cmd_preprocess(args) -> int:
+    from lorafit.data.preview import show_samples
+
+    show_samples(load_cfg(args.config), args.show, Console())
+    return 0

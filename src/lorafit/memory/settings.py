@@ -1,0 +1,29 @@
+"""The estimator's :class:`~lorafit.memory.estimate.Settings` for a training config: the one translation.
+
+``lorafit estimate --config``, ``lorafit measure`` and the benchmarks build their settings here, so a config
+is estimated with the choices training makes from it. Imports no torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lorafit.memory.estimate import Settings
+from lorafit.options import RuntimeOptions
+
+if TYPE_CHECKING:
+    from lorafit.config import TrainConfig
+
+
+def settings_from_config(cfg: TrainConfig, device: str, runtime: RuntimeOptions | None = None) -> Settings:
+    """Settings of one training step of ``cfg`` on ``device`` ("cuda" or "cpu"). ``bf16: auto`` is bfloat16 on
+    a GPU target (the estimate is for one that has it) and float32 on a CPU, as training decides it; the
+    kernels' options are the config's (the environment as a fallback) unless ``runtime`` is given."""
+    kw = dict(method="lora" if cfg.is_lora else "full", dtype=cfg.dtype_for(device == "cuda"),
+              micro_batch=cfg.micro_batch_size, seq_len=cfg.sequence_len,
+              gradient_checkpointing=bool(cfg.gradient_checkpointing), packing=bool(cfg.sample_packing),
+              optimizer=cfg.optimizer, loss_chunk_tokens=cfg.loss_chunk_tokens)
+    if cfg.is_lora:
+        kw.update(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets,
+                  layers_to_transform=cfg.lora_layers_to_transform)
+    return Settings(**kw, device=device, runtime=runtime or cfg.runtime_options())

@@ -1,0 +1,224 @@
+"""The fine-tuning recipe, top to bottom: config → model + adapter → data → optimizer → steps → files.
+
+:class:`Recipe` holds one run. Its phases, in the order :meth:`Recipe.run` calls them:
+
+1. ``setup_model`` — seed, load the base, attach the adapter, switch on the lean kernels;
+2. ``setup_data`` — tokenise the datasets, lay out the first epoch's batches;
+3. ``setup_optimizer`` — optimizer and schedule, then ``resume`` from a checkpoint if asked;
+4. the loop — ``next_micro_batches`` → ``step`` → ``log`` (and ``evaluate`` / ``checkpoint`` on their steps);
+5. ``finish`` — final evaluation, the adapter (or model) files, the loss plot.
+
+Runtime options (compiled kernels, bf16 matmul mode) are resolved once, from the config, at the start, and
+handed to every piece that needs them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from lorafit.data import batches, build_datasets
+from lorafit.errors import LorafitError
+from lorafit.fsutil import atomic_dir
+from lorafit.lora import count_parameters, save_adapter
+from lorafit.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from lorafit.train.metrics import MetricsLog, plot_loss
+from lorafit.train.optim import optimizer_from_config, scheduler_from_config
+from lorafit.train.progress import TrainProgress
+from lorafit.train.setup import prepare_model, seed_everything
+from lorafit.train.step import evaluate, train_step
+from lorafit.train.stop import GracefulStop
+
+
+class TrainingDiverged(LorafitError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    train_loss: float | None
+    eval_loss: float | None = None
+    tokens_per_s: float = 0.0
+    wall_s: float = 0.0
+    interrupted: bool = False
+    history: list[dict] = field(default_factory=list)
+    model: object = field(default=None, repr=False)  # the trained model, adapter attached
+
+
+def train(cfg, resume: bool = False, console: Console | None = None, stop_after: int | None = None) -> TrainResult:
+    """Run the fine-tune described by ``cfg``. ``stop_after``: stop (as if interrupted) after that many steps."""
+    return Recipe(cfg, console).run(resume=resume, stop_after=stop_after)
+
+
+class Recipe:
+    """One training run of a :class:`~lorafit.config.TrainConfig`."""
+
+    def __init__(self, cfg, console: Console | None = None):
+        self.cfg = cfg
+        self.console = console or Console()
+        self.out = Path(cfg.output_dir)
+        self.options = cfg.runtime_options()  # resolved once for the whole run
+        self.state = TrainState()
+
+    # ---- the run, in order ------------------------------------------------------------------------------
+    def run(self, resume: bool = False, stop_after: int | None = None) -> TrainResult:
+        self.setup_model()
+        self.setup_data()
+        self.setup_optimizer()
+        if resume:
+            self.resume()
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.state.step if resume else None)
+        self.print_header()
+        self.last_loss = None
+        self.t_start = time.perf_counter() - self.state.elapsed_s
+        with GracefulStop() as stop, TrainProgress(self.total_steps, self.state.step, self.console) as progress:
+            while self.state.step < self.total_steps and not stop.requested:
+                record = self.step(self.next_micro_batches())
+                if self.due(self.eval_every) and self.eval_samples:
+                    record.update(self.evaluate())
+                self.metrics.write(record)
+                progress.update(record)
+                if self.due(self.save_every) and self.state.step < self.total_steps:
+                    self.checkpoint()
+                if stop_after is not None and self.state.step >= stop_after:
+                    stop.requested = True
+        return self.finish()
+
+    # ---- set-up -----------------------------------------------------------------------------------------
+    def setup_model(self) -> None:
+        seed_everything(self.cfg.seed)
+        for notice in self.cfg.notices:
+            self.console.print(f"[yellow]note:[/] {notice}")
+        self.model, self.tokenizer = prepare_model(self.cfg, self.options)
+        if self.model.lean_kernels.notice:
+            self.console.print(f"[yellow]note:[/] {self.model.lean_kernels.notice}")
+
+    def setup_data(self) -> None:
+        cfg = self.cfg
+        self.train_samples, self.eval_samples, report = build_datasets(cfg, self.tokenizer)
+        self.console.print("data: " + report.summary())
+        self.pad_id = self.tokenizer.pad_token_id
+        self.epoch = self.epoch_batches(0)
+        self.steps_per_epoch = max(1, math.ceil(len(self.epoch) / cfg.gradient_accumulation_steps))
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * self.steps_per_epoch))
+        self.eval_every = cfg.eval_steps or self._per_epoch(cfg.evals_per_epoch)
+        self.save_every = cfg.save_steps or self._per_epoch(cfg.saves_per_epoch)
+
+    def _per_epoch(self, times: int | None) -> int | None:
+        return max(1, self.steps_per_epoch // times) if times else None
+
+    def epoch_batches(self, epoch: int) -> list[dict]:
+        cfg = self.cfg
+        return batches(self.train_samples, micro_batch_size=cfg.micro_batch_size, sequence_len=cfg.sequence_len,
+                       pad_id=self.pad_id, packing=cfg.sample_packing, shuffle=True, seed=cfg.seed, epoch=epoch,
+                       pad_to_sequence_len=cfg.pad_to_sequence_len)
+
+    def setup_optimizer(self) -> None:
+        self.optimizer = optimizer_from_config(self.model, self.cfg)
+        self.scheduler = scheduler_from_config(self.optimizer, self.cfg, self.total_steps)
+
+    def resume(self) -> None:
+        cfg = self.cfg
+        ckpt = Path(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else latest_checkpoint(self.out)
+        if ckpt is None:
+            self.console.print(f"[yellow]note:[/] no complete checkpoint in {self.out}; starting from step 0")
+            return
+        self.state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
+        s = self.state
+        self.console.print(f"resumed from {ckpt} (step {s.step}, epoch {s.epoch}, batch {s.batch_index})")
+        if s.epoch:
+            self.epoch = self.epoch_batches(s.epoch)
+
+    def print_header(self) -> None:
+        cfg = self.cfg
+        method = "LoRA" if cfg.is_lora else "full fine-tuning"
+        self.console.print(
+            f"{method} | {count_parameters(self.model)} | dtype {str(self.model.dtype).removeprefix('torch.')} | "
+            f"{self.total_steps} steps of {cfg.micro_batch_size}×{cfg.gradient_accumulation_steps} "
+            f"({self.steps_per_epoch} per epoch)")
+        self.console.print(f"runtime: {self.options.describe()} | lean kernels: {self.model.lean_kernels.summary()}")
+
+    # ---- the loop ---------------------------------------------------------------------------------------
+    def next_micro_batches(self) -> list[dict]:
+        """The next accumulation group; it never spans two epochs."""
+        s, group = self.state, []
+        while len(group) < self.cfg.gradient_accumulation_steps:
+            if s.batch_index >= len(self.epoch):
+                s.epoch, s.batch_index = s.epoch + 1, 0
+                self.epoch = self.epoch_batches(s.epoch)
+                if group:
+                    break
+                continue
+            group.append(self.epoch[s.batch_index])
+            s.batch_index += 1
+        return group
+
+    def step(self, group: list[dict]) -> dict:
+        """One optimizer step; returns its metrics row."""
+        cfg, s = self.cfg, self.state
+        t0 = time.perf_counter()
+        row = train_step(self.model, self.optimizer, self.scheduler, group, cfg.max_grad_norm, cfg.loss_chunk_tokens,
+                         self.options)
+        if not math.isfinite(row["loss"]):
+            raise TrainingDiverged(
+                f"loss became {row['loss']} at step {s.step + 1}; stopped without updating the weights "
+                f"(last good checkpoint: {latest_checkpoint(self.out) or 'none'}). Lower learning_rate or check the data"
+            )
+        dt = time.perf_counter() - t0
+        s.step += 1
+        s.tokens_seen += row["tokens"]
+        s.elapsed_s = time.perf_counter() - self.t_start
+        self.last_loss = row["loss"]
+        return {"step": s.step, "epoch": round(s.epoch + s.batch_index / max(len(self.epoch), 1), 4),
+                "loss": row["loss"], "lr": self.scheduler.get_last_lr()[0], "grad_norm": row["grad_norm"],
+                "trained_tokens": row["trained_tokens"], "tokens_per_s": row["tokens"] / dt,
+                "elapsed_s": round(s.elapsed_s, 3)}
+
+    def due(self, every: int | None) -> bool:
+        return bool(every) and self.state.step % every == 0
+
+    def evaluate(self) -> dict:
+        return evaluate(self.model, self.eval_samples, self.cfg, self.pad_id, options=self.options)
+
+    def checkpoint(self) -> Path:
+        return save_checkpoint(self.out, self.model, self.optimizer, self.scheduler, self.state,
+                               self.cfg.model_dump(mode="json"), keep=self.cfg.save_total_limit)
+
+    # ---- the end ----------------------------------------------------------------------------------------
+    def finish(self) -> TrainResult:
+        s = self.state
+        interrupted = s.step < self.total_steps
+        if interrupted:
+            path = self.checkpoint()
+            self.console.print(f"[yellow]stopped:[/] saved {path}; continue with `lorafit train {self.cfg.source} --resume`")
+        wall = time.perf_counter() - self.t_start
+        result = TrainResult(self.out, s.step, self.last_loss, wall_s=wall, interrupted=interrupted,
+                             tokens_per_s=s.tokens_seen / max(wall, 1e-9), history=self.metrics.rows())
+        if interrupted:
+            return result
+        final_eval = self.evaluate() if self.eval_samples else {}
+        if final_eval:
+            self.metrics.write({"step": s.step, **final_eval})
+            result.eval_loss = final_eval["eval_loss"]
+        self.save()
+        result.history = self.metrics.rows()
+        result.model = self.model
+        return result
+
+    def save(self) -> None:
+        """The trained adapter in PEFT format (LoRA) or the full model (full fine-tuning), atomically; the plot."""
+        cfg = self.cfg
+        if getattr(self.model, "lora_config", None) is not None:
+            save_adapter(self.model, self.out, base_model=cfg.base_model)
+        else:
+            with atomic_dir(self.out / "model") as tmp:
+                self.model.save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
+        method = f"LoRA r={cfg.lora_r}" if cfg.is_lora else "full fine-tuning"
+        plot_loss(self.out / "metrics.jsonl", self.out / "loss.png", title=f"{Path(cfg.base_model).name} — {method}")

@@ -1,0 +1,111 @@
+"""apply_lean_kernels: the family table holds for the installed transformers, and a handle undoes everything."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+
+import pytest
+import torch
+from conftest import options, tiny_causal_lm
+
+from lorafit.lora import LoraConfig, apply_lora
+from lorafit.patches import apply_lean_kernels
+from lorafit.patches.families import FAMILIES
+
+
+def _modelling(model_type: str):
+    name = model_type.removesuffix("_text")
+    try:
+        return importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+    except ImportError:
+        pytest.skip(f"this transformers has no {name}")
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_family_table_matches_transformers_source(model_type):
+    """Each listed class computes what the kernel assumes (the same source as Llama's): the check lives here,
+    at test time, never at run time."""
+    from transformers.models.llama import modeling_llama as llama
+
+    family, module = FAMILIES[model_type], _modelling(model_type)
+
+    def src(fn):  # transformers' own function, also while a patched model's RoPE dispatcher is installed
+        return inspect.getsource(getattr(fn, "lorafit_original", fn))
+
+    for cls in family.rms_norm:
+        assert src(getattr(module, cls).forward) == src(llama.LlamaRMSNorm.forward), cls
+    for cls in family.gated_mlp:
+        assert src(getattr(module, cls).forward) == src(llama.LlamaMLP.forward), cls
+    if family.rope:
+        assert src(module.apply_rotary_pos_emb) == src(llama.apply_rotary_pos_emb)
+        assert src(module.rotate_half) == src(llama.rotate_half)
+
+
+def _step(model, ids):
+    torch.manual_seed(3)
+    out = model(ids).logits
+    out.float().square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_restore_brings_back_transformers_computation(dtype):
+    """Patched: same math as the plain model (to rounding); restored: bitwise the plain model again, with no
+    hook, instance forward or attention implementation of lorafit's left behind."""
+    plain = tiny_causal_lm("llama").to(dtype)
+    apply_lora(plain, LoraConfig(r=4, dropout=0.0, target_modules="all-linear"), options=options())
+    for n, p in plain.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    plain.train()
+    lean = copy.deepcopy(plain)
+    ids = torch.randint(0, 100, (2, 9))
+    ref_out, ref_grads = _step(plain, ids)
+    handle = apply_lean_kernels(lean, options=options(half_matmul="fp32"))
+    assert handle.applied == {"shared_inputs": 4, "swiglu": 2, "rms_norm": 5, "rope": 1, "attention": 1}
+    assert lean.config._attn_implementation == "lorafit_sdpa" and lean.lean_kernels is handle
+    out, grads = _step(lean, ids)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(out, ref_out, **tol)
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], **tol, msg=n)
+    users = _rope_users()
+    handle.restore()
+    assert _rope_users() == users - 1  # the dispatcher goes when its last model is restored or collected
+    assert not hasattr(lean, "lean_kernels") and lean.config._attn_implementation == "sdpa"
+    assert not any("forward" in vars(m) or m._forward_hooks or m._forward_pre_hooks for m in lean.modules())
+    assert all(getattr(m, "group", None) is None for m in lean.modules())
+    out, grads = _step(lean, ids)
+    assert torch.equal(out, ref_out)
+    for n in ref_grads:
+        assert torch.equal(grads[n], ref_grads[n]), n
+
+
+def _rope_users() -> int:
+    from lorafit.patches import rotary
+
+    return rotary._INSTALLED.get("transformers.models.llama.modeling_llama", [None, None, 0])[2]
+
+
+def test_a_collected_model_releases_the_rope_dispatcher():
+    import gc
+
+    gc.collect()
+    users = _rope_users()
+    model = tiny_causal_lm("llama")
+    apply_lean_kernels(model, options=options(), rope=True)
+    assert _rope_users() == users + 1
+    del model
+    gc.collect()
+    assert _rope_users() == users
+
+
+def test_switches_are_opt_in_per_kernel():
+    model = tiny_causal_lm("qwen2")
+    handle = apply_lean_kernels(model, options=options(), shared_inputs=False, swiglu=False, rope=False,
+                                attention=False)
+    assert handle.applied == {"rms_norm": 5} and handle.notice is None
