@@ -218,72 +218,97 @@ def _check_matched(spec: ModelSpec, s: Settings, adapters: act.Adapters) -> None
         raise LorafitError(f"lora targets {s.targets!r} match no linear layer of {spec.name}{where}; {has}")
 
 
-def estimate(spec: ModelSpec, settings: Settings) -> Estimate:
-    s, e = settings, settings.bytes
-    lora = s.method == "lora"
-    P = spec.total_params()
-    adapters = lora_targets(spec, s)
+@dataclass
+class _Sizes:
+    """The persistent parts of a step, in bytes (see :func:`estimate`)."""
+
+    params: int
+    adapter: int  # LoRA parameters (0 for full fine-tuning)
+    trainable: int
+    weights: int
+    adapter_bytes: int
+    grads: int
+    states: int
+    n_states: int
+    state_elt: int
+
+    @property
+    def persistent(self) -> int:
+        return self.weights + self.adapter_bytes + self.states
+
+
+def _sizes(spec: ModelSpec, s: Settings, adapters: act.Adapters) -> _Sizes:
+    e, lora = s.bytes, s.method == "lora"
+    params = spec.total_params()
     shapes = {n: i + o for n, i, o, _ in spec.linear_layers()}
     adapter = sum(r * shapes[n] for w in adapters for n, r in w.items())
-    trainable = adapter if lora else P
-    w_bytes = P * e
-    a_bytes = adapter * 4
-    # Gradients: LoRA fp32 (adapter dtype); full fine-tuning in the parameter dtype.
-    g_bytes = adapter * 4 if lora else P * e
-    state_elt = 4 if lora else e
+    trainable = adapter if lora else params
+    state_elt = 4 if lora else e  # LoRA: fp32 adapter, gradients and states; full: the parameters' dtype
     n_states = OPTIMIZER_STATES[s.optimizer_kind]
-    o_bytes = n_states * trainable * state_elt
+    return _Sizes(params, adapter, trainable, params * e, adapter * 4, adapter * 4 if lora else params * e,
+                  n_states * trainable * state_elt, n_states, state_elt)
 
+
+def estimate(spec: ModelSpec, settings: Settings) -> Estimate:
+    s = settings
+    adapters = lora_targets(spec, s)
+    z = _sizes(spec, s, adapters)
     acts = act.activations(spec, s, adapters)
     loss = act.loss_buffers(spec, s)
     bw_first = act.backward_temporaries(spec, s, adapters)
+    head_grad = loss.head_grad  # full FT: the head/embedding gradient the chunked loss builds in forward
     # No temporaries in optimizer.step(): the trainer's AdamW is fused on CUDA and CPU (``train.optim``) and
     # updates in place (torch's default, foreach, would make one as large as all trainable parameters); SGD none.
-    opt_tmp, opt_tmp_formula = 0, "no temporaries (fused AdamW / SGD)"
-
-    persistent = w_bytes + a_bytes + o_bytes
-    head_grad = loss.head_grad  # full FT: the head/embedding gradient the chunked loss builds in forward
     moments = {
-        "loss": persistent + acts.total + loss.total + head_grad,
-        "backward start": persistent + acts.total + bw_first.total + head_grad,
-        "backward end": persistent + g_bytes + act.embedding_backward(spec, s) + acts.resident_end,
-        "optimizer step": persistent + g_bytes + opt_tmp,
+        "loss": z.persistent + acts.total + loss.total + head_grad,
+        "backward start": z.persistent + acts.total + bw_first.total + head_grad,
+        "backward end": z.persistent + z.grads + act.embedding_backward(spec, s) + acts.resident_end,
+        "optimizer step": z.persistent + z.grads,
     }
     moment = max(moments, key=moments.get)
-    peak_alloc = moments[moment]
-    grads_at = {"loss": head_grad, "backward start": head_grad}.get(moment, g_bytes)
-    acts_at = {"loss": acts.total, "backward start": acts.total, "backward end": acts.resident_end}.get(moment, 0)
-    loss_at = loss.total if moment == "loss" else 0
-    temp_at = peak_alloc - persistent - grads_at - acts_at - loss_at
-    overhead = 0
-    overhead_formula = "CPU: none counted (tensor memory only)"
-    if s.device == "cuda":
-        overhead = CUDA_CONTEXT_BYTES + int(ALLOCATOR_FRACTION * peak_alloc)
-        overhead_formula = (f"CUDA context and library workspaces {CUDA_CONTEXT_BYTES / GiB:.2f} GiB + allocator "
-                            f"slack {ALLOCATOR_FRACTION:.0%} of the allocated peak")
-    name = "trainable weights (LoRA A, B)" if lora else "trainable weights"
-    comps = [
-        Component("weights", w_bytes, w_bytes, f"{P:,} params × {e} B ({s.dtype})"),
-        Component(name, a_bytes if lora else w_bytes, a_bytes,
-                  _adapter_formula(spec, s, adapters, adapter) if lora else "all weights (counted above)"),
-        Component("gradients", g_bytes, grads_at,
-                  f"{trainable:,} trainable × {4 if lora else e} B" + ("" if grads_at == g_bytes else
-                  "; at the peak: the head's fp32 gradient only" if grads_at else
-                  "; none at the peak (freed by zero_grad, rebuilt in backward)")),
-        Component("optimizer states", o_bytes, o_bytes,
-                  f"{n_states} states × {trainable:,} × {state_elt} B" if n_states else "SGD without momentum: none"),
-        Component("activations", acts.total, acts_at, acts.formula),
-        Component("logits/loss", loss.total, loss_at, loss.formula),
-        Component("temporary peak", max(temp_at, 0), temp_at,
-                  f"at the {moment}: " + {"loss": "loss chunk buffers (included above)",
-                                          "backward start": bw_first.formula,
-                                          "backward end": "last layer's backward temporaries + embedding gradient",
-                                          "optimizer step": opt_tmp_formula}[moment]),
-        Component("framework overhead", overhead, overhead, overhead_formula),
-    ]
+    comps = _components(spec, s, adapters, z, moment, moments[moment], acts, loss, bw_first)
     return Estimate(spec=spec, settings=s, components=comps, peak_moment=moment, moments=moments,
                     activation_per_layer=acts.per_layer,
-                    params={"total": P, "trainable": trainable, "adapter": adapter})
+                    params={"total": z.params, "trainable": z.trainable, "adapter": z.adapter})
+
+
+def _overhead(s: Settings, peak_alloc: int) -> tuple[int, str]:
+    if s.device != "cuda":
+        return 0, "CPU: none counted (tensor memory only)"
+    return (CUDA_CONTEXT_BYTES + int(ALLOCATOR_FRACTION * peak_alloc),
+            f"CUDA context and library workspaces {CUDA_CONTEXT_BYTES / GiB:.2f} GiB + allocator "
+            f"slack {ALLOCATOR_FRACTION:.0%} of the allocated peak")
+
+
+def _components(spec, s: Settings, adapters, z: _Sizes, moment: str, peak_alloc: int, acts, loss,
+                bw_first) -> list[Component]:
+    """Each part of the step at the peak ``moment`` (and whole), with its formula."""
+    e, lora = s.bytes, s.method == "lora"
+    grads_at = {"loss": loss.head_grad, "backward start": loss.head_grad}.get(moment, z.grads)
+    acts_at = {"loss": acts.total, "backward start": acts.total, "backward end": acts.resident_end}.get(moment, 0)
+    loss_at = loss.total if moment == "loss" else 0
+    temp_at = peak_alloc - z.persistent - grads_at - acts_at - loss_at
+    overhead, overhead_formula = _overhead(s, peak_alloc)
+    name = "trainable weights (LoRA A, B)" if lora else "trainable weights"
+    temp_why = {"loss": "loss chunk buffers (included above)", "backward start": bw_first.formula,
+                "backward end": "last layer's backward temporaries + embedding gradient",
+                "optimizer step": "no temporaries (fused AdamW / SGD)"}[moment]
+    return [
+        Component("weights", z.weights, z.weights, f"{z.params:,} params × {e} B ({s.dtype})"),
+        Component(name, z.adapter_bytes if lora else z.weights, z.adapter_bytes,
+                  _adapter_formula(spec, s, adapters, z.adapter) if lora else "all weights (counted above)"),
+        Component("gradients", z.grads, grads_at,
+                  f"{z.trainable:,} trainable × {4 if lora else e} B" + ("" if grads_at == z.grads else
+                  "; at the peak: the head's fp32 gradient only" if grads_at else
+                  "; none at the peak (freed by zero_grad, rebuilt in backward)")),
+        Component("optimizer states", z.states, z.states,
+                  f"{z.n_states} states × {z.trainable:,} × {z.state_elt} B" if z.n_states
+                  else "SGD without momentum: none"),
+        Component("activations", acts.total, acts_at, acts.formula),
+        Component("logits/loss", loss.total, loss_at, loss.formula),
+        Component("temporary peak", max(temp_at, 0), temp_at, f"at the {moment}: {temp_why}"),
+        Component("framework overhead", overhead, overhead, overhead_formula),
+    ]
 
 
 def _adapter_formula(spec: ModelSpec, s: Settings, adapters: act.Adapters, adapter: int) -> str:
