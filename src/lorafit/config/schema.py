@@ -1,0 +1,295 @@
+"""The validated config: :class:`TrainConfig` and the :class:`DatasetSpec` entries of its ``datasets``."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from lorafit.config.keys import ALLOWED, SUPPORTED_OPTIMIZERS, screen_keys
+from lorafit.config.messages import kind, one_line
+from lorafit.errors import LorafitError
+from lorafit.options import RuntimeOptions
+
+
+class DatasetSpec(BaseModel):
+    """One entry of ``datasets`` / ``test_datasets`` (axolotl's names)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    type: Literal["alpaca", "chat_template", "completion", "input_output"]
+    split: str = "train"
+    data_files: str | list[str] | None = None
+    ds_type: Literal["json", "csv", "parquet"] | None = None
+    name: str | None = None  # HF config name; local folders have none, accepted for compatibility
+    # chat_template rows
+    field_messages: str = "messages"
+    message_field_role: str = "role"
+    message_field_content: str = "content"
+    message_property_mappings: dict[str, str] | None = None  # axolotl's newer spelling of the two above
+    roles: dict[str, list[str]] | None = None  # canonical role -> names used in the data
+    roles_to_train: list[str] = Field(default_factory=lambda: ["assistant"])
+    train_on_eos: Literal["turn", "all", "last", "none"] | None = None
+    # completion rows
+    field: str | None = None
+
+    @model_validator(mode="after")
+    def _apply_mappings(self) -> DatasetSpec:
+        m = self.message_property_mappings or {}
+        if "role" in m:
+            self.message_field_role = m["role"]
+        if "content" in m:
+            self.message_field_content = m["content"]
+        return self
+
+    @property
+    def text_field(self) -> str:
+        """Field holding the raw text of a ``completion`` row."""
+        return self.field or "text"
+
+
+class TrainConfig(BaseModel):
+    """A validated training config. Build it with :func:`load_config` or :meth:`from_dict`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # model and tokenizer
+    base_model: str
+    tokenizer_config: str | None = None
+    chat_template: str | None = None
+    chat_template_jinja: str | None = None
+    attn_implementation: str | None = None
+    special_tokens: dict[str, str] | None = None
+
+    # adapter
+    adapter: str | None = None
+    lora_r: int = Field(8, gt=0)
+    lora_alpha: float = Field(16, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_target_modules: list[str] | str | None = None
+    lora_target_linear: bool = False
+    lora_modules_to_save: list[str] | None = None
+    peft_use_rslora: bool = False
+    lora_init: Literal["kaiming", "gaussian", "pissa"] = "kaiming"
+    lora_layers_to_transform: list[int] | None = None
+
+    # data
+    datasets: list[DatasetSpec] = Field(min_length=1)
+    test_datasets: list[DatasetSpec] | None = None
+    val_set_size: int | float = 0.0
+    sequence_len: int = Field(2048, ge=2)
+    sample_packing: bool = False
+    pad_to_sequence_len: bool = False
+    train_on_inputs: bool = False
+    skip_bad_rows: bool = False
+
+    # optimisation
+    micro_batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    num_epochs: float = Field(1, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_steps: int | None = Field(None, ge=0)
+    warmup_ratio: float | None = Field(None, ge=0, lt=1)
+    optimizer: str = "adamw_torch"
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    gradient_checkpointing: bool = False
+    loss_chunk_tokens: int | None = Field(None, ge=1)  # lorafit: tokens per loss chunk (None: sized to the vocab)
+    bf16: bool | Literal["auto"] = False
+    # lorafit: how the lean kernels run (None: the LORAFIT_COMPILE / LORAFIT_HALF_MATMUL environment, else the
+    # defaults: compiled, "auto"); see lorafit.options
+    compile_kernels: bool | None = None
+    half_matmul: Literal["auto", "native", "fp32"] | None = None
+    fp16: bool = False
+    tf32: bool | None = None
+
+    # evaluation, checkpoints, logging
+    eval_steps: int | None = Field(None, ge=1)
+    evals_per_epoch: int | None = Field(None, ge=0)
+    save_steps: int | None = Field(None, ge=1)
+    saves_per_epoch: int | None = Field(None, ge=0)
+    save_total_limit: int | None = Field(None, ge=1)  # keep only the newest N checkpoints
+    logging_steps: int = Field(1, ge=1)
+    output_dir: str = "./lora-out"
+    seed: int = 42
+    resume_from_checkpoint: str | None = None
+
+    _notices: list[str] = PrivateAttr(default_factory=list)
+    _config_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _source: str = PrivateAttr(default="<config>")
+
+    # ---- field checks (messages are completed by _one_line) ----
+    @field_validator("adapter")
+    @classmethod
+    def _check_adapter(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        v = str(v).lower()
+        if v == "qlora":
+            raise ValueError("QLoRA is not supported yet; use adapter: lora (and drop load_in_4bit)")
+        if v not in ("lora", "none", ""):
+            raise ValueError("must be 'lora' or 'none' (empty = full fine-tuning)")
+        return "lora" if v == "lora" else None
+
+    @field_validator("optimizer")
+    @classmethod
+    def _check_optimizer(cls, v: str) -> str:
+        if v in SUPPORTED_OPTIMIZERS:
+            return v
+        if "8bit" in v or "paged" in v or "bnb" in v:
+            raise ValueError("8-bit/paged optimizers are not supported yet, use adamw_torch")
+        raise ValueError(f"not supported yet, use adamw_torch (supported: {', '.join(SUPPORTED_OPTIMIZERS)})")
+
+    @field_validator("fp16")
+    @classmethod
+    def _check_fp16(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("fp16 training is not supported; use bf16")
+        return v
+
+    @field_validator("val_set_size")
+    @classmethod
+    def _check_val_set_size(cls, v: int | float) -> int | float:
+        if isinstance(v, bool) or not math.isfinite(v) or v < 0:
+            raise ValueError(ALLOWED["val_set_size"])
+        if v >= 1:
+            if float(v) != int(v):
+                raise ValueError(ALLOWED["val_set_size"])
+            return int(v)
+        return float(v)
+
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _check_targets(cls, v: list[str] | str | None) -> list[str] | str | None:
+        if isinstance(v, str):
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"is not a valid regex ({e})") from None
+        return v
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> TrainConfig:
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise ValueError("warmup_steps and warmup_ratio are both set; keep one")
+        if self.adapter == "lora" and not self.lora_target_modules and not self.lora_target_linear:
+            raise ValueError(
+                "adapter is lora but no target modules are given; set lora_target_linear: true "
+                "(all linear layers) or lora_target_modules: [q_proj, v_proj, ...]"
+            )
+        if self.test_datasets and self.val_set_size:
+            raise ValueError("test_datasets and val_set_size are both set; use one source of eval data")
+        if self.chat_template == "jinja":
+            if not self.chat_template_jinja:
+                raise ValueError("chat_template is 'jinja' but chat_template_jinja is empty")
+            self.chat_template = self.chat_template_jinja
+        return self
+
+    # ---- construction ----
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "<config>", config_dir: str | Path | None = None) -> TrainConfig:
+        """Validate a mapping (as read from YAML). ``source`` names the file in error messages."""
+        if not isinstance(d, dict):
+            raise LorafitError(f"{source}: the top level must be a mapping of keys to values, got {kind(d)}")
+        data, notices = screen_keys(d, source, list(cls.model_fields), list(DatasetSpec.model_fields))
+        try:
+            cfg = cls.model_validate(data)
+        except ValidationError as e:
+            raise LorafitError(one_line(e, source, data, ALLOWED)) from None
+        cfg._notices = notices
+        cfg._source = source
+        cfg._config_dir = Path(config_dir) if config_dir is not None else Path.cwd()
+        return cfg
+
+    # ---- conveniences for the other modules ----
+    @property
+    def notices(self) -> list[str]:
+        """One line per accepted-but-ignored key that was set."""
+        return self._notices
+
+    @property
+    def source(self) -> str:
+        """The file (or label) this config was read from, for messages."""
+        return self._source
+
+    @property
+    def config_dir(self) -> Path:
+        """Folder of the YAML file; relative dataset paths resolve against it first, then the cwd."""
+        return self._config_dir
+
+    @property
+    def is_lora(self) -> bool:
+        return self.adapter == "lora"
+
+    @property
+    def lora_targets(self) -> list[str] | str | None:
+        """``"all-linear"``, a list of module names, a regex string, or None when not training LoRA."""
+        if not self.is_lora:
+            return None
+        if self.lora_target_linear:
+            return "all-linear"
+        return self.lora_target_modules
+
+    def dtype_for(self, bf16_supported: bool) -> str:
+        """``"bfloat16"`` or ``"float32"`` on a device that does (not) support bf16: ``bf16: auto`` is bfloat16
+        only where it is supported (the trainer asks CUDA, ``lorafit.models.train_dtype``; the estimator assumes
+        a GPU target does)."""
+        if self.bf16 == "auto":
+            return "bfloat16" if bf16_supported else "float32"
+        return "bfloat16" if self.bf16 else "float32"
+
+    def runtime_options(self) -> RuntimeOptions:
+        """How the kernels run, from this config (environment as a fallback); resolve once per run."""
+        return RuntimeOptions.resolve(self.compile_kernels, self.half_matmul)
+
+    def resolve_path(self, p: str | Path) -> Path:
+        """A user path: absolute as is; relative against the config's folder, then the cwd."""
+        p = Path(p).expanduser()
+        if p.is_absolute():
+            return p
+        first = self.config_dir / p
+        if first.exists():
+            return first
+        second = Path.cwd() / p
+        return second if second.exists() else first
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read and validate a YAML config file. Every problem is one-line :class:`LorafitError`."""
+    path = Path(path)
+    name = str(path)
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "not found"
+        raise LorafitError(f"{name}: config file {what}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LorafitError(f"{name}: cannot read config file ({e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise LorafitError(f"{name}:{where}: invalid YAML: {problem}") from None
+    if data is None:
+        raise LorafitError(f"{name}: config file is empty; it needs at least base_model and datasets")
+    return TrainConfig.from_dict(data, source=name, config_dir=path.resolve().parent)
