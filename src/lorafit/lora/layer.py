@@ -82,6 +82,7 @@ class LoraLinear(nn.Module):
         self.variant = variant
         self.pissa_init: tuple[torch.Tensor, torch.Tensor] | None = None
         self.reset_parameters(init)
+        variant.init(self)
 
     # --- initialisation -------------------------------------------------------------------------------
     def reset_parameters(self, init: str = "kaiming") -> None:

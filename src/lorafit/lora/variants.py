@@ -21,6 +21,9 @@ class LoraVariant:
     name = "lora"
     lean = True
 
+    def init(self, layer) -> None:
+        """Create the variant's own parameters on ``layer`` once A and B are initialised (plain LoRA: none)."""
+
     def delta_weight(self, layer) -> torch.Tensor:
         """The update to ``W`` in fp32, shaped (out × in)."""
         return (layer.lora_B.weight.float() @ layer.lora_A.weight.float()) * layer.scaling
