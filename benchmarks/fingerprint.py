@@ -69,8 +69,8 @@ def losses(work: Path) -> dict:
             cfg = dict(base_model=str(work / arch), adapter="lora", lora_r=4, lora_alpha=8, lora_target_linear=True,
                        datasets=[{"path": str(work / "data.jsonl"), "type": "chat_template"}], sequence_len=64,
                        micro_batch_size=4, gradient_accumulation_steps=2, max_steps=5, learning_rate=5e-3,
-                       lr_scheduler="constant", output_dir=str(work / "runs" / f"{arch}-{name}"), seed=7, **kw)
-            result = train(TrainConfig.from_dict(cfg))
+                       lr_scheduler="constant", output_dir=str(work / "runs" / f"{arch}-{name}"), seed=7)
+            result = train(TrainConfig.from_dict({**cfg, **kw}))
             h = hashlib.sha256()
             for k, v in sorted(result.model.state_dict().items()):
                 if "lora" in k or kw.get("adapter", "lora") is None:
