@@ -15,6 +15,13 @@ from lorafit.options import RuntimeOptions, loss_chunk_tokens
 IGNORE_INDEX = -100
 
 
+def options_of(model: nn.Module) -> RuntimeOptions:
+    """The options a model's lean kernels were applied with (``make_trainable``); resolved now for a model that
+    has none (a one-off caller: once per call, never per kernel)."""
+    handle = getattr(model, "lean_kernels", None)
+    return handle.options if handle is not None else RuntimeOptions.resolve()
+
+
 def _softcap(model: nn.Module) -> float | None:
     return getattr(model.config, "final_logit_softcapping", None) or None
 
@@ -26,8 +33,8 @@ def causal_lm_loss(model: nn.Module, inputs: dict, labels: torch.Tensor, chunk_t
     ``labels`` are aligned with ``input_ids`` (HF convention, ``-100`` = not trained); position ``t`` predicts
     ``labels[t + 1]``. Returns ``(loss_sum, n_tokens)``; divide by the number of trained tokens of the whole
     accumulated batch, not per micro-batch, so every trained token weighs the same. ``chunk_tokens``: tokens
-    per chunk (None: sized to the vocabulary). ``options``: the run's (the trainer passes them; None resolves
-    them here, for one-off callers).
+    per chunk (None: sized to the vocabulary). ``options``: the run's (the trainer passes them; None: see
+    :func:`options_of`).
     """
     body = model.base_model  # the decoder stack without the head (LlamaModel, GPT2Model, ...)
     head = model.get_output_embeddings()
@@ -42,5 +49,5 @@ def causal_lm_loss(model: nn.Module, inputs: dict, labels: torch.Tensor, chunk_t
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, keep)
     chunk = chunk_tokens or loss_chunk_tokens(head.weight.shape[0])
     loss = LinearCrossEntropy.apply(h, head.weight, targets.index_select(0, keep), chunk, _softcap(model),
-                                    options or RuntimeOptions.resolve())
+                                    options or options_of(model))
     return loss, n

@@ -13,7 +13,7 @@ import torch
 
 from lorafit.data import batches, model_inputs
 from lorafit.options import RuntimeOptions
-from lorafit.train.loss import causal_lm_loss
+from lorafit.train.loss import causal_lm_loss, options_of
 
 
 def micro_step(model, batch, normaliser: int, chunk_tokens: int | None = None,
@@ -32,7 +32,7 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], max_grad_
     ``chunk_tokens``: tokens per chunk of the loss (None: sized to the vocabulary). ``options``: the run's
     (None: those the model's lean kernels were applied with, else resolved here).
     """
-    options = options or _options_of(model)
+    options = options or options_of(model)
     n_trained = sum(b["num_trained_tokens"] for b in micro_batches)
     total = sum(micro_step(model, b, n_trained, chunk_tokens, options) for b in micro_batches)
     loss = total / max(n_trained, 1)
@@ -54,7 +54,7 @@ def evaluate(model, samples, cfg, pad_id: int, max_batches: int | None = None,
     """Mean loss per trained token and perplexity on ``samples``."""
     if not samples:
         return {}
-    options = options or _options_of(model)
+    options = options or options_of(model)
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
@@ -67,8 +67,3 @@ def evaluate(model, samples, cfg, pad_id: int, max_batches: int | None = None,
     mean = total / max(n, 1)
     return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": n}
 
-
-def _options_of(model) -> RuntimeOptions:
-    """The options ``make_trainable`` applied to ``model`` with; resolved now for a model it never saw."""
-    handle = getattr(model, "lean_kernels", None)
-    return handle.options if handle is not None else RuntimeOptions.resolve()
