@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
 
 from lorafit.kernels.gated_mlp import ActMul, ActMulLoraDown
 from lorafit.lora.layer import LoraLinear
 from lorafit.options import RuntimeOptions
+from lorafit.patches.instance import restore_forward, switch_forward
 
 
 def _fusable_down(down: nn.Module, g: torch.Tensor) -> bool:
@@ -31,17 +30,7 @@ def _lean_forward(self, x):
 
 def switch(model: nn.Module, classes: tuple[str, ...], options: RuntimeOptions) -> list[nn.Module]:
     """Give every gated MLP of ``model`` whose class is in ``classes`` the lean forward; returns them."""
-    switched = []
-    for module in model.modules():
-        if type(module).__name__ in classes and "forward" not in vars(module) and all(
-                hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-            module.lorafit_options = options
-            module.forward = types.MethodType(_lean_forward, module)
-            switched.append(module)
-    return switched
+    return switch_forward(model, classes, _lean_forward, options, needs=("gate_proj", "up_proj", "down_proj", "act_fn"))
 
 
-def restore(modules: list[nn.Module]) -> None:
-    for module in modules:
-        vars(module).pop("forward", None)
-        vars(module).pop("lorafit_options", None)
+restore = restore_forward
