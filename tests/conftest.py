@@ -12,6 +12,13 @@ def options(compile_=True, half_matmul="auto"):
     return RuntimeOptions.resolve(compile_ in (True, "1"), half_matmul)
 
 
+def rope_users(module: str = "transformers.models.llama.modeling_llama") -> int:
+    """How many live patched models use the RoPE dispatcher of ``module`` (it goes when this drops to 0)."""
+    from lorafit.patches import rotary
+
+    return rotary._INSTALLED.get(module, [None, None, 0])[2]
+
+
 def lean_kernels(model, compile_=True, half_matmul="auto", **only):
     """``apply_lean_kernels`` with only the switches named in ``only`` on; returns the handle."""
     from lorafit.patches import apply_lean_kernels

@@ -8,7 +8,7 @@ import inspect
 
 import pytest
 import torch
-from conftest import options, tiny_causal_lm
+from conftest import options, rope_users, tiny_causal_lm
 
 from lorafit.lora import LoraConfig, apply_lora
 from lorafit.patches import apply_lean_kernels
@@ -73,9 +73,9 @@ def test_restore_brings_back_transformers_computation(dtype):
     torch.testing.assert_close(out, ref_out, **tol)
     for n in ref_grads:
         torch.testing.assert_close(grads[n], ref_grads[n], **tol, msg=n)
-    users = _rope_users()
+    users = rope_users()
     handle.restore()
-    assert _rope_users() == users - 1  # the dispatcher goes when its last model is restored or collected
+    assert rope_users() == users - 1  # the dispatcher goes when its last model is restored or collected
     assert not hasattr(lean, "lean_kernels") and lean.config._attn_implementation == "sdpa"
     assert not any("forward" in vars(m) or m._forward_hooks or m._forward_pre_hooks for m in lean.modules())
     assert all(getattr(m, "group", None) is None for m in lean.modules())
@@ -85,23 +85,17 @@ def test_restore_brings_back_transformers_computation(dtype):
         assert torch.equal(grads[n], ref_grads[n]), n
 
 
-def _rope_users() -> int:
-    from lorafit.patches import rotary
-
-    return rotary._INSTALLED.get("transformers.models.llama.modeling_llama", [None, None, 0])[2]
-
-
 def test_a_collected_model_releases_the_rope_dispatcher():
     import gc
 
     gc.collect()
-    users = _rope_users()
+    users = rope_users()
     model = tiny_causal_lm("llama")
     apply_lean_kernels(model, options=options(), rope=True)
-    assert _rope_users() == users + 1
+    assert rope_users() == users + 1
     del model
     gc.collect()
-    assert _rope_users() == users
+    assert rope_users() == users
 
 
 def test_switches_are_opt_in_per_kernel():
