@@ -17,7 +17,3 @@ def canonical(name, what: str = "dtype") -> str:
     except KeyError:
         raise LorafitError(f"{what}: got {name!r}, use one of: float32, bfloat16, float16") from None
 
-
-def nbytes(name) -> int:
-    return BYTES[canonical(name)]
-
