@@ -17,7 +17,8 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "lorafit"
 
 # Lowest first. A unit may import units of lower tiers and its own modules, nothing else.
 TIERS = [
-    {"errors", "fsutil", "targets"},
+    {"errors"},
+    {"fsutil", "targets"},
     {"options", "dtypes", "_compat"},
     {"config", "kernels"},
     {"models"},

@@ -47,6 +47,41 @@ def test_merge_writes_a_plain_model(tiny, tmp_path):
     assert not any("lora" in k for k in merged.state_dict())
 
 
+def _tree(folder):
+    return sorted((str(p.relative_to(folder)), p.read_bytes()) for p in folder.rglob("*") if p.is_file())
+
+
+def test_merge_never_destroys_user_files(tiny, tmp_path, monkeypatch, capsys):
+    """`.`, the adapter's or the base's folder, or a non-empty folder without --overwrite: one line, exit 2,
+    every file as it was; with --overwrite the folder is replaced by the merged model."""
+    d, _ = tiny
+    work = tmp_path / "work"
+    (work / "notes").mkdir(parents=True)
+    (work / "notes" / "mine.txt").write_text("keep me")
+    monkeypatch.chdir(work)
+    before = {f: _tree(f) for f in (work, d / "adapter", d / "model")}
+    merge = ["merge", str(d / "model"), str(d / "adapter")]
+    for target, words in ((".", "current folder"), (str(work.parent), "current folder"),
+                          (str(d / "adapter"), "adapter folder"), (str(d / "adapter" / "sub"), "inside the adapter"),
+                          (str(d / "model"), "base model folder"), (str(d), "adapter folder"),
+                          ("notes", "not empty"), ("notes/mine.txt", "is a file")):
+        assert main([*merge, target]) == 2, target
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, err
+    assert {f: _tree(f) for f in before} == before
+    assert main([*merge, "notes", "--overwrite"]) == 0
+    assert not (work / "notes" / "mine.txt").exists() and (work / "notes" / "config.json").is_file()
+
+
+def test_plan_refuses_to_replace_a_file_without_force(tmp_path, capsys):
+    out = tmp_path / "plan.yaml"
+    out.write_text("mine")
+    args = ["plan", "llama-3.2-1b", "--gpu", "rtx-4090", "-o", str(out)]
+    assert main(args) == 2 and "--force" in capsys.readouterr().err
+    assert out.read_text() == "mine"
+    assert main([*args, "--force"]) == 0 and out.read_text().startswith("# Written by `lorafit plan`")
+
+
 def test_generate_and_eval(tiny, capsys, tmp_path):
     d, _ = tiny
     assert main(["generate", str(d / "model"), "Say hi", "--adapter", str(d / "adapter"), "--max-new-tokens", "4"]) == 0

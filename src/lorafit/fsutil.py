@@ -1,4 +1,8 @@
-"""Writing folders atomically: build under a temporary name next to the target, rename into place."""
+"""Writing outputs safely: check a target never destroys what the user has, then build it atomically.
+
+:func:`check_new_output` refuses a target whose writing would delete or mix with the user's files;
+:func:`atomic_dir` builds under a temporary name next to the target and renames it into place.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,41 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from lorafit.errors import LorafitError
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_new_output(target: str | os.PathLike, overwrite: bool,
+                     protected: dict[str, str | os.PathLike] | None = None, flag: str = "--overwrite") -> Path:
+    """``target`` resolved, if writing a new folder there destroys nothing the user has; else a one-line error.
+
+    Never: the current folder or one above it, the home folder, the filesystem root, or a folder in
+    ``protected`` (name → path: an input of the command, such as the adapter or the base model), nor a folder
+    inside those inputs or containing them. A file, or a non-empty folder, is replaced only with ``flag``.
+    """
+    path = Path(target).expanduser().resolve()
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    if path == Path(path.anchor) or path == home or _inside(cwd, path):
+        where = "the current folder or one above it" if _inside(cwd, path) else "your home or the filesystem root"
+        raise LorafitError(f"{target}: refusing to write there (it is {where}); give a new folder, "
+                           f"e.g. {Path(target) / 'merged'}")
+    for name, given in (protected or {}).items():
+        p = Path(given).expanduser().resolve()
+        if p.exists() and (_inside(path, p) or _inside(p, path)):
+            raise LorafitError(f"{target}: that is {'inside ' if path != p else ''}the {name} folder {given}; "
+                               f"write to a new folder, e.g. {p.parent / (p.name + '-merged')}")
+    if path.is_file():
+        raise LorafitError(f"{target}: is a file, not a folder; give a folder name (or remove the file)")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        names = sorted(c.name for c in path.iterdir())
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise LorafitError(f"{target}: folder exists and is not empty ({len(names)} entries: {shown}); "
+                           f"choose a new folder, or pass {flag} to replace it")
+    return path
 
 
 @contextlib.contextmanager

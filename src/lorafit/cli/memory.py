@@ -60,6 +60,7 @@ def register(sub) -> None:
     p.add_argument("--allow-shorter-seq", action="store_true", help="may shorten sequence_len to fit")
     p.add_argument("--margin", type=float, default=0.10, help="safety margin as a fraction (default 0.10)")
     p.add_argument("-o", "--output", default="lorafit-plan.yaml", help="config file to write")
+    p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("measure", help="run real training steps and compare the measured peak with the estimate")
@@ -205,6 +206,11 @@ def cmd_plan(args) -> int:
         raise LorafitError(f"--effective-batch: got {args.effective_batch}, must be > 0")
     if not 0 <= args.margin < 1:
         raise LorafitError(f"--margin: got {args.margin}, must be in [0, 1)")
+    out = Path(args.output)
+    if out.exists() and not (args.force and out.is_file()):
+        what = "is a folder" if out.is_dir() else "exists"
+        fix = "give a file name" if out.is_dir() else "choose another name with -o, or pass --force to replace it"
+        raise LorafitError(f"{out}: {what}; {fix}")
     s = _settings(args)
     plan = search(spec, s, gpu_bytes, args.effective_batch, args.allow_shorter_seq, args.margin)
     if not plan.fits:
@@ -214,7 +220,6 @@ def cmd_plan(args) -> int:
             print_estimates(console, [plan.closest], gpu_name, gpu_bytes)
         return 1
     text = to_yaml(plan, args.model, args.effective_batch)
-    out = Path(args.output)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, out)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from rich.console import Console
 
 from lorafit.cli.loading import model_with_adapter
-from lorafit.fsutil import atomic_dir
+from lorafit.fsutil import atomic_dir, check_new_output
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,6 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("output")
     p.add_argument("--dtype", default="float32",
                    help="dtype of the saved model (float32 | bfloat16 | float16)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it is a non-empty folder")
     p.set_defaults(func=cmd_merge)
 
 
@@ -25,11 +25,13 @@ def cmd_merge(args) -> int:
     from lorafit.lora import merge_and_unload
     from lorafit.models import parse_dtype
 
+    # checked before loading anything: never into the inputs, the current folder, or over a user's folder
+    out = check_new_output(args.output, args.overwrite,
+                           protected={"adapter": args.adapter, "base model": args.base_model})
     # merged in float32 and cast after, so a bf16/fp16 output is rounded once
     model, tok = model_with_adapter(args.base_model, args.adapter)
     merge_and_unload(model, safe=True)
     model = model.to(parse_dtype(args.dtype))
-    out = Path(args.output)
     with atomic_dir(out) as tmp:  # no half-written model folder if saving fails
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
