@@ -162,3 +162,22 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
     assert proc.returncode == 2
     lines = [line for line in log.splitlines() if line.strip()]
     assert len(lines) == 1 and "lora_rr" in lines[0] and "lora_r" in lines[0], log
+
+
+def test_bad_output_dir_and_max_steps_fail_at_once_in_one_line(workdir, tmp_path):
+    """An output_dir that is a file fails before anything loads (a base model that does not exist is never
+    reached); --max-steps below 1 is refused instead of writing an untrained adapter or running an epoch."""
+    blocker = tmp_path / "taken"
+    blocker.write_text("mine")
+    with pytest.raises(LorafitError, match="output_dir .*taken: is a file"):
+        train(TrainConfig.from_dict(config(workdir, "unused", base_model=str(tmp_path / "no-model"),
+                                           output_dir=str(blocker))))
+    assert blocker.read_text() == "mine"
+    cfg = tmp_path / "ok.yaml"
+    cfg.write_text(yaml.safe_dump(config(workdir, "never")))
+    for steps in ("-1", "0"):
+        proc = _run_cli(["train", str(cfg), "--max-steps", steps])
+        log, _ = proc.communicate(timeout=120)
+        lines = [line for line in log.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and "--max-steps" in lines[0], log
+    assert not (workdir / "never").exists()

@@ -49,6 +49,22 @@ def check_new_output(target: str | os.PathLike, overwrite: bool,
     return path
 
 
+def ensure_writable_dir(target: str | os.PathLike, what: str) -> Path:
+    """``target`` as a folder this process can write into (created if missing); else a one-line error naming
+    ``what`` (e.g. "output_dir"). Called before any slow work, so a bad path fails in a second."""
+    path = Path(target).expanduser()
+    if path.exists() and not path.is_dir():
+        raise LorafitError(f"{what} {target}: is a file, not a folder; give a folder name")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise LorafitError(f"{what} {target}: cannot write there ({e.strerror or e}); give a folder you can write to"
+                           ) from None
+    return path
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder; if the block succeeds it replaces ``target``, else it is removed.

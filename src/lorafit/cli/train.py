@@ -6,6 +6,8 @@ import argparse
 
 from rich.console import Console
 
+from lorafit.errors import LorafitError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fine-tune from a YAML config (LoRA or full)")
@@ -37,6 +39,9 @@ def load_cfg(path: str, **overrides):
 def cmd_train(args) -> int:
     from lorafit.train import train
 
+    if args.max_steps is not None and args.max_steps < 1:
+        raise LorafitError(f"--max-steps: got {args.max_steps}, must be an integer >= 1 (leave it out to train "
+                           "num_epochs)")
     cfg = load_cfg(args.config, max_steps=args.max_steps, output_dir=args.output_dir)
     console = Console()
     result = train(cfg, resume=args.resume, console=console)

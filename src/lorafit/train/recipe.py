@@ -23,7 +23,7 @@ from rich.console import Console
 
 from lorafit.data import batches, build_datasets
 from lorafit.errors import LorafitError
-from lorafit.fsutil import atomic_dir
+from lorafit.fsutil import atomic_dir, ensure_writable_dir
 from lorafit.lora import count_parameters, save_adapter
 from lorafit.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from lorafit.train.metrics import MetricsLog, plot_loss
@@ -62,7 +62,7 @@ class Recipe:
     def __init__(self, cfg, console: Console | None = None):
         self.cfg = cfg
         self.console = console or Console()
-        self.out = Path(cfg.output_dir)
+        self.out = ensure_writable_dir(cfg.output_dir, "output_dir")  # before loading anything
         self.options = cfg.runtime_options()  # resolved once for the whole run
         self.state = TrainState()
 
