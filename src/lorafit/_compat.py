@@ -7,11 +7,8 @@ feature off (or takes the public route) instead of failing at import, and this f
 from __future__ import annotations
 
 import contextlib
-import logging
 
 import torch
-
-log = logging.getLogger(__name__)
 
 # ---- dispatch modes (torch.utils._python_dispatch, torch ≥ 2.0) ---------------------------------------------
 # MemTracker (``lorafit measure``) is a TorchDispatchMode: kernels ask whether one is watching, and run their

@@ -41,8 +41,8 @@ def check_new_output(target: str | os.PathLike, overwrite: bool,
                                f"write to a new folder, e.g. {p.parent / (p.name + '-merged')}")
     if path.is_file():
         raise LorafitError(f"{target}: is a file, not a folder; give a folder name (or remove the file)")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        names = sorted(c.name for c in path.iterdir())
+    names = sorted(c.name for c in path.iterdir()) if path.is_dir() else []
+    if names and not overwrite:
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         raise LorafitError(f"{target}: folder exists and is not empty ({len(names)} entries: {shown}); "
                            f"choose a new folder, or pass {flag} to replace it")

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from lorafit._compat import CPU_FLASH_ATTENTION, CPU_FLASH_ATTENTION_BACKWARD, has_cpu_flash_attention
-
-available = has_cpu_flash_attention
+from lorafit._compat import CPU_FLASH_ATTENTION, CPU_FLASH_ATTENTION_BACKWARD
 
 
 class HalfAttentionOnFp32(torch.autograd.Function):

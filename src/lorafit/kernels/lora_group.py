@@ -74,7 +74,8 @@ class LoraGroupFunction(torch.autograd.Function):
         member_grads = [dict.fromkeys(MEMBER_FIELDS) for _ in range(n)]
         base, lows, g_xas = None, {}, {}
         for i in (i for i in range(n) if grads[i] is not None):
-            needs = dict(zip(MEMBER_FIELDS, ctx.needs_input_grad[_LEADING + 5 * i:_LEADING + 5 * (i + 1)], strict=True))
+            first = _LEADING + len(MEMBER_FIELDS) * i
+            needs = dict(zip(MEMBER_FIELDS, ctx.needs_input_grad[first:first + len(MEMBER_FIELDS)], strict=True))
             g = to_compute(cd, grads[i].reshape(-1, grads[i].shape[-1]))[0]
             g_xa, member_grads[i]["lora_b"] = branch_grads(g, lora_bs[i], xas[i], ctx.scalings[i], p,
                                                            seeds is not None, needs["lora_b"])

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from lorafit._compat import attn_implementation
+from lorafit._compat import attn_implementation, has_cpu_flash_attention
 from lorafit.kernels import attention, matmul
 from lorafit.options import RuntimeOptions
+from lorafit.patches.families import attention_modules
 
 NAME = "lorafit_sdpa"
 
@@ -51,10 +52,10 @@ def _register() -> None:
 def switch(model: nn.Module, options: RuntimeOptions) -> list:
     """Select the lean SDPA for ``model`` if it runs SDPA; returns what :func:`restore` takes."""
     previous = attn_implementation(model)
-    if previous != "sdpa" or not attention.available() or not hasattr(model, "set_attn_implementation"):
+    if previous != "sdpa" or not has_cpu_flash_attention() or not hasattr(model, "set_attn_implementation"):
         return []
     _register()
-    modules = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
+    modules = attention_modules(model)
     for m in modules:
         m.lorafit_options = options
     model.set_attn_implementation(NAME)

@@ -43,6 +43,12 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+def attention_modules(model) -> list:
+    """The attention blocks of a transformers model (``LlamaAttention``, ``GPT2Attention``, ...): the modules
+    that call RoPE and the attention function."""
+    return [m for m in model.modules() if type(m).__name__.endswith("Attention")]
+
+
 def family_of(model) -> tuple[str, Family | None]:
     """``(model_type, its Family or None)`` for a transformers model."""
     model_type = str(getattr(getattr(model, "config", None), "model_type", "") or "")

@@ -20,6 +20,7 @@ from torch import nn
 
 from lorafit.kernels.rotary import RotaryFunction
 from lorafit.options import RuntimeOptions
+from lorafit.patches.families import attention_modules
 
 _ACTIVE: ContextVar[RuntimeOptions | None] = ContextVar("lorafit_rope", default=None)
 _INSTALLED: dict[str, list] = {}  # modelling module name -> [module, transformers' function, users]
@@ -62,7 +63,7 @@ def _uninstall(module_name: str) -> None:
 def switch(model: nn.Module, options: RuntimeOptions) -> list:
     """Hook every attention module of ``model`` so its RoPE runs lean; returns what :func:`restore` takes.
     A model that is garbage-collected unpatched releases its share of the dispatcher too."""
-    attention = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
+    attention = attention_modules(model)
     names = [n for n in sorted({type(m).__module__ for m in attention}) if _install(n)]
     if not names:
         return []

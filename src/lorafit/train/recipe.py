@@ -64,6 +64,7 @@ class Recipe:
         self.console = console or Console()
         self.out = ensure_writable_dir(cfg.output_dir, "output_dir")  # before loading anything
         self.options = cfg.runtime_options()  # resolved once for the whole run
+        self.config_dump = cfg.model_dump(mode="json")  # what every checkpoint records
         self.state = TrainState()
 
     # ---- the run, in order ------------------------------------------------------------------------------
@@ -188,7 +189,7 @@ class Recipe:
 
     def checkpoint(self) -> Path:
         return save_checkpoint(self.out, self.model, self.optimizer, self.scheduler, self.state,
-                               self.cfg.model_dump(mode="json"), keep=self.cfg.save_total_limit)
+                               self.config_dump, keep=self.cfg.save_total_limit)
 
     # ---- the end ----------------------------------------------------------------------------------------
     def finish(self) -> TrainResult:
