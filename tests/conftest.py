@@ -60,6 +60,28 @@ def tiny_causal_lm(arch: str = "llama"):
     return AutoModelForCausalLM.from_config(cfg)
 
 
+def saved_by_loss(model, batch, options):
+    """``(loss, trained tokens, bytes)`` of one forward + chunked loss of ``batch``: the bytes autograd saves for
+    backward, each storage once, weights (saved by reference) not counted."""
+    import torch
+
+    from lorafit.data import model_inputs
+    from lorafit.train.loss import causal_lm_loss
+
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in weights:  # weights are saved by reference: no memory of their own
+            saved[st.data_ptr()] = st.nbytes()  # one storage saved by several layers counts once
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, n = causal_lm_loss(model, model_inputs(batch), batch["labels"], options=options)
+    return loss, n, sum(saved.values())
+
+
 def saved_bytes(model, ids):
     """``model(ids).logits`` and the bytes autograd saved for backward during that forward (each saved tensor)."""
     import torch

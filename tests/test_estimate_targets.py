@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import saved_by_loss
 
 from lorafit import LorafitError
 from lorafit.memory.estimate import Settings, estimate, lora_targets
@@ -130,29 +131,15 @@ def test_unadapted_layers_save_less():
 ], ids=["layer1", "v-down-layers12", "rank-pattern", "o-layer2"])
 def test_saved_tensors_per_layer_match_the_model(kw):
     """What one forward + loss saves for backward equals the estimator's per-layer sum (see test_memory)."""
-    import torch
 
-    from lorafit.data import model_inputs
     from lorafit.measure import _batch, build_model
     from lorafit.memory import activations as act
-    from lorafit.train.loss import causal_lm_loss
 
     s = Settings(method="lora", dtype="float32", micro_batch=2, seq_len=32, r=8, dropout=0.1, device="cpu",
                  **kw)
     model = build_model(LLAMA, s)
-    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in weights:
-            saved[st.data_ptr()] = st.nbytes()
-        return t
-
-    batch = _batch(LLAMA.vocab, s, 0)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        causal_lm_loss(model, model_inputs(batch), batch["labels"], options=s.runtime)
-    assert sum(saved.values()) == act.saved_for_backward(LLAMA, s, lora_targets(LLAMA, s))
+    _, _, saved = saved_by_loss(model, _batch(LLAMA.vocab, s, 0), s.runtime)
+    assert saved == act.saved_for_backward(LLAMA, s, lora_targets(LLAMA, s))
 
 
 def test_settings_from_config():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import saved_by_loss
 
 from lorafit import LorafitError
 from lorafit.cli import main
@@ -143,30 +144,16 @@ def test_saved_tensors_match_the_model(dtype, matmul):
     A change in what ``LoraLinearFunction``, the HF modules or the chunked loss save breaks this test until
     ``lorafit.memory.activations`` follows it (and the estimate-vs-measured table is rerun).
     """
-    import torch
 
-    from lorafit.data import model_inputs
     from lorafit.measure import _batch, build_model
     from lorafit.memory import activations as act
     from lorafit.memory.estimate import lora_targets
     from lorafit.options import RuntimeOptions
-    from lorafit.train.loss import causal_lm_loss
 
     # bf16 matmuls on fp32 copies save x·Aᵀ in fp32
     s = Settings(method="lora", dtype=dtype, micro_batch=2, seq_len=32, r=8, dropout=0.1, device="cpu",
                  runtime=RuntimeOptions.resolve(half_matmul=matmul))
     model = build_model(TINY, s)
-    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in weights:  # weights are saved by reference: no memory of their own
-            saved[st.data_ptr()] = st.nbytes()  # one storage saved by several layers counts once
-        return t
-
-    batch = _batch(TINY.vocab, s, 0)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, n = causal_lm_loss(model, model_inputs(batch), batch["labels"], options=s.runtime)
+    loss, n, saved = saved_by_loss(model, _batch(TINY.vocab, s, 0), s.runtime)
     assert n == 2 * 31 and loss.requires_grad
-    assert sum(saved.values()) == act.saved_for_backward(TINY, s, lora_targets(TINY, s))
+    assert saved == act.saved_for_backward(TINY, s, lora_targets(TINY, s))
