@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/lorafit train examples/demo.yaml
 	$(VENV)/bin/lorafit eval examples/demo.yaml --adapter runs/demo --heldout examples/demo/heldout.jsonl \
-		--retention examples/retention/retention.jsonl --json runs/demo/eval.json
+		--retention examples/retention/retention.jsonl --json runs/demo/eval.json --force
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "lorafit"
 # Lowest first. A unit may import units of lower tiers and its own modules, nothing else.
 TIERS = [
     {"errors"},
-    {"fsutil", "targets"},
+    {"fsutil", "targets", "architectures"},
     {"options", "dtypes", "_compat"},
     {"config", "kernels"},
     {"models"},
@@ -30,7 +30,7 @@ TIERS = [
 ]
 TIER = {unit: i for i, units in enumerate(TIERS) for unit in units}
 # The estimator answers without torch: lorafit estimate / plan must start in well under a second.
-TORCH_FREE = {"errors", "fsutil", "targets", "options", "dtypes", "config", "memory"}
+TORCH_FREE = {"errors", "fsutil", "targets", "architectures", "options", "dtypes", "config", "memory"}
 HEAVY = {"torch", "transformers", "numpy", "peft", "safetensors", "datasets", "matplotlib"}
 
 

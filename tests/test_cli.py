@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 import torch
 from conftest import save_tiny_llama
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from lorafit.cli import main
+from lorafit.cli import build_parser, main
 from lorafit.lora import LoraConfig, apply_lora, lora_layers, save_adapter
 from lorafit.models import load_tokenizer
 
@@ -97,7 +99,7 @@ def test_errors_are_one_line(tiny, capsys, tmp_path):
     d, _ = tiny
     assert main(["inspect", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "not found locally" in err
+    assert len(err.splitlines()) == 1 and "not found" in err
     other = tmp_path / "other"
     LlamaForCausalLM(LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2, vocab_size=100)).save_pretrained(other)
@@ -110,3 +112,60 @@ def test_errors_are_one_line(tiny, capsys, tmp_path):
     assert main(["generate", str(other), "x", "--raw", "--adapter", str(d / "adapter")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "different base model" in err
+
+
+def test_merge_again_replaces_its_own_earlier_output(tiny, tmp_path, capsys):
+    """The same base and adapter merged again into the same folder: no --overwrite needed. Another adapter, or
+    a file the merge did not write: refused in one line, nothing changed; --overwrite replaces the folder."""
+    d, _ = tiny
+    out = tmp_path / "merged"
+    merge = ["merge", str(d / "model"), str(d / "adapter"), str(out)]
+    assert main(merge) == 0
+    record = json.loads((out / "lorafit-merge.json").read_text())
+    assert "config.json" in record["files"] and record["adapter"] == str((d / "adapter").resolve())
+    capsys.readouterr()
+    assert main(merge) == 0 and "replacing the earlier merge" in capsys.readouterr().out
+    shutil.copytree(d / "adapter", tmp_path / "adapter2")
+    other = ["merge", str(d / "model"), str(tmp_path / "adapter2"), str(out)]
+    (out / "notes.txt").write_text("mine")
+    before = _tree(out)
+    for args, words in ((merge, "files it did not write (1 entry: notes.txt)"), (other, "not empty")):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and "--overwrite" in err and len(err.splitlines()) == 1, err
+    assert _tree(out) == before
+    assert main([*other, "--overwrite"]) == 0 and not (out / "notes.txt").exists()
+
+
+def test_eval_json_refuses_an_existing_file_without_force(tiny, tmp_path, capsys):
+    d, _ = tiny
+    out = tmp_path / "eval.json"
+    out.write_text("mine")
+    args = ["eval", str(d / "model"), "--adapter", str(d / "adapter"), "--heldout", str(d / "heldout.jsonl"),
+            "--no-base", "--json", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--json" in err and "exists" in err and "--force" in err, err
+    assert out.read_text() == "mine"
+    assert main([*args, "--force"]) == 0 and "adapter" in json.loads(out.read_text())
+    assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_eval_finds_the_adapter_in_output_dir_relative_to_the_config(tmp_path, monkeypatch):
+    from lorafit.cli.eval import resolve_target
+
+    (tmp_path / "proj" / "run").mkdir(parents=True)
+    (tmp_path / "proj" / "run" / "adapter_config.json").write_text("{}")
+    (tmp_path / "proj" / "d.jsonl").write_text("")
+    (tmp_path / "proj" / "cfg.yaml").write_text(
+        "base_model: demo\nadapter: lora\nlora_target_linear: true\noutput_dir: run\n"
+        "datasets: [{path: d.jsonl, type: completion}]\n")
+    monkeypatch.chdir(tmp_path)  # not the config's folder
+    args = build_parser().parse_args(["eval", "proj/cfg.yaml"])
+    assert resolve_target(args)[1] == str(tmp_path / "proj" / "run")

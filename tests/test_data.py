@@ -79,6 +79,20 @@ def test_chat_template_trains_assistant_turns_with_end_of_turn(tmp_path, demo_to
     assert runs == ["Hello!<|im_end|>", "Goodbye.<|im_end|>"]
 
 
+@pytest.mark.parametrize("mode, expected", [
+    (None, "Hello!<|im_end|>Goodbye.<|im_end|>"),
+    ("turn", "Hello!<|im_end|>Goodbye.<|im_end|>"),
+    ("last", "Hello!Goodbye.<|im_end|>"),
+    ("none", "Hello!Goodbye."),
+    # every end of turn, the system's and user's too (the one after each header is not an end of turn)
+    ("all", "<|im_end|><|im_end|>Hello!<|im_end|><|im_end|>Goodbye.<|im_end|>"),
+])
+def test_chat_template_train_on_eos(tmp_path, demo_tokenizer, mode, expected):
+    write_jsonl(tmp_path / "c.jsonl", [CHAT])
+    (s,), _, _ = build(tmp_path, demo_tokenizer, {"path": "c.jsonl", "type": "chat_template", "train_on_eos": mode})
+    assert trained_text(demo_tokenizer, s) == expected
+
+
 def test_chat_template_train_on_inputs_and_per_message_override(tmp_path, demo_tokenizer):
     tok = demo_tokenizer
     row = json.loads(json.dumps(CHAT))

@@ -72,6 +72,15 @@ def test_full_finetuning_runs(workdir):
     assert result.steps == 5 and (workdir / "full" / "model" / "config.json").is_file()
 
 
+def test_logging_steps_averages_the_window(workdir):
+    every = train(TrainConfig.from_dict(config(workdir, "log1", max_steps=5, compile_kernels=False)))
+    sparse = train(TrainConfig.from_dict(config(workdir, "log2", max_steps=5, logging_steps=2, compile_kernels=False)))
+    assert [r["step"] for r in sparse.history] == [2, 4, 5]
+    losses = [r["loss"] for r in every.history]
+    assert sparse.history[0]["loss"] == pytest.approx((losses[0] + losses[1]) / 2, rel=1e-6)
+    assert sparse.history[2]["loss"] == pytest.approx(losses[4], rel=1e-6) and "logged_steps" not in sparse.history[2]
+
+
 def test_accumulating_4x1_equals_one_batch_of_4(workdir):
     cfg = TrainConfig.from_dict(config(workdir, "acc", lora_dropout=0.0))
     model, tok = prepare_model(cfg)
@@ -130,6 +139,7 @@ def test_sigkill_then_resume_is_bitwise_identical(workdir, tmp_path):
     log, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, log
     assert "resumed from" in log
+    assert not list(out.glob(".tmp-*")), "a temporary checkpoint folder of the killed run was left behind"
     a = load_file(workdir / "straight" / "adapter_model.safetensors")
     b = load_file(out / "adapter_model.safetensors")
     assert a.keys() == b.keys()
@@ -143,6 +153,10 @@ def test_stop_saves_a_checkpoint_and_resume_continues(workdir):
     d = config(workdir, "stopped", max_steps=12)
     r = train(TrainConfig.from_dict(d), stop_after=5)
     assert r.interrupted and (workdir / "stopped" / "checkpoint-5" / "state.json").is_file()
+    meta = json.loads((workdir / "stopped" / "checkpoint-5" / "state.json").read_text())
+    run = json.loads((workdir / "stopped" / "lorafit-run.json").read_text())
+    assert meta["fingerprint"] == run["fingerprint"] and meta["fingerprint"]["lora_r"] == 4
+    assert len(meta["fingerprint"]["datasets"][0]["data_sha256"]) == 64 and "max_steps" not in meta["fingerprint"]
     r2 = train(TrainConfig.from_dict(d), resume=True)
     assert not r2.interrupted and r2.steps == 12
 

@@ -6,8 +6,10 @@ Nothing is downloaded: a name that is not a local path or the demo model is an e
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import torch
 
 from lorafit import dtypes
 from lorafit._compat import forget_gguf_quantization
+from lorafit.architectures import check_causal_lm
 from lorafit.config import DEMO_ALIASES, DEMO_MODEL
 from lorafit.errors import LorafitError
 
@@ -58,30 +61,52 @@ def demo_cache_dir() -> Path:
     return root / DEMO_MODEL
 
 
-def resolve_model_path(name: str) -> tuple[Path, str | None]:
-    """Map ``base_model`` to (folder, gguf file name or None). Raises if it is not available locally."""
+def resolve_model_path(name: str, base_dir: Path | None = None, what: str = "base_model") -> tuple[Path, str | None]:
+    """Map ``base_model`` to (folder, gguf file name or None). Raises if it is not available locally.
+
+    A relative path is taken relative to ``base_dir`` (the config file's folder; the working directory when
+    None, for names given on the command line). A decoder-only causal LM is required (:mod:`lorafit.architectures`).
+    """
     if name in DEMO_ALIASES:
         cached = demo_cache_dir()
         if (cached / "config.json").is_file() and (cached / "model.safetensors").is_file():
             return cached, None
         f = demo_model_file()
         return f.parent, f.name
-    p = Path(os.path.expanduser(name))
+    raw = Path(os.path.expanduser(name))
+    p = raw if raw.is_absolute() or base_dir is None else Path(base_dir) / raw
     if p.is_file() and p.suffix == ".gguf":
         return p.parent, p.name
     if p.is_dir():
         if (p / "config.json").is_file():
+            _check_config(p / "config.json", f"{what} {name!r}")
             return p, None
         ggufs = sorted(p.glob("*.gguf"))
         if len(ggufs) == 1:
             return p, ggufs[0].name
-        raise LorafitError(f"base_model {name!r}: folder has no config.json (and not exactly one .gguf file)")
+        raise LorafitError(f"{what} {name!r}: folder {p} has no config.json (and not exactly one .gguf file)")
     if p.exists():
-        raise LorafitError(f"base_model {name!r}: not a model folder or a .gguf file")
-    hint = "" if "/" not in name else " (hub names are not downloaded: save the model to a folder first)"
-    raise LorafitError(
-        f"base_model {name!r} not found locally{hint}; give a local HF folder, a .gguf file, or {DEMO_MODEL!r}"
-    )
+        raise LorafitError(f"{what} {name!r}: {p} is not a model folder or a .gguf file")
+    raise LorafitError(f"{what} {name!r} not found (looked for {p.absolute()}){_hub_hint(name)}; give a local "
+                       f"HF folder, a .gguf file, or {DEMO_MODEL!r}")
+
+
+def _hub_hint(name: str) -> str:
+    """What to do with a Hub id ("owner/name"): lorafit downloads nothing."""
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) and not name.endswith((".gguf", ".json")):
+        return (" — Hub models are not downloaded: save it once with save_pretrained (or huggingface-cli "
+                "download --local-dir) and give that folder")
+    return ""
+
+
+def _check_config(path: Path, label: str) -> None:
+    try:
+        hf_config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LorafitError(f"{label}: {path} is not a readable config.json ({e})") from None
+    if not isinstance(hf_config, dict):
+        raise LorafitError(f"{label}: {path} is not a JSON object")
+    check_causal_lm(hf_config, label)
 
 
 def _quiet_transformers():
@@ -94,11 +119,11 @@ def _quiet_transformers():
     warnings.filterwarnings("ignore", module="transformers")
 
 
-def load_tokenizer(name: str):
+def load_tokenizer(name: str, base_dir: Path | None = None, what: str = "tokenizer_config"):
     from transformers import AutoTokenizer
 
     _quiet_transformers()
-    folder, gguf = resolve_model_path(name)
+    folder, gguf = resolve_model_path(name, base_dir, what)
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
         return AutoTokenizer.from_pretrained(folder, **kwargs)
@@ -109,18 +134,19 @@ def load_tokenizer(name: str):
         ) from e
 
 
-def load_model(name: str, dtype: str | torch.dtype = "float32", attn_implementation: str = "sdpa"):
+def load_model(name: str, dtype: str | torch.dtype = "float32", attn_implementation: str = "sdpa",
+               base_dir: Path | None = None):
     """Load a causal LM (weights dequantised if GGUF) in ``dtype``, on CPU, in eval mode."""
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
-    folder, gguf = resolve_model_path(name)
+    folder, gguf = resolve_model_path(name, base_dir)
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=parse_dtype(dtype), attn_implementation=attn_implementation, **kwargs
         )
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:  # ImportError: e.g. flash_attention_2 not installed
         raise LorafitError(f"could not load base_model {name!r}: {str(e).splitlines()[0]}") from e
     if gguf:
         forget_gguf_quantization(model)  # dequantised on load: save_pretrained must write a plain HF model
@@ -140,14 +166,39 @@ def _cache_demo_model(model, tok) -> None:
         pass  # a read-only cache only costs speed
 
 
-def load_model_and_tokenizer(name: str, dtype: str | torch.dtype = "float32", tokenizer: str | None = None):
-    """Load model and tokenizer (from ``tokenizer`` if given); the tokenizer always has a pad token."""
+def load_model_and_tokenizer(name: str, dtype: str | torch.dtype = "float32", tokenizer: str | None = None, *,
+                             base_dir: Path | None = None, attn_implementation: str = "sdpa"):
+    """Load model and tokenizer (from ``tokenizer`` if given); the tokenizer always has a pad token.
+
+    Relative paths are taken relative to ``base_dir`` (a config's folder; the working directory when None)."""
     from_gguf_demo = name in DEMO_ALIASES and resolve_model_path(name)[1] is not None
-    tok = load_tokenizer(tokenizer or name)
-    model = load_model(name, "float32" if from_gguf_demo else dtype)
+    tok = load_tokenizer(tokenizer, base_dir) if tokenizer else load_tokenizer(name, base_dir, "base_model")
+    model = load_model(name, "float32" if from_gguf_demo else dtype, attn_implementation, base_dir)
     if from_gguf_demo:
         _cache_demo_model(model, tok)
         model = model.to(parse_dtype(dtype))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def apply_special_tokens(tokenizer, special_tokens: dict[str, str] | None, model=None,
+                         trains_embeddings: bool = False) -> list[str]:
+    """Set the config's ``special_tokens`` (``pad_token: "<|pad|>"`` ...) on the tokenizer; returns the new ones.
+
+    A token already in the vocabulary is only named. A new one grows the vocabulary, so the embeddings are
+    resized (``model``), and its rows start untrained: that needs the embeddings and head trained too
+    (``trains_embeddings``: full fine-tuning, or LoRA with them in ``lora_modules_to_save``), as in axolotl.
+    """
+    if not special_tokens:
+        return []
+    vocab = tokenizer.get_vocab()
+    new = [v for v in special_tokens.values() if v not in vocab]
+    if new and not trains_embeddings:
+        raise LorafitError(
+            f"special_tokens: {', '.join(map(repr, new))} not in the tokenizer's vocabulary; adding tokens needs "
+            "the embeddings trained: set lora_modules_to_save: [embed_tokens, lm_head], or use tokens that exist")
+    tokenizer.add_special_tokens(dict(special_tokens))
+    if new and model is not None:
+        model.resize_token_embeddings(len(tokenizer))
+    return new

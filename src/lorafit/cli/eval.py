@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from rich.console import Console
@@ -11,6 +10,7 @@ from rich.table import Table
 
 from lorafit.cli.loading import model_with_adapter
 from lorafit.errors import LorafitError
+from lorafit.fsutil import check_new_file, write_json
 
 # metric key -> (row label, which direction is better)
 LABELS = {
@@ -31,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="score only the first N held-out examples")
     p.add_argument("--no-base", action="store_true", help="with an adapter: skip the base-model column")
     p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
+    p.add_argument("--force", action="store_true", help="replace the --json file if it exists")
     p.set_defaults(func=cmd_eval)
 
 
@@ -41,14 +42,16 @@ def resolve_target(args):
     from lorafit.config import load_config
 
     cfg = load_config(args.config)
-    trained = Path(cfg.output_dir) / "adapter_config.json"
-    adapter = args.adapter or (cfg.output_dir if trained.is_file() else None)
+    trained = cfg.output_path / "adapter_config.json"
+    adapter = args.adapter or (str(cfg.output_path) if trained.is_file() else None)
     return cfg.base_model, adapter, cfg
 
 
 def cmd_eval(args) -> int:
     from lorafit.eval.report import evaluate_columns, without_examples
 
+    if args.json_out:  # before the slow part, and never over a file unasked
+        check_new_file(args.json_out, "--json", args.force)
     base_model, adapter, cfg = resolve_target(args)
     if cfg is None and not (args.heldout or args.retention):
         raise LorafitError("give a training config (for its eval split), --heldout or --retention")
@@ -57,7 +60,7 @@ def cmd_eval(args) -> int:
                                heldout=args.heldout, retention=args.retention, limit=args.limit)
     print_eval(results, adapter)
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(without_examples(results), indent=2) + "\n")
+        write_json(args.json_out, without_examples(results))
     return 0
 
 

@@ -104,7 +104,7 @@ def cmd_estimate(args) -> int:
         from lorafit.config import load_config
 
         cfg = load_config(args.config)
-        base, model = settings_from_config(cfg, device), model or cfg.base_model
+        base, model = settings_from_config(cfg, device), model or cfg.base_model_path
     if not model:
         raise LorafitError("estimate: give a MODEL (e.g. llama-3.1-8b) or --config FILE")
     spec = resolve_spec(model)
@@ -219,13 +219,26 @@ def cmd_plan(args) -> int:
         if plan.closest is not None:
             print_estimates(console, [plan.closest], gpu_name, gpu_bytes)
         return 1
-    text = to_yaml(plan, args.model, args.effective_batch)
+    base_model, note = _base_model_for_config(args.model)
+    text = to_yaml(plan, base_model, args.effective_batch, note)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, out)
     print_estimates(console, [plan.estimate], gpu_name, gpu_bytes)
     console.print(f"wrote {out} (micro-batch {plan.micro_batch} × {plan.grad_accum} accumulation steps)")
+    console.print(f"before `lorafit train {out}`: set datasets" + (f", and base_model ({note})" if note else ""))
     return 0
+
+
+def _base_model_for_config(model: str) -> tuple[str, str | None]:
+    """What the written config's ``base_model`` says, and a note when it is a placeholder: ``train`` loads a
+    local folder (written absolute, since the config may live elsewhere) or the demo model, never a catalog name."""
+    if model in DEMO_ALIASES:
+        return model, None
+    p = Path(model).expanduser()
+    if p.exists():
+        return str((p.parent if p.name == "config.json" else p).resolve()), None
+    return f"./models/{model}", f"edit: the folder where {model} is saved; lorafit downloads nothing"
 
 
 # ---- measure -----------------------------------------------------------------------------------------
@@ -239,10 +252,10 @@ def cmd_measure(args) -> int:
     from lorafit.models import train_dtype
 
     cfg = load_config(args.config)
-    spec = resolve_spec(cfg.base_model)
+    spec = resolve_spec(cfg.base_model_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     s = replace(settings_from_config(cfg, device), dtype=train_dtype(cfg))  # what training here picks
-    real = None if args.random_weights else cfg.base_model
+    real = None if args.random_weights else cfg.base_model_path
     if real is not None and real not in DEMO_ALIASES and not Path(real).exists():
         real = None
     m = measure(spec, s, args.steps, model_name=real, device=device)

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from rich.console import Console
 
 from lorafit.cli.loading import model_with_adapter
-from lorafit.fsutil import atomic_dir, check_new_output
+from lorafit.errors import LorafitError
+from lorafit.fsutil import atomic_dir, check_new_output, display, listing, read_json, write_json
+
+# In the merged folder: which base and adapter made it, and the files it wrote, so merging the same pair again
+# replaces it without --overwrite (and a file the user added there is never lost unasked).
+RECORD = "lorafit-merge.json"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,13 +27,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_merge)
 
 
+def _source(name: str) -> str:
+    """A base model or adapter as the record names it: the absolute path when it is a local one."""
+    p = Path(name).expanduser()
+    return str(p.resolve()) if p.exists() else name
+
+
+def previous_merge(out: Path, base: str, adapter: str, overwrite: bool) -> bool:
+    """True when ``out`` holds only this base and adapter's earlier merge (replacing it loses nothing);
+    a one-line error when it holds that merge plus files the merge did not write (unless ``overwrite``)."""
+    record = read_json(out / RECORD) if out.is_dir() else None
+    if not record or (record.get("base_model"), record.get("adapter")) != (base, adapter):
+        return False
+    extra = {p.relative_to(out).as_posix() for p in out.rglob("*") if not p.is_dir()} \
+        - set(record.get("files", [])) - {RECORD}
+    if extra and not overwrite:
+        raise LorafitError(f"{display(out)}: holds an earlier merge plus files it did not write "
+                           f"({listing(extra)}); move them, or pass --overwrite to replace the folder")
+    return not extra
+
+
 def cmd_merge(args) -> int:
     from lorafit.lora import merge_and_unload
     from lorafit.models import parse_dtype
 
+    console = Console()
+    base, adapter = _source(args.base_model), _source(args.adapter)
+    own = previous_merge(Path(args.output).expanduser(), base, adapter, args.overwrite)
     # checked before loading anything: never into the inputs, the current folder, or over a user's folder
-    out = check_new_output(args.output, args.overwrite,
+    out = check_new_output(args.output, args.overwrite or own,
                            protected={"adapter": args.adapter, "base model": args.base_model})
+    if own:
+        console.print(f"[yellow]note:[/] {display(out)}: replacing the earlier merge of this base model and adapter",
+                      highlight=False, soft_wrap=True)
     # merged in float32 and cast after, so a bf16/fp16 output is rounded once
     model, tok = model_with_adapter(args.base_model, args.adapter)
     merge_and_unload(model, safe=True)
@@ -35,6 +67,9 @@ def cmd_merge(args) -> int:
     with atomic_dir(out) as tmp:  # no half-written model folder if saving fails
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-    Console().print(f"wrote merged model to {out} "
-                    "(loads with transformers' AutoModelForCausalLM.from_pretrained)")
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if not p.is_dir())
+        write_json(tmp / RECORD, {"written_by": "lorafit merge", "base_model": base, "adapter": adapter,
+                                  "files": files})
+    console.print(f"wrote merged model to {display(out)} "
+                  "(loads with transformers' AutoModelForCausalLM.from_pretrained)", highlight=False)
     return 0

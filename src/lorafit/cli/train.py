@@ -7,6 +7,7 @@ import argparse
 from rich.console import Console
 
 from lorafit.errors import LorafitError
+from lorafit.fsutil import display
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,6 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="continue from the last complete checkpoint in output_dir")
     p.add_argument("--max-steps", type=int, help="override max_steps")
     p.add_argument("--output-dir", help="override output_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace another run's outputs in output_dir (files lorafit did not write are kept)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("preprocess", help="tokenise the datasets of a config and show what is trained")
@@ -26,14 +29,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def load_cfg(path: str, **overrides):
-    """The config at ``path`` with the flags that were given (not None) set on top."""
+    """The config at ``path`` with the flags that were given (not None) in place of its keys, validated like
+    keys written in the file. A path flag is relative to the working directory, as paths on a command line are."""
+    from pathlib import Path
+
     from lorafit.config import load_config  # pydantic: only when a command runs
 
-    cfg = load_config(path)
-    for k, v in overrides.items():
-        if v is not None:
-            setattr(cfg, k, v)
-    return cfg
+    if overrides.get("output_dir") is not None:
+        overrides["output_dir"] = str(Path(overrides["output_dir"]).expanduser().absolute())
+    return load_config(path, overrides)
 
 
 def cmd_train(args) -> int:
@@ -44,11 +48,12 @@ def cmd_train(args) -> int:
                            "num_epochs)")
     cfg = load_cfg(args.config, max_steps=args.max_steps, output_dir=args.output_dir)
     console = Console()
-    result = train(cfg, resume=args.resume, console=console)
+    result = train(cfg, resume=args.resume, console=console, overwrite=args.overwrite)
     if result.interrupted:
         return 130
     console.print(summary(result))
-    console.print(f"wrote {result.output_dir} (adapter / model, metrics.jsonl, loss.png)")
+    console.print(f"wrote {display(result.output_dir)} (adapter / model, metrics.jsonl, loss.png, lorafit-run.json)",
+                  highlight=False)
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,10 +19,13 @@ from pydantic import (
     model_validator,
 )
 
-from lorafit.config.keys import ALLOWED, SUPPORTED_OPTIMIZERS, screen_keys
+from lorafit.config.keys import ALLOWED, DEMO_ALIASES, SUPPORTED_OPTIMIZERS, screen_keys
 from lorafit.config.messages import kind, one_line
 from lorafit.errors import LorafitError
 from lorafit.options import RuntimeOptions
+
+# the tokenizer attributes ``special_tokens`` may set (transformers' names, as axolotl takes them)
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token")
 
 
 class DatasetSpec(BaseModel):
@@ -45,6 +49,17 @@ class DatasetSpec(BaseModel):
     train_on_eos: Literal["turn", "all", "last", "none"] | None = None
     # completion rows
     field: str | None = None
+    encoding: str | None = None  # text files' codec (latin-1, cp1252, utf-16 ...); None: UTF-8, BOM or not
+
+    @field_validator("encoding")
+    @classmethod
+    def _check_encoding(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                b"\n".decode(v, "replace")  # looks the codec up: unknown and bytes-only codecs (base64) fail
+            except LookupError:
+                raise ValueError("must be a text encoding, e.g. utf-8, latin-1, cp1252 or utf-16") from None
+        return v
 
     @model_validator(mode="after")
     def _apply_mappings(self) -> DatasetSpec:
@@ -71,8 +86,9 @@ class TrainConfig(BaseModel):
     tokenizer_config: str | None = None
     chat_template: str | None = None
     chat_template_jinja: str | None = None
-    attn_implementation: str | None = None
-    special_tokens: dict[str, str] | None = None
+    # how transformers runs attention (None: sdpa; lorafit's lean CPU attention takes over sdpa where it helps)
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] | None = None
+    special_tokens: dict[str, str] | None = None  # bos/eos/pad/unk_token ...: set on the tokenizer (new ones resize)
 
     # adapter
     adapter: str | None = None
@@ -137,6 +153,16 @@ class TrainConfig(BaseModel):
     _source: str = PrivateAttr(default="<config>")
 
     # ---- field checks (messages are completed by _one_line) ----
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        """``lora_r: true`` must not become r = 1: pydantic's lax mode turns a boolean into 1 or 0."""
+        if isinstance(data, dict):
+            for key, value in data.items():
+                if isinstance(value, bool) and key in _NUMBER_KEYS:
+                    raise ValueError(f"key '{key}': got {str(value).lower()}, must be a number, not true/false")
+        return data
+
     @field_validator("adapter")
     @classmethod
     def _check_adapter(cls, v: str | None) -> str | None:
@@ -175,6 +201,16 @@ class TrainConfig(BaseModel):
                 raise ValueError(ALLOWED["val_set_size"])
             return int(v)
         return float(v)
+
+    @field_validator("special_tokens")
+    @classmethod
+    def _check_special_tokens(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        unknown = sorted(set(v or {}) - set(SPECIAL_TOKEN_KEYS))
+        if unknown:
+            raise ValueError(f"has {unknown[0]!r}; its keys may be: {', '.join(SPECIAL_TOKEN_KEYS)}")
+        if any(not t for t in (v or {}).values()):
+            raise ValueError("has an empty token; give the token's text, e.g. pad_token: \"<|pad|>\"")
+        return v
 
     @field_validator("lora_target_modules")
     @classmethod
@@ -240,6 +276,13 @@ class TrainConfig(BaseModel):
         return self.adapter == "lora"
 
     @property
+    def trains_embeddings(self) -> bool:
+        """Whether the run trains the input embeddings and the head, so added tokens can be learnt: full
+        fine-tuning, or LoRA with both in ``lora_modules_to_save``."""
+        saved = set(self.lora_modules_to_save or [])
+        return not self.is_lora or "lm_head" in saved and bool(saved & {"embed_tokens", "wte", "embed_in"})
+
+    @property
     def lora_targets(self) -> list[str] | str | None:
         """``"all-linear"``, a list of module names, a regex string, or None when not training LoRA."""
         if not self.is_lora:
@@ -261,19 +304,43 @@ class TrainConfig(BaseModel):
         return RuntimeOptions.resolve(self.compile_kernels, self.half_matmul)
 
     def resolve_path(self, p: str | Path) -> Path:
-        """A user path: absolute as is; relative against the config's folder, then the cwd."""
+        """A path written in this config: ``~`` expanded, absolute as is, relative to the config file's folder.
+
+        The one rule for every path key (``base_model``, ``datasets``, ``output_dir``, ``tokenizer_config``,
+        ``resume_from_checkpoint``): the config means the same files whatever folder it is run from.
+        Paths given on the command line (``--output-dir``) are relative to the working directory, as usual.
+        """
         p = Path(p).expanduser()
-        if p.is_absolute():
-            return p
-        first = self.config_dir / p
-        if first.exists():
-            return first
-        second = Path.cwd() / p
-        return second if second.exists() else first
+        return p if p.is_absolute() else self.config_dir / p
+
+    @property
+    def base_model_path(self) -> str:
+        """``base_model`` as a local path resolved by :meth:`resolve_path` when one is there; else as written
+        (the demo model, a catalog name for the estimator, or a Hub id that loading will explain)."""
+        p = self.resolve_path(self.base_model)
+        return str(p) if self.base_model not in DEMO_ALIASES and p.exists() else self.base_model
+
+    @property
+    def output_path(self) -> Path:
+        """``output_dir`` resolved by :meth:`resolve_path`."""
+        return self.resolve_path(self.output_dir)
 
 
-def load_config(path: str | Path) -> TrainConfig:
-    """Read and validate a YAML config file. Every problem is one-line :class:`LorafitError`."""
+def _takes_numbers_only(annotation: Any) -> bool:
+    """A field typed int/float (optionally None), with no bool or literal choice among its types."""
+    types = typing.get_args(annotation) or (annotation,)
+    return any(t in (int, float) for t in types) and not any(t is bool or typing.get_origin(t) is Literal
+                                                              for t in types)
+
+
+_NUMBER_KEYS = frozenset(k for k, f in TrainConfig.model_fields.items() if _takes_numbers_only(f.annotation))
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read and validate a YAML config file. Every problem is one-line :class:`LorafitError`.
+
+    ``overrides`` (key → value, e.g. from command-line flags; None values are ignored) replace the file's keys
+    before validation, so they are checked exactly like keys written in the file."""
     path = Path(path)
     name = str(path)
     if not path.is_file():
@@ -292,4 +359,13 @@ def load_config(path: str | Path) -> TrainConfig:
         raise LorafitError(f"{name}:{where}: invalid YAML: {problem}") from None
     if data is None:
         raise LorafitError(f"{name}: config file is empty; it needs at least base_model and datasets")
-    return TrainConfig.from_dict(data, source=name, config_dir=path.resolve().parent)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if given and isinstance(data, dict):
+        data = {**data, **given}
+    try:
+        return TrainConfig.from_dict(data, source=name, config_dir=path.resolve().parent)
+    except LorafitError as e:
+        flag = next((k for k in given if f"key '{k}'" in str(e)), None)
+        if flag is None:
+            raise
+        raise LorafitError(f"{e} (given as --{flag.replace('_', '-')})") from None

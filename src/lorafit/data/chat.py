@@ -13,7 +13,8 @@ How trained spans are found, for any template:
    to the end of the message's rendered text. An empty message trains just its end of turn.
 
 A message is trained when its role is in ``roles_to_train``; a per-message ``"train": true/false``
-overrides that. Templates that render a message differently depending on what follows (so that a shorter
+overrides that. Roles are system, user, assistant, tool, ShareGPT's human/gpt and the names of the dataset's
+``roles:`` mapping; any other (a typo such as ``asistant``) makes the row a bad row, never an untrained turn. Templates that render a message differently depending on what follows (so that a shorter
 render is not a prefix of the full one) fall back to finding each content in order in the full text.
 """
 
@@ -24,6 +25,7 @@ from typing import Any
 
 from lorafit.data.formats import IGNORE, TokenizerInfo
 from lorafit.data.loading import RowError
+from lorafit.data.text import NotText, read_text
 from lorafit.errors import LorafitError
 
 CHATML = (
@@ -38,7 +40,8 @@ LLAMA3 = (
 NAMED_TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3}
 END_OF_TURN_STRINGS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>",
                        "<|end_of_text|>", "<|eom_id|>")
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "tool": "tool"}
+CANONICAL_ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", **{r: r for r in CANONICAL_ROLES}}
 
 
 def resolve_chat_template(cfg, tokenizer) -> str:
@@ -58,11 +61,21 @@ def resolve_chat_template(cfg, tokenizer) -> str:
         return name
     path = cfg.resolve_path(name)
     if path.is_file():
-        return Path(path).read_text(encoding="utf-8")
+        return _read_template(Path(path), name)
     raise LorafitError(
         f"{cfg.source}: key 'chat_template': got {name!r}, must be tokenizer_default, "
         f"{', '.join(NAMED_TEMPLATES)}, a path to a jinja file, or jinja text"
     )
+
+
+def _read_template(path: Path, name: str) -> str:
+    try:
+        return read_text(path)
+    except NotText as e:
+        fix = f"convert it to UTF-8 (iconv -f {e.iconv_name} -t utf-8)" if e.suggest else "name a jinja text file"
+        raise LorafitError(f"{name} {e}; chat_template must be UTF-8 text: {fix}") from None
+    except OSError as e:
+        raise LorafitError(f"{name}: cannot read the chat template ({e.strerror or e})") from None
 
 
 class ChatTokenizer:
@@ -76,8 +89,12 @@ class ChatTokenizer:
         self.train_on_inputs = train_on_inputs
         self.role_map = dict(SHAREGPT_ROLES)
         for canonical, names in (spec.roles or {}).items():
+            self.role_map.setdefault(canonical, canonical)
             for n in names:
                 self.role_map[n] = canonical
+        # what an unknown-role error lists: the canonical names, then the dataset's own (ShareGPT's go unsaid)
+        mapped = [r for canonical, names in (spec.roles or {}).items() for r in (canonical, *names)]
+        self.allowed_roles = ", ".join(dict.fromkeys([*CANONICAL_ROLES, *mapped]))
         eot = {info.eos_id}
         vocab = self.tok.get_vocab()
         for s in END_OF_TURN_STRINGS:
@@ -110,13 +127,21 @@ class ChatTokenizer:
             content = m[ckey]
             if not isinstance(content, str):
                 raise RowError(f"{key}[{j}].{ckey} must be a string, got {type(content).__name__}")
-            role = self.role_map.get(m[rkey], m[rkey])
+            role = self._role(m[rkey], f"{key}[{j}]")
             out.append({"role": role, "content": content})
             flag = m.get("train")
             if flag is not None and not isinstance(flag, bool):
                 raise RowError(f"{key}[{j}].train must be true or false, got {flag!r}")
             train.append(flag if flag is not None else (role in self.spec.roles_to_train or self.train_on_inputs))
         return out, train
+
+    def _role(self, name: Any, where: str) -> str:
+        """The canonical role; an unknown one (a typo such as 'asistant') would render untrained: a bad row."""
+        role = self.role_map.get(name) if isinstance(name, str) else None
+        if role is None:
+            raise RowError(f"{where} has role {name!r}; allowed roles: {self.allowed_roles}; "
+                           f"map other names to these with roles: on the dataset entry")
+        return role
 
     # -- spans ---------------------------------------------------------------------------------------
     def _char_spans(self, msgs: list[dict], full: str, train: list[bool]) -> list[tuple[int, int, int]]:
@@ -181,6 +206,7 @@ class ChatTokenizer:
         ids = list(enc["input_ids"])
         offsets = [tuple(o) for o in enc["offset_mapping"]]
         labels = [IGNORE] * len(ids)
+        turn_ends = []  # the end-of-turn token closing each trained message, where it has one
         for start, content_end, end in self._char_spans(msgs, full, train):
             # first token overlapping the content (a token may straddle the header/content boundary)
             first = next((t for t, (a, b) in enumerate(offsets) if b > start and b > a), None)
@@ -198,7 +224,27 @@ class ChatTokenizer:
                 last = t
             for t in range(first, (last if last is not None else first - 1) + 1):
                 labels[t] = ids[t]
-        return ids, labels
+            if last is not None and ids[last] in self.eot_ids:
+                turn_ends.append(last)
+        return ids, self._end_of_turn_labels(ids, labels, turn_ends)
+
+    def _end_of_turn_labels(self, ids: list[int], labels: list[int], turn_ends: list[int]) -> list[int]:
+        """``train_on_eos`` (axolotl's): ``turn`` (default) trains the end of each trained turn, ``last`` only
+        the final one, ``all`` every end-of-turn token in the row, ``none`` none of them."""
+        mode = self.spec.train_on_eos or "turn"
+        if mode == "none":
+            drop = turn_ends
+        elif mode == "last":
+            drop = turn_ends[:-1]
+        else:
+            drop = []
+        for t in drop:
+            labels[t] = IGNORE
+        if mode == "all":
+            for t, i in enumerate(ids):
+                if i in self.eot_ids:
+                    labels[t] = i
+        return labels
 
 
 def _find_content(full: str, content: str, lo: int, hi: int) -> int | None:

@@ -8,18 +8,14 @@ from lorafit.data.formats import IGNORE
 
 
 def tokenizer_for(cfg):
-    """The tokenizer named by ``tokenizer_config`` (else ``base_model``), with a pad token set.
+    """The tokenizer training uses: ``tokenizer_config`` (else ``base_model``), its ``special_tokens`` set, a pad
+    token always (new special tokens are checked as training checks them; the model is not loaded here)."""
+    from lorafit.models import apply_special_tokens, load_tokenizer
 
-    ``special_tokens`` entries that name tokens already in the vocabulary are applied; new tokens would need
-    the model's embeddings resized, which the trainer does, so they are left to it.
-    """
-    from lorafit.models import load_tokenizer
-
-    tok = load_tokenizer(cfg.tokenizer_config or cfg.base_model)
-    vocab = tok.get_vocab()
-    for name, value in (cfg.special_tokens or {}).items():
-        if value in vocab and name in ("pad_token", "eos_token", "bos_token", "unk_token"):
-            setattr(tok, name, value)
+    base = cfg.config_dir
+    tok = load_tokenizer(cfg.tokenizer_config, base) if cfg.tokenizer_config else load_tokenizer(
+        cfg.base_model, base, "base_model")
+    apply_special_tokens(tok, cfg.special_tokens, trains_embeddings=cfg.trains_embeddings)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

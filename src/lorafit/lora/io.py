@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorafit.errors import LorafitError
+from lorafit.fsutil import follow_umask
 from lorafit.lora.config import LoraConfig
 from lorafit.lora.inject import apply_lora, named_lora_layers
 
@@ -53,6 +54,7 @@ def _atomic_write(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        follow_umask(tmp)  # mkstemp makes it owner-only; the adapter file gets the mode a plain write would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -86,9 +88,13 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
     if not path.is_file():
         raise LorafitError(f"{path}: not found; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise LorafitError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise LorafitError(f"{path}: cannot read it as UTF-8 JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise LorafitError(f"{path}: must be a JSON object (PEFT's LoraConfig), got a {type(data).__name__}")
     return LoraConfig.from_peft_dict(data, source=str(path))
 
 

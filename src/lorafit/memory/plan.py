@@ -85,12 +85,13 @@ def _why(est: Estimate, budget: int) -> str:
             f"{biggest.name} {biggest.at_peak / GiB:.1f} GiB")
 
 
-def to_yaml(plan: Plan, base_model: str, effective_batch: int) -> str:
+def to_yaml(plan: Plan, base_model: str, effective_batch: int, base_model_note: str | None = None) -> str:
+    """The plan as a training config. ``base_model_note``: a comment for the base_model line (a placeholder)."""
     s = plan.estimate.settings
     lines = [
         f"# Written by `lorafit plan`: estimated peak {plan.estimate.total / 1024**3:.2f} GiB of "
         f"{plan.gpu_bytes / 1024**3:.2f} GiB (budget {plan.budget / 1024**3:.2f} GiB with safety margin).",
-        f"base_model: {base_model}",
+        f"base_model: {json.dumps(base_model)}" + (f"  # {base_model_note}" if base_model_note else ""),
         f"adapter: {'lora' if s.method == 'lora' else 'none'}",
     ]
     if s.method == "lora":

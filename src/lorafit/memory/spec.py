@@ -14,6 +14,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from lorafit.architectures import check_causal_lm
 from lorafit.config import DEMO_ALIASES
 from lorafit.errors import LorafitError
 
@@ -133,6 +134,7 @@ def spec_from_hf_config(cfg: dict, name: str, source: str = "config.json") -> Mo
     """A spec from a transformers ``config.json`` mapping. Missing required fields: one-line error."""
     if not isinstance(cfg, dict):
         raise LorafitError(f"{source}: expected a JSON object with the model's config, got {type(cfg).__name__}")
+    check_causal_lm(cfg, source)
     if "text_config" in cfg and "hidden_size" not in cfg:  # multimodal wrappers: the language model's config
         cfg = {**cfg["text_config"], "model_type": cfg["text_config"].get("model_type", cfg.get("model_type"))}
     model_type = str(cfg.get("model_type", "llama"))
@@ -203,7 +205,7 @@ def spec_from_gguf(path: Path) -> ModelSpec:
     tensor_names = {t.name for t in reader.tensors}
     cfg = {
         "model_type": {"llama": "llama", "qwen2": "qwen2", "gemma": "gemma", "gemma2": "gemma2", "phi3": "phi3",
-                       "gpt2": "gpt2"}.get(arch, "llama"),
+                       "gpt2": "gpt2"}.get(arch, arch),  # others as named, so a GGUF BERT or Mamba is refused
         "hidden_size": field(p + "embedding_length"),
         "intermediate_size": field(p + "feed_forward_length"),
         "num_hidden_layers": field(p + "block_count"),

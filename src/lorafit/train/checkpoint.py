@@ -58,7 +58,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(output_dir: Path, model: nn.Module, optimizer, scheduler, state: TrainState,
-                    config_dump: dict, keep: int | None = None) -> Path:
+                    config_dump: dict, keep: int | None = None, fingerprint: dict | None = None) -> Path:
+    """Write ``output_dir/checkpoint-<step>``; its ``state.json`` holds the data position, the config, and the
+    config's fingerprint (:mod:`lorafit.train.run_record`), which a resume compares with its own."""
     final = output_dir / f"checkpoint-{state.step}"
     with atomic_dir(final) as tmp:
         if getattr(model, "lora_config", None) is not None:
@@ -69,11 +71,27 @@ def save_checkpoint(output_dir: Path, model: nn.Module, optimizer, scheduler, st
             {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
             tmp / "trainer_state.pt",
         )
-        (tmp / "state.json").write_text(json.dumps({**asdict(state), "config": config_dump}, indent=2))
+        meta = {**asdict(state), "config": config_dump, "fingerprint": fingerprint}
+        (tmp / "state.json").write_text(json.dumps(meta, indent=2))
     if keep:
         for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def is_checkpoint_name(name: str) -> bool:
+    return _NAME.match(name) is not None
+
+
+def read_state(path: Path) -> dict:
+    """The checkpoint's ``state.json`` (train state, config, fingerprint); a one-line error when unreadable."""
+    try:
+        meta = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise LorafitError(f"checkpoint {path} is unreadable ({e}); delete it to resume from an earlier one") from None
+    if not isinstance(meta, dict):
+        raise LorafitError(f"checkpoint {path}: state.json is not a JSON object; delete it to resume from an earlier one")
+    return meta
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -91,8 +109,8 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> TrainState:
     """Restore everything :func:`save_checkpoint` wrote into the live objects; returns the train state."""
+    meta = read_state(path)
     try:
-        meta = json.loads((path / "state.json").read_text())
         trainer_state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise LorafitError(f"checkpoint {path} is unreadable ({e}); delete it to resume from an earlier one") from None

@@ -4,12 +4,14 @@
 
 1. ``setup_model`` — seed, load the base, attach the adapter, switch on the lean kernels;
 2. ``setup_data`` — tokenise the datasets, lay out the first epoch's batches;
-3. ``setup_optimizer`` — optimizer and schedule, then ``resume`` from a checkpoint if asked;
+3. ``setup_optimizer`` — optimizer and schedule, then ``resume`` from a checkpoint if asked, then
+   ``prepare_output`` (the output folder as :mod:`lorafit.train.run_record` planned it when the recipe was built);
 4. the loop — ``next_micro_batches`` → ``step`` → ``log`` (and ``evaluate`` / ``checkpoint`` on their steps);
 5. ``finish`` — final evaluation, the adapter (or model) files, the loss plot.
 
 Runtime options (compiled kernels, bf16 matmul mode) are resolved once, from the config, at the start, and
-handed to every piece that needs them.
+handed to every piece that needs them. Before any of it, the output folder is checked against the run
+(:mod:`lorafit.train.run_record`): a run never replaces another run's outputs or a user's files unasked.
 """
 
 from __future__ import annotations
@@ -23,15 +25,28 @@ from rich.console import Console
 
 from lorafit.data import batches, build_datasets
 from lorafit.errors import LorafitError
-from lorafit.fsutil import atomic_dir, ensure_writable_dir
+from lorafit.fsutil import atomic_dir, check_writable_dir, display
 from lorafit.lora import count_parameters, save_adapter
 from lorafit.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from lorafit.train.metrics import MetricsLog, plot_loss
 from lorafit.train.optim import optimizer_from_config, scheduler_from_config
 from lorafit.train.progress import TrainProgress
+from lorafit.train.run_record import fingerprint, plan_output, prepare_output
 from lorafit.train.setup import prepare_model, seed_everything
 from lorafit.train.step import evaluate, train_step
 from lorafit.train.stop import GracefulStop
+
+
+def logged(window: list[dict]) -> dict:
+    """One metrics row for the steps since the last one (``logging_steps``): the last step's row, with loss,
+    gradient norm and throughput averaged over the window, as transformers' Trainer logs them."""
+    row = dict(window[-1])
+    if len(window) > 1:
+        for key in ("loss", "grad_norm", "tokens_per_s"):
+            row[key] = sum(r[key] for r in window) / len(window)
+        row["trained_tokens"] = sum(r["trained_tokens"] for r in window)
+        row["logged_steps"] = len(window)
+    return row
 
 
 class TrainingDiverged(LorafitError):
@@ -51,39 +66,55 @@ class TrainResult:
     model: object = field(default=None, repr=False)  # the trained model, adapter attached
 
 
-def train(cfg, resume: bool = False, console: Console | None = None, stop_after: int | None = None) -> TrainResult:
-    """Run the fine-tune described by ``cfg``. ``stop_after``: stop (as if interrupted) after that many steps."""
-    return Recipe(cfg, console).run(resume=resume, stop_after=stop_after)
+def train(cfg, resume: bool = False, console: Console | None = None, stop_after: int | None = None,
+          overwrite: bool = False) -> TrainResult:
+    """Run the fine-tune described by ``cfg``. ``stop_after``: stop (as if interrupted) after that many steps;
+    ``overwrite``: replace another run's outputs in output_dir (never other files)."""
+    return Recipe(cfg, console, resume=resume, overwrite=overwrite).run(stop_after=stop_after)
 
 
 class Recipe:
-    """One training run of a :class:`~lorafit.config.TrainConfig`."""
+    """One training run of a :class:`~lorafit.config.TrainConfig`.
 
-    def __init__(self, cfg, console: Console | None = None):
+    Built before anything loads: a run that may not write its output folder (or may not resume
+    its checkpoint) fails here with one line, and nothing on disk has changed. ``resume``: continue from the
+    newest checkpoint in output_dir (a config's ``resume_from_checkpoint`` names one and implies it).
+    """
+
+    def __init__(self, cfg, console: Console | None = None, resume: bool = False, overwrite: bool = False):
         self.cfg = cfg
         self.console = console or Console()
-        self.out = ensure_writable_dir(cfg.output_dir, "output_dir")  # before loading anything
+        self.out = check_writable_dir(cfg.output_path, "output_dir")
+        self.fingerprint = fingerprint(cfg)  # what the outputs mean; recorded with them
+        named = cfg.resolve_path(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
+        self.plan = plan_output(self.out, self.fingerprint, resume or named is not None, overwrite, named)
         self.options = cfg.runtime_options()  # resolved once for the whole run
         self.config_dump = cfg.model_dump(mode="json")  # what every checkpoint records
         self.state = TrainState()
 
     # ---- the run, in order ------------------------------------------------------------------------------
-    def run(self, resume: bool = False, stop_after: int | None = None) -> TrainResult:
+    def run(self, stop_after: int | None = None) -> TrainResult:
         self.setup_model()
         self.setup_data()
         self.setup_optimizer()
-        if resume:
+        resumed = self.plan.resume_from is not None
+        if resumed:
             self.resume()
-        self.metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.state.step if resume else None)
+        self.prepare_output()  # the first change on disk: a bad model or dataset has failed by now
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.state.step if resumed else None)
         self.print_header()
         self.last_loss = None
         self.t_start = time.perf_counter() - self.state.elapsed_s
+        window: list[dict] = []  # the steps since the last metrics row (logging_steps)
         with GracefulStop() as stop, TrainProgress(self.total_steps, self.state.step, self.console) as progress:
             while self.state.step < self.total_steps and not stop.requested:
                 record = self.step(self.next_micro_batches())
+                window.append(record)
                 if self.due(self.eval_every) and self.eval_samples:
                     record.update(self.evaluate())
-                self.metrics.write(record)
+                if self.due(self.cfg.logging_steps) or "eval_loss" in record or self.state.step == self.total_steps:
+                    self.metrics.write(logged(window))
+                    window = []
                 progress.update(record)
                 if self.due(self.save_every) and self.state.step < self.total_steps:
                     self.checkpoint()
@@ -125,16 +156,18 @@ class Recipe:
         self.scheduler = scheduler_from_config(self.optimizer, self.cfg, self.total_steps)
 
     def resume(self) -> None:
-        cfg = self.cfg
-        ckpt = Path(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else latest_checkpoint(self.out)
-        if ckpt is None:
-            self.console.print(f"[yellow]note:[/] no complete checkpoint in {self.out}; starting from step 0")
-            return
+        ckpt = self.plan.resume_from  # checked against this config when the recipe was built
         self.state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
         s = self.state
-        self.console.print(f"resumed from {ckpt} (step {s.step}, epoch {s.epoch}, batch {s.batch_index})")
+        self.console.print(f"resumed from {display(ckpt)} (step {s.step}, epoch {s.epoch}, batch {s.batch_index})")
         if s.epoch:
             self.epoch = self.epoch_batches(s.epoch)
+
+    def prepare_output(self) -> None:
+        """Clear what the plan replaces (lorafit's own files only) and record this run in the folder."""
+        for note in self.plan.notes:
+            self.console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)  # one line each
+        prepare_output(self.plan, self.fingerprint, self.cfg.source)
 
     def print_header(self) -> None:
         cfg = self.cfg
@@ -189,7 +222,7 @@ class Recipe:
 
     def checkpoint(self) -> Path:
         return save_checkpoint(self.out, self.model, self.optimizer, self.scheduler, self.state,
-                               self.config_dump, keep=self.cfg.save_total_limit)
+                               self.config_dump, keep=self.cfg.save_total_limit, fingerprint=self.fingerprint)
 
     # ---- the end ----------------------------------------------------------------------------------------
     def finish(self) -> TrainResult:

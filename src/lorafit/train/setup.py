@@ -9,9 +9,16 @@ import torch
 from torch import nn
 
 from lorafit.lora import LoraConfig, apply_lora
-from lorafit.models import load_model_and_tokenizer, train_dtype
+from lorafit.models import apply_special_tokens, load_model_and_tokenizer, train_dtype
 from lorafit.options import RuntimeOptions
 from lorafit.patches import apply_lean_kernels
+
+
+def use_tf32(enabled: bool | None) -> None:
+    """The config's ``tf32``: TF32 matmuls and convolutions on CUDA (None leaves torch's default; CPU unaffected)."""
+    if enabled is not None:
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
 
 
 def seed_everything(seed: int) -> None:
@@ -57,6 +64,10 @@ def make_trainable(model: nn.Module, lora: LoraConfig | None, gradient_checkpoin
 def prepare_model(cfg, options: RuntimeOptions | None = None):
     """Load the base model and tokenizer of ``cfg`` and make it trainable (adapter or full fine-tuning)."""
     options = options or cfg.runtime_options()
-    model, tokenizer = load_model_and_tokenizer(cfg.base_model, train_dtype(cfg), tokenizer=cfg.tokenizer_config)
+    use_tf32(cfg.tf32)
+    model, tokenizer = load_model_and_tokenizer(cfg.base_model, train_dtype(cfg), tokenizer=cfg.tokenizer_config,
+                                                base_dir=cfg.config_dir,
+                                                attn_implementation=cfg.attn_implementation or "sdpa")
+    apply_special_tokens(tokenizer, cfg.special_tokens, model, trains_embeddings=cfg.trains_embeddings)
     make_trainable(model, lora_config_from(cfg) if cfg.is_lora else None, cfg.gradient_checkpointing, options)
     return model, tokenizer
