@@ -3,8 +3,8 @@
 Claims checked: LoRA (1) saves memory, (2) forgets less of what the model knew, (3) works with little data,
 (4) a small rank suits an easy task (16-64 for harder ones). Full fine-tuning and LoRA at several ranks are
 trained on the same token budget (same steps x micro-batch) at two training-set sizes; each run reports the
-measured peak memory of one training step (torch's MemTracker, split by kind, plus process peak RSS),
-tokens/s, trainable parameters, adapter / checkpoint size on disk, held-out exact match and retention
+steady-state peak memory of training (torch's MemTracker over 3 steps with the optimizer's state live, split by
+kind — the same measurement as ``lorafit measure`` — plus process peak RSS), tokens/s, trainable parameters, adapter / checkpoint size on disk, held-out exact match and retention
 (``lorafit.eval.tasks.retention_score``: accuracy and perplexity of the base model's own answers), next to the
 base model's.
 
@@ -26,6 +26,8 @@ Design (see also the generated markdown):
   1400-1499 the validation split for the LR sweep; ``examples/demo/heldout.jsonl`` is only scored.
 - Every run (and every method's sweep) is a subprocess of this script, so memory numbers do not leak
   between runs. Finished runs are written to the JSON file at once; ``--resume`` skips them.
+- The JSON records its provenance (``benchmarks/provenance.py``: commit, CPU and flags, threads, versions,
+  lorafit's runtime options), and each run the runtime options and lean kernels its model trained with.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from provenance import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -105,45 +109,57 @@ def make_cfg(method: str, data: Path, eval_data: Path, steps: int, batch: int, l
     return TrainConfig.from_dict(d, source=f"claims:{method}")
 
 
-class _NoHook:
-    def remove(self) -> None:
-        pass
+MEMORY_STEPS = 3  # steps measured for the peak, as ``lorafit measure`` does (the optimizer's state is live from step 2)
 
 
-def measure_step(cfg) -> dict:
-    """Peak tensor memory of one real training step (MemTracker, by kind) and the process RSS around it."""
-    from torch.distributed._tools.mem_tracker import MemTracker
+def measure_step(cfg, steps: int = MEMORY_STEPS) -> dict:
+    """Steady-state peak tensor memory of real training steps (MemTracker, by kind) and the process RSS.
 
+    The same measurement as ``lorafit measure`` (:func:`lorafit.measure.measure`): ``steps`` steps of the
+    trainer's own code (model from ``prepare_model``, the config's optimizer and scheduler, ``train_step``),
+    each under a fresh tracker that also counts the parameters and the optimizer states earlier steps made; the
+    peak is the largest step's. The first step runs before AdamW has allocated its states, so its peak alone
+    would leave them out. Every step trains on the widest of the first 20 batches.
+    """
+    from lorafit._compat import mem_tracker, skip_frozen_grad_hooks
     from lorafit.data import batches, build_datasets
     from lorafit.lora import count_parameters
     from lorafit.train import prepare_model, seed_everything, train_step
-    from lorafit.train.optim import build_optimizer, build_scheduler
+    from lorafit.train.optim import optimizer_from_config, scheduler_from_config
 
     seed_everything(cfg.seed)
-    model, tok = prepare_model(cfg)
+    options = cfg.runtime_options()
+    model, tok = prepare_model(cfg, options)
     samples, _, _ = build_datasets(cfg, tok)
     batch = max(batches(samples, micro_batch_size=cfg.micro_batch_size, sequence_len=cfg.sequence_len,
                         pad_id=tok.pad_token_id, packing=False, shuffle=True, seed=cfg.seed, epoch=0)[:20],
                 key=lambda b: b["input_ids"].numel())  # the widest of the first batches
     params = count_parameters(model)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, 10)
+    optimizer = optimizer_from_config(model, cfg)
+    scheduler = scheduler_from_config(optimizer, cfg, max(steps, 10))
     model.train()
     rss_before = rss_now()
-    mt = MemTracker()
-    for p in model.parameters():  # frozen parameters cannot take a gradient hook: mark them as done
-        if not p.requires_grad:
-            mt._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
-    mt.track_external(model, optimizer)
-    with mt:
-        train_step(model, optimizer, scheduler, [batch], cfg.max_grad_norm, None)
-    snap = mt.get_tracker_snapshot("peak")
-    dev = next(iter(snap.values())) if snap else {}
-    by_kind = {str(getattr(k, "value", k)): int(v) for k, v in dev.items()}
-    out = {"peak_bytes": by_kind.get("Total", 0), "peak_by_kind": by_kind, "rss_peak_bytes": rss_peak(),
-           "rss_before_step_bytes": rss_before, "mem_batch_shape": list(batch["input_ids"].shape),
-           "trainable_params": params.trainable, "total_params": params.total}
-    del model, optimizer, scheduler, mt
+    per_step = []
+    for _ in range(steps):
+        mt = mem_tracker()
+        skip_frozen_grad_hooks(mt, model)  # frozen parameters (a LoRA base) cannot take a gradient hook
+        mt.track_external(model, optimizer)  # parameters and the optimizer states made by earlier steps
+        with mt:
+            train_step(model, optimizer, scheduler, [batch], cfg.max_grad_norm, cfg.loss_chunk_tokens, options)
+        snap = mt.get_tracker_snapshot("peak")
+        dev = next(iter(snap.values())) if snap else {}
+        per_step.append({str(getattr(k, "value", k)): int(v) for k, v in dev.items()})
+        del mt
+        gc.collect()
+    by_kind = max(per_step, key=lambda d: d.get("Total", 0))
+    out = {"peak_bytes": by_kind.get("Total", 0), "peak_by_kind": by_kind,
+           "peak_step": per_step.index(by_kind) + 1, "mem_steps": steps,
+           "peak_bytes_by_step": [d.get("Total", 0) for d in per_step],
+           "rss_peak_bytes": rss_peak(), "rss_before_step_bytes": rss_before,
+           "mem_batch_shape": list(batch["input_ids"].shape),
+           "trainable_params": params.trainable, "total_params": params.total,
+           "runtime_options": options.to_dict(), "lean_kernels": dict(model.lean_kernels.applied)}
+    del model, optimizer, scheduler
     gc.collect()
     return out
 
@@ -261,7 +277,8 @@ def findings(results: dict) -> list[str]:
         worst = max(ratios)
         verdict = ("holds" if worst <= 0.8 else "holds only weakly" if worst <= 0.95 else "does NOT hold")
         out.append(
-            f"**Memory ({verdict}).** Peak tensor memory of one training step: full FT {full['peak_bytes'] / MB:.0f} MiB, "
+            f"**Memory ({verdict}).** Steady-state peak tensor memory ({meta.get('memory_steps', 1)} training steps, "
+            f"optimizer state live): full FT {full['peak_bytes'] / MB:.0f} MiB, "
             f"LoRA {min(r['peak_bytes'] for r in loras) / MB:.0f}-{max(r['peak_bytes'] for r in loras) / MB:.0f} MiB "
             f"({_pct(min(ratios))}-{_pct(worst)} of full). Weights are the same {k(full, 'Parameter'):.0f} MiB in both "
             f"(LoRA keeps the frozen base). At full FT's peak, gradients + optimizer states hold "
@@ -377,8 +394,9 @@ def write_report(results: dict, stem: Path) -> None:
              f"(so s*r is the same and one LR means the same first-step size at every rank). "
              f"Learning rates: {meta['lr_policy']}. Held-out: {meta['heldout_rows']} rows; retention: "
              f"{meta['retention_rows']} prompts the base model answers right.", "",
-             "Peak memory is MemTracker's peak over one training step (tensors only, split by kind); RSS is the "
-             "whole process (Python, torch, tokenizer included). Produced by `python benchmarks/claims.py"
+             f"Peak memory is MemTracker's steady-state peak: the largest of {meta.get('memory_steps', 1)} training "
+             "steps, each tracked with the parameters and the optimizer states of the steps before (tensors only, "
+             "split by kind; the measurement of `lorafit measure`); RSS is the whole process (Python, torch, tokenizer included). Produced by `python benchmarks/claims.py"
              + {"full": "", "quick": " --quick", "smoke": " --smoke"}[meta["mode"]] + "`.", "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER),
              f"| base model | - | - | - | - | - | - | - | - | {_pct(base['heldout_em'])} | {_pct(base['retention_acc'])} "
@@ -421,7 +439,7 @@ def plot(results: dict, path: Path) -> None:
     ax1.set_xlabel("held-out exact match (%)  → learned more")
     ax1.set_ylabel("retention: perplexity of base model's answers  ↓ forgot less")
     ax1.set_title("task score vs retention (o = large set, ^ = small set)")
-    ax2.set_xlabel("peak tensor memory of one training step (MiB, MemTracker)")
+    ax2.set_xlabel("steady-state peak tensor memory of training (MiB, MemTracker)")
     ax2.set_ylabel("held-out exact match (%)")
     ax2.set_title("memory vs task score")
     for ax in (ax1, ax2):
@@ -524,6 +542,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-sweep", action="store_true", help="use the fixed LRs even in full mode")
     ap.add_argument("--keep-models", action="store_true", help="keep full fine-tuned model folders (0.5 GB each)")
     ap.add_argument("--work", default=str(ROOT / "runs" / "claims"), help="folder for data copies, runs, logs")
+    ap.add_argument("--results-dir", type=Path, default=RESULTS, help="where the JSON, markdown and plot go")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -544,8 +563,9 @@ def main(argv=None) -> int:
         mode["sweep"] = None
     work = Path(args.work) / mode_name
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    out_json = RESULTS / f"{mode['out']}.json"
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results_dir = args.results_dir
+    out_json = results_dir / f"{mode['out']}.json"
+    results_dir.mkdir(parents=True, exist_ok=True)
     files = prepare_data(work, mode["retention_limit"], mode["heldout_limit"])
 
     meta = {"mode": mode_name, "model": "SmolLM2-135M-Instruct (demo, fp32)", "task": "demo date normalisation",
@@ -555,17 +575,21 @@ def main(argv=None) -> int:
             "retention_rows": sum(1 for line in open(files["retention"]) if line.strip()),
             "lr_policy": (f"sweep {mode['sweep']} for {mode['sweep_steps']} steps, lowest validation loss"
                           if mode["sweep"] else f"fixed {FIXED_LR}"),
-            "threads": args.threads}
-    results = {"meta": meta, "base": None, "lr": {}, "runs": {}}
+            "threads": args.threads, "memory_steps": MEMORY_STEPS,
+            "memory": "steady-state MemTracker peak: largest of memory_steps steps, optimizer state live"}
+    # The runs' processes resolve their runtime options from this environment (the configs set none).
+    results = {"meta": meta, "provenance": provenance(threads=args.threads), "base": None, "lr": {}, "runs": {}}
     if args.resume and out_json.is_file():
         old = json.loads(out_json.read_text())
-        same = {k: old.get("meta", {}).get(k) for k in ("mode", "steps", "micro_batch")} == \
-               {k: meta[k] for k in ("mode", "steps", "micro_batch")}
+        keys = ("mode", "steps", "micro_batch", "memory_steps")  # no mixing with first-step (older) memory
+        same = {k: old.get("meta", {}).get(k) for k in keys} == {k: meta[k] for k in keys}
         if not same:
             print(f"{out_json} was made with other settings ({old.get('meta')}); not resuming. "
                   "Remove it or drop --resume.")
             return 2
         results.update({k: old.get(k, results[k]) for k in ("base", "lr", "runs")})
+        if old.get("provenance"):  # the kept runs were measured under these
+            results["provenance_earlier"] = [*old.get("provenance_earlier", []), old["provenance"]]
         print(f"resuming: {len(results['runs'])} finished run(s) kept")
     t_all = time.perf_counter()
     common = {"threads": args.threads, "work": str(work), "heldout": str(HELDOUT),
@@ -631,8 +655,8 @@ def main(argv=None) -> int:
     results["meta"]["wall_s_this_invocation"] = time.perf_counter() - t_all
     save(results, out_json)
 
-    write_report(results, RESULTS / mode["out"])
-    print(f"wrote {out_json}, {mode['out']}.md, {mode['out']}.png in {RESULTS} "
+    write_report(results, results_dir / mode["out"])
+    print(f"wrote {out_json}, {mode['out']}.md, {mode['out']}.png in {results_dir} "
           f"({time.perf_counter() - t_all:.0f} s)")
     return 0
 

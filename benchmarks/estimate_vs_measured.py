@@ -3,7 +3,9 @@
 Each configuration runs in a fresh subprocess (peaks cannot leak between rows): build the model (random
 weights from a transformers config of the given shape, or the real demo model), attach the adapter as the
 trainer does, run 3 steps of ``lorafit.train.train_step``, take the peak; compare with
-``lorafit.memory.estimate`` (tensor memory, no framework overhead).
+``lorafit.memory.estimate`` (tensor memory, no framework overhead). The JSON records its provenance
+(``benchmarks/provenance.py``: commit, CPU and flags, threads, versions, lorafit's runtime options) and each row
+the runtime options it was measured and estimated with (``--reestimate`` uses them).
 
     .venv/bin/python benchmarks/estimate_vs_measured.py            # all rows, writes results JSON
     .venv/bin/python benchmarks/estimate_vs_measured.py --quick    # 5 rows
@@ -21,6 +23,8 @@ import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+
+from provenance import provenance
 
 from lorafit.memory.spec import ModelSpec
 
@@ -92,7 +96,7 @@ def run_one(shape: str, settings: dict, steps: int, device: str) -> dict:
     return {"shape": shape, "settings": settings, "device": device, "estimate_bytes": est.allocated_peak,
             "measured_bytes": m.peak, "error_pct": 100.0 * (est.allocated_peak - m.peak) / m.peak,
             "peak_moment": est.peak_moment, "measured_by_kind": m.by_kind, "seconds": time.perf_counter() - t0,
-            "model": asdict(spec)}
+            "model": asdict(spec), "runtime": s.runtime.to_dict()}
 
 
 def _print_row(i: int, row: dict) -> None:
@@ -116,11 +120,15 @@ def reestimate(path: Path) -> int:
     data = json.loads(path.read_text())
     print(f"{'#':>2} {'shape':15} {'settings':70} {'estimate':>9} {'measured':>9} {'error':>7}")
     for i, row in enumerate(data["rows"]):
-        est = estimate(ModelSpec(**row["model"]), Settings(**row["settings"], device="cpu"))
+        # the options the row was measured with (older files record none: this environment's)
+        runtime = row.get("runtime") or {}
+        s = Settings(**row["settings"], device="cpu", **({"runtime": runtime} if runtime else {}))
+        est = estimate(ModelSpec(**row["model"]), s)
         row.update(estimate_bytes=est.allocated_peak, peak_moment=est.peak_moment,
                    error_pct=100.0 * (est.allocated_peak - row["measured_bytes"]) / row["measured_bytes"])
         _print_row(row.get("row", i), row)
     _summary(data["rows"])
+    data["reestimated"] = provenance()  # the estimator's code now; the measured peaks keep "provenance"
     path.write_text(json.dumps(data, indent=2) + "\n")
     print(f"rescored {path}")
     return 0
@@ -166,7 +174,9 @@ def main() -> int:
         _summary(results)
         if not args.rows and (args.cuda or not args.quick):
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({"device": device, "rows": results}, indent=2) + "\n")
+            # the rows' processes resolve their options from this environment (Settings' default)
+            out.write_text(json.dumps({"device": device, "provenance": provenance(), "rows": results},
+                                      indent=2) + "\n")
             print(f"wrote {out}")
     return 0
 

@@ -9,7 +9,8 @@ compare::
     PYTHONPATH=/path/to/old/src .venv/bin/python benchmarks/fingerprint.py --out /tmp/old.json
     .venv/bin/python benchmarks/fingerprint.py --out /tmp/new.json --compare /tmp/old.json
 
-(about 5 minutes on 2 cores). A restructuring that claims "same math" shows every row equal.
+(about 5 minutes on 2 cores). A restructuring that claims "same math" shows every row equal. The JSON records
+its provenance (``benchmarks/provenance.py``); it is not compared.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+
+from provenance import provenance
 
 CASES = {
     "lora-fp32-d0": {}, "lora-bf16-d0": {"bf16": True}, "lora-fp32-d05": {"lora_dropout": 0.05},
@@ -102,9 +105,12 @@ def estimates() -> dict:
     return out
 
 
+NOT_COMPARED = ("estimates", "provenance")  # estimates are compared below; provenance differs by design
+
+
 def compare(new: dict, old: dict) -> int:
     differ = 0
-    for key in sorted(k for k in old if k != "estimates"):
+    for key in sorted(k for k in old if k not in NOT_COMPARED):
         a, b = old[key], new.get(key, {})
         same = a.get("losses") == b.get("losses") and a.get("params") == b.get("params")
         differ += not same
@@ -126,6 +132,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as work:
         result = losses(Path(work))
     result["estimates"] = estimates()
+    result["provenance"] = provenance()  # the runs resolve their options from this environment (no config keys)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
     return compare(result, json.loads(args.compare.read_text())) if args.compare else 0

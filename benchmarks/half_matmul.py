@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from provenance import provenance
 
 from lorafit.options import RuntimeOptions, cpu_flags
 
@@ -69,7 +70,8 @@ def main() -> int:
     cpu = {"capability": torch.backends.cpu.get_cpu_capability(), "amx": "amx_tile" in flags,
            "avx512_bf16": "avx512_bf16" in flags, "threads": args.threads}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"cpu": cpu, "rows": rows, "faster": faster, "lorafit_picks": choice}, indent=1) + "\n")
+    args.out.write_text(json.dumps({"cpu": cpu, "rows": rows, "faster": faster, "lorafit_picks": choice,
+                                    "provenance": provenance(runtime)}, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
 

@@ -12,9 +12,14 @@ Settings (from issue 5): LoRA r=16, alpha 16, dropout 0.05, all linear layers, b
 token trained, AdamW lr 1e-4 without weight decay, gradient clipping 1.0, random-weight model of the given
 shape (seed 0), random token ids. Memory: ``MemTracker`` peak of one extra step after the timed ones (tensor
 bytes, split by kind); RSS high-water over the timed steps (VmHWM reset before them); ``ru_maxrss`` of the
-whole process (includes building the model). The ``exact`` check: dropout 0, fp32, the first 20 steps —
-lorafit's and PEFT's losses must agree to 1e-4 relative. Writes ``benchmarks/results/peer.json``
-(``peer_cuda.json`` on CUDA, ``peer_profile.json`` for ``--profile``).
+whole process (includes building the model). The ``exact`` check: dropout 0, fp32, the first 20 steps of
+lorafit and the PEFT loop from the same adapter — the per-step losses must agree to 1e-5 relative, and the
+adapters after the steps: each module's ``B @ A`` to 1e-3 and each matrix's update (trained minus initial
+weights) to 3e-3 relative (Frobenius norm of the difference over PEFT's). Both are printed. A wrong update
+breaks the weight bounds (a learning rate 1% off moves both by ~1e-2): ``--exact-lr-scale 1.01`` shows it.
+Every results file records its provenance (``benchmarks/provenance.py``: commit, CPU and flags, threads,
+versions, lorafit's runtime options). Writes ``benchmarks/results/peer.json`` (``peer_cuda.json`` on CUDA, ``peer_profile.json`` for
+``--profile``).
 """
 
 from __future__ import annotations
@@ -27,8 +32,11 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+from provenance import provenance
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -37,7 +45,14 @@ RESULTS = HERE / "results"
 RESULT_TAG = "PEER_RESULT "
 IMPLS = ("lorafit", "peft-loop", "peft-trainer")
 PEERS = ("peft-loop", "peft-trainer")
-EXACT_RTOL = 1e-4
+EXACT_RTOL = 1e-5  # per-step losses, relative (measured 1e-7 to 3e-7: at lr 1e-4 on random tokens the loss
+# hardly moves, so the losses alone cannot tell a wrong update from a right one; the weights can)
+# Adapter weights after the steps (see adapter_diff), relative Frobenius differences. A learning rate 1% off
+# makes both ~1e-2. Measured on the 4-layer 135M shape (AVX2, 1 thread): B @ A per module 7.9e-5 after 20
+# steps; the update of an A matrix 2.9e-4 after 20 steps, 6.1e-4 after 5 (A's first non-zero Adam step, while B
+# is still ~0, is nearly lr·sign(grad): rounding in a near-zero gradient moves it by a whole step).
+EXACT_DELTA_RTOL = 1e-3  # per module, B @ A
+EXACT_UPDATE_RTOL = 3e-3  # per matrix, trained minus initial weights
 MiB = 1024**2
 
 CPU_CONFIGS = {
@@ -69,6 +84,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, help="untimed steps per run (default 2; quick 1)")
     p.add_argument("--steps", type=int, help="timed steps per run (default 5; quick 2)")
     p.add_argument("--exact-steps", type=int, help="steps of the exactness check (default 20; quick 5)")
+    p.add_argument("--adapter-dir", type=Path, help="keep the exactness runs' adapters here (default: a temporary "
+                   "folder, removed)")
+    p.add_argument("--exact-lr-scale", type=float, default=1.0,
+                   help="scale lorafit's learning rate in the exactness check (1.01: a wrong update it must catch)")
     p.add_argument("--repeats", type=int, default=1, help="runs per (configuration, implementation); median taken")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per run")
     p.add_argument("--batch", type=int, default=4)
@@ -114,6 +133,9 @@ def base_spec(args, name: str, cfg: dict, impl: str) -> dict:
         "dropout": 0.0 if exact else args.dropout, "seed": 0, "threads": args.threads, "device": args.device,
         "warmup": 0 if exact else args.warmup, "steps": args.exact_steps if exact else args.steps,
         "memory": not (exact or args.no_memory), "profile": False, "floor": not exact and impl == "lorafit",
+        **({"adapter_out": str(Path(args.adapter_dir) / f"{name}-{impl}.safetensors")}
+           if exact and getattr(args, "adapter_dir", None) else {}),
+        **({"lr_scale": args.exact_lr_scale} if exact and impl == "lorafit" and args.exact_lr_scale != 1.0 else {}),
     }
 
 
@@ -175,9 +197,18 @@ def compare(config: str, row: dict, impls: dict) -> dict:
     if spec["warmup"] == 0 and spec["dropout"] == 0.0 and "peft-loop" in row and lf.get("losses"):
         a, b = lf["losses"], row["peft-loop"].get("losses") or []
         rel = [abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b, strict=False)]
-        out["exact"] = {"steps": len(rel), "max_rel_diff": max(rel) if rel else None,
-                        "passed": bool(rel) and len(rel) == spec["steps"] and max(rel) <= EXACT_RTOL,
-                        "rtol": EXACT_RTOL}
+        files = {r["impl"]: r["spec"].get("adapter_out") for rs in impls.values() for r in rs if "error" not in r}
+        weights = adapter_diff_files(files.get("lorafit"), files.get("peft-loop"))
+        losses_ok = bool(rel) and len(rel) == spec["steps"] and max(rel) <= EXACT_RTOL
+        weights_ok = (weights is not None and "error" not in weights and weights["same_init"]
+                      and weights["max_delta_rel"] <= EXACT_DELTA_RTOL
+                      and weights["max_update_rel"] <= EXACT_UPDATE_RTOL)
+        lorafit_spec = next((r["spec"] for r in impls.get("lorafit", [])), {})
+        out["exact"] = {"steps": len(rel), "max_rel_diff": max(rel) if rel else None, "rtol": EXACT_RTOL,
+                        "losses_passed": losses_ok, "weights": weights, "delta_rtol": EXACT_DELTA_RTOL,
+                        "update_rtol": EXACT_UPDATE_RTOL,
+                        "weights_passed": weights_ok, "passed": losses_ok and weights_ok,
+                        "lorafit_lr_scale": lorafit_spec.get("lr_scale", 1.0)}
         return out
     if not peers or not lf.get("tokens_per_s"):
         return out
@@ -194,6 +225,55 @@ def compare(config: str, row: dict, impls: dict) -> dict:
     out["ratios_vs"] = {k: {"tokens_per_s": ratio("tokens_per_s", v), "memtracker_peak": ratio("memtracker_peak", v)}
                         for k, v in peers.items()}
     return out
+
+
+def adapter_diff(ours: dict, theirs: dict) -> dict:
+    """How far adapter ``ours`` is from ``theirs`` (``{"<module>.A": final, "<module>.A.init": initial, …}``, as
+    ``peer_worker`` writes them), in relative Frobenius norms (the largest over matrices or modules, and where):
+
+    * ``update``: per matrix, of the update (trained minus initial weights: what training wrote);
+    * ``weight``: per matrix, of the final weights;
+    * ``delta``: per module, of ``B @ A`` (the change the adapter makes to the layer's weight, up to the
+      scaling both sides share).
+    """
+    keys = sorted(k for k in theirs if not k.endswith(".init"))
+    if not keys or set(keys) != {k for k in ours if not k.endswith(".init")}:
+        return {"error": "the two adapters have different matrices", "matrices": len(keys)}
+
+    def rel(x, y):
+        return ((x - y).norm() / y.norm().clamp_min(1e-30)).item()
+
+    upd, wt, delta, moved, max_abs = {}, {}, {}, {}, 0.0
+    for k in keys:
+        x, y, x0, y0 = ours[k].double(), theirs[k].double(), ours[k + ".init"].double(), theirs[k + ".init"].double()
+        upd[k], wt[k], moved[k] = rel(x - x0, y - y0), rel(x, y), rel(y, y0)
+        max_abs = max(max_abs, (x - y).abs().max().item())
+    for m in sorted({k[:-2] for k in keys}):
+        delta[m] = rel(ours[m + ".B"].double() @ ours[m + ".A"].double(),
+                       theirs[m + ".B"].double() @ theirs[m + ".A"].double())
+
+    def worst(d: dict, suffix: str = "") -> tuple[float, str]:
+        k = max((k for k in d if k.endswith(suffix)), key=d.get)
+        return d[k], k
+
+    out = {"matrices": len(keys), "modules": len(delta), "max_abs_diff": max_abs,
+           "same_init": all(ours[k + ".init"].equal(theirs[k + ".init"]) for k in keys),
+           "min_moved_rel": min(moved.values())}  # how far PEFT's least-moved matrix went from its start
+    for name, d in (("update", upd), ("weight", wt), ("delta", delta)):
+        out[f"max_{name}_rel"], out[f"worst_{name}"] = worst(d)
+    for part in ("A", "B"):
+        out[f"max_update_rel_{part}"], _ = worst(upd, "." + part)
+        out[f"max_weight_rel_{part}"], _ = worst(wt, "." + part)
+    return out
+
+
+def adapter_diff_files(ours: str | None, theirs: str | None) -> dict | None:
+    """:func:`adapter_diff` of two files written by ``peer_worker`` (None when either is missing)."""
+    if not (ours and theirs and Path(ours).is_file() and Path(theirs).is_file()):
+        return None
+    from safetensors.torch import load_file
+
+    return adapter_diff(load_file(ours), load_file(theirs))
 
 
 def _mib(x):
@@ -242,8 +322,20 @@ def print_table(summary: dict, device: str) -> None:
             e = s["exact"]
             verdict = "[green]PASS[/]" if e["passed"] else "[red]FAIL[/]"
             diff = f"{e['max_rel_diff']:.2e}" if e["max_rel_diff"] is not None else "n/a"
-            console.print(f"exactness ({config}): dropout 0, fp32, {e['steps']} steps, lorafit vs peft-loop losses: "
-                          f"max relative difference {diff} (bound {e['rtol']:g}) {verdict}")
+            w = e.get("weights") or {}
+            scale = f", lorafit lr × {e['lorafit_lr_scale']:g}" if e.get("lorafit_lr_scale", 1.0) != 1.0 else ""
+            console.print(f"exactness ({config}): dropout 0, fp32, {e['steps']} steps{scale}, lorafit vs peft-loop: "
+                          f"losses max relative difference {diff} (bound {e['rtol']:g}); ", highlight=False, end="")
+            if "max_update_rel" in w:
+                console.print(f"adapters after the steps: B @ A max relative difference {w['max_delta_rel']:.2e} "
+                              f"(bound {e['delta_rtol']:g}; {w['worst_delta']}), updates {w['max_update_rel']:.2e} "
+                              f"(bound {e['update_rtol']:g}; {w['worst_update']}), final weights "
+                              f"{w['max_weight_rel']:.2e} relative / {w['max_abs_diff']:.2e} absolute "
+                              f"({w['matrices']} matrices{'' if w['same_init'] else ', DIFFERENT initial adapters'}) "
+                              f"{verdict}", highlight=False)
+            else:
+                console.print(f"adapter weights not compared ({w.get('error', 'no adapter files')}) {verdict}",
+                              highlight=False)
 
 
 def _cpu_flags() -> list[str]:
@@ -315,7 +407,8 @@ def run_profile(args) -> None:
                   "| block 0 saved activations:", _mib(m.get("block0_saved_activations")), "MiB")
         results.append(strip(res))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine_info(args), "runs": results}, indent=1) + "\n")
+    payload = {"machine": machine_info(args), "provenance": provenance(threads=args.threads), "runs": results}
+    out.write_text(json.dumps(payload, indent=1) + "\n")
     print(f"wrote {out}")
 
 
@@ -344,25 +437,33 @@ def main(argv=None) -> int:
         table = {c: known[c] for c in args.configs.split(",")}
     out = args.out or RESULTS / ("peer_cuda.json" if args.device == "cuda" else "peer.json")
     info = machine_info(args)
-    runs = plan(args, table)
-    print(f"{len(runs)} runs, {args.threads} thread(s), CPU capability {info['cpu_capability']} "
-          f"{' '.join(info['cpu_flags'])}, load average {info['loadavg_start'][0]:.2f}", flush=True)
+    prov = provenance(threads=args.threads)  # the workers resolve their options from this environment
     results, t_start = [], time.perf_counter()
-    for i, spec in enumerate(runs, 1):
-        res = run_one(spec, args.timeout)
-        results.append(res)
-        what = f"[{i}/{len(runs)}] {spec['config']:<18} {spec['impl']:<13}"
-        if "error" in res:
-            print(f"{what} ERROR {res['error'][-800:]}", flush=True)
-        else:
-            tps = f"{res['tokens_per_s']:.0f} tok/s" if res.get("tokens_per_s") else ""
-            print(f"{what} {tps:>12}  ({res['process_s']:.0f} s, load {res['loadavg_1m']:.2f})", flush=True)
-    summary = summarise(results)
+    keep = args.adapter_dir
+    if keep:
+        keep.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="peer-adapters-") as tmp:
+        args.adapter_dir = keep or tmp  # the exactness runs write their adapters here; compared in summarise
+        runs = plan(args, table)
+        print(f"{len(runs)} runs, {args.threads} thread(s), CPU capability {info['cpu_capability']} "
+              f"{' '.join(info['cpu_flags'])}, load average {info['loadavg_start'][0]:.2f}", flush=True)
+        for i, spec in enumerate(runs, 1):
+            res = run_one(spec, args.timeout)
+            results.append(res)
+            what = f"[{i}/{len(runs)}] {spec['config']:<18} {spec['impl']:<13}"
+            if "error" in res:
+                print(f"{what} ERROR {res['error'][-800:]}", flush=True)
+            else:
+                tps = f"{res['tokens_per_s']:.0f} tok/s" if res.get("tokens_per_s") else ""
+                print(f"{what} {tps:>12}  ({res['process_s']:.0f} s, load {res['loadavg_1m']:.2f})", flush=True)
+        summary = summarise(results)  # reads the adapter files
+    args.adapter_dir = keep
     info["wall_s"] = time.perf_counter() - t_start
     info["loadavg_end"] = os.getloadavg()
     print_table(summary, args.device)
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": info, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    payload = {"machine": info, "provenance": prov,
+               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "summary": summary, "runs": [strip(r) for r in results]}
     out.write_text(json.dumps(payload, indent=1) + "\n")
     print(f"wrote {out} in {info['wall_s'] / 60:.1f} min")

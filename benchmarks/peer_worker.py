@@ -13,7 +13,10 @@ the same order and use the same optimizer settings (AdamW lr 1e-4, betas 0.9/0.9
 decay, constant schedule, gradient clipping at 1.0). Each uses the AdamW implementation it picks by itself:
 lorafit and the Trainer torch's fused kernel, the plain loop ``torch.optim.AdamW(params)`` as written.
 Steps: ``warmup`` untimed, ``steps`` timed, then (optionally) one more step under ``MemTracker`` for the
-memory breakdown, so the tracker never slows the timed steps. Prints one line ``PEER_RESULT <json>``.
+memory breakdown, so the tracker never slows the timed steps. With ``adapter_out`` in the spec (the exactness
+check), the adapter before the first step and after the last timed one is written there (safetensors, keys
+``<module>.A`` / ``<module>.B`` and ``….init``) for ``peer.py`` to compare. ``lr_scale`` (lorafit only) scales
+the learning rate: a wrong update the exactness check must catch. Prints one line ``PEER_RESULT <json>``.
 """
 
 from __future__ import annotations
@@ -103,6 +106,31 @@ def trainable(model) -> list[torch.nn.Parameter]:
 
 def adamw(params):
     return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+
+
+def adapter_tensors(model) -> dict[str, torch.Tensor]:
+    """The adapter as fp32 copies, ``{"<module>.A": A, "<module>.B": B}`` with module paths relative to the causal
+    LM (the same on both sides: lorafit's ``named_lora_layers`` and PEFT's names less ``base_model.model.``)."""
+    from lorafit.lora import LoraLinear
+
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoraLinear):
+            a, b = m.lora_A, m.lora_B
+        elif hasattr(m, "lora_A") and hasattr(m.lora_A, "keys") and "default" in m.lora_A.keys():  # PEFT
+            a, b = m.lora_A["default"], m.lora_B["default"]
+        else:
+            continue
+        name = name.removeprefix("base_model.model.")
+        out[f"{name}.A"] = a.weight.detach().float().cpu().clone()
+        out[f"{name}.B"] = b.weight.detach().float().cpu().clone()
+    return out
+
+
+def save_adapter_pair(path: str, init: dict, final: dict) -> None:
+    from safetensors.torch import save_file
+
+    save_file({**final, **{f"{k}.init": v for k, v in init.items()}}, path)
 
 
 def prepare_lorafit(spec: dict):
@@ -209,7 +237,8 @@ def run_lorafit(spec, device, rec: Recorder):
     model = prepare_lorafit(spec).to(device)
     model.train()
     # lorafit train's own optimizer (torch's fused AdamW), with the shared settings
-    opt = build_optimizer(model, "adamw_torch", lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
+    opt = build_optimizer(model, "adamw_torch", lr=1e-4 * spec.get("lr_scale", 1.0), weight_decay=0.0,
+                          betas=(0.9, 0.999), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     options = model.lean_kernels.options
     return model, opt, lambda b: train_step(model, opt, sched, [b], 1.0, options=options)["loss"]
@@ -236,6 +265,7 @@ def run_peft_loop(spec, device, rec: Recorder):
 
 def loop(spec, device, rec: Recorder, impl_fn):
     model, opt, step = impl_fn(spec, device, rec)
+    init = adapter_tensors(model) if spec.get("adapter_out") else None
     n_total = spec["warmup"] + spec["steps"] + (1 if spec["memory"] else 0) + (1 if spec["profile"] else 0)
     batches = make_batches(spec, model.config.vocab_size, n_total, device)
     i = 0
@@ -251,6 +281,8 @@ def loop(spec, device, rec: Recorder, impl_fn):
         rec.times.append(time.perf_counter() - t0)
         i += 1
     rec.after_timed()
+    if init is not None:  # before the memory / profile steps, which train further
+        save_adapter_pair(spec["adapter_out"], init, adapter_tensors(model))
     if spec["profile"]:
         rec.profile = profile_step(lambda: step(batches[n_total - 1 - (1 if spec["memory"] else 0)]))
     if spec["memory"] and device.type == "cpu":
@@ -397,6 +429,10 @@ def main(spec: dict) -> dict:
         res["cuda_max_reserved"] = rec.cuda_reserved
     if getattr(rec, "profile", None):
         res["profile"] = rec.profile
+    handle = getattr(model, "lean_kernels", None)
+    if handle is not None:  # lorafit: the runtime options its kernels ran with, and which lean paths were on
+        res["lean_kernels"] = {"options": handle.options.to_dict(), "describe": handle.options.describe(),
+                               "applied": dict(handle.applied)}
     if spec.get("floor"):
         cfg = model.config
         dtype = DTYPES[spec["dtype"]]
