@@ -25,9 +25,9 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def display(path: str | os.PathLike) -> str:
     """``path`` as the user will recognise it: relative to the working directory when it lies below it."""
-    p = Path(path)
+    p = Path(os.path.normpath(Path(path).absolute()))  # "examples/../runs/demo" reads as "runs/demo"
     try:
-        return str(p.absolute().relative_to(Path.cwd()))
+        return str(p.relative_to(Path.cwd()))
     except ValueError:
         return str(p)
 

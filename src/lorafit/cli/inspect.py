@@ -48,7 +48,8 @@ def inspect_adapter(path: Path, console: Console) -> None:
     size = weights.stat().st_size if weights.exists() else 0
     scaling = config.alpha / (config.r ** 0.5 if config.use_rslora else config.r)
     console.print(
-        f"r={config.r} alpha={config.alpha} scaling={scaling:.4g} dropout={config.dropout} "
+        f"{'DoRA ' if config.use_dora else ''}r={config.r} alpha={config.alpha} scaling={scaling:.4g} "
+        f"dropout={config.dropout} "
         f"targets={config.target_modules} | {total:,} parameters, {size / 2**20:.2f} MiB on disk"
     )
 

@@ -84,7 +84,6 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "fsdp": "FSDP is not supported yet; remove it (lorafit runs multi-device training with torchrun)",
     "gptq": "GPTQ models are not supported",
     "lora_model_dir": "continuing from an existing adapter is not supported yet; use resume_from_checkpoint",
-    "peft_use_dora": "DoRA is not supported yet",
     "rl": "preference training (DPO/KTO/ORPO/GRPO) is not supported; lorafit does supervised fine-tuning",
     "unfrozen_parameters": "training extra base parameters is not supported yet; use lora_modules_to_save",
     "sequence_parallel_degree": "sequence parallelism is not supported",

@@ -99,6 +99,7 @@ class TrainConfig(BaseModel):
     lora_target_linear: bool = False
     lora_modules_to_save: list[str] | None = None
     peft_use_rslora: bool = False
+    peft_use_dora: bool = False  # DoRA (PEFT's use_dora): a trained magnitude per output row
     lora_init: Literal["kaiming", "gaussian", "pissa"] = "kaiming"
     lora_layers_to_transform: list[int] | None = None
 
@@ -231,6 +232,8 @@ class TrainConfig(BaseModel):
                 "adapter is lora but no target modules are given; set lora_target_linear: true "
                 "(all linear layers) or lora_target_modules: [q_proj, v_proj, ...]"
             )
+        if self.peft_use_dora and self.lora_init == "pissa":
+            raise ValueError("peft_use_dora and lora_init: pissa cannot be combined; use lora_init kaiming or gaussian")
         if self.test_datasets and self.val_set_size:
             raise ValueError("test_datasets and val_set_size are both set; use one source of eval data")
         if self.chat_template == "jinja":

@@ -31,6 +31,7 @@ class LoraConfig:
     target_modules: list[str] | str = ALL_LINEAR
     bias: str = "none"
     use_rslora: bool = False
+    use_dora: bool = False  # DoRA (Liu et al. 2024): a trained magnitude per output row (lora.variants)
     init: str = "kaiming"
     modules_to_save: list[str] | None = None
     layers_to_transform: list[int] | None = None
@@ -52,6 +53,9 @@ class LoraConfig:
             raise LorafitError(f"lora bias: got {self.bias!r}, allowed: {', '.join(BIAS_MODES)}")
         if self.init not in INIT_MODES:
             raise LorafitError(f"lora init: got {self.init!r}, allowed: {', '.join(INIT_MODES)}")
+        if self.use_dora and self.init == "pissa":
+            # PiSSA adapters are saved converted to plain LoRA (lora.io), which has no form for DoRA's magnitude
+            raise LorafitError("lora init pissa cannot be combined with DoRA (use_dora); use kaiming or gaussian")
         if isinstance(self.target_modules, str):
             if self.target_modules != ALL_LINEAR:
                 try:
@@ -92,7 +96,7 @@ class LoraConfig:
             "target_modules": targets,
             "bias": self.bias,
             "use_rslora": self.use_rslora,
-            "use_dora": False,
+            "use_dora": self.use_dora,
             "init_lora_weights": {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa"}[self.init],
             "modules_to_save": self.modules_to_save,
             "layers_to_transform": self.layers_to_transform,
@@ -108,8 +112,6 @@ class LoraConfig:
     def from_peft_dict(cls, d: dict[str, Any], source: str = "adapter_config.json") -> LoraConfig:
         if d.get("peft_type", "LORA") != "LORA":
             raise LorafitError(f"{source}: peft_type {d.get('peft_type')!r} is not LORA; lorafit loads LoRA adapters only")
-        if d.get("use_dora"):
-            raise LorafitError(f"{source}: DoRA adapters (use_dora: true) are not supported yet")
         init = d.get("init_lora_weights", True)
         targets = d.get("target_modules") or ALL_LINEAR
         if isinstance(targets, set | tuple):
@@ -122,6 +124,7 @@ class LoraConfig:
                 target_modules=targets,
                 bias=d.get("bias", "none"),
                 use_rslora=bool(d.get("use_rslora", False)),
+                use_dora=bool(d.get("use_dora", False)),
                 init="gaussian" if init == "gaussian" else "kaiming",
                 modules_to_save=d.get("modules_to_save"),
                 layers_to_transform=_as_list(d.get("layers_to_transform")),

@@ -18,6 +18,7 @@ from lorafit import targets as targets_rule
 from lorafit.errors import LorafitError
 from lorafit.lora.config import ALL_LINEAR, LoraConfig
 from lorafit.lora.layer import WRAPPABLE, LoraLinear
+from lorafit.lora.variants import DORA, PLAIN
 from lorafit.options import RuntimeOptions
 
 
@@ -90,6 +91,7 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_dtype: torch.dtype 
             init=config.init,
             adapter_dtype=adapter_dtype,
             options=options,
+            variant=DORA if config.use_dora else PLAIN,
         )
         _set_submodule(model, name, layer)
     _mark_bias_trainable(model, config.bias)
@@ -132,7 +134,8 @@ def _require_lora(model: nn.Module) -> list[LoraLinear]:
 
 
 def merge(model: nn.Module, safe: bool = False) -> nn.Module:
-    """Add each adapter's ``s·B A`` into its base weight. ``safe`` checks every result for NaN/inf first."""
+    """Fold each adapter into its base weight (``s·B A`` added; DoRA: the rescaled weight written). ``safe``
+    checks every result for NaN/inf first."""
     layers = _require_lora(model)
     if safe:
         for name, layer in named_lora_layers(model):

@@ -1,6 +1,7 @@
 """Adapters on disk in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-Keys are PEFT's: ``base_model.model.<module path>.lora_A.weight`` (the adapter name is not stored), plus
+Keys are PEFT's: ``base_model.model.<module path>.lora_A.weight`` (the adapter name is not stored), a
+variant's own tensors (DoRA: ``base_model.model.<module path>.lora_magnitude_vector``, no ``.weight``), plus
 ``base_model.model.<path>.weight`` for ``modules_to_save`` and trainable biases. Files are written to a
 temporary name and renamed into place, so a crash never leaves a half-written adapter.
 """
@@ -41,8 +42,10 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             a, b = torch.cat([a, init[0]], 0), torch.cat([b, -init[1]], 1)
         state[f"{PREFIX}{name}.lora_A.weight"] = a
         state[f"{PREFIX}{name}.lora_B.weight"] = b
+        for key, t in layer.variant.tensors(layer).items():
+            state[f"{PREFIX}{name}.{key}"] = t.detach()
     for pname, p in model.named_parameters():
-        if p.requires_grad and ".lora_A." not in pname and ".lora_B." not in pname:
+        if p.requires_grad and PREFIX + pname not in state and ".lora_A." not in pname and ".lora_B." not in pname:
             state[PREFIX + pname] = p.detach()  # modules_to_save and trainable biases, under PEFT's names
     return {k: v.contiguous().cpu() for k, v in state.items()}
 
@@ -135,8 +138,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable: bool
 def copy_adapter_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """Copy PEFT-named tensors into a model that already has its LoRA layers, after checking they fit.
 
-    Every tensor must have a place of the same shape, and every LoRA layer must get its A and B; otherwise
-    the error says which tensor differs (``where`` names the file in the message).
+    Every tensor must have a place of the same shape, and every LoRA layer must get its A and B (DoRA: and its
+    magnitude); otherwise the error says which tensor differs (``where`` names the file in the message).
     """
     own = {f"{PREFIX}{n}": p for n, p in model.named_parameters()}
     for name, _ in named_lora_layers(model):  # older files name wrapped layers' biases without ".base_layer"
@@ -155,8 +158,9 @@ def copy_adapter_weights(model: nn.Module, state: dict[str, torch.Tensor], where
                 f"{where}: {key} has shape {tuple(tensor.shape)} but the model expects "
                 f"{tuple(own[key].shape)}; it was trained on a different base model (or r differs)"
             )
-    missing = [f"{PREFIX}{n}.lora_{ab}.weight" for n, _ in named_lora_layers(model) for ab in "AB"
-               if f"{PREFIX}{n}.lora_{ab}.weight" not in state]
+    needed = [f"{PREFIX}{n}.{key}" for n, layer in named_lora_layers(model)
+              for key in ("lora_A.weight", "lora_B.weight", *layer.variant.tensors(layer))]
+    missing = [k for k in needed if k not in state]
     if missing:
         raise LorafitError(f"{where}: no weights for {missing[0]} (and {len(missing) - 1} more)")
     with torch.no_grad():

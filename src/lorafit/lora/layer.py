@@ -9,8 +9,8 @@ adapter leaves the model unchanged. Merging adds ``s · B A`` to ``W``; unmergin
 
 The math is the layer's variant's (:mod:`lorafit.lora.variants`; plain LoRA runs
 :class:`lorafit.kernels.lora_branch.LoraLinearFunction`, which saves far less for backward than autograd would:
-why and what, see that module); siblings that read the same input may run as one function instead
-(:mod:`lorafit.lora.group`).
+why and what, see that module; DoRA adds a magnitude vector, :mod:`lorafit.kernels.dora`); siblings that read
+the same input may run as one function instead (:mod:`lorafit.lora.group`).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class LoraLinear(nn.Module):
         sr = sv[: self.r] / self.scaling
         self.lora_A.weight.copy_(torch.diag(sr.sqrt()) @ vh[: self.r])
         self.lora_B.weight.copy_(u[:, : self.r] @ torch.diag(sr.sqrt()))
-        self._add_to_weight(-self.delta_weight())
+        self._add_to_weight(-PLAIN.delta_weight(self))  # s·B A, whatever the variant
         # The starting point, to save the trained adapter as plain LoRA against the original W (see io.py).
         self.pissa_init = (self.lora_A.weight.detach().clone(), self.lora_B.weight.detach().clone())
 
@@ -115,13 +115,18 @@ class LoraLinear(nn.Module):
         return w.t() if self.fan_in_fan_out else w
 
     def delta_weight(self) -> torch.Tensor:
-        """The update to the base weight in fp32, shaped (out × in) (``s · B A`` for plain LoRA)."""
+        """What merging adds to the base weight, in fp32, shaped (out × in) (``s · B A`` for plain LoRA)."""
         return self.variant.delta_weight(self)
 
     @torch.no_grad()
     def _add_to_weight(self, delta: torch.Tensor) -> None:
         w = self.base_layer.weight
         w.add_((delta.t() if self.fan_in_fan_out else delta).to(w.dtype))
+
+    @torch.no_grad()
+    def _set_weight(self, weight: torch.Tensor) -> None:
+        """Overwrite the base weight with ``weight`` (out × in), rounded once to its dtype."""
+        self.base_layer.weight.copy_(weight.t() if self.fan_in_fan_out else weight)
 
     @torch.no_grad()
     def merge(self, safe: bool = False) -> None:
@@ -132,13 +137,13 @@ class LoraLinear(nn.Module):
             merged = self._weight_out_in().float() + self.delta_weight()
             if not torch.isfinite(merged).all():
                 raise ValueError("merging would write NaN/inf into the base weight")
-        self._add_to_weight(self.delta_weight())
+        self.variant.merge(self)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self._add_to_weight(-self.delta_weight())
+            self.variant.unmerge(self)
             self.merged = False
 
     # --- forward --------------------------------------------------------------------------------------
@@ -163,4 +168,5 @@ class LoraLinear(nn.Module):
         return (
             f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, "
             f"scaling={self.scaling:.4g}, dropout={self.dropout_p}, merged={self.merged}"
+            + ("" if self.variant.name == "lora" else f", variant={self.variant.name}")
         )

@@ -9,7 +9,10 @@ Derived from what autograd keeps for the HF modules lorafit trains (checked with
   model: the embedding is frozen).
 * Projections: a frozen linear saves nothing; a trainable one saves its input; a LoRA layer saves its input
   by reference (one copy per group of layers reading the same tensor), ``x·Aᵀ`` (r per token) and, with
-  dropout, nothing more (an 8-byte seed: ``lorafit.kernels.dropout`` recomputes the mask in backward).
+  dropout, nothing more (an 8-byte seed: ``lorafit.kernels.dropout`` recomputes the mask in backward). A DoRA
+  layer (``lorafit.kernels.dora``) also saves ``z = x'Wᵀ + s·x'AᵀBᵀ`` (out per token, for the magnitude's
+  gradient) and its row norms (out fp32 values per layer), and runs alone: its input is always saved, a DoRA
+  ``down_proj`` included (the fused gated MLP leaves it alone).
 * Rotary: ``cos``/``sin`` (seq × head_dim, shared by all layers); ``q_embed``, ``k_embed`` are new tensors.
 * SDPA (CPU flash / CUDA flash kernels): saves q, k, v, the output (which is also ``o_proj``'s input: the
   transpose back is free) and a fp32 log-sum-exp per head and token.
@@ -69,6 +72,13 @@ def rms_norm_bytes(spec, e: int, full: bool) -> int:
     return e * d + 4
 
 
+def lora_saved(spec: ModelSpec, s, wrapped: dict[str, int], names) -> int:
+    """Bytes per token the LoRA layers ``names`` (those wrapped) save besides their input: ``x·Aᵀ`` (r values in
+    the matmuls' dtype; a dropout mask is not kept) and, for DoRA, ``z`` (out values, the same dtype)."""
+    outs = {n: o for n, _, o, _ in spec.linear_layers()}
+    return sum((wrapped[n] + (outs[n] if s.use_dora else 0)) * s.compute_bytes for n in names if n in wrapped)
+
+
 def _block(spec: ModelSpec, s, wrapped: dict[str, int], rg: bool) -> Block:
     """What one decoder block saves; ``rg``: does a gradient flow into the block's input."""
     e, d, q, kv, inter = s.bytes, spec.hidden, spec.q_dim, spec.kv_dim, spec.intermediate
@@ -81,8 +91,8 @@ def _block(spec: ModelSpec, s, wrapped: dict[str, int], rg: bool) -> Block:
             return 0
         return rms_norm_bytes(spec, e, full)
 
-    def xa(names) -> int:  # x·Aᵀ: r values per token in the matmuls' dtype (a dropout mask is not kept)
-        return sum(wrapped[n] * s.compute_bytes for n in names if n in wrapped)
+    def xa(names) -> int:
+        return lora_saved(spec, s, wrapped, names)
 
     groups: dict[str, list[str]] = {}
     for n, _, _, g in spec.linear_layers():
@@ -118,7 +128,8 @@ def _block(spec: ModelSpec, s, wrapped: dict[str, int], rg: bool) -> Block:
     down = groups["mlp_out"]
     if full or any(n in wrapped for n in down):
         # the product (down_proj's input); a LoRA down_proj in lorafit's gated MLP recomputes it in backward
-        total += (e * inter if full or spec.family == "phi3" else 0) + xa(down)
+        saves_product = full or spec.family == "phi3" or s.use_dora
+        total += (e * inter if saves_product else 0) + xa(down)
     if spec.family == "gemma2":
         total += norm(mlp_rg or any(n in wrapped for n in down))
     return Block(total, h_rg or mlp_rg or any(n in wrapped for n in down), attn_rg)
@@ -129,8 +140,8 @@ def _gpt2_block(spec: ModelSpec, s, wrapped: dict[str, int], rg: bool) -> Block:
     e, d, inter = s.bytes, spec.hidden, spec.intermediate
     full = s.method == "full"
 
-    def xa(name: str) -> int:  # x·Aᵀ per LoRA layer (see _block)
-        return wrapped[name] * s.compute_bytes if name in wrapped else 0
+    def xa(name: str) -> int:  # x·Aᵀ (and DoRA's z) per LoRA layer
+        return lora_saved(spec, s, wrapped, [name])
 
     ln = e * d + 8
     total = ln if rg or full else 0
@@ -206,11 +217,19 @@ def activations(spec: ModelSpec, s, adapters: Adapters) -> Activations:
         return Activations(total, per_layer, per_layer, rotary + n_tok * d * e,
                            f"checkpointing: {n_in} layer inputs × {n_tok} tokens × {d} × {e} B "
                            f"+ final norm + rotary; one layer ({per_layer / 2**20:.1f} MiB) recomputed in backward")
-    # every LoRA layer with dropout keeps its mask's seed (two int32)
+    # every LoRA layer with dropout keeps its mask's seed (two int32); a DoRA layer its fp32 row norms
     n_lora = sum(len(w) for w in adapters)
     seeds = 8 * n_lora if s.method == "lora" and s.dropout > 0 else 0
-    total = sum(per_token) * n_tok + rotary + final + seeds
+    total = sum(per_token) * n_tok + rotary + final + seeds + dora_norms(spec, s, adapters)
     return Activations(total, per_layer, 0, rotary + lowest, _formula(per_token, n_tok, L, per_layer))
+
+
+def dora_norms(spec: ModelSpec, s, adapters: Adapters) -> int:
+    """Bytes of the row norms every DoRA layer keeps for backward (out fp32 values each)."""
+    if not s.use_dora or s.method != "lora":
+        return 0
+    outs = {n: o for n, _, o, _ in spec.linear_layers()}
+    return sum(4 * outs[n] for w in adapters for n in w)
 
 
 def _formula(per_token: list[int], n_tok: int, L: int, per_layer: int) -> str:
@@ -289,7 +308,7 @@ def _mlp_temporaries(spec: ModelSpec, s, wrapped: set[str]) -> tuple[int, str]:
     e, c = s.bytes, s.compute_bytes
     down_lora = any(n.endswith(("down_proj", "mlp.c_proj")) for n in wrapped)
     dropout = s.method == "lora" and s.dropout > 0
-    if s.method == "lora" and down_lora and spec.family == "llama" and s.runtime.compile:
+    if s.method == "lora" and down_lora and spec.family == "llama" and s.runtime.compile and not s.use_dora:
         # SiLU MLP, LoRA down_proj (lorafit.kernels.gated_mlp): one fused kernel reads down's input gradient
         # (``base``, and the masked LoRA part ``low``) and writes drop(h), grad gate, grad up.
         return (3 if dropout else 2) * c + 2 * e, f"({3 if dropout else 2} × {c} + 2 × {e}) B"

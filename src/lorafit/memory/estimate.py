@@ -2,7 +2,8 @@
 
 What is modelled is lorafit's own step (``lorafit.train.train_step``): the base in ``dtype``; for LoRA,
 fp32 adapter weights, fp32 gradients and fp32 AdamW states, and :class:`lorafit.lora.LoraLinearFunction`'s
-saved tensors (the layer input by reference, ``x·Aᵀ``, a dropout seed); the chunked loss of
+saved tensors (the layer input by reference, ``x·Aᵀ``, a dropout seed; DoRA adds its magnitude vector and
+``lorafit.kernels.dora``'s saved tensors); the chunked loss of
 ``lorafit.kernels.loss`` (no full logits); torch's AdamW (two states in the parameter's dtype).
 
 Activations are counted from first principles per decoder layer, tensor by tensor, as the HF modules save
@@ -49,6 +50,7 @@ class Settings:
     r: int = 16
     alpha: float = 16.0
     dropout: float = 0.05
+    use_dora: bool = False  # DoRA: a magnitude per output row, and what its layers save (memory.activations)
     targets: list[str] | str = "all-linear"
     layers_to_transform: list[int] | None = None  # decoder blocks that get an adapter (None: all)
     rank_pattern: dict[str, int] = field(default_factory=dict)  # module name/regex -> rank (PEFT's rule)
@@ -240,8 +242,9 @@ class _Sizes:
 def _sizes(spec: ModelSpec, s: Settings, adapters: act.Adapters) -> _Sizes:
     e, lora = s.bytes, s.method == "lora"
     params = spec.total_params()
+    dora = {n: o if s.use_dora else 0 for n, _, o, _ in spec.linear_layers()}  # DoRA's magnitude vector
     shapes = {n: i + o for n, i, o, _ in spec.linear_layers()}
-    adapter = sum(r * shapes[n] for w in adapters for n, r in w.items())
+    adapter = sum(r * shapes[n] + dora[n] for w in adapters for n, r in w.items())
     trainable = adapter if lora else params
     state_elt = 4 if lora else e  # LoRA: fp32 adapter, gradients and states; full: the parameters' dtype
     n_states = OPTIMIZER_STATES[s.optimizer_kind]
@@ -289,7 +292,8 @@ def _components(spec, s: Settings, adapters, z: _Sizes, moment: str, peak_alloc:
     loss_at = loss.total if moment == "loss" else 0
     temp_at = peak_alloc - z.persistent - grads_at - acts_at - loss_at
     overhead, overhead_formula = _overhead(s, peak_alloc)
-    name = "trainable weights (LoRA A, B)" if lora else "trainable weights"
+    name = ("trainable weights (LoRA A, B" + (", DoRA magnitude)" if s.use_dora else ")")) if lora \
+        else "trainable weights"
     temp_why = {"loss": "loss chunk buffers (included above)", "backward start": bw_first.formula,
                 "backward end": "last layer's backward temporaries + embedding gradient",
                 "optimizer step": "no temporaries (fused AdamW / SGD)"}[moment]
@@ -313,9 +317,10 @@ def _components(spec, s: Settings, adapters, z: _Sizes, moment: str, peak_alloc:
 
 def _adapter_formula(spec: ModelSpec, s: Settings, adapters: act.Adapters, adapter: int) -> str:
     n_layers = sum(1 for w in adapters if w)
+    per = "(r·(in+out) + out)" if s.use_dora else "r·(in+out)"
     if n_layers == spec.layers and len({tuple(w.items()) for w in adapters}) == 1 and not s.rank_pattern:
-        return (f"{adapter:,} = {spec.layers} layers × Σ r·(in+out) over {len(adapters[0])} targets "
+        return (f"{adapter:,} = {spec.layers} layers × Σ {per} over {len(adapters[0])} targets "
                 "× 4 B (fp32)")
     n_modules = sum(len(w) for w in adapters)
-    return (f"{adapter:,} = Σ r·(in+out) over {n_modules} adapted layers in {n_layers} of {spec.layers} "
+    return (f"{adapter:,} = Σ {per} over {n_modules} adapted layers in {n_layers} of {spec.layers} "
             "blocks × 4 B (fp32)")

@@ -35,6 +35,7 @@ def lora_config_from(cfg) -> LoraConfig:
         dropout=cfg.lora_dropout,
         target_modules=cfg.lora_targets,
         use_rslora=cfg.peft_use_rslora,
+        use_dora=cfg.peft_use_dora,
         init=cfg.lora_init,
         modules_to_save=cfg.lora_modules_to_save,
         layers_to_transform=cfg.lora_layers_to_transform,
