@@ -1,6 +1,7 @@
 """Task scoring: answer normalisation, exact match, held-out files, batched generation, retention."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -175,10 +176,41 @@ def test_answer_nll_masks_prompt_and_padding(demo_tokenizer, tiny_llama):
     assert parts[0][1] == expect
 
 
-def test_retention_score_runs(demo_tokenizer, tiny_llama, tmp_path):
-    f = _write(tmp_path / "r.jsonl", [
-        {"messages": PROMPTS[2], "reference": "Paris.", "answer": "Paris"},
-        {"messages": PROMPTS[4], "reference": "4", "answer": "4"},
-    ])
-    r = retention_score(tiny_llama, demo_tokenizer, f, max_new_tokens=4)
-    assert r["n"] == 2 and 0.0 <= r["accuracy"] <= 1.0 and r["perplexity"] > 1.0 and r["tokens"] >= 4
+def _greedy(model, tok, messages, n: int) -> str:
+    """Greedy decoding by hand, one token at a time with no cache: the oracle for generate_answers."""
+    ids = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+              add_special_tokens=False, return_tensors="pt").input_ids
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(ids).logits[0, -1].argmax())
+            if nxt in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")):
+                break
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return tok.decode(out)
+
+
+def _answer_nll(model, tok, messages, reference: str) -> tuple[float, int]:
+    """Sum of -log p over the reference's tokens and the <|im_end|> after it, by hand."""
+    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    p_ids = tok(prompt, add_special_tokens=False).input_ids
+    a_ids = tok(reference + "<|im_end|>", add_special_tokens=False).input_ids
+    ids = torch.tensor([p_ids + a_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].double(), -1)
+    total = -sum(float(logp[len(p_ids) + i - 1, t]) for i, t in enumerate(a_ids))
+    return total, len(a_ids)
+
+
+def test_retention_score_equals_a_hand_computed_value(demo_tokenizer, tiny_llama, tmp_path):
+    said = _greedy(tiny_llama, demo_tokenizer, PROMPTS[2], 4)
+    assert said.strip()  # the tiny model says something, so "contains" is a real check
+    rows = [{"messages": PROMPTS[2], "reference": "Paris.", "answer": said.strip()},  # its own answer: correct
+            {"messages": PROMPTS[4], "reference": "4", "answer": "zebra-never-said"}]  # not said: wrong
+    r = retention_score(tiny_llama, demo_tokenizer, _write(tmp_path / "r.jsonl", rows), max_new_tokens=4)
+    parts = [_answer_nll(tiny_llama, demo_tokenizer, row["messages"], row["reference"]) for row in rows]
+    nll = sum(t for t, _ in parts) / sum(c for _, c in parts)
+    assert r["n"] == 2 and r["accuracy"] == 0.5
+    assert r["tokens"] == sum(c for _, c in parts)
+    assert r["nll"] == pytest.approx(nll, rel=1e-5) and r["perplexity"] == pytest.approx(math.exp(nll), rel=1e-5)

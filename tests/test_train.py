@@ -61,7 +61,10 @@ def test_training_lowers_loss_and_saves_a_reloadable_adapter(workdir):
     fresh = LlamaForCausalLM.from_pretrained(workdir / "model")
     load_adapter(fresh, out)
     ids = torch.tensor([tok("Repeat twice: fig").input_ids])
-    torch.testing.assert_close(trained(ids).logits, fresh(ids).logits)
+    # the trained model runs the lean kernels, the fresh one the plain path: other summation orders, so the
+    # bound is relative to the logits' scale (1 thread vs 2 moves the worst element by ~3e-5 at scale ~10)
+    want = fresh(ids).logits
+    torch.testing.assert_close(trained(ids).logits, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
     base = LlamaForCausalLM.from_pretrained(workdir / "model")
     assert not torch.allclose(base(ids).logits, fresh(ids).logits)
 

@@ -25,7 +25,8 @@ LABELS = {
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="loss, task score and retention with and without an adapter")
     p.add_argument("config", help="training config (its base_model and eval split are used) or a model")
-    p.add_argument("--adapter", help="adapter folder (default: the config's output_dir, if it holds one)")
+    p.add_argument("--adapter", help="adapter folder (default: the config's output_dir if it holds one, "
+                   "else its lora_model_dir)")
     p.add_argument("--heldout", help="chat_template JSONL of held-out examples scored by exact match")
     p.add_argument("--retention", help="retention set JSONL (things the base model already does well)")
     p.add_argument("--limit", type=int, help="score only the first N held-out examples")
@@ -43,7 +44,8 @@ def resolve_target(args):
 
     cfg = load_config(args.config)
     trained = cfg.output_path / "adapter_config.json"
-    adapter = args.adapter or (str(cfg.output_path) if trained.is_file() else None)
+    start = str(cfg.resolve_path(cfg.lora_model_dir)) if cfg.lora_model_dir else None  # the adapter it starts from
+    adapter = args.adapter or (str(cfg.output_path) if trained.is_file() else start)
     return cfg.base_model, adapter, cfg
 
 

@@ -6,6 +6,15 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
+from lorafit.config.axolotl_keys import (
+    DATASET_LEVEL,
+    IGNORED,
+    IGNORED_PREFIXES,
+    RENAMED,
+    SUPPORTED,
+    TOP_LEVEL,
+    UNSUPPORTED,
+)
 from lorafit.config.messages import show
 from lorafit.errors import LorafitError
 
@@ -21,75 +30,10 @@ OPTIMIZERS = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": 
 SUPPORTED_OPTIMIZERS = tuple(OPTIMIZERS)
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 
-# axolotl keys we accept and do not act on. A notice is recorded when the value is set (not empty/false).
-IGNORED_KEYS: dict[str, str] = {
-    "strict": "",
-    "model_type": "lorafit loads every model with AutoModelForCausalLM",
-    "tokenizer_type": "lorafit loads every tokenizer with AutoTokenizer",
-    "is_llama_derived_model": "",
-    "flash_attention": "lorafit uses the model's SDPA attention (set attn_implementation to choose)",
-    "xformers_attention": "lorafit uses the model's SDPA attention",
-    "sdp_attention": "lorafit uses the model's SDPA attention",
-    "s2_attention": "",
-    "flash_attn_cross_entropy": "",
-    "flash_attn_rms_norm": "",
-    "flash_attn_fuse_qkv": "",
-    "flash_attn_fuse_mlp": "",
-    "early_stopping_patience": "early stopping is not supported yet",
-    "local_rank": "",
-    "debug": "",
-    "group_by_length": "",
-    "dataset_prepared_path": "lorafit tokenizes datasets at start-up and keeps no prepared copy",
-    "push_dataset_to_hub": "nothing is uploaded",
-    "hub_model_id": "nothing is uploaded",
-    "hub_strategy": "nothing is uploaded",
-    "load_in_8bit": "lorafit loads the base in bf16/fp32; 8-bit loading is not supported yet",
-    "eval_table_size": "",
-    "eval_max_new_tokens": "",
-    "eval_sample_packing": "evaluation batches follow sample_packing",
-    "eval_strategy": "use eval_steps or evals_per_epoch",
-    "save_strategy": "use save_steps or saves_per_epoch",
-    "save_safetensors": "adapters are always saved as safetensors",
-    "auto_resume_from_checkpoints": "set resume_from_checkpoint to resume",
-    "fsdp_config": "",
-    "loss_watchdog_threshold": "",
-    "loss_watchdog_patience": "",
-    "gradient_checkpointing_kwargs": "lorafit always uses non-reentrant checkpointing",
-    "lora_fan_in_fan_out": "",
-    "lora_on_cpu": "",
-    "lora_mlp_kernel": "",
-    "lora_qkv_kernel": "",
-    "lora_o_kernel": "",
-    "torch_compile": "",
-    "plugins": "",
-    "cosine_min_lr_ratio": "the cosine schedule decays to 0",
-    "shuffle_merged_datasets": "",
-    "dataset_processes": "",
-    "dataset_num_proc": "",
-    "dataloader_num_workers": "",
-    "dataloader_pin_memory": "",
-    "dataloader_prefetch_factor": "",
-    "chat_template_kwargs": "",
-    "default_system_message": "",
-    "trust_remote_code": "lorafit never runs code shipped with a model",
-    "max_packed_sequence_len": "sequence_len bounds packed rows",
-    "train_on_eos": "",
-}
-IGNORED_PREFIXES = ("wandb_", "mlflow_", "comet_", "liger_", "use_wandb", "use_mlflow", "use_tensorboard")
-
-# axolotl keys for features lorafit does not have: an error when set to anything but empty/false/0.
-UNSUPPORTED_KEYS: dict[str, str] = {
-    "load_in_4bit": "4-bit loading (QLoRA) is not supported yet; remove it to train LoRA on a bf16/fp32 base",
-    "deepspeed": "DeepSpeed is not supported; lorafit runs multi-device training with torchrun",
-    "fsdp": "FSDP is not supported yet; remove it (lorafit runs multi-device training with torchrun)",
-    "gptq": "GPTQ models are not supported",
-    "lora_model_dir": "continuing from an existing adapter is not supported yet; use resume_from_checkpoint",
-    "rl": "preference training (DPO/KTO/ORPO/GRPO) is not supported; lorafit does supervised fine-tuning",
-    "unfrozen_parameters": "training extra base parameters is not supported yet; use lora_modules_to_save",
-    "sequence_parallel_degree": "sequence parallelism is not supported",
-    "tensor_parallel_size": "tensor parallelism is not supported",
-}
-UNSUPPORTED_PREFIXES = ("relora_",)
+# Every axolotl key's status (supported / ignored / unsupported) and message: the table in axolotl_keys.py.
+# The views below are kept for callers that want one status's keys as a mapping key -> message.
+IGNORED_KEYS: dict[str, str] = {k: m for k, (st, m) in TOP_LEVEL.items() if st == IGNORED}
+UNSUPPORTED_KEYS: dict[str, str] = {k: m for k, (st, m) in TOP_LEVEL.items() if st == UNSUPPORTED}
 
 # What each constrained key allows, as the error message words it.
 ALLOWED: dict[str, str] = {
@@ -143,52 +87,49 @@ def _hint(key: str, known: list[str]) -> str:
     return f"; did you mean `{close[0]}`?" if close else ""
 
 
-def screen_keys(d: dict, source: str, fields: list[str], dataset_fields: list[str]) -> tuple[dict, list[str]]:
-    """Drop empty values and ignored keys (recording notices); reject unsupported and unknown keys."""
-    data: dict[str, Any] = {}
-    notices: list[str] = []
-    for key, value in d.items():
+def _status(key: str, table: dict[str, tuple[str, str]]) -> tuple[str, str] | None:
+    if key in table:
+        return table[key]
+    prefix = next((p for p in IGNORED_PREFIXES if key.startswith(p)), None)
+    return (IGNORED, IGNORED_PREFIXES[prefix]) if prefix is not None and table is TOP_LEVEL else None
+
+
+def _screen(mapping: dict, table: dict[str, tuple[str, str]], fields: list[str], where: str, source: str,
+            notices: list[str]) -> dict[str, Any]:
+    """One level of keys: fields pass (empty values dropped), ignored keys record a notice when set,
+    unsupported keys are an error when set, anything else is an unknown key with a "did you mean"."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
         key = str(key)
-        if key in fields:
+        field = RENAMED.get(key, key)
+        if field in fields:
             if value is not None:
-                data[key] = value
+                out[field] = value
             continue
-        unsupported = UNSUPPORTED_KEYS.get(key) or (
-            "not supported" if key.startswith(UNSUPPORTED_PREFIXES) else None
-        )
-        if unsupported is not None:
-            if _is_set(value) and not (key == "fsdp" and value in ([], "")):
-                raise LorafitError(f"{source}: key '{key}': got {show(value)}, {unsupported}")
+        status = _status(key, table)
+        if status is None or status[0] == SUPPORTED:  # a supported key that is no field: the table is wrong
+            known = fields + [k for k in table if k not in fields]
+            raise LorafitError(f"{source}: unknown key '{where}{key}'{_hint(key, known)}")
+        what, message = status
+        if not _is_set(value):
             continue
-        if key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES):
-            if _is_set(value):
-                why = IGNORED_KEYS.get(key, "")
-                notices.append(f"{key}: ignored" + (f": {why}" if why else ""))
-            continue
-        known = fields + list(IGNORED_KEYS) + list(UNSUPPORTED_KEYS)
-        raise LorafitError(f"{source}: unknown key '{key}'{_hint(key, known)}")
+        if what == UNSUPPORTED:
+            raise LorafitError(f"{source}: key '{where}{key}': got {show(value)}, {message}")
+        notices.append(f"{where}{key}: ignored" + (f": {message}" if message else ""))
+    return out
+
+
+def screen_keys(d: dict, source: str, fields: list[str], dataset_fields: list[str]) -> tuple[dict, list[str]]:
+    """Sort a config's keys by the tables of :mod:`lorafit.config.axolotl_keys`, top level and each dataset
+    entry: returns the mapping to validate and the notices of ignored keys that were set."""
+    notices: list[str] = []
+    data = _screen(d, TOP_LEVEL, fields, "", source, notices)
     for list_key in ("datasets", "test_datasets"):
         entries = data.get(list_key)
         if isinstance(entries, list):
-            data[list_key] = [_screen_dataset(e, f"{list_key}[{i}]", source, dataset_fields) for i, e in enumerate(entries)]
+            data[list_key] = [
+                _screen(e, DATASET_LEVEL, dataset_fields, f"{list_key}[{i}].", source, notices)
+                if isinstance(e, dict) else e  # pydantic reports the type
+                for i, e in enumerate(entries)
+            ]
     return data, notices
-
-
-IGNORED_DATASET_KEYS = {"conversation", "field_tools", "shards", "chat_template", "revision", "trust_remote_code",
-                         "drop_system_message", "field_system", "message_field_training"}
-
-
-def _screen_dataset(entry: Any, where: str, source: str, known: list[str]) -> Any:
-    if not isinstance(entry, dict):
-        return entry  # pydantic reports the type
-    out = {}
-    for key, value in entry.items():
-        key = str(key)
-        if key in known:
-            if value is not None:
-                out[key] = value
-        elif key in IGNORED_DATASET_KEYS:
-            continue
-        else:
-            raise LorafitError(f"{source}: unknown key '{where}.{key}'{_hint(key, known)}")
-    return out

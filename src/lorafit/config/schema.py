@@ -101,7 +101,8 @@ class TrainConfig(BaseModel):
     peft_use_rslora: bool = False
     peft_use_dora: bool = False  # DoRA (PEFT's use_dora): a trained magnitude per output row
     lora_init: Literal["kaiming", "gaussian", "pissa"] = "kaiming"
-    lora_layers_to_transform: list[int] | None = None
+    lora_layers_to_transform: list[int] | None = None  # axolotl's peft_layers_to_transform is read as this
+    lora_model_dir: str | None = None  # start from this adapter folder (relative to the config's folder)
 
     # data
     datasets: list[DatasetSpec] = Field(min_length=1)
@@ -232,6 +233,11 @@ class TrainConfig(BaseModel):
                 "adapter is lora but no target modules are given; set lora_target_linear: true "
                 "(all linear layers) or lora_target_modules: [q_proj, v_proj, ...]"
             )
+        if self.lora_model_dir and self.adapter != "lora":
+            raise ValueError("lora_model_dir is set but adapter is not lora; set adapter: lora to continue an adapter")
+        if self.lora_model_dir and self.lora_init == "pissa":
+            raise ValueError("lora_model_dir and lora_init: pissa cannot be combined (PiSSA rewrites the base "
+                             "weights); drop lora_init")
         if self.peft_use_dora and self.lora_init == "pissa":
             raise ValueError("peft_use_dora and lora_init: pissa cannot be combined; use lora_init kaiming or gaussian")
         if self.test_datasets and self.val_set_size:
@@ -310,7 +316,7 @@ class TrainConfig(BaseModel):
         """A path written in this config: ``~`` expanded, absolute as is, relative to the config file's folder.
 
         The one rule for every path key (``base_model``, ``datasets``, ``output_dir``, ``tokenizer_config``,
-        ``resume_from_checkpoint``): the config means the same files whatever folder it is run from.
+        ``resume_from_checkpoint``, ``lora_model_dir``): the config means the same files whatever folder it is run from.
         Paths given on the command line (``--output-dir``) are relative to the working directory, as usual.
         """
         p = Path(p).expanduser()

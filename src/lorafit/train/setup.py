@@ -8,7 +8,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from lorafit.errors import LorafitError
 from lorafit.lora import LoraConfig, apply_lora
+from lorafit.lora.inject import named_lora_layers
+from lorafit.lora.io import PREFIX, copy_adapter_weights, read_adapter_config, read_adapter_weights
 from lorafit.models import apply_special_tokens, load_model_and_tokenizer, train_dtype
 from lorafit.options import RuntimeOptions
 from lorafit.patches import apply_lean_kernels
@@ -66,9 +69,47 @@ def prepare_model(cfg, options: RuntimeOptions | None = None):
     """Load the base model and tokenizer of ``cfg`` and make it trainable (adapter or full fine-tuning)."""
     options = options or cfg.runtime_options()
     use_tf32(cfg.tf32)
+    lora = lora_config_from(cfg) if cfg.is_lora else None
+    start = cfg.resolve_path(cfg.lora_model_dir) if lora is not None and cfg.lora_model_dir else None
+    if start is not None:
+        check_start_adapter(start, lora, cfg.source)  # before the base loads: a mismatch is refused at once
     model, tokenizer = load_model_and_tokenizer(cfg.base_model, train_dtype(cfg), tokenizer=cfg.tokenizer_config,
                                                 base_dir=cfg.config_dir,
                                                 attn_implementation=cfg.attn_implementation or "sdpa")
     apply_special_tokens(tokenizer, cfg.special_tokens, model, trains_embeddings=cfg.trains_embeddings)
-    make_trainable(model, lora_config_from(cfg) if cfg.is_lora else None, cfg.gradient_checkpointing, options)
+    make_trainable(model, lora, cfg.gradient_checkpointing, options)
+    if start is not None:
+        load_start_adapter(model, start, cfg.source)
     return model, tokenizer
+
+
+def check_start_adapter(directory, lora: LoraConfig, source: str) -> None:
+    """``lora_model_dir``: the saved adapter's settings must be the config's (r, alpha, rsLoRA, DoRA, layers,
+    and the targets when both are lists of names); otherwise one line says what differs."""
+    saved = read_adapter_config(directory)
+    pairs = [("lora_r", saved.r, lora.r), ("lora_alpha", float(saved.alpha), float(lora.alpha)),
+             ("peft_use_rslora", saved.use_rslora, lora.use_rslora), ("peft_use_dora", saved.use_dora, lora.use_dora),
+             ("lora_layers_to_transform", saved.layers_to_transform, lora.layers_to_transform),
+             ("lora_modules_to_save", sorted(saved.modules_to_save or []), sorted(lora.modules_to_save or []))]
+    if isinstance(saved.target_modules, list) and isinstance(lora.target_modules, list):
+        pairs.append(("lora_target_modules", sorted(saved.target_modules), sorted(lora.target_modules)))
+    if saved.rank_pattern or saved.alpha_pattern:
+        pairs.append(("rank/alpha pattern", "set", "none"))
+    diffs = [f"{key} {a} in the adapter, {b} in the config" for key, a, b in pairs if a != b]
+    if diffs:
+        raise LorafitError(f"{source}: lora_model_dir {directory}: the adapter does not match this config's LoRA "
+                           f"settings: {'; '.join(diffs)}")
+
+
+def load_start_adapter(model: nn.Module, directory, source: str) -> None:
+    """Copy the saved adapter's weights into the freshly applied one; its layers must be the config's."""
+    state = read_adapter_weights(directory)
+    saved = {k.removeprefix(PREFIX).removesuffix(".lora_A.weight") for k in state if k.endswith(".lora_A.weight")}
+    ours = {name for name, _ in named_lora_layers(model)}
+    if saved != ours:
+        only = sorted(saved - ours) or sorted(ours - saved)
+        side = "the adapter" if saved - ours else "the config"
+        raise LorafitError(f"{source}: lora_model_dir {directory}: the adapter's target layers are not the config's "
+                           f"({len(saved)} in the adapter, {len(ours)} here; only {side} has {only[0]}); "
+                           "set lora_target_modules to the adapter's targets")
+    copy_adapter_weights(model, state, f"{source}: lora_model_dir {directory}")
