@@ -85,14 +85,34 @@ def test_plan_refuses_to_replace_a_file_without_force(tmp_path, capsys):
 
 
 def test_generate_and_eval(tiny, capsys, tmp_path):
-    d, _ = tiny
+    d, model = tiny
     assert main(["generate", str(d / "model"), "Say hi", "--adapter", str(d / "adapter"), "--max-new-tokens", "4"]) == 0
     assert "> Say hi" in capsys.readouterr().out
+    # references: what the adapter model says greedily (its first 3 tokens), so the perplexities differ by column
+    from lorafit.eval.report import heldout_metrics
+    from lorafit.eval.tasks import generate_answers, retention_score
+
+    tok, prompts = load_tokenizer("demo"), [[{"role": "user", "content": f"Say {w}"}] for w in ("hi", "yes", "no")]
+    said = generate_answers(model, tok, prompts, max_new_tokens=3)
+    heldout, retention = tmp_path / "h.jsonl", tmp_path / "r.jsonl"
+    heldout.write_text("".join(json.dumps({"messages": p + [{"role": "assistant", "content": a}]}) + "\n"
+                               for p, a in zip(prompts, said, strict=True)))
+    retention.write_text("".join(json.dumps({"messages": p, "reference": a, "answer": a.strip()[:4] or "x"}) + "\n"
+                                 for p, a in zip(prompts, said, strict=True)))
     out_json = tmp_path / "eval.json"
-    assert main(["eval", str(d / "model"), "--adapter", str(d / "adapter"), "--heldout", str(d / "heldout.jsonl"),
-                 "--json", str(out_json)]) == 0
+    assert main(["eval", str(d / "model"), "--adapter", str(d / "adapter"), "--heldout", str(heldout),
+                 "--retention", str(retention), "--json", str(out_json)]) == 0
     results = json.loads(out_json.read_text())
-    assert set(results) == {"base", "adapter"} and "heldout_exact_match" in results["adapter"]
+    assert set(results) == {"base", "adapter"}
+    # the CLI's numbers are the library's, for the base model and for the model with the adapter
+    base = AutoModelForCausalLM.from_pretrained(d / "model").eval()
+    for column, m in (("adapter", model), ("base", base)):
+        expect = heldout_metrics(m, tok, str(heldout), None)["heldout_exact_match"]
+        kept = retention_score(m, tok, retention, max_new_tokens=64)
+        assert results[column]["heldout_exact_match"] == expect, column
+        assert results[column]["retention_accuracy"] == kept["accuracy"], column
+        assert results[column]["retention_ppl"] == pytest.approx(kept["perplexity"], rel=1e-4), column
+    assert results["adapter"]["retention_ppl"] < results["base"]["retention_ppl"]
 
 
 def test_errors_are_one_line(tiny, capsys, tmp_path):

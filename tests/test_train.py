@@ -69,10 +69,15 @@ def test_training_lowers_loss_and_saves_a_reloadable_adapter(workdir):
     assert not torch.allclose(base(ids).logits, fresh(ids).logits)
 
 
-def test_full_finetuning_runs(workdir):
-    cfg = TrainConfig.from_dict(config(workdir, "full", adapter=None, max_steps=5, learning_rate=1e-3))
+def test_full_finetuning_lowers_loss_and_changes_every_weight(workdir):
+    cfg = TrainConfig.from_dict(config(workdir, "full", adapter=None, max_steps=12, learning_rate=1e-3))
     result = train(cfg)
-    assert result.steps == 5 and (workdir / "full" / "model" / "config.json").is_file()
+    losses = [r["loss"] for r in result.history if "loss" in r]
+    assert result.steps == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
+    before = LlamaForCausalLM.from_pretrained(workdir / "model").state_dict()
+    saved = LlamaForCausalLM.from_pretrained(workdir / "full" / "model").state_dict()
+    moved = [k for k in before if not torch.equal(before[k], saved[k])]
+    assert set(moved) == {k for k in before if "rotary" not in k}  # every parameter trained and saved
 
 
 def test_logging_steps_averages_the_window(workdir):

@@ -46,7 +46,7 @@ def resolve_target(args):
     trained = cfg.output_path / "adapter_config.json"
     start = str(cfg.resolve_path(cfg.lora_model_dir)) if cfg.lora_model_dir else None  # the adapter it starts from
     adapter = args.adapter or (str(cfg.output_path) if trained.is_file() else start)
-    return cfg.base_model, adapter, cfg
+    return cfg.base_model_path, adapter, cfg
 
 
 def cmd_eval(args) -> int:
