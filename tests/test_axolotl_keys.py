@@ -44,13 +44,15 @@ TYPICAL_TOP = {
     "adam_epsilon": 1e-6, "max_grad_norm": 0.5, "gradient_checkpointing": True, "bf16": "auto", "fp16": False,
     "tf32": True, "eval_steps": 20, "evals_per_epoch": 4, "save_steps": 50, "saves_per_epoch": 1,
     "save_total_limit": 2, "logging_steps": 5, "output_dir": "./out", "seed": 3,
-    "resume_from_checkpoint": "./out/checkpoint-10",
+    "resume_from_checkpoint": "./out/checkpoint-10", "eot_tokens": ["<|im_end|>"], "train_on_eos": "last",
+    "default_system_message": "You are helpful.",
 }
 TYPICAL_DATASET = {
     "path": "chats.jsonl", "split": "train", "type": "chat_template", "data_files": "a.jsonl", "ds_type": "json",
     "name": "default", "field": "text", "field_messages": "conversations", "message_field_role": "from",
     "message_field_content": "value", "message_property_mappings": {"role": "from", "content": "value"},
     "roles": {"assistant": ["gpt"]}, "roles_to_train": ["assistant"], "train_on_eos": "turn",
+    "drop_system_message": True,
 }
 # keys lorafit has that axolotl does not (not in the table)
 LORAFIT_ONLY_TOP = {"lora_init", "skip_bad_rows", "loss_chunk_tokens", "compile_kernels",

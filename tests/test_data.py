@@ -93,6 +93,30 @@ def test_chat_template_train_on_eos(tmp_path, demo_tokenizer, mode, expected):
     assert trained_text(demo_tokenizer, s) == expected
 
 
+def test_chat_options_system_message_eot_tokens_and_top_level_train_on_eos(tmp_path, demo_tokenizer):
+    tok = demo_tokenizer
+    write_jsonl(tmp_path / "c.jsonl", [CHAT])
+    entry = {"path": "c.jsonl", "type": "chat_template"}
+    (s,), _, _ = build(tmp_path, tok, {**entry, "drop_system_message": True}, train_on_inputs=True)
+    assert "Be brief" not in tok.decode(s.input_ids) and trained_text(tok, s).startswith("Hi there")
+    no_system = {"messages": CHAT["messages"][1:]}
+    write_jsonl(tmp_path / "n.jsonl", [no_system])
+    (s,), _, _ = build(tmp_path, tok, {"path": "n.jsonl", "type": "chat_template"}, default_system_message="Be kind.")
+    assert "<|im_start|>system\nBe kind.<|im_end|>" in tok.decode(s.input_ids)
+    (s,), _, _ = build(tmp_path, tok, entry, default_system_message="Be kind.")  # a row's own system message wins
+    assert "Be kind" not in tok.decode(s.input_ids)
+    # the config's train_on_eos is every entry's default; an entry's own value wins
+    (s,), _, _ = build(tmp_path, tok, entry, train_on_eos="none")
+    assert trained_text(tok, s) == "Hello!Goodbye."
+    (s,), _, _ = build(tmp_path, tok, {**entry, "train_on_eos": "turn"}, train_on_eos="none")
+    assert trained_text(tok, s) == "Hello!<|im_end|>Goodbye.<|im_end|>"
+    # eot_tokens: another end of turn ("\n" closes nothing in ChatML, so it only shows with train_on_eos all)
+    (s,), _, _ = build(tmp_path, tok, entry, eot_tokens=["<|endoftext|>"], train_on_eos="all")
+    assert trained_text(tok, s).count("<|im_end|>") == 5
+    with pytest.raises(LorafitError, match="eot_tokens.*not a token"):
+        build(tmp_path, tok, entry, eot_tokens=["<|no-such-token|>"])
+
+
 def test_chat_template_train_on_inputs_and_per_message_override(tmp_path, demo_tokenizer):
     tok = demo_tokenizer
     row = json.loads(json.dumps(CHAT))

@@ -56,6 +56,7 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
     # ---- supported: the fields of TrainConfig ----
     **_group(SUPPORTED, "", """
         base_model tokenizer_config chat_template chat_template_jinja attn_implementation special_tokens
+        eot_tokens train_on_eos default_system_message
         adapter lora_model_dir lora_r lora_alpha lora_dropout lora_target_modules lora_target_linear
         lora_modules_to_save peft_use_rslora peft_use_dora peft_layers_to_transform
         datasets test_datasets val_set_size sequence_len sample_packing pad_to_sequence_len train_on_inputs
@@ -139,8 +140,6 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
     "dataloader_drop_last": (IGNORED, "a last partial batch is kept"),
     "max_packed_sequence_len": (IGNORED, "sequence_len bounds packed rows"),
     "chat_template_kwargs": (IGNORED, "the chat template is rendered with its defaults"),
-    "default_system_message": (IGNORED, "no system message is added; put it in the data"),
-    "eot_tokens": (IGNORED, "end-of-turn tokens come from the chat template; train_on_eos decides if they train"),
     "load_in_8bit": (IGNORED, "lorafit loads the base in bf16/fp32; 8-bit loading is not supported yet (issue 16)"),
     "eval_batch_size": (IGNORED, "evaluation uses micro_batch_size"),
     "eval_sequence_len": (IGNORED, "evaluation uses sequence_len"),
@@ -161,7 +160,6 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
     "bfloat16": (IGNORED, "set bf16 to choose the dtype"),
     "float16": (IGNORED, "set bf16 to choose the dtype"),
     "float32": (IGNORED, "set bf16 to choose the dtype"),
-    "train_on_eos": (IGNORED, "set train_on_eos on each dataset entry"),
     "do_causal_lm_eval": (IGNORED, "evaluation reports loss and perplexity; run lorafit eval for more"),
     "eval_causal_lm_metrics": (IGNORED, "evaluation reports loss and perplexity; run lorafit eval for more"),
     "lm_eval_tasks": (IGNORED, "lm-eval-harness is not run; run lorafit eval on the saved adapter"),
@@ -274,7 +272,7 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
 DATASET_LEVEL: dict[str, tuple[str, str]] = {
     **_group(SUPPORTED, "", """
         path split type data_files ds_type name field field_messages message_field_role message_field_content
-        message_property_mappings roles roles_to_train train_on_eos"""),
+        message_property_mappings roles roles_to_train train_on_eos drop_system_message"""),
     "chat_template": (IGNORED, "the top-level chat_template applies to every dataset"),
     "chat_template_jinja": (IGNORED, "the top-level chat_template applies to every dataset"),
     "conversation": (IGNORED, "chat rows are rendered with the tokenizer's (or chat_template's) template"),
@@ -289,7 +287,6 @@ DATASET_LEVEL: dict[str, tuple[str, str]] = {
     "message_field_training": (IGNORED, "per-message training flags are not read; roles_to_train decides"),
     "message_field_training_detail": (IGNORED, "per-message training flags are not read; roles_to_train decides"),
     "train_on_eot": (IGNORED, "end-of-turn tokens train as train_on_eos says"),
-    "drop_system_message": (IGNORED, "system messages are kept"),
     "preprocess_shards": (IGNORED, _PREP),
     "trust_remote_code": (IGNORED, "lorafit never runs code shipped with a dataset"),
     "revision": (IGNORED, "local files have no revision"),

@@ -46,7 +46,8 @@ class DatasetSpec(BaseModel):
     message_property_mappings: dict[str, str] | None = None  # axolotl's newer spelling of the two above
     roles: dict[str, list[str]] | None = None  # canonical role -> names used in the data
     roles_to_train: list[str] = Field(default_factory=lambda: ["assistant"])
-    train_on_eos: Literal["turn", "all", "last", "none"] | None = None
+    train_on_eos: Literal["turn", "all", "last", "none"] | None = None  # None: the top-level key, else "turn"
+    drop_system_message: bool = False  # chat rows: leave system messages out
     # completion rows
     field: str | None = None
     encoding: str | None = None  # text files' codec (latin-1, cp1252, utf-16 ...); None: UTF-8, BOM or not
@@ -89,6 +90,10 @@ class TrainConfig(BaseModel):
     # how transformers runs attention (None: sdpa; lorafit's lean CPU attention takes over sdpa where it helps)
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] | None = None
     special_tokens: dict[str, str] | None = None  # bos/eos/pad/unk_token ...: set on the tokenizer (new ones resize)
+    # chat rows: extra end-of-turn tokens, the default train_on_eos of every entry, a system message for rows without one
+    eot_tokens: list[str] | None = None
+    train_on_eos: Literal["turn", "all", "last", "none"] | None = None
+    default_system_message: str | None = None
 
     # adapter
     adapter: str | None = None

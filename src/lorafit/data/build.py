@@ -85,7 +85,9 @@ def _row_tokenizer(spec, cfg, info: TokenizerInfo):
     if spec.type == "input_output":
         return lambda row: tokenize_input_output(row, info, cfg.train_on_inputs)
     if spec.type == "chat_template":
-        return ChatTokenizer(info, resolve_chat_template(cfg, info.tok), spec, cfg.train_on_inputs)
+        return ChatTokenizer(info, resolve_chat_template(cfg, info.tok), spec, cfg.train_on_inputs,
+                             eot_tokens=cfg.eot_tokens, train_on_eos=cfg.train_on_eos,
+                             system_message=cfg.default_system_message, source=cfg.source)
     raise LorafitError(f"{cfg.source}: unknown dataset type {spec.type!r}")  # pragma: no cover
 
 

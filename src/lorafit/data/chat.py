@@ -81,12 +81,16 @@ def _read_template(path: Path, name: str) -> str:
 class ChatTokenizer:
     """Turns one messages row into (input_ids, labels) for a fixed template and dataset spec."""
 
-    def __init__(self, info: TokenizerInfo, template: str, spec, train_on_inputs: bool):
+    def __init__(self, info: TokenizerInfo, template: str, spec, train_on_inputs: bool, *,
+                 eot_tokens: list[str] | None = None, train_on_eos: str | None = None,
+                 system_message: str | None = None, source: str = "<config>"):
         self.info = info
         self.tok = info.tok
         self.template = template
         self.spec = spec
         self.train_on_inputs = train_on_inputs
+        self.train_on_eos = spec.train_on_eos or train_on_eos or "turn"  # the entry's, else the config's
+        self.system_message = system_message
         self.role_map = dict(SHAREGPT_ROLES)
         for canonical, names in (spec.roles or {}).items():
             self.role_map.setdefault(canonical, canonical)
@@ -102,6 +106,11 @@ class ChatTokenizer:
                 getattr(self.tok, "added_tokens_encoder", {})
             ):
                 eot.add(vocab[s])
+        for s in eot_tokens or []:  # the config's eot_tokens: must be single tokens of this vocabulary
+            if s not in vocab:
+                raise LorafitError(f"{source}: eot_tokens: {s!r} is not a token of the tokenizer's vocabulary; "
+                                   "give tokens as the tokenizer writes them (e.g. <|im_end|>)")
+            eot.add(vocab[s])
         self.eot_ids = eot
 
     # -- rendering -----------------------------------------------------------------------------------
@@ -128,11 +137,16 @@ class ChatTokenizer:
             if not isinstance(content, str):
                 raise RowError(f"{key}[{j}].{ckey} must be a string, got {type(content).__name__}")
             role = self._role(m[rkey], f"{key}[{j}]")
+            if role == "system" and self.spec.drop_system_message:
+                continue
             out.append({"role": role, "content": content})
             flag = m.get("train")
             if flag is not None and not isinstance(flag, bool):
                 raise RowError(f"{key}[{j}].train must be true or false, got {flag!r}")
             train.append(flag if flag is not None else (role in self.spec.roles_to_train or self.train_on_inputs))
+        if self.system_message and not self.spec.drop_system_message and not any(m["role"] == "system" for m in out):
+            out.insert(0, {"role": "system", "content": self.system_message})  # default_system_message
+            train.insert(0, "system" in self.spec.roles_to_train or self.train_on_inputs)
         return out, train
 
     def _role(self, name: Any, where: str) -> str:
@@ -231,7 +245,7 @@ class ChatTokenizer:
     def _end_of_turn_labels(self, ids: list[int], labels: list[int], turn_ends: list[int]) -> list[int]:
         """``train_on_eos`` (axolotl's): ``turn`` (default) trains the end of each trained turn, ``last`` only
         the final one, ``all`` every end-of-turn token in the row, ``none`` none of them."""
-        mode = self.spec.train_on_eos or "turn"
+        mode = self.train_on_eos
         if mode == "none":
             drop = turn_ends
         elif mode == "last":

@@ -283,6 +283,21 @@ def loss_buffers(spec: ModelSpec, s) -> LossBuffers:
                        + (" + head gradient fp32 (V × d × 4 B)" if head_grad else ""))
 
 
+def loss_backward(spec: ModelSpec, s) -> int:
+    """Transient memory of the chunked loss's backward (``LinearCrossEntropy.backward``), the first node backward
+    runs, while every activation is still saved: the saved hidden-state gradient and its product with the
+    incoming gradient; for full fine-tuning, the saved fp32 head gradient (V × d × 4 B), its product with the
+    incoming gradient (a second V × d × 4 B) and, for a bf16/fp16 head, autograd's cast of that product to the
+    weight's dtype before it is accumulated (V × d × e) — all three live together. The plain HF loss keeps no
+    such buffers (its backward is counted in :func:`loss_buffers`)."""
+    if s.loss == "hf":
+        return 0
+    e, d, V = s.bytes, spec.hidden, spec.vocab
+    n_tr = s.micro_batch * (s.seq_len - 1)
+    head = V * d * (4 + 4 + (e if e != 4 else 0)) if s.method == "full" else 0
+    return 2 * n_tr * d * e + head
+
+
 def backward_temporaries(spec: ModelSpec, s, adapters: Adapters) -> Temporaries:
     """Transient gradients while backward runs through a decoder layer (calibrated, see measure): the largest
     over the layers it runs through, the top one when all are alike."""

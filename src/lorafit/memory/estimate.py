@@ -7,15 +7,17 @@ saved tensors (the layer input by reference, ``x·Aᵀ``, a dropout seed; DoRA a
 ``lorafit.kernels.loss`` (no full logits); torch's AdamW (two states in the parameter's dtype).
 
 Activations are counted from first principles per decoder layer, tensor by tensor, as the HF modules save
-them for backward (see :mod:`lorafit.memory.activations`). The step's peak is the largest of four moments:
+them for backward (see :mod:`lorafit.memory.activations`). The step's peak is the largest of five moments:
 
 * **loss** — end of forward: all saved activations + the loss buffers (hidden-state copies, the gradient
   the chunked loss computes in forward, one chunk of fp32 logits);
+* **loss backward** — all activations + the loss's backward: for full fine-tuning the head's fp32 gradient,
+  its scaled copy and (bf16/fp16) its cast to the weight's dtype, live together;
 * **backward start** — all activations + the first layer's backward temporaries;
 * **backward end** — all gradients + the last layer's backward temporaries (matters for full fine-tuning);
 * **optimizer step** — all gradients + optimizer states + the update's temporaries.
 
-Optimizer states exist from the first step on, so they are in all four moments of every later step.
+Optimizer states exist from the first step on, so they are in all five moments of every later step.
 """
 
 from __future__ import annotations
@@ -264,6 +266,8 @@ def estimate(spec: ModelSpec, settings: Settings) -> Estimate:
     # updates in place (torch's default, foreach, would make one as large as all trainable parameters); SGD none.
     moments = {
         "loss": z.persistent + acts.total + loss.total + head_grad,
+        # the loss's backward, first in backward: the head's fp32 gradient, its scaled copy and its cast
+        "loss backward": z.persistent + acts.total + act.loss_backward(spec, s),
         "backward start": z.persistent + acts.total + bw_first.total + head_grad,
         "backward end": z.persistent + z.grads + act.embedding_backward(spec, s) + acts.resident_end,
         "optimizer step": z.persistent + z.grads,
@@ -287,14 +291,19 @@ def _components(spec, s: Settings, adapters, z: _Sizes, moment: str, peak_alloc:
                 bw_first) -> list[Component]:
     """Each part of the step at the peak ``moment`` (and whole), with its formula."""
     e, lora = s.bytes, s.method == "lora"
-    grads_at = {"loss": loss.head_grad, "backward start": loss.head_grad}.get(moment, z.grads)
-    acts_at = {"loss": acts.total, "backward start": acts.total, "backward end": acts.resident_end}.get(moment, 0)
+    grads_at = {"loss": loss.head_grad, "loss backward": 0, "backward start": loss.head_grad}.get(moment, z.grads)
+    acts_at = {"loss": acts.total, "loss backward": acts.total, "backward start": acts.total,
+               "backward end": acts.resident_end}.get(moment, 0)
     loss_at = loss.total if moment == "loss" else 0
     temp_at = peak_alloc - z.persistent - grads_at - acts_at - loss_at
     overhead, overhead_formula = _overhead(s, peak_alloc)
     name = ("trainable weights (LoRA A, B" + (", DoRA magnitude)" if s.use_dora else ")")) if lora \
         else "trainable weights"
-    temp_why = {"loss": "loss chunk buffers (included above)", "backward start": bw_first.formula,
+    temp_why = {"loss": "loss chunk buffers (included above)",
+                "loss backward": "the loss's backward: saved gradients and their scaled copies"
+                + (" (head: fp32 saved + fp32 scaled" + (f" + {s.dtype} cast" if s.bytes != 4 else "") + ")"
+                   if s.method == "full" else ""),
+                "backward start": bw_first.formula,
                 "backward end": "last layer's backward temporaries + embedding gradient",
                 "optimizer step": "no temporaries (fused AdamW / SGD)"}[moment]
     return [

@@ -29,7 +29,8 @@ RECORD = "lorafit-run.json"
 # a run with the same values. Not here, so a resume may change them: max_steps, num_epochs, the learning rate
 # and its schedule, eval/save/logging steps, save_total_limit, output_dir, compile_kernels, half_matmul.
 FINGERPRINT_KEYS = (
-    "base_model", "tokenizer_config", "special_tokens", "chat_template", "bf16",
+    "base_model", "tokenizer_config", "special_tokens", "chat_template", "eot_tokens", "train_on_eos",
+    "default_system_message", "bf16",
     "adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_linear",
     "lora_modules_to_save", "peft_use_rslora", "peft_use_dora", "lora_init", "lora_layers_to_transform",
     "lora_model_dir",
