@@ -45,6 +45,7 @@ TYPICAL_TOP = {
     "tf32": True, "eval_steps": 20, "evals_per_epoch": 4, "save_steps": 50, "saves_per_epoch": 1,
     "save_total_limit": 2, "logging_steps": 5, "output_dir": "./out", "seed": 3,
     "resume_from_checkpoint": "./out/checkpoint-10", "eot_tokens": ["<|im_end|>"], "train_on_eos": "last",
+    "lora_rank_pattern": {"q_proj": 32}, "lora_alpha_pattern": {"v_proj": 8},
     "default_system_message": "You are helpful.",
 }
 TYPICAL_DATASET = {

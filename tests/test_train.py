@@ -21,7 +21,7 @@ from transformers import LlamaForCausalLM
 from lorafit import LorafitError
 from lorafit.config import TrainConfig
 from lorafit.data import batches
-from lorafit.lora import load_adapter, lora_layers
+from lorafit.lora import load_adapter, lora_layers, named_lora_layers
 from lorafit.models import load_tokenizer
 from lorafit.train import prepare_model, train, train_step
 from lorafit.train.loss import causal_lm_loss
@@ -78,6 +78,22 @@ def test_full_finetuning_lowers_loss_and_changes_every_weight(workdir):
     saved = LlamaForCausalLM.from_pretrained(workdir / "full" / "model").state_dict()
     moved = [k for k in before if not torch.equal(before[k], saved[k])]
     assert set(moved) == {k for k in before if "rotary" not in k}  # every parameter trained and saved
+
+
+def test_rank_and_alpha_patterns_reach_the_layers_and_the_estimate(workdir):
+    from lorafit.memory.estimate import estimate
+    from lorafit.memory.settings import settings_from_config
+    from lorafit.memory.spec import resolve_spec
+
+    cfg = TrainConfig.from_dict(config(workdir, "pattern", lora_rank_pattern={"q_proj": 8},
+                                       lora_alpha_pattern={"v_proj": 2}))
+    model, _ = prepare_model(cfg)
+    ranks = {name.rsplit(".", 1)[-1]: (layer.r, layer.scaling) for name, layer in named_lora_layers(model)}
+    assert ranks["q_proj"] == (8, 8 / 8) and ranks["v_proj"] == (4, 2 / 4) and ranks["k_proj"] == (4, 8 / 4)
+    spec = resolve_spec(cfg.base_model_path)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    est = estimate(spec, settings_from_config(cfg, "cpu"))
+    assert est.component("trainable weights (LoRA A, B)").bytes == 4 * trainable  # fp32
 
 
 def test_logging_steps_averages_the_window(workdir):

@@ -58,7 +58,8 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
         base_model tokenizer_config chat_template chat_template_jinja attn_implementation special_tokens
         eot_tokens train_on_eos default_system_message
         adapter lora_model_dir lora_r lora_alpha lora_dropout lora_target_modules lora_target_linear
-        lora_modules_to_save peft_use_rslora peft_use_dora peft_layers_to_transform
+        lora_modules_to_save peft_use_rslora peft_use_dora peft_layers_to_transform lora_rank_pattern
+        lora_alpha_pattern
         datasets test_datasets val_set_size sequence_len sample_packing pad_to_sequence_len train_on_inputs
         micro_batch_size gradient_accumulation_steps num_epochs max_steps learning_rate lr_scheduler warmup_steps
         warmup_ratio optimizer weight_decay adam_beta1 adam_beta2 adam_epsilon max_grad_norm gradient_checkpointing
@@ -225,8 +226,6 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
              "loraplus_lr_ratio loraplus_lr_embedding"),
     **_group(UNSUPPORTED, "per-group learning rates are not supported yet; one learning_rate applies to all",
              "lr_groups embedding_lr embedding_lr_scale"),
-    **_group(UNSUPPORTED, "per-module ranks are not supported yet; one lora_r/lora_alpha applies to every target",
-             "lora_rank_pattern lora_alpha_pattern"),
     **_group(UNSUPPORTED, "the bench and EAFT evaluation/loss extras are not supported",
              "do_bench_eval bench_dataset bench_split use_eaft eaft_alpha eaft_k"),
     **_group(UNSUPPORTED, "softmax scaling is not supported; lorafit trains the model's attention as it is",

@@ -107,6 +107,9 @@ class TrainConfig(BaseModel):
     peft_use_dora: bool = False  # DoRA (PEFT's use_dora): a trained magnitude per output row
     lora_init: Literal["kaiming", "gaussian", "pissa"] = "kaiming"
     lora_layers_to_transform: list[int] | None = None  # axolotl's peft_layers_to_transform is read as this
+    # per-module rank / alpha: module name or regex (matched at the end of the path, as PEFT does) -> value
+    lora_rank_pattern: dict[str, int] | None = None
+    lora_alpha_pattern: dict[str, float] | None = None
     lora_model_dir: str | None = None  # start from this adapter folder (relative to the config's folder)
 
     # data

@@ -25,5 +25,6 @@ def settings_from_config(cfg: TrainConfig, device: str, runtime: RuntimeOptions 
               optimizer=cfg.optimizer, loss_chunk_tokens=cfg.loss_chunk_tokens)
     if cfg.is_lora:
         kw.update(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets,
-                  layers_to_transform=cfg.lora_layers_to_transform, use_dora=bool(cfg.peft_use_dora))
+                  layers_to_transform=cfg.lora_layers_to_transform, use_dora=bool(cfg.peft_use_dora),
+                  rank_pattern=dict(cfg.lora_rank_pattern or {}))
     return Settings(**kw, device=device, runtime=runtime or cfg.runtime_options())

@@ -42,6 +42,8 @@ def lora_config_from(cfg) -> LoraConfig:
         init=cfg.lora_init,
         modules_to_save=cfg.lora_modules_to_save,
         layers_to_transform=cfg.lora_layers_to_transform,
+        rank_pattern=dict(cfg.lora_rank_pattern or {}),
+        alpha_pattern=dict(cfg.lora_alpha_pattern or {}),
     )
 
 
@@ -93,8 +95,8 @@ def check_start_adapter(directory, lora: LoraConfig, source: str) -> None:
              ("lora_modules_to_save", sorted(saved.modules_to_save or []), sorted(lora.modules_to_save or []))]
     if isinstance(saved.target_modules, list) and isinstance(lora.target_modules, list):
         pairs.append(("lora_target_modules", sorted(saved.target_modules), sorted(lora.target_modules)))
-    if saved.rank_pattern or saved.alpha_pattern:
-        pairs.append(("rank/alpha pattern", "set", "none"))
+    pairs += [("lora_rank_pattern", saved.rank_pattern or {}, lora.rank_pattern or {}),
+              ("lora_alpha_pattern", saved.alpha_pattern or {}, lora.alpha_pattern or {})]
     diffs = [f"{key} {a} in the adapter, {b} in the config" for key, a, b in pairs if a != b]
     if diffs:
         raise LorafitError(f"{source}: lora_model_dir {directory}: the adapter does not match this config's LoRA "
