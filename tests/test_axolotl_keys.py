@@ -46,6 +46,7 @@ TYPICAL_TOP = {
     "save_total_limit": 2, "logging_steps": 5, "output_dir": "./out", "seed": 3,
     "resume_from_checkpoint": "./out/checkpoint-10", "eot_tokens": ["<|im_end|>"], "train_on_eos": "last",
     "lora_rank_pattern": {"q_proj": 32}, "lora_alpha_pattern": {"v_proj": 8},
+    "batch_size": 1, "max_memory": "16GiB",
     "default_system_message": "You are helpful.",
 }
 TYPICAL_DATASET = {

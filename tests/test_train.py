@@ -219,3 +219,44 @@ def test_bad_output_dir_and_max_steps_fail_at_once_in_one_line(workdir, tmp_path
         lines = [line for line in log.splitlines() if line.strip()]
         assert proc.returncode == 2 and len(lines) == 1 and "--max-steps" in lines[0], log
     assert not (workdir / "never").exists()
+
+
+@pytest.mark.parametrize("keys, words", [
+    ({"micro_batch_size": "auto", "gradient_accumulation_steps": "auto"}, "set batch_size"),
+    ({"micro_batch_size": "auto", "batch_size": 8, "gradient_accumulation_steps": 2}, "leave gradient_accumulation"),
+    ({"micro_batch_size": 3, "gradient_accumulation_steps": "auto", "batch_size": 8}, "not a multiple"),
+    ({"micro_batch_size": 2, "gradient_accumulation_steps": 2, "batch_size": 8}, "set two of the three"),
+    ({"micro_batch_size": True}, "true/false"),
+])
+def test_batch_size_keys_are_checked(workdir, keys, words):
+    with pytest.raises(LorafitError, match=words):
+        TrainConfig.from_dict(config(workdir, "x", **keys))
+
+
+def test_auto_micro_batch_picks_the_largest_that_fits(workdir):
+    from lorafit.memory.estimate import estimate
+    from lorafit.memory.settings import settings_from_config
+    from lorafit.memory.spec import resolve_spec
+    from lorafit.train.auto_batch import MARGIN, resolve_auto_batch
+
+    def peak(micro):
+        cfg = TrainConfig.from_dict(config(workdir, "x", micro_batch_size=micro, gradient_accumulation_steps=1))
+        return estimate(resolve_spec(cfg.base_model_path), settings_from_config(cfg, "cpu")).total
+
+    between = int((peak(2) + peak(4)) / 2 / (1 - MARGIN))  # room for 2 samples, not for 4
+    for budget, micro in ((10 * 2**30, 8), (between, 2)):
+        cfg = TrainConfig.from_dict(config(workdir, "x", micro_batch_size="auto", batch_size=8, max_memory=budget,
+                                           gradient_accumulation_steps="auto"))
+        note = resolve_auto_batch(cfg, "float32")
+        assert (cfg.micro_batch_size, cfg.gradient_accumulation_steps) == (micro, 8 // micro), note
+        assert f"{micro} × {8 // micro}" in note
+    cfg = TrainConfig.from_dict(config(workdir, "x", micro_batch_size="auto", batch_size=8, max_memory=1000,
+                                           gradient_accumulation_steps="auto"))
+    with pytest.raises(LorafitError, match="even 1 sample"):
+        resolve_auto_batch(cfg, "float32")
+    cfg = TrainConfig.from_dict(config(workdir, "x", micro_batch_size=2, gradient_accumulation_steps="auto",
+                                       batch_size=8))
+    assert resolve_auto_batch(cfg, "float32") is None and cfg.gradient_accumulation_steps == 4
+    result = train(TrainConfig.from_dict(config(workdir, "auto", micro_batch_size="auto", batch_size=4, max_steps=2,
+                                                gradient_accumulation_steps="auto", compile_kernels=False)))
+    assert result.steps == 2

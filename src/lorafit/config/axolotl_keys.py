@@ -56,7 +56,7 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
     # ---- supported: the fields of TrainConfig ----
     **_group(SUPPORTED, "", """
         base_model tokenizer_config chat_template chat_template_jinja attn_implementation special_tokens
-        eot_tokens train_on_eos default_system_message
+        eot_tokens train_on_eos default_system_message batch_size max_memory
         adapter lora_model_dir lora_r lora_alpha lora_dropout lora_target_modules lora_target_linear
         lora_modules_to_save peft_use_rslora peft_use_dora peft_layers_to_transform lora_rank_pattern
         lora_alpha_pattern
@@ -145,7 +145,6 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
     "eval_batch_size": (IGNORED, "evaluation uses micro_batch_size"),
     "eval_sequence_len": (IGNORED, "evaluation uses sequence_len"),
     "device_map": (IGNORED, "lorafit puts the whole model on one device"),
-    "max_memory": (IGNORED, "lorafit puts the whole model on one device"),
     "gpu_memory_limit": (IGNORED, "lorafit puts the whole model on one device"),
     "world_size": (IGNORED, "lorafit trains on one device"),
     "ddp_timeout": (IGNORED, "lorafit trains on one device"),
@@ -259,7 +258,6 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
     "neftune_noise_alpha": (UNSUPPORTED, "NEFTune noise is not supported"),
     "noisy_embedding_alpha": (UNSUPPORTED, "NEFTune noise is not supported"),
     "auto_find_batch_size": (UNSUPPORTED, "not supported yet; set micro_batch_size (lorafit plan suggests one)"),
-    "batch_size": (UNSUPPORTED, "not supported; set micro_batch_size and gradient_accumulation_steps"),
     "curriculum_sampling": (UNSUPPORTED, "not supported; rows are shuffled with seed"),
     "min_sample_len": (UNSUPPORTED, "not supported; filter short rows out of the file"),
     "max_prompt_len": (UNSUPPORTED, "not supported; rows are bounded by sequence_len"),

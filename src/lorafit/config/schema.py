@@ -123,8 +123,12 @@ class TrainConfig(BaseModel):
     skip_bad_rows: bool = False
 
     # optimisation
-    micro_batch_size: int = Field(1, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    # "auto": the largest micro-batch whose estimated peak fits the device (lorafit.train.auto_batch), keeping
+    # batch_size (samples per optimizer step) with the accumulation steps that make it up
+    micro_batch_size: int | Literal["auto"] = 1
+    gradient_accumulation_steps: int | Literal["auto"] = 1
+    batch_size: int | None = Field(None, ge=1)
+    max_memory: str | int | dict[str, str | int] | None = None  # the budget "auto" sizes for (default: what is free)
     num_epochs: float = Field(1, gt=0)
     max_steps: int | None = Field(None, ge=1)
     learning_rate: float = Field(2e-4, gt=0)
@@ -231,6 +235,30 @@ class TrainConfig(BaseModel):
             except re.error as e:
                 raise ValueError(f"is not a valid regex ({e})") from None
         return v
+
+    @field_validator("micro_batch_size", "gradient_accumulation_steps")
+    @classmethod
+    def _check_batch(cls, v: int | str) -> int | str:
+        if v != "auto" and v < 1:
+            raise ValueError("must be an integer >= 1 or auto")
+        return v
+
+    @model_validator(mode="after")
+    def _check_batch_sizes(self) -> TrainConfig:
+        micro, accum, total = self.micro_batch_size, self.gradient_accumulation_steps, self.batch_size
+        if micro == "auto" or accum == "auto":
+            if total is None:
+                raise ValueError(f"{'micro_batch_size' if micro == 'auto' else 'gradient_accumulation_steps'} is auto: "
+                                 "set batch_size, the samples per optimizer step it keeps")
+            if micro != "auto" and total % micro:
+                raise ValueError(f"batch_size {total} is not a multiple of micro_batch_size {micro}")
+            if micro == "auto" and accum != "auto" and "gradient_accumulation_steps" in self.model_fields_set:
+                raise ValueError("micro_batch_size is auto: leave gradient_accumulation_steps out (or auto); "
+                                 "lorafit sets it to batch_size / micro_batch_size")
+        elif total is not None and total != micro * accum:
+            raise ValueError(f"batch_size {total} is not micro_batch_size × gradient_accumulation_steps "
+                             f"({micro} × {accum}); set two of the three")
+        return self
 
     @model_validator(mode="after")
     def _check_combinations(self) -> TrainConfig:
@@ -344,10 +372,9 @@ class TrainConfig(BaseModel):
 
 
 def _takes_numbers_only(annotation: Any) -> bool:
-    """A field typed int/float (optionally None), with no bool or literal choice among its types."""
+    """A field typed int/float (optionally None or a word such as "auto"), with no bool among its types."""
     types = typing.get_args(annotation) or (annotation,)
-    return any(t in (int, float) for t in types) and not any(t is bool or typing.get_origin(t) is Literal
-                                                              for t in types)
+    return any(t in (int, float) for t in types) and bool not in types
 
 
 _NUMBER_KEYS = frozenset(k for k, f in TrainConfig.model_fields.items() if _takes_numbers_only(f.annotation))

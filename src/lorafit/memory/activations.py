@@ -332,12 +332,14 @@ def _mlp_temporaries(spec: ModelSpec, s, wrapped: set[str]) -> tuple[int, str]:
 
 
 def embedding_backward(spec: ModelSpec, s) -> int:
-    """Full fine-tuning: the dense (vocab × hidden) embedding gradient built before it is accumulated. Tied to
-    the head, the weight already holds the head's gradient from the loss, and accumulating makes the sum as a
-    new tensor: a second (vocab × hidden) at the end of backward (measured with MemTracker)."""
-    if s.method != "full":
+    """Full fine-tuning: memory beyond all gradients when the dense (vocab × hidden) embedding gradient is
+    accumulated. Tied to the head, the weight already holds the head's gradient from the loss: the dense
+    gradient and the sum accumulating makes as a new tensor, two (vocab × hidden) at the end of backward.
+    Untied, the embedding has no gradient yet and autograd keeps the dense one as ``.grad`` (no copy): nothing
+    beyond the gradients, which already count it (both measured with MemTracker)."""
+    if s.method != "full" or not spec.tied_embeddings:
         return 0
-    return (2 if spec.tied_embeddings else 1) * spec.vocab * spec.hidden * s.bytes
+    return 2 * spec.vocab * spec.hidden * s.bytes
 
 
 # Calibrated against MemTracker peaks (benchmarks/estimate_vs_measured.py).

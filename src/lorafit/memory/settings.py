@@ -20,7 +20,7 @@ def settings_from_config(cfg: TrainConfig, device: str, runtime: RuntimeOptions 
     a GPU target (the estimate is for one that has it) and float32 on a CPU, as training decides it; the
     kernels' options are the config's (the environment as a fallback) unless ``runtime`` is given."""
     kw = dict(method="lora" if cfg.is_lora else "full", dtype=cfg.dtype_for(device == "cuda"),
-              micro_batch=cfg.micro_batch_size, seq_len=cfg.sequence_len,
+              micro_batch=1 if cfg.micro_batch_size == "auto" else cfg.micro_batch_size, seq_len=cfg.sequence_len,
               gradient_checkpointing=bool(cfg.gradient_checkpointing), packing=bool(cfg.sample_packing),
               optimizer=cfg.optimizer, loss_chunk_tokens=cfg.loss_chunk_tokens)
     if cfg.is_lora:

@@ -27,6 +27,8 @@ from lorafit.data import batches, build_datasets
 from lorafit.errors import LorafitError
 from lorafit.fsutil import atomic_dir, check_writable_dir, display
 from lorafit.lora import count_parameters, save_adapter
+from lorafit.models import train_dtype
+from lorafit.train.auto_batch import resolve_auto_batch
 from lorafit.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from lorafit.train.metrics import MetricsLog, plot_loss
 from lorafit.train.optim import optimizer_from_config, scheduler_from_config
@@ -85,6 +87,7 @@ class Recipe:
         self.cfg = cfg
         self.console = console or Console()
         self.out = check_writable_dir(cfg.output_path, "output_dir")
+        self.batch_note = resolve_auto_batch(cfg, train_dtype(cfg))  # numbers for "auto", before they are recorded
         self.fingerprint = fingerprint(cfg)  # what the outputs mean; recorded with them
         named = cfg.resolve_path(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
         self.plan = plan_output(self.out, self.fingerprint, resume or named is not None, overwrite, named)
@@ -127,6 +130,8 @@ class Recipe:
         seed_everything(self.cfg.seed)
         for notice in self.cfg.notices:
             self.console.print(f"[yellow]note:[/] {notice}")
+        if self.batch_note:
+            self.console.print(self.batch_note)
         self.model, self.tokenizer = prepare_model(self.cfg, self.options)
         if self.model.lean_kernels.notice:
             self.console.print(f"[yellow]note:[/] {self.model.lean_kernels.notice}")
