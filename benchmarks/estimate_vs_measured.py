@@ -7,7 +7,9 @@ trainer does, run 3 steps of ``lorafit.train.train_step``, take the peak; compar
 (``benchmarks/provenance.py``: commit, CPU and flags, threads, versions, lorafit's runtime options) and each row
 the runtime options it was measured and estimated with (``--reestimate`` uses them).
 
-    .venv/bin/python benchmarks/estimate_vs_measured.py            # all rows, writes results JSON
+    .venv/bin/python benchmarks/estimate_vs_measured.py            # the 22 fit rows, writes results JSON
+    .venv/bin/python benchmarks/estimate_vs_measured.py --rows heldout   # the held-out rows (never fitted),
+                                                                   # writes estimate_vs_measured_heldout.json
     .venv/bin/python benchmarks/estimate_vs_measured.py --quick    # 5 rows
     .venv/bin/python benchmarks/estimate_vs_measured.py --cuda     # on a GPU (see scripts/gpu_check.sh)
     .venv/bin/python benchmarks/estimate_vs_measured.py --reestimate   # rescore the JSON's measured peaks
@@ -46,6 +48,7 @@ SHAPES = {
 }
 
 # (shape, settings). Settings keys: see lorafit.memory.estimate.Settings.
+# The "fit" rows: the estimator's backward constants were calibrated on these 22 rows (in-sample).
 ROWS = [
     ("llama-tiny", dict(method="lora", dtype="float32", micro_batch=2, seq_len=128, r=8)),
     ("llama-tiny", dict(method="lora", dtype="bfloat16", micro_batch=4, seq_len=128, r=64)),
@@ -71,6 +74,44 @@ ROWS = [
     ("demo", dict(method="full", dtype="bfloat16", micro_batch=1, seq_len=128)),
 ]
 QUICK = [0, 2, 9, 12, 15]
+
+# Held-out shapes and rows: never used to fit a constant of lorafit.memory (out-of-sample check). Other widths
+# (256-1024), GQA ratios (heads/kv 1, 2, 4, 8), vocabularies 8k-128k, tied and untied heads.
+HELDOUT_SHAPES = {
+    "h-llama-tied": _spec("h-llama-tied", "llama", 512, 1376, 4, 8, 2, 32000),  # GQA 4, tied
+    "h-llama-untied": _spec("h-llama-untied", "llama", 384, 1024, 4, 6, 6, 8192, tied=False),  # MHA (GQA 1)
+    "h-mistral-gqa8": _spec("h-mistral-gqa8", "mistral", 512, 1536, 3, 8, 1, 32768, tied=False),  # GQA 8
+    "h-qwen2-1024": _spec("h-qwen2-1024", "qwen2", 1024, 2816, 2, 16, 8, 65536, qkv_bias=True),  # GQA 2, tied
+    "h-llama-128k": _spec("h-llama-128k", "llama", 256, 704, 2, 4, 2, 128256),  # Llama 3 vocabulary, tied
+    "h-gemma": _spec("h-gemma", "gemma", 384, 1024, 3, 6, 3, 24000),
+    "h-gpt2": _spec("h-gpt2", "gpt2", 512, 2048, 3, 8, 8, 12000, norm="layer", mlp="plain", max_positions=1024),
+    "h-phi3": _spec("h-phi3", "phi3", 256, 640, 4, 8, 4, 16000, tied=False),
+}
+QV, MLP = ["q_proj", "v_proj"], ["gate_proj", "up_proj", "down_proj"]
+HELDOUT_ROWS = [
+    ("h-llama-tied", dict(method="full", dtype="bfloat16", micro_batch=1, seq_len=256)),  # issue 20's miss
+    ("h-llama-tied", dict(method="full", dtype="float32", micro_batch=2, seq_len=128)),
+    ("h-llama-tied", dict(method="lora", dtype="bfloat16", micro_batch=2, seq_len=256, r=16, gradient_checkpointing=True)),
+    ("h-llama-untied", dict(method="full", dtype="bfloat16", micro_batch=2, seq_len=256)),
+    ("h-llama-untied", dict(method="lora", dtype="float32", micro_batch=4, seq_len=128, r=8, targets=QV)),
+    ("h-mistral-gqa8", dict(method="lora", dtype="bfloat16", micro_batch=1, seq_len=512, r=32, targets=MLP)),
+    ("h-mistral-gqa8", dict(method="full", dtype="float32", micro_batch=1, seq_len=256, gradient_checkpointing=True)),
+    ("h-qwen2-1024", dict(method="lora", dtype="bfloat16", micro_batch=1, seq_len=256, r=16)),
+    ("h-qwen2-1024", dict(method="lora", dtype="float32", micro_batch=2, seq_len=128, r=8, targets=QV, gradient_checkpointing=True)),
+    ("h-llama-128k", dict(method="lora", dtype="bfloat16", micro_batch=2, seq_len=128, r=8)),
+    ("h-llama-128k", dict(method="full", dtype="bfloat16", micro_batch=1, seq_len=128)),
+    ("h-gemma", dict(method="lora", dtype="float32", micro_batch=2, seq_len=256, r=16, targets=MLP)),
+    ("h-gemma", dict(method="full", dtype="bfloat16", micro_batch=1, seq_len=256, gradient_checkpointing=True)),
+    ("h-gpt2", dict(method="lora", dtype="bfloat16", micro_batch=2, seq_len=256, r=16)),
+    ("h-gpt2", dict(method="full", dtype="float32", micro_batch=1, seq_len=256)),
+    ("h-phi3", dict(method="lora", dtype="bfloat16", micro_batch=4, seq_len=64, r=8)),
+    # added after the full fine-tuning fixes of issue 20 (rows 0, 6 and 14 above showed the misses)
+    ("h-gemma", dict(method="full", dtype="float32", micro_batch=2, seq_len=128)),
+    ("h-phi3", dict(method="full", dtype="bfloat16", micro_batch=2, seq_len=128)),
+    ("h-llama-untied", dict(method="full", dtype="float32", micro_batch=1, seq_len=256, gradient_checkpointing=True)),
+    ("h-gpt2", dict(method="full", dtype="bfloat16", micro_batch=2, seq_len=128, gradient_checkpointing=True)),
+    ("h-mistral-gqa8", dict(method="full", dtype="bfloat16", micro_batch=1, seq_len=128)),
+]
 # GPU rows (scripts/gpu_check.sh): the real Llama 3.2 1B shape, random weights.
 CUDA_ROWS = [
     ("llama-3.2-1b", dict(method="lora", dtype="bfloat16", micro_batch=2, seq_len=1024, r=16)),
@@ -88,7 +129,8 @@ def run_one(shape: str, settings: dict, steps: int, device: str) -> dict:
     from lorafit.memory.estimate import Settings, estimate
     from lorafit.memory.spec import resolve_spec
 
-    spec = resolve_spec(shape) if shape == "demo" or shape not in SHAPES else SHAPES[shape]
+    shapes = {**SHAPES, **HELDOUT_SHAPES}
+    spec = resolve_spec(shape) if shape == "demo" or shape not in shapes else shapes[shape]
     s = Settings(**settings, device=device)
     t0 = time.perf_counter()
     m = measure(spec, s, steps, model_name="demo" if shape == "demo" else None, device=device)
@@ -138,7 +180,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--cuda", action="store_true")
-    ap.add_argument("--rows", help="comma-separated row indices")
+    ap.add_argument("--rows", help="a split (fit | heldout) or comma-separated indices of fit rows")
+    ap.add_argument("--split", choices=["fit", "heldout"], default="fit",
+                    help="fit: the 22 rows the constants were calibrated on (default); heldout: rows never fitted")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", help="results JSON (default benchmarks/results/estimate_vs_measured[_cuda].json)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -146,15 +190,19 @@ def main() -> int:
                     help="recompute estimates and errors of the results JSON from its stored measured peaks")
     args = ap.parse_args()
     device = "cuda" if args.cuda else "cpu"
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"estimate_vs_measured{'_cuda' if args.cuda else ''}.json")
+    if args.rows in ("fit", "heldout"):
+        args.split, args.rows = args.rows, None
+    heldout = args.split == "heldout" and not args.cuda
+    default_name = f"estimate_vs_measured{'_cuda' if args.cuda else '_heldout' if heldout else ''}.json"
+    out = Path(args.out or ROOT / "benchmarks" / "results" / default_name)
     if args.reestimate:
         return reestimate(out)
     if args.one:
         shape, settings = json.loads(args.one)
         print(json.dumps(run_one(shape, settings, args.steps, device)))
         return 0
-    rows = CUDA_ROWS if args.cuda else ROWS
-    idx = [int(i) for i in args.rows.split(",")] if args.rows else QUICK if args.quick and not args.cuda else range(len(rows))
+    rows = CUDA_ROWS if args.cuda else HELDOUT_ROWS if heldout else ROWS
+    idx = [int(i) for i in args.rows.split(",")] if args.rows else QUICK if args.quick and not args.cuda and not heldout else range(len(rows))
     results = []
     print(f"{'#':>2} {'shape':15} {'settings':70} {'estimate':>9} {'measured':>9} {'error':>7}")
     for i in idx:
@@ -175,7 +223,8 @@ def main() -> int:
         if not args.rows and (args.cuda or not args.quick):
             out.parent.mkdir(parents=True, exist_ok=True)
             # the rows' processes resolve their options from this environment (Settings' default)
-            out.write_text(json.dumps({"device": device, "provenance": provenance(), "rows": results},
+            split = "cuda" if args.cuda else args.split
+            out.write_text(json.dumps({"device": device, "split": split, "provenance": provenance(), "rows": results},
                                       indent=2) + "\n")
             print(f"wrote {out}")
     return 0

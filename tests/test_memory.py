@@ -182,8 +182,10 @@ def test_full_bf16_wide_head_peaks_in_the_loss_backward():
 def test_full_embedding_gradient_counted_once_untied(tied):
     """Full fine-tuning ends backward with the embedding's dense gradient. Untied, autograd keeps it as ``.grad``
     (no copy; it is in the gradients already); tied, it is added to the head's gradient the weight holds (the
-    dense one and the sum, two vocab × hidden). Counting one extra for an untied embedding put held-out rows
-    up to +11.5% over the measured peak (issue 20)."""
+    dense one and the sum, two vocab × hidden) after the lowest layer's backward has freed every saved
+    activation. Counting one extra for an untied embedding put held-out rows up to +11.5% over the measured
+    peak, counting the lowest layer's activations next to the tied sum +0.9% here, +4.8% on a held-out GPT-2
+    row (issue 20). MemTracker counts bytes, so the bound can be tight."""
     from lorafit.measure import compare
     from lorafit.memory import activations as act
 
@@ -192,4 +194,7 @@ def test_full_embedding_gradient_counted_once_untied(tied):
                  device="cpu")
     assert act.embedding_backward(spec, s) == (2 * spec.vocab * spec.hidden * 4 if tied else 0)
     est, m, err = compare(spec, s, steps=2)
-    assert abs(err) <= 5, f"estimate {est.allocated_peak} vs measured {m.peak} ({est.peak_moment}): {err:+.1f}%"
+    assert est.peak_moment == "backward end"
+    if tied:  # the embedding's gradient is accumulated after every saved activation is freed
+        assert est.component("activations").at_peak == 0 and m.by_kind["Activation"] < 4096  # a few index tensors
+    assert abs(err) <= 0.5, f"estimate {est.allocated_peak} vs measured {m.peak} ({est.peak_moment}): {err:+.2f}%"

@@ -269,7 +269,9 @@ def estimate(spec: ModelSpec, settings: Settings) -> Estimate:
         # the loss's backward, first in backward: the head's fp32 gradient, its scaled copy and its cast
         "loss backward": z.persistent + acts.total + act.loss_backward(spec, s),
         "backward start": z.persistent + acts.total + bw_first.total + head_grad,
-        "backward end": z.persistent + z.grads + act.embedding_backward(spec, s) + acts.resident_end,
+        # the lowest layer's backward (its saved tensors still resident), then the embedding's gradient (by
+        # then every saved activation is freed): one after the other, the larger counts
+        "backward end": z.persistent + z.grads + max(act.embedding_backward(spec, s), acts.resident_end),
         "optimizer step": z.persistent + z.grads,
     }
     moment = max(moments, key=moments.get)
@@ -292,8 +294,9 @@ def _components(spec, s: Settings, adapters, z: _Sizes, moment: str, peak_alloc:
     """Each part of the step at the peak ``moment`` (and whole), with its formula."""
     e, lora = s.bytes, s.method == "lora"
     grads_at = {"loss": loss.head_grad, "loss backward": 0, "backward start": loss.head_grad}.get(moment, z.grads)
+    emb_last = act.embedding_backward(spec, s) > acts.resident_end  # the embedding's gradient is the later peak
     acts_at = {"loss": acts.total, "loss backward": acts.total, "backward start": acts.total,
-               "backward end": acts.resident_end}.get(moment, 0)
+               "backward end": 0 if emb_last else acts.resident_end}.get(moment, 0)
     loss_at = loss.total if moment == "loss" else 0
     temp_at = peak_alloc - z.persistent - grads_at - acts_at - loss_at
     overhead, overhead_formula = _overhead(s, peak_alloc)
