@@ -127,11 +127,17 @@ def test_logits_and_gradients_equal_peft(p, compiled, monkeypatch):
     _, theirs, ours, layers = pair(dropout=p, options=RuntimeOptions.resolve(compiled))
     if p:
         same_masks(monkeypatch, layers, p)
-    b = batch()
     theirs.train(), ours.train()
+    assert_same_step(theirs, ours, layers, bitwise=p == 0)
+
+
+def assert_same_step(theirs, ours, layers, bitwise: bool = False) -> None:
+    """One batch through both: logits within 1e-6 (equal to the bit if ``bitwise``), and the gradients of every
+    adapter tensor within 1e-5 relative."""
+    b = batch()
     out_theirs = theirs(input_ids=b["input_ids"], labels=b["labels"])
     out_ours = ours(input_ids=b["input_ids"], labels=b["labels"])
-    if p == 0:
+    if bitwise:
         assert torch.equal(out_ours.logits, out_theirs.logits)
     assert rel(out_ours.logits, out_theirs.logits) < 1e-6
     out_theirs.loss.backward()
@@ -225,15 +231,7 @@ def test_gpt2_conv1d_matches_peft():
     base = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=32,
                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
     _, theirs, ours, layers = pair(base, targets=["c_attn", "c_fc", "c_proj"], fan_in_fan_out=True)
-    b = batch()
-    out_theirs = theirs(input_ids=b["input_ids"], labels=b["labels"])
-    out_ours = ours(input_ids=b["input_ids"], labels=b["labels"])
-    assert rel(out_ours.logits, out_theirs.logits) < 1e-6
-    out_theirs.loss.backward()
-    out_ours.loss.backward()
-    for layer in layers:
-        for what, mine, other in adapter_tensors(layer):
-            assert rel(mine.grad, other.grad) < 1e-5, what
+    assert_same_step(theirs, ours, layers)
 
 
 def test_bf16_base_trains_close_to_fp32():

@@ -68,6 +68,22 @@ def adamw(model):
     return params, torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 
 
+def peft_loop(model, batches: list[dict]) -> tuple[list[float], list]:
+    """PEFT trained in a plain loop: HF loss, backward, clipping at 1.0, ``torch.optim.AdamW``; returns the
+    per-step losses and the trained parameters."""
+    model.train()
+    params, opt = adamw(model)
+    losses = []
+    for b in batches:
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+        out.loss.backward()
+        losses.append(float(out.loss.detach()))
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return losses, params
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """One torch thread for this module: the models are tiny, and on a busy 2-core machine two threads spin
@@ -96,16 +112,7 @@ def trained():
             layer.lora_B.weight.copy_(peft_layers[name].lora_B["default"].weight)
 
     batches = make_batches(STEPS)
-    peft_model.train()
-    params, opt = adamw(peft_model)
-    peft_losses = []
-    for b in batches:
-        out = peft_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
-        out.loss.backward()
-        peft_losses.append(float(out.loss.detach()))
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    peft_losses, _ = peft_loop(peft_model, batches)
 
     ours.train()
     _, opt = adamw(ours)
@@ -211,16 +218,7 @@ def train_peft(base, dtype, init: dict, batches: list[dict]) -> dict:
     """PEFT in a plain loop: HF loss, backward, clipping at 1.0, ``torch.optim.AdamW``."""
     model = peft_model_of(base, dtype)
     set_adapter(model, init)
-    model.train()
-    params, opt = adamw(model)
-    losses = []
-    for b in batches:
-        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
-        out.loss.backward()
-        losses.append(float(out.loss.detach()))
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    losses, params = peft_loop(model, batches)
     return {"losses": losses, "adapter": adapter_of(model), "trained_dtypes": {p.dtype for p in params}}
 
 

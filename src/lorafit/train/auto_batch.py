@@ -8,6 +8,7 @@ what the device has free: CUDA's free memory, or the memory the OS reports avail
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -46,8 +47,6 @@ def resolve_auto_batch(cfg, dtype: str) -> str | None:
 
 
 def _settings(cfg, device: str, dtype: str):
-    from dataclasses import replace
-
     return replace(settings_from_config(cfg, device), dtype=dtype)
 
 
