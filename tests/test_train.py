@@ -260,3 +260,19 @@ def test_auto_micro_batch_picks_the_largest_that_fits(workdir):
     result = train(TrainConfig.from_dict(config(workdir, "auto", micro_batch_size="auto", batch_size=4, max_steps=2,
                                                 gradient_accumulation_steps="auto", compile_kernels=False)))
     assert result.steps == 2
+
+
+def test_kernels_compile_a_bounded_number_of_times_whatever_the_lengths(workdir, caplog):
+    """Batches of ever new sequence lengths: after the first steps (grad / no-grad inputs, groups of 2 and 3
+    layers) nothing compiles again — shapes are dynamic, so a new length reuses the kernels."""
+    rows = [{"messages": [{"role": "user", "content": "Repeat: " + " ".join(["fig"] * n)},
+                          {"role": "assistant", "content": "ok"}]} for n in range(1, 25)]
+    data = workdir / "lengths.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = TrainConfig.from_dict(config(workdir, "lengths", datasets=[{"path": str(data), "type": "chat_template"}],
+                                       micro_batch_size=2, max_steps=12, lora_dropout=0.1, compile_kernels=True))
+    caplog.set_level("DEBUG", logger="lorafit.train.recipe")
+    result = train(cfg)  # 24 prompts of 1..24 words in 12 shuffled pairs: most steps bring a new padded length
+    compile_steps = [int(r.message.split()[1].rstrip(":")) for r in caplog.records if "compiled so far" in r.message]
+    assert not compile_steps or max(compile_steps) <= 3, compile_steps  # new lengths (steps 4-12) compile nothing
+    assert result.compiles == 0 or result.compile_s > 0

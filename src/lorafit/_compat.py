@@ -86,3 +86,18 @@ def attn_implementation(model) -> str | None:
     """The attention implementation a transformers model runs (its config's private ``_attn_implementation``;
     the public setter is ``set_attn_implementation``)."""
     return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
+# ---- torch.compile statistics (torch._dynamo.utils, torch ≥ 2.1) -------------------------------------------
+def compile_stats() -> tuple[int, float]:
+    """``(graphs compiled, seconds spent compiling)`` so far in this process; ``(0, 0.0)`` where torch does not
+    say. A recompile (new guard: another dtype, ``requires_grad``, tuple length) counts as one more graph."""
+    try:
+        from torch._dynamo.utils import compile_times, counters
+
+        graphs = int(counters["stats"]["unique_graphs"])
+        headers, values = compile_times(repr="csv", aggregate=True)
+        seconds = float(values[headers.index("_compile.compile_inner")]) if "_compile.compile_inner" in headers else 0.0
+        return graphs, seconds
+    except Exception:  # pragma: no cover - a torch that moved these: the figure is missing, nothing breaks
+        return 0, 0.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 
@@ -30,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorafit",
                                      description="LoRA fine-tuning when GPU memory is the limit.")
     parser.add_argument("--version", action="version", version=f"lorafit {__import__('lorafit').__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log what lorafit does to stderr (-v: info, -vv: debug, e.g. kernel compilations)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -43,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    if args.verbose:
+        logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s", level=logging.WARNING)
+        logging.getLogger("lorafit").setLevel(logging.INFO if args.verbose == 1 else logging.DEBUG)
     try:
         return int(args.func(args) or 0)
     except LorafitError as e:

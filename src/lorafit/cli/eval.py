@@ -51,6 +51,7 @@ def resolve_target(args):
 
 def cmd_eval(args) -> int:
     from lorafit.eval.report import evaluate_columns, without_examples
+    from lorafit.train.progress import Phases
 
     if args.json_out:  # before the slow part, and never over a file unasked
         check_new_file(args.json_out, "--json", args.force)
@@ -59,7 +60,8 @@ def cmd_eval(args) -> int:
         raise LorafitError("give a training config (for its eval split), --heldout or --retention")
     model, tok = model_with_adapter(base_model, adapter)
     results = evaluate_columns(model, tok, cfg, has_adapter=bool(adapter), with_base=not args.no_base,
-                               heldout=args.heldout, retention=args.retention, limit=args.limit)
+                               heldout=args.heldout, retention=args.retention, limit=args.limit,
+                               phases=Phases(Console()))
     print_eval(results, adapter)
     if args.json_out:
         write_json(args.json_out, without_examples(results))

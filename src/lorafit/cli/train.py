@@ -64,6 +64,8 @@ def summary(result) -> str:
         parts.append(f"final train loss {result.train_loss:.4f}")
     if result.eval_loss is not None:
         parts.append(f"eval loss {result.eval_loss:.4f}")
+    if result.compiles:
+        parts.append(f"{result.compiles} kernel graphs compiled ({result.compile_s:.0f} s of it)")
     return " | ".join(parts)
 
 

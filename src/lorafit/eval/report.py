@@ -1,62 +1,81 @@
 """What ``lorafit eval`` measures: eval loss, held-out exact match and retention, per model column.
 
 Each column is one dict of metrics. Keys starting with ``_`` (a few example answers) are for display only and
-are left out of the JSON report.
+are left out of the JSON report. Every phase reports its progress (:class:`~lorafit.train.progress.Phases`:
+a bar on a terminal, lines in a log).
+
+With an adapter, the ``base`` column runs with the adapter switched off and the ``adapter`` column with it
+merged into the weights — the model ``lorafit merge`` writes. Generation then runs plain linear layers
+instead of a LoRA branch per layer and token; logits equal the unmerged model's to fp32 rounding.
 """
 
 from __future__ import annotations
 
 from lorafit.data import build_datasets
 from lorafit.eval import tasks
-from lorafit.lora import disable_adapter
+from lorafit.lora import disable_adapter, merge, unmerge
 from lorafit.train import evaluate
+from lorafit.train.progress import Phases
 
 
-def evaluate_model(model, tok, cfg, heldout: str | None, retention: str | None, limit: int | None) -> dict:
+def evaluate_model(model, tok, cfg, heldout: str | None, retention: str | None, limit: int | None,
+                   phases: Phases | None = None, column: str = "model") -> dict:
     """The metrics each source given yields: the config's eval split, a held-out file, a retention file."""
+    phases = phases or Phases()
+
+    def phase(label, total):
+        return phases.phase(f"{column}: {label}", total)
+
     out: dict = {}
     if cfg is not None and (cfg.val_set_size or cfg.test_datasets):
-        out.update(eval_split_metrics(model, tok, cfg))
+        out.update(eval_split_metrics(model, tok, cfg, phase))
     if heldout:
-        out.update(heldout_metrics(model, tok, heldout, limit))
+        out.update(heldout_metrics(model, tok, heldout, limit, phase))
     if retention:
-        r = tasks.retention_score(model, tok, retention)
+        r = tasks.retention_score(model, tok, retention, phase=phase)
         out["retention_accuracy"], out["retention_ppl"] = r["accuracy"], r["perplexity"]
     return out
 
 
-def eval_split_metrics(model, tok, cfg) -> dict:
+def eval_split_metrics(model, tok, cfg, phase=tasks.no_phase) -> dict:
     """Loss and perplexity on the config's eval split, as training reports them."""
     _, eval_samples, _ = build_datasets(cfg, tok)
-    metrics = evaluate(model, eval_samples, cfg, tok.pad_token_id)
+    with phase("eval loss", 1) as advance:
+        metrics = evaluate(model, eval_samples, cfg, tok.pad_token_id)
+        advance(1)
     return {k: v for k, v in metrics.items() if k != "eval_tokens"}
 
 
-def heldout_metrics(model, tok, path: str, limit: int | None) -> dict:
+def heldout_metrics(model, tok, path: str, limit: int | None, phase=tasks.no_phase) -> dict:
     """Exact match of greedy answers on the first ``limit`` held-out examples, and three examples to show."""
     pairs = tasks.load_heldout(path)[:limit]
     references = [r for _, r in pairs]
     # room for the longest reference plus a little, so a wrong but longer answer is still seen in full
     max_new = max(len(tok(ref).input_ids) for ref in references) + 8
-    preds = tasks.generate_answers(model, tok, [p for p, _ in pairs], max_new_tokens=max_new)
+    with phase("held-out answers", len(pairs)) as advance:
+        preds = tasks.generate_answers(model, tok, [p for p, _ in pairs], max_new_tokens=max_new, on_batch=advance)
     examples = zip([p[-1]["content"] for p, _ in pairs[:3]], preds[:3], references[:3], strict=True)
     return {"heldout_exact_match": tasks.score(preds, references)["exact_match"], "_examples": list(examples)}
 
 
 def evaluate_columns(model, tok, cfg, *, has_adapter: bool, with_base: bool, heldout: str | None,
-                     retention: str | None, limit: int | None) -> dict[str, dict]:
+                     retention: str | None, limit: int | None, phases: Phases | None = None) -> dict[str, dict]:
     """One column ``model`` without an adapter; with one, ``base`` (adapter switched off, unless not
-    ``with_base``) and ``adapter``, so both are scored on the same loaded weights."""
-    def run() -> dict:
-        return evaluate_model(model, tok, cfg, heldout, retention, limit)
+    ``with_base``) and ``adapter`` (merged, then unmerged again), both scored on the same loaded weights."""
+    def run(column: str) -> dict:
+        return evaluate_model(model, tok, cfg, heldout, retention, limit, phases, column)
 
     if not has_adapter:  # a base model or a fully fine-tuned folder
-        return {"model": run()}
+        return {"model": run("model")}
     results = {}
     if with_base:
         with disable_adapter(model):
-            results["base"] = run()
-    results["adapter"] = run()
+            results["base"] = run("base")
+    merge(model)
+    try:
+        results["adapter"] = run("adapter")
+    finally:
+        unmerge(model)
     return results
 
 

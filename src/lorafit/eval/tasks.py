@@ -21,10 +21,11 @@ Three pieces:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -211,14 +212,15 @@ def _model_device(model) -> torch.device:
 
 @torch.inference_mode()
 def generate_answers(model, tokenizer, prompts: Sequence[Messages], max_new_tokens: int,
-                     batch_size: int = 16) -> list[str]:
+                     batch_size: int = 32, on_batch: Callable[[int], None] | None = None) -> list[str]:
     """Greedy answers to chat ``prompts`` (lists of messages), in the order given.
 
     Each prompt is rendered with the tokenizer's chat template plus the generation prompt and tokenised
     without extra special tokens (the template places BOS itself, as ``apply_chat_template`` does).
     Prompts are batched by length with **left** padding and an attention mask, so a batch decodes the same
     tokens as one prompt at a time. Only new tokens are decoded, special tokens skipped, and the text
-    stripped. The model is put in eval mode for the call and restored after.
+    stripped. The model is put in eval mode for the call and restored after. ``on_batch(n)`` is called after
+    each batch of ``n`` prompts (progress).
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError("max_new_tokens and batch_size must be >= 1")
@@ -252,6 +254,8 @@ def generate_answers(model, tokenizer, prompts: Sequence[Messages], max_new_toke
                                  pad_token_id=pad_id, eos_token_id=stop_ids or None)
             for row, i in enumerate(idx):
                 answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+            if on_batch:
+                on_batch(len(idx))
     finally:
         model.train(was_training)
     return answers
@@ -303,8 +307,8 @@ def _answer_tokens(tokenizer, messages: Messages, reference: str) -> tuple[list[
 
 
 @torch.inference_mode()
-def answer_nll(model, tokenizer, items: Sequence[tuple[Messages, str]],
-               batch_size: int = 16) -> tuple[float, int]:
+def answer_nll(model, tokenizer, items: Sequence[tuple[Messages, str]], batch_size: int = 16,
+               on_batch: Callable[[int], None] | None = None) -> tuple[float, int]:
     """Summed negative log-likelihood (nats) of each reference answer + end of turn given its prompt,
     and the number of tokens summed.
 
@@ -337,13 +341,15 @@ def answer_nll(model, tokenizer, items: Sequence[tuple[Messages, str]],
                                                     reduction="sum")
             total += float(nll)
             count += int((shift_labels != -100).sum())
+            if on_batch:
+                on_batch(len(chunk))
     finally:
         model.train(was_training)
     return total, count
 
 
 def retention_score(model, tokenizer, path: str | Path, *, max_new_tokens: int = 64,
-                    batch_size: int = 16) -> dict:
+                    batch_size: int = 32, phase=None) -> dict:
     """How much of what the base model did well the model being scored still does.
 
     Reads a retention file (see :func:`load_retention`) and returns
@@ -352,13 +358,24 @@ def retention_score(model, tokenizer, path: str | Path, *, max_new_tokens: int =
     ``perplexity`` is ``exp(nll)`` where ``nll`` is the mean per-token negative log-likelihood of the base
     model's own answers (``reference``) and their end-of-turn token, prompts masked, over ``tokens`` tokens.
     For the base model itself accuracy is 1.0 by construction and perplexity is low; fine-tuning that
-    forgets lowers the first and raises the second.
+    forgets lowers the first and raises the second. ``phase(label, total)``, if given, is a context manager
+    yielding a progress callback (:class:`lorafit.train.progress.Phases`).
     """
+    phase = phase or no_phase
     rows = load_retention(path)
     prompts = [r["messages"] for r in rows]
-    predictions = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
+    with phase("retention: answers", len(rows)) as advance:
+        predictions = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, on_batch=advance)
     correct = sum(contains_answer(p, r["answer"]) for p, r in zip(predictions, rows, strict=True))
-    total, count = answer_nll(model, tokenizer, [(r["messages"], r["reference"]) for r in rows], batch_size)
+    with phase("retention: perplexity of base answers", len(rows)) as advance:
+        total, count = answer_nll(model, tokenizer, [(r["messages"], r["reference"]) for r in rows], batch_size,
+                                  on_batch=advance)
     mean_nll = total / count if count else float("nan")
     return {"accuracy": correct / len(rows), "perplexity": math.exp(mean_nll) if count else float("nan"),
             "nll": mean_nll, "tokens": count, "n": len(rows)}
+
+
+@contextlib.contextmanager
+def no_phase(label: str, total: int):
+    """A progress phase that shows nothing."""
+    yield lambda n=1: None

@@ -16,6 +16,7 @@ handed to every piece that needs them. Before any of it, the output folder is ch
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from lorafit._compat import compile_stats
 from lorafit.data import batches, build_datasets
 from lorafit.errors import LorafitError
 from lorafit.fsutil import atomic_dir, check_writable_dir, display
@@ -37,6 +39,8 @@ from lorafit.train.run_record import fingerprint, plan_output, prepare_output
 from lorafit.train.setup import prepare_model, seed_everything
 from lorafit.train.step import evaluate, train_step
 from lorafit.train.stop import GracefulStop
+
+log = logging.getLogger(__name__)
 
 
 def logged(window: list[dict]) -> dict:
@@ -64,6 +68,8 @@ class TrainResult:
     tokens_per_s: float = 0.0
     wall_s: float = 0.0
     interrupted: bool = False
+    compiles: int = 0  # graphs torch.compile built in this run (the fused kernels; a recompile counts again)
+    compile_s: float = 0.0  # seconds spent compiling them
     history: list[dict] = field(default_factory=list)
     model: object = field(default=None, repr=False)  # the trained model, adapter attached
 
@@ -108,8 +114,11 @@ class Recipe:
         self.print_header()
         self.last_loss = None
         self.t_start = time.perf_counter() - self.state.elapsed_s
+        self.compiled_at_start, self.compiles_logged = compile_stats(), 0
         window: list[dict] = []  # the steps since the last metrics row (logging_steps)
-        with GracefulStop() as stop, TrainProgress(self.total_steps, self.state.step, self.console) as progress:
+        compiling = self.options.compile and self.compiled_at_start[0] == 0
+        with GracefulStop() as stop, TrainProgress(self.total_steps, self.state.step, self.console,
+                                                   compiling=compiling) as progress:
             while self.state.step < self.total_steps and not stop.requested:
                 record = self.step(self.next_micro_batches())
                 window.append(record)
@@ -210,6 +219,7 @@ class Recipe:
                 f"(last good checkpoint: {latest_checkpoint(self.out) or 'none'}). Lower learning_rate or check the data"
             )
         dt = time.perf_counter() - t0
+        self.log_compiles(dt)
         s.step += 1
         s.tokens_seen += row["tokens"]
         s.elapsed_s = time.perf_counter() - self.t_start
@@ -218,6 +228,18 @@ class Recipe:
                 "loss": row["loss"], "lr": self.scheduler.get_last_lr()[0], "grad_norm": row["grad_norm"],
                 "trained_tokens": row["trained_tokens"], "tokens_per_s": row["tokens"] / dt,
                 "elapsed_s": round(s.elapsed_s, 3)}
+
+    def compiles(self) -> tuple[int, float]:
+        """Graphs compiled and seconds spent compiling since the run started."""
+        (n, sec), (n0, sec0) = compile_stats(), self.compiled_at_start
+        return n - n0, sec - sec0
+
+    def log_compiles(self, step_s: float) -> None:
+        n, sec = self.compiles()
+        if n != self.compiles_logged:
+            log.debug("step %d: %d kernel graphs compiled so far in this run (%.1f s compiling; this step %.1f s)",
+                      self.state.step + 1, n, sec, step_s)
+            self.compiles_logged = n
 
     def due(self, every: int | None) -> bool:
         return bool(every) and self.state.step % every == 0
@@ -237,8 +259,10 @@ class Recipe:
             path = self.checkpoint()
             self.console.print(f"[yellow]stopped:[/] saved {path}; continue with `lorafit train {self.cfg.source} --resume`")
         wall = time.perf_counter() - self.t_start
+        n, sec = self.compiles()
         result = TrainResult(self.out, s.step, self.last_loss, wall_s=wall, interrupted=interrupted,
-                             tokens_per_s=s.tokens_seen / max(wall, 1e-9), history=self.metrics.rows())
+                             tokens_per_s=s.tokens_seen / max(wall, 1e-9), compiles=n, compile_s=sec,
+                             history=self.metrics.rows())
         if interrupted:
             return result
         final_eval = self.evaluate() if self.eval_samples else {}
