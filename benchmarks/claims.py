@@ -13,6 +13,7 @@ base model's.
     python benchmarks/claims.py --smoke    # 2 methods, 3 steps, 10 held-out rows            (~2 min)
     python benchmarks/claims.py --resume   # continue: skip runs already in the JSON file
     python benchmarks/claims.py --repeats 3   # timed repeats per cell (default 2)
+    python benchmarks/claims.py --report-only # rewrite claims.md / claims.png from claims.json
 
 Design (see also the generated markdown):
 - alpha is fixed at 16 for every rank. With Adam, the first update of ``s * B @ A`` grows with ``s * r``;
@@ -495,7 +496,7 @@ def _row(r: dict, base: dict) -> list[str]:
 
 
 HEADER = ["method", "train rows", "LR", "trainable", "peak MiB", "at peak: params/grads/optim/acts MiB", "peak RSS MiB",
-          "tokens/s (range, runs)", "disk MB", "held-out EM", "retention acc", "retention ppl"]
+          "tokens/s (range, runs)", "disk MiB", "held-out EM", "retention acc", "retention ppl"]
 
 
 def measurement_note(meta: dict) -> str:
@@ -573,7 +574,8 @@ def plot(results: dict, path: Path) -> None:
     ax1.set_xlabel("held-out exact match (%)  → learned more")
     ax1.set_ylabel("retention: perplexity of base model's answers  ↓ forgot less")
     ax1.set_title("task score vs retention (o = large set, ^ = small set)")
-    ax2.set_xlabel("steady-state peak tensor memory of training (MiB, MemTracker)")
+    ax2.set_xlabel(("steady-state" if results["meta"].get("memory_steps") else "first-step (no optimizer state)")
+                   + " peak tensor memory of training (MiB, MemTracker)")
     ax2.set_ylabel("held-out exact match (%)")
     ax2.set_title("memory vs task score")
     for ax in (ax1, ax2):
@@ -681,6 +683,8 @@ def main(argv=None) -> int:
     ap.add_argument("--keep-models", action="store_true", help="keep full fine-tuned model folders (0.5 GB each)")
     ap.add_argument("--work", default=str(ROOT / "runs" / "claims"), help="folder for data copies, runs, logs")
     ap.add_argument("--results-dir", type=Path, default=RESULTS, help="where the JSON, markdown and plot go")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite the markdown and plot from the mode's JSON in --results-dir; run nothing")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -703,6 +707,11 @@ def main(argv=None) -> int:
         mode["timed"] = args.timed_steps
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")
+    if args.report_only:
+        stem = args.results_dir / mode["out"]
+        write_report(json.loads(stem.with_suffix(".json").read_text()), stem)
+        print(f"wrote {stem}.md and {stem}.png from {stem}.json")
+        return 0
     work = Path(args.work) / mode_name
     (work / "logs").mkdir(parents=True, exist_ok=True)
     results_dir = args.results_dir
