@@ -69,7 +69,7 @@ def _with_repeats(old: dict, tps: dict[str, list[float]]) -> dict:
     """The stored claims.json turned into the new shape: timing repeats per cell with the given tokens/s."""
     d = copy.deepcopy(old)
     d["meta"].update(memory_steps=3, timing={"repeats": 2, "warmup": 2, "timed": 8})
-    for run_id, r in d["runs"].items():
+    for r in d["runs"].values():
         runs = [{"tokens_per_s": t, "step_s": [1.0], "tokens": 1, "peak_bytes": r["peak_bytes"],
                  "peak_by_kind": r["peak_by_kind"], "rss_peak_bytes": r["rss_peak_bytes"],
                  "trainable_params": r["trainable_params"], "total_params": r["total_params"]}
