@@ -244,6 +244,11 @@ def claims_block() -> str:
                    f"{r['trainable_params'] / 1e6:.1f}M | {r['peak_bytes'] / MB:.0f} | {claims._tps_cell(r)} | "
                    f"{r['disk_bytes'] / MB:.1f} | {claims._pct(r['heldout_em'])} | "
                    f"{claims._pct(r['retention_acc'])} | {r['retention_ppl']:.2f} |")
+    if not (meta.get("memory_steps") and meta.get("timing")):
+        out += ["", "**This stored run predates the steady-state memory measurement and the timing repeats** (its "
+                    "memory is the first step's peak, before AdamW's states exist, and its tokens/s one whole training "
+                    "run per cell): its memory shares understate LoRA's and its speed differences are not claimed. "
+                    "`python benchmarks/claims.py` at the current commit measures both, then `make figures`."]
     out += ["", "What the numbers say (`claims.findings`, fixed thresholds; the same text as "
                 "`benchmarks/results/claims.md`):", ""]
     out += [f"- {line}" for line in claims.findings(d)]
