@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench clean
+.PHONY: demo test test-slow lint bench figures clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
+
+# Rewrites README.md's figure blocks from benchmarks/results/*.json (`$(PY) benchmarks/figures.py --check`
+# changes nothing and exits non-zero naming each block that differs; tests/test_figures.py runs that check).
+figures: $(STAMP)
+	$(PY) benchmarks/figures.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -9,7 +9,8 @@ Each ``examples/**/*lora*.y*ml`` (file name containing "lora", so "qlora" too) i
 file name, or a ``processor_type`` key) are counted apart: the figure is for text models (``--all`` lists them
 too). Each failure is reduced to the key that stopped it; that key is then dropped and the config tried again, so
 every key that stops a config is listed, and the figure once issues 16 (QLoRA, 8-bit optimizers) and 18
-(multi-device) are done is given too.
+(multi-device) are done is given too. ``--json`` writes ``{"provenance", "checkout", "checkout_commit", "results"}``
+(``benchmarks/provenance.py``: lorafit's commit, CPU, versions, runtime options).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from provenance import provenance
 
 NON_TEXT = re.compile(r"vision|[-_/]vl[-_/]|-vl-|llava|pixtral|voxtral|audio|smolvlm|internvl|paddleocr|glm46v|"
                       r"llama-3-vision|qwen2-vl|qwen2_5-vl|lfm2-vl")
@@ -149,7 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         if (r["text"] or args.all) and not r["ok"]:
             print(f"  {r['path']}: {r['error'].split(': ', 1)[-1]}")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+        # the checkout's commit too: which axolotl examples were screened, not only by which lorafit
+        examples_commit = subprocess.run(["git", "-C", str(args.checkout), "rev-parse", "HEAD"], capture_output=True,
+                                         text=True).stdout.strip() or None
+        payload = {"provenance": provenance(), "checkout": str(args.checkout), "checkout_commit": examples_commit,
+                   "results": results}
+        args.json.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
     return 0
 
 

@@ -12,6 +12,8 @@ base model's.
     python benchmarks/claims.py --quick    # full FT vs r=8 vs r=64, one size, fixed LRs     (< 10 min)
     python benchmarks/claims.py --smoke    # 2 methods, 3 steps, 10 held-out rows            (~2 min)
     python benchmarks/claims.py --resume   # continue: skip runs already in the JSON file
+    python benchmarks/claims.py --repeats 3   # timed repeats per cell (default 2)
+    python benchmarks/claims.py --report-only # rewrite claims.md / claims.png from claims.json
 
 Design (see also the generated markdown):
 - alpha is fixed at 16 for every rank. With Adam, the first update of ``s * B @ A`` grows with ``s * r``;
@@ -24,6 +26,10 @@ Design (see also the generated markdown):
   (the design point above). Quick and smoke use fixed values from the usual ranges (LoRA 2e-3, full 5e-5).
 - Data: ``examples/demo/train.jsonl`` rows 0-1399 are the "large" set, rows 0-99 the "small" set, rows
   1400-1499 the validation split for the LR sweep; ``examples/demo/heldout.jsonl`` is only scored.
+- Quality (held-out EM, retention, loss, disk size) comes from one training run per cell. Memory and tokens/s
+  come from ``--repeats`` (default 2) short timing runs per cell, each its own process: the steady-state
+  memory measurement, then ``warmup`` untimed and ``timed`` timed steps on the run's first batches. All runs are
+  stored with their spread (max − min); a difference within the larger spread of the two cells is a tie.
 - Every run (and every method's sweep) is a subprocess of this script, so memory numbers do not leak
   between runs. Finished runs are written to the JSON file at once; ``--resume`` skips them.
 - The JSON records its provenance (``benchmarks/provenance.py``: commit, CPU and flags, threads, versions,
@@ -60,12 +66,12 @@ MODES = {
     # methods, sizes, steps, micro-batch, sweep (LRs per kind, steps) or fixed LRs, held-out / retention limits
     "full": dict(methods=["full", "r4", "r8", "r16", "r64"], sizes=["large", "small"], steps=50, batch=8,
                  sweep={"full": [1e-5, 3e-5, 1e-4], "lora": [2e-4, 6e-4, 2e-3]}, sweep_steps=20,
-                 sweep_data="large", heldout_limit=None, retention_limit=None, out="claims"),
+                 sweep_data="large", heldout_limit=None, retention_limit=None, out="claims", warmup=2, timed=8),
     "quick": dict(methods=["full", "r8", "r64"], sizes=["large"], steps=40, batch=8, sweep=None, sweep_steps=0,
-                  heldout_limit=None, retention_limit=None, out="claims_quick"),
+                  heldout_limit=None, retention_limit=None, out="claims_quick", warmup=2, timed=6),
     "smoke": dict(methods=["full", "r8"], sizes=["small"], steps=3, batch=8,
                   sweep={"lora": [1e-3, 2e-3]}, sweep_steps=2, sweep_data="small",
-                  heldout_limit=10, retention_limit=12, out="claims_smoke"),
+                  heldout_limit=10, retention_limit=12, out="claims_smoke", warmup=1, timed=2),
 }
 FIXED_LR = {"full": 5e-5, "lora": 2e-3}
 SWEEP_AT = {"full": "full", "lora": "r16"}  # the method whose sweep sets the LR of its kind
@@ -164,6 +170,39 @@ def measure_step(cfg, steps: int = MEMORY_STEPS) -> dict:
     return out
 
 
+def time_steps(cfg, warmup: int, timed: int) -> dict:
+    """Steady-state training speed: ``warmup`` untimed steps (compiling, AdamW's first states), then ``timed``
+    steps of the trainer's own ``train_step`` timed one by one, on the first ``warmup + timed`` batches of the
+    run's own schedule (the same batches in every repeat). tokens/s = tokens of the timed steps / their time."""
+    from lorafit.data import batches, build_datasets
+    from lorafit.train import prepare_model, seed_everything, train_step
+    from lorafit.train.optim import optimizer_from_config, scheduler_from_config
+
+    seed_everything(cfg.seed)
+    options = cfg.runtime_options()
+    model, tok = prepare_model(cfg, options)
+    samples, _, _ = build_datasets(cfg, tok)
+    order = batches(samples, micro_batch_size=cfg.micro_batch_size, sequence_len=cfg.sequence_len,
+                    pad_id=tok.pad_token_id, packing=False, shuffle=True, seed=cfg.seed, epoch=0)
+    order = (order * (1 + (warmup + timed) // max(len(order), 1)))[:warmup + timed]
+    optimizer = optimizer_from_config(model, cfg)
+    scheduler = scheduler_from_config(optimizer, cfg, cfg.max_steps)
+    model.train()
+    step_s, tokens = [], 0
+    for i, batch in enumerate(order):
+        t = time.perf_counter()
+        row = train_step(model, optimizer, scheduler, [batch], cfg.max_grad_norm, cfg.loss_chunk_tokens, options)
+        dt = time.perf_counter() - t
+        if i >= warmup:
+            step_s.append(dt)
+            tokens += row["tokens"]
+    out = {"tokens_per_s": tokens / max(sum(step_s), 1e-9), "step_s": step_s, "tokens": tokens,
+           "warmup_steps": warmup, "timed_steps": timed, "loadavg_1m": os.getloadavg()[0]}
+    del model, optimizer, scheduler
+    gc.collect()
+    return out
+
+
 def disk_size(out: Path, method: str) -> int:
     folder = out if kind(method) == "lora" else out / "model"
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
@@ -195,6 +234,12 @@ def worker(spec: dict) -> dict:
     from lorafit.train import train
 
     method = spec["method"]
+    if spec["job"] == "timing":  # one repeat of a cell's timed part: steady-state memory, then speed
+        cfg = make_cfg(method, Path(spec["data"]), Path(spec["heldout"]), spec["steps"], spec["batch"], spec["lr"],
+                       work / "timing" / spec["run_id"])
+        res = measure_step(cfg)
+        res.update(time_steps(cfg, spec["warmup"], spec["timed"]))
+        return res
     if spec["job"] == "sweep":  # short runs on the large set, lowest validation loss wins
         losses = {}
         for lr in spec["lrs"]:
@@ -214,13 +259,12 @@ def worker(spec: dict) -> dict:
     res = {"run_id": spec["run_id"], "method": method, "label": label(method), "rank": rank(method),
            "alpha": LORA_ALPHA if kind(method) == "lora" else None, "size": spec["size"],
            "train_rows": spec["rows"], "lr": spec["lr"], "steps": spec["steps"], "micro_batch": spec["batch"]}
-    res.update(measure_step(cfg))
+    # Memory and speed are measured in the cell's timing repeats (``job: timing``), not here: one training run
+    # per cell gives the quality columns; its own tokens/s (whole run: compiling and evaluation setup included)
+    # is kept as ``tokens_per_s_train``, for information only.
     r = train(cfg, console=quiet)
-    steps_tps = sorted(h["tokens_per_s"] for h in r.history if "tokens_per_s" in h)
     res.update({"train_loss": r.train_loss, "heldout_loss": r.eval_loss, "train_wall_s": r.wall_s,
-                "tokens_per_s": r.tokens_per_s,
-                "tokens_per_s_median_step": steps_tps[len(steps_tps) // 2] if steps_tps else None,
-                "disk_bytes": disk_size(out, method)})
+                "tokens_per_s_train": r.tokens_per_s, "disk_bytes": disk_size(out, method)})
     from lorafit.models import load_model_and_tokenizer
 
     _, tok = load_model_and_tokenizer("demo")
@@ -238,6 +282,39 @@ ORDER = ["full", "r4", "r8", "r16", "r64"]
 def _ordered(runs: dict) -> list[dict]:
     key = {m: i for i, m in enumerate(ORDER)}
     return sorted(runs.values(), key=lambda r: (r["size"] != "large", key.get(r["method"], 99)))
+
+
+def timing_summary(runs: list[dict]) -> dict:
+    """A cell's speed and memory over its timing repeats: the mean tokens/s, every run's, their spread (max − min,
+    also relative to the mean), and the peak memory of each (MemTracker counts bytes: the spread is usually 0)."""
+    tps = [t["tokens_per_s"] for t in runs]
+    peaks = [t["peak_bytes"] for t in runs]
+    mean = sum(tps) / len(tps)
+    worst = max(runs, key=lambda t: t["peak_bytes"])
+    return {"tokens_per_s": mean, "tokens_per_s_runs": tps, "tokens_per_s_spread": max(tps) - min(tps),
+            "tokens_per_s_spread_rel": (max(tps) - min(tps)) / mean, "repeats": len(runs),
+            "peak_bytes": worst["peak_bytes"], "peak_by_kind": worst["peak_by_kind"],
+            "peak_bytes_runs": peaks, "peak_bytes_spread": max(peaks) - min(peaks),
+            "rss_peak_bytes": max(t["rss_peak_bytes"] for t in runs),
+            "rss_peak_bytes_runs": [t["rss_peak_bytes"] for t in runs],
+            "trainable_params": worst["trainable_params"], "total_params": worst["total_params"]}
+
+
+def speed(r: dict) -> tuple[float, list[float], float | None]:
+    """(mean tokens/s, every timed run's, their spread max − min or None when one run measured it). Handles the
+    older JSON shape, where one whole training run per cell (compile step included) gave the figure."""
+    runs = r.get("tokens_per_s_runs") or [r["tokens_per_s"]]
+    return r["tokens_per_s"], runs, (max(runs) - min(runs)) if len(runs) > 1 else None
+
+
+def compare(a: float, b: float, spread_a: float | None, spread_b: float | None) -> str:
+    """'tie' when |a − b| is within the larger run-to-run spread of the two cells, 'unknown' when a spread is
+    unmeasured (one run), else 'higher' / 'lower' (a against b)."""
+    if spread_a is None or spread_b is None:
+        return "unknown"
+    if abs(a - b) <= max(spread_a, spread_b):
+        return "tie"
+    return "higher" if a > b else "lower"
 
 
 def _pct(x: float) -> str:
@@ -276,9 +353,14 @@ def findings(results: dict) -> list[str]:
         k = lambda r, name: r["peak_by_kind"].get(name, 0) / MB  # noqa: E731
         worst = max(ratios)
         verdict = ("holds" if worst <= 0.8 else "holds only weakly" if worst <= 0.95 else "does NOT hold")
+        if meta.get("memory_steps"):
+            how = (f"Steady-state peak tensor memory (largest of {meta['memory_steps']} training steps, optimizer "
+                   f"state live; {_runs_note(full)})")
+        else:  # the older JSON: the first step's peak, before AdamW allocates its states
+            how = ("First-step peak tensor memory (before AdamW's states exist: the LoRA rows carry no optimizer "
+                   "state, so their share is understated)")
         out.append(
-            f"**Memory ({verdict}).** Steady-state peak tensor memory ({meta.get('memory_steps', 1)} training steps, "
-            f"optimizer state live): full FT {full['peak_bytes'] / MB:.0f} MiB, "
+            f"**Memory ({verdict}).** {how}: full FT {full['peak_bytes'] / MB:.0f} MiB, "
             f"LoRA {min(r['peak_bytes'] for r in loras) / MB:.0f}-{max(r['peak_bytes'] for r in loras) / MB:.0f} MiB "
             f"({_pct(min(ratios))}-{_pct(worst)} of full). Weights are the same {k(full, 'Parameter'):.0f} MiB in both "
             f"(LoRA keeps the frozen base). At full FT's peak, gradients + optimizer states hold "
@@ -288,12 +370,32 @@ def findings(results: dict) -> list[str]:
             f"({min(k(r, 'Activation') for r in loras):.0f}-{max(k(r, 'Activation') for r in loras):.0f} MiB at "
             f"its peak): the saving shrinks as batch x sequence grows. Process peak RSS: full {full['rss_peak_bytes'] / MB:.0f} MiB, "
             f"LoRA {min(r['rss_peak_bytes'] for r in loras) / MB:.0f}-{max(r['rss_peak_bytes'] for r in loras) / MB:.0f} MiB.")
-        speed = [r["tokens_per_s"] / full["tokens_per_s"] for r in loras]
-        word = ("faster" if min(speed) > 1.1 else "slower" if max(speed) < 0.9 else "about as fast (within 10%)"
-                if max(abs(x - 1) for x in speed) <= 0.1 else "mixed in speed")
-        out.append(f"**Speed and disk.** LoRA trains {word}: {min(speed):.2f}-{max(speed):.2f}x full FT's tokens/s. "
-                   f"Adapters take {min(r['disk_bytes'] for r in loras) / MB:.1f}-{max(r['disk_bytes'] for r in loras) / MB:.1f} MB "
-                   f"on disk vs {full['disk_bytes'] / MB:.0f} MB for the full fine-tuned model.")
+        f_tps, f_runs, f_spread = speed(full)
+        cells = []
+        for r in loras:
+            tps, runs, spread = speed(r)
+            cells.append((r, tps / f_tps, compare(tps, f_tps, spread, f_spread), spread))
+        verdicts = {c for _, _, c, _ in cells}
+        if "unknown" in verdicts:
+            word = ("not established: one timed run per cell (the whole training run, compiling included), so "
+                    "the run-to-run spread is unmeasured and no difference is claimed")
+        elif verdicts == {"tie"}:
+            word = "a tie: every difference is within the run-to-run spread"
+        elif verdicts == {"higher"}:
+            word = "faster"
+        elif verdicts == {"lower"}:
+            word = "slower"
+        else:
+            word = "faster at some ranks, tied or slower at others"
+        each = "; ".join(f"{r['label']} {speed(r)[0]:.0f} tok/s, {x:.2f}x"
+                         + (f" ({c})" if c != "unknown" else "") for r, x, c, _ in cells)
+        spreads = "" if "unknown" in verdicts else (
+            f"; run-to-run spread (max - min of {len(f_runs)} runs): full FT {f_spread:.0f} tok/s "
+            f"({100 * f_spread / f_tps:.0f}%), " + ", ".join(f"{r['label']} {s_:.0f}" for r, *_, s_ in cells)
+            + " tok/s")
+        out.append(f"**Speed and disk.** LoRA's speed against full FT's ({f_tps:.0f} tok/s) is {word}: {each}"
+                   f"{spreads}. Adapters take {min(r['disk_bytes'] for r in loras) / MB:.1f}-{max(r['disk_bytes'] for r in loras) / MB:.1f} MiB "
+                   f"on disk vs {full['disk_bytes'] / MB:.0f} MiB for the full fine-tuned model.")
 
     # (2) forgetting
     for size in sizes:
@@ -368,6 +470,19 @@ def findings(results: dict) -> list[str]:
     return out
 
 
+def _runs_note(r: dict) -> str:
+    n = r.get("repeats") or 1
+    spread = r.get("peak_bytes_spread")
+    return f"{n} run(s) per cell" + (f", spread of the peak {spread / MB:.1f} MiB" if spread is not None else "")
+
+
+def _tps_cell(r: dict) -> str:
+    tps, runs, spread = speed(r)
+    if spread is None:
+        return f"{tps:.0f} (1 run)"
+    return f"{tps:.0f} ({min(runs):.0f}-{max(runs):.0f}, {len(runs)} runs)"
+
+
 def _row(r: dict, base: dict) -> list[str]:
     k = r["peak_by_kind"]
     acc_drop, ppl_rise = forgetting(r, base)
@@ -375,13 +490,35 @@ def _row(r: dict, base: dict) -> list[str]:
             f"{r['peak_bytes'] / MB:.0f}",
             f"{k.get('Parameter', 0) / MB:.0f}/{k.get('Gradient', 0) / MB:.0f}/{k.get('Optstate', 0) / MB:.0f}/"
             f"{k.get('Activation', 0) / MB:.0f}",
-            f"{r['rss_peak_bytes'] / MB:.0f}", f"{r['tokens_per_s']:.0f}", f"{r['disk_bytes'] / MB:.1f}",
+            f"{r['rss_peak_bytes'] / MB:.0f}", _tps_cell(r), f"{r['disk_bytes'] / MB:.1f}",
             _pct(r["heldout_em"]), _pct(r["retention_acc"]),
             f"{r['retention_ppl']:.3f} (+{100 * ppl_rise:.1f}%)"]
 
 
 HEADER = ["method", "train rows", "LR", "trainable", "peak MiB", "at peak: params/grads/optim/acts MiB", "peak RSS MiB",
-          "tokens/s", "disk MB", "held-out EM", "retention acc", "retention ppl"]
+          "tokens/s (range, runs)", "disk MiB", "held-out EM", "retention acc", "retention ppl"]
+
+
+def measurement_note(meta: dict) -> str:
+    """How memory and tokens/s were measured, from what the JSON records (older JSONs: first-step memory, one
+    whole training run per cell for tokens/s)."""
+    if meta.get("memory_steps"):
+        mem = (f"Peak memory is MemTracker's steady-state peak: the largest of {meta['memory_steps']} training steps, "
+               "each tracked with the parameters and the optimizer states of the steps before (tensors only, split "
+               "by kind; the measurement of `lorafit measure`); RSS is the whole process (Python, torch, tokenizer "
+               "included).")
+    else:
+        mem = ("Peak memory is MemTracker's peak of the first training step, before AdamW's states exist (LoRA rows "
+               "carry no optimizer state); RSS is the whole process.")
+    t = meta.get("timing")
+    if t:
+        tps = (f" tokens/s: {t['repeats']} separate timed runs per cell (each its own process: {t['warmup']} untimed "
+               f"steps, then {t['timed']} timed steps on the same batches), their mean and range; a difference "
+               "within the larger range of the two cells compared is called a tie.")
+    else:
+        tps = (" tokens/s: one run per cell, the whole training run's tokens over its wall time (compiling "
+               "included); the run-to-run spread was not measured.")
+    return mem + tps
 
 
 def write_report(results: dict, stem: Path) -> None:
@@ -394,9 +531,7 @@ def write_report(results: dict, stem: Path) -> None:
              f"(so s*r is the same and one LR means the same first-step size at every rank). "
              f"Learning rates: {meta['lr_policy']}. Held-out: {meta['heldout_rows']} rows; retention: "
              f"{meta['retention_rows']} prompts the base model answers right.", "",
-             f"Peak memory is MemTracker's steady-state peak: the largest of {meta.get('memory_steps', 1)} training "
-             "steps, each tracked with the parameters and the optimizer states of the steps before (tensors only, "
-             "split by kind; the measurement of `lorafit measure`); RSS is the whole process (Python, torch, tokenizer included). Produced by `python benchmarks/claims.py"
+             measurement_note(meta) + " Produced by `python benchmarks/claims.py"
              + {"full": "", "quick": " --quick", "smoke": " --smoke"}[meta["mode"]] + "`.", "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER),
              f"| base model | - | - | - | - | - | - | - | - | {_pct(base['heldout_em'])} | {_pct(base['retention_acc'])} "
@@ -439,7 +574,8 @@ def plot(results: dict, path: Path) -> None:
     ax1.set_xlabel("held-out exact match (%)  → learned more")
     ax1.set_ylabel("retention: perplexity of base model's answers  ↓ forgot less")
     ax1.set_title("task score vs retention (o = large set, ^ = small set)")
-    ax2.set_xlabel("steady-state peak tensor memory of training (MiB, MemTracker)")
+    ax2.set_xlabel(("steady-state" if results["meta"].get("memory_steps") else "first-step (no optimizer state)")
+                   + " peak tensor memory of training (MiB, MemTracker)")
     ax2.set_ylabel("held-out exact match (%)")
     ax2.set_title("memory vs task score")
     for ax in (ax1, ax2):
@@ -537,12 +673,18 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true", help="keep finished runs in the JSON file and skip them")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per run")
     ap.add_argument("--steps", type=int, help="override the steps per run (same for every run)")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="timed repeats per cell (each a separate short process: steady-state memory, then timed "
+                         "steps); at least 2 to measure the run-to-run spread (default 2)")
+    ap.add_argument("--timed-steps", type=int, help="override the timed steps per repeat")
     ap.add_argument("--methods", help="comma-separated subset, e.g. full,r8,r64")
     ap.add_argument("--sizes", help="comma-separated subset of large,small")
     ap.add_argument("--no-sweep", action="store_true", help="use the fixed LRs even in full mode")
     ap.add_argument("--keep-models", action="store_true", help="keep full fine-tuned model folders (0.5 GB each)")
     ap.add_argument("--work", default=str(ROOT / "runs" / "claims"), help="folder for data copies, runs, logs")
     ap.add_argument("--results-dir", type=Path, default=RESULTS, help="where the JSON, markdown and plot go")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite the markdown and plot from the mode's JSON in --results-dir; run nothing")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -561,6 +703,15 @@ def main(argv=None) -> int:
         mode["sizes"] = args.sizes.split(",")
     if args.no_sweep:
         mode["sweep"] = None
+    if args.timed_steps:
+        mode["timed"] = args.timed_steps
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
+    if args.report_only:
+        stem = args.results_dir / mode["out"]
+        write_report(json.loads(stem.with_suffix(".json").read_text()), stem)
+        print(f"wrote {stem}.md and {stem}.png from {stem}.json")
+        return 0
     work = Path(args.work) / mode_name
     (work / "logs").mkdir(parents=True, exist_ok=True)
     results_dir = args.results_dir
@@ -576,12 +727,18 @@ def main(argv=None) -> int:
             "lr_policy": (f"sweep {mode['sweep']} for {mode['sweep_steps']} steps, lowest validation loss"
                           if mode["sweep"] else f"fixed {FIXED_LR}"),
             "threads": args.threads, "memory_steps": MEMORY_STEPS,
-            "memory": "steady-state MemTracker peak: largest of memory_steps steps, optimizer state live"}
+            "memory": "steady-state MemTracker peak: largest of memory_steps steps, optimizer state live",
+            "timing": {"repeats": args.repeats, "warmup": mode["warmup"], "timed": mode["timed"],
+                       "how": "each repeat a separate process: memory_steps tracked steps, then warmup untimed "
+                              "and timed timed steps on the run's first batches; tokens/s = timed tokens / time"}}
     # The runs' processes resolve their runtime options from this environment (the configs set none).
     results = {"meta": meta, "provenance": provenance(threads=args.threads), "base": None, "lr": {}, "runs": {}}
     if args.resume and out_json.is_file():
         old = json.loads(out_json.read_text())
         keys = ("mode", "steps", "micro_batch", "memory_steps")  # no mixing with first-step (older) memory
+        if old.get("meta", {}).get("timing", {}).get("timed") not in (None, meta["timing"]["timed"]):
+            print(f"{out_json} was timed over other steps ({old['meta']['timing']}); not resuming.")
+            return 2
         same = {k: old.get("meta", {}).get(k) for k in keys} == {k: meta[k] for k in keys}
         if not same:
             print(f"{out_json} was made with other settings ({old.get('meta')}); not resuming. "
@@ -647,11 +804,37 @@ def main(argv=None) -> int:
                 print(f"[{run_id}] {e}")
                 continue
             r["wall_s"] = time.perf_counter() - t
+            r["timing_runs"] = []
             results["runs"][run_id] = r
             save(results, out_json)
             print(f"{run_id}: EM {r['heldout_em']:.0%}, retention {r['retention_acc']:.0%} / ppl "
-                  f"{r['retention_ppl']:.3f}, peak {r['peak_bytes'] / MB:.0f} MiB, "
-                  f"{r['tokens_per_s']:.0f} tok/s, {r['wall_s']:.0f} s")
+                  f"{r['retention_ppl']:.3f}, {r['wall_s']:.0f} s")
+
+    # The timed part: round after round over every cell, so a slow spell of the machine hits all cells alike.
+    for rep in range(args.repeats):
+        for run_id, r in list(results["runs"].items()):
+            timing = r.setdefault("timing_runs", [])
+            if len(timing) > rep:
+                continue
+            t = time.perf_counter()
+            spec = {**common, "job": "timing", "run_id": run_id, "method": r["method"],
+                    "data": str(files[r["size"]]), "steps": mode["steps"], "lr": r["lr"],
+                    "warmup": mode["warmup"], "timed": mode["timed"]}
+            try:
+                tr = run_worker(spec, work / "logs" / f"{run_id}-timing{rep + 1}.log")
+            except RuntimeError as e:
+                print(f"[{run_id} timing {rep + 1}] {e}")
+                continue
+            tr["wall_s"] = time.perf_counter() - t
+            timing.append(tr)
+            r.update(timing_summary(timing))
+            save(results, out_json)
+            print(f"{run_id} timing {rep + 1}/{args.repeats}: peak {tr['peak_bytes'] / MB:.0f} MiB, "
+                  f"{tr['tokens_per_s']:.0f} tok/s, {tr['wall_s']:.0f} s")
+    untimed = [k for k, r in results["runs"].items() if not r.get("timing_runs")]
+    for k in untimed:  # a cell whose every timing repeat failed cannot be reported
+        print(f"{k}: no timing run finished; left out of the report")
+        del results["runs"][k]
     results["meta"]["wall_s_this_invocation"] = time.perf_counter() - t_all
     save(results, out_json)
 

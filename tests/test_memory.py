@@ -198,3 +198,48 @@ def test_full_embedding_gradient_counted_once_untied(tied):
     if tied:  # the embedding's gradient is accumulated after every saved activation is freed
         assert est.component("activations").at_peak == 0 and m.by_kind["Activation"] < 4096  # a few index tensors
     assert abs(err) <= 0.5, f"estimate {est.allocated_peak} vs measured {m.peak} ({est.peak_moment}): {err:+.2f}%"
+
+
+def test_eager_dropout_masks_are_seen_and_estimated():
+    """With compiling off, dropout draws a full-size ``bernoulli_`` mask and multiplies eagerly: real allocations
+    the memory tracker must see (they were once hidden as if a fused kernel ran) and the estimator must count
+    (issue 20). Same model and batch with dropout 0 and 0.1: the measured peak grows by about the modelled mask
+    temporaries, and the estimate stays within the measured rows' tolerance."""
+    import torch
+
+    from lorafit._compat import mem_tracker
+    from lorafit.kernels import dropout
+    from lorafit.measure import compare
+    from lorafit.memory import activations as act
+    from lorafit.options import RuntimeOptions
+
+    x = torch.randn(256, 512)
+    seed = dropout.new_seed(x.device, hashed=False)
+    mt = mem_tracker()
+    with mt:
+        y = dropout.dropped(x, seed=seed, p=0.1)
+    peak = next(iter(mt.get_tracker_snapshot("peak").values()))
+    assert sum(v for k, v in peak.items() if str(getattr(k, "value", k)) != "Total") >= 2 * x.nbytes  # mask + out
+    assert torch.equal(y, x * dropout.keep_mask(seed, x.shape, 0.1))
+
+    spec = ModelSpec("wide", "llama", 256, 688, 2, 4, 2, 64, 512, True)
+    eager = RuntimeOptions.resolve(compile=False)
+    runs = {}
+    for p in (0.0, 0.1):
+        s = Settings(method="lora", dtype="float32", micro_batch=2, seq_len=128, r=8, dropout=p, device="cpu",
+                     runtime=eager)
+        runs[p] = compare(spec, s, steps=2)
+        assert abs(runs[p][2]) <= 10, f"dropout {p}: {runs[p][2]:+.1f}%"
+    masks, _ = act.eager_dropout_temporaries(spec, s, lora_targets_of(spec, s))
+    assert masks == 2 * s.tokens * spec.intermediate * 4  # down_proj's mask + masked product
+    grown = runs[0.1][1].peak - runs[0.0][1].peak
+    assert grown >= 0.8 * masks, f"measured peak grew {grown} B with eager dropout, modelled {masks} B"
+    on = Settings(method="lora", dtype="float32", micro_batch=2, seq_len=128, r=8, dropout=0.1, device="cpu",
+                  runtime=RuntimeOptions.resolve(compile=True))
+    assert act.eager_dropout_temporaries(spec, on, lora_targets_of(spec, on))[0] == 0  # the fused kernel's
+
+
+def lora_targets_of(spec, s):
+    from lorafit.memory.estimate import lora_targets
+
+    return lora_targets(spec, s)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from lorafit.kernels.compiled import compiled, unseen
+from lorafit.kernels.compiled import compiled
 
 _BITS = 24
 
@@ -91,7 +91,10 @@ def _dropped_each_and_add(x, base, lows, seeds, p: float):
 
 class _MaskKernel:
     """``fn(*tensors, seed, p)``: one fused compiled kernel for hashed (int32) seeds, eager PyTorch for drawn
-    (int64) ones; under a memory tracker (``lorafit measure``) the tracker sees only the outputs either way."""
+    (int64) ones. Under a memory tracker (``lorafit measure``) the fused kernel shows only its outputs (what it
+    allocates, also when it falls back to eager after a compiler failure), while the eager path runs in the
+    tracker's sight: its full-size ``bernoulli_`` mask and the products are real allocations of a run with
+    compiling off, and the estimator counts them (``lorafit.memory.activations.eager_dropout_temporaries``)."""
 
     def __init__(self, fn):
         self.fn = fn
@@ -101,7 +104,7 @@ class _MaskKernel:
         seeds = seed if isinstance(seed, tuple) else (seed,)
         if all(s.dtype == torch.int32 for s in seeds):
             return self.compiled.kernel(*tensors, seed, p)
-        return unseen(self.fn, *tensors, seed, p)
+        return self.fn(*tensors, seed, p)
 
 
 dropped = _MaskKernel(_dropped)  # x · keep

@@ -311,10 +311,37 @@ def backward_temporaries(spec: ModelSpec, s, adapters: Adapters) -> Temporaries:
     wrapped = {n for w in adapters for n in w}
     weight_copy = 4 * max(shapes[n] for n in wrapped) if s.upcast and wrapped else 0
     act = activations(spec, s, adapters)
-    total += act.recompute + weight_copy
+    masks, masks_why = eager_dropout_temporaries(spec, s, adapters)
+    total += act.recompute + weight_copy + masks
     copy = f" + fp32 copy of a weight {weight_copy / 2**20:.1f} MiB" if weight_copy else ""
     return Temporaries(total, f"tokens × intermediate × {why} + {BW_HIDDEN} × tokens × hidden × {e} B{copy}"
-                              + (" + one recomputed layer" if act.recompute else ""))
+                              + (" + one recomputed layer" if act.recompute else "")
+                              + (f" + {masks_why}" if masks else ""))
+
+
+def eager_dropout_temporaries(spec: ModelSpec, s, adapters: Adapters) -> tuple[int, str]:
+    """Bytes of the dropout masks and masked products a LoRA backward makes with compiling off, and their formula.
+
+    With kernels compiled, the mask is a hash computed inside one fused kernel that writes only its outputs
+    (counted with the MLP and hidden-state temporaries). Eager (``RuntimeOptions.compile`` off), each
+    ``lorafit.kernels.dropout`` call materialises its full-size ``bernoulli_`` mask and the masked product before
+    the sum: for a layer alone (``dropped_and_add_dropped``), mask + ``low · keep``, 2 (tokens × in); for a group
+    of n layers reading one input (``dropped_each_and_add``), the n masks together plus the product and the
+    running sum, n + 2. The largest over the wrapped layers' input groups counts (measured with MemTracker)."""
+    if s.method != "lora" or s.dropout <= 0 or s.runtime.compile:
+        return 0, ""
+    wrapped = {n for w in adapters for n in w}
+    groups: dict[str, tuple[int, int]] = {}  # input group -> (wrapped layers in it, input width)
+    for n, i, _, g in spec.linear_layers():
+        if n in wrapped:
+            k, _ = groups.get(g, (0, i))
+            groups[g] = (k + 1, i)
+    if not groups:
+        return 0, ""
+    k, width = max(groups.values(), key=lambda kw: (kw[0] + 2 if kw[0] > 1 else 2) * kw[1])
+    n = k + 2 if k > 1 else 2
+    c = s.compute_bytes
+    return n * s.tokens * width * c, f"eager dropout masks {n} × tokens × {width} × {c} B"
 
 
 def _mlp_temporaries(spec: ModelSpec, s, wrapped: set[str]) -> tuple[int, str]:
