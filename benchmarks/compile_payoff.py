@@ -69,6 +69,14 @@ def run(config: str, steps: int, compile_: bool, threads: int, cache: str) -> li
     return json.loads(line[len("RESULT "):])
 
 
+def planned_tokens_per_step(config: str) -> int:
+    """The config's bound on tokens per step, the unit of ``compile_kernels: auto`` (lorafit.options)."""
+    from lorafit.config import load_config
+
+    cfg = load_config(config, {"max_steps": 1})
+    return cfg.planned_tokens
+
+
 def steady(rows: list[dict], key: str, skip: int) -> float:
     return statistics.median(r[key] for r in rows[skip:])
 
@@ -93,17 +101,19 @@ def main() -> None:
                          "graphs": rows[-1]["graphs"], "compile_s": rows[-1]["compile_s"],
                          "tokens_per_step": statistics.mean(r["tokens"] for r in rows)}
     eager = summary["eager"]["step_cpu_s"]
+    planned_per_step = planned_tokens_per_step(args.config)
     for name in ("cold", "warm"):
         s = summary[name]
         s["saving_per_step_cpu_s"] = eager - s["step_cpu_s"]
-        # the extra CPU time of the first steps over eager ones is what compiling cost
-        s["compile_cost_cpu_s"] = s["first_steps_cpu_s"] - args.skip * s["step_cpu_s"] - args.skip * s["saving_per_step_cpu_s"]
-        s["break_even_steps"] = (s["compile_cost_cpu_s"] / s["saving_per_step_cpu_s"]
-                                 if s["saving_per_step_cpu_s"] > 0 else None)
+        # what compiling cost: torch's own wall-clock count of its compile time (the C++ compilers run in
+        # worker processes, whose CPU time this process's clock does not see)
+        s["break_even_steps"] = s["compile_s"] / s["saving_per_step_cpu_s"] if s["saving_per_step_cpu_s"] > 0 else None
+        if s["break_even_steps"] is not None:
+            s["break_even_planned_tokens"] = s["break_even_steps"] * planned_per_step
     print(f"{'run':6} {'step cpu s':>10} {'compile s':>10} {'graphs':>6} {'break-even steps':>17}")
     for name, s in summary.items():
         be = s.get("break_even_steps")
-        print(f"{name:6} {s['step_cpu_s']:10.2f} {s.get('compile_cost_cpu_s', 0):10.1f} {s['graphs']:6d} "
+        print(f"{name:6} {s['step_cpu_s']:10.2f} {s['compile_s']:10.1f} {s['graphs']:6d} "
               f"{'-' if be is None else f'{be:.0f}':>17}")
     payload = {"provenance": provenance(threads=args.threads), "args": vars(args), "summary": summary, "runs": runs,
                "wall_s": time.perf_counter() - t0}

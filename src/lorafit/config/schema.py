@@ -145,8 +145,8 @@ class TrainConfig(BaseModel):
     loss_chunk_tokens: int | None = Field(None, ge=1)  # lorafit: tokens per loss chunk (None: sized to the vocab)
     bf16: bool | Literal["auto"] = False
     # lorafit: how the lean kernels run (None: the LORAFIT_COMPILE / LORAFIT_HALF_MATMUL environment, else the
-    # defaults: compiled, "auto"); see lorafit.options
-    compile_kernels: bool | None = None
+    # defaults: "auto" for both); see lorafit.options
+    compile_kernels: bool | Literal["auto"] | None = None
     half_matmul: Literal["auto", "native", "fp32"] | None = None
     fp16: bool = False
     tf32: bool | None = None
@@ -346,7 +346,16 @@ class TrainConfig(BaseModel):
 
     def runtime_options(self) -> RuntimeOptions:
         """How the kernels run, from this config (environment as a fallback); resolve once per run."""
-        return RuntimeOptions.resolve(self.compile_kernels, self.half_matmul)
+        return RuntimeOptions.resolve(self.compile_kernels, self.half_matmul, planned_tokens=self.planned_tokens)
+
+    @property
+    def planned_tokens(self) -> int | None:
+        """At most how many tokens the run trains on: max_steps × micro-batch × accumulation × sequence_len
+        (None without max_steps: an epoch's length depends on the data)."""
+        if not self.max_steps or not isinstance(self.micro_batch_size, int) \
+                or not isinstance(self.gradient_accumulation_steps, int):
+            return None
+        return self.max_steps * self.micro_batch_size * self.gradient_accumulation_steps * self.sequence_len
 
     def resolve_path(self, p: str | Path) -> Path:
         """A path written in this config: ``~`` expanded, absolute as is, relative to the config file's folder.

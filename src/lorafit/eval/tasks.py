@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from lorafit.errors import LorafitError
+from lorafit.train.loss import causal_lm_loss
 
 # Strings that end a turn in common chat templates; a decoded answer may keep them when special tokens are
 # not skipped, and they are never part of the answer.
@@ -315,7 +316,7 @@ def answer_nll(model, tokenizer, items: Sequence[tuple[Messages, str]], batch_si
     ``items`` are ``(prompt messages, reference answer)`` pairs. Batches are right-padded; padding and prompt
     tokens are excluded from the sum.
     """
-    encoded = [_answer_tokens(tokenizer, list(m), r) for m, r in items]
+    encoded = sorted((_answer_tokens(tokenizer, list(m), r) for m, r in items), key=lambda e: len(e[0]))  # less padding
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     device = _model_device(model)
     total, count = 0.0, 0
@@ -333,14 +334,11 @@ def answer_nll(model, tokenizer, items: Sequence[tuple[Messages, str]], batch_si
                 input_ids[row, :len(ids)] = t
                 attention[row, :len(ids)] = 1
                 labels[row, :len(ids)] = torch.where(torch.tensor(scored), t, torch.full_like(t, -100))
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-            shift_logits = logits[:, :-1].float()
-            shift_labels = labels[:, 1:].to(device)
-            nll = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
-                                                    shift_labels.reshape(-1), ignore_index=-100,
-                                                    reduction="sum")
+            # the training loss's kernel: logits only at the scored positions, not over every prompt token
+            nll, n = causal_lm_loss(model, {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)},
+                                    labels.to(device))
             total += float(nll)
-            count += int((shift_labels != -100).sum())
+            count += n
             if on_batch:
                 on_batch(len(chunk))
     finally:
