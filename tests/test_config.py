@@ -145,3 +145,22 @@ def test_yaml_round_trip_and_jinja_template(tmp_path):
     p.write_text(yaml.safe_dump(d))
     cfg = load_config(p)
     assert cfg.chat_template == "{{ messages }}" and cfg.config_dir == tmp_path.resolve()
+
+
+def test_compile_auto_compiles_only_runs_long_enough_to_repay_it():
+    from lorafit.options import COMPILE_MIN_TOKENS, RuntimeOptions
+
+    base = dict(base_model="m", datasets=[{"path": "d.jsonl", "type": "alpaca"}], micro_batch_size=8,
+                sequence_len=128, gradient_accumulation_steps=2)
+    short = TrainConfig.from_dict({**base, "max_steps": 10})
+    assert short.planned_tokens == 10 * 8 * 2 * 128 < COMPILE_MIN_TOKENS
+    options = short.runtime_options()
+    assert not options.compile and options.compile_auto and "would not repay" in options.describe()
+    long = TrainConfig.from_dict({**base, "max_steps": COMPILE_MIN_TOKENS // (8 * 2 * 128)})
+    assert long.runtime_options().compile
+    assert TrainConfig.from_dict({**base, "num_epochs": 1}).runtime_options().compile  # length unknown: compile
+    assert TrainConfig.from_dict({**base, "max_steps": 10, "compile_kernels": True}).runtime_options().compile
+    assert not RuntimeOptions.resolve(env={"LORAFIT_COMPILE": "auto"}, planned_tokens=1).compile
+    assert RuntimeOptions.resolve(env={"LORAFIT_COMPILE": "1"}, planned_tokens=1).compile
+    with pytest.raises(LorafitError, match="1, 0 or auto"):
+        RuntimeOptions.resolve(env={"LORAFIT_COMPILE": "maybe"})

@@ -94,7 +94,7 @@ def _env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
         return False
     if value in _TRUE:
         return True
-    raise LorafitError(f"{name}={value!r}: use 1 or 0")
+    raise LorafitError(f"{name}={value!r}: use 1, 0 or auto")
 
 
 @dataclass(frozen=True)
