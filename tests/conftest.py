@@ -27,6 +27,15 @@ def lean_kernels(model, compile_=True, half_matmul="auto", **only):
     return apply_lean_kernels(model, options=options(compile_, half_matmul), **switches)
 
 
+@pytest.fixture(autouse=True)
+def _eval_cache(tmp_path_factory, monkeypatch):
+    """``lorafit eval``'s stored base columns go to a temporary folder, never the user's cache."""
+    import lorafit.eval.cache as cache
+
+    folder = tmp_path_factory.mktemp("eval-cache")
+    monkeypatch.setattr(cache, "cache_dir", lambda: folder)
+
+
 @pytest.fixture(scope="session")
 def demo_tokenizer():
     from lorafit.models import load_tokenizer

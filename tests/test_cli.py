@@ -113,6 +113,19 @@ def test_generate_and_eval(tiny, capsys, tmp_path):
         assert results[column]["retention_accuracy"] == kept["accuracy"], column
         assert results[column]["retention_ppl"] == pytest.approx(kept["perplexity"], rel=1e-4), column
     assert results["adapter"]["retention_ppl"] < results["base"]["retention_ppl"]
+    # the base column is stored: the same eval again reuses it (and says so); --no-cache scores it anew
+    again = tmp_path / "again.json"
+    capsys.readouterr()
+    args = ["eval", str(d / "model"), "--adapter", str(d / "adapter"), "--heldout", str(heldout), "--retention",
+            str(retention)]
+    assert main([*args, "--json", str(again)]) == 0
+    assert "stored result of an earlier run" in capsys.readouterr().out
+    assert json.loads(again.read_text()) == results
+    assert main([*args, "--no-cache"]) == 0
+    assert "stored result" not in capsys.readouterr().out
+    retention.write_text(retention.read_text().replace('"x"', '"y"') + "\n")  # another file: another key
+    assert main(args) == 0
+    assert "stored result" not in capsys.readouterr().out
 
 
 def test_errors_are_one_line(tiny, capsys, tmp_path):

@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retention", help="retention set JSONL (things the base model already does well)")
     p.add_argument("--limit", type=int, help="score only the first N held-out examples")
     p.add_argument("--no-base", action="store_true", help="with an adapter: skip the base-model column")
+    p.add_argument("--no-cache", action="store_true",
+                   help="score the base column again instead of reusing its stored result (it is stored again)")
     p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
     p.add_argument("--force", action="store_true", help="replace the --json file if it exists")
     p.set_defaults(func=cmd_eval)
@@ -59,13 +61,27 @@ def cmd_eval(args) -> int:
     if cfg is None and not (args.heldout or args.retention):
         raise LorafitError("give a training config (for its eval split), --heldout or --retention")
     model, tok = model_with_adapter(base_model, adapter)
+    key = None
+    if adapter and not args.no_base:
+        from lorafit.eval import cache
+
+        key = cache.base_key(base_model, cfg, args.heldout, args.retention, args.limit)
+        if args.no_cache:
+            cache.forget(key)
     results = evaluate_columns(model, tok, cfg, has_adapter=bool(adapter), with_base=not args.no_base,
                                heldout=args.heldout, retention=args.retention, limit=args.limit,
-                               phases=Phases(Console()))
+                               phases=Phases(Console()), base_key=key)
     print_eval(results, adapter)
     if args.json_out:
         write_json(args.json_out, without_examples(results))
     return 0
+
+
+def cache_note() -> str:
+    from lorafit.eval.cache import cache_dir
+    from lorafit.fsutil import display
+
+    return f"kept in {display(cache_dir())}"
 
 
 def _fmt(metric: str, v) -> str:
@@ -86,6 +102,9 @@ def print_eval(results: dict, adapter: str | None) -> None:
         if any(m in r for r in results.values()):
             table.add_row(f"{label} ({better} is better)", *[_fmt(m, results[c].get(m)) for c in cols])
     console.print(table)
+    if any(r.get("_cached") for r in results.values()):
+        console.print(f"[dim]base column: stored result of an earlier run with the same base model, files and "
+                      f"settings ({cache_note()}; --no-cache recomputes it)[/]", highlight=False)
     for c in cols:
         for prompt, pred, ref in results[c].get("_examples", []):
             console.print(f"[dim]{c}:[/] {prompt!r} → {pred!r} (expected {ref!r})",

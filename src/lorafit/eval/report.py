@@ -12,7 +12,7 @@ instead of a LoRA branch per layer and token; logits equal the unmerged model's 
 from __future__ import annotations
 
 from lorafit.data import build_datasets
-from lorafit.eval import tasks
+from lorafit.eval import cache, tasks
 from lorafit.lora import disable_adapter, merge, unmerge
 from lorafit.train import evaluate
 from lorafit.train.progress import Phases
@@ -59,9 +59,12 @@ def heldout_metrics(model, tok, path: str, limit: int | None, phase=tasks.no_pha
 
 
 def evaluate_columns(model, tok, cfg, *, has_adapter: bool, with_base: bool, heldout: str | None,
-                     retention: str | None, limit: int | None, phases: Phases | None = None) -> dict[str, dict]:
+                     retention: str | None, limit: int | None, phases: Phases | None = None,
+                     base_key: str | None = None) -> dict[str, dict]:
     """One column ``model`` without an adapter; with one, ``base`` (adapter switched off, unless not
-    ``with_base``) and ``adapter`` (merged, then unmerged again), both scored on the same loaded weights."""
+    ``with_base``) and ``adapter`` (merged, then unmerged again), both scored on the same loaded weights.
+    ``base_key``: the base column's :mod:`lorafit.eval.cache` key — a stored column is reused (marked
+    ``_cached``), a computed one stored."""
     def run(column: str) -> dict:
         return evaluate_model(model, tok, cfg, heldout, retention, limit, phases, column)
 
@@ -69,8 +72,14 @@ def evaluate_columns(model, tok, cfg, *, has_adapter: bool, with_base: bool, hel
         return {"model": run("model")}
     results = {}
     if with_base:
-        with disable_adapter(model):
-            results["base"] = run("base")
+        cached = cache.load(base_key) if base_key else None
+        if cached is not None:
+            results["base"] = {**cached, "_cached": True}
+        else:
+            with disable_adapter(model):
+                results["base"] = run("base")
+            if base_key:
+                cache.store(base_key, results["base"])
     merge(model)
     try:
         results["adapter"] = run("adapter")
