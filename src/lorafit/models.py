@@ -220,6 +220,25 @@ def quantize_base(model, quant_type: str = "nf4", double_quant: bool = True) -> 
     return len(layers)
 
 
+def dequantize_base(model) -> int:
+    """Replace every 4-bit layer left in ``model`` by a dense ``nn.Linear`` holding ``dequantize`` of its codes
+    (in its compute dtype): after merging a QLoRA adapter, the untargeted layers keep the weights the adapter was
+    trained against, and the model saves as a plain one."""
+    from lorafit.kernels import nf4
+
+    layers = [(n, m) for n, m in model.named_modules() if nf4.is_4bit(getattr(m, "weight", None))]
+    for name, m in layers:
+        dtype = getattr(m, "compute_dtype", None) or torch.float32
+        dense = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta", dtype=dtype)
+        dense.weight = torch.nn.Parameter(nf4.dequantize(m.weight).to(dtype), requires_grad=False)
+        if m.bias is not None:
+            dense.bias = torch.nn.Parameter(m.bias.data.to(dtype), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, dense)
+    vars(model).pop("lorafit_four_bit", None)
+    return len(layers)
+
+
 def apply_special_tokens(tokenizer, special_tokens: dict[str, str] | None, model=None,
                          trains_embeddings: bool = False) -> list[str]:
     """Set the config's ``special_tokens`` (``pad_token: "<|pad|>"`` ...) on the tokenizer; returns the new ones.

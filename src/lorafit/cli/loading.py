@@ -6,12 +6,13 @@ Imports torch only when called, so building the parser stays light.
 from __future__ import annotations
 
 
-def model_with_adapter(base_model: str, adapter: str | None, dtype: str = "float32"):
-    """``(model, tokenizer)`` in eval mode, with ``adapter`` attached when given."""
+def model_with_adapter(base_model: str, adapter: str | None, dtype: str = "float32", four_bit: dict | None = None):
+    """``(model, tokenizer)`` in eval mode, with ``adapter`` attached when given; ``four_bit``: the base in 4 bits
+    (``lorafit.models.quantize_base``'s arguments), as a QLoRA adapter was trained."""
     from lorafit.lora import load_adapter
     from lorafit.models import load_model_and_tokenizer
 
-    model, tok = load_model_and_tokenizer(base_model, dtype)
+    model, tok = load_model_and_tokenizer(base_model, dtype, four_bit=four_bit)
     if adapter:
         load_adapter(model, adapter)
     model.eval()

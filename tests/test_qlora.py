@@ -1,0 +1,231 @@
+"""QLoRA (issue 16): a 4-bit NF4 base with double quantization, exactly transformers + bitsandbytes + PEFT.
+
+The oracle runs here: transformers loads the same saved tiny model with ``BitsAndBytesConfig(load_in_4bit=True,
+nf4, double quant, fp32 compute)`` and ``device_map={"": "cpu"}``, PEFT puts its LoRA on top. Tiny random Llama
+and Qwen2 (hidden 64, so bitsandbytes' 64-element blocks divide every layer), fp32, dropout 0.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+bnb_functional = pytest.importorskip("bitsandbytes.functional")
+
+from lorafit.errors import LorafitError  # noqa: E402
+from lorafit.kernels import nf4  # noqa: E402
+from lorafit.lora import LoraConfig, apply_lora, load_adapter, merge_and_unload, named_lora_layers, save_adapter  # noqa: E402
+from lorafit.models import dequantize_base, quantize_base  # noqa: E402
+from lorafit.train import train_step  # noqa: E402
+
+R, ALPHA, LR, STEPS = 8, 16, 5e-3, 20
+CONFIGS = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(arch: str, **over):
+    kw = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, use_cache=False)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(CONFIGS[arch](**{**kw, **over}), dtype=torch.float32,
+                                                         attn_implementation="sdpa")
+
+
+def bnb_loaded(folder):
+    """transformers + bitsandbytes: the QLoRA base every QLoRA tutorial loads, on the CPU."""
+    q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                        bnb_4bit_compute_dtype=torch.float32)
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=q, device_map={"": "cpu"},
+                                                             dtype=torch.float32, attn_implementation="sdpa")
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def pair(request, tmp_path_factory):
+    """(dense base, its folder, lorafit's 4-bit copy, transformers' 4-bit load of the folder)."""
+    base = tiny(request.param)
+    folder = tmp_path_factory.mktemp(request.param)
+    base.save_pretrained(folder)
+    ours = copy.deepcopy(base)
+    quantize_base(ours)
+    return {"arch": request.param, "base": base, "folder": folder, "ours": ours, "theirs": bnb_loaded(folder)}
+
+
+def four_bit_layers(model) -> dict:
+    return {n: m for n, m in model.named_modules() if nf4.is_4bit(getattr(m, "weight", None))}
+
+
+def batches(n: int, seq: int = 24) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 256, (2, seq), generator=g)
+        ids[:, 1:] = (ids[:, :1] + 7 * torch.arange(1, seq)) % 256  # a learnable sequence: the loss moves
+        labels = ids.clone()
+        labels[:, :6] = -100
+        out.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
+                    "num_trained_tokens": int((labels[:, 1:] != -100).sum())})
+    return out
+
+
+def with_same_adapters(ours, theirs, b_std: float = 0.0):
+    """lorafit's LoRA on ``ours`` and PEFT's on ``theirs`` with PEFT's A (and, when ``b_std``, the same random B)."""
+    peft_model = peft.get_peft_model(theirs, peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0,
+                                                              target_modules="all-linear", task_type="CAUSAL_LM"))
+    apply_lora(ours, LoraConfig(r=R, alpha=ALPHA, target_modules="all-linear"))
+    theirs_layers = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()
+                     if isinstance(m, peft.tuners.lora.LoraLayer)}
+    g = torch.Generator().manual_seed(2)
+    layers = dict(named_lora_layers(ours))
+    assert set(layers) == set(theirs_layers) and len(layers) == 14
+    with torch.no_grad():
+        for name, layer in layers.items():
+            assert layer.variant.name == "qlora"
+            layer.lora_A.weight.copy_(theirs_layers[name].lora_A["default"].weight)
+            if b_std:
+                b = torch.randn(layer.lora_B.weight.shape, generator=g) * b_std
+                layer.lora_B.weight.copy_(b)
+                theirs_layers[name].lora_B["default"].weight.copy_(b)
+    return ours, peft_model, theirs_layers
+
+
+# ---- loading ----------------------------------------------------------------------------------------------
+def test_4bit_codes_and_statistics_are_bitsandbytes_quantize_4bit(pair):
+    ours, theirs, base = pair["ours"], pair["theirs"], pair["base"]
+    layers, oracle = four_bit_layers(ours), four_bit_layers(theirs)
+    assert set(layers) == set(oracle) and len(layers) == 14  # every decoder linear, nothing else
+    dense = dict(base.named_modules())
+    for name, m in layers.items():
+        codes, state = bnb_functional.quantize_4bit(dense[name].weight.data, blocksize=64, compress_statistics=True,
+                                                    quant_type="nf4")
+        got = m.weight.quant_state
+        assert torch.equal(m.weight.data, codes) and torch.equal(m.weight.data, oracle[name].weight.data), name
+        assert got.quant_type == "nf4" and got.blocksize == 64 and got.nested
+        assert torch.equal(got.absmax, state.absmax) and torch.equal(got.offset, state.offset)
+        assert torch.equal(got.state2.absmax, state.state2.absmax) and torch.equal(got.state2.code, state.state2.code)
+    # embeddings and the head stay dense, as in transformers
+    assert ours.lm_head.weight.dtype == torch.float32 and type(ours.lm_head) is torch.nn.Linear
+    assert torch.equal(ours.model.embed_tokens.weight, base.model.embed_tokens.weight)
+
+
+def test_layer_size_the_block_size_does_not_divide_is_one_line():
+    model = tiny("llama", hidden_size=40, intermediate_size=64)  # k_proj: 20 × 40 = 800 elements
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(LorafitError, match=r"^load_in_4bit: layer model\.layers\.0\.self_attn\.k_proj .*block size 64$"):
+        quantize_base(model)
+    assert {n: type(m) for n, m in model.named_modules()} == before  # nothing half-quantized
+
+
+# ---- exactness against transformers + bitsandbytes + PEFT ------------------------------------------------
+def test_logits_loss_and_gradients_equal_peft(pair):
+    ours, peft_model, theirs_layers = with_same_adapters(copy.deepcopy(pair["ours"]), copy.deepcopy(pair["theirs"]),
+                                                         b_std=0.05)
+    b = batches(1)[0]
+    ours.train(), peft_model.train()
+    out_ours = ours(input_ids=b["input_ids"], labels=b["labels"])
+    out_theirs = peft_model(input_ids=b["input_ids"], labels=b["labels"])
+    torch.testing.assert_close(out_ours.logits, out_theirs.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_ours.loss, out_theirs.loss, rtol=1e-6, atol=0)
+    out_ours.loss.backward()
+    out_theirs.loss.backward()
+    for name, layer in named_lora_layers(ours):
+        for side in ("A", "B"):
+            got = getattr(layer, f"lora_{side}").weight.grad
+            want = getattr(theirs_layers[name], f"lora_{side}")["default"].weight.grad
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()), msg=name + side)
+
+
+def test_training_20_steps_tracks_peft(pair):
+    """The lean kernels ``lorafit train`` switches on (norms, RoPE, attention, SiLU·up; groups and the fused
+    down_proj stand aside for 4-bit layers) and its step, against PEFT + bitsandbytes in a plain loop, 20 steps."""
+    from conftest import options
+
+    from lorafit.patches import apply_lean_kernels
+
+    ours, peft_model, theirs_layers = with_same_adapters(copy.deepcopy(pair["ours"]), copy.deepcopy(pair["theirs"]))
+    apply_lean_kernels(ours, options=options(compile_=False))
+    ours.train()
+    data = batches(STEPS)
+
+    peft_model.train()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR)
+    theirs = []
+    for b in data:
+        out = peft_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+        out.loss.backward()
+        theirs.append(float(out.loss.detach()))
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=LR)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    mine = [train_step(ours, opt, sched, [b], 1.0)["loss"] for b in data]
+    rel = max(abs(a - b) / abs(b) for a, b in zip(mine, theirs, strict=True))
+    assert rel <= 1e-4, f"max relative loss difference {rel:.3e}"
+    assert theirs[0] - theirs[-1] > 0.05  # training moved the model
+    for name, layer in named_lora_layers(ours):
+        want = theirs_layers[name].lora_B["default"].weight
+        torch.testing.assert_close(layer.lora_B.weight, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+
+
+def test_adapters_go_both_ways_with_the_same_logits(pair, tmp_path):
+    ours, peft_model, _ = with_same_adapters(copy.deepcopy(pair["ours"]), copy.deepcopy(pair["theirs"]), b_std=0.05)
+    ids = batches(1)[0]["input_ids"]
+    ours.eval(), peft_model.eval()
+    save_adapter(ours, tmp_path / "lorafit")
+    peft_model.save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+        assert (want - pair["theirs"](input_ids=ids).logits).abs().max() > 1e-2  # the adapter changes the output
+        # lorafit's file in PEFT over transformers' 4-bit base
+        loaded = peft.PeftModel.from_pretrained(bnb_loaded(pair["folder"]), tmp_path / "lorafit").eval()
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+        # PEFT's file in lorafit over lorafit's 4-bit base
+        mine = load_adapter(copy.deepcopy(pair["ours"]), tmp_path / "peft").eval()
+        torch.testing.assert_close(mine(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+# ---- merging ----------------------------------------------------------------------------------------------
+def test_merge_writes_dequantized_base_plus_update(pair):
+    ours, _, _ = with_same_adapters(copy.deepcopy(pair["ours"]), copy.deepcopy(pair["theirs"]), b_std=0.05)
+    ours.eval()
+    ids = batches(1)[0]["input_ids"]
+    with torch.no_grad():
+        before = ours(input_ids=ids).logits
+    expected = {name: (nf4.dequantize(layer.base_layer.weight).float()
+                       + (layer.lora_B.weight.float() @ layer.lora_A.weight.float()) * layer.scaling)
+                for name, layer in named_lora_layers(ours)}
+    merge_and_unload(ours)
+    assert dequantize_base(ours) == 0  # every 4-bit layer was a target: none left
+    for name, w in expected.items():
+        layer = ours.get_submodule(name)
+        assert type(layer) is torch.nn.Linear and torch.equal(layer.weight, w), name
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)
+
+
+def test_unmerge_restores_the_4bit_layer(pair):
+    ours, _, _ = with_same_adapters(copy.deepcopy(pair["ours"]), copy.deepcopy(pair["theirs"]), b_std=0.05)
+    layer = next(layer for _, layer in named_lora_layers(ours))
+    packed = layer.base_layer
+    layer.merge()
+    assert type(layer.base_layer) is torch.nn.Linear and layer.merged
+    layer.unmerge()
+    assert layer.base_layer is packed and not layer.merged
+
+
+def test_dora_over_a_4bit_base_is_one_line(pair):
+    with pytest.raises(LorafitError, match="4-bit base: DoRA and PiSSA need the dense weight"):
+        apply_lora(copy.deepcopy(pair["ours"]), LoraConfig(r=4, use_dora=True, target_modules=["q_proj"]))
