@@ -18,7 +18,14 @@ bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
 from lorafit.errors import LorafitError  # noqa: E402
 from lorafit.kernels import nf4  # noqa: E402
-from lorafit.lora import LoraConfig, apply_lora, load_adapter, merge_and_unload, named_lora_layers, save_adapter  # noqa: E402
+from lorafit.lora import (  # noqa: E402
+    LoraConfig,
+    apply_lora,
+    load_adapter,
+    merge_and_unload,
+    named_lora_layers,
+    save_adapter,
+)
 from lorafit.models import dequantize_base, quantize_base  # noqa: E402
 from lorafit.train import train_step  # noqa: E402
 
@@ -229,3 +236,104 @@ def test_unmerge_restores_the_4bit_layer(pair):
 def test_dora_over_a_4bit_base_is_one_line(pair):
     with pytest.raises(LorafitError, match="4-bit base: DoRA and PiSSA need the dense weight"):
         apply_lora(copy.deepcopy(pair["ours"]), LoraConfig(r=4, use_dora=True, target_modules=["q_proj"]))
+
+
+# ---- lorafit train with adapter: qlora, 8-bit and paged optimizers -------------------------------------------
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    import json
+
+    from conftest import save_tiny_llama
+
+    from lorafit.models import load_tokenizer
+
+    d = tmp_path_factory.mktemp("qlora-train")
+    save_tiny_llama(d / "model", load_tokenizer("demo"), initializer_range=0.5)
+    words = ["apple", "pear", "plum", "fig", "kiwi", "lime", "date", "lemon"]
+    rows = [{"messages": [{"role": "user", "content": f"Repeat twice: {w}"},
+                          {"role": "assistant", "content": f"{w} {w}"}]} for w in words * 4]
+    (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def train_config(workdir, out: str, **kw):
+    from lorafit.config import TrainConfig
+
+    d = dict(base_model=str(workdir / "model"), adapter="qlora", load_in_4bit=True, lora_r=4, lora_alpha=8,
+             lora_target_linear=True, datasets=[{"path": str(workdir / "data.jsonl"), "type": "chat_template"}],
+             sequence_len=48, micro_batch_size=4, max_steps=8, learning_rate=5e-3, lr_scheduler="cosine",
+             warmup_steps=2, weight_decay=0.01, output_dir=str(workdir / out), seed=7)
+    return TrainConfig.from_dict({**d, **kw})
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_32bit"])
+def test_qlora_run_stopped_and_resumed_equals_a_straight_run(workdir, optimizer):
+    """The optimizer's (8-bit, block-quantized) states are in the checkpoint: stopping after step 3 and resuming
+    ends with bitwise the adapter of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from lorafit.train import train
+
+    straight = train(train_config(workdir, f"straight-{optimizer}", optimizer=optimizer))
+    assert isinstance(straight.model.model.layers[0].self_attn.q_proj.base_layer.weight.quant_state,
+                      bnb_functional.QuantState)
+    stopped = train(train_config(workdir, f"resumed-{optimizer}", optimizer=optimizer), stop_after=3)
+    assert stopped.interrupted and (workdir / f"resumed-{optimizer}" / "checkpoint-3").is_dir()
+    resumed = train(train_config(workdir, f"resumed-{optimizer}", optimizer=optimizer), resume=True)
+    assert resumed.steps == 8
+    a = load_file(workdir / f"straight-{optimizer}" / "adapter_model.safetensors")
+    b = load_file(workdir / f"resumed-{optimizer}" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)
+
+
+def test_8bit_optimizer_keeps_8bit_states():
+    from lorafit.train.optim import build_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(4, 4))  # 8192 elements and 16
+    opt = build_optimizer(model, "adamw_bnb_8bit", 1e-3)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    big, small = opt.state[model[0].weight], opt.state[model[1].weight]
+    assert big["state1"].dtype == torch.uint8 and big["state2"].dtype == torch.uint8
+    assert small["state1"].dtype == torch.float32  # bitsandbytes keeps tensors under 4096 elements in 32 bits
+    paged = build_optimizer(model, "paged_adamw_8bit", 1e-3)
+    assert type(paged).__name__ == "AdamW8bit" and "need CUDA" in paged.lorafit_notice
+
+
+def test_load_in_4bit_under_adapter_lora_follows_axolotl(workdir):
+    cfg = train_config(workdir, "lora4", adapter="lora")
+    assert cfg.four_bit == {"quant_type": "fp4", "double_quant": False}
+    assert any("as axolotl does" in n for n in cfg.notices)
+    assert train_config(workdir, "q", bnb_config_kwargs={"bnb_4bit_use_double_quant": False}).four_bit == {
+        "quant_type": "nf4", "double_quant": False}
+
+
+def test_cli_merge_of_a_qlora_adapter_is_dense_dequantized_plus_update(workdir, tmp_path):
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.lora import read_adapter_weights
+    from lorafit.train import train
+
+    train(train_config(workdir, "for-merge", max_steps=3))
+    out = tmp_path / "merged"
+    done = subprocess.run([sys.executable, "-m", "lorafit.cli", "merge", str(workdir / "model"),
+                           str(workdir / "for-merge"), str(out), "--qlora"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(workdir / "model")
+    assert getattr(merged.config, "quantization_config", None) is None  # a plain 16/32-bit model
+    adapter = read_adapter_weights(workdir / "for-merge")
+    for name, m in base.named_modules():
+        if type(m) is not torch.nn.Linear or name == "lm_head":
+            continue
+        codes = nf4.quantize(m.weight.data)
+        want = nf4.dequantize(codes).float()
+        a = adapter[f"base_model.model.{name}.lora_A.weight"]
+        b = adapter[f"base_model.model.{name}.lora_B.weight"]
+        want = want + (b.float() @ a.float()) * (8 / 4)
+        assert torch.equal(merged.get_submodule(name).weight, want), name

@@ -25,8 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="dtype of the saved model (float32 | bfloat16 | float16)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it is a non-empty folder")
     p.add_argument("--qlora", nargs="?", const="nf4", choices=["nf4", "fp4"], default=None,
-                   help="the adapter was trained over a 4-bit base (QLoRA; nf4 with double quantization unless "
-                        "fp4 is given): merge into the dequantized 4-bit weights it was trained against")
+                   help="the adapter was trained over a 4-bit base (QLoRA: nf4 with double quantization; fp4: "
+                        "without, as under adapter: lora + load_in_4bit): merge into the dequantized 4-bit weights "
+                        "it was trained against")
     p.set_defaults(func=cmd_merge)
 
 

@@ -16,7 +16,14 @@ from __future__ import annotations
 import torch
 
 from lorafit.errors import LorafitError
-from lorafit.kernels.lora_branch import Branch, Needs, Saved, branch_backward, branch_forward, compute_dtype_for
+from lorafit.kernels.lora_branch import (
+    Branch,
+    Needs,
+    Saved,
+    branch_backward,
+    branch_forward,
+    compute_dtype_for,
+)
 from lorafit.options import RuntimeOptions
 
 # bitsandbytes' block size for 4-bit weights (transformers' BitsAndBytesConfig uses its default, 64)
@@ -30,7 +37,7 @@ def bnb():
         import bitsandbytes
     except ImportError as e:  # a broken build raises other errors on import; they say what is wrong themselves
         raise LorafitError(f"a 4-bit base (load_in_4bit) and 8-bit optimizers need bitsandbytes, which did not "
-                           f"import ({e}); run: pip install 'bitsandbytes>=0.47'") from None
+                           f"import ({e}); run: pip install 'bitsandbytes>=0.50'") from None
     return bitsandbytes
 
 

@@ -16,9 +16,9 @@ from torch import nn
 
 from lorafit import targets as targets_rule
 from lorafit.errors import LorafitError
+from lorafit.kernels import nf4
 from lorafit.lora.config import ALL_LINEAR, LoraConfig
 from lorafit.lora.layer import WRAPPABLE, LoraLinear
-from lorafit.kernels import nf4
 from lorafit.lora.variants import DORA, PLAIN, QLORA
 from lorafit.options import RuntimeOptions
 
