@@ -337,3 +337,46 @@ def test_cli_merge_of_a_qlora_adapter_is_dense_dequantized_plus_update(workdir, 
         b = adapter[f"base_model.model.{name}.lora_B.weight"]
         want = want + (b.float() @ a.float()) * (8 / 4)
         assert torch.equal(merged.get_submodule(name).weight, want), name
+
+
+# ---- the estimator counts what bitsandbytes holds -------------------------------------------------------------
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape", [(64, 64), (576, 1536), (32, 576 * 3)])
+def test_estimated_4bit_bytes_are_the_real_bytes(shape, double_quant):
+    from lorafit.memory.estimate import four_bit_bytes
+
+    w = nf4.quantize(torch.randn(shape), double_quant=double_quant)
+    assert four_bit_bytes(shape[0] * shape[1], double_quant) == nf4.packed_bytes(w)
+
+
+def test_estimated_8bit_states_are_the_real_bytes():
+    from lorafit.memory.estimate import _bnb_state_bytes
+    from lorafit.train.optim import build_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(576, 16, bias=False), torch.nn.Linear(16, 8, bias=False))
+    opt = build_optimizer(model, "adamw_8bit", 1e-3)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    for p in model.parameters():
+        real = sum(t.numel() * t.element_size() for t in opt.state[p].values() if torch.is_tensor(t) and t.dim())
+        assert _bnb_state_bytes(p.numel()) == real
+
+
+def test_qlora_estimate_from_a_config(workdir):
+    from lorafit.memory.estimate import estimate
+    from lorafit.memory.settings import settings_from_config
+    from lorafit.memory.spec import resolve_spec
+
+    cfg = train_config(workdir, "est", optimizer="adamw_8bit")
+    s = settings_from_config(cfg, "cpu")
+    assert s.four_bit == "nf4" and s.double_quant and not s.lean
+    spec = resolve_spec(str(workdir / "model"))
+    q, dense = estimate(spec, s), estimate(spec, dense_settings(s))
+    assert q.component("weights").bytes < dense.component("weights").bytes
+
+
+def dense_settings(s):
+    from dataclasses import replace
+
+    return replace(s, four_bit=None, optimizer="adamw")
