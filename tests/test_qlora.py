@@ -380,3 +380,77 @@ def dense_settings(s):
     from dataclasses import replace
 
     return replace(s, four_bit=None, optimizer="adamw")
+
+
+def test_plan_tries_qlora_when_lora_does_not_fit(tmp_path):
+    import yaml
+
+    from lorafit.config import TrainConfig
+    from lorafit.memory import catalog
+    from lorafit.memory.estimate import Settings
+    from lorafit.memory.plan import search, to_yaml
+
+    spec = catalog.get_model("llama-3.1-8b")
+    plan = search(spec, Settings(seq_len=2048), 12 * 1024**3)
+    assert plan.fits and plan.estimate.settings.four_bit == "nf4" and "QLoRA" in plan.note
+    written = yaml.safe_load(to_yaml(plan, "./model", 8))
+    assert written["adapter"] == "qlora" and written["load_in_4bit"] is True
+    TrainConfig.from_dict(written)  # a config lorafit trains
+    assert search(spec, Settings(seq_len=2048), 24 * 1024**3).estimate.settings.four_bit is None  # LoRA fits
+
+
+@pytest.mark.slow
+def test_a_gguf_base_is_dequantized_then_quantized_to_nf4():
+    from lorafit.models import demo_model_file, load_model, load_model_and_tokenizer
+
+    try:
+        gguf = demo_model_file()
+    except LorafitError:
+        pytest.skip("demo GGUF not installed")
+    model, _ = load_model_and_tokenizer(str(gguf), four_bit={"quant_type": "nf4", "double_quant": True})
+    dense = load_model(str(gguf))
+    layers = four_bit_layers(model)
+    assert len(layers) == 30 * 7 and type(model.lm_head) is not type(layers["model.layers.0.mlp.down_proj"])
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.29.mlp.down_proj"):
+        codes, state = bnb_functional.quantize_4bit(dense.get_submodule(name).weight.data, blocksize=64,
+                                                    compress_statistics=True, quant_type="nf4")
+        assert torch.equal(layers[name].weight.data, codes)
+        assert torch.equal(layers[name].weight.quant_state.absmax, state.absmax)
+
+
+@pytest.mark.slow
+def test_qlora_sigkill_then_resume_is_bitwise_identical(workdir, tmp_path):
+    """kill -9 after a checkpoint, then ``--resume``: the 8-bit optimizer's states come back from the checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+    from safetensors.torch import load_file
+
+    def cli(*args):
+        return subprocess.Popen([sys.executable, "-m", "lorafit.cli", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    common = dict(max_steps=60, save_steps=10, optimizer="adamw_8bit", lora_dropout=0.1)
+    files = {}
+    for name in ("straight", "killed"):
+        cfg = train_config(workdir, f"sigkill-{name}", **common)
+        files[name] = tmp_path / f"{name}.yaml"
+        files[name].write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=True)))
+    assert cli("train", str(files["straight"])).wait(timeout=600) == 0
+    proc, out = cli("train", str(files["killed"])), workdir / "sigkill-killed"
+    deadline = time.time() + 300
+    while not (out / "checkpoint-20").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed = cli("train", str(files["killed"]), "--resume")
+    log, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0 and "resumed from" in log, log
+    a = load_file(workdir / "sigkill-straight" / "adapter_model.safetensors")
+    b = load_file(out / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

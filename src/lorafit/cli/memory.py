@@ -224,6 +224,8 @@ def cmd_plan(args) -> int:
             print_estimates(console, [plan.closest], gpu_name, gpu_bytes)
         return 1
     base_model, note = _base_model_for_config(args.model)
+    if plan.note:
+        console.print(f"[yellow]note:[/] {plan.note}", highlight=False)
     text = to_yaml(plan, base_model, args.effective_batch, note)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
