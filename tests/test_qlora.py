@@ -153,8 +153,8 @@ def test_logits_loss_and_gradients_equal_peft(pair):
 
 
 def test_training_20_steps_tracks_peft(pair):
-    """The lean kernels ``lorafit train`` switches on (norms, RoPE, attention, SiLU·up; groups and the fused
-    down_proj stand aside for 4-bit layers) and its step, against PEFT + bitsandbytes in a plain loop, 20 steps."""
+    """The lean kernels ``lorafit train`` switches on (q/k/v and gate/up groups over 4-bit weights, norms, RoPE,
+    attention, SiLU·up; the fused down_proj stands aside) and its step, against PEFT + bitsandbytes, 20 steps."""
     from conftest import options
 
     from lorafit.patches import apply_lean_kernels
@@ -178,7 +178,16 @@ def test_training_20_steps_tracks_peft(pair):
 
     opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=LR)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    mine = [train_step(ours, opt, sched, [b], 1.0)["loss"] for b in data]
+    calls = []
+    from lorafit.kernels.lora_group import LoraGroupFunction
+
+    original = LoraGroupFunction.apply
+    LoraGroupFunction.apply = lambda *a: calls.append(1) or original(*a)
+    try:
+        mine = [train_step(ours, opt, sched, [b], 1.0)["loss"] for b in data]
+    finally:
+        LoraGroupFunction.apply = original
+    assert ours.lean_kernels.applied["shared_inputs"] == 4 and len(calls) == 4 * STEPS  # q/k/v, gate/up of 2 blocks
     rel = max(abs(a - b) / abs(b) for a, b in zip(mine, theirs, strict=True))
     assert rel <= 1e-4, f"max relative loss difference {rel:.3e}"
     assert theirs[0] - theirs[-1] > 0.05  # training moved the model

@@ -69,6 +69,12 @@ def dequantize(weight) -> torch.Tensor:
     return bnb().functional.dequantize_4bit(weight.data, state)
 
 
+def dense(weight, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` as a dense matrix in ``dtype``: dequantized if it is 4-bit, else itself (a kernel shared by
+    plain and 4-bit layers calls this where it uses the weight, and keeps only the packed one)."""
+    return dequantize(weight).to(dtype) if is_4bit(weight) else weight
+
+
 def packed_bytes(weight) -> int:
     """Bytes a ``Params4bit`` holds: codes, absmax and (double quantization) the absmax's own statistics."""
     state = weight.quant_state

@@ -4,8 +4,9 @@
 initialisation and the merged/disabled state; it asks its variant for the math. A new kind of LoRA (DoRA's
 magnitude vector, a 4-bit base dequantised in forward and backward) subclasses :class:`LoraVariant` and
 overrides what differs, without branches in the layer, in the groups or in the patches. ``lean`` says whether
-the layer may run inside the fused kernels that assume plain LoRA (the shared-input group, the gated MLP's
-fused ``down_proj``); a variant that sets it False still trains, one layer at a time.
+the layer may run inside the gated MLP's fused ``down_proj`` kernel, which assumes plain LoRA over a dense
+weight; ``groups`` whether it may run in the shared-input group (plain LoRA over a dense or a 4-bit weight). A
+variant that sets them False still trains, one layer at a time.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class LoraVariant:
 
     name = "lora"
     lean = True
+    groups = True
 
     def init(self, layer) -> None:
         """Create the variant's own parameters on ``layer`` once A and B are initialised (plain LoRA: none)."""
@@ -66,6 +68,7 @@ class DoraVariant(LoraVariant):
 
     name = "dora"
     lean = False
+    groups = False
 
     def init(self, layer) -> None:
         br = layer.branch()
@@ -112,13 +115,15 @@ class QLoraVariant(LoraVariant):
 
     Merging writes a dense 16/32-bit weight ``dequantize(W₄) + s · B A`` — the weights the adapter was trained
     against — into a plain ``nn.Linear`` that replaces the 4-bit layer (re-quantizing the sum would lose most of
-    the update in 4-bit rounding); unmerging puts the 4-bit layer back. Not lean: the shared-input groups and the
-    fused gated-MLP ``down_proj`` keep the dense weight for backward, which a 4-bit base must not (their
-    activation savings are small next to what the 4-bit weights save).
+    the update in 4-bit rounding); unmerging puts the 4-bit layer back. The shared-input groups (q/k/v,
+    gate/up) take 4-bit members (:mod:`lorafit.kernels.lora_group` dequantizes where it multiplies); the fused
+    gated-MLP ``down_proj`` does not (not lean): it would need its 4-bit weight dequantized inside a compiled
+    kernel, and what it saves is one (tokens × intermediate) activation, small next to the 4-bit weights' saving.
     """
 
     name = "qlora"
     lean = False
+    groups = True
 
     def dense_weight(self, layer) -> torch.Tensor:
         return nf4.dequantize(layer.base_layer.weight)
