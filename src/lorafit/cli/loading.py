@@ -17,3 +17,16 @@ def model_with_adapter(base_model: str, adapter: str | None, dtype: str = "float
         load_adapter(model, adapter)
     model.eval()
     return model, tok
+
+
+def add_qlora_flag(p, what: str) -> None:
+    """``--qlora [nf4|fp4]``: the adapter was trained over a 4-bit base; load the base that way."""
+    p.add_argument("--qlora", nargs="?", const="nf4", choices=["nf4", "fp4"], default=None,
+                   help=f"the adapter was trained over a 4-bit base (QLoRA: nf4 with double quantization; fp4: "
+                        f"without, as under adapter: lora + load_in_4bit): {what} the dequantized 4-bit weights it was trained "
+                        "against")
+
+
+def four_bit_of(choice: str | None) -> dict | None:
+    """``lorafit.models.quantize_base``'s arguments for a ``--qlora`` choice (None: a dense base)."""
+    return None if choice is None else {"quant_type": choice, "double_quant": choice == "nf4"}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from lorafit.cli.loading import model_with_adapter
+from lorafit.cli.loading import add_qlora_flag, four_bit_of, model_with_adapter
 from lorafit.errors import LorafitError
 from lorafit.fsutil import atomic_dir, check_new_output, display, listing, read_json, write_json
 
@@ -24,10 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32",
                    help="dtype of the saved model (float32 | bfloat16 | float16)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it is a non-empty folder")
-    p.add_argument("--qlora", nargs="?", const="nf4", choices=["nf4", "fp4"], default=None,
-                   help="the adapter was trained over a 4-bit base (QLoRA: nf4 with double quantization; fp4: "
-                        "without, as under adapter: lora + load_in_4bit): merge into the dequantized 4-bit weights "
-                        "it was trained against")
+    add_qlora_flag(p, "merge into")
     p.set_defaults(func=cmd_merge)
 
 
@@ -67,7 +64,7 @@ def cmd_merge(args) -> int:
     # merged in float32 and cast after, so a bf16/fp16 output is rounded once
     # QLoRA: W' = dequantize(quantize(W)) + s·B A, the weights the adapter was trained against, written dense;
     # re-quantizing W' to 4 bits would round most of the update away
-    four_bit = None if args.qlora is None else {"quant_type": args.qlora, "double_quant": args.qlora == "nf4"}
+    four_bit = four_bit_of(args.qlora)
     model, tok = model_with_adapter(args.base_model, args.adapter, four_bit=four_bit)
     merge_and_unload(model, safe=True)
     if four_bit is not None:
