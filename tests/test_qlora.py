@@ -153,8 +153,8 @@ def test_logits_loss_and_gradients_equal_peft(pair):
 
 
 def test_training_20_steps_tracks_peft(pair):
-    """The lean kernels ``lorafit train`` switches on (q/k/v and gate/up groups over 4-bit weights, norms, RoPE,
-    attention, SiLU·up; the fused down_proj stands aside) and its step, against PEFT + bitsandbytes, 20 steps."""
+    """The lean kernels ``lorafit train`` switches on (q/k/v and gate/up groups and the fused SiLU·up·down_proj
+    over 4-bit weights, norms, RoPE, attention) and its step, against PEFT + bitsandbytes, 20 steps."""
     from conftest import options
 
     from lorafit.patches import apply_lean_kernels
@@ -178,16 +178,27 @@ def test_training_20_steps_tracks_peft(pair):
 
     opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=LR)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    calls = []
+    from lorafit.kernels.gated_mlp import ActMulLoraDown
     from lorafit.kernels.lora_group import LoraGroupFunction
 
-    original = LoraGroupFunction.apply
-    LoraGroupFunction.apply = lambda *a: calls.append(1) or original(*a)
+    calls = {LoraGroupFunction: 0, ActMulLoraDown: 0}
+    originals = {f: f.apply for f in calls}
+
+    def counted(f):
+        def apply(*a):
+            calls[f] += 1
+            return originals[f](*a)
+        return apply
+
+    for f in calls:
+        f.apply = counted(f)
     try:
         mine = [train_step(ours, opt, sched, [b], 1.0)["loss"] for b in data]
     finally:
-        LoraGroupFunction.apply = original
-    assert ours.lean_kernels.applied["shared_inputs"] == 4 and len(calls) == 4 * STEPS  # q/k/v, gate/up of 2 blocks
+        for f, original in originals.items():
+            f.apply = original
+    # every block's q/k/v and gate/up ran as groups, and its down_proj in the fused gated MLP
+    assert calls == {LoraGroupFunction: 4 * STEPS, ActMulLoraDown: 2 * STEPS}
     rel = max(abs(a - b) / abs(b) for a, b in zip(mine, theirs, strict=True))
     assert rel <= 1e-4, f"max relative loss difference {rel:.3e}"
     assert theirs[0] - theirs[-1] > 0.05  # training moved the model
@@ -379,7 +390,7 @@ def test_qlora_estimate_from_a_config(workdir):
 
     cfg = train_config(workdir, "est", optimizer="adamw_8bit")
     s = settings_from_config(cfg, "cpu")
-    assert s.four_bit == "nf4" and s.double_quant and not s.lean
+    assert s.four_bit == "nf4" and s.double_quant and s.lean
     spec = resolve_spec(str(workdir / "model"))
     q, dense = estimate(spec, s), estimate(spec, dense_settings(s))
     assert q.component("weights").bytes < dense.component("weights").bytes

@@ -4,9 +4,9 @@
 initialisation and the merged/disabled state; it asks its variant for the math. A new kind of LoRA (DoRA's
 magnitude vector, a 4-bit base dequantised in forward and backward) subclasses :class:`LoraVariant` and
 overrides what differs, without branches in the layer, in the groups or in the patches. ``lean`` says whether
-the layer may run inside the gated MLP's fused ``down_proj`` kernel, which assumes plain LoRA over a dense
-weight; ``groups`` whether it may run in the shared-input group (plain LoRA over a dense or a 4-bit weight). A
-variant that sets them False still trains, one layer at a time.
+the layer may run inside the gated MLP's fused ``down_proj`` kernel, ``groups`` whether it may run in the
+shared-input group; both compute plain LoRA (over a dense or a 4-bit weight). A variant that sets them False
+still trains, one layer at a time.
 """
 
 from __future__ import annotations
@@ -115,14 +115,13 @@ class QLoraVariant(LoraVariant):
 
     Merging writes a dense 16/32-bit weight ``dequantize(W₄) + s · B A`` — the weights the adapter was trained
     against — into a plain ``nn.Linear`` that replaces the 4-bit layer (re-quantizing the sum would lose most of
-    the update in 4-bit rounding); unmerging puts the 4-bit layer back. The shared-input groups (q/k/v,
-    gate/up) take 4-bit members (:mod:`lorafit.kernels.lora_group` dequantizes where it multiplies); the fused
-    gated-MLP ``down_proj`` does not (not lean): it would need its 4-bit weight dequantized inside a compiled
-    kernel, and what it saves is one (tokens × intermediate) activation, small next to the 4-bit weights' saving.
+    the update in 4-bit rounding); unmerging puts the 4-bit layer back. Lean: the shared-input groups (q/k/v,
+    gate/up) and the gated MLP's fused ``down_proj`` take 4-bit layers; they dequantize where they multiply
+    (``nf4.dense``), outside their compiled elementwise kernels, and keep only the packed weight.
     """
 
     name = "qlora"
-    lean = False
+    lean = True
     groups = True
 
     def dense_weight(self, layer) -> torch.Tensor:

@@ -119,9 +119,9 @@ class Settings:
 
     @property
     def lean(self) -> bool:
-        """Whether the LoRA layers take the fused paths (groups, the gated MLP's LoRA down_proj): not for DoRA
-        and not over a 4-bit base (``lorafit.lora.variants``)."""
-        return not (self.use_dora or self.four_bit)
+        """Whether the LoRA layers take the fused paths (groups, the gated MLP's LoRA down_proj): plain LoRA
+        and QLoRA do, DoRA does not (``lorafit.lora.variants``)."""
+        return not self.use_dora
 
     @property
     def optimizer_kind(self) -> str:
