@@ -10,6 +10,8 @@ the runtime options it was measured and estimated with (``--reestimate`` uses th
     .venv/bin/python benchmarks/estimate_vs_measured.py            # the 22 fit rows, writes results JSON
     .venv/bin/python benchmarks/estimate_vs_measured.py --rows heldout   # the held-out rows (never fitted),
                                                                    # writes estimate_vs_measured_heldout.json
+    .venv/bin/python benchmarks/estimate_vs_measured.py --rows qlora   # QLoRA and 8-bit AdamW rows (never
+                                                                   # fitted), writes estimate_vs_measured_qlora.json
     .venv/bin/python benchmarks/estimate_vs_measured.py --quick    # 5 rows
     .venv/bin/python benchmarks/estimate_vs_measured.py --cuda     # on a GPU (see scripts/gpu_check.sh)
     .venv/bin/python benchmarks/estimate_vs_measured.py --reestimate   # rescore the JSON's measured peaks
@@ -112,6 +114,17 @@ HELDOUT_ROWS = [
     ("h-gpt2", dict(method="full", dtype="bfloat16", micro_batch=2, seq_len=128, gradient_checkpointing=True)),
     ("h-mistral-gqa8", dict(method="full", dtype="bfloat16", micro_batch=1, seq_len=128)),
 ]
+# QLoRA (a 4-bit NF4 base, double quantization) and bitsandbytes' 8-bit AdamW (issue 16): estimated with the
+# constants fitted above, never fitted themselves. `--rows qlora` writes estimate_vs_measured_qlora.json.
+QLORA_ROWS = [
+    (shape, dict(method="qlora", dtype=dtype, micro_batch=2, seq_len=256, r=16, gradient_checkpointing=ckpt))
+    for shape in ("llama-small", "qwen2-small") for dtype in ("float32", "bfloat16") for ckpt in (False, True)
+] + [
+    ("llama-small", dict(method="lora", dtype="bfloat16", micro_batch=2, seq_len=256, r=16, optimizer="adamw_8bit")),
+    ("llama-small", dict(method="full", dtype="float32", micro_batch=1, seq_len=256, optimizer="adamw_8bit")),
+    ("qwen2-small", dict(method="qlora", dtype="bfloat16", micro_batch=2, seq_len=256, r=16,
+                         optimizer="paged_adamw_8bit")),
+]
 # GPU rows (scripts/gpu_check.sh): the real Llama 3.2 1B shape, random weights.
 CUDA_ROWS = [
     ("llama-3.2-1b", dict(method="lora", dtype="bfloat16", micro_batch=2, seq_len=1024, r=16)),
@@ -181,8 +194,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--cuda", action="store_true")
     ap.add_argument("--rows", help="a split (fit | heldout) or comma-separated indices of fit rows")
-    ap.add_argument("--split", choices=["fit", "heldout"], default="fit",
-                    help="fit: the 22 rows the constants were calibrated on (default); heldout: rows never fitted")
+    ap.add_argument("--split", choices=["fit", "heldout", "qlora"], default="fit",
+                    help="fit: the 22 rows the constants were calibrated on (default); heldout: rows never fitted; "
+                         "qlora: 4-bit bases and 8-bit optimizers (never fitted)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", help="results JSON (default benchmarks/results/estimate_vs_measured[_cuda].json)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -190,10 +204,11 @@ def main() -> int:
                     help="recompute estimates and errors of the results JSON from its stored measured peaks")
     args = ap.parse_args()
     device = "cuda" if args.cuda else "cpu"
-    if args.rows in ("fit", "heldout"):
+    if args.rows in ("fit", "heldout", "qlora"):
         args.split, args.rows = args.rows, None
-    heldout = args.split == "heldout" and not args.cuda
-    default_name = f"estimate_vs_measured{'_cuda' if args.cuda else '_heldout' if heldout else ''}.json"
+    heldout = args.split in ("heldout", "qlora") and not args.cuda
+    suffix = "_cuda" if args.cuda else f"_{args.split}" if heldout else ""
+    default_name = f"estimate_vs_measured{suffix}.json"
     out = Path(args.out or ROOT / "benchmarks" / "results" / default_name)
     if args.reestimate:
         return reestimate(out)
@@ -201,7 +216,7 @@ def main() -> int:
         shape, settings = json.loads(args.one)
         print(json.dumps(run_one(shape, settings, args.steps, device)))
         return 0
-    rows = CUDA_ROWS if args.cuda else HELDOUT_ROWS if heldout else ROWS
+    rows = CUDA_ROWS if args.cuda else (QLORA_ROWS if args.split == "qlora" else HELDOUT_ROWS) if heldout else ROWS
     idx = [int(i) for i in args.rows.split(",")] if args.rows else QUICK if args.quick and not args.cuda and not heldout else range(len(rows))
     results = []
     print(f"{'#':>2} {'shape':15} {'settings':70} {'estimate':>9} {'measured':>9} {'error':>7}")

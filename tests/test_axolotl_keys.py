@@ -48,6 +48,7 @@ TYPICAL_TOP = {
     "lora_rank_pattern": {"q_proj": 32}, "lora_alpha_pattern": {"v_proj": 8},
     "batch_size": 1, "max_memory": "16GiB",
     "default_system_message": "You are helpful.",
+    "load_in_4bit": True, "bnb_config_kwargs": {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
 }
 TYPICAL_DATASET = {
     "path": "chats.jsonl", "split": "train", "type": "chat_template", "data_files": "a.jsonl", "ds_type": "json",

@@ -49,13 +49,18 @@ def test_axolotl_instruct_lora_8b_example_validates():
     ds = cfg.datasets[0]
     assert ds.type == "chat_template" and ds.roles == {"user": ["user"], "assistant": ["assistant"]}
     assert cfg.chat_template == "llama3"
-    assert any("8-bit loading is not supported yet" in n for n in cfg.notices)
+    assert any("8-bit (LLM.int8) bases are not supported yet" in n for n in cfg.notices)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit"])
-def test_original_8bit_optimizers_are_a_clear_error(optimizer):
+@pytest.mark.parametrize("optimizer", ["adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
+def test_axolotl_8bit_and_paged_optimizers_validate(optimizer):
+    assert make(optimizer=optimizer).optimizer == optimizer
+
+
+@pytest.mark.parametrize("optimizer", ["paged_adamw_16bit", "adamw_bnb_4bit"])
+def test_other_8bit_optimizers_are_a_clear_error(optimizer):
     msg = error_of(optimizer=optimizer)
-    assert "'optimizer'" in msg and optimizer in msg and "use adamw_torch" in msg
+    assert "'optimizer'" in msg and optimizer in msg and "adamw_8bit" in msg
 
 
 def test_defaults_and_conveniences():
@@ -90,8 +95,13 @@ def test_defaults_and_conveniences():
          ["unknown key 'datasets[0].feild'", "did you mean `field`?"]),
         ({"datasets": [{"type": "alpaca"}]}, ["key 'datasets[0].path' is required"]),
         ({"datasets": []}, ["key 'datasets'"]),
-        ({"adapter": "qlora"}, ["key 'adapter': got 'qlora'", "not supported yet"]),
-        ({"load_in_4bit": True}, ["key 'load_in_4bit': got true", "not supported yet"]),
+        ({"adapter": "qlora"}, ["adapter is qlora but load_in_4bit is not set"]),
+        ({"load_in_4bit": True, "adapter": None}, ["load_in_4bit needs adapter: qlora"]),
+        ({"load_in_4bit": True, "adapter": "qlora", "peft_use_dora": True}, ["load_in_4bit and peft_use_dora"]),
+        ({"load_in_4bit": True, "adapter": "qlora", "bnb_config_kwargs": {"bnb_4bit_quant_type": "int4"}},
+         ["bnb_config_kwargs", "int4", "nf4, fp4"]),
+        ({"load_in_4bit": True, "adapter": "qlora", "bnb_config_kwargs": {"bnb_4bit_blocksize": 32}},
+         ["bnb_config_kwargs", "bnb_4bit_blocksize"]),
         ({"deepspeed": "ds.json"}, ["key 'deepspeed'"]),
         ({"fsdp": ["full_shard"]}, ["key 'fsdp'"]),
         ({"relora_steps": 100}, ["key 'relora_steps'"]),

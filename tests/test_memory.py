@@ -96,9 +96,10 @@ def test_demo_and_gguf_spec():
 def test_cli_estimate_json_and_compare(capsys):
     assert main(["estimate", "llama-3.1-8b", "--compare", "--gpu", "rtx-4090", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    full, lora = out
+    full, lora, qlora = out
     assert full["settings"]["method"] == "full" and not full["fits"]
     assert lora["total_peak_bytes"] < full["total_peak_bytes"]
+    assert qlora["settings"]["four_bit"] == "nf4" and qlora["total_peak_bytes"] < lora["total_peak_bytes"]
     assert main(["estimate", "smollm2-135m", "--gpu", "t4", "--explain"]) == 0
     assert "fits" in capsys.readouterr().out
 

@@ -69,6 +69,10 @@ def build_model(spec: ModelSpec, s: Settings, model_name: str | None = None, see
         transformers.logging.set_verbosity_error()
         model = transformers.AutoModelForCausalLM.from_config(
             hf_config(spec), dtype=parse_dtype(s.dtype), attn_implementation="sdpa")
+    if s.four_bit:
+        from lorafit.models import quantize_base
+
+        quantize_base(model, s.four_bit, s.double_quant)
     _prepare(model, s)
     return model
 

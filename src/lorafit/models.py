@@ -167,19 +167,76 @@ def _cache_demo_model(model, tok) -> None:
 
 
 def load_model_and_tokenizer(name: str, dtype: str | torch.dtype = "float32", tokenizer: str | None = None, *,
-                             base_dir: Path | None = None, attn_implementation: str = "sdpa"):
+                             base_dir: Path | None = None, attn_implementation: str = "sdpa",
+                             four_bit: dict | None = None):
     """Load model and tokenizer (from ``tokenizer`` if given); the tokenizer always has a pad token.
 
-    Relative paths are taken relative to ``base_dir`` (a config's folder; the working directory when None)."""
+    Relative paths are taken relative to ``base_dir`` (a config's folder; the working directory when None).
+    ``four_bit``: :func:`quantize_base`'s arguments, to load the base in 4 bits (QLoRA)."""
     from_gguf_demo = name in DEMO_ALIASES and resolve_model_path(name)[1] is not None
     tok = load_tokenizer(tokenizer, base_dir) if tokenizer else load_tokenizer(name, base_dir, "base_model")
     model = load_model(name, "float32" if from_gguf_demo else dtype, attn_implementation, base_dir)
     if from_gguf_demo:
         _cache_demo_model(model, tok)
         model = model.to(parse_dtype(dtype))
+    if four_bit is not None:
+        quantize_base(model, **four_bit)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def quantizable_linears(model) -> list[tuple[str, torch.nn.Linear]]:
+    """The linear layers a 4-bit load quantizes: every ``nn.Linear`` but the output head (transformers'
+    bitsandbytes loader keeps the head, and the embeddings, which are no Linear, in 16 bits too)."""
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    return [(n, m) for n, m in model.named_modules()
+            if type(m) is torch.nn.Linear and m is not head and n.split(".")[-1] not in ("lm_head", "embed_out")]
+
+
+def quantize_base(model, quant_type: str = "nf4", double_quant: bool = True) -> int:
+    """Replace the model's linear layers (:func:`quantizable_linears`) in place by bitsandbytes ``Linear4bit``
+    layers holding ``quantize_4bit`` of their weights: what ``BitsAndBytesConfig(load_in_4bit=True,
+    bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant)`` loads from the same 16-bit weights.
+    A GGUF base arrives dequantized, so it goes the same way. Every layer is checked before any is replaced."""
+    from lorafit.kernels import nf4
+
+    bnb = nf4.bnb()
+    layers = quantizable_linears(model)
+    for name, m in layers:
+        if m.weight.numel() % nf4.BLOCKSIZE:
+            raise LorafitError(f"load_in_4bit: layer {name} ({m.out_features} × {m.in_features}) cannot be stored "
+                               f"in 4 bits: its size is not a multiple of the block size {nf4.BLOCKSIZE}")
+    for name, m in layers:
+        q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=m.bias is not None, compute_dtype=m.weight.dtype,
+                              compress_statistics=double_quant, quant_type=quant_type, device="meta")
+        q.weight = nf4.quantize(m.weight.data, quant_type, double_quant)
+        if m.bias is not None:
+            q.bias = torch.nn.Parameter(m.bias.data, requires_grad=False)
+        q.train(m.training)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q)
+    model.lorafit_four_bit = {"quant_type": quant_type, "double_quant": double_quant}
+    return len(layers)
+
+
+def dequantize_base(model) -> int:
+    """Replace every 4-bit layer left in ``model`` by a dense ``nn.Linear`` holding ``dequantize`` of its codes
+    (in its compute dtype): after merging a QLoRA adapter, the untargeted layers keep the weights the adapter was
+    trained against, and the model saves as a plain one."""
+    from lorafit.kernels import nf4
+
+    layers = [(n, m) for n, m in model.named_modules() if nf4.is_4bit(getattr(m, "weight", None))]
+    for name, m in layers:
+        dtype = getattr(m, "compute_dtype", None) or torch.float32
+        dense = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta", dtype=dtype)
+        dense.weight = torch.nn.Parameter(nf4.dequantize(m.weight).to(dtype), requires_grad=False)
+        if m.bias is not None:
+            dense.bias = torch.nn.Parameter(m.bias.data.to(dtype), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, dense)
+    vars(model).pop("lorafit_four_bit", None)
+    return len(layers)
 
 
 def apply_special_tokens(tokenizer, special_tokens: dict[str, str] | None, model=None,

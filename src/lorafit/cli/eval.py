@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from lorafit.cli.loading import model_with_adapter
+from lorafit.cli.loading import add_qlora_flag, four_bit_of, model_with_adapter
 from lorafit.errors import LorafitError
 from lorafit.fsutil import check_new_file, write_json
 
@@ -27,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="training config (its base_model and eval split are used) or a model")
     p.add_argument("--adapter", help="adapter folder (default: the config's output_dir if it holds one, "
                    "else its lora_model_dir)")
+    add_qlora_flag(p, "score over")  # a config with adapter: qlora implies it
     p.add_argument("--heldout", help="chat_template JSONL of held-out examples scored by exact match")
     p.add_argument("--retention", help="retention set JSONL (things the base model already does well)")
     p.add_argument("--limit", type=int, help="score only the first N held-out examples")
@@ -60,12 +61,13 @@ def cmd_eval(args) -> int:
     base_model, adapter, cfg = resolve_target(args)
     if cfg is None and not (args.heldout or args.retention):
         raise LorafitError("give a training config (for its eval split), --heldout or --retention")
-    model, tok = model_with_adapter(base_model, adapter)
+    four_bit = four_bit_of(args.qlora) or (cfg.four_bit if cfg is not None and adapter else None)
+    model, tok = model_with_adapter(base_model, adapter, four_bit=four_bit)
     key = None
     if adapter and not args.no_base:
         from lorafit.eval import cache
 
-        key = cache.base_key(base_model, cfg, args.heldout, args.retention, args.limit)
+        key = cache.base_key(base_model, cfg, args.heldout, args.retention, args.limit, quantized=four_bit)
         if args.no_cache:
             cache.forget(key)
     results = evaluate_columns(model, tok, cfg, has_adapter=bool(adapter), with_base=not args.no_base,

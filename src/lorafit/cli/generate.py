@@ -6,7 +6,7 @@ import argparse
 
 from rich.console import Console
 
-from lorafit.cli.loading import model_with_adapter
+from lorafit.cli.loading import add_qlora_flag, four_bit_of, model_with_adapter
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,6 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("base_model")
     p.add_argument("prompt", nargs="+", help="prompt text (several prompts allowed)")
     p.add_argument("--adapter")
+    add_qlora_flag(p, "generate over")
     p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
     p.add_argument("--system", help="system message for chat prompts")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -37,7 +38,7 @@ def prompt_ids(tok, prompt: str, args):
 def cmd_generate(args) -> int:
     import torch
 
-    model, tok = model_with_adapter(args.base_model, args.adapter)
+    model, tok = model_with_adapter(args.base_model, args.adapter, four_bit=four_bit_of(args.qlora))
     console = Console()
     if args.sample:
         decoding = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p)

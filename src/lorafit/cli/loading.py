@@ -6,13 +6,27 @@ Imports torch only when called, so building the parser stays light.
 from __future__ import annotations
 
 
-def model_with_adapter(base_model: str, adapter: str | None, dtype: str = "float32"):
-    """``(model, tokenizer)`` in eval mode, with ``adapter`` attached when given."""
+def model_with_adapter(base_model: str, adapter: str | None, dtype: str = "float32", four_bit: dict | None = None):
+    """``(model, tokenizer)`` in eval mode, with ``adapter`` attached when given; ``four_bit``: the base in 4 bits
+    (``lorafit.models.quantize_base``'s arguments), as a QLoRA adapter was trained."""
     from lorafit.lora import load_adapter
     from lorafit.models import load_model_and_tokenizer
 
-    model, tok = load_model_and_tokenizer(base_model, dtype)
+    model, tok = load_model_and_tokenizer(base_model, dtype, four_bit=four_bit)
     if adapter:
         load_adapter(model, adapter)
     model.eval()
     return model, tok
+
+
+def add_qlora_flag(p, what: str) -> None:
+    """``--qlora [nf4|fp4]``: the adapter was trained over a 4-bit base; load the base that way."""
+    p.add_argument("--qlora", nargs="?", const="nf4", choices=["nf4", "fp4"], default=None,
+                   help=f"the adapter was trained over a 4-bit base (QLoRA: nf4 with double quantization; fp4: "
+                        f"without, as under adapter: lora + load_in_4bit): {what} the dequantized 4-bit weights it was trained "
+                        "against")
+
+
+def four_bit_of(choice: str | None) -> dict | None:
+    """``lorafit.models.quantize_base``'s arguments for a ``--qlora`` choice (None: a dense base)."""
+    return None if choice is None else {"quant_type": choice, "double_quant": choice == "nf4"}

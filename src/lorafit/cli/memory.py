@@ -23,7 +23,8 @@ _SETTING_FLAGS = ("method", "dtype", "micro_batch", "seq_len", "r", "alpha", "dr
 
 
 def _add_setting_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", choices=["lora", "full"], help="lora (default) or full fine-tuning")
+    p.add_argument("--method", choices=["lora", "qlora", "full"],
+                   help="lora (default), qlora (LoRA over a 4-bit NF4 base) or full fine-tuning")
     p.add_argument("--dtype", help="bfloat16 (default) or float32")
     p.add_argument("--micro-batch", type=int, help="sequences per micro-batch (default 1)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default 2048)")
@@ -31,7 +32,7 @@ def _add_setting_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, help="LoRA alpha (default 16)")
     p.add_argument("--dropout", type=float, help="LoRA dropout (default 0.05)")
     p.add_argument("--targets", help="all-linear (default) or module names: q_proj,v_proj")
-    p.add_argument("--optimizer", help="adamw (default), adamw_torch_fused or sgd")
+    p.add_argument("--optimizer", help="adamw (default), adamw_torch_fused, adamw_8bit, paged_adamw_8bit or sgd")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--loss", choices=["chunked", "hf"], help="chunked (lorafit, default) or hf (full logits, as PEFT runs)")
@@ -47,7 +48,7 @@ def register(sub) -> None:
     p.add_argument("--cpu", action="store_true", help="target is CPU memory: no CUDA overhead")
     p.add_argument("--explain", action="store_true", help="show the formula behind each line")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
-    p.add_argument("--compare", action="store_true", help="full fine-tuning and LoRA side by side")
+    p.add_argument("--compare", action="store_true", help="full fine-tuning, LoRA and QLoRA side by side")
     p.add_argument("--list", action="store_true", help="list catalog models and GPUs")
     p.set_defaults(func=cmd_estimate)
 
@@ -79,6 +80,8 @@ def _settings(args, base: Settings | None = None, device: str = "cuda") -> Setti
     if isinstance(t, str) and t != "all-linear" and all(p.strip().isidentifier() for p in t.split(",")):
         kw["targets"] = [p.strip() for p in t.split(",")]  # names; anything else stays a regex
     kw["device"] = device
+    if kw.get("method") in ("lora", "full"):
+        kw["four_bit"] = None  # --method lora over a qlora config: a dense base
     return replace(base, **kw) if base is not None else Settings(**kw)
 
 
@@ -111,7 +114,8 @@ def cmd_estimate(args) -> int:
     gpu_name, gpu_bytes = _gpu(args)
     s = _settings(args, base, device)
     if args.compare:
-        ests = [estimate(spec, replace(s, method="full")), estimate(spec, replace(s, method="lora"))]
+        ests = [estimate(spec, replace(s, method="full", four_bit=None)),
+                estimate(spec, replace(s, method="lora", four_bit=None)), estimate(spec, replace(s, method="qlora"))]
     else:
         ests = [estimate(spec, s)]
     if args.json:
@@ -133,7 +137,7 @@ def _label(e: Estimate) -> str:
     if s.method == "full":
         return "full fine-tuning"
     t = "all-linear" if s.targets == "all-linear" else ",".join(s.targets) if isinstance(s.targets, list) else s.targets
-    return f"LoRA r={s.r} ({t})"
+    return f"{'QLoRA' if s.four_bit else 'LoRA'} r={s.r} ({t})"
 
 
 def print_estimates(console: Console, ests: list[Estimate], gpu_name=None, gpu_bytes=None, explain=False) -> None:
@@ -220,6 +224,8 @@ def cmd_plan(args) -> int:
             print_estimates(console, [plan.closest], gpu_name, gpu_bytes)
         return 1
     base_model, note = _base_model_for_config(args.model)
+    if plan.note:
+        console.print(f"[yellow]note:[/] {plan.note}", highlight=False)
     text = to_yaml(plan, base_model, args.effective_batch, note)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(text, encoding="utf-8")

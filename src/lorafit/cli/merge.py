@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from lorafit.cli.loading import model_with_adapter
+from lorafit.cli.loading import add_qlora_flag, four_bit_of, model_with_adapter
 from lorafit.errors import LorafitError
 from lorafit.fsutil import atomic_dir, check_new_output, display, listing, read_json, write_json
 
@@ -24,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32",
                    help="dtype of the saved model (float32 | bfloat16 | float16)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it is a non-empty folder")
+    add_qlora_flag(p, "merge into")
     p.set_defaults(func=cmd_merge)
 
 
@@ -49,7 +50,7 @@ def previous_merge(out: Path, base: str, adapter: str, overwrite: bool) -> bool:
 
 def cmd_merge(args) -> int:
     from lorafit.lora import merge_and_unload
-    from lorafit.models import parse_dtype
+    from lorafit.models import dequantize_base, parse_dtype
 
     console = Console()
     base, adapter = _source(args.base_model), _source(args.adapter)
@@ -61,8 +62,13 @@ def cmd_merge(args) -> int:
         console.print(f"[yellow]note:[/] {display(out)}: replacing the earlier merge of this base model and adapter",
                       highlight=False, soft_wrap=True)
     # merged in float32 and cast after, so a bf16/fp16 output is rounded once
-    model, tok = model_with_adapter(args.base_model, args.adapter)
+    # QLoRA: W' = dequantize(quantize(W)) + s·B A, the weights the adapter was trained against, written dense;
+    # re-quantizing W' to 4 bits would round most of the update away
+    four_bit = four_bit_of(args.qlora)
+    model, tok = model_with_adapter(args.base_model, args.adapter, four_bit=four_bit)
     merge_and_unload(model, safe=True)
+    if four_bit is not None:
+        dequantize_base(model)  # the layers the adapter did not touch: dequantized too
     model = model.to(parse_dtype(args.dtype))
     with atomic_dir(out) as tmp:  # no half-written model folder if saving fails
         model.save_pretrained(tmp)

@@ -34,8 +34,8 @@ _MODEL_CLASS = "lorafit loads every model with AutoModelForCausalLM and its toke
 _GEN = "no samples are generated during training; run lorafit eval on the saved adapter"
 _MULTI = ("multi-device and sharded training (FSDP, DeepSpeed, DDP, parallelism) is not supported yet (issue 18);"
           " remove it and train on one device")
-_QUANT = ("quantized bases (QLoRA, 4-bit, GPTQ, FP8) are not supported yet (issue 16); remove it and train LoRA on"
-          " a bf16/fp32 base")
+_QUANT = ("quantized bases other than bitsandbytes 4-bit (GPTQ, FP8, torchao) are not supported; use adapter: qlora"
+          " with load_in_4bit: true, or LoRA on a bf16/fp32 base")
 _OPTIM = "not supported; use optimizer adamw_torch (with weight_decay, adam_beta1/2, adam_epsilon)"
 _SCHED = "not supported; use lr_scheduler cosine, linear, constant or constant_with_warmup"
 _RL = "preference and RL training (DPO/KTO/ORPO/GRPO, reward models) is not supported; lorafit does supervised" \
@@ -59,7 +59,7 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
         eot_tokens train_on_eos default_system_message batch_size max_memory
         adapter lora_model_dir lora_r lora_alpha lora_dropout lora_target_modules lora_target_linear
         lora_modules_to_save peft_use_rslora peft_use_dora peft_layers_to_transform lora_rank_pattern
-        lora_alpha_pattern
+        lora_alpha_pattern load_in_4bit bnb_config_kwargs
         datasets test_datasets val_set_size sequence_len sample_packing pad_to_sequence_len train_on_inputs
         micro_batch_size gradient_accumulation_steps num_epochs max_steps learning_rate lr_scheduler warmup_steps
         warmup_ratio optimizer weight_decay adam_beta1 adam_beta2 adam_epsilon max_grad_norm gradient_checkpointing
@@ -141,7 +141,8 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
     "dataloader_drop_last": (IGNORED, "a last partial batch is kept"),
     "max_packed_sequence_len": (IGNORED, "sequence_len bounds packed rows"),
     "chat_template_kwargs": (IGNORED, "the chat template is rendered with its defaults"),
-    "load_in_8bit": (IGNORED, "lorafit loads the base in bf16/fp32; 8-bit loading is not supported yet (issue 16)"),
+    "load_in_8bit": (IGNORED, "lorafit loads the base in bf16/fp32; 8-bit (LLM.int8) bases are not supported yet, "
+                              "for a quantized base use adapter: qlora with load_in_4bit: true"),
     "eval_batch_size": (IGNORED, "evaluation uses micro_batch_size"),
     "eval_sequence_len": (IGNORED, "evaluation uses sequence_len"),
     "device_map": (IGNORED, "lorafit puts the whole model on one device"),
@@ -179,7 +180,7 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
         expert_parallel_size expert_parallel_backend expert_parallel_num_nvl_bytes expert_parallel_num_rdma_bytes
         expert_parallel_token_capacity expert_parallel_fallback_on_unsupported"""),
     **_group(UNSUPPORTED, _QUANT, """
-        load_in_4bit gptq gptq_groupsize gptq_model_v1 gptq_disable_exllama bnb_config_kwargs model_quantization_config model_quantization_config_kwargs
+        gptq gptq_groupsize gptq_model_v1 gptq_disable_exllama model_quantization_config model_quantization_config_kwargs
         use_onebitllms fp8 quantize_moe_experts qat quantization llmcompressor nonexpert_quantization
         moe_bnb_fast dsv4_fp8_nonexpert_mode dsv4_fp8_lora_kernel dsv4_shared_mlp_lora_kernel dsv4_bf16_all
         dsv4_fp4_grouped_mode gemma4_fp8_nonexpert gemma4_nf4_nonexpert nvfp4_merge_aware

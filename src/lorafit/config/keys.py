@@ -26,7 +26,14 @@ DEMO_ALIASES = frozenset({DEMO_MODEL, "demo", "HuggingFaceTB/SmolLM2-135M-Instru
 DATASET_TYPES = ("alpaca", "chat_template", "completion", "input_output")
 # The optimizer names lorafit runs (axolotl's) and the kind each is: the one map for the config, the trainer
 # (``lorafit.train.optim``) and the estimator. Every AdamW name runs torch's fused AdamW where it applies.
-OPTIMIZERS = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw", "adamw": "adamw", "sgd": "sgd"}
+# The bitsandbytes kinds: 8-bit states (Dettmers et al. 2022) and paged states (unified memory on CUDA).
+OPTIMIZERS = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw", "adamw": "adamw", "sgd": "sgd",
+              "adamw_bnb_8bit": "adamw_8bit", "adamw_8bit": "adamw_8bit", "paged_adamw_8bit": "paged_adamw_8bit",
+              "paged_adamw_32bit": "paged_adamw_32bit"}
+# bnb_config_kwargs entries lorafit reads, and their allowed values (None: any; the notice says what is ignored)
+BNB_KWARGS = {"bnb_4bit_quant_type": ("nf4", "fp4"), "bnb_4bit_use_double_quant": (True, False),
+              "bnb_4bit_compute_dtype": None, "bnb_4bit_quant_storage": None, "llm_int8_threshold": None,
+              "llm_int8_has_fp16_weight": (False,), "load_in_4bit": (True,)}
 SUPPORTED_OPTIMIZERS = tuple(OPTIMIZERS)
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 
@@ -41,7 +48,7 @@ ALLOWED: dict[str, str] = {
     "lora_alpha": "a number > 0",
     "lora_dropout": "a number in [0, 1)",
     "lora_init": "one of: kaiming, gaussian, pissa",
-    "adapter": "'lora' or 'none' (empty = full fine-tuning)",
+    "adapter": "'lora', 'qlora' or 'none' (empty = full fine-tuning)",
     "val_set_size": "a fraction in [0, 1) or an integer count >= 1",
     "sequence_len": "an integer >= 2",
     "micro_batch_size": "an integer >= 1",

@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from lorafit.config.keys import ALLOWED, DEMO_ALIASES, SUPPORTED_OPTIMIZERS, screen_keys
+from lorafit.config.keys import ALLOWED, BNB_KWARGS, DEMO_ALIASES, SUPPORTED_OPTIMIZERS, screen_keys
 from lorafit.config.messages import kind, one_line
 from lorafit.errors import LorafitError
 from lorafit.options import RuntimeOptions
@@ -97,6 +97,10 @@ class TrainConfig(BaseModel):
 
     # adapter
     adapter: str | None = None
+    # QLoRA: the base's linear layers in 4 bits (bitsandbytes); bnb_config_kwargs: axolotl's overrides of the
+    # quantization (bnb_4bit_quant_type nf4/fp4, bnb_4bit_use_double_quant), see BNB_KWARGS
+    load_in_4bit: bool = False
+    bnb_config_kwargs: dict[str, Any] | None = None
     lora_r: int = Field(8, gt=0)
     lora_alpha: float = Field(16, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
@@ -183,11 +187,9 @@ class TrainConfig(BaseModel):
         if v is None:
             return None
         v = str(v).lower()
-        if v == "qlora":
-            raise ValueError("QLoRA is not supported yet; use adapter: lora (and drop load_in_4bit)")
-        if v not in ("lora", "none", ""):
-            raise ValueError("must be 'lora' or 'none' (empty = full fine-tuning)")
-        return "lora" if v == "lora" else None
+        if v not in ("lora", "qlora", "none", ""):
+            raise ValueError("must be 'lora', 'qlora' or 'none' (empty = full fine-tuning)")
+        return v if v in ("lora", "qlora") else None
 
     @field_validator("optimizer")
     @classmethod
@@ -195,8 +197,20 @@ class TrainConfig(BaseModel):
         if v in SUPPORTED_OPTIMIZERS:
             return v
         if "8bit" in v or "paged" in v or "bnb" in v:
-            raise ValueError("8-bit/paged optimizers are not supported yet, use adamw_torch")
+            raise ValueError(f"this 8-bit/paged optimizer is not supported; use adamw_8bit, paged_adamw_8bit or "
+                             f"paged_adamw_32bit (supported: {', '.join(SUPPORTED_OPTIMIZERS)})")
         raise ValueError(f"not supported yet, use adamw_torch (supported: {', '.join(SUPPORTED_OPTIMIZERS)})")
+
+    @field_validator("bnb_config_kwargs")
+    @classmethod
+    def _check_bnb(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        for key, value in (v or {}).items():
+            allowed = BNB_KWARGS.get(key)
+            if allowed is None:
+                raise ValueError(f"has {key!r}; lorafit reads: {', '.join(BNB_KWARGS)}")
+            if allowed and value not in allowed:
+                raise ValueError(f"{key}: got {value!r}, allowed: {', '.join(map(str, allowed))}")
+        return v
 
     @field_validator("fp16")
     @classmethod
@@ -264,13 +278,14 @@ class TrainConfig(BaseModel):
     def _check_combinations(self) -> TrainConfig:
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             raise ValueError("warmup_steps and warmup_ratio are both set; keep one")
-        if self.adapter == "lora" and not self.lora_target_modules and not self.lora_target_linear:
+        if self.is_lora and not self.lora_target_modules and not self.lora_target_linear:
             raise ValueError(
                 "adapter is lora but no target modules are given; set lora_target_linear: true "
                 "(all linear layers) or lora_target_modules: [q_proj, v_proj, ...]"
             )
-        if self.lora_model_dir and self.adapter != "lora":
+        if self.lora_model_dir and not self.is_lora:
             raise ValueError("lora_model_dir is set but adapter is not lora; set adapter: lora to continue an adapter")
+        self._check_four_bit()
         if self.lora_model_dir and self.lora_init == "pissa":
             raise ValueError("lora_model_dir and lora_init: pissa cannot be combined (PiSSA rewrites the base "
                              "weights); drop lora_init")
@@ -284,6 +299,42 @@ class TrainConfig(BaseModel):
             self.chat_template = self.chat_template_jinja
         return self
 
+    def _check_four_bit(self) -> None:
+        """axolotl's rules: qlora needs load_in_4bit, a 4-bit base needs an adapter, and DoRA a dense base."""
+        if self.adapter == "qlora" and not self.load_in_4bit:
+            raise ValueError("adapter is qlora but load_in_4bit is not set; add load_in_4bit: true")
+        if self.load_in_4bit and not self.is_lora:
+            raise ValueError("load_in_4bit needs adapter: qlora; full fine-tuning cannot train a 4-bit base")
+        if self.load_in_4bit and (self.peft_use_dora or self.lora_init == "pissa"):
+            raise ValueError(f"load_in_4bit and {'peft_use_dora' if self.peft_use_dora else 'lora_init: pissa'} cannot "
+                             "be combined (they need the dense base weight); use plain QLoRA or a bf16/fp32 base")
+
+    def _four_bit_notices(self) -> list[str]:
+        if self.adapter == "lora" and self.load_in_4bit:
+            return ["load_in_4bit with adapter: lora: the base is loaded in 4 bits with transformers' load_in_4bit "
+                    "defaults (fp4, no double quantization), as axolotl does (it passes load_in_4bit on); "
+                    "set adapter: qlora for NF4 with double quantization"]
+        if self.bnb_config_kwargs and self.adapter != "qlora":
+            return ["bnb_config_kwargs: ignored: it applies to adapter: qlora with load_in_4bit, as in axolotl"]
+        dtype = (self.bnb_config_kwargs or {}).get("bnb_4bit_compute_dtype")
+        if self.adapter == "qlora" and dtype is not None:
+            return [f"bnb_config_kwargs.bnb_4bit_compute_dtype {dtype}: ignored: the 4-bit base computes in the "
+                    "run's dtype (bf16 or fp32, set by bf16)"]
+        return []
+
+    @property
+    def four_bit(self) -> dict[str, Any] | None:
+        """How the base is quantized (``lorafit.models.quantize_base``'s arguments), or None for a dense base.
+        adapter: qlora takes axolotl's defaults (NF4, double quantization) and its bnb_config_kwargs; load_in_4bit
+        under adapter: lora gets what axolotl's loader got there, transformers' load_in_4bit defaults."""
+        if not self.load_in_4bit:
+            return None
+        if self.adapter != "qlora":
+            return {"quant_type": "fp4", "double_quant": False}
+        kw = self.bnb_config_kwargs or {}
+        return {"quant_type": kw.get("bnb_4bit_quant_type", "nf4"),
+                "double_quant": bool(kw.get("bnb_4bit_use_double_quant", True))}
+
     # ---- construction ----
     @classmethod
     def from_dict(cls, d: Any, source: str = "<config>", config_dir: str | Path | None = None) -> TrainConfig:
@@ -295,7 +346,7 @@ class TrainConfig(BaseModel):
             cfg = cls.model_validate(data)
         except ValidationError as e:
             raise LorafitError(one_line(e, source, data, ALLOWED)) from None
-        cfg._notices = notices
+        cfg._notices = notices + cfg._four_bit_notices()
         cfg._source = source
         cfg._config_dir = Path(config_dir) if config_dir is not None else Path.cwd()
         return cfg
@@ -318,7 +369,8 @@ class TrainConfig(BaseModel):
 
     @property
     def is_lora(self) -> bool:
-        return self.adapter == "lora"
+        """LoRA or QLoRA: an adapter over a frozen base (dense or 4-bit)."""
+        return self.adapter in ("lora", "qlora")
 
     @property
     def trains_embeddings(self) -> bool:

@@ -50,8 +50,9 @@ def _sha256(path: str | None) -> str | None:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def base_key(base_model: str, cfg, heldout: str | None, retention: str | None, limit: int | None) -> str:
-    """The cache key of a base column."""
+def base_key(base_model: str, cfg, heldout: str | None, retention: str | None, limit: int | None,
+             quantized=None) -> str:
+    """The cache key of a base column (``quantized``: how a 4-bit base was quantized, if it was)."""
     import torch
     import transformers
 
@@ -60,7 +61,7 @@ def base_key(base_model: str, cfg, heldout: str | None, retention: str | None, l
     parts = {"model": model_identity(base_model, cfg.config_dir if cfg is not None else None),
              "heldout": _sha256(heldout), "retention": _sha256(retention), "limit": limit,
              "versions": [lorafit.__version__, torch.__version__, transformers.__version__],
-             "threads": torch.get_num_threads()}
+             "threads": torch.get_num_threads(), "quantized": repr(quantized)}
     if cfg is not None:
         from lorafit.train.run_record import fingerprint
 

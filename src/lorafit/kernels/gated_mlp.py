@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lorafit.kernels import dropout as lora_dropout
+from lorafit.kernels import nf4
 from lorafit.kernels.compiled import compiled
 from lorafit.kernels.lora_branch import (
     Branch,
@@ -121,7 +122,8 @@ class ActMulLoraDown(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, u, act, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float,
                 options: RuntimeOptions):
-        br = Branch(weight, bias, lora_a, lora_b, scaling, dropout_p)
+        # a 4-bit weight (QLoRA) is dequantized here and again in backward; only the packed one is kept
+        br = Branch(nf4.dense(weight, g.dtype), bias, lora_a, lora_b, scaling, dropout_p)
         ctx.compute_dtype = compute_dtype_for(options, g, weight)  # fp32 where bf16 GEMMs are slow
         ctx.compile = compile = options.compile
         dropped = None
@@ -133,6 +135,7 @@ class ActMulLoraDown(torch.autograd.Function):
         else:
             h = _flat(act_mul(g, u, act, compile))
         y, saved = branch_forward(h, br, ctx.compute_dtype, compile, dropped)
+        del br
         ctx.save_for_backward(g, u, weight, lora_a, lora_b, saved.xa, saved.seed)
         ctx.act, ctx.scaling, ctx.dropout_p, ctx.has_bias = act, scaling, dropout_p, bias is not None
         return y.view(*g.shape[:-1], y.shape[-1])
@@ -146,7 +149,8 @@ class ActMulLoraDown(torch.autograd.Function):
             def fused_input(base, low, s):
                 hd, grad_g, grad_u = _down_input_backward_c.kernel(_flat(g), _flat(u), base, low, s, ctx.dropout_p)
                 return hd, (grad_g, grad_u)
-        br = Branch(weight, None, lora_a, lora_b, ctx.scaling, ctx.dropout_p)
+        dense = nf4.dense(weight, g.dtype) if need_g or need_u or need_w else None
+        br = Branch(dense, None, lora_a, lora_b, ctx.scaling, ctx.dropout_p)
         needs = Needs(x=need_g or need_u, weight=need_w, bias=need_bias and ctx.has_bias, lora_a=need_a, lora_b=need_b)
         grads = branch_backward(_flat(grad), br, Saved(xa, seed), needs, ctx.compute_dtype,
                                 input_fn=lambda: _flat(act_mul(g, u, ctx.act, ctx.compile)), fused_input=fused_input)

@@ -14,9 +14,11 @@ the math on tensors.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from lorafit.kernels import dropout
+from lorafit.kernels import dropout, nf4
 from lorafit.kernels.lora_branch import Branch, branch_forward, branch_grads, compute_dtype_for
 from lorafit.kernels.matmul import to_compute
 from lorafit.options import RuntimeOptions
@@ -39,7 +41,8 @@ def _unflatten(flat: tuple, p: float) -> list[Branch]:
 class LoraGroupFunction(torch.autograd.Function):
     """Outputs of LoRA layers ``x Wᵢᵀ + bᵢ + sᵢ · (drop_i(x) Aᵢᵀ) Bᵢᵀ`` sharing ``x`` and a dropout ``p``; frozen
     bases. Saves what the layers would one by one: ``x`` (once), the weights by reference, each ``x Aᵢᵀ`` and
-    each dropout seed. Call as ``apply(x, p, options, *flatten(branches))``."""
+    each dropout seed. A 4-bit weight (QLoRA) is dequantized where it is used, one member at a time, in forward
+    and again in backward; only the packed one is kept. Call as ``apply(x, p, options, *flatten(branches))``."""
 
     @staticmethod
     def forward(ctx, x, p: float, options: RuntimeOptions, *flat):
@@ -53,7 +56,9 @@ class LoraGroupFunction(torch.autograd.Function):
             dropped = None
             if seeds:
                 dropped, xds[i] = [xds[i], seeds[i]], None  # branch_forward frees it once A has read it
-            y, saved = branch_forward(x2, br, cd, options.compile, dropped)  # copies the weight to cd if need be
+            dense = replace(br, weight=nf4.dense(br.weight, x.dtype))
+            y, saved = branch_forward(x2, dense, cd, options.compile, dropped)  # copies the weight to cd if need be
+            del dense
             outs.append(y.to(x.dtype).view(*x.shape[:-1], y.shape[-1]))
             xas.append(saved.xa)
         ctx.p, ctx.n, ctx.compute_dtype = p, len(branches), cd
@@ -84,7 +89,7 @@ class LoraGroupFunction(torch.autograd.Function):
             if needs["bias"] and ctx.has_bias[i]:
                 member_grads[i]["bias"] = g.sum(0).to(x.dtype)
             if need_x:
-                w = to_compute(cd, weights[i])[0]
+                w = to_compute(cd, nf4.dense(weights[i], x.dtype))[0]
                 base = g @ w if base is None else base.addmm_(g, w)
                 if seeds:
                     lows[i] = g_xa @ lora_as[i].to(cd)

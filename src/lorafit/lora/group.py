@@ -44,9 +44,9 @@ class SharedInput:
         if not (self.active and torch.is_grad_enabled()):
             return False
         return all(
-            m is not None and m.training and m.variant.lean and not (m.merged or m.disabled)
+            m is not None and m.training and m.variant.groups and not (m.merged or m.disabled)
             and not m.base_layer.weight.requires_grad
-            and m.base_layer.weight.dtype == x.dtype and m.dropout_p == layers[0].dropout_p
+            and m.base_dtype == x.dtype and m.dropout_p == layers[0].dropout_p
             for m in layers)
 
     def _off(self) -> None:

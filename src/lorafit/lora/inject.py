@@ -16,9 +16,10 @@ from torch import nn
 
 from lorafit import targets as targets_rule
 from lorafit.errors import LorafitError
+from lorafit.kernels import nf4
 from lorafit.lora.config import ALL_LINEAR, LoraConfig
 from lorafit.lora.layer import WRAPPABLE, LoraLinear
-from lorafit.lora.variants import DORA, PLAIN
+from lorafit.lora.variants import DORA, PLAIN, QLORA
 from lorafit.options import RuntimeOptions
 
 
@@ -91,7 +92,7 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_dtype: torch.dtype 
             init=config.init,
             adapter_dtype=adapter_dtype,
             options=options,
-            variant=DORA if config.use_dora else PLAIN,
+            variant=_variant(name, base, config),
         )
         _set_submodule(model, name, layer)
     _mark_bias_trainable(model, config.bias)
@@ -103,6 +104,16 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_dtype: torch.dtype 
             m.requires_grad_(True)
     model.lora_config = config
     return model
+
+
+def _variant(name: str, base: nn.Module, config: LoraConfig):
+    """The kind of LoRA a target gets: QLoRA over a 4-bit base, DoRA when asked, else plain."""
+    if not nf4.is_4bit(base.weight):
+        return DORA if config.use_dora else PLAIN
+    if config.use_dora or config.init == "pissa":
+        raise LorafitError(f"lora target {name!r} has a 4-bit base: DoRA and PiSSA need the dense weight; "
+                           "use plain LoRA (or load the base in bf16/fp32)")
+    return QLORA
 
 
 def _mark_bias_trainable(model: nn.Module, mode: str) -> None:
@@ -139,7 +150,8 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
     layers = _require_lora(model)
     if safe:
         for name, layer in named_lora_layers(model):
-            if not layer.merged and not torch.isfinite(layer._weight_out_in().float() + layer.delta_weight()).all():
+            if not layer.merged and not torch.isfinite(layer.variant.dense_weight(layer).float()
+                                                       + layer.delta_weight()).all():
                 raise LorafitError(f"refusing to merge: {name} would get NaN/inf weights (the adapter is broken)")
     for layer in layers:
         layer.merge()

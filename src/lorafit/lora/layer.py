@@ -68,7 +68,9 @@ class LoraLinear(nn.Module):
             raise TypeError(f"LoraLinear wraps nn.Linear or Conv1D, got {type(base_layer).__name__}")
         self.base_layer = base_layer
         self.fan_in_fan_out = isinstance(base_layer, Conv1D) if Conv1D else False
-        out_features, in_features = self._weight_out_in().shape
+        # a 4-bit base's weight is packed codes: its shape is not (out × in), the module's features are
+        out_features, in_features = ((base_layer.out_features, base_layer.in_features) if variant.name == "qlora"
+                                     else self._weight_out_in().shape)
         self.in_features, self.out_features = in_features, out_features
         self.r, self.alpha, self.dropout_p, self.use_rslora = r, alpha, float(dropout), use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
@@ -114,6 +116,11 @@ class LoraLinear(nn.Module):
         w = self.base_layer.weight
         return w.t() if self.fan_in_fan_out else w
 
+    @property
+    def base_dtype(self) -> torch.dtype:
+        """The dtype the base computes in: its weight's, or a 4-bit base's compute dtype."""
+        return getattr(self.base_layer, "compute_dtype", None) or self.base_layer.weight.dtype
+
     def delta_weight(self) -> torch.Tensor:
         """What merging adds to the base weight, in fp32, shaped (out × in) (``s · B A`` for plain LoRA)."""
         return self.variant.delta_weight(self)
@@ -134,7 +141,7 @@ class LoraLinear(nn.Module):
         if self.merged:
             return
         if safe:
-            merged = self._weight_out_in().float() + self.delta_weight()
+            merged = self.variant.dense_weight(self).float() + self.delta_weight()
             if not torch.isfinite(merged).all():
                 raise ValueError("merging would write NaN/inf into the base weight")
         self.variant.merge(self)

@@ -4,8 +4,9 @@
 initialisation and the merged/disabled state; it asks its variant for the math. A new kind of LoRA (DoRA's
 magnitude vector, a 4-bit base dequantised in forward and backward) subclasses :class:`LoraVariant` and
 overrides what differs, without branches in the layer, in the groups or in the patches. ``lean`` says whether
-the layer may run inside the fused kernels that assume plain LoRA (the shared-input group, the gated MLP's
-fused ``down_proj``); a variant that sets it False still trains, one layer at a time.
+the layer may run inside the gated MLP's fused ``down_proj`` kernel, ``groups`` whether it may run in the
+shared-input group; both compute plain LoRA (over a dense or a 4-bit weight). A variant that sets them False
+still trains, one layer at a time.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorafit.kernels import dora
+from lorafit.kernels import dora, nf4
 from lorafit.kernels.lora_branch import LoraLinearFunction
 
 
@@ -22,9 +23,14 @@ class LoraVariant:
 
     name = "lora"
     lean = True
+    groups = True
 
     def init(self, layer) -> None:
         """Create the variant's own parameters on ``layer`` once A and B are initialised (plain LoRA: none)."""
+
+    def dense_weight(self, layer) -> torch.Tensor:
+        """The base weight (out × in) as a dense tensor (a view of the parameter for a dense base)."""
+        return layer._weight_out_in()
 
     def delta_weight(self, layer) -> torch.Tensor:
         """What merging adds to the (unmerged) ``W``, in fp32, shaped (out × in)."""
@@ -62,6 +68,7 @@ class DoraVariant(LoraVariant):
 
     name = "dora"
     lean = False
+    groups = False
 
     def init(self, layer) -> None:
         br = layer.branch()
@@ -101,5 +108,49 @@ class DoraVariant(LoraVariant):
                                              layer.options)
 
 
+class QLoraVariant(LoraVariant):
+    """Plain LoRA over a frozen 4-bit base (QLoRA, Dettmers et al. 2023): ``base_layer`` is bitsandbytes'
+    ``Linear4bit``, as transformers loads it, and ``W = dequantize(codes, absmax)`` (:mod:`lorafit.kernels.nf4`) is
+    formed in forward and again in backward, never kept.
+
+    Merging writes a dense 16/32-bit weight ``dequantize(W₄) + s · B A`` — the weights the adapter was trained
+    against — into a plain ``nn.Linear`` that replaces the 4-bit layer (re-quantizing the sum would lose most of
+    the update in 4-bit rounding); unmerging puts the 4-bit layer back. Lean: the shared-input groups (q/k/v,
+    gate/up) and the gated MLP's fused ``down_proj`` take 4-bit layers; they dequantize where they multiply
+    (``nf4.dense``), outside their compiled elementwise kernels, and keep only the packed weight.
+    """
+
+    name = "qlora"
+    lean = True
+    groups = True
+
+    def dense_weight(self, layer) -> torch.Tensor:
+        return nf4.dequantize(layer.base_layer.weight)
+
+    @torch.no_grad()
+    def merge(self, layer) -> None:
+        packed = layer.base_layer
+        dense = nn.Linear(layer.in_features, layer.out_features, bias=packed.bias is not None,
+                          device=packed.weight.device, dtype=layer.base_dtype)
+        dense.weight.copy_(self.dense_weight(layer).float() + self.delta_weight(layer))
+        if packed.bias is not None:
+            dense.bias.copy_(packed.bias)
+        dense.requires_grad_(False)
+        layer.quantized_base, layer.base_layer = packed, dense
+
+    @torch.no_grad()
+    def unmerge(self, layer) -> None:
+        layer.base_layer = layer._modules.pop("quantized_base")
+
+    def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
+        base = layer.base_layer
+        if x.dtype != layer.base_dtype:
+            x = x.to(layer.base_dtype)
+        return nf4.QLoraLinearFunction.apply(x, base.weight, base.bias, layer.lora_A.weight, layer.lora_B.weight,
+                                             layer.scaling, layer.dropout_p if layer.training else 0.0,
+                                             layer.options)
+
+
 PLAIN = LoraVariant()
 DORA = DoraVariant()
+QLORA = QLoraVariant()

@@ -128,7 +128,7 @@ def _block(spec: ModelSpec, s, wrapped: dict[str, int], rg: bool) -> Block:
     down = groups["mlp_out"]
     if full or any(n in wrapped for n in down):
         # the product (down_proj's input); a LoRA down_proj in lorafit's gated MLP recomputes it in backward
-        saves_product = full or spec.family == "phi3" or s.use_dora
+        saves_product = full or spec.family == "phi3" or not s.lean
         total += (e * inter if saves_product else 0) + xa(down)
     if spec.family == "gemma2":
         total += norm(mlp_rg or any(n in wrapped for n in down))
@@ -310,10 +310,13 @@ def backward_temporaries(spec: ModelSpec, s, adapters: Adapters) -> Temporaries:
     shapes = {n: i * o for n, i, o, _ in spec.linear_layers()}
     wrapped = {n for w in adapters for n in w}
     weight_copy = 4 * max(shapes[n] for n in wrapped) if s.upcast and wrapped else 0
+    # A 4-bit base: the layer's weight dequantized for its backward (lorafit.kernels.nf4), one at a time
+    dequant = e * max(shapes.values()) if getattr(s, "four_bit", None) else 0
     act = activations(spec, s, adapters)
     masks, masks_why = eager_dropout_temporaries(spec, s, adapters)
-    total += act.recompute + weight_copy + masks
+    total += act.recompute + weight_copy + dequant + masks
     copy = f" + fp32 copy of a weight {weight_copy / 2**20:.1f} MiB" if weight_copy else ""
+    copy += f" + a dequantized weight {dequant / 2**20:.1f} MiB" if dequant else ""
     return Temporaries(total, f"tokens × intermediate × {why} + {BW_HIDDEN} × tokens × hidden × {e} B{copy}"
                               + (" + one recomputed layer" if act.recompute else "")
                               + (f" + {masks_why}" if masks else ""))
@@ -328,7 +331,7 @@ def eager_dropout_temporaries(spec: ModelSpec, s, adapters: Adapters) -> tuple[i
     the sum: for a layer alone (``dropped_and_add_dropped``), mask + ``low · keep``, 2 (tokens × in); for a group
     of n layers reading one input (``dropped_each_and_add``), the n masks together plus the product and the
     running sum, n + 2. The largest over the wrapped layers' input groups counts (measured with MemTracker)."""
-    if s.method != "lora" or s.dropout <= 0 or s.runtime.compile:
+    if s.method == "full" or s.dropout <= 0 or s.runtime.compile:
         return 0, ""
     wrapped = {n for w in adapters for n in w}
     groups: dict[str, tuple[int, int]] = {}  # input group -> (wrapped layers in it, input width)
@@ -350,7 +353,7 @@ def _mlp_temporaries(spec: ModelSpec, s, wrapped: set[str]) -> tuple[int, str]:
     e, c = s.bytes, s.compute_bytes
     down_lora = any(n.endswith(("down_proj", "mlp.c_proj")) for n in wrapped)
     dropout = s.method == "lora" and s.dropout > 0
-    if s.method == "lora" and down_lora and spec.family == "llama" and s.runtime.compile and not s.use_dora:
+    if s.method == "lora" and down_lora and spec.family == "llama" and s.runtime.compile and s.lean:
         # SiLU MLP, LoRA down_proj (lorafit.kernels.gated_mlp): one fused kernel reads down's input gradient
         # (``base``, and the masked LoRA part ``low``) and writes drop(h), grad gate, grad up.
         return (3 if dropout else 2) * c + 2 * e, f"({3 if dropout else 2} × {c} + 2 × {e}) B"

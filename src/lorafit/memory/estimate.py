@@ -38,14 +38,20 @@ CUDA_CONTEXT_BYTES = int(0.5 * GiB)
 # Allocator slack between reserved and allocated memory at the peak (caching allocator, block rounding).
 ALLOCATOR_FRACTION = 0.05
 # Optimizer states per trainable parameter, by optimizer kind (``lorafit.config.OPTIMIZERS``).
-OPTIMIZER_STATES = {"adamw": 2, "sgd": 0}
+OPTIMIZER_STATES = {"adamw": 2, "sgd": 0, "adamw_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 2}
+# bitsandbytes' 8-bit optimizers: states of tensors with fewer elements stay 32-bit (its ``min_8bit_size``); an
+# 8-bit state has an fp32 absmax per 256-element block and a 256-entry fp32 quantization map, per state.
+BNB_MIN_8BIT, BNB_STATE_BLOCK, BNB_QMAP = 4096, 256, 256
+# bitsandbytes' 4-bit weights: 64-element blocks; under double quantization the blocks' absmax are 8-bit in
+# blocks of 256 (fp32 absmax each), plus an fp32 offset and a 256-entry map; a 16-entry fp32 codebook per layer.
+FOUR_BIT_BLOCK, NESTED_BLOCK = 64, 256
 
 
 @dataclass
 class Settings:
     """What a training run chooses. Defaults follow ``lorafit train``'s config defaults."""
 
-    method: str = "lora"  # "lora" | "full"
+    method: str = "lora"  # "lora" | "full" ("qlora": lora with four_bit "nf4")
     dtype: str = "bfloat16"
     micro_batch: int = 1
     seq_len: int = 2048
@@ -53,6 +59,8 @@ class Settings:
     alpha: float = 16.0
     dropout: float = 0.05
     use_dora: bool = False  # DoRA: a magnitude per output row, and what its layers save (memory.activations)
+    four_bit: str | None = None  # QLoRA: the decoder linears in 4 bits ("nf4" / "fp4"), or None for a dense base
+    double_quant: bool = True  # the 4-bit blocks' absmax quantized again (QLoRA's double quantization)
     targets: list[str] | str = "all-linear"
     layers_to_transform: list[int] | None = None  # decoder blocks that get an adapter (None: all)
     rank_pattern: dict[str, int] = field(default_factory=dict)  # module name/regex -> rank (PEFT's rule)
@@ -70,8 +78,13 @@ class Settings:
 
     def validate(self) -> None:
         self.method = {"none": "full", "": "full", "full": "full", "lora": "lora"}.get(str(self.method).lower(), self.method)
+        if self.method == "qlora":
+            self.method, self.four_bit = "lora", self.four_bit or "nf4"
         if self.method not in ("lora", "full"):
-            raise LorafitError(f"method: got {self.method!r}, use lora or full")
+            raise LorafitError(f"method: got {self.method!r}, use lora, qlora or full")
+        if self.four_bit is not None and (self.method != "lora" or self.four_bit not in ("nf4", "fp4")):
+            raise LorafitError(f"four_bit: got {self.four_bit!r} for {self.method}; a 4-bit base (nf4 or fp4) "
+                               "takes LoRA (qlora)")
         self.dtype = dtypes.canonical(self.dtype)
         self.optimizer = str(self.optimizer).lower()
         if self.optimizer not in OPTIMIZERS:
@@ -103,6 +116,12 @@ class Settings:
     @property
     def bytes(self) -> int:
         return dtypes.BYTES[self.dtype]
+
+    @property
+    def lean(self) -> bool:
+        """Whether the LoRA layers take the fused paths (groups, the gated MLP's LoRA down_proj): plain LoRA
+        and QLoRA do, DoRA does not (``lorafit.lora.variants``)."""
+        return not self.use_dora
 
     @property
     def optimizer_kind(self) -> str:
@@ -250,8 +269,42 @@ def _sizes(spec: ModelSpec, s: Settings, adapters: act.Adapters) -> _Sizes:
     trainable = adapter if lora else params
     state_elt = 4 if lora else e  # LoRA: fp32 adapter, gradients and states; full: the parameters' dtype
     n_states = OPTIMIZER_STATES[s.optimizer_kind]
-    return _Sizes(params, adapter, trainable, params * e, adapter * 4, adapter * 4 if lora else params * e,
-                  n_states * trainable * state_elt, n_states, state_elt)
+    states = n_states * trainable * state_elt
+    if s.optimizer_kind.endswith("8bit"):
+        states = sum(_bnb_state_bytes(n) for n in _trainable_tensors(spec, s, adapters))
+    weights = params * e
+    if s.four_bit:
+        linear = [i * o for _, i, o, _ in spec.linear_layers()] * spec.layers
+        weights = (params - sum(linear)) * e + sum(four_bit_bytes(n, s.double_quant) for n in linear)
+    return _Sizes(params, adapter, trainable, weights, adapter * 4, adapter * 4 if lora else params * e,
+                  states, n_states, state_elt)
+
+
+def four_bit_bytes(numel: int, double_quant: bool) -> int:
+    """Bytes of one bitsandbytes 4-bit weight of ``numel`` elements: packed codes, the blocks' absmax (8-bit
+    under double quantization, with its own fp32 absmax, offset and map), and the 16-entry codebook."""
+    blocks = -(-numel // FOUR_BIT_BLOCK)
+    stats = blocks + 4 * -(-blocks // NESTED_BLOCK) + 4 + 4 * NESTED_BLOCK if double_quant else 4 * blocks
+    return numel // 2 + stats + 4 * 16
+
+
+def _bnb_state_bytes(numel: int) -> int:
+    """Both AdamW states of one tensor in bitsandbytes' 8-bit optimizer."""
+    if numel < BNB_MIN_8BIT:
+        return 2 * 4 * numel
+    return 2 * (numel + 4 * -(-numel // BNB_STATE_BLOCK) + 4 * BNB_QMAP)
+
+
+def _trainable_tensors(spec: ModelSpec, s: Settings, adapters: act.Adapters) -> list[int]:
+    """Element counts of the trained tensors, one by one (bitsandbytes quantizes states per tensor)."""
+    if s.method == "lora":
+        shapes = {n: (i, o) for n, i, o, _ in spec.linear_layers()}
+        return [n for w in adapters for name, r in w.items() for n in (r * shapes[name][0], r * shapes[name][1])]
+    per_layer = [i * o for _, i, o, _ in spec.linear_layers()]
+    rest = spec.layer_params() - sum(per_layer)  # biases and norms: small tensors, 32-bit states
+    out = per_layer * spec.layers + [rest // 2] * (2 * spec.layers) + [spec.final_norm_params()]
+    out += [spec.vocab * spec.hidden] + ([spec.head_params()] if spec.head_params() else [])
+    return out + ([spec.max_positions * spec.hidden] if spec.max_positions else [])
 
 
 def estimate(spec: ModelSpec, settings: Settings) -> Estimate:
@@ -310,7 +363,9 @@ def _components(spec, s: Settings, adapters, z: _Sizes, moment: str, peak_alloc:
                 "backward end": "last layer's backward temporaries + embedding gradient",
                 "optimizer step": "no temporaries (fused AdamW / SGD)"}[moment]
     return [
-        Component("weights", z.weights, z.weights, f"{z.params:,} params × {e} B ({s.dtype})"),
+        Component("weights", z.weights, z.weights, f"{z.params:,} params × {e} B ({s.dtype})" if not s.four_bit else
+                  f"decoder linears in 4 bits ({s.four_bit}{', double quant' if s.double_quant else ''}: codes + "
+                  f"absmax + statistics), the rest × {e} B ({s.dtype})"),
         Component(name, z.adapter_bytes if lora else z.weights, z.adapter_bytes,
                   _adapter_formula(spec, s, adapters, z.adapter) if lora else "all weights (counted above)"),
         Component("gradients", z.grads, grads_at,
@@ -318,7 +373,9 @@ def _components(spec, s: Settings, adapters, z: _Sizes, moment: str, peak_alloc:
                   "; at the peak: the head's fp32 gradient only" if grads_at else
                   "; none at the peak (freed by zero_grad, rebuilt in backward)")),
         Component("optimizer states", z.states, z.states,
-                  f"{z.n_states} states × {z.trainable:,} × {z.state_elt} B" if z.n_states
+                  (f"{z.n_states} states × {z.trainable:,} × 1 B + block absmax (bitsandbytes 8-bit; tensors "
+                   f"under {BNB_MIN_8BIT} elements 4 B)" if s.optimizer_kind.endswith("8bit") else
+                   f"{z.n_states} states × {z.trainable:,} × {z.state_elt} B") if z.n_states
                   else "SGD without momentum: none"),
         Component("activations", acts.total, acts_at, acts.formula),
         Component("logits/loss", loss.total, loss_at, loss.formula),

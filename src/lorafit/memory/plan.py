@@ -3,7 +3,8 @@
 Search order (first fit wins): full sequence length before shorter ones (only with ``allow_shorter_seq``);
 the user's rank and target set before smaller ones (quality); no gradient checkpointing before checkpointing
 (checkpointing recomputes the forward, ~30% slower); then the largest micro-batch that divides the effective
-batch (gradient accumulation keeps the effective batch).
+batch (gradient accumulation keeps the effective batch). When LoRA fits nowhere, the same search runs over a
+4-bit NF4 base (QLoRA: slower steps, the dequantization, but a quarter of the weights' memory).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Plan:
     tried: int
     closest: Estimate | None = None
     reason: str = ""
+    note: str = ""  # what the search changed beyond the grid, e.g. QLoRA when LoRA does not fit
 
     @property
     def fits(self) -> bool:
@@ -46,6 +48,18 @@ def _target_sets(spec: ModelSpec, first):
 
 def search(spec: ModelSpec, base: Settings, gpu_bytes: int, effective_batch: int = 8,
            allow_shorter_seq: bool = False, margin: float = SAFETY_MARGIN, min_seq: int = 256) -> Plan:
+    plan = _search(spec, base, gpu_bytes, effective_batch, allow_shorter_seq, margin, min_seq)
+    if plan.fits or base.method != "lora" or base.four_bit:
+        return plan
+    q = _search(spec, replace(base, four_bit="nf4"), gpu_bytes, effective_batch, allow_shorter_seq, margin, min_seq)
+    q.tried += plan.tried
+    if q.fits:
+        q.note = "LoRA on a 16-bit base fits no setting; QLoRA (a 4-bit NF4 base) does"
+    return q
+
+
+def _search(spec: ModelSpec, base: Settings, gpu_bytes: int, effective_batch: int, allow_shorter_seq: bool,
+            margin: float, min_seq: int) -> Plan:
     budget = int(gpu_bytes * (1 - margin))
     seqs = [base.seq_len]
     if allow_shorter_seq:
@@ -80,7 +94,8 @@ def _why(est: Estimate, budget: int) -> str:
     fixed = est.component("weights").bytes
     if fixed > budget:
         return (f"the weights alone need {fixed / GiB:.1f} GiB, more than the {budget / GiB:.1f} GiB budget; "
-                "use a smaller model or a bigger GPU (QLoRA is not supported yet)")
+                "use a smaller model or a bigger GPU" + (" (QLoRA's 4-bit weights counted)" if
+                                                          est.settings.four_bit else ""))
     return (f"smallest setting needs {est.total / GiB:.1f} GiB (budget {budget / GiB:.1f} GiB); largest part: "
             f"{biggest.name} {biggest.at_peak / GiB:.1f} GiB")
 
@@ -92,8 +107,13 @@ def to_yaml(plan: Plan, base_model: str, effective_batch: int, base_model_note: 
         f"# Written by `lorafit plan`: estimated peak {plan.estimate.total / 1024**3:.2f} GiB of "
         f"{plan.gpu_bytes / 1024**3:.2f} GiB (budget {plan.budget / 1024**3:.2f} GiB with safety margin).",
         f"base_model: {json.dumps(base_model)}" + (f"  # {base_model_note}" if base_model_note else ""),
-        f"adapter: {'lora' if s.method == 'lora' else 'none'}",
+        f"adapter: {('qlora' if s.four_bit else 'lora') if s.method == 'lora' else 'none'}",
     ]
+    if s.four_bit:
+        lines.append("load_in_4bit: true")
+        if s.four_bit != "nf4" or not s.double_quant:
+            lines.append(f"bnb_config_kwargs: {{bnb_4bit_quant_type: {s.four_bit}, "
+                         f"bnb_4bit_use_double_quant: {str(s.double_quant).lower()}}}")
     if s.method == "lora":
         lines += [f"lora_r: {s.r}", f"lora_alpha: {s.alpha:g}", f"lora_dropout: {s.dropout:g}"]
         if s.targets == "all-linear":

@@ -27,4 +27,6 @@ def settings_from_config(cfg: TrainConfig, device: str, runtime: RuntimeOptions 
         kw.update(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets,
                   layers_to_transform=cfg.lora_layers_to_transform, use_dora=bool(cfg.peft_use_dora),
                   rank_pattern=dict(cfg.lora_rank_pattern or {}))
+    if cfg.four_bit:
+        kw.update(four_bit=cfg.four_bit["quant_type"], double_quant=cfg.four_bit["double_quant"])
     return Settings(**kw, device=device, runtime=runtime or cfg.runtime_options())

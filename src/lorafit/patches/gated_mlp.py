@@ -16,7 +16,7 @@ def _fusable_down(down: nn.Module, g: torch.Tensor) -> bool:
     """Whether ``down`` can run inside ``ActMulLoraDown``: an active LoRA layer over a frozen base, training."""
     return (isinstance(down, LoraLinear) and down.variant.lean and not (down.merged or down.disabled)
             and torch.is_grad_enabled()
-            and not down.base_layer.weight.requires_grad and down.base_layer.weight.dtype == g.dtype)
+            and not down.base_layer.weight.requires_grad and down.base_dtype == g.dtype)
 
 
 def _lean_forward(self, x):

@@ -167,6 +167,8 @@ class Recipe:
 
     def setup_optimizer(self) -> None:
         self.optimizer = optimizer_from_config(self.model, self.cfg)
+        if getattr(self.optimizer, "lorafit_notice", None):
+            self.console.print(f"[yellow]note:[/] {self.optimizer.lorafit_notice}", highlight=False)
         self.scheduler = scheduler_from_config(self.optimizer, self.cfg, self.total_steps)
 
     def resume(self) -> None:
@@ -186,6 +188,8 @@ class Recipe:
     def print_header(self) -> None:
         cfg = self.cfg
         method = "LoRA" if cfg.is_lora else "full fine-tuning"
+        if cfg.four_bit:  # QLoRA: the 4-bit weights count as their packed bytes' elements in the total below
+            method = f"QLoRA ({cfg.four_bit['quant_type']} base)"
         self.console.print(
             f"{method} | {count_parameters(self.model)} | dtype {str(self.model.dtype).removeprefix('torch.')} | "
             f"{self.total_steps} steps of {cfg.micro_batch_size}×{cfg.gradient_accumulation_steps} "
@@ -283,5 +287,5 @@ class Recipe:
             with atomic_dir(self.out / "model") as tmp:
                 self.model.save_pretrained(tmp)
                 self.tokenizer.save_pretrained(tmp)
-        method = f"LoRA r={cfg.lora_r}" if cfg.is_lora else "full fine-tuning"
+        method = f"{'QLoRA' if cfg.four_bit else 'LoRA'} r={cfg.lora_r}" if cfg.is_lora else "full fine-tuning"
         plot_loss(self.out / "metrics.jsonl", self.out / "loss.png", title=f"{Path(cfg.base_model).name} — {method}")

@@ -77,7 +77,8 @@ def prepare_model(cfg, options: RuntimeOptions | None = None):
         check_start_adapter(start, lora, cfg.source)  # before the base loads: a mismatch is refused at once
     model, tokenizer = load_model_and_tokenizer(cfg.base_model, train_dtype(cfg), tokenizer=cfg.tokenizer_config,
                                                 base_dir=cfg.config_dir,
-                                                attn_implementation=cfg.attn_implementation or "sdpa")
+                                                attn_implementation=cfg.attn_implementation or "sdpa",
+                                                four_bit=cfg.four_bit)
     apply_special_tokens(tokenizer, cfg.special_tokens, model, trains_embeddings=cfg.trains_embeddings)
     make_trainable(model, lora, cfg.gradient_checkpointing, options)
     if start is not None:
