@@ -680,6 +680,7 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", help="comma-separated subset, e.g. full,r8,r64")
     ap.add_argument("--sizes", help="comma-separated subset of large,small")
     ap.add_argument("--no-sweep", action="store_true", help="use the fixed LRs even in full mode")
+    ap.add_argument("--lr", help="fixed LRs for --no-sweep, e.g. full=3e-5,lora=2e-3 (an earlier sweep's picks)")
     ap.add_argument("--keep-models", action="store_true", help="keep full fine-tuned model folders (0.5 GB each)")
     ap.add_argument("--work", default=str(ROOT / "runs" / "claims"), help="folder for data copies, runs, logs")
     ap.add_argument("--results-dir", type=Path, default=RESULTS, help="where the JSON, markdown and plot go")
@@ -703,6 +704,10 @@ def main(argv=None) -> int:
         mode["sizes"] = args.sizes.split(",")
     if args.no_sweep:
         mode["sweep"] = None
+    for pair in (args.lr or "").split(","):
+        if pair:
+            kind_, value = pair.split("=")
+            FIXED_LR[kind_] = float(value)
     if args.timed_steps:
         mode["timed"] = args.timed_steps
     if args.repeats < 1:
@@ -784,7 +789,8 @@ def main(argv=None) -> int:
                 results["lr"][method] = {**results["lr"][at], "val_loss": None, "wall_s": 0,
                                          "note": f"from the {label(at)} sweep"}
         else:
-            results["lr"][method] = {"lr": FIXED_LR[k], "val_loss": None, "note": "fixed", "wall_s": 0}
+            results["lr"][method] = {"lr": FIXED_LR[k], "val_loss": None, "wall_s": 0,
+                                     "note": "fixed (--lr)" if args.lr else "fixed"}
         save(results, out_json)
         print(f"{label(method)}: learning rate {results['lr'][method]['lr']:g} {results['lr'][method]['note']}")
 
