@@ -43,6 +43,8 @@ VARIANTS = {
     "replay80": {"max_steps": 80, "learning_rate": 5e-4, "replay": 3},
     "replay40": {"max_steps": 40, "learning_rate": 5e-4, "replay": 3},
     "replay40_lr1e-3": {"max_steps": 40, "learning_rate": 1e-3, "replay": 3},
+    "replay40_lr2e-3": {"max_steps": 40, "learning_rate": 2e-3, "replay": 3},
+    "replay60_lr1e-3": {"max_steps": 60, "learning_rate": 1e-3, "replay": 3},
     "replay40_qv_r8": {"max_steps": 40, "learning_rate": 1e-3, "replay": 3, "lora_r": 8, "lora_alpha": 16,
                        "lora_target_linear": None, "lora_target_modules": ["q_proj", "v_proj"]},
 }
