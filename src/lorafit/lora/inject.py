@@ -161,11 +161,18 @@ def _untie(model: nn.Module, path: str, module: nn.Module) -> None:
     holders: dict[int, list[str]] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         holders.setdefault(id(p), []).append(n)
+    untied = False
     for pname, p in list(module.named_parameters(recurse=True)):
         if any(not n.startswith(path + ".") for n in holders[id(p)]):
             owner_name, _, leaf = pname.rpartition(".")
             owner = module.get_submodule(owner_name) if owner_name else module
             setattr(owner, leaf, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+            untied = True
+    config = getattr(model, "config", None)
+    if untied and getattr(config, "tie_word_embeddings", False):
+        # the model object is untied now: a saved merged or full model must keep both tensors, and loading it
+        # must not tie them again
+        config.tie_word_embeddings = False
 
 
 def _variant(name: str, base: nn.Module, config: LoraConfig):
@@ -211,6 +218,12 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
     """Fold each adapter into its base weight (``s·B A`` added; DoRA: the rescaled weight written). ``safe``
     checks every result for NaN/inf first."""
     layers = _require_lora(model)
+    for name, layer in named_lora_layers(model):
+        if not layer.merged:
+            # A LoRA head or embedding over a tied table: merging into the shared tensor would add the head's
+            # update to the embeddings too (PEFT does, with the warning at apply time); here the layer gets its
+            # own copy first, so the merged model computes what the adapted one did.
+            _untie(model, f"{name}.base_layer", layer.base_layer)
     if safe:
         for name, layer in named_lora_layers(model):
             dense = layer.base_layer.weight if isinstance(layer, LoraEmbedding) else layer.variant.dense_weight(layer)

@@ -48,7 +48,14 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for pname, p in model.named_parameters():
         if p.requires_grad and PREFIX + pname not in state and ".lora_A." not in pname and ".lora_B." not in pname:
             state[PREFIX + pname] = p.detach()  # modules_to_save and trainable biases, under PEFT's names
-    return {k: v.contiguous().cpu() for k, v in state.items()}
+    out, seen = {}, set()
+    for k, v in state.items():
+        v = v.contiguous().cpu()
+        if v.data_ptr() in seen:  # a tied head's base weight is the embeddings' tensor: safetensors wants a copy
+            v = v.clone()
+        seen.add(v.data_ptr())
+        out[k] = v
+    return out
 
 
 def _embedding_base_weights(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,0 +1,237 @@
+"""LoRA on the output head and the token embeddings, and modules_to_save, against PEFT (tiny random Llama, fp32,
+dropout 0), with and without tied embeddings."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from lorafit.kernels.loss import LinearCrossEntropy
+from lorafit.lora import (
+    LoraConfig,
+    apply_lora,
+    load_adapter,
+    lora_layers,
+    merge,
+    merge_and_unload,
+    save_adapter,
+    unmerge,
+)
+from lorafit.lora.embedding import LoraEmbedding
+from lorafit.options import RuntimeOptions
+from lorafit.train.loss import causal_lm_loss
+
+VOCAB = 128
+HEAD_TARGETS = ["embed_tokens", "lm_head", "q_proj", "v_proj"]
+
+
+def tiny_llama(tied: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                      vocab_size=VOCAB, num_hidden_layers=2, tie_word_embeddings=tied)
+    cfg.attn_implementation = "eager"
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def ids(n=2, t=9, seed=3):
+    return torch.randint(0, VOCAB, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def peft_name(name: str) -> str:
+    """Our parameter name for a PEFT model's parameter name."""
+    return name.removeprefix("base_model.model.").replace(".modules_to_save.default", "").replace(".default", "")
+
+
+def randomize(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model):
+            for n, p in layer.named_parameters():
+                if ".lora_" in f".{n}":
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def pair(tied: bool, quiet=True, **kw):
+    """Our adapted model and PEFT's on copies of one base, with the same adapter tensors."""
+    base = tiny_llama(tied)
+    cfg = LoraConfig(r=4, alpha=8, **kw)
+    with warnings.catch_warnings():
+        if quiet:
+            warnings.simplefilter("ignore")
+        ours = apply_lora(copy.deepcopy(base), cfg)
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.0, target_modules=cfg.target_modules, modules_to_save=cfg.modules_to_save))
+    randomize(ours)
+    own = dict(ours.named_parameters())
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if p.requires_grad:
+                p.copy_(own[peft_name(n)])
+    return base, ours, pm
+
+
+def our_loss(model, x, chunk=7):
+    loss, n = causal_lm_loss(model, {"input_ids": x}, x, chunk_tokens=chunk)
+    return loss / n
+
+
+def check_grads(ours, pm):
+    theirs = {peft_name(n): p.grad for n, p in pm.named_parameters() if p.requires_grad}
+    mine = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert mine.keys() == theirs.keys()
+    for n, g in mine.items():
+        torch.testing.assert_close(g, theirs[n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+def train_both(ours, pm, steps=3):
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (ours, pm)]
+    for step in range(steps):
+        x = ids(seed=10 + step)
+        for opt in opts:
+            opt.zero_grad()
+        our_loss(ours, x).backward()
+        pm(x, labels=x).loss.backward()
+        for opt in opts:
+            opt.step()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_head_and_embedding_lora_match_peft(tied):
+    _, ours, pm = pair(tied, target_modules=HEAD_TARGETS)
+    assert type(ours.model.embed_tokens) is LoraEmbedding
+    x = ids()
+    torch.testing.assert_close(ours(x).logits, pm(x).logits, atol=1e-5, rtol=1e-5)
+    loss = our_loss(ours, x)  # the chunked loss with the head's LoRA term, 3 chunks of 7 of 16 tokens
+    ref = pm(x, labels=x).loss
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-5)
+    loss.backward()
+    ref.backward()
+    check_grads(ours, pm)
+    train_both(ours, pm)
+    torch.testing.assert_close(ours(x).logits, pm(x).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_fresh_embedding_adapter_is_initialised_as_peft_and_changes_nothing():
+    base = tiny_llama(False)
+    m = apply_lora(copy.deepcopy(base), LoraConfig(r=4, target_modules=["embed_tokens", "lm_head"]))
+    emb = m.model.embed_tokens
+    assert not emb.lora_embedding_A.any() and emb.lora_embedding_B.std() > 0.5  # PEFT: A zeros, B normal
+    assert emb.lora_embedding_A.shape == (4, VOCAB) and emb.lora_embedding_B.shape == (32, 4)
+    x = ids()
+    torch.testing.assert_close(m(x).logits, base(x).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_files_roundtrip_with_peft(tied, tmp_path):
+    base, ours, pm = pair(tied, target_modules=HEAD_TARGETS)
+    x = ids()
+    expected = ours(x).logits
+    save_adapter(ours, tmp_path / "ours")
+    keys = set(load_file(tmp_path / "ours" / "adapter_model.safetensors"))
+    pm.save_pretrained(tmp_path / "peft")
+    assert keys == set(load_file(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert {"base_model.model.model.embed_tokens.lora_embedding_A", "base_model.model.model.embed_tokens.lora_embedding_B",
+            "base_model.model.model.embed_tokens.base_layer.weight", "base_model.model.lm_head.lora_A.weight",
+            "base_model.model.lm_head.base_layer.weight"} <= keys
+    cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert {"embed_tokens", "lm_head"} <= set(cfg["target_modules"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
+        torch.testing.assert_close(loaded(x).logits, expected, atol=1e-5, rtol=1e-5)
+        back = load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(back(x).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_merge_unmerge_with_head_and_embedding(tied):
+    base, ours, _ = pair(tied, target_modules=HEAD_TARGETS)
+    x = ids()
+    expected = ours(x).logits
+    merge(ours)
+    torch.testing.assert_close(ours(x).logits, expected, atol=1e-5, rtol=1e-5)
+    unmerge(ours)
+    torch.testing.assert_close(ours(x).logits, expected, atol=1e-5, rtol=1e-5)
+    plain = merge_and_unload(ours)
+    torch.testing.assert_close(plain(x).logits, expected, atol=1e-5, rtol=1e-5)
+    assert not plain.config.tie_word_embeddings
+    assert plain.lm_head.weight is not plain.model.embed_tokens.weight
+
+
+def test_modules_to_save_on_tied_embeddings_match_peft(tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        base, ours, pm = pair(True, quiet=False, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    ours_warnings = [w for w in caught if "trained untied" in str(w.message)]
+    assert len(ours_warnings) == 1 and "\n" not in str(ours_warnings[0].message)
+    # PEFT trains a copy of each: two tensors, both starting from the tied table; the base's stays as it was
+    assert ours.lm_head.weight is not ours.model.embed_tokens.weight
+    assert ours.lm_head.weight.requires_grad and ours.model.embed_tokens.weight.requires_grad
+    x = ids()
+    loss, ref = our_loss(ours, x), pm(x, labels=x).loss
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-5)
+    loss.backward()
+    ref.backward()
+    check_grads(ours, pm)
+    train_both(ours, pm)
+    expected = ours(x).logits
+    torch.testing.assert_close(expected, pm(x).logits, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(ours.lm_head.weight, ours.model.embed_tokens.weight)
+    save_adapter(ours, tmp_path)
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert {"base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"} <= keys
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+        torch.testing.assert_close(loaded(x).logits, expected, atol=1e-5, rtol=1e-5)
+        back = load_adapter(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(back(x).logits, expected, atol=1e-5, rtol=1e-5)
+    # the merged model keeps both tensors through save_pretrained / from_pretrained
+    plain = merge_and_unload(back)
+    plain.save_pretrained(tmp_path / "merged")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(again(x).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_untied_model_gets_no_warning():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_lora(tiny_llama(False), LoraConfig(r=4, target_modules=["embed_tokens", "lm_head"],
+                                                 modules_to_save=["norm"]))
+    assert not [w for w in caught if "untied" in str(w.message)]
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_chunked_loss_with_lora_head_matches_autograd(softcap):
+    g = torch.Generator().manual_seed(0)
+    n, d, v, r, s = 13, 16, 40, 4, 2.0
+    h = torch.randn(n, d, generator=g, requires_grad=True)
+    w = torch.randn(v, d, generator=g)
+    u = torch.randn(n, r, generator=g, requires_grad=True)
+    b = torch.randn(v, r, generator=g, requires_grad=True)
+    y = torch.randint(0, v, (n,), generator=g)
+    opts = RuntimeOptions.resolve()
+    loss = LinearCrossEntropy.apply(h, w, y, 5, softcap, opts, u, b, s)
+    grads = torch.autograd.grad(loss, (h, u, b))
+    z = h @ w.t() + s * u @ b.t()
+    if softcap:
+        z = torch.tanh(z / softcap) * softcap
+    ref = torch.nn.functional.cross_entropy(z, y, reduction="sum")
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, torch.autograd.grad(ref, (h, u, b)), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_head_with_dropout_trains():
+    m = apply_lora(tiny_llama(False), LoraConfig(r=4, dropout=0.3, target_modules=["lm_head"]))
+    randomize(m)
+    m.train()
+    our_loss(m, ids()).backward()
+    assert m.lm_head.lora_A.weight.grad.abs().sum() > 0 and m.lm_head.lora_B.weight.grad.abs().sum() > 0
