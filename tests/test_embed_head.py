@@ -235,3 +235,48 @@ def test_lora_head_with_dropout_trains():
     m.train()
     our_loss(m, ids()).backward()
     assert m.lm_head.lora_A.weight.grad.abs().sum() > 0 and m.lm_head.lora_B.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("lora_keys", [
+    dict(lora_target_modules=["q_proj", "v_proj", "embed_tokens", "lm_head"]),
+    dict(lora_target_modules=["q_proj", "v_proj"], lora_modules_to_save=["embed_tokens", "lm_head"]),
+], ids=["lora-targets", "modules-to-save"])
+def test_training_from_a_config_saves_what_reloads_and_is_estimated(tmp_path, demo_tokenizer, lora_keys):
+    """The recipe end to end on a tied tiny Llama (lean kernels, chunked loss): the loss falls, the saved
+    adapter gives the trained logits on a fresh base (lorafit and PEFT), the estimate counts what trains."""
+    from conftest import save_tiny_llama
+    from transformers import LlamaForCausalLM
+
+    from lorafit.config import TrainConfig
+    from lorafit.memory.estimate import estimate
+    from lorafit.memory.settings import settings_from_config
+    from lorafit.memory.spec import resolve_spec
+    from lorafit.train import train
+
+    save_tiny_llama(tmp_path / "model", demo_tokenizer, tie_word_embeddings=True, initializer_range=0.5)
+    rows = [{"text": f"the {w} is a fruit and the {w} is sweet"} for w in ["apple", "pear", "plum", "fig"] * 4]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = TrainConfig.from_dict(dict(
+        base_model=str(tmp_path / "model"), adapter="lora", lora_r=4, lora_alpha=8, **lora_keys,
+        datasets=[{"path": str(tmp_path / "data.jsonl"), "type": "completion"}], sequence_len=32,
+        micro_batch_size=4, max_steps=8, learning_rate=1e-2, lr_scheduler="constant",
+        output_dir=str(tmp_path / "out"), seed=7))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = train(cfg)
+    losses = [r["loss"] for r in result.history if "loss" in r]
+    assert losses[-1] < losses[0]
+    trained = result.model.eval()
+    x = torch.tensor([demo_tokenizer("the fig is sweet").input_ids])
+    with torch.no_grad():
+        want = trained(x).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh = load_adapter(LlamaForCausalLM.from_pretrained(tmp_path / "model"), tmp_path / "out")
+        via_peft = peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "model"),
+                                                  str(tmp_path / "out"))
+    scale = float(want.abs().max())
+    torch.testing.assert_close(fresh(x).logits, want, rtol=1e-4, atol=1e-5 * scale)
+    torch.testing.assert_close(via_peft(x).logits, want, rtol=1e-4, atol=1e-5 * scale)
+    est = estimate(resolve_spec(cfg.base_model_path), settings_from_config(cfg, "cpu"))
+    assert est.params["trainable"] == sum(p.numel() for p in trained.parameters() if p.requires_grad)
