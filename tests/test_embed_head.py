@@ -46,7 +46,8 @@ def ids(n=2, t=9, seed=3):
 
 def peft_name(name: str) -> str:
     """Our parameter name for a PEFT model's parameter name."""
-    return name.removeprefix("base_model.model.").replace(".modules_to_save.default", "").replace(".default", "")
+    name = name.removeprefix("base_model.model.").replace(".modules_to_save.default", "").replace(".default", "")
+    return name.replace(".lora_magnitude_vector.weight", ".lora_magnitude_vector")
 
 
 def randomize(model, seed=1):
@@ -280,3 +281,63 @@ def test_training_from_a_config_saves_what_reloads_and_is_estimated(tmp_path, de
     torch.testing.assert_close(via_peft(x).logits, want, rtol=1e-4, atol=1e-5 * scale)
     est = estimate(resolve_spec(cfg.base_model_path), settings_from_config(cfg, "cpu"))
     assert est.params["trainable"] == sum(p.numel() for p in trained.parameters() if p.requires_grad)
+
+
+def test_gpt2_wte_and_a_regex_save_the_keys_peft_saves(tmp_path):
+    """PEFT adds the embeddings' base weights to the file only when target_modules names embed_tokens or lm_head
+    (GPT-2's ``wte`` is not such a name); lorafit follows the same rule, so the key sets are equal."""
+    from transformers import GPT2Config
+
+    torch.manual_seed(0)
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_head=4, n_layer=2, vocab_size=VOCAB,
+                                                       n_positions=64, bos_token_id=0, eos_token_id=0)).eval()
+    for name, base, targets in [("gpt2", gpt2, ["c_attn", "wte"]),
+                                ("regex", tiny_llama(False), r".*\.(q_proj|embed_tokens)")]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ours = apply_lora(copy.deepcopy(base), LoraConfig(r=4, target_modules=targets))
+            pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=targets,
+                                                                          fan_in_fan_out=name == "gpt2"))
+            save_adapter(ours, tmp_path / name / "ours")
+            pm.save_pretrained(tmp_path / name / "peft")
+        files = [set(load_file(tmp_path / name / w / "adapter_model.safetensors")) for w in ("ours", "peft")]
+        assert files[0] == files[1], name
+
+
+def test_dora_head_takes_the_unchunked_path_and_matches_peft():
+    base = tiny_llama(False)
+    ours = apply_lora(copy.deepcopy(base), LoraConfig(r=4, alpha=8, target_modules=["v_proj", "lm_head"],
+                                                      use_dora=True))
+    randomize(ours)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj", "lm_head"],
+                                                                  use_dora=True))
+    own = dict(ours.named_parameters())
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if p.requires_grad:
+                p.copy_(own[peft_name(n)])
+    x = ids()
+    loss, ref = our_loss(ours, x), pm(x, labels=x).loss
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-5)
+    loss.backward()
+    ref.backward()
+    check_grads(ours, pm)
+
+
+def test_chunked_loss_with_lora_head_bf16():
+    g = torch.Generator().manual_seed(0)
+    n, d, v, r, s = 13, 16, 40, 4, 2.0
+    h = torch.randn(n, d, generator=g).bfloat16().requires_grad_()
+    w = torch.randn(v, d, generator=g).bfloat16()
+    u = torch.randn(n, r, generator=g, requires_grad=True)
+    b = torch.randn(v, r, generator=g, requires_grad=True)
+    y = torch.randint(0, v, (n,), generator=g)
+    for half in ("native", "fp32"):
+        loss = LinearCrossEntropy.apply(h, w, y, 5, None, RuntimeOptions.resolve(half_matmul=half), u, b, s)
+        gh, gu, gb = torch.autograd.grad(loss, (h, u, b))
+        assert gh.dtype == torch.bfloat16 and gu.dtype == gb.dtype == torch.float32
+        z = h.float() @ w.float().t() + s * u @ b.t()
+        ref = torch.nn.functional.cross_entropy(z, y, reduction="sum")
+        torch.testing.assert_close(loss, ref, atol=0.05, rtol=1e-2)
+        for got, want in zip((gh, gu, gb), torch.autograd.grad(ref, (h, u, b)), strict=True):
+            torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=2e-2)

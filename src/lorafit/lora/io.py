@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -21,8 +22,8 @@ from torch import nn
 
 from lorafit.errors import LorafitError
 from lorafit.fsutil import follow_umask
-from lorafit.lora.config import LoraConfig
-from lorafit.lora.inject import apply_lora, named_lora_layers
+from lorafit.lora.config import ALL_LINEAR, LoraConfig
+from lorafit.lora.inject import EMBEDDING_LAYER_NAMES, apply_lora, named_lora_layers
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -59,9 +60,19 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _embedding_base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """PEFT's ``save_embedding_layers="auto"``: when the input embeddings or the output head is a LoRA target,
-    PEFT's file also holds that layer's base weights (``<path>.base_layer.weight``), so an adapter trained on a
-    resized vocabulary carries its table. Written the same way here; loading copies them back."""
+    """PEFT's ``save_embedding_layers="auto"``: when ``target_modules`` names ``embed_tokens`` or ``lm_head`` (a
+    list holding the name, or a regex matching a module so named), PEFT's file also holds the base weights of
+    the wrapped input embeddings / output head (``<path>.base_layer.weight``), so an adapter trained on a
+    resized vocabulary carries its table. Written by the same rule here; loading copies them back."""
+    config = getattr(model, "lora_config", None)
+    targets = config.target_modules if config is not None else ALL_LINEAR
+    if isinstance(targets, str):
+        named = targets != ALL_LINEAR and any(re.fullmatch(targets, n) for n, _ in model.named_modules()
+                                              if n.split(".")[-1] in EMBEDDING_LAYER_NAMES)
+    else:
+        named = any(e in targets for e in EMBEDDING_LAYER_NAMES)
+    if not named:
+        return {}
     layers = [getattr(model, f, lambda: None)() for f in ("get_input_embeddings", "get_output_embeddings")]
     state = {}
     for name, module in named_lora_layers(model):

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from lorafit.memory.spec import ModelSpec
-from lorafit.targets import ALL_LINEAR, name_matches, selected
 from lorafit.options import loss_chunk_tokens
+from lorafit.targets import ALL_LINEAR, name_matches, selected
 
 # Per decoder block, bottom to top: the linear layers LoRA wraps there (path inside the block -> rank).
 # Full fine-tuning: no wrapped layers, every block trained (``s.method == "full"``).
