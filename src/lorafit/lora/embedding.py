@@ -52,6 +52,11 @@ class LoraEmbedding(nn.Module):
         nn.init.zeros_(self.lora_embedding_A)
         nn.init.normal_(self.lora_embedding_B)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base table, as PEFT's layers expose it (callers read ``get_input_embeddings().weight``)."""
+        return self.base_layer.weight
+
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors an adapter file holds, by name under the layer's path (PEFT's names)."""
         return {"lora_embedding_A": self.lora_embedding_A, "lora_embedding_B": self.lora_embedding_B}
