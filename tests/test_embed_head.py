@@ -362,3 +362,30 @@ def test_estimate_within_10_percent_of_measured(tied, kw):
         est, m, err = compare(spec, Settings(method="lora", micro_batch=2, seq_len=64, r=8, device="cpu", **kw),
                               steps=2)
     assert m.peak > 0 and abs(err) <= 10, f"estimate {est.allocated_peak} vs measured {m.peak}: {err:+.1f}%"
+
+
+def test_adapter_with_ensure_weight_tying_is_refused(tmp_path):
+    from lorafit import LorafitError
+
+    base = tiny_llama(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+            r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"], ensure_weight_tying=True))
+        pm.save_pretrained(tmp_path)
+    with pytest.raises(LorafitError, match="ensure_weight_tying is true"):
+        load_adapter(copy.deepcopy(base), tmp_path)
+
+
+def test_continuing_an_adapter_with_head_and_embedding(tmp_path):
+    """lora_model_dir's loader finds the embedding's layers by their PEFT keys."""
+    from lorafit.train.setup import load_start_adapter
+
+    base, ours, _ = pair(True, target_modules=HEAD_TARGETS)
+    save_adapter(ours, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = apply_lora(copy.deepcopy(base), LoraConfig(r=4, alpha=8, target_modules=HEAD_TARGETS))
+    load_start_adapter(again, tmp_path, "config.yaml")
+    x = ids()
+    torch.testing.assert_close(again(x).logits, ours(x).logits, atol=1e-6, rtol=1e-6)
