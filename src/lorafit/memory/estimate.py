@@ -414,6 +414,8 @@ def _components(spec, s: Settings, adapters, z: _Sizes, moment: str, peak_alloc:
         Component("optimizer states", z.states, z.states,
                   (f"{z.n_states} states × {z.trainable:,} × 1 B + block absmax (bitsandbytes 8-bit; tensors "
                    f"under {BNB_MIN_8BIT} elements 4 B)" if s.optimizer_kind.endswith("8bit") else
+                   f"{z.n_states} states × ({z.adapter:,} × 4 B + {z.trainable - z.adapter:,} modules_to_save × {e} B)"
+                   if lora and z.trainable > z.adapter else
                    f"{z.n_states} states × {z.trainable:,} × {z.state_elt} B") if z.n_states
                   else "SGD without momentum: none"),
         Component("activations", acts.total, acts_at, acts.formula),
