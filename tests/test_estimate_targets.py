@@ -184,3 +184,70 @@ def test_the_estimator_imports_no_torch():
             "assert not bad, bad\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+OUTSIDE_CASES = [
+    (LLAMA, dict(targets=["q_proj", "lm_head", "embed_tokens"])),  # tied
+    (MISTRAL, dict(targets=["lm_head", "embed_tokens"])),  # untied, nothing in the blocks
+    (GPT2, dict(targets=["c_attn", "wte"])),
+    (LLAMA, dict(targets=r".*\.(q_proj|embed_tokens)")),
+    (LLAMA, dict(targets=["q_proj", "lm_head"], layers_to_transform=[1], expect_error="lm_head")),
+    (LLAMA, dict(targets=["v_proj"], modules_to_save=["embed_tokens", "lm_head"])),  # tied: one copy
+    (MISTRAL, dict(targets=["v_proj"], modules_to_save=["embed_tokens", "lm_head"])),
+    (MISTRAL, dict(targets=["v_proj", "lm_head"], modules_to_save=["embed_tokens"])),
+]
+
+
+@pytest.mark.parametrize("spec,kw", OUTSIDE_CASES, ids=[f"{s.arch}-{i}" for i, (s, _) in enumerate(OUTSIDE_CASES)])
+def test_head_and_embedding_counts_match_the_trained_model(spec, kw):
+    """LoRA on lm_head / the embeddings, and modules_to_save: trainable parameters, and the weights (a tied table
+    trained in full gets its own copy) as the model has them."""
+    import warnings
+
+    from lorafit.lora import LoraConfig, apply_lora
+
+    kw = dict(kw)
+    error = kw.pop("expect_error", None)
+    settings = Settings(method="lora", dtype="float32", r=8, seq_len=64, device="cpu", **kw)
+    model = _model(spec)
+    cfg = LoraConfig(r=8, alpha=16, target_modules=kw["targets"], layers_to_transform=kw.get("layers_to_transform"),
+                     modules_to_save=kw.get("modules_to_save"))
+    if error:  # outside the blocks: layers_to_transform leaves them out, in training and in the estimate
+        with pytest.raises(LorafitError, match=error):
+            apply_lora(model, cfg)
+        with pytest.raises(LorafitError, match=error):
+            estimate(spec, settings)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        apply_lora(model, cfg)
+    est = estimate(spec, settings)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    assert est.params["trainable"] == trained and est.params["adapter"] == lora
+    frozen_and_saved = sum(p.numel() for n, p in model.named_parameters() if ".lora_" not in n)
+    assert est.component("weights").bytes == frozen_and_saved * 4
+
+
+@pytest.mark.parametrize("spec,kw", [
+    (LLAMA, dict(targets=["embed_tokens", "o_proj"])),
+    pytest.param(LLAMA, dict(targets=["q_proj", "lm_head"], dtype="bfloat16"), marks=pytest.mark.slow),  # compiles bf16
+    (LLAMA, dict(targets=["q_proj", "lm_head"])),
+    (MISTRAL, dict(targets=["lm_head"])),
+    (MISTRAL, dict(targets=["v_proj"], modules_to_save=["embed_tokens"])),
+    (MISTRAL, dict(targets=["v_proj"], modules_to_save=["lm_head"])),
+], ids=["embed-o", "q-head-bf16", "q-head", "head-only", "save-embed", "save-head"])
+def test_saved_tensors_with_head_and_embedding_match_the_model(spec, kw):
+    """The embeddings' and the head's saved tensors (LoRA or modules_to_save) are the estimator's."""
+    import warnings
+
+    from lorafit.measure import _batch, build_model
+    from lorafit.memory import activations as act
+
+    kw = {"dtype": "float32", **kw}
+    s = Settings(method="lora", micro_batch=2, seq_len=32, r=8, dropout=0.1, device="cpu", **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_model(spec, s)
+    _, _, saved = saved_by_loss(model, _batch(spec.vocab, s, 0), s.runtime)
+    assert saved == act.saved_for_backward(spec, s, lora_targets(spec, s))

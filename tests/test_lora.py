@@ -340,8 +340,8 @@ def test_bad_targets_are_named():
     m = make_model("llama")
     with pytest.raises(LorafitError, match="'qq_proj' matches no Linear layer; this model has: .*q_proj"):
         apply_lora(m, LoraConfig(target_modules=["q_proj", "qq_proj"]))
-    with pytest.raises(LorafitError, match="Embedding"):
-        apply_lora(make_model("llama"), LoraConfig(target_modules=["embed_tokens"]))
+    with pytest.raises(LorafitError, match="is a LlamaRMSNorm; lorafit can wrap Linear, Conv1D and Embedding"):
+        apply_lora(make_model("llama"), LoraConfig(target_modules=["input_layernorm"]))
     with pytest.raises(LorafitError, match="match nothing"):
         apply_lora(make_model("llama"), LoraConfig(target_modules=r".*nothing.*"))
 

@@ -86,7 +86,7 @@ def _prepare(model, s: Settings) -> None:
     if s.method == "lora":
         lora = LoraConfig(r=s.r, alpha=s.alpha, dropout=s.dropout, target_modules=s.targets,
                           layers_to_transform=s.layers_to_transform, rank_pattern=dict(s.rank_pattern),
-                          use_dora=s.use_dora)
+                          use_dora=s.use_dora, modules_to_save=s.modules_to_save)
     make_trainable(model, lora, s.gradient_checkpointing, s.runtime)
 
 

@@ -9,6 +9,12 @@ buffer, plus one in the compute dtype for the matmuls, reused by every chunk); t
 head matmul runs twice per token (forward and grad), as in an unchunked loss, instead of three times as
 with activation checkpointing of the head. (Which hidden states of which model go in is
 :mod:`lorafit.train.loss`'s business.)
+
+A LoRA head (``lm_head`` as a LoRA target) stays merge-free: the caller passes the frozen ``W`` plus the
+low-rank input ``u = dropout(h) Aᵀ`` (n × r, small, made with autograd so A and the dropout get their gradients
+there) and ``B`` (vocab × r); each chunk's logits are ``h Wᵀ + s · u Bᵀ``, and the chunk's softmax gradient
+``g`` gives ``dh = g W``, ``du = s · g B`` and ``dB += s · gᵀ u`` right away. No (vocab × d) merged copy of the
+head and no dense delta is ever formed, and the (n × vocab) logits stay chunked.
 """
 
 from __future__ import annotations
@@ -20,12 +26,21 @@ from lorafit.options import RuntimeOptions
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """``sum_i CE(softcap(h_i Wᵀ), y_i)`` over rows ``h`` (n × d) and targets ``y`` (n,), computed in chunks.
+    """``sum_i CE(softcap(h_i Wᵀ + s · u_i Bᵀ), y_i)`` over rows ``h`` (n × d) and targets ``y`` (n,), computed in
+    chunks; the LoRA term is there when ``lora_u`` (n × r) and ``lora_b`` (vocab × r) are given.
     ``options`` decides whether a frozen bf16 head is multiplied on an fp32 copy (:mod:`lorafit.options`)."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk: int, softcap: float | None, options: RuntimeOptions):
+    def forward(ctx, h, weight, targets, chunk: int, softcap: float | None, options: RuntimeOptions,
+                lora_u=None, lora_b=None, scaling: float = 0.0):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        lora = lora_u is not None
+        need_u = lora and ctx.needs_input_grad[6]
+        need_b = lora and ctx.needs_input_grad[7]
+        if lora:
+            u32, b32 = lora_u.float(), lora_b.float()
+        grad_u = torch.empty(lora_u.shape, dtype=torch.float32, device=h.device) if need_u else None
+        grad_b = torch.zeros(lora_b.shape, dtype=torch.float32, device=h.device) if need_b else None
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -49,6 +64,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                 torch.mm(hc, weight.t(), out=z)
             else:
                 z.copy_(torch.mm(hc, weight.t(), out=low_buf[:n]))
+            if lora:
+                z.addmm_(u32[start : start + n], b32.t(), alpha=scaling)
             t = None
             if softcap:  # t = tanh(z / c) is kept for the derivative 1 − t²
                 t = torch.tanh(z.div_(softcap), out=t_buf[:n])
@@ -59,12 +76,16 @@ class LinearCrossEntropy(torch.autograd.Function):
             expz = z.sub_(zmax).exp_()
             sumexp = expz.sum(1, keepdim=True)
             total += (sumexp.log() + zmax - target_logit).sum()
-            if not (need_h or need_w):
+            if not (need_h or need_w or need_u or need_b):
                 continue
             grad = expz.div_(sumexp)
             grad[torch.arange(n, device=yc.device), yc] -= 1.0
             if softcap:
                 grad.mul_(t.mul_(t).neg_().add_(1.0))
+            if need_u:
+                torch.mm(grad, b32, out=grad_u[start : start + n]).mul_(scaling)
+            if need_b:
+                grad_b.addmm_(grad.t(), u32[start : start + n], alpha=scaling)
             if need_h and upcast:  # the fp32 softmax gradient is used as it is, not rounded first
                 grad_h[start : start + n] = torch.mm(grad, weight)
             elif need_h:
@@ -73,18 +94,23 @@ class LinearCrossEntropy(torch.autograd.Function):
             if need_w:
                 grad_w.addmm_(grad.t(), hc.float())
         del z_buf, low_buf, t_buf, weight
-        ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
-        ctx.has = (need_h, need_w)
+        ctx.save_for_backward(*(t for t in (grad_h, grad_w, grad_u, grad_b) if t is not None))
+        ctx.has = (need_h, need_w, need_u, need_b)
+        ctx.dtypes = (lora_u.dtype, lora_b.dtype) if lora else None
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
         saved = list(ctx.saved_tensors)
-        need_h, need_w = ctx.has
-        gh = gw = None
+        need_h, need_w, need_u, need_b = ctx.has
+        gh = gw = gu = gb = None
         if need_h:
             gh = saved.pop(0)
             gh = gh * grad_out.to(gh.dtype)
         if need_w:
             gw = saved.pop(0) * grad_out
-        return gh, gw, None, None, None, None
+        if need_u:
+            gu = (saved.pop(0) * grad_out).to(ctx.dtypes[0])
+        if need_b:
+            gb = (saved.pop(0) * grad_out).to(ctx.dtypes[1])
+        return gh, gw, None, None, None, None, gu, gb, None

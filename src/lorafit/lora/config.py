@@ -112,6 +112,10 @@ class LoraConfig:
     def from_peft_dict(cls, d: dict[str, Any], source: str = "adapter_config.json") -> LoraConfig:
         if d.get("peft_type", "LORA") != "LORA":
             raise LorafitError(f"{source}: peft_type {d.get('peft_type')!r} is not LORA; lorafit loads LoRA adapters only")
+        if d.get("ensure_weight_tying"):
+            # PEFT then ties the head's adapter (or trained copy) to the embeddings'; lorafit adapts them apart
+            raise LorafitError(f"{source}: ensure_weight_tying is true (PEFT ties the head's adapter to the "
+                               "embeddings'); lorafit does not support tied adapters yet")
         init = d.get("init_lora_weights", True)
         targets = d.get("target_modules") or ALL_LINEAR
         if isinstance(targets, set | tuple):

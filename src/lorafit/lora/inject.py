@@ -8,6 +8,7 @@ layers wrapped and ``model.lora_config`` set.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -18,9 +19,20 @@ from lorafit import targets as targets_rule
 from lorafit.errors import LorafitError
 from lorafit.kernels import nf4
 from lorafit.lora.config import ALL_LINEAR, LoraConfig
+from lorafit.lora.embedding import LoraEmbedding
 from lorafit.lora.layer import WRAPPABLE, LoraLinear
 from lorafit.lora.variants import DORA, PLAIN, QLORA
 from lorafit.options import RuntimeOptions
+
+# What a LoRA target may be: a linear layer (LoraLinear; the output head included when named) or the token
+# embeddings (LoraEmbedding, PEFT's lora.Embedding). "all-linear" selects linear layers only.
+TARGETABLE = (*WRAPPABLE, nn.Embedding)
+ADAPTER_LAYERS = (LoraLinear, LoraEmbedding)
+# PEFT's EMBEDDING_LAYER_NAMES: the names whose presence in target_modules / modules_to_save it checks for tying
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+TIED_WARNING = ("the model ties its input embeddings and output head, and the adapter includes one of them: as PEFT "
+                "does by default, each side is adapted on its own, so they are trained untied; merging such an adapter "
+                "can complicate saving the merged model")
 
 
 def output_head_names(model: nn.Module) -> set[str]:
@@ -40,21 +52,20 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     targets = config.target_modules
     matched, unwrappable = [], []
     for name, module in model.named_modules():
-        if not name or isinstance(module, LoraLinear) or ".base_layer" in name or ".lora_" in name:
+        if not name or isinstance(module, ADAPTER_LAYERS) or ".base_layer" in name or ".lora_" in name:
             continue
         if targets == ALL_LINEAR and not isinstance(module, WRAPPABLE):
             continue
         if not targets_rule.selected(name, targets, config.layers_to_transform, heads):
             continue
-        (matched if isinstance(module, WRAPPABLE) else unwrappable).append((name, module))
+        (matched if isinstance(module, TARGETABLE) else unwrappable).append((name, module))
     if unwrappable:
         name, module = unwrappable[0]
         raise LorafitError(
-            f"lora target {name!r} is a {type(module).__name__}; lorafit can wrap Linear and Conv1D layers only "
-            "(train it fully with modules_to_save instead)"
+            f"lora target {name!r} is a {type(module).__name__}; lorafit can wrap Linear, Conv1D and Embedding "
+            "layers only (train it fully with modules_to_save instead)"
         )
-    available = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, WRAPPABLE)} - {
-        h.split(".")[-1] for h in heads})
+    available = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, TARGETABLE)})
     for t in targets_rule.unmatched_names(targets, [n for n, _ in matched]):
         raise LorafitError(f"lora target_modules entry {t!r} matches no Linear layer; this model has: {', '.join(available)}")
     if not matched:
@@ -81,8 +92,16 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_dtype: torch.dtype 
     names = find_targets(model, config)
     for p in model.parameters():
         p.requires_grad_(False)
+    tied = tied_with_input_embeddings(model)
     for name in names:
         base = model.get_submodule(name)
+        if isinstance(base, nn.Embedding):
+            if config.use_dora or config.init == "pissa":
+                raise LorafitError(f"lora target {name!r} is an embedding: DoRA and PiSSA are for linear layers "
+                                   "here; use plain LoRA for it (or leave it out of lora_target_modules)")
+            _set_submodule(model, name, LoraEmbedding(base, r=config.rank_for(name), alpha=config.alpha_for(name),
+                                                      use_rslora=config.use_rslora, adapter_dtype=adapter_dtype))
+            continue
         layer = LoraLinear(
             base,
             r=config.rank_for(name),
@@ -97,13 +116,63 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_dtype: torch.dtype 
         _set_submodule(model, name, layer)
     _mark_bias_trainable(model, config.bias)
     for name in config.modules_to_save or []:
-        found = [m for n, m in model.named_modules() if n == name or n.endswith("." + name)]
+        found = [(n, m) for n, m in model.named_modules() if n == name or n.endswith("." + name)]
         if not found:
             raise LorafitError(f"lora modules_to_save entry {name!r} matches no module in this model")
-        for m in found:
+        for path, m in found:
+            _untie(model, path, m)
             m.requires_grad_(True)
+    if tied and _names_embedding(config):
+        warnings.warn(TIED_WARNING, UserWarning, stacklevel=2)  # where PEFT warns (issue huggingface/peft#2777)
     model.lora_config = config
     return model
+
+
+def tied_with_input_embeddings(model: nn.Module) -> list[str]:
+    """Dotted names of the modules (other than the input embeddings) that hold the input embeddings' weight
+    tensor itself: the output head of a model with ``tie_word_embeddings``."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    emb = get_in() if callable(get_in) else None
+    if emb is None or getattr(emb, "weight", None) is None:
+        return []
+    return [n for n, m in model.named_modules()
+            if m is not emb and getattr(m, "weight", None) is emb.weight and not n.endswith(".base_layer")]
+
+
+def _names_embedding(config: LoraConfig) -> bool:
+    """PEFT's test (``_check_tied_modules``): an embedding-layer name among the targets or modules_to_save."""
+    saved = [m.split(".")[-1] for m in config.modules_to_save or []]
+    if isinstance(config.target_modules, str):
+        in_targets = config.target_modules != ALL_LINEAR and any(
+            targets_rule.name_matches(e, config.target_modules) for e in EMBEDDING_LAYER_NAMES)
+    else:
+        in_targets = any(t.split(".")[-1] in EMBEDDING_LAYER_NAMES for t in config.target_modules)
+    return in_targets or any(m in EMBEDDING_LAYER_NAMES for m in saved)
+
+
+def _untie(model: nn.Module, path: str, module: nn.Module) -> None:
+    """A module of ``modules_to_save`` gets its own copy of any parameter it shares with a module outside it.
+
+    PEFT trains a copy of each such module (``ModulesToSaveWrapper``), so with tied embeddings the trained head
+    and the trained (or frozen) input embeddings are separate tensors from the first step on. Training the shared
+    tensor in place would update both sides with the sum of their gradients: other math. One copy per shared
+    tensor is enough: after it, the other holder keeps the original alone.
+    """
+    holders: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(p), []).append(n)
+    untied = False
+    for pname, p in list(module.named_parameters(recurse=True)):
+        if any(not n.startswith(path + ".") for n in holders[id(p)]):
+            owner_name, _, leaf = pname.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            setattr(owner, leaf, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+            untied = True
+    config = getattr(model, "config", None)
+    if untied and getattr(config, "tie_word_embeddings", False):
+        # the model object is untied now: a saved merged or full model must keep both tensors, and loading it
+        # must not tie them again
+        config.tie_word_embeddings = False
 
 
 def _variant(name: str, base: nn.Module, config: LoraConfig):
@@ -127,13 +196,14 @@ def _mark_bias_trainable(model: nn.Module, mode: str) -> None:
                 layer.base_layer.bias.requires_grad_(True)
 
 
-def lora_layers(model: nn.Module) -> list[LoraLinear]:
-    return [m for m in model.modules() if isinstance(m, LoraLinear)]
+def lora_layers(model: nn.Module) -> list[LoraLinear | LoraEmbedding]:
+    """The model's adapter layers: LoRA linear layers and LoRA embeddings."""
+    return [m for m in model.modules() if isinstance(m, ADAPTER_LAYERS)]
 
 
-def named_lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
+def named_lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear | LoraEmbedding]]:
     for name, m in model.named_modules():
-        if isinstance(m, LoraLinear):
+        if isinstance(m, ADAPTER_LAYERS):
             yield name, m
 
 
@@ -148,10 +218,16 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
     """Fold each adapter into its base weight (``s·B A`` added; DoRA: the rescaled weight written). ``safe``
     checks every result for NaN/inf first."""
     layers = _require_lora(model)
+    for name, layer in named_lora_layers(model):
+        if not layer.merged:
+            # A LoRA head or embedding over a tied table: merging into the shared tensor would add the head's
+            # update to the embeddings too (PEFT does, with the warning at apply time); here the layer gets its
+            # own copy first, so the merged model computes what the adapted one did.
+            _untie(model, f"{name}.base_layer", layer.base_layer)
     if safe:
         for name, layer in named_lora_layers(model):
-            if not layer.merged and not torch.isfinite(layer.variant.dense_weight(layer).float()
-                                                       + layer.delta_weight()).all():
+            dense = layer.base_layer.weight if isinstance(layer, LoraEmbedding) else layer.variant.dense_weight(layer)
+            if not layer.merged and not torch.isfinite(dense.float() + layer.delta_weight()).all():
                 raise LorafitError(f"refusing to merge: {name} would get NaN/inf weights (the adapter is broken)")
     for layer in layers:
         layer.merge()

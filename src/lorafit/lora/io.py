@@ -1,7 +1,8 @@
 """Adapters on disk in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-Keys are PEFT's: ``base_model.model.<module path>.lora_A.weight`` (the adapter name is not stored), a
-variant's own tensors (DoRA: ``base_model.model.<module path>.lora_magnitude_vector``, no ``.weight``), plus
+Keys are PEFT's: ``base_model.model.<module path>.lora_A.weight`` (the adapter name is not stored;
+embeddings: ``<path>.lora_embedding_A`` / ``lora_embedding_B``, plus the targeted embedding or head's
+``<path>.base_layer.weight`` as PEFT writes it), a variant's own tensors (DoRA: ``base_model.model.<module path>.lora_magnitude_vector``, no ``.weight``), plus
 ``base_model.model.<path>.weight`` for ``modules_to_save`` and trainable biases. Files are written to a
 temporary name and renamed into place, so a crash never leaves a half-written adapter.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -20,8 +22,8 @@ from torch import nn
 
 from lorafit.errors import LorafitError
 from lorafit.fsutil import follow_umask
-from lorafit.lora.config import LoraConfig
-from lorafit.lora.inject import apply_lora, named_lora_layers
+from lorafit.lora.config import ALL_LINEAR, LoraConfig
+from lorafit.lora.inject import EMBEDDING_LAYER_NAMES, apply_lora, named_lora_layers
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -36,18 +38,48 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     state = {}
     for name, layer in named_lora_layers(model):
-        a, b = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
+        for key, t in layer.adapter_tensors().items():
+            state[f"{PREFIX}{name}.{key}"] = t.detach()
         init = getattr(layer, "pissa_init", None)
         if init is not None:
-            a, b = torch.cat([a, init[0]], 0), torch.cat([b, -init[1]], 1)
-        state[f"{PREFIX}{name}.lora_A.weight"] = a
-        state[f"{PREFIX}{name}.lora_B.weight"] = b
-        for key, t in layer.variant.tensors(layer).items():
-            state[f"{PREFIX}{name}.{key}"] = t.detach()
+            a, b = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
+            state[f"{PREFIX}{name}.lora_A.weight"] = torch.cat([a, init[0]], 0)
+            state[f"{PREFIX}{name}.lora_B.weight"] = torch.cat([b, -init[1]], 1)
+    state.update(_embedding_base_weights(model))
     for pname, p in model.named_parameters():
         if p.requires_grad and PREFIX + pname not in state and ".lora_A." not in pname and ".lora_B." not in pname:
             state[PREFIX + pname] = p.detach()  # modules_to_save and trainable biases, under PEFT's names
-    return {k: v.contiguous().cpu() for k, v in state.items()}
+    out, seen = {}, set()
+    for k, v in state.items():
+        v = v.contiguous().cpu()
+        if v.data_ptr() in seen:  # a tied head's base weight is the embeddings' tensor: safetensors wants a copy
+            v = v.clone()
+        seen.add(v.data_ptr())
+        out[k] = v
+    return out
+
+
+def _embedding_base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """PEFT's ``save_embedding_layers="auto"``: when ``target_modules`` names ``embed_tokens`` or ``lm_head`` (a
+    list holding the name, or a regex matching a module so named), PEFT's file also holds the base weights of
+    the wrapped input embeddings / output head (``<path>.base_layer.weight``), so an adapter trained on a
+    resized vocabulary carries its table. Written by the same rule here; loading copies them back."""
+    config = getattr(model, "lora_config", None)
+    targets = config.target_modules if config is not None else ALL_LINEAR
+    if isinstance(targets, str):
+        named = targets != ALL_LINEAR and any(re.fullmatch(targets, n) for n, _ in model.named_modules()
+                                              if n.split(".")[-1] in EMBEDDING_LAYER_NAMES)
+    else:
+        named = any(e in targets for e in EMBEDDING_LAYER_NAMES)
+    if not named:
+        return {}
+    layers = [getattr(model, f, lambda: None)() for f in ("get_input_embeddings", "get_output_embeddings")]
+    state = {}
+    for name, module in named_lora_layers(model):
+        if any(module is m for m in layers if m is not None):
+            for pname, p in module.base_layer.named_parameters(recurse=False):
+                state[f"{PREFIX}{name}.base_layer.{pname}"] = p.detach()
+    return state
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -141,7 +173,8 @@ def copy_adapter_weights(model: nn.Module, state: dict[str, torch.Tensor], where
     Every tensor must have a place of the same shape, and every LoRA layer must get its A and B (DoRA: and its
     magnitude); otherwise the error says which tensor differs (``where`` names the file in the message).
     """
-    own = {f"{PREFIX}{n}": p for n, p in model.named_parameters()}
+    # remove_duplicate=False: a tied head and its input embeddings are both named (PEFT's files name both)
+    own = {f"{PREFIX}{n}": p for n, p in model.named_parameters(remove_duplicate=False)}
     for name, _ in named_lora_layers(model):  # older files name wrapped layers' biases without ".base_layer"
         for suffix in ("bias", "weight"):
             if f"{PREFIX}{name}.base_layer.{suffix}" in own:
@@ -158,8 +191,7 @@ def copy_adapter_weights(model: nn.Module, state: dict[str, torch.Tensor], where
                 f"{where}: {key} has shape {tuple(tensor.shape)} but the model expects "
                 f"{tuple(own[key].shape)}; it was trained on a different base model (or r differs)"
             )
-    needed = [f"{PREFIX}{n}.{key}" for n, layer in named_lora_layers(model)
-              for key in ("lora_A.weight", "lora_B.weight", *layer.variant.tensors(layer))]
+    needed = [f"{PREFIX}{n}.{key}" for n, layer in named_lora_layers(model) for key in layer.adapter_tensors()]
     missing = [k for k in needed if k not in state]
     if missing:
         raise LorafitError(f"{where}: no weights for {missing[0]} (and {len(missing) - 1} more)")

@@ -163,6 +163,11 @@ class LoraLinear(nn.Module):
                 return y
         return self.variant.forward(self, x)
 
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors an adapter file holds, by name under the layer's path (PEFT's names)."""
+        return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight,
+                **self.variant.tensors(self)}
+
     def branch(self) -> Branch:
         """This layer's operands for the kernels: weight (out × in), bias, A, B, scaling, dropout p (0 in eval)."""
         # The dropout mask comes from torch's global RNG: a checkpoint's saved RNG state reproduces it on resume,

@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 from lorafit.memory.spec import ModelSpec
 from lorafit.options import loss_chunk_tokens
+from lorafit.targets import ALL_LINEAR, name_matches, selected
 
 # Per decoder block, bottom to top: the linear layers LoRA wraps there (path inside the block -> rank).
 # Full fine-tuning: no wrapped layers, every block trained (``s.method == "full"``).
@@ -176,8 +177,9 @@ GPT2_GELU_SAVED = 4
 
 def blocks(spec: ModelSpec, s, adapters: Adapters) -> list[Block]:
     """What each decoder block saves, bottom to top. In LoRA no gradient flows into the blocks below the
-    lowest adapter (the embedding is frozen): they save nothing."""
-    out, rg, seen = [], s.method == "full", {}
+    lowest adapter when the embedding is frozen: they save nothing. A trained embedding (a LoRA target or in
+    ``modules_to_save``) needs the gradient all the way down: every block saves what its input gradient needs."""
+    out, rg, seen = [], s.method == "full" or embedding_trained(spec, s), {}
     for wrapped in adapters:
         key = (tuple(sorted(wrapped.items())), rg)
         if key not in seen:  # blocks alike (most of them) are computed once
@@ -203,25 +205,58 @@ def activations(spec: ModelSpec, s, adapters: Adapters) -> Activations:
     # final norm.
     attention = any(b.attention for b in layers)
     rotary = 2 * s.seq_len * spec.head_dim * e if attention and spec.family != "gpt2" else 0
-    if spec.family == "gpt2":
+    below = bool(active) or embedding_trained(spec, s)  # whether the final hidden states need a gradient
+    if not below:
+        final = 0  # e.g. only lm_head adapted: nothing under the head is trained
+    elif spec.family == "gpt2":
         final = (e * d + 8) * n_tok
     else:
         final = rms_norm_bytes(spec, e, s.method == "full") * n_tok
+    outside = outside_saved(spec, s, below)
     if s.packing and attention:  # block-causal mask built from the position restarts: bool (B × 1 × T × T)
         rotary += s.micro_batch * s.seq_len * s.seq_len
     if s.gradient_checkpointing:
         # A checkpoint keeps its block's input while the block holds anything for backward: not below the
         # lowest adapter.
         n_in = len(active)
-        total = n_in * n_tok * d * e + rotary + final
+        total = n_in * n_tok * d * e + rotary + final + outside
         return Activations(total, per_layer, per_layer, rotary + n_tok * d * e,
                            f"checkpointing: {n_in} layer inputs × {n_tok} tokens × {d} × {e} B "
                            f"+ final norm + rotary; one layer ({per_layer / 2**20:.1f} MiB) recomputed in backward")
     # every LoRA layer with dropout keeps its mask's seed (two int32); a DoRA layer its fp32 row norms
     n_lora = sum(len(w) for w in adapters)
     seeds = 8 * n_lora if s.method == "lora" and s.dropout > 0 else 0
-    total = sum(per_token) * n_tok + rotary + final + seeds + dora_norms(spec, s, adapters)
-    return Activations(total, per_layer, 0, rotary + lowest, _formula(per_token, n_tok, L, per_layer))
+    total = sum(per_token) * n_tok + rotary + final + seeds + dora_norms(spec, s, adapters) + outside
+    formula = _formula(per_token, n_tok, L, per_layer)
+    if outside:
+        formula += f" + embeddings/head {outside / 2**20:.1f} MiB"
+    return Activations(total, per_layer, 0, rotary + lowest, formula)
+
+
+def outside_saved(spec: ModelSpec, s, below: bool) -> int:
+    """What the token embeddings and the output head save for backward when they are trained (LoRA targets or
+    ``modules_to_save``; full fine-tuning's head gradient is the loss's ``head_grad``).
+
+    A trained embedding: the int64 token ids (``F.embedding``'s backward); a LoRA one also its ``ids → A``
+    lookup (tokens × r, fp32) for B's gradient. A LoRA head (``lorafit.train.loss``, merge-free): the dropped-out
+    hidden rows in fp32 for A's gradient, the dropout mask (in the compute dtype, as torch keeps it on CPU) when a gradient flows below, and the chunked
+    loss's fp32 ``du`` (rows × r) and ``dB`` (vocab × r). Measured with saved-tensor hooks
+    (``tests/test_estimate_targets.py``).
+    """
+    if s.method != "lora":
+        return 0
+    from lorafit.memory.estimate import outside_targets  # the one place the targets are matched
+
+    d, V, n_tok = spec.hidden, spec.vocab, s.tokens
+    n_tr = s.micro_batch * (s.seq_len - 1)
+    total = n_tok * 8 if embedding_trained(spec, s) else 0
+    for path, r in outside_targets(spec, s):
+        if path == spec.embedding_path:
+            total += n_tok * r * 4
+        else:
+            mask = n_tr * d * s.bytes if s.dropout > 0 and below else 0  # F.dropout keeps it in the input dtype
+            total += n_tr * d * 4 + mask + n_tr * r * 4 + V * r * 4
+    return total
 
 
 def dora_norms(spec: ModelSpec, s, adapters: Adapters) -> int:
@@ -258,7 +293,7 @@ def loss_buffers(spec: ModelSpec, s) -> LossBuffers:
     """
     e, d, V, B, T = s.bytes, spec.hidden, spec.vocab, s.micro_batch, s.seq_len
     n_tok, n_tr = B * T, B * (T - 1)
-    head_grad = V * d * 4 if s.method == "full" else 0
+    head_grad = V * d * 4 if head_trained(s) else 0
     if s.loss == "hf":
         per = e + 12 if e != 4 else 12
         total = n_tok * V * per
@@ -294,8 +329,26 @@ def loss_backward(spec: ModelSpec, s) -> int:
         return 0
     e, d, V = s.bytes, spec.hidden, spec.vocab
     n_tr = s.micro_batch * (s.seq_len - 1)
-    head = V * d * (4 + 4 + (e if e != 4 else 0)) if s.method == "full" else 0
+    head = V * d * (4 + 4 + (e if e != 4 else 0)) if head_trained(s) else 0
     return 2 * n_tr * d * e + head
+
+
+def embedding_trained(spec: ModelSpec, s) -> bool:
+    """Whether the token embeddings get a gradient: full fine-tuning, or LoRA with them as a target (named or by
+    a regex; never by all-linear) or in ``modules_to_save``."""
+    if s.method == "full":
+        return True
+    path, names = spec.embedding_path, getattr(s, "modules_to_save", None) or []
+    targets = getattr(s, "targets", ALL_LINEAR)
+    return (s.method == "lora" and (bool(names) and name_matches(path, names)
+            or targets != ALL_LINEAR and selected(path, targets, getattr(s, "layers_to_transform", None))))
+
+
+def head_trained(s) -> bool:
+    """Whether the output head's weight itself is trained (full fine-tuning, or LoRA with lm_head in
+    ``modules_to_save``): then the chunked loss builds its fp32 gradient in forward."""
+    names = getattr(s, "modules_to_save", None) or []
+    return s.method == "full" or (s.method == "lora" and any(n == "lm_head" or n.endswith(".lm_head") for n in names))
 
 
 def backward_temporaries(spec: ModelSpec, s, adapters: Adapters) -> Temporaries:
@@ -303,7 +356,8 @@ def backward_temporaries(spec: ModelSpec, s, adapters: Adapters) -> Temporaries:
     over the layers it runs through, the top one when all are alike."""
     e, d, n_tok = s.bytes, spec.hidden, s.tokens
     per_token = layer_bytes(spec, s, adapters)
-    mlp, why = max(_mlp_temporaries(spec, s, set(w)) for w, b in zip(adapters, per_token, strict=True) if b)
+    mlp, why = max((_mlp_temporaries(spec, s, set(w)) for w, b in zip(adapters, per_token, strict=True) if b),
+                   default=(0, "nothing (no block runs backward)"))
     total = int(mlp * n_tok * spec.intermediate + BW_HIDDEN * n_tok * d * e)
     # Frozen matmuls on fp32 copies (lorafit.kernels.matmul): the weight being multiplied has an fp32 copy
     # (one at a time; the largest counts).
@@ -387,4 +441,7 @@ def saved_for_backward(spec: ModelSpec, s, adapters: Adapters) -> int:
     change in what the LoRA layer, the HF modules or the loss save fails a test until the model follows.
     """
     n_tr = s.micro_batch * (s.seq_len - 1)
-    return activations(spec, s, adapters).total + n_tr * spec.hidden * s.bytes + n_tr * 8
+    acts = activations(spec, s, adapters)
+    below = any(w for w in adapters) or embedding_trained(spec, s)  # else the loss needs no hidden-state gradient
+    head = spec.vocab * spec.hidden * 4 if s.method == "lora" and head_trained(s) else 0  # lm_head's fp32 gradient
+    return acts.total + (n_tr * spec.hidden * s.bytes + n_tr * 8 if below else 0) + head

@@ -64,6 +64,7 @@ class Settings:
     targets: list[str] | str = "all-linear"
     layers_to_transform: list[int] | None = None  # decoder blocks that get an adapter (None: all)
     rank_pattern: dict[str, int] = field(default_factory=dict)  # module name/regex -> rank (PEFT's rule)
+    modules_to_save: list[str] | None = None  # LoRA: modules trained in full (embed_tokens, lm_head are counted)
     optimizer: str = "adamw"  # an optimizer name of lorafit.config.OPTIMIZERS
     gradient_checkpointing: bool = False
     packing: bool = False
@@ -108,6 +109,7 @@ class Settings:
             raise LorafitError(f"layers to transform: got {self.layers_to_transform!r}, "
                                "must be layer indices >= 0")
         self.rank_pattern = dict(self.rank_pattern or {})
+        self.modules_to_save = list(self.modules_to_save) if self.modules_to_save else None
         for key, value in self.rank_pattern.items():
             _check_positive(f"rank_pattern[{key!r}]", value)
         if isinstance(self.runtime, dict):  # from to_dict(), e.g. a stored benchmark row
@@ -213,8 +215,38 @@ def lora_targets(spec: ModelSpec, s: Settings) -> act.Adapters:
     if s.method != "lora":
         return [{} for _ in range(spec.layers)]
     adapters = [_block_targets(spec, s, i) for i in range(spec.layers)]
-    _check_matched(spec, s, adapters)
+    _check_matched(spec, s, adapters, [p for p, _ in outside_targets(spec, s)])
     return adapters
+
+
+def outside_targets(spec: ModelSpec, s: Settings) -> list[tuple[str, int]]:
+    """The token embeddings and the output head when they are LoRA targets (path, rank): named explicitly or by
+    a regex, never by ``all-linear`` (the head is left out; the embeddings are no linear layer). Like any path
+    outside the decoder blocks, they have no layer index, so ``layers_to_transform`` leaves them out."""
+    if s.method != "lora" or s.targets == targets_rule.ALL_LINEAR:
+        return []
+    out = [(p, int(targets_rule.pattern_value(s.rank_pattern, p, s.r))) for p in (spec.embedding_path, HEAD)
+           if targets_rule.selected(p, s.targets, s.layers_to_transform)]
+    if s.use_dora and any(p == spec.embedding_path for p, _ in out):
+        raise LorafitError(f"lora target {spec.embedding_path!r} is an embedding: DoRA is for linear layers here; "
+                           "use plain LoRA for it (or leave it out of lora_target_modules)")
+    return out
+
+
+def outside_blocks(spec: ModelSpec, s: Settings) -> tuple[list[int], list[int], int]:
+    """Trained tensors outside the decoder blocks, as element counts: LoRA on the embeddings / head (A, B; DoRA's
+    magnitude on the head), the ``modules_to_save`` tables (trained in place, in the base dtype), and the copy
+    a tied table gets when a side of it is trained in full (as PEFT trains a copy: the two sides untie)."""
+    V, d = spec.vocab, spec.hidden
+    lora = []
+    for path, r in outside_targets(spec, s):
+        lora += [r * (V if path == spec.embedding_path else d), r * (d if path == spec.embedding_path else V)]
+        if path == HEAD and s.use_dora:
+            lora.append(V)
+    names = (s.modules_to_save or []) if s.method == "lora" else []
+    saved = [V * d for p in (spec.embedding_path, HEAD) if names and targets_rule.name_matches(p, names)]
+    copies = V * d if spec.tied_embeddings and saved else 0
+    return lora, saved, copies
 
 
 def _block_targets(spec: ModelSpec, s: Settings, layer: int) -> dict[str, int]:
@@ -226,11 +258,11 @@ def _block_targets(spec: ModelSpec, s: Settings, layer: int) -> dict[str, int]:
     return out
 
 
-def _check_matched(spec: ModelSpec, s: Settings, adapters: act.Adapters) -> None:
+def _check_matched(spec: ModelSpec, s: Settings, adapters: act.Adapters, outside: list[str]) -> None:
     """One-line errors for a target that matches nothing, as training would raise them."""
-    paths = [f"{spec.block_prefix(i)}.{n}" for i, w in enumerate(adapters) for n in w]
+    paths = [f"{spec.block_prefix(i)}.{n}" for i, w in enumerate(adapters) for n in w] + outside
     where = f" in layers {s.layers_to_transform}" if s.layers_to_transform is not None else ""
-    has = f"this model has: {', '.join(spec.module_names())}"
+    has = f"this model has: {', '.join([*spec.module_names(), spec.embedding_path.split('.')[-1], HEAD])}"
     for t in targets_rule.unmatched_names(s.targets, paths):
         raise LorafitError(f"lora target {t!r} matches no linear layer of {spec.name}{where}; {has}")
     if not paths and isinstance(s.targets, str) and s.targets != targets_rule.ALL_LINEAR:
@@ -266,17 +298,20 @@ def _sizes(spec: ModelSpec, s: Settings, adapters: act.Adapters) -> _Sizes:
     dora = {n: o if s.use_dora else 0 for n, _, o, _ in spec.linear_layers()}  # DoRA's magnitude vector
     shapes = {n: i + o for n, i, o, _ in spec.linear_layers()}
     adapter = sum(r * shapes[n] + dora[n] for w in adapters for n, r in w.items())
-    trainable = adapter if lora else params
+    out_lora, saved, copies = outside_blocks(spec, s)
+    adapter += sum(out_lora)
+    saved_n = sum(saved)  # modules_to_save: trained in place in the base dtype (grads and states too)
+    trainable = adapter + saved_n if lora else params
     state_elt = 4 if lora else e  # LoRA: fp32 adapter, gradients and states; full: the parameters' dtype
     n_states = OPTIMIZER_STATES[s.optimizer_kind]
-    states = n_states * trainable * state_elt
+    states = n_states * (adapter * state_elt + saved_n * e) if lora else n_states * trainable * state_elt
     if s.optimizer_kind.endswith("8bit"):
         states = sum(_bnb_state_bytes(n) for n in _trainable_tensors(spec, s, adapters))
-    weights = params * e
+    weights = (params + copies) * e
     if s.four_bit:
         linear = [i * o for _, i, o, _ in spec.linear_layers()] * spec.layers
-        weights = (params - sum(linear)) * e + sum(four_bit_bytes(n, s.double_quant) for n in linear)
-    return _Sizes(params, adapter, trainable, weights, adapter * 4, adapter * 4 if lora else params * e,
+        weights = (params + copies - sum(linear)) * e + sum(four_bit_bytes(n, s.double_quant) for n in linear)
+    return _Sizes(params, adapter, trainable, weights, adapter * 4, adapter * 4 + saved_n * e if lora else params * e,
                   states, n_states, state_elt)
 
 
@@ -299,7 +334,9 @@ def _trainable_tensors(spec: ModelSpec, s: Settings, adapters: act.Adapters) -> 
     """Element counts of the trained tensors, one by one (bitsandbytes quantizes states per tensor)."""
     if s.method == "lora":
         shapes = {n: (i, o) for n, i, o, _ in spec.linear_layers()}
-        return [n for w in adapters for name, r in w.items() for n in (r * shapes[name][0], r * shapes[name][1])]
+        out_lora, saved, _ = outside_blocks(spec, s)
+        return [n for w in adapters for name, r in w.items()
+                for n in (r * shapes[name][0], r * shapes[name][1])] + out_lora + saved
     per_layer = [i * o for _, i, o, _ in spec.linear_layers()]
     rest = spec.layer_params() - sum(per_layer)  # biases and norms: small tensors, 32-bit states
     out = per_layer * spec.layers + [rest // 2] * (2 * spec.layers) + [spec.final_norm_params()]
@@ -369,12 +406,16 @@ def _components(spec, s: Settings, adapters, z: _Sizes, moment: str, peak_alloc:
         Component(name, z.adapter_bytes if lora else z.weights, z.adapter_bytes,
                   _adapter_formula(spec, s, adapters, z.adapter) if lora else "all weights (counted above)"),
         Component("gradients", z.grads, grads_at,
-                  f"{z.trainable:,} trainable × {4 if lora else e} B" + ("" if grads_at == z.grads else
+                  (f"{z.adapter:,} adapter × 4 B + {z.trainable - z.adapter:,} modules_to_save × {e} B"
+                   if lora and z.trainable > z.adapter else f"{z.trainable:,} trainable × {4 if lora else e} B")
+                  + ("" if grads_at == z.grads else
                   "; at the peak: the head's fp32 gradient only" if grads_at else
                   "; none at the peak (freed by zero_grad, rebuilt in backward)")),
         Component("optimizer states", z.states, z.states,
                   (f"{z.n_states} states × {z.trainable:,} × 1 B + block absmax (bitsandbytes 8-bit; tensors "
                    f"under {BNB_MIN_8BIT} elements 4 B)" if s.optimizer_kind.endswith("8bit") else
+                   f"{z.n_states} states × ({z.adapter:,} × 4 B + {z.trainable - z.adapter:,} modules_to_save × {e} B)"
+                   if lora and z.trainable > z.adapter else
                    f"{z.n_states} states × {z.trainable:,} × {z.state_elt} B") if z.n_states
                   else "SGD without momentum: none"),
         Component("activations", acts.total, acts_at, acts.formula),
@@ -387,9 +428,11 @@ def _components(spec, s: Settings, adapters, z: _Sizes, moment: str, peak_alloc:
 def _adapter_formula(spec: ModelSpec, s: Settings, adapters: act.Adapters, adapter: int) -> str:
     n_layers = sum(1 for w in adapters if w)
     per = "(r·(in+out) + out)" if s.use_dora else "r·(in+out)"
+    outside = sum(outside_blocks(spec, s)[0])
+    extra = f" + {outside:,} on the embeddings/head" if outside else ""
     if n_layers == spec.layers and len({tuple(w.items()) for w in adapters}) == 1 and not s.rank_pattern:
-        return (f"{adapter:,} = {spec.layers} layers × Σ {per} over {len(adapters[0])} targets "
+        return (f"{adapter:,} = {spec.layers} layers × Σ {per} over {len(adapters[0])} targets{extra} "
                 "× 4 B (fp32)")
     n_modules = sum(len(w) for w in adapters)
     return (f"{adapter:,} = Σ {per} over {n_modules} adapted layers in {n_layers} of {spec.layers} "
-            "blocks × 4 B (fp32)")
+            f"blocks{extra} × 4 B (fp32)")

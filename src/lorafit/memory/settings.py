@@ -26,7 +26,7 @@ def settings_from_config(cfg: TrainConfig, device: str, runtime: RuntimeOptions 
     if cfg.is_lora:
         kw.update(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets,
                   layers_to_transform=cfg.lora_layers_to_transform, use_dora=bool(cfg.peft_use_dora),
-                  rank_pattern=dict(cfg.lora_rank_pattern or {}))
+                  rank_pattern=dict(cfg.lora_rank_pattern or {}), modules_to_save=cfg.lora_modules_to_save)
     if cfg.four_bit:
         kw.update(four_bit=cfg.four_bit["quant_type"], double_quant=cfg.four_bit["double_quant"])
     return Settings(**kw, device=device, runtime=runtime or cfg.runtime_options())

@@ -61,6 +61,11 @@ class ModelSpec:
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
 
+    @property
+    def embedding_path(self) -> str:
+        """Dotted path of the token embeddings in the transformers model (``model.embed_tokens``)."""
+        return "transformer.wte" if self.family == "gpt2" else "model.embed_tokens"
+
     def block_prefix(self, layer: int) -> str:
         """Dotted path of decoder block ``layer`` in the transformers model (``model.layers.3``)."""
         return f"transformer.h.{layer}" if self.family == "gpt2" else f"model.layers.{layer}"

@@ -7,6 +7,7 @@ Runs the decoder stack without its head and hands the hidden states of the *trai
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lorafit.kernels.loss import LinearCrossEntropy
@@ -38,7 +39,9 @@ def causal_lm_loss(model: nn.Module, inputs: dict, labels: torch.Tensor, chunk_t
     """
     body = model.base_model  # the decoder stack without the head (LlamaModel, GPT2Model, ...)
     head = model.get_output_embeddings()
-    if getattr(head, "bias", None) is not None:
+    lora_head = hasattr(head, "base_layer") and not (head.merged or head.disabled)
+    base = getattr(head, "base_layer", head)
+    if getattr(base, "bias", None) is not None:
         raise NotImplementedError("output heads with a bias are not supported by the chunked loss")
     hidden = body(**inputs).last_hidden_state  # (B, T, d)
     targets = labels[:, 1:].reshape(-1)
@@ -47,7 +50,26 @@ def causal_lm_loss(model: nn.Module, inputs: dict, labels: torch.Tensor, chunk_t
     if n == 0:
         return hidden.sum() * 0.0, 0
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, keep)
-    chunk = chunk_tokens or loss_chunk_tokens(head.weight.shape[0])
-    loss = LinearCrossEntropy.apply(h, head.weight, targets.index_select(0, keep), chunk, _softcap(model),
-                                    options or options_of(model))
+    y = targets.index_select(0, keep)
+    if lora_head and head.variant.name != "lora":
+        # A DoRA (or 4-bit) head: its row norms (or dequantized weight) belong to its own kernel, so the logits of
+        # the trained positions are made by the layer itself, unchunked. Rare; correct before lean.
+        return _unchunked_loss(head(h), y, _softcap(model)), n
+    chunk = chunk_tokens or loss_chunk_tokens(base.weight.shape[0])
+    lora = ()
+    if lora_head:
+        # Plain LoRA head, merge-free (kernels.loss): u = dropout(h) Aᵀ here, with autograd (n × r, small);
+        # the kernel adds s · u Bᵀ to each chunk's logits. nn.Dropout's mask, as PEFT's LoRA layers draw it.
+        a, b = head.lora_A.weight, head.lora_B.weight
+        u = F.dropout(h, head.dropout_p, training=head.training).to(a.dtype) @ a.t()
+        lora = (u, b, head.scaling)
+    loss = LinearCrossEntropy.apply(h, head._weight_out_in() if lora_head else base.weight, y, chunk,
+                                    _softcap(model), options or options_of(model), *lora)
     return loss, n
+
+
+def _unchunked_loss(logits: torch.Tensor, y: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    logits = logits.float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, y, reduction="sum")

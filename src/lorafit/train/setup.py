@@ -107,7 +107,8 @@ def check_start_adapter(directory, lora: LoraConfig, source: str) -> None:
 def load_start_adapter(model: nn.Module, directory, source: str) -> None:
     """Copy the saved adapter's weights into the freshly applied one; its layers must be the config's."""
     state = read_adapter_weights(directory)
-    saved = {k.removeprefix(PREFIX).removesuffix(".lora_A.weight") for k in state if k.endswith(".lora_A.weight")}
+    saved = {k.removeprefix(PREFIX).rpartition(".lora_")[0] for k in state
+             if k.endswith((".lora_A.weight", ".lora_embedding_A"))}
     ours = {name for name, _ in named_lora_layers(model)}
     if saved != ours:
         only = sorted(saved - ours) or sorted(ours - saved)
