@@ -47,7 +47,12 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for pname, p in model.named_parameters():
         if p.requires_grad and PREFIX + pname not in state and ".lora_A." not in pname and ".lora_B." not in pname:
             state[PREFIX + pname] = p.detach()  # modules_to_save and trainable biases, under PEFT's names
-    return {k: v.contiguous().cpu() for k, v in state.items()}
+    # FSDP2 shards are DTensors: each is gathered whole (every rank calls this, in the same order of keys)
+    return {k: _whole(v).contiguous().cpu() for k, v in state.items()}
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -64,14 +69,16 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str | None = None) -> Path:
-    """Write the model's adapter to ``directory`` in PEFT's format (atomically, file by file)."""
+def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str | None = None,
+                 state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the model's adapter to ``directory`` in PEFT's format (atomically, file by file). ``state``: its
+    :func:`adapter_state_dict` if already taken (a sharded model's, gathered on every rank)."""
     config = getattr(model, "lora_config", None)
     if config is None:
         raise LorafitError("this model has no LoRA adapter to save")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = adapter_state_dict(model)
+    state = adapter_state_dict(model) if state is None else state
     targets = sorted({n.split(".")[-1] for n, _ in named_lora_layers(model)})
     peft_config = config.to_peft_dict(targets, base_model=base_model)
     peft_config["fan_in_fan_out"] = any(layer.fan_in_fan_out for _, layer in named_lora_layers(model))
@@ -165,4 +172,9 @@ def copy_adapter_weights(model: nn.Module, state: dict[str, torch.Tensor], where
         raise LorafitError(f"{where}: no weights for {missing[0]} (and {len(missing) - 1} more)")
     with torch.no_grad():
         for key, tensor in state.items():
-            own[key].copy_(tensor.to(own[key].dtype))
+            target = own[key]
+            if hasattr(target, "device_mesh"):  # an FSDP2 shard: this rank's part of the whole tensor
+                from torch.distributed.tensor import distribute_tensor
+
+                tensor = distribute_tensor(tensor.to(target.dtype), target.device_mesh, target.placements)
+            target.copy_(tensor.to(target.dtype))
