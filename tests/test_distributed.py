@@ -65,7 +65,7 @@ def assert_same_adapter(a: Path, b: Path, rel: float = 1e-5) -> None:
         torch.testing.assert_close(wb[k], wa[k], rtol=rel, atol=rel * scale, msg=k)
 
 
-@pytest.mark.parametrize("mode", ["ddp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_ranks_equal_one_process_on_the_union_batch(workdir, mode):
     """2 ranks × micro-batch 2 × accumulation 2 = 1 process × micro-batch 4 × accumulation 2: rank r reads
     micro-batches r, r+2, ... of the one-process layout at micro-batch 2, so each step's union is the same 8 rows;
@@ -87,6 +87,10 @@ def test_two_ranks_equal_one_process_on_the_union_batch(workdir, mode):
     out = workdir / f"two-{mode}"
     assert {"adapter_config.json", "loss.png", "lorafit-run.json"} <= {p.name for p in out.iterdir()}
     assert done.stdout.count("done: 5 steps") == 1  # rank 0 reports for the job
+    if mode == "fsdp":  # the weights really are sharded: rank 0 holds about half of them
+        local, whole = (int(x.replace(",", "")) for x in
+                        done.stdout.split("rank 0 holds ", 1)[1].split(" parameter")[0].split(" of "))
+        assert 0.4 * whole < local < 0.6 * whole
 
 
 # ---- config: what FSDP2 takes, what it refuses ---------------------------------------------------------------

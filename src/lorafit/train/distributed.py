@@ -183,6 +183,15 @@ def wrap(model: nn.Module, world: World, reshard_after_forward: bool = True) -> 
                                    **no_sync)
 
 
+def held_fraction(module: nn.Module) -> tuple[int, int]:
+    """(parameter elements this rank holds, elements of the whole model): FSDP2's shards against the whole."""
+    local = total = 0
+    for p in module.parameters():
+        local += p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+        total += p.numel()
+    return local, total
+
+
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A parameter's whole value (a DTensor shard of FSDP2 is gathered; a plain tensor returned as is)."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t

@@ -34,7 +34,7 @@ from lorafit.lora import adapter_state_dict, count_parameters, save_adapter
 from lorafit.models import train_dtype
 from lorafit.train.auto_batch import resolve_auto_batch
 from lorafit.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
-from lorafit.train.distributed import all_sum, barrier, init_world, shutdown, wrap
+from lorafit.train.distributed import all_sum, barrier, held_fraction, init_world, shutdown, wrap
 from lorafit.train.metrics import MetricsLog, MetricsInMemory, plot_loss
 from lorafit.train.optim import optimizer_from_config, scheduler_from_config
 from lorafit.train.progress import TrainProgress
@@ -234,8 +234,13 @@ class Recipe:
             f"({self.steps_per_epoch} per epoch)")
         self.console.print(f"runtime: {self.options.describe()} | lean kernels: {self.model.lean_kernels.summary()}")
         if self.world.distributed:
+            held = ""
+            if self.world.fsdp:
+                local, whole = held_fraction(self.model)
+                held = f"; rank 0 holds {local:,} of {whole:,} parameter elements"
             self.console.print(f"distributed: {self.world.describe()}; a step reads {cfg.micro_batch_size}×"
-                               f"{cfg.gradient_accumulation_steps} micro-batches on each of {self.world.world_size} ranks")
+                               f"{cfg.gradient_accumulation_steps} micro-batches on each of {self.world.world_size} "
+                               f"ranks{held}", highlight=False, soft_wrap=True)
 
     # ---- the loop ---------------------------------------------------------------------------------------
     def next_micro_batches(self) -> list[dict]:
