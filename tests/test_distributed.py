@@ -125,3 +125,36 @@ def test_fsdp_without_torchrun_says_how_to_launch(workdir):
 
     with pytest.raises(LorafitError, match="torchrun --nproc-per-node N"):
         train(TrainConfig.from_dict(config(workdir, "fsdp-alone", fsdp_version=2)))
+
+
+FAILING_RANK = '''
+import sys
+from lorafit.errors import LorafitError
+from lorafit.train import recipe
+
+step = recipe.Recipe.step
+def failing(self, group):
+    if self.world.rank == 1 and self.state.step == 2:
+        raise LorafitError("rank 1 cannot go on")
+    return step(self, group)
+recipe.Recipe.step = failing
+from lorafit.cli import main
+sys.exit(main(["train", *sys.argv[1:]]))
+'''
+
+
+def test_a_failing_rank_ends_the_job_with_its_error(workdir, tmp_path):
+    """Rank 1 raises at its third step while rank 0 waits in the step's all-reduce: the job ends at once (no hang
+    until a timeout), non-zero, with rank 1's one-line error and rank 0's line saying it stopped for it."""
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_RANK)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(config(workdir, "failing")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "LORAFIT_DIST_TIMEOUT": "300"}  # far beyond the test's own limit: the end must not come from the timeout
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script), str(cfg)], capture_output=True, text=True, env=env, timeout=150)
+    assert done.returncode != 0
+    assert "lorafit train: error (rank 1): rank 1 cannot go on" in done.stderr
+    assert "lorafit train: stopped (rank 0): another process of the job failed" in done.stderr
+    assert not (workdir / "failing" / "adapter_model.safetensors").exists()
