@@ -172,10 +172,10 @@ def wrap(model: nn.Module, world: World, reshard_after_forward: bool = True) -> 
             fully_shard(layer, reshard_after_forward=reshard_after_forward)
         fully_shard(loss_module)  # the root: embeddings, final norm, head
         return loss_module
-    from torch.nn.parallel import DistributedDataParallel
-
     # the buffers (rotary tables) are equal on every rank: no broadcast before each forward (torch 2.13 renamed it)
     import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
 
     params = inspect.signature(DistributedDataParallel.__init__).parameters
     no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}

@@ -19,11 +19,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-
-import torch
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from lorafit._compat import compile_stats
@@ -35,7 +34,7 @@ from lorafit.models import train_dtype
 from lorafit.train.auto_batch import resolve_auto_batch
 from lorafit.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from lorafit.train.distributed import all_sum, barrier, held_fraction, init_world, shutdown, wrap
-from lorafit.train.metrics import MetricsLog, MetricsInMemory, plot_loss
+from lorafit.train.metrics import MetricsInMemory, MetricsLog, plot_loss
 from lorafit.train.optim import optimizer_from_config, scheduler_from_config
 from lorafit.train.progress import TrainProgress
 from lorafit.train.run_record import fingerprint, plan_output, prepare_output
