@@ -65,7 +65,8 @@ def assert_same_adapter(a: Path, b: Path, rel: float = 1e-5) -> None:
         torch.testing.assert_close(wb[k], wa[k], rtol=rel, atol=rel * scale, msg=k)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+# FSDP2's run is in CI's slow selection: the default suite keeps one torchrun launch of ~30 s
+@pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=[pytest.mark.slow, pytest.mark.ci])])
 def test_two_ranks_equal_one_process_on_the_union_batch(workdir, mode):
     """2 ranks × micro-batch 2 × accumulation 2 = 1 process × micro-batch 4 × accumulation 2: rank r reads
     micro-batches r, r+2, ... of the one-process layout at micro-batch 2, so each step's union is the same 8 rows;
@@ -143,6 +144,8 @@ sys.exit(main(["train", *sys.argv[1:]]))
 '''
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_a_failing_rank_ends_the_job_with_its_error(workdir, tmp_path):
     """Rank 1 raises at its third step while rank 0 waits in the step's all-reduce: the job ends at once (no hang
     until a timeout), non-zero, with rank 1's one-line error and rank 0's line saying it stopped for it."""
