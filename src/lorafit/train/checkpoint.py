@@ -156,6 +156,10 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, world: W
         trainer_state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise LorafitError(f"checkpoint {path} is unreadable ({e}); delete it to resume from an earlier one") from None
+    ranks = trainer_state.get("rng_ranks") or [trainer_state["rng"]]
+    if len(ranks) != world.world_size:  # each rank's data order and RNG are those of its world size
+        raise LorafitError(f"checkpoint {path} was written by {len(ranks)} process(es), this run has "
+                           f"{world.world_size}; resume with --nproc {len(ranks)} (or start a new run)")
     if getattr(model, "lora_config", None) is not None:
         copy_adapter_weights(model, read_adapter_weights(path), f"checkpoint {path}")
     else:
@@ -165,10 +169,6 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, world: W
     _load_optimizer_state(optimizer, trainer_state["optimizer"], world, loss_module)
     use_fused(optimizer)
     scheduler.load_state_dict(trainer_state["scheduler"])
-    ranks = trainer_state.get("rng_ranks") or [trainer_state["rng"]]
-    if len(ranks) != world.world_size:
-        raise LorafitError(f"checkpoint {path} was written by {len(ranks)} process(es), this run has "
-                           f"{world.world_size}; resume with --nproc {len(ranks)} (or start a new run)")
     set_rng_state(ranks[world.rank])
     fields = {k: meta[k] for k in TrainState.__dataclass_fields__ if k in meta}
     return TrainState(**fields)

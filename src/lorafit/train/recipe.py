@@ -102,14 +102,19 @@ class Recipe:
         self.console = console or Console()
         if not self.world.is_main:  # rank 0 speaks for the job; the others print their errors only
             self.console = Console(quiet=True)
-        self.out = check_writable_dir(cfg.output_path, "output_dir")
-        self.batch_note = resolve_auto_batch(cfg, train_dtype(cfg))  # numbers for "auto", before they are recorded
-        self.fingerprint = fingerprint(cfg)  # what the outputs mean; recorded with them
-        named = cfg.resolve_path(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
-        self.plan = plan_output(self.out, self.fingerprint, resume or named is not None, overwrite, named)
-        self.options = cfg.runtime_options()  # resolved once for the whole run
-        self.config_dump = cfg.model_dump(mode="json")  # what every checkpoint records
-        self.state = TrainState()
+        try:
+            self.out = check_writable_dir(cfg.output_path, "output_dir")
+            self.batch_note = resolve_auto_batch(cfg, train_dtype(cfg))  # numbers for "auto", before they are recorded
+            self.fingerprint = fingerprint(cfg)  # what the outputs mean; recorded with them
+            named = cfg.resolve_path(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
+            self.plan = plan_output(self.out, self.fingerprint, resume or named is not None, overwrite, named)
+            self.options = cfg.runtime_options()  # resolved once for the whole run
+            self.config_dump = cfg.model_dump(mode="json")  # what every checkpoint records
+            self.state = TrainState()
+            barrier(self.world)  # every rank has read the output folder before rank 0 may change it
+        except BaseException:
+            shutdown(self.world)
+            raise
 
     # ---- the run, in order ------------------------------------------------------------------------------
     def run(self, stop_after: int | None = None) -> TrainResult:
