@@ -88,11 +88,11 @@ def test_two_ranks_equal_one_process_on_the_union_batch(workdir, mode):
     out = workdir / f"two-{mode}"
     assert {"adapter_config.json", "loss.png", "lorafit-run.json"} <= {p.name for p in out.iterdir()}
     assert done.stdout.count("done: 5 steps") == 1  # rank 0 reports for the job
-    # a checkpoint of 2 ranks does not resume in 1 process (another data order): one line says how it does
-    from lorafit.errors import LorafitError
+    if mode == "ddp":  # a 2-rank checkpoint does not resume in 1 process (another data order); one line says how
+        from lorafit.errors import LorafitError
 
-    with pytest.raises(LorafitError, match=r"written by 2 process\(es\), this run has 1; resume with --nproc 2"):
-        train(TrainConfig.from_dict(config(workdir, f"two-{mode}", save_steps=2, max_steps=6, **extra)), resume=True)
+        with pytest.raises(LorafitError, match=r"written by 2 process\(es\), this run has 1; resume with --nproc 2"):
+            train(TrainConfig.from_dict(config(workdir, "two-ddp", save_steps=2, max_steps=6)), resume=True)
     if mode == "fsdp":  # the weights really are sharded: rank 0 holds about half of them
         local, whole = (int(x.replace(",", "")) for x in
                         done.stdout.split("rank 0 holds ", 1)[1].split(" parameter")[0].split(" of "))
