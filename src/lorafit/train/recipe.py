@@ -170,7 +170,8 @@ class Recipe:
             self.console.print(f"[yellow]note:[/] {self.model.lean_kernels.notice}")
         fsdp_config = self.cfg.fsdp_config or {}
         reshard = fsdp_config.get("reshard_after_forward", fsdp_config.get("fsdp_reshard_after_forward", True))
-        self.loss_module = wrap(self.model, self.world, reshard_after_forward=bool(reshard))  # DDP / FSDP2 around the model and its loss under torchrun
+        # the model and its loss as one module; under torchrun, DDP or FSDP2 around it
+        self.loss_module = wrap(self.model, self.world, reshard_after_forward=bool(reshard))
         if self.world.distributed:  # each rank its own dropout masks, reproducibly
             torch.manual_seed(self.cfg.seed + 1_000_003 * self.world.rank)
 
