@@ -39,6 +39,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _rank() -> str:
+    """`` (rank N)`` inside a torchrun launch of several processes, else empty."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:
+        return f" (rank {os.environ['RANK']})"
+    return ""
+
+
+def _peer_failed(e: RuntimeError) -> bool:
+    """A collective that failed because a peer process went away (gloo / NCCL errors, a timeout)."""
+    names = {t.__name__ for t in type(e).__mro__}
+    text = str(e)
+    return bool(names & {"DistError", "DistBackendError", "DistNetworkError"}) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out"))
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
@@ -52,8 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except LorafitError as e:
-        print(f"lorafit {args.command}: error: {e}", file=sys.stderr)
+        print(f"lorafit {args.command}: error{_rank()}: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if not (_rank() and _peer_failed(e)):
+            raise
+        # under torchrun another rank failed first (its own line says why); this one only says it stopped
+        print(f"lorafit {args.command}: stopped{_rank()}: another process of the job failed "
+              f"({str(e).splitlines()[0].split('] ', 1)[-1][:120]})", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"lorafit {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -19,6 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", help="override output_dir")
     p.add_argument("--overwrite", action="store_true",
                    help="replace another run's outputs in output_dir (files lorafit did not write are kept)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train on N processes of this machine: starts torchrun --nproc-per-node N (DDP, or FSDP2 "
+                        "when the config sets fsdp keys); for several machines run torchrun yourself")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("preprocess", help="tokenise the datasets of a config and show what is trained")
@@ -40,9 +43,42 @@ def load_cfg(path: str, **overrides):
     return load_config(path, overrides)
 
 
+def torchrun_command(argv: list[str], nproc: int) -> list[str]:
+    """The torchrun command line that runs ``lorafit train`` with ``argv`` (without --nproc) on ``nproc``
+    processes of this machine."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "lorafit.cli", "train", *argv]
+
+
+def launch(args) -> int:
+    """``--nproc N``: run this same command under torchrun; its exit status is the job's."""
+    import os
+    import subprocess
+
+    if args.nproc < 1:
+        raise LorafitError(f"--nproc: got {args.nproc}, must be an integer >= 1")
+    if "LOCAL_RANK" in os.environ:
+        raise LorafitError("--nproc inside a torchrun launch: leave it out (torchrun already started the processes)")
+    argv = [args.config]
+    argv += ["--resume"] if args.resume else []
+    argv += ["--max-steps", str(args.max_steps)] if args.max_steps is not None else []
+    argv += ["--output-dir", args.output_dir] if args.output_dir is not None else []
+    argv += ["--overwrite"] if args.overwrite else []
+    env = {**os.environ}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    try:
+        return subprocess.run(torchrun_command(argv, args.nproc), env=env).returncode
+    except KeyboardInterrupt:  # torchrun passes Ctrl-C on to the ranks, which checkpoint and stop
+        return 130
+
+
 def cmd_train(args) -> int:
     from lorafit.train import train
 
+    if args.nproc is not None and args.nproc != 1:
+        return launch(args)
     if args.max_steps is not None and args.max_steps < 1:
         raise LorafitError(f"--max-steps: got {args.max_steps}, must be an integer >= 1 (leave it out to train "
                            "num_epochs)")
@@ -51,6 +87,8 @@ def cmd_train(args) -> int:
     result = train(cfg, resume=args.resume, console=console, overwrite=args.overwrite)
     if result.interrupted:
         return 130
+    if result.rank != 0:  # under torchrun rank 0 reports for the job
+        return 0
     console.print(summary(result))
     console.print(f"wrote {display(result.output_dir)} (adapter / model, metrics.jsonl, loss.png, lorafit-run.json)",
                   highlight=False)

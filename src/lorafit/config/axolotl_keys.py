@@ -32,8 +32,8 @@ _LOADER = "lorafit's data loader runs in the training process"
 _NOTHING = "it changes nothing in a lorafit run"
 _MODEL_CLASS = "lorafit loads every model with AutoModelForCausalLM and its tokenizer with AutoTokenizer"
 _GEN = "no samples are generated during training; run lorafit eval on the saved adapter"
-_MULTI = ("multi-device and sharded training (FSDP, DeepSpeed, DDP, parallelism) is not supported yet (issue 18);"
-          " remove it and train on one device")
+_MULTI = ("lorafit trains on several devices with torchrun: DDP, or FSDP2 with fsdp_version: 2 (issue 18); "
+          "this kind of parallelism is not supported, remove it")
 _QUANT = ("quantized bases other than bitsandbytes 4-bit (GPTQ, FP8, torchao) are not supported; use adapter: qlora"
           " with load_in_4bit: true, or LoRA on a bf16/fp32 base")
 _OPTIM = "not supported; use optimizer adamw_torch (with weight_decay, adam_beta1/2, adam_epsilon)"
@@ -65,6 +65,9 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
         warmup_ratio optimizer weight_decay adam_beta1 adam_beta2 adam_epsilon max_grad_norm gradient_checkpointing
         bf16 tf32 eval_steps evals_per_epoch save_steps saves_per_epoch save_total_limit logging_steps output_dir
         seed resume_from_checkpoint"""),
+    "fsdp": (SUPPORTED, "FSDP2 (fully_shard per decoder layer) under torchrun; the list's options are not read"),
+    "fsdp_config": (SUPPORTED, "FSDP2 under torchrun; reshard_after_forward is read, other keys are not"),
+    "fsdp_version": (SUPPORTED, "2 only (FSDP2)"),
     "fp16": (SUPPORTED, "false only: fp16 training is refused, use bf16"),
     # ---- ignored: logging integrations ----
     **_group(IGNORED, _LOGGING, """
@@ -171,8 +174,10 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
     "merge_method": (IGNORED, "the adapter is saved unmerged; merge it with lorafit's merge command afterwards"),
     "excess_length_strategy": (IGNORED, "rows longer than sequence_len are truncated"),
     # ---- unsupported: other issues' features ----
+    "deepspeed": (UNSUPPORTED, "DeepSpeed is not supported; shard with FSDP2 instead (fsdp_version: 2 with "
+                               "fsdp_config, launched by torchrun or lorafit train --nproc N)"),
     **_group(UNSUPPORTED, _MULTI, """
-        deepspeed deepcompile fsdp fsdp_config fsdp_version fsdp_final_state_dict_type
+        deepcompile fsdp_final_state_dict_type
         fp8_enable_fsdp_float8_all_gather dp_shard_size dp_replicate_size sequence_parallel_degree
         context_parallel_size heads_k_stride ring_attn_func tensor_parallel_size ddp use_ray ray_run_name
         ray_num_workers resources_per_worker qlora_sharded_model_loading"""),

@@ -154,6 +154,12 @@ class TrainConfig(BaseModel):
     half_matmul: Literal["auto", "native", "fp32"] | None = None
     fp16: bool = False
     tf32: bool | None = None
+    # several processes (torchrun): DDP by default; FSDP2 (fully_shard per decoder layer) when any of axolotl's
+    # fsdp keys is set. fsdp: axolotl's list of options (full_shard ...), fsdp_config: its dict; lorafit reads
+    # reshard_after_forward from it, and fsdp_version must be 2 when given
+    fsdp: list[str] | str | None = None
+    fsdp_config: dict[str, Any] | None = None
+    fsdp_version: int | None = None
 
     # evaluation, checkpoints, logging
     eval_steps: int | None = Field(None, ge=1)
@@ -286,6 +292,7 @@ class TrainConfig(BaseModel):
         if self.lora_model_dir and not self.is_lora:
             raise ValueError("lora_model_dir is set but adapter is not lora; set adapter: lora to continue an adapter")
         self._check_four_bit()
+        self._check_fsdp()
         if self.lora_model_dir and self.lora_init == "pissa":
             raise ValueError("lora_model_dir and lora_init: pissa cannot be combined (PiSSA rewrites the base "
                              "weights); drop lora_init")
@@ -308,6 +315,23 @@ class TrainConfig(BaseModel):
         if self.load_in_4bit and (self.peft_use_dora or self.lora_init == "pissa"):
             raise ValueError(f"load_in_4bit and {'peft_use_dora' if self.peft_use_dora else 'lora_init: pissa'} cannot "
                              "be combined (they need the dense base weight); use plain QLoRA or a bf16/fp32 base")
+
+    def _check_fsdp(self) -> None:
+        if not self.fsdp_enabled:
+            return
+        if self.fsdp_version not in (None, 2):
+            raise ValueError(f"fsdp_version {self.fsdp_version}: lorafit shards with FSDP2 only; set fsdp_version: 2")
+        if self.load_in_4bit:
+            raise ValueError("QLoRA (load_in_4bit) with FSDP2 is not supported yet; drop the fsdp keys (several "
+                             "processes then train with DDP) or use adapter: lora on a bf16 base")
+        if not self.is_lora:
+            raise ValueError("full fine-tuning with FSDP2 is not supported yet; use adapter: lora, or drop the fsdp "
+                             "keys to train with DDP")
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        """FSDP2 asked for: any of axolotl's fsdp keys set (``fsdp_version: 2``, ``fsdp:``, ``fsdp_config:``)."""
+        return bool(self.fsdp or self.fsdp_config or self.fsdp_version)
 
     def _four_bit_notices(self) -> list[str]:
         if self.adapter == "lora" and self.load_in_4bit:

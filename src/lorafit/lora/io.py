@@ -51,7 +51,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             state[PREFIX + pname] = p.detach()  # modules_to_save and trainable biases, under PEFT's names
     out, seen = {}, set()
     for k, v in state.items():
-        v = v.contiguous().cpu()
+        # FSDP2 shards are DTensors: each is gathered whole (every rank calls this, in the same order of keys)
+        v = _whole(v).contiguous().cpu()
         if v.data_ptr() in seen:  # a tied head's base weight is the embeddings' tensor: safetensors wants a copy
             v = v.clone()
         seen.add(v.data_ptr())
@@ -82,6 +83,10 @@ def _embedding_base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def _atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -96,14 +101,16 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str | None = None) -> Path:
-    """Write the model's adapter to ``directory`` in PEFT's format (atomically, file by file)."""
+def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str | None = None,
+                 state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the model's adapter to ``directory`` in PEFT's format (atomically, file by file). ``state``: its
+    :func:`adapter_state_dict` if already taken (a sharded model's, gathered on every rank)."""
     config = getattr(model, "lora_config", None)
     if config is None:
         raise LorafitError("this model has no LoRA adapter to save")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = adapter_state_dict(model)
+    state = adapter_state_dict(model) if state is None else state
     targets = sorted({n.split(".")[-1] for n, _ in named_lora_layers(model)})
     peft_config = config.to_peft_dict(targets, base_model=base_model)
     peft_config["fan_in_fan_out"] = any(layer.fan_in_fan_out for _, layer in named_lora_layers(model))
@@ -197,4 +204,9 @@ def copy_adapter_weights(model: nn.Module, state: dict[str, torch.Tensor], where
         raise LorafitError(f"{where}: no weights for {missing[0]} (and {len(missing) - 1} more)")
     with torch.no_grad():
         for key, tensor in state.items():
-            own[key].copy_(tensor.to(own[key].dtype))
+            target = own[key]
+            if hasattr(target, "device_mesh"):  # an FSDP2 shard: this rank's part of the whole tensor
+                from torch.distributed.tensor import distribute_tensor
+
+                tensor = distribute_tensor(tensor.to(target.dtype), target.device_mesh, target.placements)
+            target.copy_(tensor.to(target.dtype))

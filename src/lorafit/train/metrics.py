@@ -27,6 +27,19 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line]
 
 
+class MetricsInMemory:
+    """What ranks other than 0 keep of the metrics under torchrun: the same rows, in memory, no file."""
+
+    def __init__(self):
+        self._rows: list[dict] = []
+
+    def write(self, row: dict) -> None:
+        self._rows.append(dict(row))
+
+    def rows(self) -> list[dict]:
+        return list(self._rows)
+
+
 def plot_loss(metrics_path: Path, out_png: Path, title: str = "lorafit training") -> Path | None:
     """Train loss per step (and eval loss where measured) as a PNG."""
     import matplotlib

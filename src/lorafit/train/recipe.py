@@ -22,17 +22,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from lorafit._compat import compile_stats
 from lorafit.data import batches, build_datasets
 from lorafit.errors import LorafitError
 from lorafit.fsutil import atomic_dir, check_writable_dir, display
-from lorafit.lora import count_parameters, save_adapter
+from lorafit.lora import adapter_state_dict, count_parameters, save_adapter
 from lorafit.models import train_dtype
 from lorafit.train.auto_batch import resolve_auto_batch
 from lorafit.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
-from lorafit.train.metrics import MetricsLog, plot_loss
+from lorafit.train.distributed import all_sum, barrier, held_fraction, init_world, shutdown, wrap
+from lorafit.train.metrics import MetricsInMemory, MetricsLog, plot_loss
 from lorafit.train.optim import optimizer_from_config, scheduler_from_config
 from lorafit.train.progress import TrainProgress
 from lorafit.train.run_record import fingerprint, plan_output, prepare_output
@@ -72,13 +74,18 @@ class TrainResult:
     compile_s: float = 0.0  # seconds spent compiling them
     history: list[dict] = field(default_factory=list)
     model: object = field(default=None, repr=False)  # the trained model, adapter attached
+    rank: int = 0  # under torchrun: this process's rank (only rank 0 writes files and prints)
 
 
 def train(cfg, resume: bool = False, console: Console | None = None, stop_after: int | None = None,
           overwrite: bool = False) -> TrainResult:
     """Run the fine-tune described by ``cfg``. ``stop_after``: stop (as if interrupted) after that many steps;
     ``overwrite``: replace another run's outputs in output_dir (never other files)."""
-    return Recipe(cfg, console, resume=resume, overwrite=overwrite).run(stop_after=stop_after)
+    recipe = Recipe(cfg, console, resume=resume, overwrite=overwrite)
+    try:
+        return recipe.run(stop_after=stop_after)
+    finally:
+        shutdown(recipe.world)
 
 
 class Recipe:
@@ -91,15 +98,23 @@ class Recipe:
 
     def __init__(self, cfg, console: Console | None = None, resume: bool = False, overwrite: bool = False):
         self.cfg = cfg
+        self.world = init_world(fsdp=cfg.fsdp_enabled)  # one process, or this rank of a torchrun launch
         self.console = console or Console()
-        self.out = check_writable_dir(cfg.output_path, "output_dir")
-        self.batch_note = resolve_auto_batch(cfg, train_dtype(cfg))  # numbers for "auto", before they are recorded
-        self.fingerprint = fingerprint(cfg)  # what the outputs mean; recorded with them
-        named = cfg.resolve_path(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
-        self.plan = plan_output(self.out, self.fingerprint, resume or named is not None, overwrite, named)
-        self.options = cfg.runtime_options()  # resolved once for the whole run
-        self.config_dump = cfg.model_dump(mode="json")  # what every checkpoint records
-        self.state = TrainState()
+        if not self.world.is_main:  # rank 0 speaks for the job; the others print their errors only
+            self.console = Console(quiet=True)
+        try:
+            self.out = check_writable_dir(cfg.output_path, "output_dir")
+            self.batch_note = resolve_auto_batch(cfg, train_dtype(cfg))  # numbers for "auto", before they are recorded
+            self.fingerprint = fingerprint(cfg)  # what the outputs mean; recorded with them
+            named = cfg.resolve_path(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
+            self.plan = plan_output(self.out, self.fingerprint, resume or named is not None, overwrite, named)
+            self.options = cfg.runtime_options()  # resolved once for the whole run
+            self.config_dump = cfg.model_dump(mode="json")  # what every checkpoint records
+            self.state = TrainState()
+            barrier(self.world)  # every rank has read the output folder before rank 0 may change it
+        except BaseException:
+            shutdown(self.world)
+            raise
 
     # ---- the run, in order ------------------------------------------------------------------------------
     def run(self, stop_after: int | None = None) -> TrainResult:
@@ -110,7 +125,8 @@ class Recipe:
         if resumed:
             self.resume()
         self.prepare_output()  # the first change on disk: a bad model or dataset has failed by now
-        self.metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.state.step if resumed else None)
+        self.metrics = (MetricsLog(self.out / "metrics.jsonl", resume_step=self.state.step if resumed else None)
+                        if self.world.is_main else MetricsInMemory())
         self.print_header()
         self.last_loss = None
         self.t_start = time.perf_counter() - self.state.elapsed_s
@@ -119,7 +135,7 @@ class Recipe:
         compiling = self.options.compile and self.compiled_at_start[0] == 0
         with GracefulStop() as stop, TrainProgress(self.total_steps, self.state.step, self.console,
                                                    compiling=compiling) as progress:
-            while self.state.step < self.total_steps and not stop.requested:
+            while self.state.step < self.total_steps and not self.stop_requested(stop):
                 record = self.step(self.next_micro_batches())
                 window.append(record)
                 if self.due(self.eval_every) and self.eval_samples:
@@ -134,9 +150,17 @@ class Recipe:
                     stop.requested = True
         return self.finish()
 
+    def stop_requested(self, stop: GracefulStop) -> bool:
+        """Ctrl-C / SIGTERM on any rank stops every rank after the same step (one all-reduce per step)."""
+        if not self.world.distributed:
+            return stop.requested
+        (n,) = all_sum(self.world, float(stop.requested))
+        stop.requested = n > 0
+        return stop.requested
+
     # ---- set-up -----------------------------------------------------------------------------------------
     def setup_model(self) -> None:
-        seed_everything(self.cfg.seed)
+        seed_everything(self.cfg.seed)  # the same on every rank: the adapter starts equal everywhere
         for notice in self.cfg.notices:
             self.console.print(f"[yellow]note:[/] {notice}")
         if self.batch_note:
@@ -144,6 +168,12 @@ class Recipe:
         self.model, self.tokenizer = prepare_model(self.cfg, self.options)
         if self.model.lean_kernels.notice:
             self.console.print(f"[yellow]note:[/] {self.model.lean_kernels.notice}")
+        fsdp_config = self.cfg.fsdp_config or {}
+        reshard = fsdp_config.get("reshard_after_forward", fsdp_config.get("fsdp_reshard_after_forward", True))
+        # the model and its loss as one module; under torchrun, DDP or FSDP2 around it
+        self.loss_module = wrap(self.model, self.world, reshard_after_forward=bool(reshard))
+        if self.world.distributed:  # each rank its own dropout masks, reproducibly
+            torch.manual_seed(self.cfg.seed + 1_000_003 * self.world.rank)
 
     def setup_data(self) -> None:
         cfg = self.cfg
@@ -160,10 +190,20 @@ class Recipe:
         return max(1, self.steps_per_epoch // times) if times else None
 
     def epoch_batches(self, epoch: int) -> list[dict]:
-        cfg = self.cfg
-        return batches(self.train_samples, micro_batch_size=cfg.micro_batch_size, sequence_len=cfg.sequence_len,
-                       pad_id=self.pad_id, packing=cfg.sample_packing, shuffle=True, seed=cfg.seed, epoch=epoch,
-                       pad_to_sequence_len=cfg.pad_to_sequence_len)
+        """This rank's micro-batches of ``epoch``: the epoch's batches are laid out as for one process (same
+        shuffle, same packing), and rank r takes batches r, r + N, r + 2N ... of them, so one step of N ranks
+        reads what one process with an N-times larger micro-batch would. The last batches of an epoch that would
+        leave some rank without one (at most N - 1) are left out: every rank steps the same number of times."""
+        cfg, w = self.cfg, self.world
+        every = batches(self.train_samples, micro_batch_size=cfg.micro_batch_size, sequence_len=cfg.sequence_len,
+                        pad_id=self.pad_id, packing=cfg.sample_packing, shuffle=True, seed=cfg.seed, epoch=epoch,
+                        pad_to_sequence_len=cfg.pad_to_sequence_len)
+        if not w.distributed:
+            return every
+        if len(every) < w.world_size:
+            raise LorafitError(f"{cfg.source}: {len(every)} micro-batches of training data for {w.world_size} "
+                               "processes; every process needs at least one (lower micro_batch_size or add data)")
+        return every[: len(every) // w.world_size * w.world_size][w.rank :: w.world_size]
 
     def setup_optimizer(self) -> None:
         self.optimizer = optimizer_from_config(self.model, self.cfg)
@@ -173,7 +213,8 @@ class Recipe:
 
     def resume(self) -> None:
         ckpt = self.plan.resume_from  # checked against this config when the recipe was built
-        self.state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
+        self.state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, world=self.world,
+                                     loss_module=self.loss_module)
         s = self.state
         self.console.print(f"resumed from {display(ckpt)} (step {s.step}, epoch {s.epoch}, batch {s.batch_index})")
         if s.epoch:
@@ -183,7 +224,9 @@ class Recipe:
         """Clear what the plan replaces (lorafit's own files only) and record this run in the folder."""
         for note in self.plan.notes:
             self.console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)  # one line each
-        prepare_output(self.plan, self.fingerprint, self.cfg.source)
+        if self.world.is_main:
+            prepare_output(self.plan, self.fingerprint, self.cfg.source)
+        barrier(self.world)
 
     def print_header(self) -> None:
         cfg = self.cfg
@@ -195,6 +238,14 @@ class Recipe:
             f"{self.total_steps} steps of {cfg.micro_batch_size}×{cfg.gradient_accumulation_steps} "
             f"({self.steps_per_epoch} per epoch)")
         self.console.print(f"runtime: {self.options.describe()} | lean kernels: {self.model.lean_kernels.summary()}")
+        if self.world.distributed:
+            held = ""
+            if self.world.fsdp:
+                local, whole = held_fraction(self.model)
+                held = f"; rank 0 holds {local:,} of {whole:,} parameter elements"
+            self.console.print(f"distributed: {self.world.describe()}; a step reads {cfg.micro_batch_size}×"
+                               f"{cfg.gradient_accumulation_steps} micro-batches on each of {self.world.world_size} "
+                               f"ranks{held}", highlight=False, soft_wrap=True)
 
     # ---- the loop ---------------------------------------------------------------------------------------
     def next_micro_batches(self) -> list[dict]:
@@ -216,7 +267,7 @@ class Recipe:
         cfg, s = self.cfg, self.state
         t0 = time.perf_counter()
         row = train_step(self.model, self.optimizer, self.scheduler, group, cfg.max_grad_norm, cfg.loss_chunk_tokens,
-                         self.options)
+                         self.options, world=self.world, loss_module=self.loss_module)
         if not math.isfinite(row["loss"]):
             raise TrainingDiverged(
                 f"loss became {row['loss']} at step {s.step + 1}; stopped without updating the weights "
@@ -249,11 +300,13 @@ class Recipe:
         return bool(every) and self.state.step % every == 0
 
     def evaluate(self) -> dict:
-        return evaluate(self.model, self.eval_samples, self.cfg, self.pad_id, options=self.options)
+        return evaluate(self.model, self.eval_samples, self.cfg, self.pad_id, options=self.options, world=self.world,
+                        loss_module=self.loss_module)
 
     def checkpoint(self) -> Path:
         return save_checkpoint(self.out, self.model, self.optimizer, self.scheduler, self.state,
-                               self.config_dump, keep=self.cfg.save_total_limit, fingerprint=self.fingerprint)
+                               self.config_dump, keep=self.cfg.save_total_limit, fingerprint=self.fingerprint,
+                               world=self.world, loss_module=self.loss_module)
 
     # ---- the end ----------------------------------------------------------------------------------------
     def finish(self) -> TrainResult:
@@ -266,7 +319,7 @@ class Recipe:
         n, sec = self.compiles()
         result = TrainResult(self.out, s.step, self.last_loss, wall_s=wall, interrupted=interrupted,
                              tokens_per_s=s.tokens_seen / max(wall, 1e-9), compiles=n, compile_s=sec,
-                             history=self.metrics.rows())
+                             history=self.metrics.rows(), rank=self.world.rank)
         if interrupted:
             return result
         final_eval = self.evaluate() if self.eval_samples else {}
@@ -279,13 +332,20 @@ class Recipe:
         return result
 
     def save(self) -> None:
-        """The trained adapter in PEFT format (LoRA) or the full model (full fine-tuning), atomically; the plot."""
+        """The trained adapter in PEFT format (LoRA) or the full model (full fine-tuning), atomically; the plot.
+        Under torchrun rank 0 writes them (the whole adapter, gathered from FSDP2's shards), the others wait."""
         cfg = self.cfg
-        if getattr(self.model, "lora_config", None) is not None:
-            save_adapter(self.model, self.out, base_model=cfg.base_model)
+        lora = getattr(self.model, "lora_config", None) is not None
+        state = adapter_state_dict(self.model) if lora else None  # on every rank: FSDP2 gathers the shards
+        if not self.world.is_main:
+            barrier(self.world)
+            return
+        if lora:
+            save_adapter(self.model, self.out, base_model=cfg.base_model, state=state)
         else:
             with atomic_dir(self.out / "model") as tmp:
                 self.model.save_pretrained(tmp)
                 self.tokenizer.save_pretrained(tmp)
         method = f"{'QLoRA' if cfg.four_bit else 'LoRA'} r={cfg.lora_r}" if cfg.is_lora else "full fine-tuning"
         plot_loss(self.out / "metrics.jsonl", self.out / "loss.png", title=f"{Path(cfg.base_model).name} — {method}")
+        barrier(self.world)

@@ -1,40 +1,70 @@
 """One optimizer step, and the evaluation loss: the arithmetic of training, without the bookkeeping.
 
-One optimizer step = ``gradient_accumulation_steps`` micro-batches. The loss of the step is the sum of
-token losses over *all* its micro-batches divided by the number of trained tokens in all of them, so a
-short micro-batch does not weigh as much as a long one (the mean of per-batch means would).
+One optimizer step = ``gradient_accumulation_steps`` micro-batches on every rank. The loss of the step is the sum
+of token losses over *all* its micro-batches (of all ranks) divided by the number of trained tokens in all of
+them, so a short micro-batch does not weigh as much as a long one (the mean of per-batch means would), and 2 ranks
+of micro-batch b step exactly as 1 process on the union of their batches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
 from lorafit.data import batches, model_inputs
 from lorafit.options import RuntimeOptions
-from lorafit.train.loss import causal_lm_loss, options_of
+from lorafit.train.distributed import LossModule, World, all_sum, full_tensor
+from lorafit.train.loss import options_of
 
 
-def micro_step(model, batch, normaliser: int, chunk_tokens: int | None = None,
-               options: RuntimeOptions | None = None) -> float:
-    """Forward + backward of one micro-batch; returns its summed token loss."""
-    loss_sum, _ = causal_lm_loss(model, model_inputs(batch), batch["labels"], chunk_tokens, options)
+def _on(batch: dict, device: torch.device) -> dict:
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def micro_step(loss_module, batch, normaliser: int, chunk_tokens: int | None = None,
+               options: RuntimeOptions | None = None, scale: float = 1.0) -> float:
+    """Forward + backward of one micro-batch through ``loss_module`` (:class:`LossModule`, or DDP / FSDP2 around
+    one); returns its summed token loss. ``scale``: the world size (the wrappers average gradients over ranks)."""
+    loss_sum, _ = loss_module(model_inputs(batch), batch["labels"], chunk_tokens, options)
     if normaliser:
-        (loss_sum / normaliser).backward()
+        (loss_sum * (scale / normaliser)).backward()
     return float(loss_sum.detach())
 
 
+def _no_sync(loss_module, last: bool):
+    """DDP's gradient all-reduce only after the last micro-batch of the step (FSDP2 reduces each: also exact)."""
+    if last or not hasattr(loss_module, "no_sync"):
+        return contextlib.nullcontext()
+    return loss_module.no_sync()
+
+
 def train_step(model, optimizer, scheduler, micro_batches: list[dict], max_grad_norm: float,
-               chunk_tokens: int | None = None, options: RuntimeOptions | None = None) -> dict:
+               chunk_tokens: int | None = None, options: RuntimeOptions | None = None, *,
+               world: World | None = None, loss_module=None) -> dict:
     """One optimizer step over ``micro_batches``; returns loss (per trained token), grad norm and token counts.
 
     ``chunk_tokens``: tokens per chunk of the loss (None: sized to the vocabulary). ``options``: the run's
-    (None: those the model's lean kernels were applied with, else resolved here).
+    (None: those the model's lean kernels were applied with, else resolved here). Under torchrun, ``world`` and
+    ``loss_module`` (the DDP / FSDP2 wrapper of :func:`lorafit.train.distributed.wrap`): then loss and token
+    counts are those of all ranks together.
     """
     options = options or options_of(model)
-    n_trained = sum(b["num_trained_tokens"] for b in micro_batches)
-    total = sum(micro_step(model, b, n_trained, chunk_tokens, options) for b in micro_batches)
+    world = world or World.single()
+    loss_module = loss_module or LossModule(model)
+    local_trained = sum(b["num_trained_tokens"] for b in micro_batches)
+    (n_trained,) = all_sum(world, local_trained)
+    n_trained = int(n_trained)
+    local_total = 0.0
+    for i, b in enumerate(micro_batches):
+        with _no_sync(loss_module, i == len(micro_batches) - 1):
+            local_total += micro_step(loss_module, _on(b, world.device), n_trained, chunk_tokens, options,
+                                      scale=world.world_size)
+    local_tokens = sum(int(b["input_ids"].numel()) for b in micro_batches)
+    total, tokens = all_sum(world, local_total, local_tokens)
     loss = total / max(n_trained, 1)
     if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
@@ -44,26 +74,33 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], max_grad_
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    tokens = sum(int(b["input_ids"].numel()) for b in micro_batches)
-    return {"loss": loss, "grad_norm": float(grad_norm), "trained_tokens": n_trained, "tokens": tokens}
+    return {"loss": loss, "grad_norm": float(full_tensor(grad_norm)), "trained_tokens": n_trained,
+            "tokens": int(tokens)}
 
 
 @torch.no_grad()
 def evaluate(model, samples, cfg, pad_id: int, max_batches: int | None = None,
-             options: RuntimeOptions | None = None) -> dict:
-    """Mean loss per trained token and perplexity on ``samples``."""
+             options: RuntimeOptions | None = None, *, world: World | None = None, loss_module=None) -> dict:
+    """Mean loss per trained token and perplexity on ``samples`` (under torchrun: each rank takes every
+    world-size-th batch, and the sums are reduced across ranks; every rank runs as many forwards, as FSDP2 needs)."""
     if not samples:
         return {}
     options = options or options_of(model)
+    world = world or World.single()
+    loss_module = loss_module or LossModule(model)
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
     eval_batches = batches(samples, micro_batch_size=cfg.micro_batch_size, sequence_len=cfg.sequence_len,
-                           pad_id=pad_id, packing=False, shuffle=False, seed=cfg.seed, epoch=0)
-    for batch in eval_batches[:max_batches]:
-        loss_sum, k = causal_lm_loss(model, model_inputs(batch), batch["labels"], cfg.loss_chunk_tokens, options)
-        total, n = total + float(loss_sum), n + k
+                           pad_id=pad_id, packing=False, shuffle=False, seed=cfg.seed, epoch=0)[:max_batches]
+    rounds = math.ceil(len(eval_batches) / world.world_size)
+    for k in range(rounds):
+        i = k * world.world_size + world.rank
+        batch = _on(eval_batches[i if i < len(eval_batches) else 0], world.device)
+        loss_sum, count = loss_module(model_inputs(batch), batch["labels"], cfg.loss_chunk_tokens, options)
+        if i < len(eval_batches):  # a rank past the end runs a forward it does not count (FSDP2's all-gathers)
+            total, n = total + float(loss_sum), n + count
     model.train(was_training)
+    total, n = all_sum(world, total, n)
     mean = total / max(n, 1)
-    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": n}
-
+    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": int(n)}
