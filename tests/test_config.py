@@ -103,7 +103,7 @@ def test_defaults_and_conveniences():
         ({"load_in_4bit": True, "adapter": "qlora", "bnb_config_kwargs": {"bnb_4bit_blocksize": 32}},
          ["bnb_config_kwargs", "bnb_4bit_blocksize"]),
         ({"deepspeed": "ds.json"}, ["key 'deepspeed'"]),
-        ({"fsdp": ["full_shard"]}, ["key 'fsdp'"]),
+        ({"fsdp_version": 1}, ["fsdp_version"]),
         ({"relora_steps": 100}, ["key 'relora_steps'"]),
         ({"fp16": True}, ["key 'fp16': got true", "fp16 training is not supported; use bf16"]),
         ({"warmup_steps": 10, "warmup_ratio": 0.1}, ["warmup_steps and warmup_ratio"]),

@@ -84,8 +84,9 @@ def _speed_line(results: dict) -> str:
 
 
 def test_claims_speed_is_a_tie_within_the_spread_and_unclaimed_from_one_run():
-    old = json.loads((figures.RESULTS / "claims.json").read_text())
-    assert "not established" in _speed_line(old)  # the older shape: one run per cell, no spread
+    # the older shape (one run per cell, no spread, first-step memory): the stored run before the repeats came
+    old = json.loads((Path(__file__).parent / "fixtures" / "claims_single_run.json").read_text())
+    assert "not established" in _speed_line(old)
     tie = _with_repeats(old, {"full": [100.0, 120.0], "r4": [105.0, 118.0], "r8": [112.0, 125.0],
                               "r16": [95.0, 100.0], "r64": [90.0, 101.0]})
     line = _speed_line(tie)
