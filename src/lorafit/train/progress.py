@@ -122,7 +122,8 @@ class Phases:
         def advance(n: int = 1) -> None:
             nonlocal done
             done += n
-            lines.maybe(f"{label}: {done}/{total} ({lines.elapsed():.0f} s)")
+            if done < total:  # the last one is said once, when the phase ends
+                lines.maybe(f"{label}: {done}/{total} ({lines.elapsed():.0f} s)")
 
         yield advance
         lines.maybe(f"{label}: {done}/{total} in {lines.elapsed():.0f} s", force=True)
