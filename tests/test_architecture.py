@@ -27,6 +27,7 @@ TIERS = [
     {"train"},
     {"eval", "measure"},
     {"cli"},
+    {"__main__"},
 ]
 TIER = {unit: i for i, units in enumerate(TIERS) for unit in units}
 # The estimator answers without torch: lorafit estimate / plan must start in well under a second.
