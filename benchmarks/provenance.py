@@ -101,15 +101,21 @@ def runtime_info(options=None) -> dict:
     resolved from the environment, with what they decide and the constants they decide with."""
     from lorafit import options as lo
 
+    per_run = options is None  # each measured run resolves its own (compile "auto" decides from its length)
     if options is None:
         options = lo.RuntimeOptions.resolve()
     elif isinstance(options, dict):
         options = lo.RuntimeOptions(**options)
+    describe = options.describe()
+    if per_run and options.compile_auto:
+        describe = describe.replace(describe.split(", bf16")[0], "kernels auto (each run compiles from "
+                                    f"{lo.COMPILE_MIN_TOKENS:,} planned tokens; see its own record)")
     return {
         **options.to_dict(),
-        "describe": options.describe(),
+        "describe": describe,
         "bf16_matmuls_on_fp32_copies": options.upcasts("bfloat16", "cpu"),  # at >= MIN_ROWS rows, on this CPU
         "constants": {"MIN_ROWS": lo.MIN_ROWS, "HEAD_COPY_MAX_BYTES": lo.HEAD_COPY_MAX_BYTES,
+                      "COMPILE_MIN_TOKENS": lo.COMPILE_MIN_TOKENS,
                       "LOSS_CHUNK_ELEMENTS": lo.LOSS_CHUNK_ELEMENTS},
     }
 
