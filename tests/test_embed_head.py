@@ -93,6 +93,15 @@ def check_grads(ours, pm):
         torch.testing.assert_close(g, theirs[n], atol=1e-6, rtol=1e-4, msg=n)
 
 
+def check_loss_and_grads(ours, pm, x):
+    """The chunked loss equals PEFT's, and so do the gradients it leaves."""
+    loss, ref = our_loss(ours, x), pm(x, labels=x).loss
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-5)
+    loss.backward()
+    ref.backward()
+    check_grads(ours, pm)
+
+
 def train_both(ours, pm, steps=3):
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (ours, pm)]
     for step in range(steps):
@@ -111,12 +120,7 @@ def test_head_and_embedding_lora_match_peft(tied):
     assert type(ours.model.embed_tokens) is LoraEmbedding
     x = ids()
     torch.testing.assert_close(ours(x).logits, pm(x).logits, atol=1e-5, rtol=1e-5)
-    loss = our_loss(ours, x)  # the chunked loss with the head's LoRA term, 3 chunks of 7 of 16 tokens
-    ref = pm(x, labels=x).loss
-    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-5)
-    loss.backward()
-    ref.backward()
-    check_grads(ours, pm)
+    check_loss_and_grads(ours, pm, x)  # the chunked loss with the head's LoRA term, 3 chunks of 7 of 16 tokens
     train_both(ours, pm)
     torch.testing.assert_close(ours(x).logits, pm(x).logits, atol=1e-4, rtol=1e-4)
 
@@ -178,11 +182,7 @@ def test_modules_to_save_on_tied_embeddings_match_peft(tmp_path):
     assert ours.lm_head.weight is not ours.model.embed_tokens.weight
     assert ours.lm_head.weight.requires_grad and ours.model.embed_tokens.weight.requires_grad
     x = ids()
-    loss, ref = our_loss(ours, x), pm(x, labels=x).loss
-    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-5)
-    loss.backward()
-    ref.backward()
-    check_grads(ours, pm)
+    check_loss_and_grads(ours, pm, x)
     train_both(ours, pm)
     expected = ours(x).logits
     torch.testing.assert_close(expected, pm(x).logits, atol=1e-4, rtol=1e-4)
@@ -319,11 +319,7 @@ def test_dora_head_takes_the_unchunked_path_and_matches_peft():
             if p.requires_grad:
                 p.copy_(own[peft_name(n)])
     x = ids()
-    loss, ref = our_loss(ours, x), pm(x, labels=x).loss
-    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-5)
-    loss.backward()
-    ref.backward()
-    check_grads(ours, pm)
+    check_loss_and_grads(ours, pm, x)
 
 
 def test_chunked_loss_with_lora_head_bf16():
