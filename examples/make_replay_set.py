@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from lorafit.eval.tasks import generate_answers
+from lorafit.eval.tasks import generate_answers, load_retention
 from lorafit.models import load_model_and_tokenizer
 
 MAX_NEW_TOKENS = 72
@@ -68,8 +68,7 @@ def prompts() -> list[str]:
 
 def retention_questions() -> set[str]:
     path = Path(__file__).resolve().parent / "retention" / "retention.jsonl"
-    with open(path, encoding="utf-8") as f:
-        return {json.loads(line)["messages"][-1]["content"] for line in f if line.strip()}
+    return {row["messages"][-1]["content"] for row in load_retention(path)}
 
 
 def main() -> None:
