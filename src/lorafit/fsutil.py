@@ -166,3 +166,8 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def cache_root() -> Path:
+    """lorafit's own cache folder: ``$LORAFIT_CACHE``, else ``~/.cache/lorafit`` (the demo model, eval columns)."""
+    return Path(os.environ.get("LORAFIT_CACHE", Path.home() / ".cache" / "lorafit"))

