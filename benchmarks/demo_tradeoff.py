@@ -75,7 +75,7 @@ def timed(cmd: list[str], log: Path) -> float:
 def run_variant(name: str, work: Path) -> dict:
     cfg = variant_config(name, work)
     out = work / name
-    train_s = timed([*LORAFIT, "train", str(cfg), "--overwrite"], work / f"{name}.train.log")
+    train_s = timed([*LORAFIT, "train", str(cfg)], work / f"{name}.train.log")  # same config again: allowed
     report = out / "eval.json"
     eval_s = timed([*LORAFIT, "eval", str(cfg), "--adapter", str(out), "--heldout", str(HELDOUT),
                     "--retention", str(RETENTION), "--no-base", "--json", str(report), "--force"],
