@@ -330,33 +330,35 @@ def test_load_in_4bit_under_adapter_lora_follows_axolotl(workdir):
         "quant_type": "nf4", "double_quant": False}
 
 
-def test_cli_merge_of_a_qlora_adapter_is_dense_dequantized_plus_update(workdir, tmp_path):
-    import subprocess
-    import sys
-
+def test_cli_merge_of_a_qlora_adapter_is_dense_dequantized_plus_update(workdir, tmp_path, capsys):
+    """The run record says the adapter was trained over NF4, so merge needs no --qlora; --qlora off merges
+    into the dense weights instead."""
     from transformers import AutoModelForCausalLM
 
+    from lorafit.cli import main
     from lorafit.lora import read_adapter_weights
     from lorafit.train import train
 
     train(train_config(workdir, "for-merge", max_steps=3))
-    out = tmp_path / "merged"
-    done = subprocess.run([sys.executable, "-m", "lorafit.cli", "merge", str(workdir / "model"),
-                           str(workdir / "for-merge"), str(out), "--qlora"], capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
-    merged = AutoModelForCausalLM.from_pretrained(out)
+    capsys.readouterr()
+    assert main(["merge", str(workdir / "model"), str(workdir / "for-merge"), str(tmp_path / "merged")]) == 0
+    assert "trained over a 4-bit nf4 base" in capsys.readouterr().out
+    assert main(["merge", str(workdir / "model"), str(workdir / "for-merge"), str(tmp_path / "dense"),
+                 "--qlora", "off"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
     base = AutoModelForCausalLM.from_pretrained(workdir / "model")
     assert getattr(merged.config, "quantization_config", None) is None  # a plain 16/32-bit model
     adapter = read_adapter_weights(workdir / "for-merge")
     for name, m in base.named_modules():
         if type(m) is not torch.nn.Linear or name == "lm_head":
             continue
-        codes = nf4.quantize(m.weight.data)
-        want = nf4.dequantize(codes).float()
         a = adapter[f"base_model.model.{name}.lora_A.weight"]
         b = adapter[f"base_model.model.{name}.lora_B.weight"]
-        want = want + (b.float() @ a.float()) * (8 / 4)
+        update = (b.float() @ a.float()) * (8 / 4)
+        want = nf4.dequantize(nf4.quantize(m.weight.data)).float() + update
         assert torch.equal(merged.get_submodule(name).weight, want), name
+        torch.testing.assert_close(dense.get_submodule(name).weight, m.weight.data + update)
 
 
 # ---- the estimator counts what bitsandbytes holds -------------------------------------------------------------

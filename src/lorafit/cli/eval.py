@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from lorafit.cli.loading import add_qlora_flag, four_bit_of, model_with_adapter
+from lorafit.cli.loading import add_qlora_flag, four_bit_for, model_with_adapter
 from lorafit.errors import LorafitError
 from lorafit.fsutil import check_new_file, write_json
 
@@ -61,7 +61,7 @@ def cmd_eval(args) -> int:
     base_model, adapter, cfg = resolve_target(args)
     if cfg is None and not (args.heldout or args.retention):
         raise LorafitError("give a training config (for its eval split), --heldout or --retention")
-    four_bit = four_bit_of(args.qlora) or (cfg.four_bit if cfg is not None and adapter else None)
+    four_bit = four_bit_for(adapter, args.qlora, Console(), default=cfg.four_bit if cfg is not None else None)
     model, tok = model_with_adapter(base_model, adapter, four_bit=four_bit)
     key = None
     if adapter and not args.no_base:

@@ -6,7 +6,7 @@ import argparse
 
 from rich.console import Console
 
-from lorafit.cli.loading import add_qlora_flag, four_bit_of, model_with_adapter
+from lorafit.cli.loading import add_qlora_flag, four_bit_for, model_with_adapter
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,8 +38,9 @@ def prompt_ids(tok, prompt: str, args):
 def cmd_generate(args) -> int:
     import torch
 
-    model, tok = model_with_adapter(args.base_model, args.adapter, four_bit=four_bit_of(args.qlora))
     console = Console()
+    four_bit = four_bit_for(args.adapter, args.qlora, console)
+    model, tok = model_with_adapter(args.base_model, args.adapter, four_bit=four_bit)
     if args.sample:
         decoding = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p)
     else:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from lorafit.cli.loading import add_qlora_flag, four_bit_of, model_with_adapter
+from lorafit.cli.loading import add_qlora_flag, four_bit_for, model_with_adapter
 from lorafit.errors import LorafitError
 from lorafit.fsutil import atomic_dir, check_new_output, display, listing, read_json, write_json
 
@@ -64,7 +64,7 @@ def cmd_merge(args) -> int:
     # merged in float32 and cast after, so a bf16/fp16 output is rounded once
     # QLoRA: W' = dequantize(quantize(W)) + s·B A, the weights the adapter was trained against, written dense;
     # re-quantizing W' to 4 bits would round most of the update away
-    four_bit = four_bit_of(args.qlora)
+    four_bit = four_bit_for(args.adapter, args.qlora, console)
     model, tok = model_with_adapter(args.base_model, args.adapter, four_bit=four_bit)
     merge_and_unload(model, safe=True)
     if four_bit is not None:

@@ -77,6 +77,19 @@ class DatasetSpec(BaseModel):
         return self.field or "text"
 
 
+def four_bit_settings(adapter: str | None, load_in_4bit: bool | None, bnb_config_kwargs: dict | None) -> dict | None:
+    """The 4-bit base these keys ask for (``lorafit.models.quantize_base``'s arguments), or None for a dense base.
+    adapter: qlora takes axolotl's defaults (NF4, double quantization) and its bnb_config_kwargs; load_in_4bit
+    under adapter: lora gets what axolotl's loader got there, transformers' load_in_4bit defaults."""
+    if not load_in_4bit:
+        return None
+    if adapter != "qlora":
+        return {"quant_type": "fp4", "double_quant": False}
+    kw = bnb_config_kwargs or {}
+    return {"quant_type": kw.get("bnb_4bit_quant_type", "nf4"),
+            "double_quant": bool(kw.get("bnb_4bit_use_double_quant", True))}
+
+
 class TrainConfig(BaseModel):
     """A validated training config. Build it with :func:`load_config` or :meth:`from_dict`."""
 
@@ -348,16 +361,8 @@ class TrainConfig(BaseModel):
 
     @property
     def four_bit(self) -> dict[str, Any] | None:
-        """How the base is quantized (``lorafit.models.quantize_base``'s arguments), or None for a dense base.
-        adapter: qlora takes axolotl's defaults (NF4, double quantization) and its bnb_config_kwargs; load_in_4bit
-        under adapter: lora gets what axolotl's loader got there, transformers' load_in_4bit defaults."""
-        if not self.load_in_4bit:
-            return None
-        if self.adapter != "qlora":
-            return {"quant_type": "fp4", "double_quant": False}
-        kw = self.bnb_config_kwargs or {}
-        return {"quant_type": kw.get("bnb_4bit_quant_type", "nf4"),
-                "double_quant": bool(kw.get("bnb_4bit_use_double_quant", True))}
+        """How the base is quantized (``lorafit.models.quantize_base``'s arguments), or None for a dense base."""
+        return four_bit_settings(self.adapter, self.load_in_4bit, self.bnb_config_kwargs)
 
     # ---- construction ----
     @classmethod

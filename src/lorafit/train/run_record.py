@@ -212,3 +212,13 @@ def prepare_output(plan: OutputPlan, fp: dict, source: str) -> None:
             p.unlink(missing_ok=True)
     plan.folder.mkdir(parents=True, exist_ok=True)
     write_json(plan.folder / RECORD, {"written_by": "lorafit train", "config": source, "fingerprint": fp})
+
+
+def recorded_fingerprint(adapter_dir: str | Path) -> dict | None:
+    """The fingerprint of the run that wrote the adapter in ``adapter_dir`` (a run's output folder or one of its
+    checkpoints), or None for an adapter lorafit did not train (PEFT's files do not say how the base was held)."""
+    folder = Path(adapter_dir)
+    for meta in (read_json(folder / RECORD), read_json(folder / "state.json")):
+        if meta and isinstance(meta.get("fingerprint"), dict):
+            return meta["fingerprint"]
+    return None
