@@ -1,6 +1,19 @@
 """Shared fixtures: the demo model's real tokenizer (loaded once per session), tiny models, lean-kernel switches."""
 
+import os
+
 import pytest
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs ``-n auto``) each worker gets its share of the cores, so N workers
+    with torch's default of one thread per core do not oversubscribe the machine; CLI subprocesses inherit it."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+        import torch  # a plugin may have imported it before the variable was set
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 SWITCHES = ("shared_inputs", "swiglu", "rms_norm", "rope", "attention")
 

@@ -158,8 +158,11 @@ def _cache_demo_model(model, tok) -> None:
     """Save the dequantised demo model as safetensors so later loads take a second, not ~20 s."""
     from lorafit.fsutil import atomic_dir
 
+    cached = demo_cache_dir()
+    if (cached / "config.json").is_file() and (cached / "model.safetensors").is_file():
+        return  # another process (a parallel test worker, a second run) saved it meanwhile
     try:
-        with atomic_dir(demo_cache_dir()) as tmp:
+        with atomic_dir(cached) as tmp:
             model.to(torch.float32).save_pretrained(tmp)
             tok.save_pretrained(tmp)
     except OSError:
