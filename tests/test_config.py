@@ -52,7 +52,8 @@ def test_axolotl_instruct_lora_8b_example_validates():
     assert any("8-bit (LLM.int8) bases are not supported yet" in n for n in cfg.notices)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
+@pytest.mark.parametrize("optimizer", ["adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
+                                       "adamw_torch_8bit", "adamw_torch_4bit"])
 def test_axolotl_8bit_and_paged_optimizers_validate(optimizer):
     assert make(optimizer=optimizer).optimizer == optimizer
 

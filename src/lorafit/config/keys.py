@@ -26,10 +26,12 @@ DEMO_ALIASES = frozenset({DEMO_MODEL, "demo", "HuggingFaceTB/SmolLM2-135M-Instru
 DATASET_TYPES = ("alpaca", "chat_template", "completion", "input_output")
 # The optimizer names lorafit runs (axolotl's) and the kind each is: the one map for the config, the trainer
 # (``lorafit.train.optim``) and the estimator. Every AdamW name runs torch's fused AdamW where it applies.
-# The bitsandbytes kinds: 8-bit states (Dettmers et al. 2022) and paged states (unified memory on CUDA).
+# The bitsandbytes kinds: 8-bit states (Dettmers et al. 2022) and paged states (unified memory on CUDA); the
+# torchao kinds: torchao's AdamW8bit / AdamW4bit (block-quantized states), as transformers' Trainer runs them.
 OPTIMIZERS = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw", "adamw": "adamw", "sgd": "sgd",
               "adamw_bnb_8bit": "adamw_8bit", "adamw_8bit": "adamw_8bit", "paged_adamw_8bit": "paged_adamw_8bit",
-              "paged_adamw_32bit": "paged_adamw_32bit"}
+              "paged_adamw_32bit": "paged_adamw_32bit", "adamw_torch_8bit": "torchao_8bit",
+              "adamw_torch_4bit": "torchao_4bit"}
 # bnb_config_kwargs entries lorafit reads, and their allowed values (None: any; the notice says what is ignored)
 BNB_KWARGS = {"bnb_4bit_quant_type": ("nf4", "fp4"), "bnb_4bit_use_double_quant": (True, False),
               "bnb_4bit_compute_dtype": None, "bnb_4bit_quant_storage": None, "llm_int8_threshold": None,

@@ -203,8 +203,8 @@ class TrainConfig(BaseModel):
         if v in SUPPORTED_OPTIMIZERS:
             return v
         if "8bit" in v or "paged" in v or "bnb" in v:
-            raise ValueError(f"this 8-bit/paged optimizer is not supported; use adamw_8bit, paged_adamw_8bit or "
-                             f"paged_adamw_32bit (supported: {', '.join(SUPPORTED_OPTIMIZERS)})")
+            raise ValueError(f"this low-bit/paged optimizer is not supported; use adamw_8bit, adamw_torch_8bit, "
+                             f"adamw_torch_4bit, paged_adamw_8bit or paged_adamw_32bit (supported: {', '.join(SUPPORTED_OPTIMIZERS)})")
         raise ValueError(f"not supported yet, use adamw_torch (supported: {', '.join(SUPPORTED_OPTIMIZERS)})")
 
     @field_validator("bnb_config_kwargs")

@@ -280,7 +280,7 @@ class Recipe:
         s.elapsed_s = time.perf_counter() - self.t_start
         self.last_loss = row["loss"]
         return {"step": s.step, "epoch": round(s.epoch + s.batch_index / max(len(self.epoch), 1), 4),
-                "loss": row["loss"], "lr": self.scheduler.get_last_lr()[0], "grad_norm": row["grad_norm"],
+                "loss": row["loss"], "lr": float(self.scheduler.get_last_lr()[0]), "grad_norm": row["grad_norm"],
                 "trained_tokens": row["trained_tokens"], "tokens_per_s": row["tokens"] / dt,
                 "elapsed_s": round(s.elapsed_s, 3)}
 
