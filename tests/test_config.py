@@ -175,3 +175,18 @@ def test_compile_auto_compiles_only_runs_long_enough_to_repay_it():
     assert RuntimeOptions.resolve(env={"LORAFIT_COMPILE": "1"}, planned_tokens=1).compile
     with pytest.raises(LorafitError, match="1, 0 or auto"):
         RuntimeOptions.resolve(env={"LORAFIT_COMPILE": "maybe"})
+
+
+def test_batch_size_without_accumulation_steps_sets_them_as_axolotl_does():
+    cfg = make(batch_size=8, micro_batch_size=2)
+    assert cfg.gradient_accumulation_steps == 4  # axolotl: batch_size // micro_batch_size
+    assert "batch_size 10 is not a multiple of micro_batch_size 4" in error_of(batch_size=10, micro_batch_size=4)
+    assert "set two of the three" in error_of(batch_size=8, micro_batch_size=2, gradient_accumulation_steps=2)
+
+
+@pytest.mark.parametrize("value", ["xformers", "kernels-community/vllm-flash-attn3"])
+def test_exact_attention_lorafit_does_not_load_runs_as_sdpa_with_a_notice(value):
+    cfg = make(attn_implementation=value)
+    assert cfg.attn_implementation == "sdpa"
+    assert any(n.startswith(f"attn_implementation {value}: runs as sdpa") for n in cfg.notices)
+    assert "attn_implementation" in error_of(attn_implementation="magic")

@@ -28,6 +28,22 @@ from lorafit.options import RuntimeOptions
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token")
 
 
+def _substitute_attention(data: dict) -> list[str]:
+    """axolotl's attention choices that are exact attention run by a library lorafit does not load (xformers, a
+    Hub kernel such as ``kernels-community/vllm-flash-attn3``, fetched at run time): the same math through
+    transformers' sdpa, with a notice."""
+    value = data.get("attn_implementation")
+    if value == "xformers":
+        data["attn_implementation"] = "sdpa"
+        return ["attn_implementation xformers: runs as sdpa (xformers' memory-efficient attention is exact "
+                "attention; torch's sdpa computes the same)"]
+    if isinstance(value, str) and "/" in value:
+        data["attn_implementation"] = "sdpa"
+        return [f"attn_implementation {value}: runs as sdpa (a Hub attention kernel is downloaded at run time "
+                "and lorafit downloads nothing; sdpa computes the same exact attention)"]
+    return []
+
+
 class DatasetSpec(BaseModel):
     """One entry of ``datasets`` / ``test_datasets`` (axolotl's names)."""
 
@@ -275,6 +291,11 @@ class TrainConfig(BaseModel):
             if micro == "auto" and accum != "auto" and "gradient_accumulation_steps" in self.model_fields_set:
                 raise ValueError("micro_batch_size is auto: leave gradient_accumulation_steps out (or auto); "
                                  "lorafit sets it to batch_size / micro_batch_size")
+        elif total is not None and "gradient_accumulation_steps" not in self.model_fields_set:
+            # axolotl: gradient_accumulation_steps defaults to batch_size // micro_batch_size
+            if total % micro:
+                raise ValueError(f"batch_size {total} is not a multiple of micro_batch_size {micro}")
+            self.gradient_accumulation_steps = total // micro
         elif total is not None and total != micro * accum:
             raise ValueError(f"batch_size {total} is not micro_batch_size × gradient_accumulation_steps "
                              f"({micro} × {accum}); set two of the three")
@@ -366,6 +387,7 @@ class TrainConfig(BaseModel):
         if not isinstance(d, dict):
             raise LorafitError(f"{source}: the top level must be a mapping of keys to values, got {kind(d)}")
         data, notices = screen_keys(d, source, list(cls.model_fields), list(DatasetSpec.model_fields))
+        notices += _substitute_attention(data)
         try:
             cfg = cls.model_validate(data)
         except ValidationError as e:
