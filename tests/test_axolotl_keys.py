@@ -47,7 +47,7 @@ TYPICAL_TOP = {
     "resume_from_checkpoint": "./out/checkpoint-10", "eot_tokens": ["<|im_end|>"], "train_on_eos": "last",
     "lora_rank_pattern": {"q_proj": 32}, "lora_alpha_pattern": {"v_proj": 8},
     "batch_size": 1, "max_memory": "16GiB",
-    "default_system_message": "You are helpful.",
+    "default_system_message": "You are helpful.", "chat_template_kwargs": {"enable_thinking": False},
     "load_in_4bit": True, "bnb_config_kwargs": {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
     "fsdp": ["full_shard", "auto_wrap"], "fsdp_config": {"reshard_after_forward": True}, "fsdp_version": 2,
 }
@@ -56,7 +56,8 @@ TYPICAL_DATASET = {
     "name": "default", "field": "text", "field_messages": "conversations", "message_field_role": "from",
     "message_field_content": "value", "message_property_mappings": {"role": "from", "content": "value"},
     "roles": {"assistant": ["gpt"]}, "roles_to_train": ["assistant"], "train_on_eos": "turn",
-    "drop_system_message": True,
+    "drop_system_message": True, "train_on_eot": "turn", "message_field_training": "train", "split_thinking": True,
+    "template_thinking_key": "reasoning_content",
 }
 # keys lorafit has that axolotl does not (not in the table)
 LORAFIT_ONLY_TOP = {"lora_init", "skip_bad_rows", "loss_chunk_tokens", "compile_kernels",

@@ -56,7 +56,7 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
     # ---- supported: the fields of TrainConfig ----
     **_group(SUPPORTED, "", """
         base_model tokenizer_config chat_template chat_template_jinja attn_implementation special_tokens
-        eot_tokens train_on_eos default_system_message batch_size max_memory
+        eot_tokens train_on_eos default_system_message chat_template_kwargs batch_size max_memory
         adapter lora_model_dir lora_r lora_alpha lora_dropout lora_target_modules lora_target_linear
         lora_modules_to_save peft_use_rslora peft_use_dora peft_layers_to_transform lora_rank_pattern
         lora_alpha_pattern load_in_4bit bnb_config_kwargs
@@ -143,7 +143,6 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
     "shuffle_before_merging_datasets": (IGNORED, "lorafit shuffles the merged rows with seed"),
     "dataloader_drop_last": (IGNORED, "a last partial batch is kept"),
     "max_packed_sequence_len": (IGNORED, "sequence_len bounds packed rows"),
-    "chat_template_kwargs": (IGNORED, "the chat template is rendered with its defaults"),
     "load_in_8bit": (IGNORED, "lorafit loads the base in bf16/fp32; 8-bit (LLM.int8) bases are not supported yet, "
                               "for a quantized base use adapter: qlora with load_in_4bit: true"),
     "eval_batch_size": (IGNORED, "evaluation uses micro_batch_size"),
@@ -275,7 +274,8 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
 DATASET_LEVEL: dict[str, tuple[str, str]] = {
     **_group(SUPPORTED, "", """
         path split type data_files ds_type name field field_messages message_field_role message_field_content
-        message_property_mappings roles roles_to_train train_on_eos drop_system_message"""),
+        message_property_mappings roles roles_to_train train_on_eos drop_system_message train_on_eot
+        message_field_training split_thinking template_thinking_key"""),
     "chat_template": (IGNORED, "the top-level chat_template applies to every dataset"),
     "chat_template_jinja": (IGNORED, "the top-level chat_template applies to every dataset"),
     "conversation": (IGNORED, "chat rows are rendered with the tokenizer's (or chat_template's) template"),
@@ -284,12 +284,10 @@ DATASET_LEVEL: dict[str, tuple[str, str]] = {
     "input_format": (IGNORED, "used by dataset types lorafit does not read"),
     "field_system": (IGNORED, "system turns come from the messages"),
     "field_tools": (IGNORED, "tool definitions are not passed to the chat template"),
-    "field_thinking": (IGNORED, "reasoning is not split out of messages; it trains as the message text"),
-    "template_thinking_key": (IGNORED, "reasoning is not split out of messages; it trains as the message text"),
-    "split_thinking": (IGNORED, "reasoning is not split out of messages; it trains as the message text"),
-    "message_field_training": (IGNORED, "per-message training flags are not read; roles_to_train decides"),
-    "message_field_training_detail": (IGNORED, "per-message training flags are not read; roles_to_train decides"),
-    "train_on_eot": (IGNORED, "end-of-turn tokens train as train_on_eos says"),
+    "field_thinking": (IGNORED, "a message's own reasoning field is not passed to the template; put it in the "
+                       "content between <think> tags and set split_thinking"),
+    "message_field_training_detail": (IGNORED, "per-character training spans are not read; message_field_training"
+                                      " and roles_to_train decide per message"),
     "preprocess_shards": (IGNORED, _PREP),
     "trust_remote_code": (IGNORED, "lorafit never runs code shipped with a dataset"),
     "revision": (IGNORED, "local files have no revision"),

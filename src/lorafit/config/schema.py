@@ -63,7 +63,13 @@ class DatasetSpec(BaseModel):
     roles: dict[str, list[str]] | None = None  # canonical role -> names used in the data
     roles_to_train: list[str] = Field(default_factory=lambda: ["assistant"])
     train_on_eos: Literal["turn", "all", "last", "none"] | None = None  # None: the top-level key, else "turn"
+    # the end-of-turn tokens that are not EOS (eot_tokens, <|eot_id|> ...): same choices; None: train_on_eos's
+    train_on_eot: Literal["turn", "all", "last", "none"] | None = None
     drop_system_message: bool = False  # chat rows: leave system messages out
+    message_field_training: str | None = None  # a message's true/false training flag (None: the field "train")
+    # assistant messages: <think>…</think> (and axolotl's other pairs) moved into template_thinking_key
+    split_thinking: bool = False
+    template_thinking_key: str = "reasoning_content"
     # completion rows
     field: str | None = None
     encoding: str | None = None  # text files' codec (latin-1, cp1252, utf-16 ...); None: UTF-8, BOM or not
@@ -110,6 +116,7 @@ class TrainConfig(BaseModel):
     eot_tokens: list[str] | None = None
     train_on_eos: Literal["turn", "all", "last", "none"] | None = None
     default_system_message: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the chat template (enable_thinking ...)
 
     # adapter
     adapter: str | None = None

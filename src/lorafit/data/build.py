@@ -87,7 +87,8 @@ def _row_tokenizer(spec, cfg, info: TokenizerInfo):
     if spec.type == "chat_template":
         return ChatTokenizer(info, resolve_chat_template(cfg, info.tok), spec, cfg.train_on_inputs,
                              eot_tokens=cfg.eot_tokens, train_on_eos=cfg.train_on_eos,
-                             system_message=cfg.default_system_message, source=cfg.source)
+                             system_message=cfg.default_system_message, source=cfg.source,
+                             template_kwargs=cfg.chat_template_kwargs)
     raise LorafitError(f"{cfg.source}: unknown dataset type {spec.type!r}")  # pragma: no cover
 
 
