@@ -393,3 +393,38 @@ def test_split_thinking_moves_reasoning_to_the_template_and_trains_it(tmp_path, 
     # without split_thinking the content is rendered as written, and trained as content
     (s,), _, _ = build(tmp_path, tok, {**entry, "split_thinking": False}, chat_template=THINK_TEMPLATE)
     assert trained_text(tok, s) == "<think> add two and two </think>\n Four.<|im_end|>"
+
+
+# axolotl's AlpacaPrompter styles, written out from its prompters.py (system prompt, then the turn)
+AXOLOTL_ALPACA_CHAT = ("SYSTEM: Below is an instruction that describes a task, paired with an input that provides "
+                       "further context. Write a response that appropriately completes the request.\n"
+                       "USER: Greet the person.\nBob\nASSISTANT:")
+AXOLOTL_ALPACA_CHATML_NO_INPUT = ("<|im_start|>system\nBelow is an instruction that describes a task. Write a "
+                                  "response that appropriately completes the request.<|im_end|>\n"
+                                  "<|im_start|>user\nAdd two and two.<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("kind, row, prompt", [
+    ("alpaca:chat", ALPACA[1], AXOLOTL_ALPACA_CHAT),
+    ("alpaca_chat", ALPACA[1], AXOLOTL_ALPACA_CHAT),  # axolotl's alpaca_chat strategy: the same prompter
+    ("alpaca:chatml", ALPACA[0], AXOLOTL_ALPACA_CHATML_NO_INPUT),
+])
+def test_alpaca_prompt_styles_are_axolotls(tmp_path, demo_tokenizer, kind, row, prompt):
+    """Prompt ids then answer + EOS, only the answer + EOS trained: token by token, axolotl's layout."""
+    tok = demo_tokenizer
+    write_jsonl(tmp_path / "a.jsonl", [row])
+    (s,), _, _ = build(tmp_path, tok, {"path": "a.jsonl", "type": kind})
+    prompt_ids = tok(prompt)["input_ids"]  # axolotl tokenizes the prompt with the tokenizer's special tokens
+    answer_ids = tok(row["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert s.input_ids == prompt_ids + answer_ids
+    assert s.labels == [IGNORE] * len(prompt_ids) + answer_ids
+
+
+def test_alpaca_instruct_style_is_type_alpaca_and_unknown_styles_are_one_line(tmp_path, demo_tokenizer):
+    write_jsonl(tmp_path / "a.jsonl", ALPACA)
+    plain, _, _ = build(tmp_path, demo_tokenizer, {"path": "a.jsonl", "type": "alpaca"})
+    for alias in ("alpaca:instruct", "alpaca_instruct"):
+        same, _, _ = build(tmp_path, demo_tokenizer, {"path": "a.jsonl", "type": alias})
+        assert [s.input_ids for s in same] == [s.input_ids for s in plain]
+    with pytest.raises(LorafitError, match=r"datasets\[0\]\.type.*alpaca:chat"):
+        config(tmp_path, {"path": "a.jsonl", "type": "alpaca:reflect"})

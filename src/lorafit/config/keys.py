@@ -23,7 +23,10 @@ from lorafit.errors import LorafitError
 DEMO_MODEL = "smollm2-135m-instruct"
 DEMO_ALIASES = frozenset({DEMO_MODEL, "demo", "HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct"})
 
-DATASET_TYPES = ("alpaca", "chat_template", "completion", "input_output")
+DATASET_TYPES = ("alpaca", "alpaca:chat", "alpaca:chatml", "alpaca:phi", "chat_template", "completion", "input_output")
+# axolotl's other names for the same prompts (its alpaca_chat / alpaca_instruct strategies are AlpacaPrompter
+# in the chat / instruct style, exactly what type alpaca:chat / alpaca gives)
+DATASET_TYPE_ALIASES = {"alpaca:instruct": "alpaca", "alpaca_instruct": "alpaca", "alpaca_chat": "alpaca:chat"}
 # The optimizer names lorafit runs (axolotl's) and the kind each is: the one map for the config, the trainer
 # (``lorafit.train.optim``) and the estimator. Every AdamW name runs torch's fused AdamW where it applies.
 # The bitsandbytes kinds: 8-bit states (Dettmers et al. 2022) and paged states (unified memory on CUDA); the

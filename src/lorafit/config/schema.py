@@ -19,7 +19,14 @@ from pydantic import (
     model_validator,
 )
 
-from lorafit.config.keys import ALLOWED, BNB_KWARGS, DEMO_ALIASES, SUPPORTED_OPTIMIZERS, screen_keys
+from lorafit.config.keys import (
+    ALLOWED,
+    BNB_KWARGS,
+    DATASET_TYPE_ALIASES,
+    DEMO_ALIASES,
+    SUPPORTED_OPTIMIZERS,
+    screen_keys,
+)
 from lorafit.config.messages import kind, one_line
 from lorafit.errors import LorafitError
 from lorafit.options import RuntimeOptions
@@ -50,7 +57,8 @@ class DatasetSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str
-    type: Literal["alpaca", "chat_template", "completion", "input_output"]
+    # alpaca:chat / :chatml / :phi: axolotl's AlpacaPrompter in that prompt style
+    type: Literal["alpaca", "alpaca:chat", "alpaca:chatml", "alpaca:phi", "chat_template", "completion", "input_output"]
     split: str = "train"
     data_files: str | list[str] | None = None
     ds_type: Literal["json", "csv", "parquet"] | None = None
@@ -73,6 +81,11 @@ class DatasetSpec(BaseModel):
     # completion rows
     field: str | None = None
     encoding: str | None = None  # text files' codec (latin-1, cp1252, utf-16 ...); None: UTF-8, BOM or not
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _type_alias(cls, v: Any) -> Any:
+        return DATASET_TYPE_ALIASES.get(v, v) if isinstance(v, str) else v
 
     @field_validator("encoding")
     @classmethod

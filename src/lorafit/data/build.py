@@ -78,8 +78,9 @@ def truncate(ids: list[int], labels: list[int], sequence_len: int) -> tuple[list
 
 
 def _row_tokenizer(spec, cfg, info: TokenizerInfo):
-    if spec.type == "alpaca":
-        return lambda row: tokenize_alpaca(row, info, cfg.train_on_inputs)
+    if spec.type.startswith("alpaca"):
+        style = spec.type.partition(":")[2] or "instruct"
+        return lambda row: tokenize_alpaca(row, info, cfg.train_on_inputs, style)
     if spec.type == "completion":
         return lambda row: tokenize_completion(row, info, spec.text_field)
     if spec.type == "input_output":
