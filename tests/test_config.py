@@ -90,8 +90,9 @@ def test_defaults_and_conveniences():
         ({"lora_r": "abc"}, ["key 'lora_r': got 'abc', must be an integer"]),
         ({"lora_dropout": 1.0}, ["key 'lora_dropout': got 1.0", "[0, 1)"]),
         ({"sample_packing": "perhaps"}, ["key 'sample_packing': got 'perhaps', must be true or false"]),
-        ({"datasets": [{"path": "x.jsonl", "type": "alpaca_chat"}]},
-         ["key 'datasets[0].type': got 'alpaca_chat'", "alpaca, chat_template, completion, input_output"]),
+        ({"datasets": [{"path": "x.jsonl", "type": "alpaca_w_system"}]},
+         ["key 'datasets[0].type': got 'alpaca_w_system'", "alpaca, alpaca:chat, alpaca:chatml, alpaca:phi, "
+          "chat_template, completion, input_output"]),
         ({"datasets": [{"path": "x.jsonl", "type": "alpaca", "feild": "t"}]},
          ["unknown key 'datasets[0].feild'", "did you mean `field`?"]),
         ({"datasets": [{"type": "alpaca"}]}, ["key 'datasets[0].path' is required"]),
