@@ -181,7 +181,8 @@ class TrainConfig(BaseModel):
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_epsilon: float = Field(1e-8, gt=0)
     max_grad_norm: float = Field(1.0, ge=0)
-    gradient_checkpointing: bool = False
+    # offload (axolotl's): checkpointing with each layer's saved input in host memory (transformers' offload)
+    gradient_checkpointing: bool | Literal["offload"] = False
     loss_chunk_tokens: int | None = Field(None, ge=1)  # lorafit: tokens per loss chunk (None: sized to the vocab)
     bf16: bool | Literal["auto"] = False
     # lorafit: how the lean kernels run (None: the LORAFIT_COMPILE / LORAFIT_HALF_MATMUL environment, else the
@@ -290,6 +291,14 @@ class TrainConfig(BaseModel):
                 re.compile(v)
             except re.error as e:
                 raise ValueError(f"is not a valid regex ({e})") from None
+        return v
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _check_checkpointing(cls, v: Any) -> Any:
+        if v == "offload_disk":
+            raise ValueError("offloading activations to disk is not supported; use offload (layer inputs in host "
+                             "memory) or true")
         return v
 
     @field_validator("micro_batch_size", "gradient_accumulation_steps")
@@ -413,6 +422,9 @@ class TrainConfig(BaseModel):
         except ValidationError as e:
             raise LorafitError(one_line(e, source, data, ALLOWED)) from None
         cfg._notices = notices + cfg._four_bit_notices()
+        if cfg.gradient_checkpointing == "offload":
+            cfg._notices.append("gradient_checkpointing offload: each layer's saved input waits in host memory on a "
+                                "GPU (transformers' offload); on a CPU-only machine it is plain checkpointing")
         cfg._source = source
         cfg._config_dir = Path(config_dir) if config_dir is not None else Path.cwd()
         return cfg

@@ -72,6 +72,7 @@ class Settings:
     modules_to_save: list[str] | None = None  # LoRA: modules trained in full (embed_tokens, lm_head are counted)
     optimizer: str = "adamw"  # an optimizer name of lorafit.config.OPTIMIZERS
     gradient_checkpointing: bool = False
+    offload_checkpoints: bool = False  # gradient_checkpointing: offload: the layer inputs in host memory (on CUDA)
     packing: bool = False
     loss: str = "chunked"  # "chunked" (lorafit) | "hf" (plain transformers loss: full logits)
     loss_chunk_tokens: int | None = None  # None: lorafit's default for the vocabulary

@@ -47,7 +47,13 @@ def lora_config_from(cfg) -> LoraConfig:
     )
 
 
-def make_trainable(model: nn.Module, lora: LoraConfig | None, gradient_checkpointing: bool,
+def has_accelerator() -> bool:
+    """Whether this machine has a CUDA-like device (transformers' offload pins host memory for it)."""
+    return torch.cuda.is_available() or getattr(torch, "accelerator", None) is not None and \
+        torch.accelerator.current_accelerator() is not None
+
+
+def make_trainable(model: nn.Module, lora: LoraConfig | None, gradient_checkpointing: bool | str,
                    options: RuntimeOptions) -> nn.Module:
     """What training does to a loaded model: the adapter (or every weight unfrozen), the lean kernels of its
     family (``model.lean_kernels`` is the handle: what was switched, and ``restore()``), checkpointing, no cache.
@@ -59,7 +65,15 @@ def make_trainable(model: nn.Module, lora: LoraConfig | None, gradient_checkpoin
     else:
         model.requires_grad_(True)
     apply_lean_kernels(model, options=options)
-    if gradient_checkpointing:
+    if gradient_checkpointing == "offload" and has_accelerator():
+        # transformers' offload: each checkpoint's saved input goes to pinned host memory through torch's
+        # save_on_cpu and comes back for the recompute. Without an accelerator the activations are in host
+        # memory already (and pinned memory does not exist): plain checkpointing, as the config's notice says.
+        if not hasattr(model, "activation_checkpointing_enable"):
+            raise LorafitError("gradient_checkpointing: offload needs transformers' activation_checkpointing_enable"
+                               " (transformers 5); upgrade transformers or set gradient_checkpointing: true")
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False}, offload=True)
+    elif gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so it works with a frozen embedding.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
