@@ -41,7 +41,7 @@ TYPICAL_TOP = {
     "train_on_inputs": True, "micro_batch_size": 2, "gradient_accumulation_steps": 4, "num_epochs": 3,
     "max_steps": 100, "learning_rate": 2e-4, "lr_scheduler": "linear", "warmup_steps": 10, "warmup_ratio": 0.03,
     "optimizer": "adamw_torch_fused", "weight_decay": 0.01, "adam_beta1": 0.9, "adam_beta2": 0.95,
-    "adam_epsilon": 1e-6, "max_grad_norm": 0.5, "gradient_checkpointing": True, "bf16": "auto", "fp16": False,
+    "adam_epsilon": 1e-6, "max_grad_norm": 0.5, "gradient_checkpointing": True, "curriculum_sampling": True, "bf16": "auto", "fp16": False,
     "tf32": True, "eval_steps": 20, "evals_per_epoch": 4, "save_steps": 50, "saves_per_epoch": 1,
     "save_total_limit": 2, "logging_steps": 5, "output_dir": "./out", "seed": 3,
     "resume_from_checkpoint": "./out/checkpoint-10", "eot_tokens": ["<|im_end|>"], "train_on_eos": "last",

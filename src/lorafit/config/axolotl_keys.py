@@ -34,7 +34,7 @@ _MODEL_CLASS = "lorafit loads every model with AutoModelForCausalLM and its toke
 _GEN = "no samples are generated during training; run lorafit eval on the saved adapter"
 _MULTI = ("lorafit trains on several devices with torchrun: DDP, or FSDP2 with fsdp_version: 2 (issue 18); "
           "this kind of parallelism is not supported, remove it")
-_QUANT = ("quantized bases other than bitsandbytes 4-bit (GPTQ, FP8, torchao) are not supported; use adapter: qlora"
+_QUANT = ("quantized bases other than bitsandbytes 4-bit (GPTQ, FP8, MXFP4, NVFP4, torchao) are not supported; use adapter: qlora"
           " with load_in_4bit: true, or LoRA on a bf16/fp32 base")
 _OPTIM = "not supported; use optimizer adamw_torch (with weight_decay, adam_beta1/2, adam_epsilon)"
 _SCHED = "not supported; use lr_scheduler cosine, linear, constant or constant_with_warmup"
@@ -61,6 +61,7 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
         lora_modules_to_save peft_use_rslora peft_use_dora peft_layers_to_transform lora_rank_pattern
         lora_alpha_pattern load_in_4bit bnb_config_kwargs
         datasets test_datasets val_set_size sequence_len sample_packing pad_to_sequence_len train_on_inputs
+        curriculum_sampling
         micro_batch_size gradient_accumulation_steps num_epochs max_steps learning_rate lr_scheduler warmup_steps
         warmup_ratio optimizer weight_decay adam_beta1 adam_beta2 adam_epsilon max_grad_norm gradient_checkpointing
         bf16 tf32 eval_steps evals_per_epoch save_steps saves_per_epoch save_total_limit logging_steps output_dir
@@ -183,9 +184,11 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
     **_group(UNSUPPORTED, _MOE_PARALLEL, """
         expert_parallel_size expert_parallel_backend expert_parallel_num_nvl_bytes expert_parallel_num_rdma_bytes
         expert_parallel_token_capacity expert_parallel_fallback_on_unsupported"""),
+    "quantize_moe_experts": (UNSUPPORTED, "quantizing MoE expert tensors on load is not supported (lorafit's 4-bit"
+                             " base quantizes linear layers only); remove it: the experts then stay 16-bit"),
     **_group(UNSUPPORTED, _QUANT, """
         gptq gptq_groupsize gptq_model_v1 gptq_disable_exllama model_quantization_config model_quantization_config_kwargs
-        use_onebitllms fp8 quantize_moe_experts qat quantization llmcompressor nonexpert_quantization
+        use_onebitllms fp8 qat quantization llmcompressor nonexpert_quantization
         moe_bnb_fast dsv4_fp8_nonexpert_mode dsv4_fp8_lora_kernel dsv4_shared_mlp_lora_kernel dsv4_bf16_all
         dsv4_fp4_grouped_mode gemma4_fp8_nonexpert gemma4_nf4_nonexpert nvfp4_merge_aware
         nvfp4_merge_aware_start_step"""),
@@ -263,7 +266,6 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
     "neftune_noise_alpha": (UNSUPPORTED, "NEFTune noise is not supported"),
     "noisy_embedding_alpha": (UNSUPPORTED, "NEFTune noise is not supported"),
     "auto_find_batch_size": (UNSUPPORTED, "not supported yet; set micro_batch_size (lorafit plan suggests one)"),
-    "curriculum_sampling": (UNSUPPORTED, "not supported; rows are shuffled with seed"),
     "min_sample_len": (UNSUPPORTED, "not supported; filter short rows out of the file"),
     "max_prompt_len": (UNSUPPORTED, "not supported; rows are bounded by sequence_len"),
     "dataset_exact_deduplication": (UNSUPPORTED, "deduplication is not supported; deduplicate the file beforehand"),

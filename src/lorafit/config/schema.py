@@ -158,6 +158,7 @@ class TrainConfig(BaseModel):
     val_set_size: int | float = 0.0
     sequence_len: int = Field(2048, ge=2)
     sample_packing: bool = False
+    curriculum_sampling: bool = False  # axolotl's: read the rows in the data's order, not shuffled
     pad_to_sequence_len: bool = False
     train_on_inputs: bool = False
     skip_bad_rows: bool = False

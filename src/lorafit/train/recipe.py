@@ -196,7 +196,8 @@ class Recipe:
         leave some rank without one (at most N - 1) are left out: every rank steps the same number of times."""
         cfg, w = self.cfg, self.world
         every = batches(self.train_samples, micro_batch_size=cfg.micro_batch_size, sequence_len=cfg.sequence_len,
-                        pad_id=self.pad_id, packing=cfg.sample_packing, shuffle=True, seed=cfg.seed, epoch=epoch,
+                        pad_id=self.pad_id, packing=cfg.sample_packing,
+                        shuffle=not cfg.curriculum_sampling, seed=cfg.seed, epoch=epoch,
                         pad_to_sequence_len=cfg.pad_to_sequence_len)
         if not w.distributed:
             return every

@@ -35,7 +35,8 @@ FINGERPRINT_KEYS = (
     "lora_modules_to_save", "peft_use_rslora", "peft_use_dora", "lora_init", "lora_layers_to_transform",
     "lora_rank_pattern", "lora_alpha_pattern", "load_in_4bit", "bnb_config_kwargs",
     "lora_model_dir",
-    "datasets", "test_datasets", "val_set_size", "sequence_len", "sample_packing", "pad_to_sequence_len",
+    "datasets", "test_datasets", "val_set_size", "sequence_len", "sample_packing", "curriculum_sampling",
+    "pad_to_sequence_len",
     "train_on_inputs", "micro_batch_size", "gradient_accumulation_steps", "optimizer", "seed",
 )
 DATASET_KEYS = ("datasets", "test_datasets")
