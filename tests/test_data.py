@@ -428,3 +428,15 @@ def test_alpaca_instruct_style_is_type_alpaca_and_unknown_styles_are_one_line(tm
         assert [s.input_ids for s in same] == [s.input_ids for s in plain]
     with pytest.raises(LorafitError, match=r"datasets\[0\]\.type.*alpaca:chat"):
         config(tmp_path, {"path": "a.jsonl", "type": "alpaca:reflect"})
+
+
+def test_dataset_exact_deduplication_keeps_the_first_of_equal_samples(tmp_path, demo_tokenizer):
+    tok = demo_tokenizer
+    rows = [ALPACA[0], ALPACA[1], ALPACA[0], {**ALPACA[0], "output": "4."}, ALPACA[1]]
+    write_jsonl(tmp_path / "a.jsonl", rows)
+    entry = {"path": "a.jsonl", "type": "alpaca"}
+    train, _, report = build(tmp_path, tok, entry, dataset_exact_deduplication=True)
+    assert [trained_text(tok, s) for s in train] == ["Four.<|im_end|>", "Hello, Bob!<|im_end|>", "4.<|im_end|>"]
+    assert report.duplicates_dropped == 2 and "exact duplicates" in report.summary()
+    assert [s.source.rsplit(" ", 1)[-1] for s in train] == ["1", "2", "4"]  # the first of each, in file order
+    assert len(build(tmp_path, tok, entry)[0]) == 5  # off by default

@@ -61,7 +61,7 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
         lora_modules_to_save peft_use_rslora peft_use_dora peft_layers_to_transform lora_rank_pattern
         lora_alpha_pattern load_in_4bit bnb_config_kwargs
         datasets test_datasets val_set_size sequence_len sample_packing pad_to_sequence_len train_on_inputs
-        curriculum_sampling
+        curriculum_sampling dataset_exact_deduplication
         micro_batch_size gradient_accumulation_steps num_epochs max_steps learning_rate lr_scheduler warmup_steps
         warmup_ratio optimizer weight_decay adam_beta1 adam_beta2 adam_epsilon max_grad_norm gradient_checkpointing
         bf16 tf32 eval_steps evals_per_epoch save_steps saves_per_epoch save_total_limit logging_steps output_dir
@@ -268,7 +268,6 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
     "auto_find_batch_size": (UNSUPPORTED, "not supported yet; set micro_batch_size (lorafit plan suggests one)"),
     "min_sample_len": (UNSUPPORTED, "not supported; filter short rows out of the file"),
     "max_prompt_len": (UNSUPPORTED, "not supported; rows are bounded by sequence_len"),
-    "dataset_exact_deduplication": (UNSUPPORTED, "deduplication is not supported; deduplicate the file beforehand"),
     "dataset_shard_num": (UNSUPPORTED, "sharding datasets is not supported; cut the file to the part you want"),
     "dataset_shard_idx": (UNSUPPORTED, "sharding datasets is not supported; cut the file to the part you want"),
 }

@@ -159,6 +159,7 @@ class TrainConfig(BaseModel):
     sequence_len: int = Field(2048, ge=2)
     sample_packing: bool = False
     curriculum_sampling: bool = False  # axolotl's: read the rows in the data's order, not shuffled
+    dataset_exact_deduplication: bool = False  # axolotl's: drop samples identical to an earlier one (ids and labels)
     pad_to_sequence_len: bool = False
     train_on_inputs: bool = False
     skip_bad_rows: bool = False

@@ -36,6 +36,7 @@ FINGERPRINT_KEYS = (
     "lora_rank_pattern", "lora_alpha_pattern", "load_in_4bit", "bnb_config_kwargs",
     "lora_model_dir",
     "datasets", "test_datasets", "val_set_size", "sequence_len", "sample_packing", "curriculum_sampling",
+    "dataset_exact_deduplication",
     "pad_to_sequence_len",
     "train_on_inputs", "micro_batch_size", "gradient_accumulation_steps", "optimizer", "seed",
 )
