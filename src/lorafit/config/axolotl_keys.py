@@ -254,8 +254,9 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
     "peft_init_lora_weights": (UNSUPPORTED, "not supported; use lora_init: kaiming, gaussian or pissa"),
     "peft_trainable_token_indices": (UNSUPPORTED, "training single token rows is not supported yet; use"
                                      " lora_modules_to_save: [embed_tokens, lm_head]"),
-    "peft_ensure_weight_tying": (UNSUPPORTED, "not supported yet; remove it: a tied head and embeddings are then"
-                                 " adapted separately, as PEFT does by default"),
+    "peft_ensure_weight_tying": (UNSUPPORTED, "PEFT's adapter tying (lm_head's LoRA made of embed_tokens' B and A"
+                                 " transposed, one modules_to_save copy for both) is not implemented yet; remove it:"
+                                 " a tied head and embeddings are then adapted separately, as PEFT does by default"),
     "unfrozen_parameters": (UNSUPPORTED, "training extra base parameters is not supported yet; use"
                             " lora_modules_to_save"),
     "tokens": (UNSUPPORTED, "adding plain tokens is not supported; add them as special_tokens"),
