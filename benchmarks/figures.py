@@ -262,26 +262,24 @@ def axolotl_keys_block() -> str:
 
 
 def axolotl_examples_block() -> str:
-    """How many of axolotl's text-model LoRA/QLoRA example configs load, and every key that stops the rest."""
+    """How many of axolotl's text-model LoRA/QLoRA example configs load, and the first error of the others."""
     d = load("axolotl_examples.json")
     text = [r for r in d["results"] if r["text"]]
     ok = sum(r["ok"] for r in text)
     commit = (d.get("checkout_commit") or NR)[:9]
     out = [f"**{ok} of {len(text)}** ({100 * ok / max(len(text), 1):.0f}%) of axolotl's text-model LoRA/QLoRA example "
            f"configs (`examples/**/*lora*.y*ml` at axolotl commit {commit}) load and validate with only `base_model` "
-           f"and dataset paths changed; {len(d['results']) - len(text)} vision/audio configs are not counted. "
-           "Each of the others stops with one line naming the feature. What stops them (configs each stops; a config "
-           "may have several):", "", "| stopped by | configs | the first such error |", "|---|---|---|"]
-    first: dict[str, tuple[int, str]] = {}
+           f"and dataset paths changed; {len(d['results']) - len(text)} vision/audio configs are not counted. Each "
+           "of the others stops with one line; the first line each gets, by how many configs get it:", "",
+           "| configs | first error (the key, what it is, what to do) |", "|---|---|"]
+    first: dict[str, list] = {}
     for r in text:
-        for i, key in enumerate(dict.fromkeys(r["blockers"])):
-            n, msg = first.get(key, (0, ""))
-            if not msg and i == 0 and not r["ok"]:
-                msg = r["error"].split(": ", 1)[-1]
-            first[key] = (n + 1, msg)
-    for key, (n, msg) in sorted(first.items(), key=lambda kv: (-kv[1][0], kv[0])):
-        shown = f"`{key}`" if " " not in key else key
-        out.append(f"| {shown} | {n} | {msg.replace('|', '/') or '(after an earlier key)'} |")
+        if not r["ok"]:
+            gist = r["error"].split(": ", 1)[-1]
+            entry = first.setdefault(r["blocker"], [0, gist])
+            entry[0] += 1
+    for n, gist in sorted(first.values(), key=lambda e: (-e[0], e[1])):
+        out.append(f"| {n} | {gist.replace('|', '/')} |")
     out.append("")
     return "\n".join(out) + provenance_line(d, "axolotl_examples.json")
 
