@@ -58,7 +58,7 @@ TYPICAL_DATASET = {
     "message_field_content": "value", "message_property_mappings": {"role": "from", "content": "value"},
     "roles": {"assistant": ["gpt"]}, "roles_to_train": ["assistant"], "train_on_eos": "turn",
     "drop_system_message": True, "train_on_eot": "turn", "message_field_training": "train", "split_thinking": True,
-    "template_thinking_key": "reasoning_content",
+    "template_thinking_key": "reasoning_content", "field_thinking": "reasoning",
 }
 # keys lorafit has that axolotl does not (not in the table)
 LORAFIT_ONLY_TOP = {"lora_init", "skip_bad_rows", "loss_chunk_tokens", "compile_kernels",

@@ -440,3 +440,26 @@ def test_dataset_exact_deduplication_keeps_the_first_of_equal_samples(tmp_path, 
     assert report.duplicates_dropped == 2 and "exact duplicates" in report.summary()
     assert [s.source.rsplit(" ", 1)[-1] for s in train] == ["1", "2", "4"]  # the first of each, in file order
     assert len(build(tmp_path, tok, entry)[0]) == 5  # off by default
+
+
+def test_a_reasoning_field_is_rendered_by_the_template_and_trained(tmp_path, demo_tokenizer):
+    """axolotl passes a message's reasoning (field_thinking, else reasoning_content) to the template; the trained
+    span starts at the rendered reasoning, as with split_thinking."""
+    tok = demo_tokenizer
+    answer = {"role": "assistant", "content": "Four.", "reasoning_content": "add two and two"}
+    row = {"messages": [{"role": "user", "content": "2+2?"}, answer]}
+    write_jsonl(tmp_path / "c.jsonl", [row])
+    (s,), _, _ = build(tmp_path, tok, {"path": "c.jsonl", "type": "chat_template"}, chat_template=THINK_TEMPLATE)
+    want = tok.apply_chat_template(row["messages"], chat_template=THINK_TEMPLATE, tokenize=True, return_dict=True)
+    assert s.input_ids == want["input_ids"]
+    assert trained_text(tok, s) == "<think>\nadd two and two\n</think>\n\nFour.<|im_end|>"
+    renamed = {"messages": [row["messages"][0], {"role": "assistant", "content": "Four.", "why": "add two and two"}]}
+    write_jsonl(tmp_path / "r.jsonl", [renamed])
+    (r,), _, _ = build(tmp_path, tok, {"path": "r.jsonl", "type": "chat_template", "field_thinking": "why"},
+                       chat_template=THINK_TEMPLATE)
+    assert r.input_ids == s.input_ids and r.labels == s.labels
+    renamed["messages"][1]["why"] = 7
+    write_jsonl(tmp_path / "r.jsonl", [renamed])
+    with pytest.raises(LorafitError, match=r"messages\[1\]\.why must be a string"):
+        build(tmp_path, tok, {"path": "r.jsonl", "type": "chat_template", "field_thinking": "why"},
+              chat_template=THINK_TEMPLATE)

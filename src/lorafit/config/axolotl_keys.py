@@ -277,7 +277,7 @@ DATASET_LEVEL: dict[str, tuple[str, str]] = {
     **_group(SUPPORTED, "", """
         path split type data_files ds_type name field field_messages message_field_role message_field_content
         message_property_mappings roles roles_to_train train_on_eos drop_system_message train_on_eot
-        message_field_training split_thinking template_thinking_key"""),
+        message_field_training split_thinking template_thinking_key field_thinking"""),
     "chat_template": (IGNORED, "the top-level chat_template applies to every dataset"),
     "chat_template_jinja": (IGNORED, "the top-level chat_template applies to every dataset"),
     "conversation": (IGNORED, "chat rows are rendered with the tokenizer's (or chat_template's) template"),
@@ -286,8 +286,6 @@ DATASET_LEVEL: dict[str, tuple[str, str]] = {
     "input_format": (IGNORED, "used by dataset types lorafit does not read"),
     "field_system": (IGNORED, "system turns come from the messages"),
     "field_tools": (IGNORED, "tool definitions are not passed to the chat template"),
-    "field_thinking": (IGNORED, "a message's own reasoning field is not passed to the template; put it in the "
-                       "content between <think> tags and set split_thinking"),
     "message_field_training_detail": (IGNORED, "per-character training spans are not read; message_field_training"
                                       " and roles_to_train decide per message"),
     "preprocess_shards": (IGNORED, _PREP),

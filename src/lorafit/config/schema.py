@@ -78,6 +78,7 @@ class DatasetSpec(BaseModel):
     # assistant messages: <think>…</think> (and axolotl's other pairs) moved into template_thinking_key
     split_thinking: bool = False
     template_thinking_key: str = "reasoning_content"
+    field_thinking: str | None = None  # the messages' reasoning field (None: template_thinking_key's name)
     # completion rows
     field: str | None = None
     encoding: str | None = None  # text files' codec (latin-1, cp1252, utf-16 ...); None: UTF-8, BOM or not

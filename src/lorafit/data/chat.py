@@ -12,6 +12,8 @@ How trained spans are found, for any template:
    after it (the newline ChatML puts after ``<|im_end|>``) is not. A template without such a token trains
    to the end of the message's rendered text. An empty message trains just its end of turn.
 
+A message's reasoning field (``field_thinking``, default ``template_thinking_key``: ``reasoning_content``) is
+passed to the template under ``template_thinking_key``, as axolotl passes it, and trained with the message.
 A message is trained when its role is in ``roles_to_train``; a per-message ``"train": true/false`` (or the
 field ``message_field_training`` names) overrides that. With ``split_thinking``, an assistant message's
 ``<think>…</think>`` is passed to the template as ``reasoning_content`` (axolotl's rule) and the trained span
@@ -158,7 +160,13 @@ class ChatTokenizer:
             role = self._role(m[rkey], f"{key}[{j}]")
             if role == "system" and self.spec.drop_system_message:
                 continue
-            out.append(self._split_thinking(role, content))
+            msg = self._split_thinking(role, content)
+            thinking = self.spec.field_thinking or self.spec.template_thinking_key
+            if m.get(thinking) is not None and self.spec.template_thinking_key not in msg:
+                if not isinstance(m[thinking], str):
+                    raise RowError(f"{key}[{j}].{thinking} must be a string, got {type(m[thinking]).__name__}")
+                msg[self.spec.template_thinking_key] = m[thinking]  # a template that renders reasoning shows it
+            out.append(msg)
             flag = m.get(self.train_field)
             if flag is not None and not isinstance(flag, bool):
                 raise RowError(f"{key}[{j}].{self.train_field} must be true or false, got {flag!r}")
