@@ -85,23 +85,18 @@ def torchao_optimizer(kind: str, groups: list[dict], lr: float, betas: tuple[flo
 
 def torchao_optim():
     """``torchao.optim``, imported without the warnings torchao logs on a machine lacking its CUDA extensions."""
-    import logging
     import warnings
+
+    from lorafit.models import torchao_import_quiet
 
     # torch's AOT cache remarks on torchao's state tensors at the first compiled step; nothing a user can act on
     warnings.filterwarnings("ignore", message=r".*does not implement _stable_hash_for_caching")
-    quiet = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
-    levels = [log.level for log in quiet]
-    for log in quiet:
-        log.setLevel(logging.ERROR)
     try:
-        import torchao.optim
+        with torchao_import_quiet():
+            import torchao.optim
     except ImportError as e:
         raise LorafitError(f"optimizer adamw_torch_8bit / adamw_torch_4bit needs torchao ({e}); "
                            "pip install torchao, or use adamw_8bit (bitsandbytes)") from None
-    finally:
-        for log, level in zip(quiet, levels, strict=True):
-            log.setLevel(level)
     return torchao.optim
 
 
