@@ -463,3 +463,29 @@ def test_a_reasoning_field_is_rendered_by_the_template_and_trained(tmp_path, dem
     with pytest.raises(LorafitError, match=r"messages\[1\]\.why must be a string"):
         build(tmp_path, tok, {"path": "r.jsonl", "type": "chat_template", "field_thinking": "why"},
               chat_template=THINK_TEMPLATE)
+
+
+def test_axolotls_template_names_render_its_templates(tmp_path, demo_tokenizer):
+    """chat_template: NAME is axolotl's bundled NAME.jinja (shipped in lorafit/chat_templates, unchanged)."""
+    from lorafit.config.keys import CHAT_TEMPLATE_NAMES, TEMPLATE_DIR
+
+    tok = demo_tokenizer
+    assert {"chatml", "llama3", "qwen3", "qwen3_5", "gemma3", "llama4", "falcon_h1", "qwen_25"} <= set(CHAT_TEMPLATE_NAMES)
+    write_jsonl(tmp_path / "c.jsonl", [CHAT])
+    for name in ("qwen_25", "chatml"):
+        (s,), _, _ = build(tmp_path, tok, {"path": "c.jsonl", "type": "chat_template"}, chat_template=name)
+        tpl = (TEMPLATE_DIR / f"{name}.jinja").read_text(encoding="utf-8")
+        want = tok.apply_chat_template(CHAT["messages"], chat_template=tpl, tokenize=True, return_dict=True)
+        assert s.input_ids == want["input_ids"]
+        assert trained_text(tok, s) == "Hello!<|im_end|>Goodbye.<|im_end|>"
+    # tokenizer_default_fallback_NAME: the tokenizer's own template when it has one
+    (s,), _, _ = build(tmp_path, tok, {"path": "c.jsonl", "type": "chat_template"},
+                       chat_template="tokenizer_default_fallback_llama3")
+    assert s.input_ids == tok.apply_chat_template(CHAT["messages"], tokenize=True, return_dict=True)["input_ids"]
+
+
+def test_an_unknown_template_name_stops_at_config_load(tmp_path):
+    with pytest.raises(LorafitError, match=r"key 'chat_template': got 'qwen4'.*did you mean qwen3"):
+        config(tmp_path, {"path": "c.jsonl", "type": "chat_template"}, chat_template="qwen4")
+    (tmp_path / "mytemplate").write_text("{{ messages }}")  # a file of that name in the config's folder is fine
+    assert config(tmp_path, {"path": "c.jsonl", "type": "chat_template"}, chat_template="mytemplate")

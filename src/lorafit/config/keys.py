@@ -4,6 +4,7 @@ screening that sorts a YAML mapping's keys into those groups before validation (
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 from typing import Any
 
 from lorafit.config.axolotl_keys import (
@@ -40,6 +41,10 @@ BNB_KWARGS = {"bnb_4bit_quant_type": ("nf4", "fp4"), "bnb_4bit_use_double_quant"
               "bnb_4bit_compute_dtype": None, "bnb_4bit_quant_storage": None, "llm_int8_threshold": None,
               "llm_int8_has_fp16_weight": (False,), "load_in_4bit": (True,)}
 SUPPORTED_OPTIMIZERS = tuple(OPTIMIZERS)
+# chat_template names: axolotl's bundled templates, shipped as lorafit/chat_templates/NAME.jinja
+TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "chat_templates"
+CHAT_TEMPLATE_NAMES = tuple(sorted(p.stem for p in TEMPLATE_DIR.glob("*.jinja")))
+FALLBACK_PREFIX = "tokenizer_default_fallback_"  # axolotl: the tokenizer's template, else the named one
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 
 # Every axolotl key's status (supported / ignored / unsupported) and message: the table in axolotl_keys.py.

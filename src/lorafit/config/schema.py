@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 import typing
@@ -22,8 +23,10 @@ from pydantic import (
 from lorafit.config.keys import (
     ALLOWED,
     BNB_KWARGS,
+    CHAT_TEMPLATE_NAMES,
     DATASET_TYPE_ALIASES,
     DEMO_ALIASES,
+    FALLBACK_PREFIX,
     SUPPORTED_OPTIMIZERS,
     screen_keys,
 )
@@ -49,6 +52,20 @@ def _substitute_attention(data: dict) -> list[str]:
         return [f"attn_implementation {value}: runs as sdpa (a Hub attention kernel is downloaded at run time "
                 "and lorafit downloads nothing; sdpa computes the same exact attention)"]
     return []
+
+
+def _template_name_error(cfg: TrainConfig) -> str | None:
+    """A bare chat_template name (no jinja, not a file of the config's folder) must be tokenizer_default or one of
+    axolotl's template names, so a config naming a template lorafit lacks stops at once, not when data is read."""
+    value = cfg.chat_template
+    if value is None or not re.fullmatch(r"[A-Za-z0-9_.-]+", value) or value == "tokenizer_default":
+        return None
+    if value.removeprefix(FALLBACK_PREFIX) in CHAT_TEMPLATE_NAMES or cfg.resolve_path(value).is_file():
+        return None
+    close = difflib.get_close_matches(value.removeprefix(FALLBACK_PREFIX), CHAT_TEMPLATE_NAMES, n=1)
+    return (f"key 'chat_template': got {value!r}, not a template name" + (f" (did you mean {close[0]}?)" if close else "")
+            + " or a file; use tokenizer_default, one of axolotl's template names (chatml, llama3, qwen3, gemma3, ...: "
+            "lorafit ships them), a path to a .jinja file, or jinja text")
 
 
 class DatasetSpec(BaseModel):
@@ -430,6 +447,9 @@ class TrainConfig(BaseModel):
                                 "GPU (transformers' offload); on a CPU-only machine it is plain checkpointing")
         cfg._source = source
         cfg._config_dir = Path(config_dir) if config_dir is not None else Path.cwd()
+        bad_template = _template_name_error(cfg)
+        if bad_template:
+            raise LorafitError(f"{source}: {bad_template}")
         return cfg
 
     # ---- conveniences for the other modules ----

@@ -29,21 +29,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lorafit.config.keys import CHAT_TEMPLATE_NAMES, FALLBACK_PREFIX, TEMPLATE_DIR
 from lorafit.data.formats import IGNORE, TokenizerInfo
 from lorafit.data.loading import RowError
 from lorafit.data.text import NotText, read_text
 from lorafit.errors import LorafitError
 
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-LLAMA3 = (
-    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
-    "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-NAMED_TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3}
 END_OF_TURN_STRINGS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>",
                        "<|end_of_text|>", "<|eom_id|>")
 CANONICAL_ROLES = ("system", "user", "assistant", "tool")
@@ -56,26 +47,33 @@ DUMMY = "[[dummy_message]]"  # axolotl's placeholder content for finding where a
 
 
 def resolve_chat_template(cfg, tokenizer) -> str:
-    """The jinja template to use: the config's (a name, a file, or jinja text) or the tokenizer's own."""
+    """The jinja template to use: the config's (axolotl's template name, a file, or jinja text) or the
+    tokenizer's own (``tokenizer_default``; ``tokenizer_default_fallback_NAME``: the tokenizer's, else NAME)."""
     name = cfg.chat_template
+    own = getattr(tokenizer, "chat_template", None)
+    if own and not isinstance(own, str):
+        own = own.get("default", next(iter(own.values())))
     if name in (None, "", "tokenizer_default"):
-        tpl = getattr(tokenizer, "chat_template", None)
-        if not tpl:
+        if not own:
             raise LorafitError(
                 f"{cfg.source}: datasets of type chat_template need a chat template, and the tokenizer has "
-                f"none; set chat_template: to one of {', '.join(NAMED_TEMPLATES)}, a .jinja file, or jinja text"
+                "none; set chat_template: to a template name (chatml, llama3, qwen3 ...), a .jinja file, or jinja text"
             )
-        return tpl if isinstance(tpl, str) else tpl.get("default", next(iter(tpl.values())))
-    if name in NAMED_TEMPLATES:
-        return NAMED_TEMPLATES[name]
+        return own
+    if name.startswith(FALLBACK_PREFIX) and name.removeprefix(FALLBACK_PREFIX) in CHAT_TEMPLATE_NAMES:
+        if own:
+            return own
+        name = name.removeprefix(FALLBACK_PREFIX)
+    if name in CHAT_TEMPLATE_NAMES:  # axolotl's bundled template of that name, shipped with lorafit
+        return _read_template(TEMPLATE_DIR / f"{name}.jinja", name)
     if "{{" in name or "{%" in name:
         return name
     path = cfg.resolve_path(name)
     if path.is_file():
         return _read_template(Path(path), name)
     raise LorafitError(
-        f"{cfg.source}: key 'chat_template': got {name!r}, must be tokenizer_default, "
-        f"{', '.join(NAMED_TEMPLATES)}, a path to a jinja file, or jinja text"
+        f"{cfg.source}: key 'chat_template': got {name!r}, must be tokenizer_default, a template name (chatml, "
+        "llama3, qwen3 ...), a path to a jinja file, or jinja text"
     )
 
 
