@@ -57,6 +57,21 @@ def test_torchao_optimizer_steps_as_transformers_trainer_does(name):
         assert optimizer_state_bytes(kind, p.numel()) == real, p.shape
 
 
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("shape", [(8, 512), (256, 8), (16, 1000), (4096,), (64, 576)])
+def test_estimated_torchao_states_are_the_buffers_it_makes(name, shape):
+    """The estimator's bytes for both moments are those of the buffers torchao creates (no step, no compile)."""
+    from lorafit.memory.estimate import optimizer_state_bytes
+    from lorafit.train.optim import build_optimizer
+
+    p = torch.nn.Linear(1, 1).weight
+    p.data = torch.zeros(shape)
+    opt = build_optimizer(torch.nn.ParameterList([p]), name, 1e-3)
+    real = sum(_bytes(opt._new_buffer(p, signed)) for signed in (True, False))  # exp_avg, exp_avg_sq
+    kind = {"adamw_torch_8bit": "torchao_8bit", "adamw_torch_4bit": "torchao_4bit"}[name]
+    assert optimizer_state_bytes(kind, p.numel()) == real
+
+
 def _bytes(t):
     inner = [getattr(t, n) for n in ("codes", "scale", "qmap") if hasattr(t, n)] or [t]
     return sum(x.numel() * x.element_size() for x in inner)
