@@ -191,3 +191,18 @@ def test_exact_attention_lorafit_does_not_load_runs_as_sdpa_with_a_notice(value)
     assert cfg.attn_implementation == "sdpa"
     assert any(n.startswith(f"attn_implementation {value}: runs as sdpa") for n in cfg.notices)
     assert "attn_implementation" in error_of(attn_implementation="magic")
+
+
+def test_flash_attention_without_its_package_or_cuda_runs_as_sdpa_with_a_notice():
+    import transformers.utils
+
+    from lorafit.train.setup import attention_choice
+
+    assert attention_choice(None) == ("sdpa", None) and attention_choice("eager") == ("eager", None)
+    for impl, check in (("flash_attention_2", "is_flash_attn_2_available"),
+                        ("flash_attention_3", "is_flash_attn_3_available")):
+        got, notice = attention_choice(impl)
+        if getattr(transformers.utils, check)():
+            assert (got, notice) == (impl, None)
+        else:
+            assert got == "sdpa" and notice.startswith(f"attn_implementation {impl}: ")

@@ -166,8 +166,9 @@ class Recipe:
         if self.batch_note:
             self.console.print(self.batch_note)
         self.model, self.tokenizer = prepare_model(self.cfg, self.options)
-        if self.model.lean_kernels.notice:
-            self.console.print(f"[yellow]note:[/] {self.model.lean_kernels.notice}")
+        for notice in (getattr(self.model, "attention_notice", None), self.model.lean_kernels.notice):
+            if notice:
+                self.console.print(f"[yellow]note:[/] {notice}")
         fsdp_config = self.cfg.fsdp_config or {}
         reshard = fsdp_config.get("reshard_after_forward", fsdp_config.get("fsdp_reshard_after_forward", True))
         # the model and its loss as one module; under torchrun, DDP or FSDP2 around it

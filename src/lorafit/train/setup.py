@@ -81,6 +81,25 @@ def make_trainable(model: nn.Module, lora: LoraConfig | None, gradient_checkpoin
     return model
 
 
+# flash attention's implementations in transformers, and its check that the package and a CUDA device are there
+FLASH_ATTENTION = {"flash_attention_2": "is_flash_attn_2_available", "flash_attention_3": "is_flash_attn_3_available"}
+
+
+def attention_choice(requested: str | None) -> tuple[str, str | None]:
+    """The attention implementation to load with, and a notice when the config's cannot run here: flash attention
+    without its package or a CUDA device runs as sdpa, the same exact attention (lorafit downloads no kernels)."""
+    want = requested or "sdpa"
+    check = FLASH_ATTENTION.get(want)
+    if check is None:
+        return want, None
+    import transformers.utils
+
+    if getattr(transformers.utils, check)():
+        return want, None
+    return "sdpa", (f"attn_implementation {want}: flash attention's package or a CUDA device is missing here; "
+                    "runs as sdpa, the same exact attention")
+
+
 def prepare_model(cfg, options: RuntimeOptions | None = None):
     """Load the base model and tokenizer of ``cfg`` and make it trainable (adapter or full fine-tuning)."""
     options = options or cfg.runtime_options()
@@ -89,10 +108,11 @@ def prepare_model(cfg, options: RuntimeOptions | None = None):
     start = cfg.resolve_path(cfg.lora_model_dir) if lora is not None and cfg.lora_model_dir else None
     if start is not None:
         check_start_adapter(start, lora, cfg.source)  # before the base loads: a mismatch is refused at once
+    attention, notice = attention_choice(cfg.attn_implementation)
     model, tokenizer = load_model_and_tokenizer(cfg.base_model, train_dtype(cfg), tokenizer=cfg.tokenizer_config,
-                                                base_dir=cfg.config_dir,
-                                                attn_implementation=cfg.attn_implementation or "sdpa",
+                                                base_dir=cfg.config_dir, attn_implementation=attention,
                                                 four_bit=cfg.four_bit)
+    model.attention_notice = notice  # printed by the recipe with its other notes
     apply_special_tokens(tokenizer, cfg.special_tokens, model, trains_embeddings=cfg.trains_embeddings)
     make_trainable(model, lora, cfg.gradient_checkpointing, options)
     if start is not None:
