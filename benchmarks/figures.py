@@ -261,6 +261,29 @@ def axolotl_keys_block() -> str:
     return compatibility_markdown()
 
 
+def axolotl_examples_block() -> str:
+    """How many of axolotl's text-model LoRA/QLoRA example configs load, and the first error of the others."""
+    d = load("axolotl_examples.json")
+    text = [r for r in d["results"] if r["text"]]
+    ok = sum(r["ok"] for r in text)
+    commit = (d.get("checkout_commit") or NR)[:9]
+    out = [f"**{ok} of {len(text)}** ({100 * ok / max(len(text), 1):.0f}%) of axolotl's text-model LoRA/QLoRA example "
+           f"configs (`examples/**/*lora*.y*ml` at axolotl commit {commit}) load and validate with only `base_model` "
+           f"and dataset paths changed; {len(d['results']) - len(text)} vision/audio configs are not counted. Each "
+           "of the others stops with one line; the first line each gets, by how many configs get it:", "",
+           "| configs | first error (the key, what it is, what to do) |", "|---|---|"]
+    first: dict[str, list] = {}
+    for r in text:
+        if not r["ok"]:
+            gist = r["error"].split(": ", 1)[-1]
+            entry = first.setdefault(r["blocker"], [0, gist])
+            entry[0] += 1
+    for n, gist in sorted(first.values(), key=lambda e: (-e[0], e[1])):
+        out.append(f"| {n} | {gist.replace('|', '/')} |")
+    out.append("")
+    return "\n".join(out) + provenance_line(d, "axolotl_examples.json")
+
+
 BLOCKS: dict[str, tuple[Callable[[], str], str]] = {
     "estimator-figures": (estimator_block, "estimate_vs_measured.json, estimate_vs_measured_heldout.json"),
     "peer-figures": (peer_block, "peer.json"),
@@ -268,6 +291,7 @@ BLOCKS: dict[str, tuple[Callable[[], str], str]] = {
     "profile-figures": (profile_block, "peer_profile_135m-fp32.json, peer_profile_135m-bf16.json"),
     "claims-figures": (claims_block, "claims.json"),
     "axolotl-keys": (axolotl_keys_block, "lorafit.config.axolotl_keys"),
+    "axolotl-examples": (axolotl_examples_block, "axolotl_examples.json"),
 }
 
 

@@ -41,13 +41,14 @@ TYPICAL_TOP = {
     "train_on_inputs": True, "micro_batch_size": 2, "gradient_accumulation_steps": 4, "num_epochs": 3,
     "max_steps": 100, "learning_rate": 2e-4, "lr_scheduler": "linear", "warmup_steps": 10, "warmup_ratio": 0.03,
     "optimizer": "adamw_torch_fused", "weight_decay": 0.01, "adam_beta1": 0.9, "adam_beta2": 0.95,
-    "adam_epsilon": 1e-6, "max_grad_norm": 0.5, "gradient_checkpointing": True, "bf16": "auto", "fp16": False,
+    "adam_epsilon": 1e-6, "max_grad_norm": 0.5, "gradient_checkpointing": True, "curriculum_sampling": True,
+    "dataset_exact_deduplication": True, "bf16": "auto", "fp16": False,
     "tf32": True, "eval_steps": 20, "evals_per_epoch": 4, "save_steps": 50, "saves_per_epoch": 1,
     "save_total_limit": 2, "logging_steps": 5, "output_dir": "./out", "seed": 3,
     "resume_from_checkpoint": "./out/checkpoint-10", "eot_tokens": ["<|im_end|>"], "train_on_eos": "last",
     "lora_rank_pattern": {"q_proj": 32}, "lora_alpha_pattern": {"v_proj": 8},
     "batch_size": 1, "max_memory": "16GiB",
-    "default_system_message": "You are helpful.",
+    "default_system_message": "You are helpful.", "chat_template_kwargs": {"enable_thinking": False},
     "load_in_4bit": True, "bnb_config_kwargs": {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
     "fsdp": ["full_shard", "auto_wrap"], "fsdp_config": {"reshard_after_forward": True}, "fsdp_version": 2,
 }
@@ -56,7 +57,8 @@ TYPICAL_DATASET = {
     "name": "default", "field": "text", "field_messages": "conversations", "message_field_role": "from",
     "message_field_content": "value", "message_property_mappings": {"role": "from", "content": "value"},
     "roles": {"assistant": ["gpt"]}, "roles_to_train": ["assistant"], "train_on_eos": "turn",
-    "drop_system_message": True,
+    "drop_system_message": True, "train_on_eot": "turn", "message_field_training": "train", "split_thinking": True,
+    "template_thinking_key": "reasoning_content", "field_thinking": "reasoning",
 }
 # keys lorafit has that axolotl does not (not in the table)
 LORAFIT_ONLY_TOP = {"lora_init", "skip_bad_rows", "loss_chunk_tokens", "compile_kernels",

@@ -52,7 +52,8 @@ def test_axolotl_instruct_lora_8b_example_validates():
     assert any("8-bit (LLM.int8) bases are not supported yet" in n for n in cfg.notices)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
+@pytest.mark.parametrize("optimizer", ["adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
+                                       "adamw_torch_8bit", "adamw_torch_4bit"])
 def test_axolotl_8bit_and_paged_optimizers_validate(optimizer):
     assert make(optimizer=optimizer).optimizer == optimizer
 
@@ -89,8 +90,9 @@ def test_defaults_and_conveniences():
         ({"lora_r": "abc"}, ["key 'lora_r': got 'abc', must be an integer"]),
         ({"lora_dropout": 1.0}, ["key 'lora_dropout': got 1.0", "[0, 1)"]),
         ({"sample_packing": "perhaps"}, ["key 'sample_packing': got 'perhaps', must be true or false"]),
-        ({"datasets": [{"path": "x.jsonl", "type": "alpaca_chat"}]},
-         ["key 'datasets[0].type': got 'alpaca_chat'", "alpaca, chat_template, completion, input_output"]),
+        ({"datasets": [{"path": "x.jsonl", "type": "alpaca_w_system"}]},
+         ["key 'datasets[0].type': got 'alpaca_w_system'", "alpaca, alpaca:chat, alpaca:chatml, alpaca:phi, "
+          "chat_template, completion, input_output"]),
         ({"datasets": [{"path": "x.jsonl", "type": "alpaca", "feild": "t"}]},
          ["unknown key 'datasets[0].feild'", "did you mean `field`?"]),
         ({"datasets": [{"type": "alpaca"}]}, ["key 'datasets[0].path' is required"]),
@@ -174,3 +176,33 @@ def test_compile_auto_compiles_only_runs_long_enough_to_repay_it():
     assert RuntimeOptions.resolve(env={"LORAFIT_COMPILE": "1"}, planned_tokens=1).compile
     with pytest.raises(LorafitError, match="1, 0 or auto"):
         RuntimeOptions.resolve(env={"LORAFIT_COMPILE": "maybe"})
+
+
+def test_batch_size_without_accumulation_steps_sets_them_as_axolotl_does():
+    cfg = make(batch_size=8, micro_batch_size=2)
+    assert cfg.gradient_accumulation_steps == 4  # axolotl: batch_size // micro_batch_size
+    assert "batch_size 10 is not a multiple of micro_batch_size 4" in error_of(batch_size=10, micro_batch_size=4)
+    assert "set two of the three" in error_of(batch_size=8, micro_batch_size=2, gradient_accumulation_steps=2)
+
+
+@pytest.mark.parametrize("value", ["xformers", "kernels-community/vllm-flash-attn3"])
+def test_exact_attention_lorafit_does_not_load_runs_as_sdpa_with_a_notice(value):
+    cfg = make(attn_implementation=value)
+    assert cfg.attn_implementation == "sdpa"
+    assert any(n.startswith(f"attn_implementation {value}: runs as sdpa") for n in cfg.notices)
+    assert "attn_implementation" in error_of(attn_implementation="magic")
+
+
+def test_flash_attention_without_its_package_or_cuda_runs_as_sdpa_with_a_notice():
+    import transformers.utils
+
+    from lorafit.train.setup import attention_choice
+
+    assert attention_choice(None) == ("sdpa", None) and attention_choice("eager") == ("eager", None)
+    for impl, check in (("flash_attention_2", "is_flash_attn_2_available"),
+                        ("flash_attention_3", "is_flash_attn_3_available")):
+        got, notice = attention_choice(impl)
+        if getattr(transformers.utils, check)():
+            assert (got, notice) == (impl, None)
+        else:
+            assert got == "sdpa" and notice.startswith(f"attn_implementation {impl}: ")

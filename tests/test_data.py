@@ -297,3 +297,195 @@ def test_show_samples_highlights_trained_text(tmp_path, demo_tokenizer):
     spans = render_sample(s, demo_tokenizer).spans
     green = [str(render_sample(s, demo_tokenizer))[sp.start : sp.end] for sp in spans if "green" in str(sp.style)]
     assert green == ["Four.<|im_end|>"]
+
+
+# ---- axolotl's chat options: chat_template_kwargs, message_field_training, train_on_eot, split_thinking ---------
+def masked_tokens(tok, sample):
+    """(token, trained) for every token of the sample: the mask token by token."""
+    assert all(lab in (IGNORE, i) for i, lab in zip(sample.input_ids, sample.labels, strict=True))
+    return [(tok.decode([i]), lab != IGNORE) for i, lab in zip(sample.input_ids, sample.labels, strict=True)]
+
+
+def test_chat_template_kwargs_reach_the_template(tmp_path, demo_tokenizer):
+    tok = demo_tokenizer
+    tpl = ("{% if greeting is defined %}<|im_start|>system\n{{ greeting }}<|im_end|>\n{% endif %}"
+           "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}")
+    msgs = CHAT["messages"][1:3]
+    write_jsonl(tmp_path / "c.jsonl", [{"messages": msgs}])
+    (s,), _, _ = build(tmp_path, tok, {"path": "c.jsonl", "type": "chat_template"}, chat_template=tpl,
+                       chat_template_kwargs={"greeting": "Welcome."})
+    want = tok.apply_chat_template(msgs, chat_template=tpl, tokenize=True, return_dict=True, greeting="Welcome.")
+    assert s.input_ids == want["input_ids"] and "system\nWelcome.<|im_end|>" in tok.decode(s.input_ids)
+    assert trained_text(tok, s) == "Hello!<|im_end|>"
+
+
+def test_message_field_training_names_the_per_message_flag(tmp_path, demo_tokenizer):
+    tok = demo_tokenizer
+    row = json.loads(json.dumps(CHAT))
+    row["messages"][2]["weight"] = False  # the first answer is not trained
+    row["messages"][1]["weight"] = True  # a user turn is
+    row["messages"][4]["train"] = False  # "train" is not read once message_field_training names another field
+    write_jsonl(tmp_path / "c.jsonl", [row])
+    entry = {"path": "c.jsonl", "type": "chat_template", "message_field_training": "weight"}
+    (s,), _, _ = build(tmp_path, tok, entry)
+    assert trained_text(tok, s) == "Hi there<|im_end|>Goodbye.<|im_end|>"
+    row["messages"][2]["weight"] = "no"
+    write_jsonl(tmp_path / "c.jsonl", [row])
+    with pytest.raises(LorafitError, match=r"messages\[2\]\.weight must be true or false"):
+        build(tmp_path, tok, entry)
+
+
+# each turn ends with an end-of-turn token that is not EOS (<|endoftext|>); assistant turns then with EOS too
+EOT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|endoftext|>"
+                "{% if m.role == 'assistant' %}<|im_end|>{% endif %}\n{% endfor %}")
+
+
+@pytest.mark.parametrize("eos, eot, expected", [
+    ("turn", None, "Hello!<|endoftext|><|im_end|>Goodbye.<|endoftext|><|im_end|>"),  # train_on_eot: train_on_eos's
+    ("none", "turn", "Hello!<|endoftext|>Goodbye.<|endoftext|>"),
+    ("turn", "none", "Hello!<|im_end|>Goodbye.<|im_end|>"),
+    ("turn", "last", "Hello!<|im_end|>Goodbye.<|endoftext|><|im_end|>"),
+    ("last", "turn", "Hello!<|endoftext|>Goodbye.<|endoftext|><|im_end|>"),
+    ("none", "all", "<|endoftext|><|endoftext|>Hello!<|endoftext|><|endoftext|>Goodbye.<|endoftext|>"),
+])
+def test_train_on_eot_and_train_on_eos_choose_their_own_tokens(tmp_path, demo_tokenizer, eos, eot, expected):
+    tok = demo_tokenizer
+    write_jsonl(tmp_path / "c.jsonl", [CHAT])
+    entry = {"path": "c.jsonl", "type": "chat_template", "train_on_eos": eos, "train_on_eot": eot}
+    (s,), _, _ = build(tmp_path, tok, entry, chat_template=EOT_TEMPLATE, eot_tokens=["<|endoftext|>"])
+    assert trained_text(tok, s) == expected
+    if (eos, eot) == ("turn", "last"):  # token by token, the last turn: header masked, answer + EOT + EOS trained
+        mask = masked_tokens(tok, s)
+        turn = mask[max(i for i, (t, _) in enumerate(mask) if t == "<|im_start|>"):]
+        assert "".join(t for t, _ in turn).rstrip("\n") == "<|im_start|>assistant\nGoodbye.<|endoftext|><|im_end|>"
+        if turn[-1] == ("\n", False):  # ChatML's newline after the turn, never trained
+            turn = turn[:-1]
+        header = next(i for i, (t, _) in enumerate(turn) if t.startswith("Good"))
+        assert [f for _, f in turn] == [False] * header + [True] * (len(turn) - header)
+
+
+def test_eos_listed_in_eot_tokens_needs_one_choice(tmp_path, demo_tokenizer):
+    write_jsonl(tmp_path / "c.jsonl", [CHAT])
+    entry = {"path": "c.jsonl", "type": "chat_template", "train_on_eos": "turn", "train_on_eot": "none"}
+    with pytest.raises(LorafitError, match="eot_tokens lists the EOS token.*must agree"):
+        build(tmp_path, demo_tokenizer, entry, eot_tokens=["<|im_end|>"])
+
+
+THINK_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.reasoning_content %}<think>\n"
+                  "{{ m.reasoning_content }}\n</think>\n\n{% endif %}{{ m.content }}<|im_end|>\n{% endfor %}")
+
+
+def test_split_thinking_moves_reasoning_to_the_template_and_trains_it(tmp_path, demo_tokenizer):
+    tok = demo_tokenizer
+    row = {"messages": [{"role": "user", "content": "2+2?"},
+                        {"role": "assistant", "content": "<think> add two and two </think>\n Four."}]}
+    write_jsonl(tmp_path / "c.jsonl", [row])
+    entry = {"path": "c.jsonl", "type": "chat_template", "split_thinking": True}
+    (s,), _, _ = build(tmp_path, tok, entry, chat_template=THINK_TEMPLATE)
+    split = [row["messages"][0], {"role": "assistant", "content": "Four.", "reasoning_content": "add two and two"}]
+    want = tok.apply_chat_template(split, chat_template=THINK_TEMPLATE, tokenize=True, return_dict=True)
+    assert s.input_ids == want["input_ids"]
+    # trained from the template's <think> block (where the message first differs from placeholder content)
+    assert trained_text(tok, s) == "<think>\nadd two and two\n</think>\n\nFour.<|im_end|>"
+    mask = masked_tokens(tok, s)
+    first = next(i for i, (_, trained) in enumerate(mask) if trained)
+    assert "".join(t for t, _ in mask[:first]).endswith("<|im_start|>assistant\n")
+    # without split_thinking the content is rendered as written, and trained as content
+    (s,), _, _ = build(tmp_path, tok, {**entry, "split_thinking": False}, chat_template=THINK_TEMPLATE)
+    assert trained_text(tok, s) == "<think> add two and two </think>\n Four.<|im_end|>"
+
+
+# axolotl's AlpacaPrompter styles, written out from its prompters.py (system prompt, then the turn)
+AXOLOTL_ALPACA_CHAT = ("SYSTEM: Below is an instruction that describes a task, paired with an input that provides "
+                       "further context. Write a response that appropriately completes the request.\n"
+                       "USER: Greet the person.\nBob\nASSISTANT:")
+AXOLOTL_ALPACA_CHATML_NO_INPUT = ("<|im_start|>system\nBelow is an instruction that describes a task. Write a "
+                                  "response that appropriately completes the request.<|im_end|>\n"
+                                  "<|im_start|>user\nAdd two and two.<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("kind, row, prompt", [
+    ("alpaca:chat", ALPACA[1], AXOLOTL_ALPACA_CHAT),
+    ("alpaca_chat", ALPACA[1], AXOLOTL_ALPACA_CHAT),  # axolotl's alpaca_chat strategy: the same prompter
+    ("alpaca:chatml", ALPACA[0], AXOLOTL_ALPACA_CHATML_NO_INPUT),
+])
+def test_alpaca_prompt_styles_are_axolotls(tmp_path, demo_tokenizer, kind, row, prompt):
+    """Prompt ids then answer + EOS, only the answer + EOS trained: token by token, axolotl's layout."""
+    tok = demo_tokenizer
+    write_jsonl(tmp_path / "a.jsonl", [row])
+    (s,), _, _ = build(tmp_path, tok, {"path": "a.jsonl", "type": kind})
+    prompt_ids = tok(prompt)["input_ids"]  # axolotl tokenizes the prompt with the tokenizer's special tokens
+    answer_ids = tok(row["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert s.input_ids == prompt_ids + answer_ids
+    assert s.labels == [IGNORE] * len(prompt_ids) + answer_ids
+
+
+def test_alpaca_instruct_style_is_type_alpaca_and_unknown_styles_are_one_line(tmp_path, demo_tokenizer):
+    write_jsonl(tmp_path / "a.jsonl", ALPACA)
+    plain, _, _ = build(tmp_path, demo_tokenizer, {"path": "a.jsonl", "type": "alpaca"})
+    for alias in ("alpaca:instruct", "alpaca_instruct"):
+        same, _, _ = build(tmp_path, demo_tokenizer, {"path": "a.jsonl", "type": alias})
+        assert [s.input_ids for s in same] == [s.input_ids for s in plain]
+    with pytest.raises(LorafitError, match=r"datasets\[0\]\.type.*alpaca:chat"):
+        config(tmp_path, {"path": "a.jsonl", "type": "alpaca:reflect"})
+
+
+def test_dataset_exact_deduplication_keeps_the_first_of_equal_samples(tmp_path, demo_tokenizer):
+    tok = demo_tokenizer
+    rows = [ALPACA[0], ALPACA[1], ALPACA[0], {**ALPACA[0], "output": "4."}, ALPACA[1]]
+    write_jsonl(tmp_path / "a.jsonl", rows)
+    entry = {"path": "a.jsonl", "type": "alpaca"}
+    train, _, report = build(tmp_path, tok, entry, dataset_exact_deduplication=True)
+    assert [trained_text(tok, s) for s in train] == ["Four.<|im_end|>", "Hello, Bob!<|im_end|>", "4.<|im_end|>"]
+    assert report.duplicates_dropped == 2 and "exact duplicates" in report.summary()
+    assert [s.source.rsplit(" ", 1)[-1] for s in train] == ["1", "2", "4"]  # the first of each, in file order
+    assert len(build(tmp_path, tok, entry)[0]) == 5  # off by default
+
+
+def test_a_reasoning_field_is_rendered_by_the_template_and_trained(tmp_path, demo_tokenizer):
+    """axolotl passes a message's reasoning (field_thinking, else reasoning_content) to the template; the trained
+    span starts at the rendered reasoning, as with split_thinking."""
+    tok = demo_tokenizer
+    answer = {"role": "assistant", "content": "Four.", "reasoning_content": "add two and two"}
+    row = {"messages": [{"role": "user", "content": "2+2?"}, answer]}
+    write_jsonl(tmp_path / "c.jsonl", [row])
+    (s,), _, _ = build(tmp_path, tok, {"path": "c.jsonl", "type": "chat_template"}, chat_template=THINK_TEMPLATE)
+    want = tok.apply_chat_template(row["messages"], chat_template=THINK_TEMPLATE, tokenize=True, return_dict=True)
+    assert s.input_ids == want["input_ids"]
+    assert trained_text(tok, s) == "<think>\nadd two and two\n</think>\n\nFour.<|im_end|>"
+    renamed = {"messages": [row["messages"][0], {"role": "assistant", "content": "Four.", "why": "add two and two"}]}
+    write_jsonl(tmp_path / "r.jsonl", [renamed])
+    (r,), _, _ = build(tmp_path, tok, {"path": "r.jsonl", "type": "chat_template", "field_thinking": "why"},
+                       chat_template=THINK_TEMPLATE)
+    assert r.input_ids == s.input_ids and r.labels == s.labels
+    renamed["messages"][1]["why"] = 7
+    write_jsonl(tmp_path / "r.jsonl", [renamed])
+    with pytest.raises(LorafitError, match=r"messages\[1\]\.why must be a string"):
+        build(tmp_path, tok, {"path": "r.jsonl", "type": "chat_template", "field_thinking": "why"},
+              chat_template=THINK_TEMPLATE)
+
+
+def test_axolotls_template_names_render_its_templates(tmp_path, demo_tokenizer):
+    """chat_template: NAME is axolotl's bundled NAME.jinja (shipped in lorafit/chat_templates, unchanged)."""
+    from lorafit.config.keys import CHAT_TEMPLATE_NAMES, TEMPLATE_DIR
+
+    tok = demo_tokenizer
+    assert {"chatml", "llama3", "qwen3", "qwen3_5", "gemma3", "llama4", "falcon_h1", "qwen_25"} <= set(CHAT_TEMPLATE_NAMES)
+    write_jsonl(tmp_path / "c.jsonl", [CHAT])
+    for name in ("qwen_25", "chatml"):
+        (s,), _, _ = build(tmp_path, tok, {"path": "c.jsonl", "type": "chat_template"}, chat_template=name)
+        tpl = (TEMPLATE_DIR / f"{name}.jinja").read_text(encoding="utf-8")
+        want = tok.apply_chat_template(CHAT["messages"], chat_template=tpl, tokenize=True, return_dict=True)
+        assert s.input_ids == want["input_ids"]
+        assert trained_text(tok, s) == "Hello!<|im_end|>Goodbye.<|im_end|>"
+    # tokenizer_default_fallback_NAME: the tokenizer's own template when it has one
+    (s,), _, _ = build(tmp_path, tok, {"path": "c.jsonl", "type": "chat_template"},
+                       chat_template="tokenizer_default_fallback_llama3")
+    assert s.input_ids == tok.apply_chat_template(CHAT["messages"], tokenize=True, return_dict=True)["input_ids"]
+
+
+def test_an_unknown_template_name_stops_at_config_load(tmp_path):
+    with pytest.raises(LorafitError, match=r"key 'chat_template': got 'qwen4'.*did you mean qwen3"):
+        config(tmp_path, {"path": "c.jsonl", "type": "chat_template"}, chat_template="qwen4")
+    (tmp_path / "mytemplate").write_text("{{ messages }}")  # a file of that name in the config's folder is fine
+    assert config(tmp_path, {"path": "c.jsonl", "type": "chat_template"}, chat_template="mytemplate")

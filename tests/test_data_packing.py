@@ -145,3 +145,22 @@ def test_packing_without_isolation_would_differ(tiny_llama_factory):
         leaky = model(input_ids=b["input_ids"]).logits.float()
     leak = F.cross_entropy(leaky[:, :-1].transpose(1, 2), b["labels"][:, 1:], ignore_index=IGNORE, reduction="none")
     assert not torch.allclose(iso, leak, atol=1e-4)
+
+
+@pytest.mark.parametrize("curriculum", [False, True])
+def test_curriculum_sampling_reads_rows_in_the_data_order(tmp_path, curriculum):
+    """axolotl's curriculum_sampling: a sequential sampler; without it the rows are shuffled with the seed."""
+    from lorafit.config import TrainConfig
+    from lorafit.data.build import Sample
+    from lorafit.train.recipe import Recipe
+
+    (tmp_path / "d.jsonl").write_text('{"text": "a"}\n')  # the fingerprint hashes the data file
+    cfg = TrainConfig.from_dict({"base_model": "demo", "datasets": [{"path": "d.jsonl", "type": "completion"}],
+                                 "output_dir": str(tmp_path / "out"), "curriculum_sampling": curriculum},
+                                config_dir=tmp_path)
+    recipe = Recipe(cfg)
+    recipe.train_samples = [Sample([i + 1] * 3, [i + 1] * 3) for i in range(16)]
+    recipe.pad_id = 0
+    firsts = [int(b["input_ids"][0, 0]) for b in recipe.epoch_batches(0)]
+    assert (firsts == list(range(1, 17))) is curriculum
+    assert sorted(firsts) == list(range(1, 17))

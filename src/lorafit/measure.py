@@ -60,13 +60,15 @@ def build_model(spec: ModelSpec, s: Settings, model_name: str | None = None, see
     """A random-weight model with ``spec``'s shape (or the real ``model_name``), adapter attached like the trainer."""
     import transformers
 
-    from lorafit.models import load_model, parse_dtype
+    from lorafit.models import load_model, parse_dtype, torchao_import_quiet
 
     torch.manual_seed(seed)
     if model_name:
         model = load_model(model_name, s.dtype)
     else:
         transformers.logging.set_verbosity_error()
+        with torchao_import_quiet():  # transformers' quantizers import torchao (when installed) as a model is built
+            import transformers.quantizers  # noqa: F401
         model = transformers.AutoModelForCausalLM.from_config(
             hf_config(spec), dtype=parse_dtype(s.dtype), attn_implementation="sdpa")
     if s.four_bit:

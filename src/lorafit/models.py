@@ -5,6 +5,7 @@ Nothing is downloaded: a name that is not a local path or the demo model is an e
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -119,6 +120,21 @@ def _quiet_transformers():
     warnings.filterwarnings("ignore", module="transformers")
 
 
+@contextlib.contextmanager
+def torchao_import_quiet():
+    """torchao's loggers and torch's pytree logger at ERROR while torchao is imported: on a machine without its
+    CUDA extensions torchao warns about each at import, which says nothing about a lorafit run."""
+    quiet = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in zip(quiet, levels, strict=True):
+            log.setLevel(level)
+
+
 def load_tokenizer(name: str, base_dir: Path | None = None, what: str = "tokenizer_config"):
     from transformers import AutoTokenizer
 
@@ -140,6 +156,8 @@ def load_model(name: str, dtype: str | torch.dtype = "float32", attn_implementat
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
+    with torchao_import_quiet():  # transformers' quantizers import torchao (when installed) as a model loads
+        import transformers.quantizers  # noqa: F401
     folder, gguf = resolve_model_path(name, base_dir)
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:

@@ -32,7 +32,8 @@ def _add_setting_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, help="LoRA alpha (default 16)")
     p.add_argument("--dropout", type=float, help="LoRA dropout (default 0.05)")
     p.add_argument("--targets", help="all-linear (default) or module names: q_proj,v_proj")
-    p.add_argument("--optimizer", help="adamw (default), adamw_torch_fused, adamw_8bit, paged_adamw_8bit or sgd")
+    p.add_argument("--optimizer", help="adamw (default), adamw_torch_fused, adamw_8bit, adamw_torch_8bit, adamw_torch_4bit, "
+                                          "paged_adamw_8bit or sgd")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--loss", choices=["chunked", "hf"], help="chunked (lorafit, default) or hf (full logits, as PEFT runs)")

@@ -34,7 +34,7 @@ _MODEL_CLASS = "lorafit loads every model with AutoModelForCausalLM and its toke
 _GEN = "no samples are generated during training; run lorafit eval on the saved adapter"
 _MULTI = ("lorafit trains on several devices with torchrun: DDP, or FSDP2 with fsdp_version: 2 (issue 18); "
           "this kind of parallelism is not supported, remove it")
-_QUANT = ("quantized bases other than bitsandbytes 4-bit (GPTQ, FP8, torchao) are not supported; use adapter: qlora"
+_QUANT = ("quantized bases other than bitsandbytes 4-bit (GPTQ, FP8, MXFP4, NVFP4, torchao) are not supported; use adapter: qlora"
           " with load_in_4bit: true, or LoRA on a bf16/fp32 base")
 _OPTIM = "not supported; use optimizer adamw_torch (with weight_decay, adam_beta1/2, adam_epsilon)"
 _SCHED = "not supported; use lr_scheduler cosine, linear, constant or constant_with_warmup"
@@ -56,11 +56,12 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
     # ---- supported: the fields of TrainConfig ----
     **_group(SUPPORTED, "", """
         base_model tokenizer_config chat_template chat_template_jinja attn_implementation special_tokens
-        eot_tokens train_on_eos default_system_message batch_size max_memory
+        eot_tokens train_on_eos default_system_message chat_template_kwargs batch_size max_memory
         adapter lora_model_dir lora_r lora_alpha lora_dropout lora_target_modules lora_target_linear
         lora_modules_to_save peft_use_rslora peft_use_dora peft_layers_to_transform lora_rank_pattern
         lora_alpha_pattern load_in_4bit bnb_config_kwargs
         datasets test_datasets val_set_size sequence_len sample_packing pad_to_sequence_len train_on_inputs
+        curriculum_sampling dataset_exact_deduplication
         micro_batch_size gradient_accumulation_steps num_epochs max_steps learning_rate lr_scheduler warmup_steps
         warmup_ratio optimizer weight_decay adam_beta1 adam_beta2 adam_epsilon max_grad_norm gradient_checkpointing
         bf16 tf32 eval_steps evals_per_epoch save_steps saves_per_epoch save_total_limit logging_steps output_dir
@@ -143,7 +144,6 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
     "shuffle_before_merging_datasets": (IGNORED, "lorafit shuffles the merged rows with seed"),
     "dataloader_drop_last": (IGNORED, "a last partial batch is kept"),
     "max_packed_sequence_len": (IGNORED, "sequence_len bounds packed rows"),
-    "chat_template_kwargs": (IGNORED, "the chat template is rendered with its defaults"),
     "load_in_8bit": (IGNORED, "lorafit loads the base in bf16/fp32; 8-bit (LLM.int8) bases are not supported yet, "
                               "for a quantized base use adapter: qlora with load_in_4bit: true"),
     "eval_batch_size": (IGNORED, "evaluation uses micro_batch_size"),
@@ -184,9 +184,11 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
     **_group(UNSUPPORTED, _MOE_PARALLEL, """
         expert_parallel_size expert_parallel_backend expert_parallel_num_nvl_bytes expert_parallel_num_rdma_bytes
         expert_parallel_token_capacity expert_parallel_fallback_on_unsupported"""),
+    "quantize_moe_experts": (UNSUPPORTED, "quantizing MoE expert tensors on load is not supported (lorafit's 4-bit"
+                             " base quantizes linear layers only); remove it: the experts then stay 16-bit"),
     **_group(UNSUPPORTED, _QUANT, """
         gptq gptq_groupsize gptq_model_v1 gptq_disable_exllama model_quantization_config model_quantization_config_kwargs
-        use_onebitllms fp8 quantize_moe_experts qat quantization llmcompressor nonexpert_quantization
+        use_onebitllms fp8 qat quantization llmcompressor nonexpert_quantization
         moe_bnb_fast dsv4_fp8_nonexpert_mode dsv4_fp8_lora_kernel dsv4_shared_mlp_lora_kernel dsv4_bf16_all
         dsv4_fp4_grouped_mode gemma4_fp8_nonexpert gemma4_nf4_nonexpert nvfp4_merge_aware
         nvfp4_merge_aware_start_step"""),
@@ -252,8 +254,9 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
     "peft_init_lora_weights": (UNSUPPORTED, "not supported; use lora_init: kaiming, gaussian or pissa"),
     "peft_trainable_token_indices": (UNSUPPORTED, "training single token rows is not supported yet; use"
                                      " lora_modules_to_save: [embed_tokens, lm_head]"),
-    "peft_ensure_weight_tying": (UNSUPPORTED, "not supported yet; remove it: a tied head and embeddings are then"
-                                 " adapted separately, as PEFT does by default"),
+    "peft_ensure_weight_tying": (UNSUPPORTED, "PEFT's adapter tying (lm_head's LoRA made of embed_tokens' B and A"
+                                 " transposed, one modules_to_save copy for both) is not implemented yet; remove it:"
+                                 " a tied head and embeddings are then adapted separately, as PEFT does by default"),
     "unfrozen_parameters": (UNSUPPORTED, "training extra base parameters is not supported yet; use"
                             " lora_modules_to_save"),
     "tokens": (UNSUPPORTED, "adding plain tokens is not supported; add them as special_tokens"),
@@ -264,10 +267,8 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
     "neftune_noise_alpha": (UNSUPPORTED, "NEFTune noise is not supported"),
     "noisy_embedding_alpha": (UNSUPPORTED, "NEFTune noise is not supported"),
     "auto_find_batch_size": (UNSUPPORTED, "not supported yet; set micro_batch_size (lorafit plan suggests one)"),
-    "curriculum_sampling": (UNSUPPORTED, "not supported; rows are shuffled with seed"),
     "min_sample_len": (UNSUPPORTED, "not supported; filter short rows out of the file"),
     "max_prompt_len": (UNSUPPORTED, "not supported; rows are bounded by sequence_len"),
-    "dataset_exact_deduplication": (UNSUPPORTED, "deduplication is not supported; deduplicate the file beforehand"),
     "dataset_shard_num": (UNSUPPORTED, "sharding datasets is not supported; cut the file to the part you want"),
     "dataset_shard_idx": (UNSUPPORTED, "sharding datasets is not supported; cut the file to the part you want"),
 }
@@ -275,7 +276,8 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
 DATASET_LEVEL: dict[str, tuple[str, str]] = {
     **_group(SUPPORTED, "", """
         path split type data_files ds_type name field field_messages message_field_role message_field_content
-        message_property_mappings roles roles_to_train train_on_eos drop_system_message"""),
+        message_property_mappings roles roles_to_train train_on_eos drop_system_message train_on_eot
+        message_field_training split_thinking template_thinking_key field_thinking"""),
     "chat_template": (IGNORED, "the top-level chat_template applies to every dataset"),
     "chat_template_jinja": (IGNORED, "the top-level chat_template applies to every dataset"),
     "conversation": (IGNORED, "chat rows are rendered with the tokenizer's (or chat_template's) template"),
@@ -284,12 +286,8 @@ DATASET_LEVEL: dict[str, tuple[str, str]] = {
     "input_format": (IGNORED, "used by dataset types lorafit does not read"),
     "field_system": (IGNORED, "system turns come from the messages"),
     "field_tools": (IGNORED, "tool definitions are not passed to the chat template"),
-    "field_thinking": (IGNORED, "reasoning is not split out of messages; it trains as the message text"),
-    "template_thinking_key": (IGNORED, "reasoning is not split out of messages; it trains as the message text"),
-    "split_thinking": (IGNORED, "reasoning is not split out of messages; it trains as the message text"),
-    "message_field_training": (IGNORED, "per-message training flags are not read; roles_to_train decides"),
-    "message_field_training_detail": (IGNORED, "per-message training flags are not read; roles_to_train decides"),
-    "train_on_eot": (IGNORED, "end-of-turn tokens train as train_on_eos says"),
+    "message_field_training_detail": (IGNORED, "per-character training spans are not read; message_field_training"
+                                      " and roles_to_train decide per message"),
     "preprocess_shards": (IGNORED, _PREP),
     "trust_remote_code": (IGNORED, "lorafit never runs code shipped with a dataset"),
     "revision": (IGNORED, "local files have no revision"),

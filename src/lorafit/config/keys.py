@@ -4,6 +4,7 @@ screening that sorts a YAML mapping's keys into those groups before validation (
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 from typing import Any
 
 from lorafit.config.axolotl_keys import (
@@ -23,18 +24,27 @@ from lorafit.errors import LorafitError
 DEMO_MODEL = "smollm2-135m-instruct"
 DEMO_ALIASES = frozenset({DEMO_MODEL, "demo", "HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct"})
 
-DATASET_TYPES = ("alpaca", "chat_template", "completion", "input_output")
+DATASET_TYPES = ("alpaca", "alpaca:chat", "alpaca:chatml", "alpaca:phi", "chat_template", "completion", "input_output")
+# axolotl's other names for the same prompts (its alpaca_chat / alpaca_instruct strategies are AlpacaPrompter
+# in the chat / instruct style, exactly what type alpaca:chat / alpaca gives)
+DATASET_TYPE_ALIASES = {"alpaca:instruct": "alpaca", "alpaca_instruct": "alpaca", "alpaca_chat": "alpaca:chat"}
 # The optimizer names lorafit runs (axolotl's) and the kind each is: the one map for the config, the trainer
 # (``lorafit.train.optim``) and the estimator. Every AdamW name runs torch's fused AdamW where it applies.
-# The bitsandbytes kinds: 8-bit states (Dettmers et al. 2022) and paged states (unified memory on CUDA).
+# The bitsandbytes kinds: 8-bit states (Dettmers et al. 2022) and paged states (unified memory on CUDA); the
+# torchao kinds: torchao's AdamW8bit / AdamW4bit (block-quantized states), as transformers' Trainer runs them.
 OPTIMIZERS = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw", "adamw": "adamw", "sgd": "sgd",
               "adamw_bnb_8bit": "adamw_8bit", "adamw_8bit": "adamw_8bit", "paged_adamw_8bit": "paged_adamw_8bit",
-              "paged_adamw_32bit": "paged_adamw_32bit"}
+              "paged_adamw_32bit": "paged_adamw_32bit", "adamw_torch_8bit": "torchao_8bit",
+              "adamw_torch_4bit": "torchao_4bit"}
 # bnb_config_kwargs entries lorafit reads, and their allowed values (None: any; the notice says what is ignored)
 BNB_KWARGS = {"bnb_4bit_quant_type": ("nf4", "fp4"), "bnb_4bit_use_double_quant": (True, False),
               "bnb_4bit_compute_dtype": None, "bnb_4bit_quant_storage": None, "llm_int8_threshold": None,
               "llm_int8_has_fp16_weight": (False,), "load_in_4bit": (True,)}
 SUPPORTED_OPTIMIZERS = tuple(OPTIMIZERS)
+# chat_template names: axolotl's bundled templates, shipped as lorafit/chat_templates/NAME.jinja
+TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "chat_templates"
+CHAT_TEMPLATE_NAMES = tuple(sorted(p.stem for p in TEMPLATE_DIR.glob("*.jinja")))
+FALLBACK_PREFIX = "tokenizer_default_fallback_"  # axolotl: the tokenizer's template, else the named one
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 
 # Every axolotl key's status (supported / ignored / unsupported) and message: the table in axolotl_keys.py.

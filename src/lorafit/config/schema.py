@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 import typing
@@ -19,7 +20,16 @@ from pydantic import (
     model_validator,
 )
 
-from lorafit.config.keys import ALLOWED, BNB_KWARGS, DEMO_ALIASES, SUPPORTED_OPTIMIZERS, screen_keys
+from lorafit.config.keys import (
+    ALLOWED,
+    BNB_KWARGS,
+    CHAT_TEMPLATE_NAMES,
+    DATASET_TYPE_ALIASES,
+    DEMO_ALIASES,
+    FALLBACK_PREFIX,
+    SUPPORTED_OPTIMIZERS,
+    screen_keys,
+)
 from lorafit.config.messages import kind, one_line
 from lorafit.errors import LorafitError
 from lorafit.options import RuntimeOptions
@@ -28,13 +38,44 @@ from lorafit.options import RuntimeOptions
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token")
 
 
+def _substitute_attention(data: dict) -> list[str]:
+    """axolotl's attention choices that are exact attention run by a library lorafit does not load (xformers, a
+    Hub kernel such as ``kernels-community/vllm-flash-attn3``, fetched at run time): the same math through
+    transformers' sdpa, with a notice."""
+    value = data.get("attn_implementation")
+    if value == "xformers":
+        data["attn_implementation"] = "sdpa"
+        return ["attn_implementation xformers: runs as sdpa (xformers' memory-efficient attention is exact "
+                "attention; torch's sdpa computes the same)"]
+    if isinstance(value, str) and "/" in value:
+        data["attn_implementation"] = "sdpa"
+        return [f"attn_implementation {value}: runs as sdpa (a Hub attention kernel is downloaded at run time "
+                "and lorafit downloads nothing; sdpa computes the same exact attention)"]
+    return []
+
+
+def _template_name_error(cfg: TrainConfig) -> str | None:
+    """A bare chat_template name (no jinja, not a file of the config's folder) must be tokenizer_default or one of
+    axolotl's template names, so a config naming a template lorafit lacks stops at once, not when data is read."""
+    value = cfg.chat_template
+    if value is None or not re.fullmatch(r"[A-Za-z0-9_.-]+", value) or value == "tokenizer_default":
+        return None
+    if value.removeprefix(FALLBACK_PREFIX) in CHAT_TEMPLATE_NAMES or cfg.resolve_path(value).is_file():
+        return None
+    close = difflib.get_close_matches(value.removeprefix(FALLBACK_PREFIX), CHAT_TEMPLATE_NAMES, n=1)
+    return (f"key 'chat_template': got {value!r}, not a template name" + (f" (did you mean {close[0]}?)" if close else "")
+            + " or a file; use tokenizer_default, one of axolotl's template names (chatml, llama3, qwen3, gemma3, ...: "
+            "lorafit ships them), a path to a .jinja file, or jinja text")
+
+
 class DatasetSpec(BaseModel):
     """One entry of ``datasets`` / ``test_datasets`` (axolotl's names)."""
 
     model_config = ConfigDict(extra="forbid")
 
     path: str
-    type: Literal["alpaca", "chat_template", "completion", "input_output"]
+    # alpaca:chat / :chatml / :phi: axolotl's AlpacaPrompter in that prompt style
+    type: Literal["alpaca", "alpaca:chat", "alpaca:chatml", "alpaca:phi", "chat_template", "completion", "input_output"]
     split: str = "train"
     data_files: str | list[str] | None = None
     ds_type: Literal["json", "csv", "parquet"] | None = None
@@ -47,10 +88,22 @@ class DatasetSpec(BaseModel):
     roles: dict[str, list[str]] | None = None  # canonical role -> names used in the data
     roles_to_train: list[str] = Field(default_factory=lambda: ["assistant"])
     train_on_eos: Literal["turn", "all", "last", "none"] | None = None  # None: the top-level key, else "turn"
+    # the end-of-turn tokens that are not EOS (eot_tokens, <|eot_id|> ...): same choices; None: train_on_eos's
+    train_on_eot: Literal["turn", "all", "last", "none"] | None = None
     drop_system_message: bool = False  # chat rows: leave system messages out
+    message_field_training: str | None = None  # a message's true/false training flag (None: the field "train")
+    # assistant messages: <think>…</think> (and axolotl's other pairs) moved into template_thinking_key
+    split_thinking: bool = False
+    template_thinking_key: str = "reasoning_content"
+    field_thinking: str | None = None  # the messages' reasoning field (None: template_thinking_key's name)
     # completion rows
     field: str | None = None
     encoding: str | None = None  # text files' codec (latin-1, cp1252, utf-16 ...); None: UTF-8, BOM or not
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _type_alias(cls, v: Any) -> Any:
+        return DATASET_TYPE_ALIASES.get(v, v) if isinstance(v, str) else v
 
     @field_validator("encoding")
     @classmethod
@@ -107,6 +160,7 @@ class TrainConfig(BaseModel):
     eot_tokens: list[str] | None = None
     train_on_eos: Literal["turn", "all", "last", "none"] | None = None
     default_system_message: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the chat template (enable_thinking ...)
 
     # adapter
     adapter: str | None = None
@@ -135,6 +189,8 @@ class TrainConfig(BaseModel):
     val_set_size: int | float = 0.0
     sequence_len: int = Field(2048, ge=2)
     sample_packing: bool = False
+    curriculum_sampling: bool = False  # axolotl's: read the rows in the data's order, not shuffled
+    dataset_exact_deduplication: bool = False  # axolotl's: drop samples identical to an earlier one (ids and labels)
     pad_to_sequence_len: bool = False
     train_on_inputs: bool = False
     skip_bad_rows: bool = False
@@ -158,7 +214,8 @@ class TrainConfig(BaseModel):
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_epsilon: float = Field(1e-8, gt=0)
     max_grad_norm: float = Field(1.0, ge=0)
-    gradient_checkpointing: bool = False
+    # offload (axolotl's): checkpointing with each layer's saved input in host memory (transformers' offload)
+    gradient_checkpointing: bool | Literal["offload"] = False
     loss_chunk_tokens: int | None = Field(None, ge=1)  # lorafit: tokens per loss chunk (None: sized to the vocab)
     bf16: bool | Literal["auto"] = False
     # lorafit: how the lean kernels run (None: the LORAFIT_COMPILE / LORAFIT_HALF_MATMUL environment, else the
@@ -216,8 +273,8 @@ class TrainConfig(BaseModel):
         if v in SUPPORTED_OPTIMIZERS:
             return v
         if "8bit" in v or "paged" in v or "bnb" in v:
-            raise ValueError(f"this 8-bit/paged optimizer is not supported; use adamw_8bit, paged_adamw_8bit or "
-                             f"paged_adamw_32bit (supported: {', '.join(SUPPORTED_OPTIMIZERS)})")
+            raise ValueError(f"this low-bit/paged optimizer is not supported; use adamw_8bit, adamw_torch_8bit, "
+                             f"adamw_torch_4bit, paged_adamw_8bit or paged_adamw_32bit (supported: {', '.join(SUPPORTED_OPTIMIZERS)})")
         raise ValueError(f"not supported yet, use adamw_torch (supported: {', '.join(SUPPORTED_OPTIMIZERS)})")
 
     @field_validator("bnb_config_kwargs")
@@ -269,6 +326,14 @@ class TrainConfig(BaseModel):
                 raise ValueError(f"is not a valid regex ({e})") from None
         return v
 
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _check_checkpointing(cls, v: Any) -> Any:
+        if v == "offload_disk":
+            raise ValueError("offloading activations to disk is not supported; use offload (layer inputs in host "
+                             "memory) or true")
+        return v
+
     @field_validator("micro_batch_size", "gradient_accumulation_steps")
     @classmethod
     def _check_batch(cls, v: int | str) -> int | str:
@@ -288,6 +353,11 @@ class TrainConfig(BaseModel):
             if micro == "auto" and accum != "auto" and "gradient_accumulation_steps" in self.model_fields_set:
                 raise ValueError("micro_batch_size is auto: leave gradient_accumulation_steps out (or auto); "
                                  "lorafit sets it to batch_size / micro_batch_size")
+        elif total is not None and "gradient_accumulation_steps" not in self.model_fields_set:
+            # axolotl: gradient_accumulation_steps defaults to batch_size // micro_batch_size
+            if total % micro:
+                raise ValueError(f"batch_size {total} is not a multiple of micro_batch_size {micro}")
+            self.gradient_accumulation_steps = total // micro
         elif total is not None and total != micro * accum:
             raise ValueError(f"batch_size {total} is not micro_batch_size × gradient_accumulation_steps "
                              f"({micro} × {accum}); set two of the three")
@@ -371,13 +441,20 @@ class TrainConfig(BaseModel):
         if not isinstance(d, dict):
             raise LorafitError(f"{source}: the top level must be a mapping of keys to values, got {kind(d)}")
         data, notices = screen_keys(d, source, list(cls.model_fields), list(DatasetSpec.model_fields))
+        notices += _substitute_attention(data)
         try:
             cfg = cls.model_validate(data)
         except ValidationError as e:
             raise LorafitError(one_line(e, source, data, ALLOWED)) from None
         cfg._notices = notices + cfg._four_bit_notices()
+        if cfg.gradient_checkpointing == "offload":
+            cfg._notices.append("gradient_checkpointing offload: each layer's saved input waits in host memory on a "
+                                "GPU (transformers' offload); on a CPU-only machine it is plain checkpointing")
         cfg._source = source
         cfg._config_dir = Path(config_dir) if config_dir is not None else Path.cwd()
+        bad_template = _template_name_error(cfg)
+        if bad_template:
+            raise LorafitError(f"{source}: {bad_template}")
         return cfg
 
     # ---- conveniences for the other modules ----

@@ -44,6 +44,7 @@ class DataReport:
     dropped_no_trained_tokens: int = 0  # rows that had nothing to train (e.g. no assistant turn)
     truncated: int = 0  # samples cut to sequence_len and kept
     dropped_by_truncation: int = 0  # samples whose trained tokens were all beyond sequence_len
+    duplicates_dropped: int = 0  # dataset_exact_deduplication: samples equal to an earlier one of their split
     train_samples: int = 0
     eval_samples: int = 0
     trained_tokens: int = 0  # train split, labels[1:] != -100
@@ -64,6 +65,8 @@ class DataReport:
             out.append(f"truncated to sequence_len: {self.truncated}")
         if self.dropped_by_truncation:
             out.append(f"dropped (nothing trained left after truncation): {self.dropped_by_truncation}")
+        if self.duplicates_dropped:
+            out.append(f"dropped (exact duplicates, dataset_exact_deduplication): {self.duplicates_dropped}")
         if self.dropped_no_trained_tokens:
             out.append(f"dropped (no trained tokens): {self.dropped_no_trained_tokens}")
         return out
@@ -78,8 +81,9 @@ def truncate(ids: list[int], labels: list[int], sequence_len: int) -> tuple[list
 
 
 def _row_tokenizer(spec, cfg, info: TokenizerInfo):
-    if spec.type == "alpaca":
-        return lambda row: tokenize_alpaca(row, info, cfg.train_on_inputs)
+    if spec.type.startswith("alpaca"):
+        style = spec.type.partition(":")[2] or "instruct"
+        return lambda row: tokenize_alpaca(row, info, cfg.train_on_inputs, style)
     if spec.type == "completion":
         return lambda row: tokenize_completion(row, info, spec.text_field)
     if spec.type == "input_output":
@@ -87,7 +91,8 @@ def _row_tokenizer(spec, cfg, info: TokenizerInfo):
     if spec.type == "chat_template":
         return ChatTokenizer(info, resolve_chat_template(cfg, info.tok), spec, cfg.train_on_inputs,
                              eot_tokens=cfg.eot_tokens, train_on_eos=cfg.train_on_eos,
-                             system_message=cfg.default_system_message, source=cfg.source)
+                             system_message=cfg.default_system_message, source=cfg.source,
+                             template_kwargs=cfg.chat_template_kwargs)
     raise LorafitError(f"{cfg.source}: unknown dataset type {spec.type!r}")  # pragma: no cover
 
 
@@ -125,6 +130,21 @@ def tokenize_specs(specs, key: str, cfg, tokenizer, report: DataReport) -> list[
     return samples
 
 
+def deduplicate(samples: list[Sample], report: DataReport) -> list[Sample]:
+    """Keep the first of samples with the same ids and labels (axolotl's exact deduplication hashes each
+    tokenized row); the order is kept."""
+    seen: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
+    kept = []
+    for s in samples:
+        key = (tuple(s.input_ids), tuple(s.labels))
+        if key in seen:
+            report.duplicates_dropped += 1
+            continue
+        seen.add(key)
+        kept.append(s)
+    return kept
+
+
 def split_samples(samples: list[Sample], val_set_size: float | int, seed: int) -> tuple[list[Sample], list[Sample]]:
     """Seeded split: ``val_set_size`` < 1 is a fraction, >= 1 a count. Order within each part is kept."""
     if not val_set_size or not samples:
@@ -148,8 +168,12 @@ def build_datasets(cfg, tokenizer) -> tuple[list[Sample], list[Sample], DataRepo
     """
     report = DataReport()
     train = tokenize_specs(cfg.datasets, "datasets", cfg, tokenizer, report)
+    if cfg.dataset_exact_deduplication:  # as axolotl: each split on its own, before val_set_size splits
+        train = deduplicate(train, report)
     if cfg.test_datasets:
         evals = tokenize_specs(cfg.test_datasets, "test_datasets", cfg, tokenizer, report)
+        if cfg.dataset_exact_deduplication:
+            evals = deduplicate(evals, report)
     else:
         train, evals = split_samples(train, cfg.val_set_size, cfg.seed)
     if not train:

@@ -6,7 +6,8 @@ end of an answer must be trained so the model learns to stop.
 
 * ``alpaca``: ``instruction``, optional ``input``, ``output``, rendered with the standard Alpaca prompt
   (as axolotl's ``type: alpaca`` does, even when the tokenizer has a chat template). The output and the
-  EOS after it are trained; the prompt too when ``train_on_inputs``.
+  EOS after it are trained; the prompt too when ``train_on_inputs``. ``alpaca:chat`` / ``alpaca:chatml`` /
+  ``alpaca:phi``: the same system prompt and fields in axolotl's other ``AlpacaPrompter`` styles.
 * ``completion``: raw text (field ``text`` or the dataset's ``field``); BOS when the tokenizer adds one,
   EOS appended; every token trained.
 * ``input_output``: ``{"segments": [{"text": ..., "label": true|false}, ...]}``; each segment is tokenized
@@ -23,16 +24,29 @@ from lorafit.data.loading import RowError
 
 IGNORE = -100
 
-ALPACA_PROMPT_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-ALPACA_PROMPT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
+# axolotl's AlpacaPrompter (prompters.py): the system prompts, and per prompt style the system format and the
+# turn formats with and without input
+ALPACA_SYSTEM = ("Below is an instruction that describes a task, paired with an input that provides further "
+                 "context. Write a response that appropriately completes the request.")
+ALPACA_SYSTEM_NO_INPUT = "Below is an instruction that describes a task. Write a response that appropriately " \
+                         "completes the request."
+ALPACA_STYLES = {
+    "instruct": ("{system}\n\n", "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+                 "### Instruction:\n{instruction}\n\n### Response:\n"),
+    "chat": ("SYSTEM: {system}\n", "USER: {instruction}\n{input}\nASSISTANT:", "USER: {instruction}\nASSISTANT:"),
+    "chatml": ("<|im_start|>system\n{system}<|im_end|>\n",
+               "<|im_start|>user\n{instruction}\n{input}<|im_end|>\n<|im_start|>assistant\n",
+               "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n"),
+    "phi": ("<|system|>\n{system}<|end|>\n", "<|user|>\n{instruction}<|end|>{input}<|assistant|>",
+            "<|user|>\n{instruction}<|end|>\n<|assistant|>\n"),
+}
+
+
+def alpaca_prompt(instruction: str, inp: str | None, style: str = "instruct") -> str:
+    system, turn, turn_no_input = ALPACA_STYLES[style]
+    if inp:
+        return system.format(system=ALPACA_SYSTEM) + turn.format(instruction=instruction, input=inp)
+    return system.format(system=ALPACA_SYSTEM_NO_INPUT) + turn_no_input.format(instruction=instruction)
 
 
 class TokenizerInfo:
@@ -75,12 +89,13 @@ def _need_dict(row: Any, kind: str) -> dict:
     return row
 
 
-def tokenize_alpaca(row: Any, info: TokenizerInfo, train_on_inputs: bool) -> tuple[list[int], list[int]]:
+def tokenize_alpaca(row: Any, info: TokenizerInfo, train_on_inputs: bool,
+                    style: str = "instruct") -> tuple[list[int], list[int]]:
     row = _need_dict(row, "alpaca")
     instruction = _text(row, "instruction", "alpaca")
     output = _text(row, "output", "alpaca")
     inp = _text(row, "input", "alpaca", required=False)
-    prompt = (ALPACA_PROMPT_INPUT if inp else ALPACA_PROMPT).format(instruction=instruction, input=inp)
+    prompt = alpaca_prompt(instruction, inp, style)
     prompt_ids = info.prefix_ids + info.encode(prompt)
     answer_ids = info.encode(output) + [info.eos_id]
     ids = prompt_ids + answer_ids

@@ -219,9 +219,13 @@ def activations(spec: ModelSpec, s, adapters: Adapters) -> Activations:
         # A checkpoint keeps its block's input while the block holds anything for backward: not below the
         # lowest adapter.
         n_in = len(active)
-        total = n_in * n_tok * d * e + rotary + final + outside
+        # offload: the inputs wait in host memory (transformers' save_on_cpu); one is back for its recompute
+        offloaded = s.offload_checkpoints and s.device == "cuda"
+        kept = 1 if offloaded else n_in
+        total = kept * n_tok * d * e + rotary + final + outside
+        where = f"{n_in} layer inputs in host memory, one on the device" if offloaded else f"{n_in} layer inputs"
         return Activations(total, per_layer, per_layer, rotary + n_tok * d * e,
-                           f"checkpointing: {n_in} layer inputs × {n_tok} tokens × {d} × {e} B "
+                           f"checkpointing: {where} × {n_tok} tokens × {d} × {e} B "
                            f"+ final norm + rotary; one layer ({per_layer / 2**20:.1f} MiB) recomputed in backward")
     # every LoRA layer with dropout keeps its mask's seed (two int32); a DoRA layer its fp32 row norms
     n_lora = sum(len(w) for w in adapters)

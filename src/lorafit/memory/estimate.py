@@ -38,13 +38,18 @@ CUDA_CONTEXT_BYTES = int(0.5 * GiB)
 # Allocator slack between reserved and allocated memory at the peak (caching allocator, block rounding).
 ALLOCATOR_FRACTION = 0.05
 # Optimizer states per trainable parameter, by optimizer kind (``lorafit.config.OPTIMIZERS``).
-OPTIMIZER_STATES = {"adamw": 2, "sgd": 0, "adamw_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 2}
+OPTIMIZER_STATES = {"adamw": 2, "sgd": 0, "adamw_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 2,
+                    "torchao_8bit": 2, "torchao_4bit": 2}
 # bitsandbytes' 8-bit optimizers: states of tensors with fewer elements stay 32-bit (its ``min_8bit_size``); an
 # 8-bit state has an fp32 absmax per 256-element block and a 256-entry fp32 quantization map, per state.
 BNB_MIN_8BIT, BNB_STATE_BLOCK, BNB_QMAP = 4096, 256, 256
 # bitsandbytes' 4-bit weights: 64-element blocks; under double quantization the blocks' absmax are 8-bit in
 # blocks of 256 (fp32 absmax each), plus an fp32 offset and a 256-entry map; a 16-entry fp32 codebook per layer.
 FOUR_BIT_BLOCK, NESTED_BLOCK = 64, 256
+# torchao's AdamW8bit / AdamW4bit (as transformers runs them): tensors of at least 4096 elements that fill whole
+# 256-element blocks get codes (1 or ½ B an element), an fp32 scale per block and a 256- or 16-entry fp32 map, per
+# state; the others keep plain fp32 states.
+TORCHAO_MIN, TORCHAO_BLOCK, TORCHAO_QMAP = 4096, 256, {"torchao_8bit": 256, "torchao_4bit": 16}
 
 
 @dataclass
@@ -67,6 +72,7 @@ class Settings:
     modules_to_save: list[str] | None = None  # LoRA: modules trained in full (embed_tokens, lm_head are counted)
     optimizer: str = "adamw"  # an optimizer name of lorafit.config.OPTIMIZERS
     gradient_checkpointing: bool = False
+    offload_checkpoints: bool = False  # gradient_checkpointing: offload: the layer inputs in host memory (on CUDA)
     packing: bool = False
     loss: str = "chunked"  # "chunked" (lorafit) | "hf" (plain transformers loss: full logits)
     loss_chunk_tokens: int | None = None  # None: lorafit's default for the vocabulary
@@ -305,8 +311,8 @@ def _sizes(spec: ModelSpec, s: Settings, adapters: act.Adapters) -> _Sizes:
     state_elt = 4 if lora else e  # LoRA: fp32 adapter, gradients and states; full: the parameters' dtype
     n_states = OPTIMIZER_STATES[s.optimizer_kind]
     states = n_states * (adapter * state_elt + saved_n * e) if lora else n_states * trainable * state_elt
-    if s.optimizer_kind.endswith("8bit"):
-        states = sum(_bnb_state_bytes(n) for n in _trainable_tensors(spec, s, adapters))
+    if s.optimizer_kind in LOW_BIT:
+        states = sum(optimizer_state_bytes(s.optimizer_kind, n) for n in _trainable_tensors(spec, s, adapters))
     weights = (params + copies) * e
     if s.four_bit:
         linear = [i * o for _, i, o, _ in spec.linear_layers()] * spec.layers
@@ -321,6 +327,19 @@ def four_bit_bytes(numel: int, double_quant: bool) -> int:
     blocks = -(-numel // FOUR_BIT_BLOCK)
     stats = blocks + 4 * -(-blocks // NESTED_BLOCK) + 4 + 4 * NESTED_BLOCK if double_quant else 4 * blocks
     return numel // 2 + stats + 4 * 16
+
+
+LOW_BIT = ("adamw_8bit", "paged_adamw_8bit", "torchao_8bit", "torchao_4bit")
+
+
+def optimizer_state_bytes(kind: str, numel: int) -> int:
+    """Both AdamW states of one fp32 tensor of ``numel`` elements under a low-bit optimizer ``kind``."""
+    if kind.startswith("torchao"):
+        if numel < TORCHAO_MIN or numel % TORCHAO_BLOCK:
+            return 2 * 4 * numel
+        codes = numel if kind == "torchao_8bit" else numel // 2
+        return 2 * (codes + 4 * (numel // TORCHAO_BLOCK) + 4 * TORCHAO_QMAP[kind])
+    return _bnb_state_bytes(numel)
 
 
 def _bnb_state_bytes(numel: int) -> int:
@@ -412,8 +431,10 @@ def _components(spec, s: Settings, adapters, z: _Sizes, moment: str, peak_alloc:
                   "; at the peak: the head's fp32 gradient only" if grads_at else
                   "; none at the peak (freed by zero_grad, rebuilt in backward)")),
         Component("optimizer states", z.states, z.states,
-                  (f"{z.n_states} states × {z.trainable:,} × 1 B + block absmax (bitsandbytes 8-bit; tensors "
-                   f"under {BNB_MIN_8BIT} elements 4 B)" if s.optimizer_kind.endswith("8bit") else
+                  (f"{z.n_states} states × {z.trainable:,} × ½ B + a scale per {TORCHAO_BLOCK} (torchao 4-bit; tensors "
+                   f"under {TORCHAO_MIN} elements 4 B)" if s.optimizer_kind == "torchao_4bit" else
+                   f"{z.n_states} states × {z.trainable:,} × 1 B + block absmax ({s.optimizer_kind}; tensors "
+                   f"under {BNB_MIN_8BIT} elements 4 B)" if s.optimizer_kind in LOW_BIT else
                    f"{z.n_states} states × ({z.adapter:,} × 4 B + {z.trainable - z.adapter:,} modules_to_save × {e} B)"
                    if lora and z.trainable > z.adapter else
                    f"{z.n_states} states × {z.trainable:,} × {z.state_elt} B") if z.n_states

@@ -21,7 +21,8 @@ def settings_from_config(cfg: TrainConfig, device: str, runtime: RuntimeOptions 
     kernels' options are the config's (the environment as a fallback) unless ``runtime`` is given."""
     kw = dict(method="lora" if cfg.is_lora else "full", dtype=cfg.dtype_for(device == "cuda"),
               micro_batch=1 if cfg.micro_batch_size == "auto" else cfg.micro_batch_size, seq_len=cfg.sequence_len,
-              gradient_checkpointing=bool(cfg.gradient_checkpointing), packing=bool(cfg.sample_packing),
+              gradient_checkpointing=bool(cfg.gradient_checkpointing),
+              offload_checkpoints=cfg.gradient_checkpointing == "offload", packing=bool(cfg.sample_packing),
               optimizer=cfg.optimizer, loss_chunk_tokens=cfg.loss_chunk_tokens)
     if cfg.is_lora:
         kw.update(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets,

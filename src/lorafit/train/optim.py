@@ -36,6 +36,8 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float 
         return torch.optim.SGD(groups, lr=lr, momentum=0.0)
     if kind in BNB_KINDS:
         return bnb_optimizer(kind, groups, lr, betas, eps)
+    if kind in TORCHAO_KINDS:
+        return torchao_optimizer(kind, groups, lr, betas, eps)
     # Every AdamW name: torch's AdamW, fused (one kernel over all tensors, on CUDA and CPU) wherever torch has
     # it. The default multi-tensor path makes a temporary as large as all trainable parameters (GBs in full
     # fine-tuning); the per-tensor one, two of the largest tensor, and on CPU it was 5× slower for a LoRA
@@ -63,6 +65,39 @@ def bnb_optimizer(kind: str, groups: list[dict], lr: float, betas: tuple[float, 
     if name != paged:
         opt.lorafit_notice = f"{kind}: paged optimizer states need CUDA; running bitsandbytes' {plain} on the CPU"
     return opt
+
+
+# axolotl's torchao optimizer kinds -> torchao.optim's class (transformers' ``adamw_torch_8bit`` / ``_4bit``)
+TORCHAO_KINDS = {"torchao_8bit": "AdamW8bit", "torchao_4bit": "AdamW4bit"}
+# what transformers' Trainer passes to both (its ``optim_args`` defaults): 256-element blocks, no stochastic rounding
+TORCHAO_BLOCK = 256
+
+
+def torchao_optimizer(kind: str, groups: list[dict], lr: float, betas: tuple[float, float],
+                      eps: float) -> torch.optim.Optimizer:
+    """torchao's AdamW8bit / AdamW4bit as transformers' Trainer builds them for ``adamw_torch_8bit`` /
+    ``adamw_torch_4bit``: both moments block-quantized (dynamic-tree 8-bit or 4-bit codes with an fp32 scale per
+    256 elements); tensors under 4096 elements, or not a multiple of the block, keep plain states. Each
+    parameter's update is one ``torch.compile``d function (torchao's design; it compiles on the first step)."""
+    cls = getattr(torchao_optim(), TORCHAO_KINDS[kind])
+    return cls(groups, lr=lr, betas=betas, eps=eps, block_size=TORCHAO_BLOCK, bf16_stochastic_round=False)
+
+
+def torchao_optim():
+    """``torchao.optim``, imported without the warnings torchao logs on a machine lacking its CUDA extensions."""
+    import warnings
+
+    from lorafit.models import torchao_import_quiet
+
+    # torch's AOT cache remarks on torchao's state tensors at the first compiled step; nothing a user can act on
+    warnings.filterwarnings("ignore", message=r".*does not implement _stable_hash_for_caching")
+    try:
+        with torchao_import_quiet():
+            import torchao.optim
+    except ImportError as e:
+        raise LorafitError(f"optimizer adamw_torch_8bit / adamw_torch_4bit needs torchao ({e}); "
+                           "pip install torchao, or use adamw_8bit (bitsandbytes)") from None
+    return torchao.optim
 
 
 def optimizer_from_config(model: nn.Module, cfg) -> torch.optim.Optimizer:

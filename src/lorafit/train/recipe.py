@@ -166,8 +166,9 @@ class Recipe:
         if self.batch_note:
             self.console.print(self.batch_note)
         self.model, self.tokenizer = prepare_model(self.cfg, self.options)
-        if self.model.lean_kernels.notice:
-            self.console.print(f"[yellow]note:[/] {self.model.lean_kernels.notice}")
+        for notice in (getattr(self.model, "attention_notice", None), self.model.lean_kernels.notice):
+            if notice:
+                self.console.print(f"[yellow]note:[/] {notice}")
         fsdp_config = self.cfg.fsdp_config or {}
         reshard = fsdp_config.get("reshard_after_forward", fsdp_config.get("fsdp_reshard_after_forward", True))
         # the model and its loss as one module; under torchrun, DDP or FSDP2 around it
@@ -196,7 +197,8 @@ class Recipe:
         leave some rank without one (at most N - 1) are left out: every rank steps the same number of times."""
         cfg, w = self.cfg, self.world
         every = batches(self.train_samples, micro_batch_size=cfg.micro_batch_size, sequence_len=cfg.sequence_len,
-                        pad_id=self.pad_id, packing=cfg.sample_packing, shuffle=True, seed=cfg.seed, epoch=epoch,
+                        pad_id=self.pad_id, packing=cfg.sample_packing,
+                        shuffle=not cfg.curriculum_sampling, seed=cfg.seed, epoch=epoch,
                         pad_to_sequence_len=cfg.pad_to_sequence_len)
         if not w.distributed:
             return every
@@ -280,7 +282,7 @@ class Recipe:
         s.elapsed_s = time.perf_counter() - self.t_start
         self.last_loss = row["loss"]
         return {"step": s.step, "epoch": round(s.epoch + s.batch_index / max(len(self.epoch), 1), 4),
-                "loss": row["loss"], "lr": self.scheduler.get_last_lr()[0], "grad_norm": row["grad_norm"],
+                "loss": row["loss"], "lr": float(self.scheduler.get_last_lr()[0]), "grad_norm": row["grad_norm"],
                 "trained_tokens": row["trained_tokens"], "tokens_per_s": row["tokens"] / dt,
                 "elapsed_s": round(s.elapsed_s, 3)}
 

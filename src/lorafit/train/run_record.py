@@ -30,12 +30,14 @@ RECORD = "lorafit-run.json"
 # and its schedule, eval/save/logging steps, save_total_limit, output_dir, compile_kernels, half_matmul.
 FINGERPRINT_KEYS = (
     "base_model", "tokenizer_config", "special_tokens", "chat_template", "eot_tokens", "train_on_eos",
-    "default_system_message", "bf16",
+    "default_system_message", "chat_template_kwargs", "bf16",
     "adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_linear",
     "lora_modules_to_save", "peft_use_rslora", "peft_use_dora", "lora_init", "lora_layers_to_transform",
     "lora_rank_pattern", "lora_alpha_pattern", "load_in_4bit", "bnb_config_kwargs",
     "lora_model_dir",
-    "datasets", "test_datasets", "val_set_size", "sequence_len", "sample_packing", "pad_to_sequence_len",
+    "datasets", "test_datasets", "val_set_size", "sequence_len", "sample_packing", "curriculum_sampling",
+    "dataset_exact_deduplication",
+    "pad_to_sequence_len",
     "train_on_inputs", "micro_batch_size", "gradient_accumulation_steps", "optimizer", "seed",
 )
 DATASET_KEYS = ("datasets", "test_datasets")

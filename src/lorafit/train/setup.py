@@ -47,7 +47,13 @@ def lora_config_from(cfg) -> LoraConfig:
     )
 
 
-def make_trainable(model: nn.Module, lora: LoraConfig | None, gradient_checkpointing: bool,
+def has_accelerator() -> bool:
+    """Whether this machine has a CUDA-like device (transformers' offload pins host memory for it)."""
+    return torch.cuda.is_available() or getattr(torch, "accelerator", None) is not None and \
+        torch.accelerator.current_accelerator() is not None
+
+
+def make_trainable(model: nn.Module, lora: LoraConfig | None, gradient_checkpointing: bool | str,
                    options: RuntimeOptions) -> nn.Module:
     """What training does to a loaded model: the adapter (or every weight unfrozen), the lean kernels of its
     family (``model.lean_kernels`` is the handle: what was switched, and ``restore()``), checkpointing, no cache.
@@ -59,12 +65,39 @@ def make_trainable(model: nn.Module, lora: LoraConfig | None, gradient_checkpoin
     else:
         model.requires_grad_(True)
     apply_lean_kernels(model, options=options)
-    if gradient_checkpointing:
+    if gradient_checkpointing == "offload" and has_accelerator():
+        # transformers' offload: each checkpoint's saved input goes to pinned host memory through torch's
+        # save_on_cpu and comes back for the recompute. Without an accelerator the activations are in host
+        # memory already (and pinned memory does not exist): plain checkpointing, as the config's notice says.
+        if not hasattr(model, "activation_checkpointing_enable"):
+            raise LorafitError("gradient_checkpointing: offload needs transformers' activation_checkpointing_enable"
+                               " (transformers 5); upgrade transformers or set gradient_checkpointing: true")
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False}, offload=True)
+    elif gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so it works with a frozen embedding.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.train()
     return model
+
+
+# flash attention's implementations in transformers, and its check that the package and a CUDA device are there
+FLASH_ATTENTION = {"flash_attention_2": "is_flash_attn_2_available", "flash_attention_3": "is_flash_attn_3_available"}
+
+
+def attention_choice(requested: str | None) -> tuple[str, str | None]:
+    """The attention implementation to load with, and a notice when the config's cannot run here: flash attention
+    without its package or a CUDA device runs as sdpa, the same exact attention (lorafit downloads no kernels)."""
+    want = requested or "sdpa"
+    check = FLASH_ATTENTION.get(want)
+    if check is None:
+        return want, None
+    import transformers.utils
+
+    if getattr(transformers.utils, check)():
+        return want, None
+    return "sdpa", (f"attn_implementation {want}: flash attention's package or a CUDA device is missing here; "
+                    "runs as sdpa, the same exact attention")
 
 
 def prepare_model(cfg, options: RuntimeOptions | None = None):
@@ -75,10 +108,11 @@ def prepare_model(cfg, options: RuntimeOptions | None = None):
     start = cfg.resolve_path(cfg.lora_model_dir) if lora is not None and cfg.lora_model_dir else None
     if start is not None:
         check_start_adapter(start, lora, cfg.source)  # before the base loads: a mismatch is refused at once
+    attention, notice = attention_choice(cfg.attn_implementation)
     model, tokenizer = load_model_and_tokenizer(cfg.base_model, train_dtype(cfg), tokenizer=cfg.tokenizer_config,
-                                                base_dir=cfg.config_dir,
-                                                attn_implementation=cfg.attn_implementation or "sdpa",
+                                                base_dir=cfg.config_dir, attn_implementation=attention,
                                                 four_bit=cfg.four_bit)
+    model.attention_notice = notice  # printed by the recipe with its other notes
     apply_special_tokens(tokenizer, cfg.special_tokens, model, trains_embeddings=cfg.trains_embeddings)
     make_trainable(model, lora, cfg.gradient_checkpointing, options)
     if start is not None:
