@@ -154,8 +154,22 @@ def test_batched_generation_equals_one_by_one(demo_tokenizer, tiny_llama):
     single = [generate_answers(tiny_llama, demo_tokenizer, [p], max_new_tokens=8)[0] for p in PROMPTS]
     batched = generate_answers(tiny_llama, demo_tokenizer, PROMPTS, max_new_tokens=8, batch_size=16)
     in_pairs = generate_answers(tiny_llama, demo_tokenizer, PROMPTS, max_new_tokens=8, batch_size=2)
-    assert batched == single == in_pairs
+    # left padding and no shared prefix: generate's own path, the reference for the prefix-cache one
+    plain = generate_answers(tiny_llama, demo_tokenizer, PROMPTS, max_new_tokens=8, batch_size=16, share_prefix=False)
+    assert batched == single == in_pairs == plain
     assert any(single)  # the random model says something, so the comparison is not vacuous
+
+
+def test_a_batch_runs_the_prefix_its_prompts_share_once(demo_tokenizer, tiny_llama, monkeypatch):
+    from lorafit.eval import tasks
+
+    seen = []
+    real = tasks._prefix_cache
+    monkeypatch.setattr(tasks, "_prefix_cache", lambda m, ids, n: seen.append((ids.shape[1], n)) or real(m, ids, n))
+    generate_answers(tiny_llama, demo_tokenizer, [PROMPTS[0], PROMPTS[3]], max_new_tokens=2)
+    system_and_task = demo_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Convert to ISO date (YYYY-MM-DD):"}], tokenize=False)
+    assert seen and seen[0][1] == 2 and seen[0][0] >= len(demo_tokenizer(system_and_task)["input_ids"]) - 3
 
 
 def test_generation_decodes_only_new_tokens(demo_tokenizer, tiny_llama):

@@ -101,3 +101,11 @@ def compile_stats() -> tuple[int, float]:
         return graphs, seconds
     except Exception:  # pragma: no cover - a torch that moved these: the figure is missing, nothing breaks
         return 0, 0.0
+
+
+def cache_kwarg(model) -> str:
+    """The keyword a model's forward and ``generate`` take a key/value cache by: ``cache`` in newer transformers,
+    ``past_key_values`` (deprecated there, with a warning per call) before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"

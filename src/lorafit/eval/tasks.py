@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from lorafit._compat import cache_kwarg
 from lorafit.errors import LorafitError
 from lorafit.train.loss import causal_lm_loss
 
@@ -211,9 +212,13 @@ def _model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
+MIN_SHARED_PREFIX = 4
+
+
 @torch.inference_mode()
 def generate_answers(model, tokenizer, prompts: Sequence[Messages], max_new_tokens: int,
-                     batch_size: int = 32, on_batch: Callable[[int], None] | None = None) -> list[str]:
+                     batch_size: int = 64, on_batch: Callable[[int], None] | None = None,
+                     share_prefix: bool = True) -> list[str]:
     """Greedy answers to chat ``prompts`` (lists of messages), in the order given.
 
     Each prompt is rendered with the tokenizer's chat template plus the generation prompt and tokenised
@@ -222,6 +227,11 @@ def generate_answers(model, tokenizer, prompts: Sequence[Messages], max_new_toke
     tokens as one prompt at a time. Only new tokens are decoded, special tokens skipped, and the text
     stripped. The model is put in eval mode for the call and restored after. ``on_batch(n)`` is called after
     each batch of ``n`` prompts (progress).
+
+    ``share_prefix``: the tokens every prompt of a batch starts with (the chat template's system turn, a task's
+    instruction: half of a short prompt) are run once and their key/value cache repeated for the batch; the
+    padding goes between that prefix and the rest, masked, with each token at its unpadded position. On a CPU
+    the prompts' forward pass costs more than decoding a short answer, so this is most of the time saved.
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError("max_new_tokens and batch_size must be >= 1")
@@ -242,16 +252,21 @@ def generate_answers(model, tokenizer, prompts: Sequence[Messages], max_new_toke
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            width = max(len(encoded[i]) for i in idx)
+            rows = [encoded[i] for i in idx]
+            shared = _shared_prefix(rows) if share_prefix else 0
+            width = shared + max(len(r) - shared for r in rows)
             input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
             attention = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids = encoded[i]
-                input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-                attention[row, width - len(ids):] = 1
+            for row, ids in enumerate(rows):  # [shared prefix][padding][the rest]: the padding is masked
+                input_ids[row, :shared] = torch.tensor(ids[:shared], dtype=torch.long)
+                input_ids[row, width - len(ids) + shared:] = torch.tensor(ids[shared:], dtype=torch.long)
+                attention[row, :shared] = 1
+                attention[row, width - len(ids) + shared:] = 1
+            cache = _prefix_cache(model, input_ids[:1, :shared].to(device), len(idx)) if shared else None
+            reuse = {cache_kwarg(model): cache} if cache is not None else {}
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 temperature=None, top_p=None, top_k=None,
+                                 **reuse, max_new_tokens=max_new_tokens, do_sample=False,
+                                 num_beams=1, temperature=None, top_p=None, top_k=None,
                                  pad_token_id=pad_id, eos_token_id=stop_ids or None)
             for row, i in enumerate(idx):
                 answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
@@ -260,6 +275,26 @@ def generate_answers(model, tokenizer, prompts: Sequence[Messages], max_new_toke
     finally:
         model.train(was_training)
     return answers
+
+
+def _shared_prefix(rows: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all ``rows`` share, leaving each at least one token of its own (0 when fewer
+    than :data:`MIN_SHARED_PREFIX`: not worth a separate forward pass)."""
+    n = min(len(r) for r in rows) - 1
+    first = rows[0]
+    for r in rows[1:]:
+        n = next((k for k in range(n) if r[k] != first[k]), n)
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
+def _prefix_cache(model, prefix_ids: torch.Tensor, batch: int):
+    """The key/value cache of ``prefix_ids`` (1 × P), repeated for ``batch`` rows."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    model(input_ids=prefix_ids, use_cache=True, **{cache_kwarg(model): cache})
+    cache.batch_repeat_interleave(batch)
+    return cache
 
 
 # --------------------------------------------------------------------------------------------- retention
@@ -347,7 +382,7 @@ def answer_nll(model, tokenizer, items: Sequence[tuple[Messages, str]], batch_si
 
 
 def retention_score(model, tokenizer, path: str | Path, *, max_new_tokens: int = 64,
-                    batch_size: int = 32, phase=None) -> dict:
+                    batch_size: int = 64, phase=None) -> dict:
     """How much of what the base model did well the model being scored still does.
 
     Reads a retention file (see :func:`load_retention`) and returns
