@@ -78,7 +78,7 @@ CASES = [
          {"config.yaml": config(datasets=[{"path": "data.jsonl", "type": "sharegpt_v9"}])}),
     Case("no targets", TRAIN, ["target"], {"config.yaml": config(lora_target_linear=False)}),
     Case("qlora without load_in_4bit", TRAIN, ["qlora", "load_in_4bit"], {"config.yaml": config(adapter="qlora")}),
-    Case("8-bit optimizer", TRAIN, ["optimizer", "8-bit"], {"config.yaml": config(optimizer="adamw_bnb_4bit")}),
+    Case("8-bit optimizer", TRAIN, ["optimizer", "low-bit"], {"config.yaml": config(optimizer="adamw_bnb_4bit")}),
     Case("fp16", TRAIN, ["fp16", "bf16"], {"config.yaml": config(fp16=True)}),
     Case("warmup twice", TRAIN, ["warmup_steps", "warmup_ratio"], {"config.yaml": config(warmup_steps=2, warmup_ratio=0.1)}),
     Case("bad regex targets", TRAIN, ["lora_target_modules", "regex"],

@@ -1,5 +1,6 @@
 """Data pipeline: formats and their label masks, loading every file type, bad rows, truncation, split."""
 
+import copy
 import csv
 import json
 
@@ -465,23 +466,29 @@ def test_a_reasoning_field_is_rendered_by_the_template_and_trained(tmp_path, dem
               chat_template=THINK_TEMPLATE)
 
 
-def test_axolotls_template_names_render_its_templates(tmp_path, demo_tokenizer):
-    """chat_template: NAME is axolotl's bundled NAME.jinja (shipped in lorafit/chat_templates, unchanged)."""
-    from lorafit.config.keys import CHAT_TEMPLATE_NAMES, TEMPLATE_DIR
+def test_axolotls_template_names(tmp_path, demo_tokenizer):
+    """chatml and llama3 are lorafit's own templates; another of axolotl's names is the tokenizer's own template
+    (with a notice), and an error when the tokenizer has none."""
+    from lorafit.config.keys import CHAT_TEMPLATE_NAMES
+    from lorafit.data.chat import CHATML
 
     tok = demo_tokenizer
     assert {"chatml", "llama3", "qwen3", "qwen3_5", "gemma3", "llama4", "falcon_h1", "qwen_25"} <= set(CHAT_TEMPLATE_NAMES)
     write_jsonl(tmp_path / "c.jsonl", [CHAT])
-    for name in ("qwen_25", "chatml"):
+    own = tok.apply_chat_template(CHAT["messages"], tokenize=True, return_dict=True)["input_ids"]
+    (s,), _, _ = build(tmp_path, tok, {"path": "c.jsonl", "type": "chat_template"}, chat_template="chatml")
+    assert s.input_ids == tok.apply_chat_template(CHAT["messages"], chat_template=CHATML, tokenize=True,
+                                                  return_dict=True)["input_ids"]
+    assert trained_text(tok, s) == "Hello!<|im_end|>Goodbye.<|im_end|>"
+    for name in ("qwen_25", "tokenizer_default_fallback_llama3"):
         (s,), _, _ = build(tmp_path, tok, {"path": "c.jsonl", "type": "chat_template"}, chat_template=name)
-        tpl = (TEMPLATE_DIR / f"{name}.jinja").read_text(encoding="utf-8")
-        want = tok.apply_chat_template(CHAT["messages"], chat_template=tpl, tokenize=True, return_dict=True)
-        assert s.input_ids == want["input_ids"]
-        assert trained_text(tok, s) == "Hello!<|im_end|>Goodbye.<|im_end|>"
-    # tokenizer_default_fallback_NAME: the tokenizer's own template when it has one
-    (s,), _, _ = build(tmp_path, tok, {"path": "c.jsonl", "type": "chat_template"},
-                       chat_template="tokenizer_default_fallback_llama3")
-    assert s.input_ids == tok.apply_chat_template(CHAT["messages"], tokenize=True, return_dict=True)["input_ids"]
+        assert s.input_ids == own
+    notices = config(tmp_path, {"path": "c.jsonl", "type": "chat_template"}, chat_template="qwen_25").notices
+    assert any("the tokenizer's own chat template is used" in n for n in notices)
+    bare = copy.deepcopy(tok)
+    bare.chat_template = None
+    with pytest.raises(LorafitError, match=r"qwen3 names the chat template of a model family.*this tokenizer has none"):
+        build(tmp_path, bare, {"path": "c.jsonl", "type": "chat_template"}, chat_template="qwen3")
 
 
 def test_an_unknown_template_name_stops_at_config_load(tmp_path):

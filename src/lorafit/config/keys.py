@@ -4,7 +4,6 @@ screening that sorts a YAML mapping's keys into those groups before validation (
 from __future__ import annotations
 
 import difflib
-from pathlib import Path
 from typing import Any
 
 from lorafit.config.axolotl_keys import (
@@ -41,9 +40,15 @@ BNB_KWARGS = {"bnb_4bit_quant_type": ("nf4", "fp4"), "bnb_4bit_use_double_quant"
               "bnb_4bit_compute_dtype": None, "bnb_4bit_quant_storage": None, "llm_int8_threshold": None,
               "llm_int8_has_fp16_weight": (False,), "load_in_4bit": (True,)}
 SUPPORTED_OPTIMIZERS = tuple(OPTIMIZERS)
-# chat_template names: axolotl's bundled templates, shipped as lorafit/chat_templates/NAME.jinja
-TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "chat_templates"
-CHAT_TEMPLATE_NAMES = tuple(sorted(p.stem for p in TEMPLATE_DIR.glob("*.jinja")))
+# chat_template names axolotl bundles templates for (as of its commit 067b021). lorafit writes chatml and llama3
+# itself (data/chat.py); any other of these names means the model's own template, the tokenizer's (with a notice).
+CHAT_TEMPLATE_NAMES = (
+    "alpaca", "aya", "chatml", "cohere", "command_a", "command_a_rag", "command_a_tool_use", "deepseek_v2",
+    "deepseek_v3", "exaone", "exaone4", "falcon_h1", "gemma", "gemma3", "gemma3n", "gemma4", "gemma4_unified",
+    "jamba", "llama3", "llama3_2_vision", "llama4", "llava", "metharme", "mistral_v1", "mistral_v2v3",
+    "mistral_v3_tekken", "mistral_v7_tekken", "nemotron_h", "phi_3", "phi_35", "phi_4", "pixtral", "qwen2_vl",
+    "qwen3", "qwen3_5", "qwen_25",
+)
 FALLBACK_PREFIX = "tokenizer_default_fallback_"  # axolotl: the tokenizer's template, else the named one
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 

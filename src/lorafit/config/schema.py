@@ -64,8 +64,17 @@ def _template_name_error(cfg: TrainConfig) -> str | None:
         return None
     close = difflib.get_close_matches(value.removeprefix(FALLBACK_PREFIX), CHAT_TEMPLATE_NAMES, n=1)
     return (f"key 'chat_template': got {value!r}, not a template name" + (f" (did you mean {close[0]}?)" if close else "")
-            + " or a file; use tokenizer_default, one of axolotl's template names (chatml, llama3, qwen3, gemma3, ...: "
-            "lorafit ships them), a path to a .jinja file, or jinja text")
+            + " or a file; use tokenizer_default, one of axolotl's template names (chatml, llama3, qwen3, gemma3, "
+            "...), a path to a .jinja file, or jinja text")
+
+
+def _template_name_notice(cfg: TrainConfig) -> list[str]:
+    """A family's template name (not chatml or llama3, which lorafit writes) is read as the tokenizer's own."""
+    name = (cfg.chat_template or "").removeprefix(FALLBACK_PREFIX)
+    if name not in CHAT_TEMPLATE_NAMES or name in ("chatml", "llama3") or cfg.resolve_path(name).is_file():
+        return []
+    return [f"chat_template: {name}: the tokenizer's own chat template is used (lorafit does not bundle a copy of "
+            f"axolotl's {name} template); give a .jinja file to use another"]
 
 
 class DatasetSpec(BaseModel):
@@ -455,6 +464,7 @@ class TrainConfig(BaseModel):
         bad_template = _template_name_error(cfg)
         if bad_template:
             raise LorafitError(f"{source}: {bad_template}")
+        cfg._notices += _template_name_notice(cfg)
         return cfg
 
     # ---- conveniences for the other modules ----

@@ -29,12 +29,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lorafit.config.keys import CHAT_TEMPLATE_NAMES, FALLBACK_PREFIX, TEMPLATE_DIR
+from lorafit.config.keys import CHAT_TEMPLATE_NAMES, FALLBACK_PREFIX
 from lorafit.data.formats import IGNORE, TokenizerInfo
 from lorafit.data.loading import RowError
 from lorafit.data.text import NotText, read_text
 from lorafit.errors import LorafitError
 
+# The two named templates lorafit writes itself; axolotl's other names mean the model's own (the tokenizer's).
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+LLAMA3 = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+NAMED_TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3}
 END_OF_TURN_STRINGS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>",
                        "<|end_of_text|>", "<|eom_id|>")
 CANONICAL_ROLES = ("system", "user", "assistant", "tool")
@@ -47,8 +58,10 @@ DUMMY = "[[dummy_message]]"  # axolotl's placeholder content for finding where a
 
 
 def resolve_chat_template(cfg, tokenizer) -> str:
-    """The jinja template to use: the config's (axolotl's template name, a file, or jinja text) or the
-    tokenizer's own (``tokenizer_default``; ``tokenizer_default_fallback_NAME``: the tokenizer's, else NAME)."""
+    """The jinja template to use: the config's (a name, a file, or jinja text) or the tokenizer's own
+    (``tokenizer_default``; ``tokenizer_default_fallback_NAME``: the tokenizer's, else NAME). Of axolotl's template
+    names lorafit writes chatml and llama3 itself; the others name a model family's own template, which is the
+    tokenizer's (the config's notice says so) or, when the tokenizer has none, an error."""
     name = cfg.chat_template
     own = getattr(tokenizer, "chat_template", None)
     if own and not isinstance(own, str):
@@ -57,15 +70,23 @@ def resolve_chat_template(cfg, tokenizer) -> str:
         if not own:
             raise LorafitError(
                 f"{cfg.source}: datasets of type chat_template need a chat template, and the tokenizer has "
-                "none; set chat_template: to a template name (chatml, llama3, qwen3 ...), a .jinja file, or jinja text"
+                f"none; set chat_template: to {' or '.join(NAMED_TEMPLATES)}, a .jinja file, or jinja text"
             )
         return own
     if name.startswith(FALLBACK_PREFIX) and name.removeprefix(FALLBACK_PREFIX) in CHAT_TEMPLATE_NAMES:
         if own:
             return own
         name = name.removeprefix(FALLBACK_PREFIX)
-    if name in CHAT_TEMPLATE_NAMES:  # axolotl's bundled template of that name, shipped with lorafit
-        return _read_template(TEMPLATE_DIR / f"{name}.jinja", name)
+    if name in NAMED_TEMPLATES:
+        return NAMED_TEMPLATES[name]
+    if name in CHAT_TEMPLATE_NAMES:
+        if own:
+            return own
+        raise LorafitError(
+            f"{cfg.source}: key 'chat_template': {name} names the chat template of a model family, which lorafit "
+            f"takes from the tokenizer, and this tokenizer has none; give the template as a .jinja file or jinja "
+            f"text, or use {' or '.join(NAMED_TEMPLATES)}"
+        )
     if "{{" in name or "{%" in name:
         return name
     path = cfg.resolve_path(name)
