@@ -194,3 +194,24 @@ def test_two_rank_resume_is_bitwise_identical(workdir, mode):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert [r["loss"] for r in metrics(workdir / f"resumed-{mode}")] == [r["loss"] for r in metrics(workdir / f"straight-{mode}")]
+
+
+def test_one_process_trains_on_the_gpu_when_there_is_one(monkeypatch):
+    """Outside torchrun the world is one process on CUDA when it is available, else the CPU; wrap moves the model
+    there (checked with a recording ``to``, as this machine may have no GPU)."""
+    import torch
+
+    from lorafit.train import distributed
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert distributed.init_world().device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    world = distributed.init_world()
+    assert world.device == torch.device("cuda", 0) and not world.distributed
+    moved = []
+    model = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(model, "to", lambda device: moved.append(device) or model)
+    distributed.wrap(model, world)
+    assert moved == [world.device]

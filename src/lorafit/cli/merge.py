@@ -65,7 +65,7 @@ def cmd_merge(args) -> int:
     # QLoRA: W' = dequantize(quantize(W)) + s·B A, the weights the adapter was trained against, written dense;
     # re-quantizing W' to 4 bits would round most of the update away
     four_bit = four_bit_for(args.adapter, args.qlora, console)
-    model, tok = model_with_adapter(args.base_model, args.adapter, four_bit=four_bit)
+    model, tok = model_with_adapter(args.base_model, args.adapter, four_bit=four_bit, device="cpu")  # written from host
     merge_and_unload(model, safe=True)
     if four_bit is not None:
         dequantize_base(model)  # the layers the adapter did not touch: dequantized too

@@ -55,9 +55,15 @@ class World:
     def single(cls) -> World:
         return cls()
 
+    @classmethod
+    def on(cls, model: nn.Module) -> World:
+        """One process on the device ``model``'s parameters are on."""
+        param = next(model.parameters(), None)
+        return cls(device=param.device if param is not None else torch.device("cpu"))
+
     def describe(self) -> str:
         if not self.distributed:
-            return "1 process"
+            return f"1 process ({self.device.type})"
         backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "?"
         return f"{self.world_size} processes ({'FSDP2' if self.fsdp else 'DDP'}, {backend}, {self.device.type})"
 
@@ -76,7 +82,9 @@ def init_world(fsdp: bool = False, timeout_s: float | None = None) -> World:
         if fsdp:
             raise LorafitError("fsdp: FSDP2 needs several processes; start the run with torchrun --nproc-per-node N "
                                "or lorafit train --nproc N")
-        return World.single()
+        # one process trains on the GPU when there is one (CUDA_VISIBLE_DEVICES= keeps it on the CPU)
+        return World(device=torch.device("cuda", torch.cuda.current_device())) if torch.cuda.is_available() \
+            else World.single()
     import torch.distributed as dist
 
     rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
@@ -161,9 +169,9 @@ def wrap(model: nn.Module, world: World, reshard_after_forward: bool = True) -> 
     Every rank's parameters must already be equal (the same seed and the same adapter initialisation: FSDP2 does
     not broadcast them; DDP does, from rank 0).
     """
+    model.to(world.device)
     if not world.distributed:
         return LossModule(model)
-    model.to(world.device)
     loss_module = LossModule(model)
     if world.fsdp:
         from torch.distributed.fsdp import fully_shard

@@ -236,7 +236,8 @@ class Recipe:
         if cfg.four_bit:  # QLoRA: the 4-bit weights count as their packed bytes' elements in the total below
             method = f"QLoRA ({cfg.four_bit['quant_type']} base)"
         self.console.print(
-            f"{method} | {count_parameters(self.model)} | dtype {str(self.model.dtype).removeprefix('torch.')} | "
+            f"{method} | {count_parameters(self.model)} | dtype {str(self.model.dtype).removeprefix('torch.')} "
+            f"on {self.world.device.type} | "
             f"{self.total_steps} steps of {cfg.micro_batch_size}×{cfg.gradient_accumulation_steps} "
             f"({self.steps_per_epoch} per epoch)")
         self.console.print(f"runtime: {self.options.describe()} | lean kernels: {self.model.lean_kernels.summary()}")

@@ -53,7 +53,7 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], max_grad_
     counts are those of all ranks together.
     """
     options = options or options_of(model)
-    world = world or World.single()
+    world = world or World.on(model)
     loss_module = loss_module or LossModule(model)
     local_trained = sum(b["num_trained_tokens"] for b in micro_batches)
     (n_trained,) = all_sum(world, local_trained)
@@ -86,7 +86,7 @@ def evaluate(model, samples, cfg, pad_id: int, max_batches: int | None = None,
     if not samples:
         return {}
     options = options or options_of(model)
-    world = world or World.single()
+    world = world or World.on(model)
     loss_module = loss_module or LossModule(model)
     was_training = model.training
     model.eval()
