@@ -36,6 +36,10 @@ def _add_setting_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--loss", choices=["chunked", "hf"], help="chunked (lorafit, default) or hf (full logits, as PEFT runs)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="N processes (torchrun ranks, one device each): the estimate is one rank's (DDP by default)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="with --nproc: FSDP2 (weights, adapter, gradients and optimizer states sharded 1/N)")
 
 
 def register(sub) -> None:
@@ -80,6 +84,17 @@ def _settings(args, base: Settings | None = None, device: str = "cuda") -> Setti
     if isinstance(t, str) and t != "all-linear" and all(p.strip().isidentifier() for p in t.split(",")):
         kw["targets"] = [p.strip() for p in t.split(",")]  # names; anything else stays a regex
     kw["device"] = device
+    nproc = getattr(args, "nproc", None)
+    if nproc is not None and (not isinstance(nproc, int) or nproc < 1):
+        raise LorafitError(f"--nproc: got {nproc}, must be an integer >= 1")
+    if getattr(args, "fsdp", False):
+        if (nproc or (base.nproc if base else 1)) < 2:
+            raise LorafitError("--fsdp: FSDP2 shards across processes; give --nproc N with N >= 2")
+        kw["fsdp"] = True
+    if nproc is not None:
+        kw["nproc"] = nproc
+        if nproc == 1:
+            kw["fsdp"] = False
     if kw.get("method") in ("lora", "full"):
         kw["four_bit"] = None  # --method lora over a qlora config: a dense base
     return replace(base, **kw) if base is not None else Settings(**kw)
@@ -107,7 +122,11 @@ def cmd_estimate(args) -> int:
         from lorafit.config import load_config
 
         cfg = load_config(args.config)
-        base, model = settings_from_config(cfg, device), model or cfg.base_model_path
+        if cfg.fsdp_enabled and not args.nproc:
+            raise LorafitError(f"{args.config}: fsdp keys set (FSDP2 shards over several processes); give --nproc N "
+                               "for one rank's estimate")
+        base = settings_from_config(cfg, device, nproc=args.nproc or 1)
+        model = model or cfg.base_model_path
     if not model:
         raise LorafitError("estimate: give a MODEL (e.g. llama-3.1-8b) or --config FILE")
     spec = resolve_spec(model)
@@ -147,6 +166,12 @@ def print_estimates(console: Console, ests: list[Estimate], gpu_name=None, gpu_b
     console.print(f"[bold]{e0.spec.name}[/]: {e0.params['total'] / 1e9:.2f}B params | {s.dtype}{matmuls} | micro-batch "
                   f"{s.micro_batch} × {s.seq_len} tokens | {s.optimizer} | gradient checkpointing "
                   f"{'on' if s.gradient_checkpointing else 'off'} | loss {s.loss} | target {s.device}")
+    if s.nproc > 1 or s.fsdp:
+        how = ("FSDP2: weights, adapter, gradients and optimizer states sharded 1/N per decoder layer; the root "
+               "group and the running layers gathered whole" if s.fsdp else
+               "DDP: a whole replica on each rank, plus its gradient buckets")
+        console.print(f"[bold]per rank[/] of {s.nproc} processes (each on its own device; micro-batch is per rank) — "
+                      f"{how}", highlight=False)
     table = Table(show_header=True, header_style="bold")
     table.add_column("component")
     for e in ests:
@@ -174,7 +199,9 @@ def print_estimates(console: Console, ests: list[Estimate], gpu_name=None, gpu_b
             diff = gpu_bytes - e.total
             verdict = "[green]fits[/]" if diff >= 0 else "[red]does not fit[/]"
             word = "free" if diff >= 0 else "short"
-            console.print(f"  on {gpu_name} ({gpu_bytes / GiB:.1f} GiB): {verdict} — {abs(diff) / GiB:.2f} GiB {word}")
+            each = " each" if e.settings.nproc > 1 else ""
+            console.print(f"  on {gpu_name}{each} ({gpu_bytes / GiB:.1f} GiB): {verdict} — {abs(diff) / GiB:.2f} GiB "
+                          f"{word}{' per rank' if each else ''}")
 
 
 def _cell(c) -> str:
@@ -216,6 +243,9 @@ def cmd_plan(args) -> int:
         fix = "give a file name" if out.is_dir() else "choose another name with -o, or pass --force to replace it"
         raise LorafitError(f"{out}: {what}; {fix}")
     s = _settings(args)
+    if args.effective_batch % s.nproc:
+        raise LorafitError(f"--effective-batch {args.effective_batch} is not a multiple of --nproc {s.nproc}: each "
+                           "rank takes an equal share of every optimizer step")
     plan = search(spec, s, gpu_bytes, args.effective_batch, args.allow_shorter_seq, args.margin)
     if not plan.fits:
         console.print(f"[red]nothing fits[/] {spec.name} on {gpu_name} ({gpu_bytes / GiB:.1f} GiB, "
@@ -231,7 +261,11 @@ def cmd_plan(args) -> int:
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, out)
     print_estimates(console, [plan.estimate], gpu_name, gpu_bytes)
-    console.print(f"wrote {out} (micro-batch {plan.micro_batch} × {plan.grad_accum} accumulation steps)")
+    ranks = f" × {s.nproc} ranks" if s.nproc > 1 else ""
+    console.print(f"wrote {out} (micro-batch {plan.micro_batch} × {plan.grad_accum} accumulation steps{ranks})")
+    if s.nproc > 1:
+        console.print(f"train it on {s.nproc} devices: `lorafit train {out} --nproc {s.nproc}` (or torchrun "
+                      f"--nproc-per-node {s.nproc} -m lorafit train {out})")
     console.print(f"before `lorafit train {out}`: set datasets" + (f", and base_model ({note})" if note else ""))
     return 0
 

@@ -29,6 +29,7 @@ from lorafit import targets as targets_rule
 from lorafit.config import OPTIMIZERS
 from lorafit.errors import LorafitError
 from lorafit.memory import activations as act
+from lorafit.memory import parallel as par
 from lorafit.memory.spec import HEAD, ModelSpec
 from lorafit.options import RuntimeOptions
 
@@ -71,6 +72,8 @@ class Settings:
     loss: str = "chunked"  # "chunked" (lorafit) | "hf" (plain transformers loss: full logits)
     loss_chunk_tokens: int | None = None  # None: lorafit's default for the vocabulary
     device: str = "cuda"  # "cuda" adds context/allocator overhead; "cpu" adds none
+    nproc: int = 1  # processes (ranks) training together; the estimate is then one rank's
+    fsdp: bool = False  # FSDP2 (shards per decoder layer) rather than DDP (a full replica per rank)
     # How the kernels run (compiled or not; bf16 matmuls on fp32 copies on a CPU): the rules of training.
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions.resolve)
 
@@ -90,7 +93,7 @@ class Settings:
         self.optimizer = str(self.optimizer).lower()
         if self.optimizer not in OPTIMIZERS:
             raise LorafitError(f"optimizer: got {self.optimizer!r}, use one of: {', '.join(OPTIMIZERS)}")
-        for name in ("micro_batch", "seq_len", "r"):
+        for name in ("micro_batch", "seq_len", "r", "nproc"):
             _check_positive(name.replace("_", "-"), getattr(self, name))
         if self.seq_len < 2:
             raise LorafitError(f"seq-len: got {self.seq_len}, must be at least 2 (one token predicts the next)")
@@ -112,6 +115,12 @@ class Settings:
         self.modules_to_save = list(self.modules_to_save) if self.modules_to_save else None
         for key, value in self.rank_pattern.items():
             _check_positive(f"rank_pattern[{key!r}]", value)
+        self.fsdp = bool(self.fsdp)
+        if self.fsdp and self.four_bit:
+            raise LorafitError("fsdp: QLoRA (a 4-bit base) over FSDP2 is not supported yet; use LoRA with FSDP2, "
+                               "or QLoRA with DDP")
+        if self.fsdp and self.method != "lora":
+            raise LorafitError("fsdp: full fine-tuning over FSDP2 is not supported yet; use LoRA with FSDP2")
         if isinstance(self.runtime, dict):  # from to_dict(), e.g. a stored benchmark row
             self.runtime = RuntimeOptions(**self.runtime)
 
@@ -345,10 +354,13 @@ def _trainable_tensors(spec: ModelSpec, s: Settings, adapters: act.Adapters) -> 
 
 
 def estimate(spec: ModelSpec, settings: Settings) -> Estimate:
+    """The peak of one training step; under ``settings.nproc`` > 1 (or FSDP2), one rank's peak."""
     s = settings
     adapters = lora_targets(spec, s)
     z = _sizes(spec, s, adapters)
-    acts = act.activations(spec, s, adapters)
+    dist = _distributed(spec, s, adapters, z)
+    z = dist.sizes
+    acts = act.activations(spec, s, adapters)  # of this rank's micro-batch: activations are never sharded
     loss = act.loss_buffers(spec, s)
     bw_first = act.backward_temporaries(spec, s, adapters)
     head_grad = loss.head_grad  # full FT: the head/embedding gradient the chunked loss builds in forward
@@ -364,11 +376,61 @@ def estimate(spec: ModelSpec, settings: Settings) -> Estimate:
         "backward end": z.persistent + z.grads + max(act.embedding_backward(spec, s), acts.resident_end),
         "optimizer step": z.persistent + z.grads,
     }
+    moments = {k: v + dist.extra.get(k, 0) for k, v in moments.items()}
     moment = max(moments, key=moments.get)
-    comps = _components(spec, s, adapters, z, moment, moments[moment], acts, loss, bw_first)
+    comps = _components(spec, s, adapters, z, moment, moments[moment], acts, loss, bw_first, dist)
     return Estimate(spec=spec, settings=s, components=comps, peak_moment=moment, moments=moments,
                     activation_per_layer=acts.per_layer,
                     params={"total": z.params, "trainable": z.trainable, "adapter": z.adapter})
+
+
+@dataclass
+class _Distributed:
+    """One rank's persistent sizes and what the strategy adds at each moment (nothing for one process)."""
+
+    sizes: _Sizes
+    extra: dict[str, int] = field(default_factory=dict)
+    name: str = ""
+    formula: dict[str, str] = field(default_factory=dict)
+
+
+def _distributed(spec: ModelSpec, s: Settings, adapters: act.Adapters, z: _Sizes) -> _Distributed:
+    """DDP: the whole replica plus its gradient buckets, at every moment. FSDP2: 1/N of weights, adapter,
+    gradients and states (``lorafit.memory.parallel``), plus what is unsharded at each moment: the root group
+    from forward to the end of backward; one decoder layer at the loss and its backward (MemTracker shows one
+    layer's all-gather alive there; the root's backward prefetches the last layer), then in each layer's
+    backward that layer and the one before it (prefetched); a layer's whole gradients before their
+    reduce-scatter (and its input buffer) at the first layer's backward."""
+    if s.nproc == 1 and not s.fsdp:
+        return _Distributed(z)
+    if not s.fsdp:
+        bucket = par.ddp_bucket_bytes(z.grads)
+        why = (f"DDP's gradient buckets (bucket_cap_mb {par.DDP_BUCKET_CAP_MB}): a flat copy of the "
+               f"{z.trainable:,} trainable parameters' gradients, kept all run")
+        return _Distributed(z, {k: bucket for k in _MOMENTS}, "DDP gradient buckets", {k: why for k in _MOMENTS})
+    n = s.nproc
+    out_lora, saved, copies = outside_blocks(spec, s)
+    share = par.fsdp_share(spec, n, s.bytes, adapters, s.use_dora, out_lora, saved, copies)
+    e = s.bytes
+    adapter_shard, saved_shard = share.adapter // 4, (share.grads - share.adapter) // max(e, 1)
+    states = z.n_states * (adapter_shard * z.state_elt + saved_shard * e)
+    if s.optimizer_kind.endswith("8bit"):
+        states = -(-z.states // n)
+    sizes = _Sizes(z.params, z.adapter, z.trainable, share.weights, share.adapter, share.grads, states, z.n_states,
+                   z.state_elt)
+    root, layer = share.root_gathered, share.layer_gathered
+    two = 2 * layer if spec.layers > 1 else layer
+    extra = {"loss": root + layer, "loss backward": root + layer, "backward start": root + two,
+             "backward end": root + layer + 2 * share.layer_grads, "optimizer step": 0}
+    r, ly = f"root group unsharded {root / GiB:.3f} GiB", f"a decoder layer unsharded {layer / GiB:.3f} GiB"
+    formula = {"loss": f"{r} + {ly} (measured: one layer stays gathered into the loss)", "loss backward": f"{r} + {ly} (prefetched by the root's backward)",
+               "backward start": f"{r} + 2 × {ly} (current + prefetched)",
+               "backward end": f"{r} + {ly} + its whole gradients and their reduce-scatter buffer",
+               "optimizer step": "nothing unsharded (resharded after backward)"}
+    return _Distributed(sizes, extra, "FSDP2 unsharded (root + layers)", formula)
+
+
+_MOMENTS = ("loss", "loss backward", "backward start", "backward end", "optimizer step")
 
 
 def _overhead(s: Settings, peak_alloc: int) -> tuple[int, str]:
@@ -380,7 +442,7 @@ def _overhead(s: Settings, peak_alloc: int) -> tuple[int, str]:
 
 
 def _components(spec, s: Settings, adapters, z: _Sizes, moment: str, peak_alloc: int, acts, loss,
-                bw_first) -> list[Component]:
+                bw_first, dist: _Distributed) -> list[Component]:
     """Each part of the step at the peak ``moment`` (and whole), with its formula."""
     e, lora = s.bytes, s.method == "lora"
     grads_at = {"loss": loss.head_grad, "loss backward": 0, "backward start": loss.head_grad}.get(moment, z.grads)
@@ -388,7 +450,8 @@ def _components(spec, s: Settings, adapters, z: _Sizes, moment: str, peak_alloc:
     acts_at = {"loss": acts.total, "loss backward": acts.total, "backward start": acts.total,
                "backward end": 0 if emb_last else acts.resident_end}.get(moment, 0)
     loss_at = loss.total if moment == "loss" else 0
-    temp_at = peak_alloc - z.persistent - grads_at - acts_at - loss_at
+    dist_at = dist.extra.get(moment, 0)
+    temp_at = peak_alloc - z.persistent - grads_at - acts_at - loss_at - dist_at
     overhead, overhead_formula = _overhead(s, peak_alloc)
     name = ("trainable weights (LoRA A, B" + (", DoRA magnitude)" if s.use_dora else ")")) if lora \
         else "trainable weights"
@@ -399,7 +462,7 @@ def _components(spec, s: Settings, adapters, z: _Sizes, moment: str, peak_alloc:
                 "backward start": bw_first.formula,
                 "backward end": "last layer's backward temporaries + embedding gradient",
                 "optimizer step": "no temporaries (fused AdamW / SGD)"}[moment]
-    return [
+    comps = [
         Component("weights", z.weights, z.weights, f"{z.params:,} params × {e} B ({s.dtype})" if not s.four_bit else
                   f"decoder linears in 4 bits ({s.four_bit}{', double quant' if s.double_quant else ''}: codes + "
                   f"absmax + statistics), the rest × {e} B ({s.dtype})"),
@@ -421,8 +484,13 @@ def _components(spec, s: Settings, adapters, z: _Sizes, moment: str, peak_alloc:
         Component("activations", acts.total, acts_at, acts.formula),
         Component("logits/loss", loss.total, loss_at, loss.formula),
         Component("temporary peak", max(temp_at, 0), temp_at, f"at the {moment}: {temp_why}"),
+        *([Component(dist.name, max(dist.extra.values()), dist_at, dist.formula[moment])] if dist.name else []),
         Component("framework overhead", overhead, overhead, overhead_formula),
     ]
+    if s.fsdp:  # the persistent parts are this rank's shards
+        for c in comps[:4]:
+            c.formula += f"; this rank's shard: 1/{s.nproc} (FSDP2, dim 0 padded to a multiple of {s.nproc})"
+    return comps
 
 
 def _adapter_formula(spec: ModelSpec, s: Settings, adapters: act.Adapters, adapter: int) -> str:
