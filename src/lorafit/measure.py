@@ -25,6 +25,7 @@ class Measured:
     device: str = "cpu"
     steps: int = 0
     losses: list[float] = field(default_factory=list)
+    rank: int = 0  # under torchrun, the rank this peak is of
 
 
 def hf_config(spec: ModelSpec):
@@ -161,7 +162,8 @@ def measure(spec: ModelSpec, s: Settings, steps: int = 3, model_name: str | None
         for b in batches:
             losses.append(step(b))
         torch.cuda.synchronize()
-        result = Measured(torch.cuda.max_memory_allocated(), {}, "cuda", steps, losses)
+        result = Measured(torch.cuda.max_memory_allocated(world.device if world else None), {}, "cuda", steps,
+                          losses)
     else:
         from lorafit._compat import mem_tracker, skip_frozen_grad_hooks
 
@@ -185,9 +187,23 @@ def measure(spec: ModelSpec, s: Settings, steps: int = 3, model_name: str | None
             gc.collect()
         by_kind = {str(getattr(k, "value", k)): int(v) for k, v in dev.items()}
         result = Measured(int(by_kind.get("Total", 0)), by_kind, "cpu", steps, losses)
+    result.rank = rank
     del model, optimizer, step, loss_module
     gc.collect()
     return result
+
+
+def every_rank(m: Measured) -> list[Measured]:
+    """Each rank's measurement, in rank order, on every rank (under torchrun; else ``[m]``). Ends the process
+    group: call it once, after :func:`measure`."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [m]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, m)
+    dist.destroy_process_group()
+    return out
 
 
 def compare(spec: ModelSpec, s: Settings, steps: int = 3, model_name: str | None = None) -> tuple[Estimate, Measured, float]:

@@ -288,30 +288,38 @@ def cmd_measure(args) -> int:
     import torch
 
     from lorafit.config import load_config
-    from lorafit.measure import measure
+    from lorafit.measure import every_rank, measure
     from lorafit.models import train_dtype
 
     cfg = load_config(args.config)
     spec = resolve_spec(cfg.base_model_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    s = replace(settings_from_config(cfg, device), dtype=train_dtype(cfg))  # what training here picks
+    nproc = int(os.environ.get("WORLD_SIZE", "1") or 1)  # under torchrun: every rank measures its own peak
+    s = replace(settings_from_config(cfg, device, nproc=nproc), dtype=train_dtype(cfg))  # what training here picks
     real = None if args.random_weights else cfg.base_model_path
     if real is not None and real not in DEMO_ALIASES and not Path(real).exists():
         real = None
-    m = measure(spec, s, args.steps, model_name=real, device=device)
+    ranks = every_rank(measure(spec, s, args.steps, model_name=real, device=device))
+    if int(os.environ.get("RANK", "0") or 0):
+        return 0  # rank 0 speaks for the job, with every rank's peak
     est = estimate(spec, s)
-    rows = _measure_rows(est, m)
-    err = 100.0 * (est.allocated_peak - m.peak) / m.peak
+    errs = [100.0 * (est.allocated_peak - m.peak) / m.peak for m in ranks]
     if args.json:
-        print(json.dumps({"estimate": est.to_dict(), "measured": {"peak": m.peak, "by_kind": m.by_kind,
-                          "device": m.device, "losses": m.losses}, "error_pct": err}, indent=2))
+        print(json.dumps({"estimate": est.to_dict(), "measured": [
+            {"rank": m.rank, "peak": m.peak, "by_kind": m.by_kind, "device": m.device, "losses": m.losses}
+            for m in ranks], "error_pct": errs if nproc > 1 else errs[0]}, indent=2))
         return 0
-    t = Table("component", "estimate (MiB)", "measured (MiB)", title=f"{spec.name}: {args.steps} steps on {m.device}")
-    for name, e_b, m_b in rows:
-        t.add_row(name, f"{e_b / 2**20:.1f}", "-" if m_b is None else f"{m_b / 2**20:.1f}")
-    t.add_row("[bold]peak (tensors)[/]", f"{est.allocated_peak / 2**20:.1f}", f"{m.peak / 2**20:.1f}")
-    Console().print(t)
-    Console().print(f"error {err:+.1f}% of the measured peak (estimate's peak moment: {est.peak_moment})")
+    what = f" per rank of {nproc} ({'FSDP2' if s.fsdp else 'DDP'})" if nproc > 1 else ""
+    for m, err in zip(ranks, errs, strict=True):
+        rows = _measure_rows(est, m)
+        head = f"rank {m.rank}: " if nproc > 1 else ""
+        t = Table("component", "estimate (MiB)", "measured (MiB)",
+                  title=f"{head}{spec.name}: {args.steps} steps on {m.device}{what}")
+        for name, e_b, m_b in rows:
+            t.add_row(name, f"{e_b / 2**20:.1f}", "-" if m_b is None else f"{m_b / 2**20:.1f}")
+        t.add_row("[bold]peak (tensors)[/]", f"{est.allocated_peak / 2**20:.1f}", f"{m.peak / 2**20:.1f}")
+        Console().print(t)
+        Console().print(f"{head}error {err:+.1f}% of the measured peak (estimate's peak moment: {est.peak_moment})")
     return 0
 
 
@@ -320,6 +328,9 @@ def _measure_rows(est: Estimate, m) -> list[tuple[str, int, int | None]]:
     k = m.by_kind
     weights = c["weights"] + sum(v for n, v in c.items() if n.startswith("trainable"))
     acts = c["activations"] + c["logits/loss"] + c["temporary peak"]
+    # made during the step (MemTracker files FSDP2's gathered copies and DDP's buckets under several kinds:
+    # compare the peaks, not these rows, under torchrun)
+    acts += c.get("FSDP2 unsharded (root + layers)", 0) + c.get("DDP gradient buckets", 0)
     if not k:
         return [("weights", weights, None), ("gradients", c["gradients"], None),
                 ("optimizer states", c["optimizer states"], None), ("activations + temporaries", acts, None)]

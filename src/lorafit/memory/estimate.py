@@ -376,6 +376,8 @@ def estimate(spec: ModelSpec, settings: Settings) -> Estimate:
         "backward end": z.persistent + z.grads + max(act.embedding_backward(spec, s), acts.resident_end),
         "optimizer step": z.persistent + z.grads,
     }
+    if "forward start" in dist.extra:  # FSDP2's first all-gathers: before any activation exists
+        moments["forward start"] = z.persistent
     moments = {k: v + dist.extra.get(k, 0) for k, v in moments.items()}
     moment = max(moments, key=moments.get)
     comps = _components(spec, s, adapters, z, moment, moments[moment], acts, loss, bw_first, dist)
@@ -396,11 +398,11 @@ class _Distributed:
 
 def _distributed(spec: ModelSpec, s: Settings, adapters: act.Adapters, z: _Sizes) -> _Distributed:
     """DDP: the whole replica plus its gradient buckets, at every moment. FSDP2: 1/N of weights, adapter,
-    gradients and states (``lorafit.memory.parallel``), plus what is unsharded at each moment: the root group
-    from forward to the end of backward; one decoder layer at the loss and its backward (MemTracker shows one
-    layer's all-gather alive there; the root's backward prefetches the last layer), then in each layer's
-    backward that layer and the one before it (prefetched); a layer's whole gradients before their
-    reduce-scatter (and its input buffer) at the first layer's backward."""
+    gradients and states (``lorafit.memory.parallel``), plus what is gathered at each moment: the root group
+    from forward to the end of backward; each group's all-gather output until the next all-gather; in each
+    layer's backward that layer and the one before it (prefetched); a layer's whole gradients before their
+    reduce-scatter (and its input buffer) at the first layer's backward. A sixth moment, the forward's start,
+    holds the root and the first layer twice (parameters and all-gather buffers) before any activation."""
     if s.nproc == 1 and not s.fsdp:
         return _Distributed(z)
     if not s.fsdp:
@@ -419,13 +421,19 @@ def _distributed(spec: ModelSpec, s: Settings, adapters: act.Adapters, z: _Sizes
     sizes = _Sizes(z.params, z.adapter, z.trainable, share.weights, share.adapter, share.grads, states, z.n_states,
                    z.state_elt)
     root, layer = share.root_gathered, share.layer_gathered
-    two = 2 * layer if spec.layers > 1 else layer
-    extra = {"loss": root + layer, "loss backward": root + layer, "backward start": root + two,
-             "backward end": root + layer + 2 * share.layer_grads, "optimizer step": 0}
-    r, ly = f"root group unsharded {root / GiB:.3f} GiB", f"a decoder layer unsharded {layer / GiB:.3f} GiB"
-    formula = {"loss": f"{r} + {ly} (measured: one layer stays gathered into the loss)", "loss backward": f"{r} + {ly} (prefetched by the root's backward)",
-               "backward start": f"{r} + 2 × {ly} (current + prefetched)",
-               "backward end": f"{r} + {ly} + its whole gradients and their reduce-scatter buffer",
+    # FSDP2 keeps a group's all-gather output until the next all-gather (its copy-out into the unsharded
+    # parameters must finish first): one more gathered group beside those in use, at every moment
+    extra = {"forward start": 2 * root + 2 * layer, "loss": root + layer, "loss backward": root + 2 * layer,
+             "backward start": root + 3 * layer, "backward end": root + 2 * layer + 2 * share.layer_grads,
+             "optimizer step": 0}
+    r, ly = f"root group unsharded {root / GiB:.3f} GiB", f"a decoder layer gathered {layer / GiB:.3f} GiB"
+    formula = {"forward start": f"2 × {r} (its parameters + the all-gather buffer, kept until the next "
+                                f"all-gather) + 2 × {ly} (the first layer's, likewise)",
+               "loss": f"{r} + {ly} (the last layer's all-gather buffer, kept until the next all-gather)",
+               "loss backward": f"{r} + 2 × {ly} (the last layer, prefetched by the root's backward: parameters "
+                                "+ all-gather buffer)",
+               "backward start": f"{r} + 3 × {ly} (current + prefetched + the prefetch's all-gather buffer)",
+               "backward end": f"{r} + 2 × {ly} + its whole gradients and their reduce-scatter buffer",
                "optimizer step": "nothing unsharded (resharded after backward)"}
     return _Distributed(sizes, extra, "FSDP2 unsharded (root + layers)", formula)
 
@@ -445,7 +453,8 @@ def _components(spec, s: Settings, adapters, z: _Sizes, moment: str, peak_alloc:
                 bw_first, dist: _Distributed) -> list[Component]:
     """Each part of the step at the peak ``moment`` (and whole), with its formula."""
     e, lora = s.bytes, s.method == "lora"
-    grads_at = {"loss": loss.head_grad, "loss backward": 0, "backward start": loss.head_grad}.get(moment, z.grads)
+    grads_at = {"loss": loss.head_grad, "loss backward": 0, "backward start": loss.head_grad,
+                "forward start": 0}.get(moment, z.grads)
     emb_last = act.embedding_backward(spec, s) > acts.resident_end  # the embedding's gradient is the later peak
     acts_at = {"loss": acts.total, "loss backward": acts.total, "backward start": acts.total,
                "backward end": 0 if emb_last else acts.resident_end}.get(moment, 0)
@@ -461,7 +470,8 @@ def _components(spec, s: Settings, adapters, z: _Sizes, moment: str, peak_alloc:
                    if s.method == "full" else ""),
                 "backward start": bw_first.formula,
                 "backward end": "last layer's backward temporaries + embedding gradient",
-                "optimizer step": "no temporaries (fused AdamW / SGD)"}[moment]
+                "optimizer step": "no temporaries (fused AdamW / SGD)",
+                "forward start": "none (the first all-gathers, before any activation)"}[moment]
     comps = [
         Component("weights", z.weights, z.weights, f"{z.params:,} params × {e} B ({s.dtype})" if not s.four_bit else
                   f"decoder linears in 4 bits ({s.four_bit}{', double quant' if s.double_quant else ''}: codes + "
