@@ -423,16 +423,20 @@ def _distributed(spec: ModelSpec, s: Settings, adapters: act.Adapters, z: _Sizes
     root, layer = share.root_gathered, share.layer_gathered
     # FSDP2 keeps a group's all-gather output until the next all-gather (its copy-out into the unsharded
     # parameters must finish first): one more gathered group beside those in use, at every moment
-    extra = {"forward start": 2 * root + 2 * layer, "loss": root + layer, "loss backward": root + 2 * layer,
-             "backward start": root + 3 * layer, "backward end": root + 2 * layer + 2 * share.layer_grads,
+    emb = share.embed_gathered  # untied embeddings: their own group, the first after the root
+    first = emb or layer
+    start = max(2 * root + 2 * first, root + emb + 2 * layer if emb else 0)
+    extra = {"forward start": start, "loss": root + layer, "loss backward": root + 2 * layer,
+             "backward start": root + 2 * layer, "backward end": root + 2 * layer + 2 * share.layer_grads,
              "optimizer step": 0}
     r, ly = f"root group unsharded {root / GiB:.3f} GiB", f"a decoder layer gathered {layer / GiB:.3f} GiB"
+    first_what = f"the embeddings' group {emb / GiB:.3f} GiB" if emb else ly
     formula = {"forward start": f"2 × {r} (its parameters + the all-gather buffer, kept until the next "
-                                f"all-gather) + 2 × {ly} (the first layer's, likewise)",
+                                f"group's copy-out) + 2 × {first_what} (the next group's, likewise)",
                "loss": f"{r} + {ly} (the last layer's all-gather buffer, kept until the next all-gather)",
                "loss backward": f"{r} + 2 × {ly} (the last layer, prefetched by the root's backward: parameters "
                                 "+ all-gather buffer)",
-               "backward start": f"{r} + 3 × {ly} (current + prefetched + the prefetch's all-gather buffer)",
+               "backward start": f"{r} + 2 × {ly} (current + prefetched; measured: no third copy)",
                "backward end": f"{r} + 2 × {ly} + its whole gradients and their reduce-scatter buffer",
                "optimizer step": "nothing unsharded (resharded after backward)"}
     return _Distributed(sizes, extra, "FSDP2 unsharded (root + layers)", formula)

@@ -5,12 +5,15 @@ What ``lorafit.train.distributed.wrap`` builds, in bytes per rank:
 * **DDP** — every rank holds the whole model, its gradients and optimizer states, plus DDP's gradient buckets:
   flat copies of the trainable parameters' gradients (``bucket_cap_mb`` = 25 by default; the buckets partition
   the trainable parameters, so together they are as large as their gradients), allocated once, kept all run.
-* **FSDP2** — ``fully_shard`` per decoder layer (its frozen base and its LoRA parameters together), then the root
-  (embeddings, final norm, head, anything outside the layers). Each parameter is cut on dim 0 into N equal
+* **FSDP2** — ``fully_shard`` per decoder layer (its frozen base and its LoRA parameters together), the input
+  embeddings on their own when the head does not share them, then the root (final norm, head, anything else
+  outside the layers). Each parameter is cut on dim 0 into N equal
   pieces (dim 0 padded up to a multiple of N), so a rank holds 1/N of the weights, of the trained parameters, of
   their gradients and of the optimizer states. Unsharded on top of that: a layer's parameters while it runs
-  (all-gathered whole, padded), the next one prefetched during backward, and the root for the whole forward and
-  backward (FSDP2 does not reshard the root after forward). A layer's gradients exist whole until reduce-scattered.
+  (all-gathered whole, padded), the next one prefetched during backward, the root for the whole forward and
+  backward (FSDP2 does not reshard the root after forward), the embeddings for their lookup, and each group's
+  all-gather output until the next group's all-gather is copied out. A layer's gradients exist whole until
+  reduce-scattered.
 
 Pure arithmetic on a :class:`~lorafit.memory.spec.ModelSpec`; imports no torch.
 """
@@ -60,20 +63,26 @@ def layer_tensors(spec: ModelSpec, base_elt: int, targets: dict[str, int], dora:
 
 
 def root_tensors(spec: ModelSpec, base_elt: int, outside_lora: list[int], saved: list[int],
-                 copies: int) -> list[Tensor]:
-    """The root group: embeddings (and positions), final norm, an untied head, LoRA on the embeddings / head
-    (``outside_lora``: element counts, fp32), the ``modules_to_save`` tables and an untied copy of a tied one."""
+                 copies: int) -> tuple[list[Tensor], list[Tensor]]:
+    """(the root group, the input embeddings' own group). The root: final norm, an untied head, LoRA on the head
+    and the head's ``modules_to_save`` table. Untied input embeddings (and positions) are a group of their own
+    (``lorafit.train.distributed.separate_embeddings``); a table tied to the head stays in the root. LoRA on the
+    embeddings / head (``outside_lora``: element counts, fp32, embeddings first) and the ``modules_to_save``
+    tables (``saved``) and the untied copy of a tied one (``copies``) go with their module."""
     V, d = spec.vocab, spec.hidden
-    out = [Tensor(V * d, V, base_elt, False), Tensor(spec.final_norm_params(), spec.final_norm_params(), base_elt, False)]
+    root = [Tensor(spec.final_norm_params(), spec.final_norm_params(), base_elt)]
+    emb = [Tensor(V * d, V, base_elt)]
     if spec.max_positions:
-        out.append(Tensor(spec.max_positions * d, spec.max_positions, base_elt, False))
+        emb.append(Tensor(spec.max_positions * d, spec.max_positions, base_elt))
     if spec.head_params():
-        out.append(Tensor(spec.head_params(), V, base_elt, False))
-    if copies:
-        out.append(Tensor(copies, V, base_elt, False))
-    out += [Tensor(n, n, 4, True, True) for n in outside_lora]
-    out += [Tensor(n, V, base_elt, True) for n in saved]
-    return out
+        root.append(Tensor(spec.head_params(), V, base_elt))
+    if copies:  # a tied table trained in full: PEFT unties it, the copy is the head's
+        root.append(Tensor(copies, V, base_elt))
+    extra = [Tensor(n, n, 4, True, True) for n in outside_lora] + [Tensor(n, V, base_elt, True) for n in saved]
+    tied = spec.tied_embeddings and not copies
+    if tied:
+        return root + emb + extra, []
+    return root + extra, emb  # LoRA / saved tables counted with the root (either group: the same bytes)
 
 
 @dataclass
@@ -86,6 +95,7 @@ class RankShare:
     states_fraction: float  # of the whole optimizer states
     bucket: int = 0  # DDP's gradient buckets
     root_gathered: int = 0  # FSDP2: the root group unsharded (forward and backward)
+    embed_gathered: int = 0  # FSDP2: untied input embeddings, their own group (gathered for the lookup only)
     layer_gathered: int = 0  # FSDP2: the largest decoder layer unsharded (padded whole)
     layer_grads: int = 0  # FSDP2: a layer's trained gradients whole, before reduce-scatter
 
@@ -94,8 +104,8 @@ def fsdp_share(spec: ModelSpec, n: int, base_elt: int, adapters: list[dict[str, 
                outside_lora: list[int], saved: list[int], copies: int) -> RankShare:
     """One of ``n`` ranks' bytes under FSDP2 (LoRA: the base frozen, the adapter in fp32)."""
     layers = [layer_tensors(spec, base_elt, w, dora) for w in adapters]
-    root = root_tensors(spec, base_elt, outside_lora, saved, copies)
-    every = [t for ts in layers for t in ts] + root
+    root, emb = root_tensors(spec, base_elt, outside_lora, saved, copies)
+    every = [t for ts in layers for t in ts] + root + emb
     weights = sum(t.shard(n) * t.elt for t in every if not t.lora)  # modules_to_save tables included
     adapter = sum(t.shard(n) * t.elt for t in every if t.lora)
     grads = sum(t.shard(n) * t.elt for t in every if t.trained)
@@ -103,6 +113,7 @@ def fsdp_share(spec: ModelSpec, n: int, base_elt: int, adapters: list[dict[str, 
     layer_grads = max(sum(t.numel * t.elt for t in ts if t.trained) for ts in layers) if layers else 0
     return RankShare(weights=weights, adapter=adapter, grads=grads, states_fraction=1 / n,
                      root_gathered=sum(t.shard(n) * n * t.elt for t in root),
+                     embed_gathered=sum(t.shard(n) * n * t.elt for t in emb),
                      layer_gathered=max(gathered) if gathered else 0, layer_grads=layer_grads)
 
 
