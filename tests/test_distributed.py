@@ -194,3 +194,43 @@ def test_two_rank_resume_is_bitwise_identical(workdir, mode):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert [r["loss"] for r in metrics(workdir / f"resumed-{mode}")] == [r["loss"] for r in metrics(workdir / f"straight-{mode}")]
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_whole_job_then_resume_is_bitwise_identical(workdir):
+    """The whole 2-rank job (launcher, torchrun and both ranks) killed with SIGKILL as soon as a checkpoint past a
+    random step exists, then ``--resume``: the adapter and every step's loss end bitwise equal to an uninterrupted
+    2-rank run (CPU, fp32, DDP, dropout on)."""
+    import random
+    import signal
+    import time
+
+    kill_after = random.Random().choice([2, 4, 6])  # the checkpoint to wait for; printed if the test fails
+    common = dict(max_steps=10, save_steps=2, lora_dropout=0.1, val_set_size=0, eval_steps=None)
+    straight = run_2_ranks(workdir, config(workdir, "straight-kill", **common))
+    assert straight.returncode == 0, straight.stdout + straight.stderr
+    cfg = config(workdir, "killed", **common)
+    path = workdir / "killed.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "LORAFIT_DIST_TIMEOUT": "60"}
+    job = subprocess.Popen([sys.executable, "-m", "lorafit.cli", "train", str(path), "--nproc", "2"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    out, deadline = workdir / "killed", time.monotonic() + 240
+    try:
+        while not (out / f"checkpoint-{kill_after}").exists() and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)  # launcher, torchrun and every rank at once, wherever they are
+        job.wait()
+    assert job.returncode == -signal.SIGKILL, f"the job ended before the kill (kill_after={kill_after})"
+    assert not (out / "adapter_model.safetensors").exists(), f"the job finished first (kill_after={kill_after})"
+    again = run_2_ranks(workdir, cfg, "--resume")
+    assert again.returncode == 0, f"kill_after={kill_after}\n" + again.stdout + again.stderr
+    assert "resumed from" in again.stdout
+    a = load_file(workdir / "straight-kill" / "adapter_model.safetensors")
+    b = load_file(out / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} (kill_after={kill_after})"
+    assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(workdir / "straight-kill")]
