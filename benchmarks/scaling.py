@@ -144,13 +144,14 @@ def main() -> None:
         base.pop("adapter", None)
     print(f"{'run':<11} {'tokens/s':>9} {'peak RSS / rank':>16} {'tensors / rank':>15} {'estimate':>9} "
           f"{'params held / rank':>19} {'loss Δ':>8} {'adapter Δ':>9}   (MiB)")
-    for r in runs:
-        def each(key, fmt="{:.0f}"):
-            return " / ".join(fmt.format(k[key] / 2**20) for k in r["ranks"])
+    def each(r, key, fmt="{:.0f}"):
+        return " / ".join(fmt.format(k[key] / 2**20) for k in r["ranks"])
 
-        print(f"{r['name']:<11} {r['tokens_per_s']:>9.0f} {each('peak_rss_bytes'):>16} "
-              f"{each('tensor_peak_bytes', '{:.1f}'):>15} {r['ranks'][0]['estimate_bytes'] / 2**20:>9.1f} "
-              f"{each('held_param_bytes', '{:.1f}'):>19} {r['max_rel_loss_diff']:>8.1e} {r['max_rel_adapter_diff']:>9.1e}")
+    for r in runs:
+        print(f"{r['name']:<11} {r['tokens_per_s']:>9.0f} {each(r, 'peak_rss_bytes'):>16} "
+              f"{each(r, 'tensor_peak_bytes', '{:.1f}'):>15} {r['ranks'][0]['estimate_bytes'] / 2**20:>9.1f} "
+              f"{each(r, 'held_param_bytes', '{:.1f}'):>19} {r['max_rel_loss_diff']:>8.1e} "
+              f"{r['max_rel_adapter_diff']:>9.1e}")
     payload = {"command": " ".join(["python", "benchmarks/scaling.py", *sys.argv[1:]]), "args": vars(args),
                "runs": runs, "provenance": provenance(threads=1)}
     Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
