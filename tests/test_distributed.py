@@ -234,3 +234,22 @@ def test_kill_9_of_the_whole_job_then_resume_is_bitwise_identical(workdir):
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} (kill_after={kill_after})"
     assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(workdir / "straight-kill")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_measure_under_torchrun_reports_every_rank_near_the_estimate(workdir, tmp_path, fsdp):
+    """``torchrun -m lorafit measure``: each rank measures its own peak (MemTracker), rank 0 prints them all beside
+    the estimate per rank, within ±5%."""
+    cfg = config(workdir, "measured", **({"fsdp_version": 2} if fsdp else {}))
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                           "lorafit", "measure", str(path), "--steps", "2", "--json"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads(done.stdout[done.stdout.index("{"):])
+    assert [m["rank"] for m in report["measured"]] == [0, 1]
+    assert report["estimate"]["settings"]["nproc"] == 2 and report["estimate"]["settings"]["fsdp"] == fsdp
+    assert all(abs(e) <= 5 for e in report["error_pct"]), report["error_pct"]
