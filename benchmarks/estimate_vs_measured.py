@@ -178,7 +178,10 @@ def run_one(shape: str, settings: dict, steps: int, device: str) -> dict:
 
 
 def _print_row(i: int, row: dict) -> None:
-    desc = " ".join(f"{k}={v}" for k, v in row["settings"].items()).replace("method=", "").replace("dtype=", "")
+    settings = dict(row["settings"])
+    ranks = settings.pop("nproc", 1)
+    mode = f"{'FSDP2' if settings.pop('fsdp', False) else 'DDP'}×{ranks} " if ranks > 1 else ""
+    desc = mode + " ".join(f"{k}={v}" for k, v in settings.items()).replace("method=", "").replace("dtype=", "")
     print(f"{i:>2} {row['shape']:15} {desc[:70]:70} {row['estimate_bytes'] / 2**20:8.1f}M "
           f"{row['measured_bytes'] / 2**20:8.1f}M {row['error_pct']:+6.1f}%", flush=True)
 
