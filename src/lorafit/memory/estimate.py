@@ -18,6 +18,11 @@ them for backward (see :mod:`lorafit.memory.activations`). The step's peak is th
 * **optimizer step** — all gradients + optimizer states + the update's temporaries.
 
 Optimizer states exist from the first step on, so they are in all five moments of every later step.
+
+Under torchrun (``Settings.nproc`` > 1) the estimate is one rank's: DDP adds its gradient buckets to a whole
+replica; FSDP2 holds 1/N of the persistent parts and adds what is gathered at each moment, plus a sixth moment,
+the forward's start, when the root and the first group are gathered before any activation exists
+(:mod:`lorafit.memory.parallel`, :func:`_distributed`).
 """
 
 from __future__ import annotations
@@ -399,10 +404,11 @@ class _Distributed:
 def _distributed(spec: ModelSpec, s: Settings, adapters: act.Adapters, z: _Sizes) -> _Distributed:
     """DDP: the whole replica plus its gradient buckets, at every moment. FSDP2: 1/N of weights, adapter,
     gradients and states (``lorafit.memory.parallel``), plus what is gathered at each moment: the root group
-    from forward to the end of backward; each group's all-gather output until the next all-gather; in each
-    layer's backward that layer and the one before it (prefetched); a layer's whole gradients before their
-    reduce-scatter (and its input buffer) at the first layer's backward. A sixth moment, the forward's start,
-    holds the root and the first layer twice (parameters and all-gather buffers) before any activation."""
+    from forward to the end of backward; each group's all-gather output until the next group is copied out (so
+    the last layer's is still there at the loss); in backward the running layer and the prefetched one; a
+    layer's whole gradients before their reduce-scatter (and its input buffer) at the first layer's backward.
+    A sixth moment, the forward's start, holds the root and the next group (the untied embeddings, else the first
+    layer) twice each: parameters and all-gather buffers. Checked against torch's FSDPMemTracker on CPU (gloo)."""
     if s.nproc == 1 and not s.fsdp:
         return _Distributed(z)
     if not s.fsdp:
