@@ -90,6 +90,10 @@ def test_cli_estimate_per_rank(capsys, tmp_path):
     assert "per rank of 2 processes" in out and "FSDP2" in out and "FSDP2 unsharded" in out
     assert main(["estimate", "llama-3.1-8b", "--nproc", "2"]) == 0
     assert "DDP gradient buckets" in capsys.readouterr().out
+    assert main(["estimate", "llama-3.1-8b", "--nproc", "2", "--fsdp", "--compare"]) == 2
+    assert "--compare with FSDP2" in capsys.readouterr().err
+    assert main(["estimate", "llama-3.1-8b", "--nproc", "2", "--compare"]) == 0
+    capsys.readouterr()
     assert main(["estimate", "llama-3.1-8b", "--fsdp"]) == 2
     assert "--nproc N" in capsys.readouterr().err
     cfg = tmp_path / "c.yaml"

@@ -132,6 +132,9 @@ def cmd_estimate(args) -> int:
     spec = resolve_spec(model)
     gpu_name, gpu_bytes = _gpu(args)
     s = _settings(args, base, device)
+    if args.compare and s.fsdp:
+        raise LorafitError("--compare with FSDP2: lorafit shards LoRA only (full fine-tuning and QLoRA over FSDP2 "
+                           "are not supported yet); compare without --fsdp (DDP), or estimate LoRA alone")
     if args.compare:
         ests = [estimate(spec, replace(s, method="full", four_bit=None)),
                 estimate(spec, replace(s, method="lora", four_bit=None)), estimate(spec, replace(s, method="qlora"))]
