@@ -40,6 +40,7 @@ SRC = HERE.parent / "src"
 WORKER = r"""
 import json, os, resource, sys
 from dataclasses import replace
+from pathlib import Path
 import torch
 torch.set_num_threads(1)
 from lorafit.config import load_config
@@ -51,21 +52,23 @@ from lorafit.train import train
 from lorafit.train.distributed import held_fraction
 
 cfg = load_config(sys.argv[1])
-result = train(cfg)
-local, whole = held_fraction(result.model)
-dtype_bytes = next(result.model.parameters()).element_size()
 rank, nproc = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-out = {"rank": rank, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-       "held_param_bytes": local * dtype_bytes, "model_param_bytes": whole * dtype_bytes}
-del result
-# tensor memory of the same step, per rank: MemTracker over 2 steps of full-length batches (micro-batch x
-# sequence_len; the training rows are shorter), and the estimate per rank of that step
-spec = resolve_spec(cfg.base_model_path)
-s = replace(settings_from_config(cfg, "cpu", nproc=nproc), dtype="float32")
-m = every_rank(measure(spec, s, 2, model_name=cfg.base_model_path))[rank]
-out.update(tensor_peak_bytes=m.peak, estimate_bytes=estimate(spec, s).allocated_peak)
-Path = __import__("pathlib").Path
-Path(sys.argv[2], f"rank{rank}.json").write_text(json.dumps(out))
+report = Path(sys.argv[2], f"rank{rank}.json")
+if sys.argv[3] == "train":
+    result = train(cfg)
+    local, whole = held_fraction(result.model)
+    dtype_bytes = next(result.model.parameters()).element_size()
+    out = {"rank": rank, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+           "held_param_bytes": local * dtype_bytes, "model_param_bytes": whole * dtype_bytes}
+else:  # a launch of its own, so that its memory is not in the training processes' RSS
+    # tensor memory of the same step, per rank: MemTracker over 2 steps of full-length batches (micro-batch x
+    # sequence_len; the training rows are shorter), and the estimate per rank of that step
+    spec = resolve_spec(cfg.base_model_path)
+    s = replace(settings_from_config(cfg, "cpu", nproc=nproc), dtype="float32")
+    m = every_rank(measure(spec, s, 2, model_name=cfg.base_model_path))[rank]
+    out = {**json.loads(report.read_text()), "tensor_peak_bytes": m.peak,
+           "estimate_bytes": estimate(spec, s).allocated_peak}
+report.write_text(json.dumps(out))
 """
 
 
@@ -101,9 +104,11 @@ def run(folder: Path, name: str, nproc: int, micro: int, steps: int, fsdp: bool)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                      f"--nproc-per-node={nproc}"]
-    done = subprocess.run([*launcher, str(worker), str(path), str(report)], capture_output=True, text=True, env=env)
-    if done.returncode:
-        raise SystemExit(f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    for what in ("train", "measure"):
+        done = subprocess.run([*launcher, str(worker), str(path), str(report), what], capture_output=True, text=True,
+                              env=env)
+        if done.returncode:
+            raise SystemExit(f"{name} ({what}) failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     steps_rows = [r for r in rows if "loss" in r]
     ranks = [json.loads((report / f"rank{r}.json").read_text()) for r in range(nproc)]
