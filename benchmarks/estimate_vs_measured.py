@@ -12,6 +12,10 @@ the runtime options it was measured and estimated with (``--reestimate`` uses th
                                                                    # writes estimate_vs_measured_heldout.json
     .venv/bin/python benchmarks/estimate_vs_measured.py --rows qlora   # QLoRA and 8-bit AdamW rows (never
                                                                    # fitted), writes estimate_vs_measured_qlora.json
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/estimate_vs_measured.py --rows distributed   # DDP and FSDP2
+                                                                   # rows: one rank of 2 torchrun processes
+                                                                   # (gloo, one thread each), writes
+                                                                   # estimate_vs_measured_distributed.json
     .venv/bin/python benchmarks/estimate_vs_measured.py --quick    # 5 rows
     .venv/bin/python benchmarks/estimate_vs_measured.py --cuda     # on a GPU (see scripts/gpu_check.sh)
     .venv/bin/python benchmarks/estimate_vs_measured.py --reestimate   # rescore the JSON's measured peaks
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -125,6 +130,19 @@ QLORA_ROWS = [
     ("qwen2-small", dict(method="qlora", dtype="bfloat16", micro_batch=2, seq_len=256, r=16,
                          optimizer="paged_adamw_8bit")),
 ]
+# Under torchrun, 2 gloo processes on this CPU (one thread each): one rank's peak against the estimate per rank,
+# DDP (a replica + its gradient buckets) and FSDP2 (shards + the gathered root and layers), tied and untied heads,
+# fp32 and bf16, with and without checkpointing. Never fitted. `--rows distributed` writes
+# estimate_vs_measured_distributed.json.
+DISTRIBUTED_ROWS = [
+    (shape, dict(settings, nproc=2, fsdp=fsdp)) for shape, settings in [
+        ("llama-small", dict(method="lora", dtype="float32", micro_batch=2, seq_len=128, r=8)),
+        ("llama-tiny", dict(method="lora", dtype="bfloat16", micro_batch=2, seq_len=256, r=16)),
+        ("qwen2-small", dict(method="lora", dtype="float32", micro_batch=2, seq_len=128, r=8,
+                             gradient_checkpointing=True)),
+        ("h-llama-untied", dict(method="lora", dtype="float32", micro_batch=4, seq_len=128, r=8, targets=QV)),
+    ] for fsdp in (False, True)
+]
 # GPU rows (scripts/gpu_check.sh): the real Llama 3.2 1B shape, random weights.
 CUDA_ROWS = [
     ("llama-3.2-1b", dict(method="lora", dtype="bfloat16", micro_batch=2, seq_len=1024, r=16)),
@@ -138,7 +156,7 @@ CUDA_ROWS = [
 
 def run_one(shape: str, settings: dict, steps: int, device: str) -> dict:
     """In this process: measure and estimate one row."""
-    from lorafit.measure import measure
+    from lorafit.measure import every_rank, measure
     from lorafit.memory.estimate import Settings, estimate
     from lorafit.memory.spec import resolve_spec
 
@@ -147,15 +165,23 @@ def run_one(shape: str, settings: dict, steps: int, device: str) -> dict:
     s = Settings(**settings, device=device)
     t0 = time.perf_counter()
     m = measure(spec, s, steps, model_name="demo" if shape == "demo" else None, device=device)
+    ranks = every_rank(m)  # under torchrun: each rank's peak (the largest is the row's)
+    m = max(ranks, key=lambda r: r.peak)
     est = estimate(spec, replace(s, device="cpu"))  # tensor memory only, no CUDA overhead
-    return {"shape": shape, "settings": settings, "device": device, "estimate_bytes": est.allocated_peak,
-            "measured_bytes": m.peak, "error_pct": 100.0 * (est.allocated_peak - m.peak) / m.peak,
-            "peak_moment": est.peak_moment, "measured_by_kind": m.by_kind, "seconds": time.perf_counter() - t0,
-            "model": asdict(spec), "runtime": s.runtime.to_dict()}
+    row = {"shape": shape, "settings": settings, "device": device, "estimate_bytes": est.allocated_peak,
+           "measured_bytes": m.peak, "error_pct": 100.0 * (est.allocated_peak - m.peak) / m.peak,
+           "peak_moment": est.peak_moment, "measured_by_kind": m.by_kind, "seconds": time.perf_counter() - t0,
+           "model": asdict(spec), "runtime": s.runtime.to_dict()}
+    if len(ranks) > 1:
+        row["measured_by_rank"] = [r.peak for r in ranks]
+    return row
 
 
 def _print_row(i: int, row: dict) -> None:
-    desc = " ".join(f"{k}={v}" for k, v in row["settings"].items()).replace("method=", "").replace("dtype=", "")
+    settings = dict(row["settings"])
+    ranks = settings.pop("nproc", 1)
+    mode = f"{'FSDP2' if settings.pop('fsdp', False) else 'DDP'}×{ranks} " if ranks > 1 else ""
+    desc = mode + " ".join(f"{k}={v}" for k, v in settings.items()).replace("method=", "").replace("dtype=", "")
     print(f"{i:>2} {row['shape']:15} {desc[:70]:70} {row['estimate_bytes'] / 2**20:8.1f}M "
           f"{row['measured_bytes'] / 2**20:8.1f}M {row['error_pct']:+6.1f}%", flush=True)
 
@@ -194,9 +220,10 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--cuda", action="store_true")
     ap.add_argument("--rows", help="a split (fit | heldout) or comma-separated indices of fit rows")
-    ap.add_argument("--split", choices=["fit", "heldout", "qlora"], default="fit",
+    ap.add_argument("--split", choices=["fit", "heldout", "qlora", "distributed"], default="fit",
                     help="fit: the 22 rows the constants were calibrated on (default); heldout: rows never fitted; "
-                         "qlora: 4-bit bases and 8-bit optimizers (never fitted)")
+                         "qlora: 4-bit bases and 8-bit optimizers (never fitted); distributed: one rank of 2 "
+                         "torchrun processes, DDP and FSDP2 (never fitted)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", help="results JSON (default benchmarks/results/estimate_vs_measured[_cuda].json)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -204,9 +231,9 @@ def main() -> int:
                     help="recompute estimates and errors of the results JSON from its stored measured peaks")
     args = ap.parse_args()
     device = "cuda" if args.cuda else "cpu"
-    if args.rows in ("fit", "heldout", "qlora"):
+    if args.rows in ("fit", "heldout", "qlora", "distributed"):
         args.split, args.rows = args.rows, None
-    heldout = args.split in ("heldout", "qlora") and not args.cuda
+    heldout = args.split in ("heldout", "qlora", "distributed") and not args.cuda
     suffix = "_cuda" if args.cuda else f"_{args.split}" if heldout else ""
     default_name = f"estimate_vs_measured{suffix}.json"
     out = Path(args.out or ROOT / "benchmarks" / "results" / default_name)
@@ -214,15 +241,21 @@ def main() -> int:
         return reestimate(out)
     if args.one:
         shape, settings = json.loads(args.one)
-        print(json.dumps(run_one(shape, settings, args.steps, device)))
+        row = run_one(shape, settings, args.steps, device)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 prints the row, with every rank's peak
+            print(json.dumps(row))
         return 0
-    rows = CUDA_ROWS if args.cuda else (QLORA_ROWS if args.split == "qlora" else HELDOUT_ROWS) if heldout else ROWS
+    split_rows = {"qlora": QLORA_ROWS, "distributed": DISTRIBUTED_ROWS, "heldout": HELDOUT_ROWS}
+    rows = CUDA_ROWS if args.cuda else split_rows[args.split] if heldout else ROWS
     idx = [int(i) for i in args.rows.split(",")] if args.rows else QUICK if args.quick and not args.cuda and not heldout else range(len(rows))
     results = []
     print(f"{'#':>2} {'shape':15} {'settings':70} {'estimate':>9} {'measured':>9} {'error':>7}")
     for i in idx:
         shape, settings = rows[i]
-        cmd = [sys.executable, __file__, "--one", json.dumps([shape, settings]), "--steps", str(args.steps)]
+        nproc = settings.get("nproc", 1)
+        launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                         f"--nproc-per-node={nproc}"]
+        cmd = [*launcher, __file__, "--one", json.dumps([shape, settings]), "--steps", str(args.steps)]
         if args.cuda:
             cmd.append("--cuda")
         proc = subprocess.run(cmd, capture_output=True, text=True)

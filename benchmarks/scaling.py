@@ -5,8 +5,12 @@ Llama built here (no download): 1 process with micro-batch 2b, then 2 processes 
 with DDP, then with FSDP2. Per run it records
 
 - tokens/s: the median over the steps after the first two of the trained tokens of *all* ranks per second;
-- per rank: the peak resident memory of the process (``ru_maxrss``: whole process, torch's libraries included)
-  and the parameter bytes the rank holds (FSDP2 holds its shard; DDP and 1 process hold the whole model);
+- per rank: the peak resident memory of the process (``ru_maxrss``: whole process, torch's libraries, the
+  allocator's free lists and the load included) and the parameter bytes the rank holds (FSDP2 holds its shard;
+  DDP and 1 process hold the whole model);
+- per rank, tensors only: the peak of MemTracker over 2 steps of full-length batches (micro-batch ×
+  sequence_len; the training rows are shorter) on the same model, wrapped the same way, and lorafit's estimate
+  per rank of that step (``lorafit estimate --nproc N [--fsdp]``);
 - agreement: the largest relative difference of each step's loss and of the final adapter from the 1-process
   run (fp32, dropout 0: these should be ~1e-6, fp32 summation order).
 
@@ -35,21 +39,36 @@ SRC = HERE.parent / "src"
 
 WORKER = r"""
 import json, os, resource, sys
+from dataclasses import replace
+from pathlib import Path
 import torch
 torch.set_num_threads(1)
 from lorafit.config import load_config
+from lorafit.measure import every_rank, measure
+from lorafit.memory.estimate import estimate
+from lorafit.memory.settings import settings_from_config
+from lorafit.memory.spec import resolve_spec
 from lorafit.train import train
 from lorafit.train.distributed import held_fraction
 
 cfg = load_config(sys.argv[1])
-result = train(cfg)
-local, whole = held_fraction(result.model)
-dtype_bytes = next(result.model.parameters()).element_size()
-rank = int(os.environ.get("RANK", 0))
-out = {"rank": rank, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-       "held_param_bytes": local * dtype_bytes, "model_param_bytes": whole * dtype_bytes}
-Path = __import__("pathlib").Path
-Path(sys.argv[2], f"rank{rank}.json").write_text(json.dumps(out))
+rank, nproc = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+report = Path(sys.argv[2], f"rank{rank}.json")
+if sys.argv[3] == "train":
+    result = train(cfg)
+    local, whole = held_fraction(result.model)
+    dtype_bytes = next(result.model.parameters()).element_size()
+    out = {"rank": rank, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+           "held_param_bytes": local * dtype_bytes, "model_param_bytes": whole * dtype_bytes}
+else:  # a launch of its own, so that its memory is not in the training processes' RSS
+    # tensor memory of the same step, per rank: MemTracker over 2 steps of full-length batches (micro-batch x
+    # sequence_len; the training rows are shorter), and the estimate per rank of that step
+    spec = resolve_spec(cfg.base_model_path)
+    s = replace(settings_from_config(cfg, "cpu", nproc=nproc), dtype="float32")
+    m = every_rank(measure(spec, s, 2, model_name=cfg.base_model_path))[rank]
+    out = {**json.loads(report.read_text()), "tensor_peak_bytes": m.peak,
+           "estimate_bytes": estimate(spec, s).allocated_peak}
+report.write_text(json.dumps(out))
 """
 
 
@@ -85,9 +104,11 @@ def run(folder: Path, name: str, nproc: int, micro: int, steps: int, fsdp: bool)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                      f"--nproc-per-node={nproc}"]
-    done = subprocess.run([*launcher, str(worker), str(path), str(report)], capture_output=True, text=True, env=env)
-    if done.returncode:
-        raise SystemExit(f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    for what in ("train", "measure"):
+        done = subprocess.run([*launcher, str(worker), str(path), str(report), what], capture_output=True, text=True,
+                              env=env)
+        if done.returncode:
+            raise SystemExit(f"{name} ({what}) failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     steps_rows = [r for r in rows if "loss" in r]
     ranks = [json.loads((report / f"rank{r}.json").read_text()) for r in range(nproc)]
@@ -126,12 +147,15 @@ def main() -> None:
             r["max_rel_loss_diff"] = rel_diff(r["losses"], base["losses"])
             r["max_rel_adapter_diff"] = adapter_diff(r.pop("adapter"), base["adapter"]) if r is not base else 0.0
         base.pop("adapter", None)
-    print(f"{'run':<11} {'tokens/s':>9} {'peak RSS / rank (MiB)':>24} {'params held / rank (MiB)':>26} "
-          f"{'loss Δ':>8} {'adapter Δ':>9}")
+    print(f"{'run':<11} {'tokens/s':>9} {'peak RSS / rank':>16} {'tensors / rank':>15} {'estimate':>9} "
+          f"{'params held / rank':>19} {'loss Δ':>8} {'adapter Δ':>9}   (MiB)")
+    def each(r, key, fmt="{:.0f}"):
+        return " / ".join(fmt.format(k[key] / 2**20) for k in r["ranks"])
+
     for r in runs:
-        rss = " / ".join(f"{k['peak_rss_bytes'] / 2**20:.0f}" for k in r["ranks"])
-        held = " / ".join(f"{k['held_param_bytes'] / 2**20:.1f}" for k in r["ranks"])
-        print(f"{r['name']:<11} {r['tokens_per_s']:>9.0f} {rss:>24} {held:>26} {r['max_rel_loss_diff']:>8.1e} "
+        print(f"{r['name']:<11} {r['tokens_per_s']:>9.0f} {each(r, 'peak_rss_bytes'):>16} "
+              f"{each(r, 'tensor_peak_bytes', '{:.1f}'):>15} {r['ranks'][0]['estimate_bytes'] / 2**20:>9.1f} "
+              f"{each(r, 'held_param_bytes', '{:.1f}'):>19} {r['max_rel_loss_diff']:>8.1e} "
               f"{r['max_rel_adapter_diff']:>9.1e}")
     payload = {"command": " ".join(["python", "benchmarks/scaling.py", *sys.argv[1:]]), "args": vars(args),
                "runs": runs, "provenance": provenance(threads=1)}

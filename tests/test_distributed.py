@@ -215,3 +215,62 @@ def test_one_process_trains_on_the_gpu_when_there_is_one(monkeypatch):
     monkeypatch.setattr(model, "to", lambda device: moved.append(device) or model)
     distributed.wrap(model, world)
     assert moved == [world.device]
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_whole_job_then_resume_is_bitwise_identical(workdir):
+    """The whole 2-rank job (launcher, torchrun and both ranks) killed with SIGKILL as soon as a checkpoint past a
+    random step exists, then ``--resume``: the adapter and every step's loss end bitwise equal to an uninterrupted
+    2-rank run (CPU, fp32, DDP, dropout on)."""
+    import random
+    import signal
+    import time
+
+    kill_after = random.Random().choice([2, 4, 6])  # the checkpoint to wait for; printed if the test fails
+    common = dict(max_steps=10, save_steps=2, lora_dropout=0.1, val_set_size=0, eval_steps=None)
+    straight = run_2_ranks(workdir, config(workdir, "straight-kill", **common))
+    assert straight.returncode == 0, straight.stdout + straight.stderr
+    cfg = config(workdir, "killed", **common)
+    path = workdir / "killed.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "LORAFIT_DIST_TIMEOUT": "60"}
+    job = subprocess.Popen([sys.executable, "-m", "lorafit.cli", "train", str(path), "--nproc", "2"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    out, deadline = workdir / "killed", time.monotonic() + 240
+    try:
+        while not (out / f"checkpoint-{kill_after}").exists() and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)  # launcher, torchrun and every rank at once, wherever they are
+        job.wait()
+    assert job.returncode == -signal.SIGKILL, f"the job ended before the kill (kill_after={kill_after})"
+    assert not (out / "adapter_model.safetensors").exists(), f"the job finished first (kill_after={kill_after})"
+    again = run_2_ranks(workdir, cfg, "--resume")
+    assert again.returncode == 0, f"kill_after={kill_after}\n" + again.stdout + again.stderr
+    assert "resumed from" in again.stdout
+    a = load_file(workdir / "straight-kill" / "adapter_model.safetensors")
+    b = load_file(out / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} (kill_after={kill_after})"
+    assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(workdir / "straight-kill")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_measure_under_torchrun_reports_every_rank_near_the_estimate(workdir, tmp_path, fsdp):
+    """``torchrun -m lorafit measure``: each rank measures its own peak (MemTracker), rank 0 prints them all beside
+    the estimate per rank, within ±5%."""
+    cfg = config(workdir, "measured", **({"fsdp_version": 2} if fsdp else {}))
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                           "lorafit", "measure", str(path), "--steps", "2", "--json"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads(done.stdout[done.stdout.index("{"):])
+    assert [m["rank"] for m in report["measured"]] == [0, 1]
+    assert report["estimate"]["settings"]["nproc"] == 2 and report["estimate"]["settings"]["fsdp"] == fsdp
+    assert all(abs(e) <= 5 for e in report["error_pct"]), report["error_pct"]

@@ -61,10 +61,23 @@ class _NoHook:
 
 def skip_frozen_grad_hooks(tracker, model: torch.nn.Module) -> None:
     """MemTracker hooks every parameter's gradient, and a frozen one (a LoRA base) cannot take a hook: mark them
-    as hooked already (MemTracker's private ``_param_to_grad_hook_handles``; without it, nothing to do)."""
+    as hooked already (MemTracker's private ``_param_to_grad_hook_handles``; without it, nothing to do). FSDP2
+    swaps in new unsharded parameters at each forward, so the table also answers "hooked" for any frozen
+    parameter it meets later."""
     handles = getattr(tracker, "_param_to_grad_hook_handles", None)
     if handles is None:
         return
+    if type(handles).__name__ != "_FrozenHooked":
+        class _FrozenHooked(type(handles)):
+            def get(self, key, default=None):
+                if isinstance(key, torch.Tensor) and not key.requires_grad:
+                    return (_NoHook(), _NoHook())
+                return super().get(key, default)
+
+        try:
+            handles.__class__ = _FrozenHooked
+        except TypeError:  # a table type that cannot be subclassed in place: mark the current ones only
+            pass
     for p in model.parameters():
         if not p.requires_grad:
             handles[p] = (_NoHook(), _NoHook())

@@ -25,6 +25,7 @@ class Measured:
     device: str = "cpu"
     steps: int = 0
     losses: list[float] = field(default_factory=list)
+    rank: int = 0  # under torchrun, the rank this peak is of
 
 
 def hf_config(spec: ModelSpec):
@@ -106,8 +107,9 @@ def _batch(vocab: int, s: Settings, seed: int) -> dict:
     return batch
 
 
-def _step_fn(model, s: Settings):
-    """One optimizer step with the trainer's code (or a plain HF-loss step for peer comparison)."""
+def _step_fn(model, s: Settings, world=None, loss_module=None):
+    """One optimizer step with the trainer's code (or a plain HF-loss step for peer comparison). Under torchrun,
+    ``world`` and ``loss_module`` (DDP / FSDP2 around the model, :func:`lorafit.train.distributed.wrap`)."""
     from lorafit.train import train_step
     from lorafit.train.optim import build_optimizer, build_scheduler
 
@@ -125,21 +127,35 @@ def _step_fn(model, s: Settings):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             return loss
-        return train_step(model, optimizer, scheduler, [batch], 1.0, s.loss_chunk_tokens)["loss"]
+        return train_step(model, optimizer, scheduler, [batch], 1.0, s.loss_chunk_tokens, world=world,
+                          loss_module=loss_module)["loss"]
 
     return step, optimizer
 
 
 def measure(spec: ModelSpec, s: Settings, steps: int = 3, model_name: str | None = None,
             device: str | None = None) -> Measured:
-    """Run ``steps`` training steps and return the peak tensor memory (bytes) over all of them."""
+    """Run ``steps`` training steps and return the peak tensor memory (bytes) over all of them.
+
+    Under torchrun (``s.nproc`` > 1, the launch's world size) every rank builds the same model, wraps it as the
+    trainer does (DDP, or FSDP2 when ``s.fsdp``), takes its own batches and measures its own peak: this rank's.
+    """
+    from lorafit.train.distributed import init_world, wrap
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(spec, s, model_name)
+    world = init_world(fsdp=s.fsdp) if s.nproc > 1 else None
+    if world is not None and world.world_size != s.nproc:
+        from lorafit.errors import LorafitError
+
+        raise LorafitError(f"measure: the settings say {s.nproc} processes, torchrun started {world.world_size}")
+    model = build_model(spec, s, model_name)  # the same seed on every rank: equal parameters, as FSDP2 needs
     vocab = model.get_input_embeddings().weight.shape[0]
     if device == "cuda":
-        model.to("cuda")
-    step, optimizer = _step_fn(model, s)
-    batches = [_batch(vocab, s, i) for i in range(steps)]
+        model.to(world.device if world else "cuda")
+    loss_module = wrap(model, world) if world is not None else None
+    step, optimizer = _step_fn(model, s, world, loss_module)
+    rank, size = (world.rank, world.world_size) if world else (0, 1)
+    batches = [_batch(vocab, s, i * size + rank) for i in range(steps)]  # each rank its own batches
     losses = []
     if device == "cuda":
         batches = [{k: v.cuda() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
@@ -148,7 +164,8 @@ def measure(spec: ModelSpec, s: Settings, steps: int = 3, model_name: str | None
         for b in batches:
             losses.append(step(b))
         torch.cuda.synchronize()
-        result = Measured(torch.cuda.max_memory_allocated(), {}, "cuda", steps, losses)
+        result = Measured(torch.cuda.max_memory_allocated(world.device if world else None), {}, "cuda", steps,
+                          losses)
     else:
         from lorafit._compat import mem_tracker, skip_frozen_grad_hooks
 
@@ -157,10 +174,11 @@ def measure(spec: ModelSpec, s: Settings, steps: int = 3, model_name: str | None
         # their ``.grad`` alive into the following steps: 2 × tokens × hidden × dtype per past step that training
         # without a tracker never allocates.
         dev: dict = {}
+        tracked = loss_module if loss_module is not None else model
         for b in batches:
             mt = mem_tracker()
-            skip_frozen_grad_hooks(mt, model)  # frozen parameters (a LoRA base) cannot take a gradient hook
-            mt.track_external(model, optimizer)  # parameters and the optimizer states made by earlier steps
+            skip_frozen_grad_hooks(mt, tracked)  # frozen parameters (a LoRA base) cannot take a gradient hook
+            mt.track_external(tracked, optimizer)  # parameters and the optimizer states made by earlier steps
             with mt:
                 losses.append(step(b))
             snap = mt.get_tracker_snapshot("peak")
@@ -171,9 +189,23 @@ def measure(spec: ModelSpec, s: Settings, steps: int = 3, model_name: str | None
             gc.collect()
         by_kind = {str(getattr(k, "value", k)): int(v) for k, v in dev.items()}
         result = Measured(int(by_kind.get("Total", 0)), by_kind, "cpu", steps, losses)
-    del model, optimizer, step
+    result.rank = rank
+    del model, optimizer, step, loss_module
     gc.collect()
     return result
+
+
+def every_rank(m: Measured) -> list[Measured]:
+    """Each rank's measurement, in rank order, on every rank (under torchrun; else ``[m]``). Ends the process
+    group: call it once, after :func:`measure`."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [m]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, m)
+    dist.destroy_process_group()
+    return out
 
 
 def compare(spec: ModelSpec, s: Settings, steps: int = 3, model_name: str | None = None) -> tuple[Estimate, Measured, float]:

@@ -37,6 +37,10 @@ def _add_setting_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--loss", choices=["chunked", "hf"], help="chunked (lorafit, default) or hf (full logits, as PEFT runs)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="N processes (torchrun ranks, one device each): the estimate is one rank's (DDP by default)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="with --nproc: FSDP2 (weights, adapter, gradients and optimizer states sharded 1/N)")
 
 
 def register(sub) -> None:
@@ -81,6 +85,17 @@ def _settings(args, base: Settings | None = None, device: str = "cuda") -> Setti
     if isinstance(t, str) and t != "all-linear" and all(p.strip().isidentifier() for p in t.split(",")):
         kw["targets"] = [p.strip() for p in t.split(",")]  # names; anything else stays a regex
     kw["device"] = device
+    nproc = getattr(args, "nproc", None)
+    if nproc is not None and (not isinstance(nproc, int) or nproc < 1):
+        raise LorafitError(f"--nproc: got {nproc}, must be an integer >= 1")
+    if getattr(args, "fsdp", False):
+        if (nproc or (base.nproc if base else 1)) < 2:
+            raise LorafitError("--fsdp: FSDP2 shards across processes; give --nproc N with N >= 2")
+        kw["fsdp"] = True
+    if nproc is not None:
+        kw["nproc"] = nproc
+        if nproc == 1:
+            kw["fsdp"] = False
     if kw.get("method") in ("lora", "full"):
         kw["four_bit"] = None  # --method lora over a qlora config: a dense base
     return replace(base, **kw) if base is not None else Settings(**kw)
@@ -108,12 +123,19 @@ def cmd_estimate(args) -> int:
         from lorafit.config import load_config
 
         cfg = load_config(args.config)
-        base, model = settings_from_config(cfg, device), model or cfg.base_model_path
+        if cfg.fsdp_enabled and not args.nproc:
+            raise LorafitError(f"{args.config}: fsdp keys set (FSDP2 shards over several processes); give --nproc N "
+                               "for one rank's estimate")
+        base = settings_from_config(cfg, device, nproc=args.nproc or 1)
+        model = model or cfg.base_model_path
     if not model:
         raise LorafitError("estimate: give a MODEL (e.g. llama-3.1-8b) or --config FILE")
     spec = resolve_spec(model)
     gpu_name, gpu_bytes = _gpu(args)
     s = _settings(args, base, device)
+    if args.compare and s.fsdp:
+        raise LorafitError("--compare with FSDP2: lorafit shards LoRA only (full fine-tuning and QLoRA over FSDP2 "
+                           "are not supported yet); compare without --fsdp (DDP), or estimate LoRA alone")
     if args.compare:
         ests = [estimate(spec, replace(s, method="full", four_bit=None)),
                 estimate(spec, replace(s, method="lora", four_bit=None)), estimate(spec, replace(s, method="qlora"))]
@@ -148,6 +170,12 @@ def print_estimates(console: Console, ests: list[Estimate], gpu_name=None, gpu_b
     console.print(f"[bold]{e0.spec.name}[/]: {e0.params['total'] / 1e9:.2f}B params | {s.dtype}{matmuls} | micro-batch "
                   f"{s.micro_batch} × {s.seq_len} tokens | {s.optimizer} | gradient checkpointing "
                   f"{'on' if s.gradient_checkpointing else 'off'} | loss {s.loss} | target {s.device}")
+    if s.nproc > 1 or s.fsdp:
+        how = ("FSDP2: weights, adapter, gradients and optimizer states sharded 1/N per decoder layer; the root "
+               "group and the running layers gathered whole" if s.fsdp else
+               "DDP: a whole replica on each rank, plus its gradient buckets")
+        console.print(f"[bold]per rank[/] of {s.nproc} processes (each on its own device; micro-batch is per rank) — "
+                      f"{how}", highlight=False)
     table = Table(show_header=True, header_style="bold")
     table.add_column("component")
     for e in ests:
@@ -175,7 +203,9 @@ def print_estimates(console: Console, ests: list[Estimate], gpu_name=None, gpu_b
             diff = gpu_bytes - e.total
             verdict = "[green]fits[/]" if diff >= 0 else "[red]does not fit[/]"
             word = "free" if diff >= 0 else "short"
-            console.print(f"  on {gpu_name} ({gpu_bytes / GiB:.1f} GiB): {verdict} — {abs(diff) / GiB:.2f} GiB {word}")
+            each = " each" if e.settings.nproc > 1 else ""
+            console.print(f"  on {gpu_name}{each} ({gpu_bytes / GiB:.1f} GiB): {verdict} — {abs(diff) / GiB:.2f} GiB "
+                          f"{word}{' per rank' if each else ''}")
 
 
 def _cell(c) -> str:
@@ -217,6 +247,9 @@ def cmd_plan(args) -> int:
         fix = "give a file name" if out.is_dir() else "choose another name with -o, or pass --force to replace it"
         raise LorafitError(f"{out}: {what}; {fix}")
     s = _settings(args)
+    if args.effective_batch % s.nproc:
+        raise LorafitError(f"--effective-batch {args.effective_batch} is not a multiple of --nproc {s.nproc}: each "
+                           "rank takes an equal share of every optimizer step")
     plan = search(spec, s, gpu_bytes, args.effective_batch, args.allow_shorter_seq, args.margin)
     if not plan.fits:
         console.print(f"[red]nothing fits[/] {spec.name} on {gpu_name} ({gpu_bytes / GiB:.1f} GiB, "
@@ -232,7 +265,11 @@ def cmd_plan(args) -> int:
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, out)
     print_estimates(console, [plan.estimate], gpu_name, gpu_bytes)
-    console.print(f"wrote {out} (micro-batch {plan.micro_batch} × {plan.grad_accum} accumulation steps)")
+    ranks = f" × {s.nproc} ranks" if s.nproc > 1 else ""
+    console.print(f"wrote {out} (micro-batch {plan.micro_batch} × {plan.grad_accum} accumulation steps{ranks})")
+    if s.nproc > 1:
+        console.print(f"train it on {s.nproc} devices: `lorafit train {out} --nproc {s.nproc}` (or torchrun "
+                      f"--nproc-per-node {s.nproc} -m lorafit train {out})")
     console.print(f"before `lorafit train {out}`: set datasets" + (f", and base_model ({note})" if note else ""))
     return 0
 
@@ -255,30 +292,38 @@ def cmd_measure(args) -> int:
     import torch
 
     from lorafit.config import load_config
-    from lorafit.measure import measure
+    from lorafit.measure import every_rank, measure
     from lorafit.models import train_dtype
 
     cfg = load_config(args.config)
     spec = resolve_spec(cfg.base_model_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    s = replace(settings_from_config(cfg, device), dtype=train_dtype(cfg))  # what training here picks
+    nproc = int(os.environ.get("WORLD_SIZE", "1") or 1)  # under torchrun: every rank measures its own peak
+    s = replace(settings_from_config(cfg, device, nproc=nproc), dtype=train_dtype(cfg))  # what training here picks
     real = None if args.random_weights else cfg.base_model_path
     if real is not None and real not in DEMO_ALIASES and not Path(real).exists():
         real = None
-    m = measure(spec, s, args.steps, model_name=real, device=device)
+    ranks = every_rank(measure(spec, s, args.steps, model_name=real, device=device))
+    if int(os.environ.get("RANK", "0") or 0):
+        return 0  # rank 0 speaks for the job, with every rank's peak
     est = estimate(spec, s)
-    rows = _measure_rows(est, m)
-    err = 100.0 * (est.allocated_peak - m.peak) / m.peak
+    errs = [100.0 * (est.allocated_peak - m.peak) / m.peak for m in ranks]
     if args.json:
-        print(json.dumps({"estimate": est.to_dict(), "measured": {"peak": m.peak, "by_kind": m.by_kind,
-                          "device": m.device, "losses": m.losses}, "error_pct": err}, indent=2))
+        print(json.dumps({"estimate": est.to_dict(), "measured": [
+            {"rank": m.rank, "peak": m.peak, "by_kind": m.by_kind, "device": m.device, "losses": m.losses}
+            for m in ranks], "error_pct": errs if nproc > 1 else errs[0]}, indent=2))
         return 0
-    t = Table("component", "estimate (MiB)", "measured (MiB)", title=f"{spec.name}: {args.steps} steps on {m.device}")
-    for name, e_b, m_b in rows:
-        t.add_row(name, f"{e_b / 2**20:.1f}", "-" if m_b is None else f"{m_b / 2**20:.1f}")
-    t.add_row("[bold]peak (tensors)[/]", f"{est.allocated_peak / 2**20:.1f}", f"{m.peak / 2**20:.1f}")
-    Console().print(t)
-    Console().print(f"error {err:+.1f}% of the measured peak (estimate's peak moment: {est.peak_moment})")
+    what = f" per rank of {nproc} ({'FSDP2' if s.fsdp else 'DDP'})" if nproc > 1 else ""
+    for m, err in zip(ranks, errs, strict=True):
+        rows = _measure_rows(est, m)
+        head = f"rank {m.rank}: " if nproc > 1 else ""
+        t = Table("component", "estimate (MiB)", "measured (MiB)",
+                  title=f"{head}{spec.name}: {args.steps} steps on {m.device}{what}")
+        for name, e_b, m_b in rows:
+            t.add_row(name, f"{e_b / 2**20:.1f}", "-" if m_b is None else f"{m_b / 2**20:.1f}")
+        t.add_row("[bold]peak (tensors)[/]", f"{est.allocated_peak / 2**20:.1f}", f"{m.peak / 2**20:.1f}")
+        Console().print(t)
+        Console().print(f"{head}error {err:+.1f}% of the measured peak (estimate's peak moment: {est.peak_moment})")
     return 0
 
 
@@ -287,6 +332,9 @@ def _measure_rows(est: Estimate, m) -> list[tuple[str, int, int | None]]:
     k = m.by_kind
     weights = c["weights"] + sum(v for n, v in c.items() if n.startswith("trainable"))
     acts = c["activations"] + c["logits/loss"] + c["temporary peak"]
+    # made during the step (MemTracker files FSDP2's gathered copies and DDP's buckets under several kinds:
+    # compare the peaks, not these rows, under torchrun)
+    acts += c.get("FSDP2 unsharded (root + layers)", 0) + c.get("DDP gradient buckets", 0)
     if not k:
         return [("weights", weights, None), ("gradients", c["gradients"], None),
                 ("optimizer states", c["optimizer states"], None), ("activations + temporaries", acts, None)]

@@ -18,6 +18,11 @@ them for backward (see :mod:`lorafit.memory.activations`). The step's peak is th
 * **optimizer step** — all gradients + optimizer states + the update's temporaries.
 
 Optimizer states exist from the first step on, so they are in all five moments of every later step.
+
+Under torchrun (``Settings.nproc`` > 1) the estimate is one rank's: DDP adds its gradient buckets to a whole
+replica; FSDP2 holds 1/N of the persistent parts and adds what is gathered at each moment, plus a sixth moment,
+the forward's start, when the root and the first group are gathered before any activation exists
+(:mod:`lorafit.memory.parallel`, :func:`_distributed`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from lorafit import targets as targets_rule
 from lorafit.config import OPTIMIZERS
 from lorafit.errors import LorafitError
 from lorafit.memory import activations as act
+from lorafit.memory import parallel as par
 from lorafit.memory.spec import HEAD, ModelSpec
 from lorafit.options import RuntimeOptions
 
@@ -77,6 +83,8 @@ class Settings:
     loss: str = "chunked"  # "chunked" (lorafit) | "hf" (plain transformers loss: full logits)
     loss_chunk_tokens: int | None = None  # None: lorafit's default for the vocabulary
     device: str = "cuda"  # "cuda" adds context/allocator overhead; "cpu" adds none
+    nproc: int = 1  # processes (ranks) training together; the estimate is then one rank's
+    fsdp: bool = False  # FSDP2 (shards per decoder layer) rather than DDP (a full replica per rank)
     # How the kernels run (compiled or not; bf16 matmuls on fp32 copies on a CPU): the rules of training.
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions.resolve)
 
@@ -96,7 +104,7 @@ class Settings:
         self.optimizer = str(self.optimizer).lower()
         if self.optimizer not in OPTIMIZERS:
             raise LorafitError(f"optimizer: got {self.optimizer!r}, use one of: {', '.join(OPTIMIZERS)}")
-        for name in ("micro_batch", "seq_len", "r"):
+        for name in ("micro_batch", "seq_len", "r", "nproc"):
             _check_positive(name.replace("_", "-"), getattr(self, name))
         if self.seq_len < 2:
             raise LorafitError(f"seq-len: got {self.seq_len}, must be at least 2 (one token predicts the next)")
@@ -118,6 +126,12 @@ class Settings:
         self.modules_to_save = list(self.modules_to_save) if self.modules_to_save else None
         for key, value in self.rank_pattern.items():
             _check_positive(f"rank_pattern[{key!r}]", value)
+        self.fsdp = bool(self.fsdp)
+        if self.fsdp and self.four_bit:
+            raise LorafitError("fsdp: QLoRA (a 4-bit base) over FSDP2 is not supported yet; use LoRA with FSDP2, "
+                               "or QLoRA with DDP")
+        if self.fsdp and self.method != "lora":
+            raise LorafitError("fsdp: full fine-tuning over FSDP2 is not supported yet; use LoRA with FSDP2")
         if isinstance(self.runtime, dict):  # from to_dict(), e.g. a stored benchmark row
             self.runtime = RuntimeOptions(**self.runtime)
 
@@ -364,10 +378,13 @@ def _trainable_tensors(spec: ModelSpec, s: Settings, adapters: act.Adapters) -> 
 
 
 def estimate(spec: ModelSpec, settings: Settings) -> Estimate:
+    """The peak of one training step; under ``settings.nproc`` > 1 (or FSDP2), one rank's peak."""
     s = settings
     adapters = lora_targets(spec, s)
     z = _sizes(spec, s, adapters)
-    acts = act.activations(spec, s, adapters)
+    dist = _distributed(spec, s, adapters, z)
+    z = dist.sizes
+    acts = act.activations(spec, s, adapters)  # of this rank's micro-batch: activations are never sharded
     loss = act.loss_buffers(spec, s)
     bw_first = act.backward_temporaries(spec, s, adapters)
     head_grad = loss.head_grad  # full FT: the head/embedding gradient the chunked loss builds in forward
@@ -383,11 +400,74 @@ def estimate(spec: ModelSpec, settings: Settings) -> Estimate:
         "backward end": z.persistent + z.grads + max(act.embedding_backward(spec, s), acts.resident_end),
         "optimizer step": z.persistent + z.grads,
     }
+    if "forward start" in dist.extra:  # FSDP2's first all-gathers: before any activation exists
+        moments["forward start"] = z.persistent
+    moments = {k: v + dist.extra.get(k, 0) for k, v in moments.items()}
     moment = max(moments, key=moments.get)
-    comps = _components(spec, s, adapters, z, moment, moments[moment], acts, loss, bw_first)
+    comps = _components(spec, s, adapters, z, moment, moments[moment], acts, loss, bw_first, dist)
     return Estimate(spec=spec, settings=s, components=comps, peak_moment=moment, moments=moments,
                     activation_per_layer=acts.per_layer,
                     params={"total": z.params, "trainable": z.trainable, "adapter": z.adapter})
+
+
+@dataclass
+class _Distributed:
+    """One rank's persistent sizes and what the strategy adds at each moment (nothing for one process)."""
+
+    sizes: _Sizes
+    extra: dict[str, int] = field(default_factory=dict)
+    name: str = ""
+    formula: dict[str, str] = field(default_factory=dict)
+
+
+def _distributed(spec: ModelSpec, s: Settings, adapters: act.Adapters, z: _Sizes) -> _Distributed:
+    """DDP: the whole replica plus its gradient buckets, at every moment. FSDP2: 1/N of weights, adapter,
+    gradients and states (``lorafit.memory.parallel``), plus what is gathered at each moment: the root group
+    from forward to the end of backward; each group's all-gather output until the next group is copied out (so
+    the last layer's is still there at the loss); in backward the running layer and the prefetched one; a
+    layer's whole gradients before their reduce-scatter (and its input buffer) at the first layer's backward.
+    A sixth moment, the forward's start, holds the root and the next group (the untied embeddings, else the first
+    layer) twice each: parameters and all-gather buffers. Checked against torch's FSDPMemTracker on CPU (gloo)."""
+    if s.nproc == 1 and not s.fsdp:
+        return _Distributed(z)
+    if not s.fsdp:
+        bucket = par.ddp_bucket_bytes(z.grads)
+        why = (f"DDP's gradient buckets (bucket_cap_mb {par.DDP_BUCKET_CAP_MB}): a flat copy of the "
+               f"{z.trainable:,} trainable parameters' gradients, kept all run")
+        return _Distributed(z, {k: bucket for k in _MOMENTS}, "DDP gradient buckets", {k: why for k in _MOMENTS})
+    n = s.nproc
+    out_lora, saved, copies = outside_blocks(spec, s)
+    share = par.fsdp_share(spec, n, s.bytes, adapters, s.use_dora, out_lora, saved, copies)
+    e = s.bytes
+    adapter_shard, saved_shard = share.adapter // 4, (share.grads - share.adapter) // max(e, 1)
+    states = z.n_states * (adapter_shard * z.state_elt + saved_shard * e)
+    if s.optimizer_kind.endswith("8bit"):
+        states = -(-z.states // n)
+    sizes = _Sizes(z.params, z.adapter, z.trainable, share.weights, share.adapter, share.grads, states, z.n_states,
+                   z.state_elt)
+    root, layer = share.root_gathered, share.layer_gathered
+    # FSDP2 keeps a group's all-gather output until the next all-gather (its copy-out into the unsharded
+    # parameters must finish first): one more gathered group beside those in use, at every moment
+    emb = share.embed_gathered  # untied embeddings: their own group, the first after the root
+    first = emb or layer
+    start = max(2 * root + 2 * first, root + emb + 2 * layer if emb else 0)
+    extra = {"forward start": start, "loss": root + layer, "loss backward": root + 2 * layer,
+             "backward start": root + 2 * layer, "backward end": root + 2 * layer + 2 * share.layer_grads,
+             "optimizer step": 0}
+    r, ly = f"root group unsharded {root / GiB:.3f} GiB", f"a decoder layer gathered {layer / GiB:.3f} GiB"
+    first_what = f"the embeddings' group {emb / GiB:.3f} GiB" if emb else ly
+    formula = {"forward start": f"2 × {r} (its parameters + the all-gather buffer, kept until the next "
+                                f"group's copy-out) + 2 × {first_what} (the next group's, likewise)",
+               "loss": f"{r} + {ly} (the last layer's all-gather buffer, kept until the next all-gather)",
+               "loss backward": f"{r} + 2 × {ly} (the last layer, prefetched by the root's backward: parameters "
+                                "+ all-gather buffer)",
+               "backward start": f"{r} + 2 × {ly} (current + prefetched; measured: no third copy)",
+               "backward end": f"{r} + 2 × {ly} + its whole gradients and their reduce-scatter buffer",
+               "optimizer step": "nothing unsharded (resharded after backward)"}
+    return _Distributed(sizes, extra, "FSDP2 unsharded (root + layers)", formula)
+
+
+_MOMENTS = ("loss", "loss backward", "backward start", "backward end", "optimizer step")
 
 
 def _overhead(s: Settings, peak_alloc: int) -> tuple[int, str]:
@@ -399,15 +479,17 @@ def _overhead(s: Settings, peak_alloc: int) -> tuple[int, str]:
 
 
 def _components(spec, s: Settings, adapters, z: _Sizes, moment: str, peak_alloc: int, acts, loss,
-                bw_first) -> list[Component]:
+                bw_first, dist: _Distributed) -> list[Component]:
     """Each part of the step at the peak ``moment`` (and whole), with its formula."""
     e, lora = s.bytes, s.method == "lora"
-    grads_at = {"loss": loss.head_grad, "loss backward": 0, "backward start": loss.head_grad}.get(moment, z.grads)
+    grads_at = {"loss": loss.head_grad, "loss backward": 0, "backward start": loss.head_grad,
+                "forward start": 0}.get(moment, z.grads)
     emb_last = act.embedding_backward(spec, s) > acts.resident_end  # the embedding's gradient is the later peak
     acts_at = {"loss": acts.total, "loss backward": acts.total, "backward start": acts.total,
                "backward end": 0 if emb_last else acts.resident_end}.get(moment, 0)
     loss_at = loss.total if moment == "loss" else 0
-    temp_at = peak_alloc - z.persistent - grads_at - acts_at - loss_at
+    dist_at = dist.extra.get(moment, 0)
+    temp_at = peak_alloc - z.persistent - grads_at - acts_at - loss_at - dist_at
     overhead, overhead_formula = _overhead(s, peak_alloc)
     name = ("trainable weights (LoRA A, B" + (", DoRA magnitude)" if s.use_dora else ")")) if lora \
         else "trainable weights"
@@ -417,8 +499,9 @@ def _components(spec, s: Settings, adapters, z: _Sizes, moment: str, peak_alloc:
                    if s.method == "full" else ""),
                 "backward start": bw_first.formula,
                 "backward end": "last layer's backward temporaries + embedding gradient",
-                "optimizer step": "no temporaries (fused AdamW / SGD)"}[moment]
-    return [
+                "optimizer step": "no temporaries (fused AdamW / SGD)",
+                "forward start": "none (the first all-gathers, before any activation)"}[moment]
+    comps = [
         Component("weights", z.weights, z.weights, f"{z.params:,} params × {e} B ({s.dtype})" if not s.four_bit else
                   f"decoder linears in 4 bits ({s.four_bit}{', double quant' if s.double_quant else ''}: codes + "
                   f"absmax + statistics), the rest × {e} B ({s.dtype})"),
@@ -442,8 +525,13 @@ def _components(spec, s: Settings, adapters, z: _Sizes, moment: str, peak_alloc:
         Component("activations", acts.total, acts_at, acts.formula),
         Component("logits/loss", loss.total, loss_at, loss.formula),
         Component("temporary peak", max(temp_at, 0), temp_at, f"at the {moment}: {temp_why}"),
+        *([Component(dist.name, max(dist.extra.values()), dist_at, dist.formula[moment])] if dist.name else []),
         Component("framework overhead", overhead, overhead, overhead_formula),
     ]
+    if s.fsdp:  # the persistent parts are this rank's shards
+        for c in comps[:4]:
+            c.formula += f"; this rank's shard: 1/{s.nproc} (FSDP2, dim 0 padded to a multiple of {s.nproc})"
+    return comps
 
 
 def _adapter_formula(spec: ModelSpec, s: Settings, adapters: act.Adapters, adapter: int) -> str:

@@ -3,7 +3,9 @@
 Search order (first fit wins): full sequence length before shorter ones (only with ``allow_shorter_seq``);
 the user's rank and target set before smaller ones (quality); no gradient checkpointing before checkpointing
 (checkpointing recomputes the forward, ~30% slower); then the largest micro-batch that divides the effective
-batch (gradient accumulation keeps the effective batch). When LoRA fits nowhere, the same search runs over a
+batch (gradient accumulation keeps the effective batch). Over N processes (``Settings.nproc``) the memory is one
+rank's and the effective batch is split over the ranks; when a whole replica (DDP) fits nowhere, the same search
+runs under FSDP2 (each device holds 1/N of the weights). When LoRA fits nowhere, the same search runs over a
 4-bit NF4 base (QLoRA: slower steps, the dequantization, but a quarter of the weights' memory).
 """
 
@@ -48,13 +50,31 @@ def _target_sets(spec: ModelSpec, first):
 
 def search(spec: ModelSpec, base: Settings, gpu_bytes: int, effective_batch: int = 8,
            allow_shorter_seq: bool = False, margin: float = SAFETY_MARGIN, min_seq: int = 256) -> Plan:
+    """The first setting that fits ``gpu_bytes`` (per device; with ``base.nproc`` > 1, per rank). Over several
+    processes the search goes DDP (a whole replica per device), then FSDP2 (1/N of the weights per device),
+    then QLoRA; on one, LoRA then QLoRA."""
     plan = _search(spec, base, gpu_bytes, effective_batch, allow_shorter_seq, margin, min_seq)
-    if plan.fits or base.method != "lora" or base.four_bit:
+    if plan.fits or base.method != "lora":
         return plan
-    q = _search(spec, replace(base, four_bit="nf4"), gpu_bytes, effective_batch, allow_shorter_seq, margin, min_seq)
-    q.tried += plan.tried
+    tried = plan.tried
+    if base.nproc > 1 and not base.fsdp and not base.four_bit:
+        f = _search(spec, replace(base, fsdp=True), gpu_bytes, effective_batch, allow_shorter_seq, margin, min_seq)
+        f.tried += tried
+        tried = f.tried
+        if f.fits:
+            whole = plan.closest.total / 1024**3
+            f.note = (f"one device cannot hold a whole replica (DDP needs at least {whole:.1f} GiB per device); "
+                      f"FSDP2 over {base.nproc} processes shards the weights, adapter, gradients and optimizer "
+                      f"states 1/{base.nproc} per device and fits")
+            return f
+    if base.four_bit:
+        return plan
+    q = _search(spec, replace(base, four_bit="nf4", fsdp=False), gpu_bytes, effective_batch, allow_shorter_seq,
+                margin, min_seq)
+    q.tried += tried
     if q.fits:
-        q.note = "LoRA on a 16-bit base fits no setting; QLoRA (a 4-bit NF4 base) does"
+        q.note = ("LoRA on a 16-bit base fits no setting" + (" (DDP or FSDP2)" if base.nproc > 1 else "")
+                  + "; QLoRA (a 4-bit NF4 base) does")
     return q
 
 
@@ -67,7 +87,8 @@ def _search(spec: ModelSpec, base: Settings, gpu_bytes: int, effective_batch: in
         while s >= min_seq:
             seqs.append(s)
             s //= 2
-    micro = [m for m in range(effective_batch, 0, -1) if effective_batch % m == 0]
+    per_rank = effective_batch // base.nproc  # each optimizer step: micro-batch × accumulation × ranks
+    micro = [m for m in range(per_rank, 0, -1) if per_rank % m == 0]
     if base.method == "lora":
         ranks = [base.r] + [r for r in (16, 8, 4) if r < base.r]
         quality = [(r, t) for t in _target_sets(spec, base.targets) for r in ranks]
@@ -84,7 +105,7 @@ def _search(spec: ModelSpec, base: Settings, gpu_bytes: int, effective_batch: in
                     if best is None or est.total < best.total:
                         best = est
                     if est.total <= budget:
-                        return Plan(est, budget, gpu_bytes, mb, effective_batch // mb, tried)
+                        return Plan(est, budget, gpu_bytes, mb, per_rank // mb, tried)
     return Plan(None, budget, gpu_bytes, 0, 0, tried, closest=best, reason=_why(best, budget))
 
 
@@ -105,7 +126,8 @@ def to_yaml(plan: Plan, base_model: str, effective_batch: int, base_model_note: 
     s = plan.estimate.settings
     lines = [
         f"# Written by `lorafit plan`: estimated peak {plan.estimate.total / 1024**3:.2f} GiB of "
-        f"{plan.gpu_bytes / 1024**3:.2f} GiB (budget {plan.budget / 1024**3:.2f} GiB with safety margin).",
+        f"{plan.gpu_bytes / 1024**3:.2f} GiB (budget {plan.budget / 1024**3:.2f} GiB with safety margin)"
+        + (f" per rank of {s.nproc}; run it with `lorafit train CONFIG --nproc {s.nproc}`." if s.nproc > 1 else "."),
         f"base_model: {json.dumps(base_model)}" + (f"  # {base_model_note}" if base_model_note else ""),
         f"adapter: {('qlora' if s.four_bit else 'lora') if s.method == 'lora' else 'none'}",
     ]
@@ -124,11 +146,13 @@ def to_yaml(plan: Plan, base_model: str, effective_batch: int, base_model_note: 
             lines.append("lora_target_modules:" + "".join(f"\n  - {t}" for t in s.targets))
         if s.layers_to_transform is not None:
             lines.append(f"lora_layers_to_transform: {json.dumps(s.layers_to_transform)}")
+    if s.fsdp:  # axolotl's spelling; lorafit shards with FSDP2 (fully_shard per decoder layer, then the root)
+        lines += ["fsdp_version: 2", "fsdp_config:", "  reshard_after_forward: true"]
     lines += [
         f"sequence_len: {s.seq_len}",
         f"sample_packing: {'true' if s.packing else 'false'}",
         f"micro_batch_size: {s.micro_batch}",
-        f"gradient_accumulation_steps: {effective_batch // s.micro_batch}",
+        f"gradient_accumulation_steps: {effective_batch // (s.micro_batch * s.nproc)}",
         f"gradient_checkpointing: {'true' if s.gradient_checkpointing else 'false'}",
         f"bf16: {'true' if s.dtype == 'bfloat16' else 'false'}",
         f"optimizer: {axolotl_optimizer(s.optimizer)}",

@@ -15,15 +15,19 @@ if TYPE_CHECKING:
     from lorafit.config import TrainConfig
 
 
-def settings_from_config(cfg: TrainConfig, device: str, runtime: RuntimeOptions | None = None) -> Settings:
+def settings_from_config(cfg: TrainConfig, device: str, runtime: RuntimeOptions | None = None,
+                         nproc: int = 1) -> Settings:
     """Settings of one training step of ``cfg`` on ``device`` ("cuda" or "cpu"). ``bf16: auto`` is bfloat16 on
     a GPU target (the estimate is for one that has it) and float32 on a CPU, as training decides it; the
-    kernels' options are the config's (the environment as a fallback) unless ``runtime`` is given."""
+    kernels' options are the config's (the environment as a fallback) unless ``runtime`` is given. ``nproc``:
+    the ranks torchrun starts; then the settings are one rank's, FSDP2 when the config sets axolotl's fsdp keys
+    (``fsdp_version: 2`` / ``fsdp:`` / ``fsdp_config:``), DDP otherwise."""
     kw = dict(method="lora" if cfg.is_lora else "full", dtype=cfg.dtype_for(device == "cuda"),
               micro_batch=1 if cfg.micro_batch_size == "auto" else cfg.micro_batch_size, seq_len=cfg.sequence_len,
               gradient_checkpointing=bool(cfg.gradient_checkpointing),
               offload_checkpoints=cfg.gradient_checkpointing == "offload", packing=bool(cfg.sample_packing),
-              optimizer=cfg.optimizer, loss_chunk_tokens=cfg.loss_chunk_tokens)
+              optimizer=cfg.optimizer, loss_chunk_tokens=cfg.loss_chunk_tokens, nproc=nproc,
+              fsdp=bool(cfg.fsdp_enabled) and nproc > 1)  # one process is never sharded
     if cfg.is_lora:
         kw.update(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets,
                   layers_to_transform=cfg.lora_layers_to_transform, use_dora=bool(cfg.peft_use_dora),

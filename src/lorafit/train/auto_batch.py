@@ -8,6 +8,7 @@ what the device has free: CUDA's free memory, or the memory the OS reports avail
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -47,7 +48,9 @@ def resolve_auto_batch(cfg, dtype: str) -> str | None:
 
 
 def _settings(cfg, device: str, dtype: str):
-    return replace(settings_from_config(cfg, device), dtype=dtype)
+    # under torchrun, one rank's share (DDP's replica and buckets, or FSDP2's shards)
+    nproc = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return replace(settings_from_config(cfg, device, nproc=nproc), dtype=dtype)
 
 
 def memory_budget(max_memory, device: str) -> tuple[int, str]:

@@ -9,7 +9,8 @@ is what the recipe needs around them:
 - :class:`LossModule` — the model and its chunked loss as *one* module, so DDP's and FSDP2's forward hooks run
   around the whole computation (the loss reads the head's weight outside ``model.forward``);
 - :func:`wrap` — DDP, or FSDP2 with one group per decoder layer (its frozen base and LoRA parameters
-  together) and the root (embeddings, final norm, head) as its own group;
+  together), untied input embeddings as a group of their own, and the root (final norm, head, the embeddings
+  when tied) as its own group;
 - sums across ranks (token counts, losses) and the whole adapter gathered for rank 0 to write.
 
 The loss of a step is normalised by the *global* number of trained tokens (all ranks, all accumulation steps),
@@ -163,6 +164,22 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     raise LorafitError(f"fsdp: cannot find the decoder layers of {type(model).__name__} to shard")
 
 
+def separate_embeddings(model: nn.Module) -> nn.Module | None:
+    """The input embeddings as an FSDP2 group of their own, when they share no parameter with the head.
+
+    The root stays gathered from the start of the forward to the end of the backward (FSDP2 does not reshard
+    it), and its all-gather buffer lives until the next all-gather: with the embeddings in it, a rank would
+    hold the whole table (often most of a small model) twice at the start of every step. On their own they are
+    gathered for the lookup and resharded at once; a frozen table is not gathered again in backward. A table
+    tied to the head stays in the root (the chunked loss reads the head's weight outside its module)."""
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    if emb is None or head is None:
+        return None
+    shared = {id(p) for p in emb.parameters()} & {id(p) for p in head.parameters()}
+    return None if shared else emb
+
+
 def wrap(model: nn.Module, world: World, reshard_after_forward: bool = True) -> nn.Module:
     """The module the step calls: ``model`` itself for one process, else DDP or FSDP2 around its loss.
 
@@ -178,7 +195,10 @@ def wrap(model: nn.Module, world: World, reshard_after_forward: bool = True) -> 
 
         for layer in decoder_layers(model):
             fully_shard(layer, reshard_after_forward=reshard_after_forward)
-        fully_shard(loss_module)  # the root: embeddings, final norm, head
+        embeddings = separate_embeddings(model)
+        if embeddings is not None:  # gathered for its lookup only, not for the whole step with the root
+            fully_shard(embeddings, reshard_after_forward=True)
+        fully_shard(loss_module)  # the root: final norm, head (and the embeddings when tied to it)
         return loss_module
     # the buffers (rotary tables) are equal on every rank: no broadcast before each forward (torch 2.13 renamed it)
     import inspect
