@@ -224,6 +224,16 @@ def test_adapters_go_both_ways_with_the_same_logits(pair, tmp_path):
         torch.testing.assert_close(mine(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
 
 
+def test_parameter_count_is_the_weights_not_the_packed_bytes(pair):
+    """The header's count of a 4-bit model: PEFT's (a 4-bit parameter stands for twice its stored elements)."""
+    from lorafit.lora.inject import count_parameters
+
+    ours, peft_model, _ = with_same_adapters(copy.deepcopy(pair["ours"]), copy.deepcopy(pair["theirs"]))
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    count = count_parameters(ours)
+    assert (count.trainable, count.total) == (trainable, total)
+
+
 # ---- merging ----------------------------------------------------------------------------------------------
 def test_merge_writes_dequantized_base_plus_update(pair):
     ours, _, _ = with_same_adapters(copy.deepcopy(pair["ours"]), copy.deepcopy(pair["theirs"]), b_std=0.05)

@@ -8,6 +8,7 @@ layers wrapped and ``model.lora_config`` set.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -295,6 +296,15 @@ def count_parameters(model: nn.Module) -> ParameterCount:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        n = _logical_numel(p)
+        total += n
+        trainable += n if p.requires_grad else 0
     return ParameterCount(trainable, total)
+
+
+def _logical_numel(p) -> int:
+    """Elements of the weight a parameter stands for: a 4-bit one packs two (or more) per stored element, and its
+    quantization state knows the real shape (PEFT counts it the same way)."""
+    state = getattr(p, "quant_state", None)
+    shape = getattr(state, "shape", None)
+    return math.prod(shape) if shape is not None else p.numel()

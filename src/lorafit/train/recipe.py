@@ -233,7 +233,7 @@ class Recipe:
     def print_header(self) -> None:
         cfg = self.cfg
         method = "LoRA" if cfg.is_lora else "full fine-tuning"
-        if cfg.four_bit:  # QLoRA: the 4-bit weights count as their packed bytes' elements in the total below
+        if cfg.four_bit:  # QLoRA
             method = f"QLoRA ({cfg.four_bit['quant_type']} base)"
         self.console.print(
             f"{method} | {count_parameters(self.model)} | dtype {str(self.model.dtype).removeprefix('torch.')} "
