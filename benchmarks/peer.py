@@ -95,7 +95,8 @@ def parse_args(argv=None):
     p.add_argument("--configs", help="comma-separated configuration names (default: all for the device)")
     p.add_argument("--peers", default=",".join(PEERS), help="PEFT peers to run: peft-loop,peft-trainer")
     p.add_argument("--with-step", action="store_true",
-                   help="also run lorafit-step (train_step in a bare loop): what the recipe around it costs")
+                   help="also run lorafit-step (train_step in a bare loop) in the LoRA configurations: what the recipe "
+                        "around it costs")
     p.add_argument("--planned-steps", type=int, default=100,
                    help="max_steps of the lorafit config: the run a user plans (compile_kernels: auto decides from "
                         "it); every run stops after its own steps (default 100)")
@@ -176,7 +177,7 @@ def plan(args, configs: dict) -> list[dict]:
     runs = []
     for name, cfg in configs.items():
         impls = ["lorafit", "peft-loop"] if cfg.get("exact") else \
-            ["lorafit", *(["lorafit-step"] if args.with_step else []), *peers]
+            ["lorafit", *(["lorafit-step"] if args.with_step and cfg.get("adapter", "lora") == "lora" else []), *peers]
         for rep in range(1 if cfg.get("exact") else args.repeats):
             for impl in impls if rep % 2 == 0 else impls[::-1]:
                 runs.append({**base_spec(args, name, cfg, impl), "repeat": rep})
