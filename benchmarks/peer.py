@@ -1,25 +1,42 @@
 """lorafit vs PEFT, side by side: tokens/s, peak memory and loss on the same model, data, seed and settings.
 
-    .venv/bin/python benchmarks/peer.py                 # all CPU configurations (~25-35 min on a quiet 2-core box)
-    .venv/bin/python benchmarks/peer.py --quick         # smoke run: small shape, few steps (~2 min)
+    .venv/bin/python benchmarks/peer.py                 # all CPU configurations (~1 h on a quiet 2-core box)
+    .venv/bin/python benchmarks/peer.py --quick         # smoke run: 4-layer shape, few steps (~15 min)
     .venv/bin/python benchmarks/peer.py --profile       # torch.profiler of one step, lorafit and PEFT (1 thread)
     .venv/bin/python benchmarks/peer.py --device cuda   # Llama-3.2-1B shape, torch.cuda.max_memory_allocated
 
+What is timed. lorafit: ``lorafit train`` itself — the :class:`lorafit.train.recipe.Recipe` of a YAML config
+written for the run (the random-weight model saved as an HF folder, a completion-format JSONL, the settings
+below), with its data pipeline, masks, gradient clipping, metrics log and progress; a step's time is one turn of
+the recipe's loop. ``compile_kernels`` is left unset, as a user gets it (``auto``), and the config plans
+``--planned-steps`` (100) steps as a user's run would — ``auto`` decides from that — while every run stops after
+its own steps (``--compile-kernels`` overrides). ``--with-step`` adds ``lorafit-step``: the same model, optimizer
+and batches through ``train_step`` in a bare loop, to show what the recipe around it costs. PEFT: a plain
+PyTorch loop (forward with labels, backward, clipping, ``AdamW.step``) and ``transformers.Trainer``, each on the
+same saved model and the very token batches lorafit's data pipeline makes of the same file (``peer_worker``).
+
 Every (configuration, implementation) runs in its own process (``peer_worker.py``), lorafit and its peers
-alternating (order reversed on every other repeat so drift does not favour one side). Peers: PEFT in a plain
-PyTorch loop and PEFT under ``transformers.Trainer``; lorafit's ratios are against the *faster* peer.
-Settings (from issue 5): LoRA r=16, alpha 16, dropout 0.05, all linear layers, batch 4 × 256 tokens, every
-token trained, AdamW lr 1e-4 without weight decay, gradient clipping 1.0, random-weight model of the given
-shape (seed 0), random token ids. Memory: ``MemTracker`` peak of one extra step after the timed ones (tensor
-bytes, split by kind); RSS high-water over the timed steps (VmHWM reset before them); ``ru_maxrss`` of the
-whole process (includes building the model). The ``exact`` check: dropout 0, fp32, the first 20 steps of
-lorafit and the PEFT loop from the same adapter — the per-step losses must agree to 1e-5 relative, and the
-adapters after the steps: each module's ``B @ A`` to 1e-3 and each matrix's update (trained minus initial
-weights) to 3e-3 relative (Frobenius norm of the difference over PEFT's). Both are printed. A wrong update
-breaks the weight bounds (a learning rate 1% off moves both by ~1e-2): ``--exact-lr-scale 1.01`` shows it.
-Every results file records its provenance (``benchmarks/provenance.py``: commit, CPU and flags, threads,
-versions, lorafit's runtime options). Writes ``benchmarks/results/peer.json`` (``peer_cuda.json`` on CUDA, ``peer_profile.json`` for
-``--profile``).
+alternating (order reversed on every other repeat so drift does not favour one side). lorafit's ratios are
+against the *faster* peer. Settings (from issue 5): LoRA r=16, alpha 16, dropout 0.05, all linear layers, batch
+4 × 256 tokens (every row full length, every token but the first trained), AdamW lr 1e-4 without weight decay,
+constant schedule, gradient clipping 1.0, random-weight model of the given shape (seed 0). Adapters: LoRA;
+QLoRA (``*-qlora-*``: the base's linear layers NF4 with double quantization — lorafit ``adapter: qlora`` with
+``load_in_4bit``, PEFT over ``transformers`` + ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=<the run's dtype>)`` with ``device_map={"": "cpu"}``;
+PEFT's ``prepare_model_for_kbit_training`` is not called: it would upcast the other weights to fp32 and turn on
+checkpointing); DoRA (``*-dora-*``: ``peft_use_dora`` / ``use_dora=True``). Time: wall seconds per timed step
+and, beside them, the process's CPU seconds per step (on a machine shared with other work the wall time
+measures the share of the CPU a run got as much as the run). Memory: ``MemTracker`` peak of one extra step
+after the timed ones (tensor bytes, split by kind); RSS high-water over the timed steps (VmHWM reset before
+them); ``ru_maxrss`` of the whole process (includes building the model). The ``exact*`` checks: dropout 0,
+fp32, the first 20 steps of lorafit and the PEFT loop from the same adapter — the per-step losses must agree
+to 1e-5 relative, and the adapters after the steps: each module's ``B @ A`` to 1e-3 and each matrix's update
+(trained minus initial weights) to 3e-3 relative (Frobenius norm of the difference over PEFT's). Both are
+printed. A wrong update breaks the weight bounds (a learning rate 1% off moves both by ~1e-2):
+``--exact-lr-scale 1.01`` shows it. Every results file records its provenance (``benchmarks/provenance.py``:
+commit, CPU and flags, threads, versions, lorafit's runtime options) and the load average at the start and
+end of each run. Writes ``benchmarks/results/peer.json`` (``peer_cuda.json`` on CUDA, ``peer_profile.json`` for
+``--profile``) after every run, so a run cut short keeps what finished.
 """
 
 from __future__ import annotations

@@ -413,7 +413,8 @@ def run_lorafit(spec, device, rec: Recorder):
                 row = out["row"]
             else:
                 row = super().step(group)
-            rec.losses.append(row["loss"])
+            if i < n_timed_end:  # as in the loops: the losses of the warm-up and timed steps
+                rec.losses.append(row["loss"])
             return row
 
         def finish(self):
