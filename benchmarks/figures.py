@@ -192,7 +192,19 @@ def peer_block() -> str:
             cpu = f", CPU time {v['step_cpu_s']:.2f}×" if v.get("step_cpu_s") else ""
             out += ["", f"{key}: a step of `lorafit train` (the recipe: data, clipping, metrics, progress) against "
                         f"`train_step` in a bare loop on the same batches: wall time {v['step_s']:.2f}×{cpu}."]
-    for key, e in s.items():
+    out += exact_lines(d)
+    if (RESULTS / "peer_exact.json").is_file():  # exactness checks run on their own
+        x = load("peer_exact.json")
+        out += ["", provenance_line(x, "peer_exact.json").rstrip("\n") + f" <sub>Load average {_load(x.get('machine') or {})}."
+                "</sub>"]
+        out += exact_lines(x)
+    return "\n".join(out) + "\n"
+
+
+def exact_lines(d: dict) -> list[str]:
+    """One sentence per exactness run of a peer.py results file."""
+    out = []
+    for key, e in d["summary"].items():
         if "exact" not in e:
             continue
         ex = e["exact"]
@@ -209,7 +221,7 @@ def peer_block() -> str:
                     f"tokens over the time of all {ex['steps']} steps, the first (compiling) step included: lorafit "
                     f"{lf['tokens_per_s']:.0f} tok/s, PEFT's loop {pl['tokens_per_s']:.0f}, "
                     f"{lf['tokens_per_s'] / pl['tokens_per_s']:.2f}×."]
-    return "\n".join(out) + "\n"
+    return out
 
 
 def _load(m: dict) -> str:
@@ -297,7 +309,7 @@ def axolotl_keys_block() -> str:
 
 BLOCKS: dict[str, tuple[Callable[[], str], str]] = {
     "estimator-figures": (estimator_block, "estimate_vs_measured.json, estimate_vs_measured_heldout.json"),
-    "peer-figures": (peer_block, "peer.json"),
+    "peer-figures": (peer_block, "peer.json, peer_exact.json"),
     "half-matmul-figures": (half_matmul_block, "half_matmul.json"),
     "profile-figures": (profile_block, "peer_profile_135m-fp32.json, peer_profile_135m-bf16.json"),
     "claims-figures": (claims_block, "claims.json"),

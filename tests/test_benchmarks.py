@@ -129,6 +129,7 @@ def test_peer_worker_writes_a_lorafit_config_and_takes_its_batches(tmp_path, dem
         worker.pipeline_batches({**spec, "seq": 4096}, 1)
 
 
+@pytest.mark.slow  # two worker runs with PEFT: ~80 s on a busy 2-core machine
 def test_peer_worker_times_the_recipe_and_matches_the_peft_loop(tmp_path, demo_tokenizer):
     """The recipe-timed lorafit run and the PEFT loop, dropout 0, on the same batches: same losses; the timed
     steps and the memory step are where peer.py expects them."""
