@@ -174,8 +174,8 @@ def peer_block() -> str:
            "of the timed steps / their wall time; CPU time: the same over the process's CPU seconds (less "
            "disturbed by other work on a shared machine).</sub>", "",
            "| config | lorafit tok/s | faster PEFT tok/s | speed × | speed × (CPU time) | "
-           "peak tensor memory × (MemTracker) | process RSS × |",
-           "|---|---|---|---|---|---|---|"]
+           "peak tensor memory × (MemTracker) | process RSS × | load average (lorafit / PEFT run) |",
+           "|---|---|---|---|---|---|---|---|"]
     for key, label in PEER_CONFIGS:
         if key not in s or "faster_peer" not in s[key]:
             continue
@@ -185,7 +185,8 @@ def peer_block() -> str:
         out.append(f"| {label} | {c['impls']['lorafit']['tokens_per_s']:.0f} | "
                    f"{c['impls'][peer]['tokens_per_s']:.0f} ({PEER_NAMES.get(peer, peer)}) | "
                    f"{_ratio(r['tokens_per_s'])} | {_ratio(r.get('tokens_per_cpu_s'))} | "
-                   f"{_ratio(r['memtracker_peak'])} | {_ratio(r['rss_timed_peak'])} |")
+                   f"{_ratio(r['memtracker_peak'])} | {_ratio(r['rss_timed_peak'])} | "
+                   f"{_run_load(c['impls']['lorafit'])} / {_run_load(c['impls'][peer])} |")
     for key, c in s.items():
         v = c.get("recipe_vs_step")
         if v:
@@ -193,11 +194,6 @@ def peer_block() -> str:
             out += ["", f"{key}: a step of `lorafit train` (the recipe: data, clipping, metrics, progress) against "
                         f"`train_step` in a bare loop on the same batches: wall time {v['step_s']:.2f}×{cpu}."]
     out += exact_lines(d)
-    if (RESULTS / "peer_exact.json").is_file():  # exactness checks run on their own
-        x = load("peer_exact.json")
-        out += ["", provenance_line(x, "peer_exact.json").rstrip("\n") + f" <sub>Load average {_load(x.get('machine') or {})}."
-                "</sub>"]
-        out += exact_lines(x)
     return "\n".join(out) + "\n"
 
 
@@ -222,6 +218,12 @@ def exact_lines(d: dict) -> list[str]:
                     f"{lf['tokens_per_s']:.0f} tok/s, PEFT's loop {pl['tokens_per_s']:.0f}, "
                     f"{lf['tokens_per_s'] / pl['tokens_per_s']:.2f}×."]
     return out
+
+
+def _run_load(row: dict) -> str:
+    """The 1-minute load average when a configuration's run(s) of one implementation started."""
+    loads = [x for x in row.get("loadavg_1m") or [] if x is not None]
+    return ", ".join(f"{x:.1f}" for x in loads) if loads else NR
 
 
 def _load(m: dict) -> str:
@@ -309,7 +311,7 @@ def axolotl_keys_block() -> str:
 
 BLOCKS: dict[str, tuple[Callable[[], str], str]] = {
     "estimator-figures": (estimator_block, "estimate_vs_measured.json, estimate_vs_measured_heldout.json"),
-    "peer-figures": (peer_block, "peer.json, peer_exact.json"),
+    "peer-figures": (peer_block, "peer.json"),
     "half-matmul-figures": (half_matmul_block, "half_matmul.json"),
     "profile-figures": (profile_block, "peer_profile_135m-fp32.json, peer_profile_135m-bf16.json"),
     "claims-figures": (claims_block, "claims.json"),
