@@ -150,39 +150,87 @@ def estimator_block() -> str:
 
 
 PEER_CONFIGS = [("135m-fp32", "fp32"), ("135m-bf16", "bf16"), ("135m-fp32-gc", "fp32, gradient checkpointing"),
-                ("135m-bf16-gc", "bf16, gradient checkpointing"), ("135m-4layers-fp32", "fp32, 4 layers")]
+                ("135m-bf16-gc", "bf16, gradient checkpointing"), ("135m-4layers-fp32", "fp32, 4 layers"),
+                ("135m-qlora-fp32", "QLoRA (NF4 base), fp32"), ("135m-qlora-bf16", "QLoRA (NF4 base), bf16"),
+                ("135m-dora-fp32", "DoRA, fp32")]
 PEER_NAMES = {"peft-loop": "loop", "peft-trainer": "Trainer"}
+
+
+def _ratio(x) -> str:
+    return f"{x:.2f}×" if x else "–"
 
 
 def peer_block() -> str:
     d = load("peer.json")
     a, s = d.get("args") or {}, d["summary"]
+    m = d.get("machine") or {}
+    done = f" ({m['runs_done']} of {m['runs_planned']} runs finished)" if m.get("runs_done", 0) < m.get(
+        "runs_planned", 0) else ""
     out = [provenance_line(d, "peer.json", "python benchmarks/peer.py --threads 2 --repeats 2").rstrip("\n"),
-           f"<sub>Recorded arguments: {a.get('repeats', NR)} repeats, {a.get('warmup', NR)} untimed + "
-           f"{a.get('steps', NR)} timed steps, batch {a.get('batch', NR)}, dropout {a.get('dropout', NR)}; "
-           f"whole run {d.get('machine', {}).get('wall_s', 0) / 60:.0f} min. tok/s: the median over the repeats of "
-           "each run's tokens of the timed steps / their time.</sub>", "",
-           "| config | lorafit tok/s | faster PEFT tok/s | speed × | peak tensor memory × (MemTracker) | process RSS × |",
-           "|---|---|---|---|---|---|"]
+           f"<sub>Recorded arguments: {a.get('repeats', NR)} repeat(s), {a.get('warmup', NR)} untimed + "
+           f"{a.get('steps', NR)} timed steps, batch {a.get('batch', NR)}, dropout {a.get('dropout', NR)}, "
+           f"{a.get('threads', NR)} thread(s) per run; load average {_load(m)}; whole run "
+           f"{m.get('wall_s', 0) / 60:.0f} min{done}. tok/s: the median over the repeats of each run's tokens "
+           "of the timed steps / their wall time; CPU time: the same over the process's CPU seconds (less "
+           "disturbed by other work on a shared machine).</sub>", "",
+           "| config | lorafit tok/s | faster PEFT tok/s | speed × | speed × (CPU time) | "
+           "peak tensor memory × (MemTracker) | process RSS × | load average (lorafit / PEFT run) |",
+           "|---|---|---|---|---|---|---|---|"]
     for key, label in PEER_CONFIGS:
-        if key not in s:
+        if key not in s or "faster_peer" not in s[key]:
             continue
         c = s[key]
         peer = c["faster_peer"]
         r = c["ratios"]
         out.append(f"| {label} | {c['impls']['lorafit']['tokens_per_s']:.0f} | "
                    f"{c['impls'][peer]['tokens_per_s']:.0f} ({PEER_NAMES.get(peer, peer)}) | "
-                   f"{r['tokens_per_s']:.2f}× | {r['memtracker_peak']:.2f}× | {r['rss_timed_peak']:.2f}× |")
-    e = s.get("exact")
-    if e:
+                   f"{_ratio(r['tokens_per_s'])} | {_ratio(r.get('tokens_per_cpu_s'))} | "
+                   f"{_ratio(r['memtracker_peak'])} | {_ratio(r['rss_timed_peak'])} | "
+                   f"{_run_load(c['impls']['lorafit'])} / {_run_load(c['impls'][peer])} |")
+    for key, c in s.items():
+        v = c.get("recipe_vs_step")
+        if v:
+            cpu = f", CPU time {v['step_cpu_s']:.2f}×" if v.get("step_cpu_s") else ""
+            out += ["", f"{key}: a step of `lorafit train` (the recipe: data, clipping, metrics, progress) against "
+                        f"`train_step` in a bare loop on the same batches: wall time {v['step_s']:.2f}×{cpu}."]
+    out += exact_lines(d)
+    return "\n".join(out) + "\n"
+
+
+def exact_lines(d: dict) -> list[str]:
+    """One sentence per exactness run of a peer.py results file."""
+    out = []
+    for key, e in d["summary"].items():
+        if "exact" not in e:
+            continue
         ex = e["exact"]
         lf, pl = e["impls"]["lorafit"], e["impls"]["peft-loop"]
-        out += ["", f"Exactness run (fp32, dropout 0, {ex['steps']} steps from the first, one run each side): losses "
-                    f"agree to {ex['max_rel_diff']:.1e} relative (bound {ex['rtol']:g}). Its speed is tokens over the "
-                    f"time of all {ex['steps']} steps, the first (compiling) step included: lorafit "
+        adapter = next((r["spec"].get("adapter", "lora") for r in d.get("runs", []) if r["spec"]["config"] == key),
+                       "lora")
+        w = ex.get("weights") or {}
+        weights = (f"; adapters after the steps: B @ A within {w['max_delta_rel']:.1e}, updates within "
+                   f"{w['max_update_rel']:.1e} relative (bounds {ex['delta_rtol']:g}, {ex['update_rtol']:g})"
+                   if "max_update_rel" in w else "")
+        out += ["", f"Exactness run `{key}` ({adapter}, fp32, dropout 0, {ex['steps']} steps from the first, one run "
+                    f"each side): losses agree to {ex['max_rel_diff']:.1e} relative (bound {ex['rtol']:g}){weights}: "
+                    f"{'passed' if ex.get('passed', ex['max_rel_diff'] <= ex['rtol']) else 'FAILED'}. Its speed is "
+                    f"tokens over the time of all {ex['steps']} steps, the first (compiling) step included: lorafit "
                     f"{lf['tokens_per_s']:.0f} tok/s, PEFT's loop {pl['tokens_per_s']:.0f}, "
                     f"{lf['tokens_per_s'] / pl['tokens_per_s']:.2f}×."]
-    return "\n".join(out) + "\n"
+    return out
+
+
+def _run_load(row: dict) -> str:
+    """The 1-minute load average when a configuration's run(s) of one implementation started."""
+    loads = [x for x in row.get("loadavg_1m") or [] if x is not None]
+    return ", ".join(f"{x:.1f}" for x in loads) if loads else NR
+
+
+def _load(m: dict) -> str:
+    start, end = m.get("loadavg_start"), m.get("loadavg_end")
+    if not start:
+        return NR
+    return f"{start[0]:.1f} at the start" + (f", {end[0]:.1f} at the end" if end else "")
 
 
 def half_matmul_block() -> str:

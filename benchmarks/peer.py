@@ -1,25 +1,42 @@
 """lorafit vs PEFT, side by side: tokens/s, peak memory and loss on the same model, data, seed and settings.
 
-    .venv/bin/python benchmarks/peer.py                 # all CPU configurations (~25-35 min on a quiet 2-core box)
-    .venv/bin/python benchmarks/peer.py --quick         # smoke run: small shape, few steps (~2 min)
+    .venv/bin/python benchmarks/peer.py                 # all CPU configurations (~1 h on a quiet 2-core box)
+    .venv/bin/python benchmarks/peer.py --quick         # smoke run: 4-layer shape, few steps (~15 min)
     .venv/bin/python benchmarks/peer.py --profile       # torch.profiler of one step, lorafit and PEFT (1 thread)
     .venv/bin/python benchmarks/peer.py --device cuda   # Llama-3.2-1B shape, torch.cuda.max_memory_allocated
 
+What is timed. lorafit: ``lorafit train`` itself — the :class:`lorafit.train.recipe.Recipe` of a YAML config
+written for the run (the random-weight model saved as an HF folder, a completion-format JSONL, the settings
+below), with its data pipeline, masks, gradient clipping, metrics log and progress; a step's time is one turn of
+the recipe's loop. ``compile_kernels`` is left unset, as a user gets it (``auto``), and the config plans
+``--planned-steps`` (100) steps as a user's run would — ``auto`` decides from that — while every run stops after
+its own steps (``--compile-kernels`` overrides). ``--with-step`` adds ``lorafit-step``: the same model, optimizer
+and batches through ``train_step`` in a bare loop, to show what the recipe around it costs. PEFT: a plain
+PyTorch loop (forward with labels, backward, clipping, ``AdamW.step``) and ``transformers.Trainer``, each on the
+same saved model and the very token batches lorafit's data pipeline makes of the same file (``peer_worker``).
+
 Every (configuration, implementation) runs in its own process (``peer_worker.py``), lorafit and its peers
-alternating (order reversed on every other repeat so drift does not favour one side). Peers: PEFT in a plain
-PyTorch loop and PEFT under ``transformers.Trainer``; lorafit's ratios are against the *faster* peer.
-Settings (from issue 5): LoRA r=16, alpha 16, dropout 0.05, all linear layers, batch 4 × 256 tokens, every
-token trained, AdamW lr 1e-4 without weight decay, gradient clipping 1.0, random-weight model of the given
-shape (seed 0), random token ids. Memory: ``MemTracker`` peak of one extra step after the timed ones (tensor
-bytes, split by kind); RSS high-water over the timed steps (VmHWM reset before them); ``ru_maxrss`` of the
-whole process (includes building the model). The ``exact`` check: dropout 0, fp32, the first 20 steps of
-lorafit and the PEFT loop from the same adapter — the per-step losses must agree to 1e-5 relative, and the
-adapters after the steps: each module's ``B @ A`` to 1e-3 and each matrix's update (trained minus initial
-weights) to 3e-3 relative (Frobenius norm of the difference over PEFT's). Both are printed. A wrong update
-breaks the weight bounds (a learning rate 1% off moves both by ~1e-2): ``--exact-lr-scale 1.01`` shows it.
-Every results file records its provenance (``benchmarks/provenance.py``: commit, CPU and flags, threads,
-versions, lorafit's runtime options). Writes ``benchmarks/results/peer.json`` (``peer_cuda.json`` on CUDA, ``peer_profile.json`` for
-``--profile``).
+alternating (order reversed on every other repeat so drift does not favour one side). lorafit's ratios are
+against the *faster* peer. Settings (from issue 5): LoRA r=16, alpha 16, dropout 0.05, all linear layers, batch
+4 × 256 tokens (every row full length, every token but the first trained), AdamW lr 1e-4 without weight decay,
+constant schedule, gradient clipping 1.0, random-weight model of the given shape (seed 0). Adapters: LoRA;
+QLoRA (``*-qlora-*``: the base's linear layers NF4 with double quantization — lorafit ``adapter: qlora`` with
+``load_in_4bit``, PEFT over ``transformers`` + ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=<the run's dtype>)`` with ``device_map={"": "cpu"}``;
+PEFT's ``prepare_model_for_kbit_training`` is not called: it would upcast the other weights to fp32 and turn on
+checkpointing); DoRA (``*-dora-*``: ``peft_use_dora`` / ``use_dora=True``). Time: wall seconds per timed step
+and, beside them, the process's CPU seconds per step (on a machine shared with other work the wall time
+measures the share of the CPU a run got as much as the run). Memory: ``MemTracker`` peak of one extra step
+after the timed ones (tensor bytes, split by kind); RSS high-water over the timed steps (VmHWM reset before
+them); ``ru_maxrss`` of the whole process (includes building the model). The ``exact*`` checks: dropout 0,
+fp32, the first 20 steps of lorafit and the PEFT loop from the same adapter — the per-step losses must agree
+to 1e-5 relative, and the adapters after the steps: each module's ``B @ A`` to 1e-3 and each matrix's update
+(trained minus initial weights) to 3e-3 relative (Frobenius norm of the difference over PEFT's). Both are
+printed. A wrong update breaks the weight bounds (a learning rate 1% off moves both by ~1e-2):
+``--exact-lr-scale 1.01`` shows it. Every results file records its provenance (``benchmarks/provenance.py``:
+commit, CPU and flags, threads, versions, lorafit's runtime options) and the load average at the start and
+end of each run. Writes ``benchmarks/results/peer.json`` (``peer_cuda.json`` on CUDA, ``peer_profile.json`` for
+``--profile``) after every run, so a run cut short keeps what finished.
 """
 
 from __future__ import annotations
@@ -43,7 +60,7 @@ ROOT = HERE.parent
 WORKER = HERE / "peer_worker.py"
 RESULTS = HERE / "results"
 RESULT_TAG = "PEER_RESULT "
-IMPLS = ("lorafit", "peft-loop", "peft-trainer")
+IMPLS = ("lorafit", "lorafit-step", "peft-loop", "peft-trainer")
 PEERS = ("peft-loop", "peft-trainer")
 EXACT_RTOL = 1e-5  # per-step losses, relative (measured 1e-7 to 3e-7: at lr 1e-4 on random tokens the loss
 # hardly moves, so the losses alone cannot tell a wrong update from a right one; the weights can)
@@ -62,6 +79,13 @@ CPU_CONFIGS = {
     "135m-bf16-gc": dict(shape="smollm2-135m", dtype="bfloat16", gc=True),
     "135m-4layers-fp32": dict(shape="smollm2-135m", layers=4, dtype="float32", gc=False),
     "exact": dict(shape="smollm2-135m", dtype="float32", gc=False, exact=True),
+    # issue 16: the base's linear layers NF4 with double quantization (PEFT: transformers + bitsandbytes)
+    "135m-qlora-fp32": dict(shape="smollm2-135m", dtype="float32", gc=False, adapter="qlora"),
+    "135m-qlora-bf16": dict(shape="smollm2-135m", dtype="bfloat16", gc=False, adapter="qlora"),
+    "exact-qlora": dict(shape="smollm2-135m", dtype="float32", gc=False, exact=True, adapter="qlora"),
+    # issue 17: DoRA (peft_use_dora / PEFT's use_dora)
+    "135m-dora-fp32": dict(shape="smollm2-135m", dtype="float32", gc=False, adapter="dora"),
+    "exact-dora": dict(shape="smollm2-135m", dtype="float32", gc=False, exact=True, adapter="dora"),
 }
 CUDA_CONFIGS = {
     "1b-bf16": dict(shape="llama-3.2-1b", dtype="bfloat16", gc=False),
@@ -73,6 +97,12 @@ QUICK_CONFIGS = {
     "135m-4layers-fp32": CPU_CONFIGS["135m-4layers-fp32"],
     "135m-4layers-bf16": dict(shape="smollm2-135m", layers=4, dtype="bfloat16", gc=False),
     "exact-4layers": dict(shape="smollm2-135m", layers=4, dtype="float32", gc=False, exact=True),
+    "4layers-qlora-fp32": dict(shape="smollm2-135m", layers=4, dtype="float32", gc=False, adapter="qlora"),
+    "exact-4layers-qlora": dict(shape="smollm2-135m", layers=4, dtype="float32", gc=False, exact=True,
+                                adapter="qlora"),
+    "4layers-dora-fp32": dict(shape="smollm2-135m", layers=4, dtype="float32", gc=False, adapter="dora"),
+    "exact-4layers-dora": dict(shape="smollm2-135m", layers=4, dtype="float32", gc=False, exact=True,
+                               adapter="dora"),
 }
 
 
@@ -81,6 +111,14 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="small shape, few steps: a smoke run")
     p.add_argument("--configs", help="comma-separated configuration names (default: all for the device)")
     p.add_argument("--peers", default=",".join(PEERS), help="PEFT peers to run: peft-loop,peft-trainer")
+    p.add_argument("--with-step", action="store_true",
+                   help="also run lorafit-step (train_step in a bare loop) in the LoRA configurations: what the recipe "
+                        "around it costs")
+    p.add_argument("--planned-steps", type=int, default=100,
+                   help="max_steps of the lorafit config: the run a user plans (compile_kernels: auto decides from "
+                        "it); every run stops after its own steps (default 100)")
+    p.add_argument("--compile-kernels", choices=("auto", "true", "false"),
+                   help="compile_kernels in the lorafit config (default: not set, as a user gets it)")
     p.add_argument("--warmup", type=int, help="untimed steps per run (default 2; quick 1)")
     p.add_argument("--steps", type=int, help="timed steps per run (default 5; quick 2)")
     p.add_argument("--exact-steps", type=int, help="steps of the exactness check (default 20; quick 5)")
@@ -124,11 +162,23 @@ def run_one(spec: dict, timeout: int) -> dict:
     return {"impl": spec["impl"], "spec": spec, "error": f"exit {proc.returncode}: {tail}", "loadavg_1m": load}
 
 
+def seq_len(args) -> int:
+    return args.seq or (1024 if args.device == "cuda" else 256)
+
+
+def workspace_key(cfg: dict) -> str:
+    return f"{cfg['shape']}-{cfg.get('layers') or 'all'}"
+
+
 def base_spec(args, name: str, cfg: dict, impl: str) -> dict:
     exact = cfg.get("exact", False)
-    seq = args.seq or (1024 if args.device == "cuda" else 256)
+    seq = seq_len(args)
+    compile_kernels = {"auto": "auto", "true": True, "false": False}.get(getattr(args, "compile_kernels", None))
     return {
-        "config": name, "impl": impl, "shape": cfg["shape"], "layers": cfg.get("layers"), "dtype": cfg["dtype"],
+        "config": name, "impl": impl, "adapter": cfg.get("adapter", "lora"),
+        "workspace": getattr(args, "workspaces", {}).get(workspace_key(cfg)),
+        "planned_steps": args.planned_steps, "compile_kernels": compile_kernels,
+        "shape": cfg["shape"], "layers": cfg.get("layers"), "dtype": cfg["dtype"],
         "gc": cfg["gc"], "batch": args.batch, "seq": seq, "r": 16, "alpha": 16,
         "dropout": 0.0 if exact else args.dropout, "seed": 0, "threads": args.threads, "device": args.device,
         "warmup": 0 if exact else args.warmup, "steps": args.exact_steps if exact else args.steps,
@@ -143,7 +193,8 @@ def plan(args, configs: dict) -> list[dict]:
     peers = [p for p in args.peers.split(",") if p]
     runs = []
     for name, cfg in configs.items():
-        impls = ["lorafit", "peft-loop"] if cfg.get("exact") else ["lorafit", *peers]
+        impls = ["lorafit", "peft-loop"] if cfg.get("exact") else \
+            ["lorafit", *(["lorafit-step"] if args.with_step and cfg.get("adapter", "lora") == "lora" else []), *peers]
         for rep in range(1 if cfg.get("exact") else args.repeats):
             for impl in impls if rep % 2 == 0 else impls[::-1]:
                 runs.append({**base_spec(args, name, cfg, impl), "repeat": rep})
@@ -170,12 +221,15 @@ def summarise(results: list[dict]) -> dict:
                 continue
             first = ok[0]
             tps = [r["tokens_per_s"] for r in ok if r.get("tokens_per_s")]
+            cps = [r["tokens_per_cpu_s"] for r in ok if r.get("tokens_per_cpu_s")]
             mem = first.get("memory") or {}
             rss = first.get("rss") or {}
             row[impl] = {
                 "tokens_per_s": statistics.median(tps) if tps else None,
                 "tokens_per_s_runs": tps,
                 "step_s_median": statistics.median([s for r in ok for s in r["step_s"]]) if tps else None,
+                "tokens_per_cpu_s": statistics.median(cps) if cps else None,
+                "step_cpu_s_median": statistics.median([s for r in ok for s in r["step_cpu_s"]]) if cps else None,
                 "memtracker_peak": mem.get("peak"), "memtracker_by_kind": mem.get("by_kind"),
                 "block0_saved_activations": mem.get("block0_saved_activations"),
                 "rss_timed_peak": rss.get("timed_hwm_kib", 0) * 1024 if rss.get("hwm_reset") else None,
@@ -191,7 +245,7 @@ def summarise(results: list[dict]) -> dict:
 
 def compare(config: str, row: dict, impls: dict) -> dict:
     lf = row.get("lorafit", {})
-    peers = {k: v for k, v in row.items() if k != "lorafit" and v.get("tokens_per_s")}
+    peers = {k: v for k, v in row.items() if not k.startswith("lorafit") and v.get("tokens_per_s")}
     out = {}
     spec = next(iter(impls.values()))[0]["spec"]
     if spec["warmup"] == 0 and spec["dropout"] == 0.0 and "peft-loop" in row and lf.get("losses"):
@@ -219,11 +273,18 @@ def compare(config: str, row: dict, impls: dict) -> dict:
         return lf[key] / peer[key] if lf.get(key) and peer.get(key) else None
 
     out["faster_peer"] = faster
-    out["ratios"] = {"tokens_per_s": ratio("tokens_per_s"), "memtracker_peak": ratio("memtracker_peak"),
+    out["ratios"] = {"tokens_per_s": ratio("tokens_per_s"), "tokens_per_cpu_s": ratio("tokens_per_cpu_s"),
+                     "memtracker_peak": ratio("memtracker_peak"),
                      "rss_timed_peak": ratio("rss_timed_peak"), "ru_maxrss": ratio("ru_maxrss"),
                      "cuda_max_allocated": ratio("cuda_max_allocated")}
-    out["ratios_vs"] = {k: {"tokens_per_s": ratio("tokens_per_s", v), "memtracker_peak": ratio("memtracker_peak", v)}
-                        for k, v in peers.items()}
+    out["ratios_vs"] = {k: {"tokens_per_s": ratio("tokens_per_s", v), "tokens_per_cpu_s": ratio("tokens_per_cpu_s", v),
+                            "memtracker_peak": ratio("memtracker_peak", v)} for k, v in peers.items()}
+    step = row.get("lorafit-step", {})
+    if step.get("step_s_median") and lf.get("step_s_median"):  # what the recipe around train_step costs
+        out["recipe_vs_step"] = {"step_s": lf["step_s_median"] / step["step_s_median"],
+                                 "step_cpu_s": (lf["step_cpu_s_median"] / step["step_cpu_s_median"]
+                                                if lf.get("step_cpu_s_median") and step.get("step_cpu_s_median")
+                                                else None)}
     return out
 
 
@@ -289,7 +350,7 @@ def print_table(summary: dict, device: str) -> None:
     from rich.table import Table
 
     t = Table(title="lorafit vs PEFT (ratios: lorafit / faster PEFT peer)", show_lines=False)
-    for col in ("config", "impl", "tok/s", "s/step", "floor tok/s",
+    for col in ("config", "impl", "tok/s", "s/step", "CPU s/step", "floor tok/s",
                 "CUDA peak MiB" if device == "cuda" else "MemTracker MiB", "act MiB", "RSS steps MiB",
                 "ru_maxrss MiB", "loss@N", "tok/s ×", "mem ×", "RSS ×"):
         t.add_column(col, justify="left" if col in ("config", "impl") else "right")
@@ -298,7 +359,7 @@ def print_table(summary: dict, device: str) -> None:
             continue
         for i, (impl, r) in enumerate(sorted(s["impls"].items(), key=lambda kv: IMPLS.index(kv[0]))):
             if "error" in r:
-                t.add_row(config if i == 0 else "", impl, "error", *[""] * 10)
+                t.add_row(config if i == 0 else "", impl, "error", *[""] * 11)
                 continue
             ratios = s.get("ratios", {}) if impl == "lorafit" else {}
             floor = r.get("floor") or {}
@@ -308,6 +369,7 @@ def print_table(summary: dict, device: str) -> None:
             t.add_row(config if i == 0 else "", impl + (" *" if impl == s.get("faster_peer") else ""),
                       f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "–",
                       f"{r['step_s_median']:.2f}" if r["step_s_median"] else "–",
+                      f"{r['step_cpu_s_median']:.2f}" if r.get("step_cpu_s_median") else "–",
                       f"{floor['floor_tokens_per_s']:.0f}" if floor else "", _mib(peak), _mib(act),
                       _mib(r["rss_timed_peak"]), _mib(r["ru_maxrss"]),
                       f"{r['loss_after_n']:.5f}" if r["loss_after_n"] is not None else "–",
@@ -317,6 +379,12 @@ def print_table(summary: dict, device: str) -> None:
     console.print(t)
     console.print("* faster PEFT peer. MemTracker: tensor bytes at the peak of one step; act: activations at that "
                   "peak; RSS steps: process RSS high-water over the timed steps; ru_maxrss includes model building.")
+    for config, s in summary.items():
+        if s.get("recipe_vs_step"):
+            v = s["recipe_vs_step"]
+            cpu = f", CPU time {v['step_cpu_s']:.2f}×" if v.get("step_cpu_s") else ""
+            console.print(f"{config}: lorafit train's step (the recipe) / train_step in a bare loop: wall {v['step_s']:.2f}×"
+                          f"{cpu}", highlight=False)
     for config, s in summary.items():
         if "exact" in s:
             e = s["exact"]
@@ -383,29 +451,48 @@ def strip(res: dict) -> dict:
     return res
 
 
+def make_workspaces(args, configs: dict, folder: Path) -> dict:
+    """One workspace per model shape in ``configs`` (``peer_worker.write_workspace``: the random-weight model as an
+    HF folder and the completion JSONL), rows enough for the longest run."""
+    sys.path.insert(0, str(ROOT / "src"))
+    import peer_worker
+
+    rows = args.batch * (max(args.warmup + args.steps, args.exact_steps) + 3)
+    out = {}
+    for cfg in configs.values():
+        key = workspace_key(cfg)
+        if key not in out:
+            spec = {"shape": cfg["shape"], "layers": cfg.get("layers"), "seed": 0}
+            out[key] = peer_worker.write_workspace(folder / key, spec, rows)
+    return out
+
+
 def run_profile(args) -> None:
     out = args.out or RESULTS / f"peer_profile{'' if not args.configs else '_' + args.configs.split(',')[0]}.json"
     known = {**CPU_CONFIGS, **QUICK_CONFIGS, **CUDA_CONFIGS}
     name = (args.configs or ("135m-fp32" if args.device == "cpu" else "1b-bf16")).split(",")[0]
     cfg = {**known[name], "exact": False}
     results = []
-    for impl in ("lorafit", "peft-loop"):
-        spec = {**base_spec(args, "profile", cfg, impl), "warmup": 1, "steps": 1, "profile": True,
-                "memory": args.device == "cpu" and not args.no_memory, "floor": False}
-        print(f"profiling {impl} ({spec['threads']} thread(s)) …", flush=True)
-        res = run_one(spec, args.timeout)
-        if "error" in res:
-            print(res["error"])
-            continue
-        print(f"\n=== {impl}: one step under the profiler took {res['profile']['wall_s']:.2f} s "
-              f"(unprofiled: {res['step_s'][0]:.2f} s)")
-        print(res["profile"]["table"])
-        if res.get("memory"):
-            m = res["memory"]
-            print("MemTracker peak by kind (MiB):",
-                  {k: round(v / MiB, 1) for k, v in m["by_kind"].items()},
-                  "| block 0 saved activations:", _mib(m.get("block0_saved_activations")), "MiB")
-        results.append(strip(res))
+    with tempfile.TemporaryDirectory(prefix="peer-") as tmp:
+        args.workspaces = make_workspaces(args, {name: cfg}, Path(tmp))
+        for impl in ("lorafit", "peft-loop"):
+            spec = {**base_spec(args, "profile", cfg, impl), "warmup": 1, "steps": 1, "profile": True,
+                    "memory": args.device == "cpu" and not args.no_memory, "floor": False}
+            print(f"profiling {impl} ({spec['threads']} thread(s)) …", flush=True)
+            res = run_one(spec, args.timeout)
+            if "error" in res:
+                print(res["error"])
+                continue
+            print(f"\n=== {impl}: one step under the profiler took {res['profile']['wall_s']:.2f} s "
+                  f"(unprofiled: {res['step_s'][0]:.2f} s)")
+            print(res["profile"]["table"])
+            if res.get("memory"):
+                m = res["memory"]
+                print("MemTracker peak by kind (MiB):",
+                      {k: round(v / MiB, 1) for k, v in m["by_kind"].items()},
+                      "| block 0 saved activations:", _mib(m.get("block0_saved_activations")), "MiB")
+            results.append(strip(res))
+    del args.workspaces
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"machine": machine_info(args), "provenance": provenance(threads=args.threads), "runs": results}
     out.write_text(json.dumps(payload, indent=1) + "\n")
@@ -442,8 +529,25 @@ def main(argv=None) -> int:
     keep = args.adapter_dir
     if keep:
         keep.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="peer-adapters-") as tmp:
+
+    def save(runs_total: int) -> dict:
+        """Write what has finished so far (every run rewrites the file: a cut-short run keeps its results)."""
+        summary = summarise(results)  # reads the adapter files
+        info["wall_s"] = time.perf_counter() - t_start
+        info["loadavg_end"] = os.getloadavg()
+        info["runs_done"], info["runs_planned"] = len(results), runs_total
+        recorded = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "workspaces"}
+        recorded["adapter_dir"] = str(keep) if keep else None
+        payload = {"machine": info, "provenance": prov, "args": recorded, "summary": summary,
+                   "runs": [strip(r) for r in results]}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(payload, indent=1) + "\n")
+        return summary
+
+    with tempfile.TemporaryDirectory(prefix="peer-") as tmp:
         args.adapter_dir = keep or tmp  # the exactness runs write their adapters here; compared in summarise
+        print("writing the model and data every side reads …", flush=True)
+        args.workspaces = make_workspaces(args, table, Path(tmp))
         runs = plan(args, table)
         print(f"{len(runs)} runs, {args.threads} thread(s), CPU capability {info['cpu_capability']} "
               f"{' '.join(info['cpu_flags'])}, load average {info['loadavg_start'][0]:.2f}", flush=True)
@@ -456,16 +560,8 @@ def main(argv=None) -> int:
             else:
                 tps = f"{res['tokens_per_s']:.0f} tok/s" if res.get("tokens_per_s") else ""
                 print(f"{what} {tps:>12}  ({res['process_s']:.0f} s, load {res['loadavg_1m']:.2f})", flush=True)
-        summary = summarise(results)  # reads the adapter files
-    args.adapter_dir = keep
-    info["wall_s"] = time.perf_counter() - t_start
-    info["loadavg_end"] = os.getloadavg()
+            summary = save(len(runs))
     print_table(summary, args.device)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": info, "provenance": prov,
-               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-               "summary": summary, "runs": [strip(r) for r in results]}
-    out.write_text(json.dumps(payload, indent=1) + "\n")
     print(f"wrote {out} in {info['wall_s'] / 60:.1f} min")
     failed = any("error" in r for r in results) or any(not s["exact"]["passed"] for s in summary.values() if "exact" in s)
     return 1 if failed else 0

@@ -2,21 +2,32 @@
 
 Implementations:
 
-* ``lorafit``      — ``make_trainable`` + ``lorafit.train.train_step`` (chunked loss, lean LoRA autograd).
+* ``lorafit``      — what ``lorafit train`` runs: :class:`lorafit.train.recipe.Recipe` built from a YAML config
+                     (``write_config``), data pipeline, masks, clipping, metrics log and progress included.
+* ``lorafit-step`` — ``make_trainable`` + ``lorafit.train.train_step`` in a bare loop (the benchmark's lorafit side
+                     before it timed the recipe; kept to show what the recipe's machinery costs).
 * ``peft-loop``    — ``peft.get_peft_model`` in a plain loop: ``model(**batch, labels=...).loss.backward()``,
                      gradient clipping, ``AdamW.step()``.
 * ``peft-trainer`` — the same PEFT model under ``transformers.Trainer`` (what most users run).
 
-All three build the same random-weight model (same seed), start from the same adapter (A drawn per module
-from a generator seeded by the module's name, B zero: see :func:`init_adapter`), see the same batches in
-the same order and use the same optimizer settings (AdamW lr 1e-4, betas 0.9/0.999, eps 1e-8, no weight
-decay, constant schedule, gradient clipping at 1.0). Each uses the AdamW implementation it picks by itself:
-lorafit and the Trainer torch's fused kernel, the plain loop ``torch.optim.AdamW(params)`` as written.
+Adapters (``spec["adapter"]``): ``lora``; ``qlora`` (the base's linear layers NF4 with double quantization:
+lorafit ``adapter: qlora`` + ``load_in_4bit``, PEFT over ``transformers`` + ``BitsAndBytesConfig`` with
+``device_map={"": "cpu"}`` on CPU); ``dora`` (``peft_use_dora`` / PEFT's ``use_dora=True``).
+
+Every side loads the same random-weight model from the same HF folder and trains on the same token batches:
+the ones lorafit's data pipeline makes from the same completion-format JSONL (``pipeline_batches``: the
+recipe's own tokenisation, truncation, masks and batch order), so every trained token is the same on all
+sides. All start from the same adapter (A drawn per module from a generator seeded by the module's name, B
+zero: see :func:`init_adapter`) and use the same optimizer settings (AdamW lr 1e-4, betas 0.9/0.999, eps 1e-8,
+no weight decay, constant schedule, gradient clipping at 1.0). Each uses the AdamW implementation it picks by
+itself: lorafit and the Trainer torch's fused kernel, the plain loop ``torch.optim.AdamW(params)`` as written.
 Steps: ``warmup`` untimed, ``steps`` timed, then (optionally) one more step under ``MemTracker`` for the
-memory breakdown, so the tracker never slows the timed steps. With ``adapter_out`` in the spec (the exactness
-check), the adapter before the first step and after the last timed one is written there (safetensors, keys
-``<module>.A`` / ``<module>.B`` and ``….init``) for ``peer.py`` to compare. ``lr_scale`` (lorafit only) scales
-the learning rate: a wrong update the exactness check must catch. Prints one line ``PEER_RESULT <json>``.
+memory breakdown, so the tracker never slows the timed steps. For ``lorafit`` a step's time is one turn of the
+recipe's loop (from one ``next_micro_batches`` call to the next). With ``adapter_out`` in the spec (the
+exactness check), the adapter before the first step and after the last timed one is written there
+(safetensors, keys ``<module>.A`` / ``<module>.B`` and ``….init``) for ``peer.py`` to compare. ``lr_scale``
+(lorafit only) scales the learning rate: a wrong update the exactness check must catch. Prints one line
+``PEER_RESULT <json>``.
 """
 
 from __future__ import annotations
@@ -25,10 +36,12 @@ import json
 import math
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
 import zlib
+from pathlib import Path
 
 import torch
 
@@ -89,15 +102,95 @@ def init_adapter(pairs) -> None:
             b.zero_()
 
 
-def make_batches(spec: dict, vocab: int, n: int, device) -> list[dict]:
-    g = torch.Generator().manual_seed(spec["seed"] + 1)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=g)
-        out.append({"input_ids": ids.to(device), "labels": ids.clone().to(device),
-                    "attention_mask": torch.ones_like(ids).to(device),
-                    "num_trained_tokens": int(spec["batch"] * (spec["seq"] - 1))})
+WORDS_PER_ROW = 400  # random words: ~900 tokens, every row is cut to sequence_len (all batches full length)
+
+
+def write_workspace(folder, spec: dict, rows: int) -> dict:
+    """The files every side reads: the random-weight model of ``spec``'s shape saved as an HF folder (with the
+    demo model's tokenizer: the SmolLM2 vocabulary) and a completion-format JSONL of ``rows`` random-word texts,
+    each longer than ``spec["seq"]`` tokens. Returns ``{"base": folder, "data": file}``."""
+    import random
+
+    from lorafit.models import demo_cache_dir, load_tokenizer
+
+    folder = Path(folder)
+    base, data = folder / "base", folder / "data.jsonl"
+    model = build_base({**spec, "dtype": "float32"})
+    model.save_pretrained(base)
+    load_tokenizer("demo", what="base_model").save_pretrained(base)
+    del model
+    rng = random.Random(spec["seed"])
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    with open(data, "w") as f:
+        for _ in range(rows):
+            text = " ".join("".join(rng.choice(letters) for _ in range(rng.randint(2, 9)))
+                            for _ in range(WORDS_PER_ROW))
+            f.write(json.dumps({"text": text}) + "\n")
+    assert demo_cache_dir().is_dir()
+    return {"base": str(base), "data": str(data)}
+
+
+def write_config(spec: dict, folder) -> Path:
+    """The YAML a user would write for this run (``lorafit train config.yaml``), in ``folder``."""
+
+    import yaml
+
+    ws = spec["workspace"]
+    adapter = spec.get("adapter", "lora")
+    cfg = {
+        "base_model": ws["base"], "adapter": "qlora" if adapter == "qlora" else "lora",
+        **({"load_in_4bit": True} if adapter == "qlora" else {}),
+        **({"peft_use_dora": True} if adapter == "dora" else {}),
+        "lora_r": spec["r"], "lora_alpha": spec["alpha"], "lora_dropout": spec["dropout"],
+        "lora_target_linear": True,
+        "datasets": [{"path": ws["data"], "type": "completion"}],
+        "sequence_len": spec["seq"], "micro_batch_size": spec["batch"], "gradient_accumulation_steps": 1,
+        # the run a user plans (compile_kernels: auto decides from it); the worker stops after its own steps
+        "max_steps": spec["planned_steps"],
+        "learning_rate": 1e-4 * spec.get("lr_scale", 1.0), "lr_scheduler": "constant", "warmup_steps": 0,
+        "optimizer": "adamw_torch", "weight_decay": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.999,
+        "adam_epsilon": 1e-8, "max_grad_norm": 1.0, "gradient_checkpointing": spec["gc"],
+        "bf16": spec["dtype"] == "bfloat16", "logging_steps": 1, "seed": spec["seed"],
+        "output_dir": str(Path(folder) / "out"),
+        **({"compile_kernels": spec["compile_kernels"]} if spec.get("compile_kernels") is not None else {}),
+    }
+    path = Path(folder) / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def pipeline_batches(spec: dict, n: int) -> list[dict]:
+    """The first ``n`` micro-batches ``lorafit train`` makes of the run's config (its tokenizer, data
+    pipeline, masks and order): what every side trains on."""
+    from rich.console import Console
+
+    from lorafit.config import load_config
+    from lorafit.models import load_tokenizer
+    from lorafit.train.distributed import shutdown
+    from lorafit.train.recipe import Recipe
+
+    with tempfile.TemporaryDirectory(prefix="peer-cfg-") as tmp:
+        cfg = load_config(write_config(spec, tmp))
+        recipe = Recipe(cfg, Console(quiet=True))
+        try:
+            recipe.tokenizer = load_tokenizer(cfg.base_model, cfg.config_dir, "base_model")
+            if recipe.tokenizer.pad_token is None:
+                recipe.tokenizer.pad_token = recipe.tokenizer.eos_token
+            recipe.setup_data()
+        finally:
+            shutdown(recipe.world)
+    out = recipe.epoch[:n]
+    check_batches(spec, out, n)
     return out
+
+
+def check_batches(spec: dict, batches: list[dict], n: int) -> None:
+    """The benchmark's shape: ``n`` batches of batch × seq tokens, every token but each row's first trained."""
+    full = spec["batch"] * (spec["seq"] - 1)
+    if len(batches) < n or any(tuple(b["input_ids"].shape) != (spec["batch"], spec["seq"])
+                               or b["num_trained_tokens"] != full for b in batches[:n]):
+        raise SystemExit(f"data pipeline gave {len(batches)} batches, not {n} full ones of {spec['batch']} × "
+                         f"{spec['seq']}: {[tuple(b['input_ids'].shape) for b in batches[:n]]}")
 
 
 def trainable(model) -> list[torch.nn.Parameter]:
@@ -133,28 +226,40 @@ def save_adapter_pair(path: str, init: dict, final: dict) -> None:
     save_file({**final, **{f"{k}.init": v for k, v in init.items()}}, path)
 
 
-def prepare_lorafit(spec: dict):
-    """What ``lorafit train`` does to a loaded model (adapter, lean gated MLPs, checkpointing, no cache)."""
-    from lorafit.lora import LoraConfig, named_lora_layers
-    from lorafit.options import RuntimeOptions
-    from lorafit.train import make_trainable
+def lorafit_layers(model) -> list:
+    """(module path, A weight, B weight) of a lorafit model, for :func:`init_adapter`."""
+    from lorafit.lora import named_lora_layers
 
-    model = build_base(spec)
-    lora = LoraConfig(r=spec["r"], alpha=spec["alpha"], dropout=spec["dropout"], target_modules="all-linear")
-    make_trainable(model, lora, spec["gc"], RuntimeOptions.resolve())
-    init_adapter([(n, m.lora_A.weight, m.lora_B.weight) for n, m in named_lora_layers(model)])
-    return model
+    return [(n, m.lora_A.weight, m.lora_B.weight) for n, m in named_lora_layers(model)]
+
+
+def load_peft_base(spec: dict):
+    """The saved base as a PEFT user loads it: ``from_pretrained`` in the run's dtype; for ``qlora`` through
+    ``BitsAndBytesConfig`` (NF4, double quantization, compute in the run's dtype) on the CPU."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    dtype = DTYPES[spec["dtype"]]
+    kw = {}
+    if spec.get("adapter") == "qlora":
+        kw["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+        kw["device_map"] = {"": spec["device"]}
+    return transformers.AutoModelForCausalLM.from_pretrained(spec["workspace"]["base"], dtype=dtype,
+                                                             attn_implementation="sdpa", **kw)
 
 
 def prepare_peft(spec: dict):
     import peft
 
-    model = build_base(spec)
+    model = load_peft_base(spec)
     if spec["gc"] and spec["impl"] == "peft-loop":  # the Trainer enables it itself
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     cfg = peft.LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=spec["dropout"],
-                          target_modules="all-linear", task_type="CAUSAL_LM")
+                          target_modules="all-linear", task_type="CAUSAL_LM",
+                          use_dora=spec.get("adapter") == "dora")
     model = peft.get_peft_model(model, cfg)  # autocast_adapter_dtype=True: fp32 adapters on a bf16 base
     prefix = "base_model.model."
     init_adapter([(n[len(prefix):], m.lora_A["default"].weight, m.lora_B["default"].weight)
@@ -213,9 +318,10 @@ class Recorder:
 
     def __init__(self, spec, device):
         self.spec, self.device = spec, device
-        self.times, self.losses = [], []
+        self.times, self.cpu_times, self.losses = [], [], []  # wall and process CPU seconds per timed step
         self.rss = {}
         self.memory = None
+        self.tmp = tempfile.mkdtemp(prefix="peer-run-")  # the run's config and output folder (removed by main)
 
     def before_timed(self):
         self.rss["before_timed_kib"] = _status_kib("VmRSS")
@@ -230,18 +336,101 @@ class Recorder:
             self.cuda_reserved = torch.cuda.max_memory_reserved()
 
 
-def run_lorafit(spec, device, rec: Recorder):
+def run_lorafit_step(spec, device, rec: Recorder):
+    """The recipe's model, optimizer and schedule from the same config, stepped by ``train_step`` in a bare
+    loop (no data pipeline, metrics or progress around it)."""
+    from lorafit.config import load_config
     from lorafit.train import train_step
-    from lorafit.train.optim import build_optimizer
+    from lorafit.train.optim import optimizer_from_config, scheduler_from_config
+    from lorafit.train.setup import prepare_model, seed_everything
 
-    model = prepare_lorafit(spec).to(device)
-    model.train()
-    # lorafit train's own optimizer (torch's fused AdamW), with the shared settings
-    opt = build_optimizer(model, "adamw_torch", lr=1e-4 * spec.get("lr_scale", 1.0), weight_decay=0.0,
-                          betas=(0.9, 0.999), eps=1e-8)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    options = model.lean_kernels.options
-    return model, opt, lambda b: train_step(model, opt, sched, [b], 1.0, options=options)["loss"]
+    cfg = load_config(write_config(spec, rec.tmp))
+    options = cfg.runtime_options()
+    seed_everything(cfg.seed)
+    model, _ = prepare_model(cfg, options)
+    model.to(device).train()
+    init_adapter(lorafit_layers(model))
+    opt = optimizer_from_config(model, cfg)
+    sched = scheduler_from_config(opt, cfg, cfg.max_steps)
+    return model, opt, lambda b: train_step(model, opt, sched, [b], cfg.max_grad_norm, cfg.loss_chunk_tokens,
+                                            options)["loss"]
+
+
+def run_lorafit(spec, device, rec: Recorder):
+    """``lorafit train`` itself: the recipe of the run's YAML, stopped after the benchmark's steps. A step's time
+    is one turn of the recipe's loop (data, step, clipping, metrics row, progress); the adapter is set to the
+    shared start right after the recipe attaches it."""
+    from rich.console import Console
+
+    from lorafit.config import load_config
+    from lorafit.train.distributed import shutdown
+    from lorafit.train.recipe import Recipe
+
+    n_timed_end = spec["warmup"] + spec["steps"]
+    memory = spec["memory"] and device.type == "cpu"
+    stamps: list[float] = []
+    state = {"init": None}
+
+    def loop_turn():  # the start of a turn of the recipe's loop (and of finish, after the last)
+        _sync(device)
+        stamps.append((time.perf_counter(), time.process_time()))
+        i = len(stamps) - 1  # steps done so far
+        if i == spec["warmup"]:
+            rec.before_timed()
+        if spec["warmup"] < i <= n_timed_end:
+            rec.times.append(stamps[i][0] - stamps[i - 1][0])
+            rec.cpu_times.append(stamps[i][1] - stamps[i - 1][1])
+        if i == n_timed_end:
+            rec.after_timed()
+            if state["init"] is not None:  # before the memory / profile steps, which train further
+                save_adapter_pair(spec["adapter_out"], state["init"], adapter_tensors(recipe.model))
+
+    class TimedRecipe(Recipe):
+        def setup_model(self):
+            super().setup_model()
+            init_adapter(lorafit_layers(self.model))
+            if spec.get("adapter_out"):
+                state["init"] = adapter_tensors(self.model)
+
+        def setup_data(self):
+            super().setup_data()
+            check_batches(spec, self.epoch, min(len(self.epoch), n_total))
+
+        def next_micro_batches(self):
+            loop_turn()
+            return super().next_micro_batches()
+
+        def step(self, group):
+            i = self.state.step
+            if memory and i == n_timed_end:
+                tr = Tracker(self.model, self.optimizer)
+                with tr:
+                    row = super().step(group)
+                rec.memory = tr.result()
+            elif spec["profile"] and i == n_total - 1:
+                out = {}
+                rec.profile = profile_step(lambda: out.setdefault("row", super(TimedRecipe, self).step(group)))
+                row = out["row"]
+            else:
+                row = super().step(group)
+            if i < n_timed_end:  # as in the loops: the losses of the warm-up and timed steps
+                rec.losses.append(row["loss"])
+            return row
+
+        def finish(self):
+            if len(stamps) == self.state.step:  # the last step's turn ends here
+                loop_turn()
+            return super().finish()
+
+    n_total = n_timed_end + (1 if memory else 0) + (1 if spec["profile"] else 0)
+    cfg = load_config(write_config(spec, rec.tmp))
+    recipe = TimedRecipe(cfg, Console(width=160))
+    try:
+        recipe.run(stop_after=n_total)
+    finally:
+        shutdown(recipe.world)
+    rec.options = recipe.options
+    return recipe.model
 
 
 def run_peft_loop(spec, device, rec: Recorder):
@@ -267,7 +456,8 @@ def loop(spec, device, rec: Recorder, impl_fn):
     model, opt, step = impl_fn(spec, device, rec)
     init = adapter_tensors(model) if spec.get("adapter_out") else None
     n_total = spec["warmup"] + spec["steps"] + (1 if spec["memory"] else 0) + (1 if spec["profile"] else 0)
-    batches = make_batches(spec, model.config.vocab_size, n_total, device)
+    batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+               for b in pipeline_batches(spec, n_total)]
     i = 0
     for _ in range(spec["warmup"]):
         rec.losses.append(step(batches[i]))
@@ -275,10 +465,11 @@ def loop(spec, device, rec: Recorder, impl_fn):
     rec.before_timed()
     for _ in range(spec["steps"]):
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         rec.losses.append(step(batches[i]))
         _sync(device)
         rec.times.append(time.perf_counter() - t0)
+        rec.cpu_times.append(time.process_time() - c0)
         i += 1
     rec.after_timed()
     if init is not None:  # before the memory / profile steps, which train further
@@ -300,8 +491,7 @@ def run_peft_trainer(spec, device, rec: Recorder):
     n_timed_end = spec["warmup"] + spec["steps"]
     n_total = n_timed_end + (1 if spec["memory"] and device.type == "cpu" else 0)
     rows = [{k: v[j] for k, v in b.items() if k != "num_trained_tokens"}
-            for b in make_batches(spec, model.config.vocab_size, n_total, torch.device("cpu"))
-            for j in range(spec["batch"])]
+            for b in pipeline_batches(spec, n_total) for j in range(spec["batch"])]
 
     class Timing(TrainerCallback):
         def __init__(self):
@@ -318,14 +508,15 @@ def run_peft_trainer(spec, device, rec: Recorder):
                     self.tracker = Tracker(kw["model"], getattr(opt, "optimizer", opt))
                     self.tracker.__enter__()
             _sync(device)
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
             _sync(device)
-            dt = time.perf_counter() - self.t0
+            dt, cpu = time.perf_counter() - self.t0, time.process_time() - self.c0
             step = state.global_step - 1
             if spec["warmup"] <= step < n_timed_end:
                 rec.times.append(dt)
+                rec.cpu_times.append(cpu)
             if step == n_timed_end - 1:
                 rec.after_timed()
             if self.tracker is not None:
@@ -408,18 +599,26 @@ def main(spec: dict) -> dict:
     rec = Recorder(spec, device)
     t_start = time.perf_counter()
     impl = spec["impl"]
-    if impl == "lorafit":
-        model = loop(spec, device, rec, run_lorafit)
-    elif impl == "peft-loop":
-        model = loop(spec, device, rec, run_peft_loop)
-    elif impl == "peft-trainer":
-        model = run_peft_trainer(spec, device, rec)
-    else:
-        raise SystemExit(f"unknown impl {impl!r}")
+    try:
+        if impl == "lorafit":
+            model = run_lorafit(spec, device, rec)
+        elif impl == "lorafit-step":
+            model = loop(spec, device, rec, run_lorafit_step)
+        elif impl == "peft-loop":
+            model = loop(spec, device, rec, run_peft_loop)
+        elif impl == "peft-trainer":
+            model = run_peft_trainer(spec, device, rec)
+        else:
+            raise SystemExit(f"unknown impl {impl!r}")
+    finally:
+        shutil.rmtree(rec.tmp, ignore_errors=True)
     tokens = spec["batch"] * spec["seq"]
     res = {
         "impl": impl, "spec": spec,
         "step_s": rec.times, "tokens_per_s": tokens * len(rec.times) / sum(rec.times) if rec.times else None,
+        # CPU seconds of the whole process per step: on a shared machine less disturbed by other work than wall time
+        "step_cpu_s": rec.cpu_times,
+        "tokens_per_cpu_s": tokens * len(rec.cpu_times) / sum(rec.cpu_times) if rec.cpu_times else None,
         "losses": rec.losses, "rss": rec.rss,
         "ru_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "memory": rec.memory, "wall_s": time.perf_counter() - t_start,
