@@ -112,8 +112,8 @@ def test_int8_codes_and_scales_are_transformers_load_in_8bit(pair):
     for name, m in layers.items():
         codes, scales, _ = bnb_functional.int8_vectorwise_quant(dense[name].weight.data.half())
         assert type(m).__name__ == "Linear8bitLt" and m.state.threshold == oracle[name].state.threshold == 6.0
-        assert torch.equal(m.weight.CB, oracle[name].weight.CB) and torch.equal(m.weight.CB, codes), name
-        assert torch.equal(m.weight.SCB, oracle[name].weight.SCB) and torch.equal(m.weight.SCB, scales), name
+        assert torch.equal(m.weight.data, oracle[name].weight.data) and torch.equal(m.weight.data, codes), name
+        assert torch.equal(int8.scales(m), int8.scales(oracle[name])) and torch.equal(int8.scales(m), scales), name
     # embeddings and the head stay dense, as in transformers
     assert ours.lm_head.weight.dtype == torch.float32 and type(ours.lm_head) is torch.nn.Linear
     assert torch.equal(ours.model.embed_tokens.weight, base.model.embed_tokens.weight)
@@ -230,7 +230,9 @@ def test_merge_writes_dequantized_base_plus_update(pair):
 
 def test_untargeted_8bit_layers_dequantize(pair):
     model = copy.deepcopy(pair["ours"])
-    want = int8.dequantize(model.model.layers[0].mlp.up_proj.weight)
+    with torch.no_grad():
+        model(input_ids=batches(1)[0]["input_ids"])  # bitsandbytes moves the scales into the layer's state
+    want = int8.dequantize(model.model.layers[0].mlp.up_proj)
     assert dequantize_base(model) == 14 and not int8_layers(model)
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, want)
 
@@ -238,3 +240,92 @@ def test_untargeted_8bit_layers_dequantize(pair):
 def test_dora_over_an_8bit_base_is_one_line(pair):
     with pytest.raises(LorafitError, match="8-bit base: DoRA and PiSSA need the dense weight"):
         apply_lora(copy.deepcopy(pair["ours"]), LoraConfig(r=4, use_dora=True, target_modules=["q_proj"]))
+
+
+# ---- lorafit train with load_in_8bit, merge, and what is not supported ----------------------------------------
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    import json
+
+    from conftest import save_tiny_llama
+
+    from lorafit.models import load_tokenizer
+
+    d = tmp_path_factory.mktemp("int8-train")
+    save_tiny_llama(d / "model", load_tokenizer("demo"), initializer_range=0.5)
+    words = ["apple", "pear", "plum", "fig", "kiwi", "lime", "date", "lemon"]
+    rows = [{"messages": [{"role": "user", "content": f"Repeat twice: {w}"},
+                          {"role": "assistant", "content": f"{w} {w}"}]} for w in words * 4]
+    (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def train_config(workdir, out: str, **kw):
+    from lorafit.config import TrainConfig
+
+    d = dict(base_model=str(workdir / "model"), adapter="lora", load_in_8bit=True, lora_r=4, lora_alpha=8,
+             lora_target_linear=True, datasets=[{"path": str(workdir / "data.jsonl"), "type": "chat_template"}],
+             sequence_len=48, micro_batch_size=4, max_steps=3, learning_rate=5e-3, output_dir=str(workdir / out),
+             seed=7)
+    return TrainConfig.from_dict({**d, **kw})
+
+
+def test_cli_merge_of_an_8bit_adapter_is_dense_dequantized_plus_update(workdir, tmp_path, capsys):
+    """The run record says the adapter was trained over an int8 base, so merge needs no flag; --base-8bit off
+    merges into the dense weights instead."""
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.cli import main
+    from lorafit.lora import read_adapter_weights
+    from lorafit.train import train
+    from lorafit.train.run_record import fingerprint
+
+    cfg = train_config(workdir, "for-merge")
+    assert fingerprint(cfg)["load_in_8bit"] is True
+    run = train(cfg)
+    assert int8.is_int8(run.model.model.layers[0].self_attn.q_proj.base_layer.weight)
+    capsys.readouterr()
+    assert main(["merge", str(workdir / "model"), str(workdir / "for-merge"), str(tmp_path / "merged")]) == 0
+    assert "trained over an 8-bit (LLM.int8) base" in capsys.readouterr().out
+    assert main(["merge", str(workdir / "model"), str(workdir / "for-merge"), str(tmp_path / "dense"),
+                 "--base-8bit", "off"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    base = AutoModelForCausalLM.from_pretrained(workdir / "model")
+    assert getattr(merged.config, "quantization_config", None) is None  # a plain 32-bit model
+    adapter = read_adapter_weights(workdir / "for-merge")
+    for name, m in base.named_modules():
+        if type(m) is not torch.nn.Linear or name == "lm_head":
+            continue
+        a = adapter[f"base_model.model.{name}.lora_A.weight"]
+        b = adapter[f"base_model.model.{name}.lora_B.weight"]
+        update = (b.float() @ a.float()) * (8 / 4)
+        codes, scales, _ = bnb_functional.int8_vectorwise_quant(m.weight.data.half())
+        want = codes.float() * (scales.view(-1, 1) / 127.0) + update
+        torch.testing.assert_close(merged.get_submodule(name).weight, want, rtol=1e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(dense.get_submodule(name).weight, m.weight.data + update)
+    assert torch.equal(merged.lm_head.weight, base.lm_head.weight)  # the head stayed dense throughout
+
+
+def test_base_flags_conflict_is_one_line(workdir, tmp_path, capsys):
+    from lorafit.cli import main
+
+    assert main(["merge", str(workdir / "model"), str(workdir / "model"), str(tmp_path / "x"), "--qlora",
+                 "--base-8bit"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--qlora and --base-8bit are both given" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(("over", "message"), [
+    ({"load_in_4bit": True}, "load_in_8bit and load_in_4bit are both set"),
+    ({"adapter": None, "lora_target_linear": False}, "load_in_8bit needs adapter: lora"),
+    ({"adapter": "qlora", "load_in_4bit": False}, "adapter is qlora but load_in_4bit is not set"),
+    ({"peft_use_dora": True}, "load_in_8bit and peft_use_dora cannot be combined"),
+    ({"lora_init": "pissa"}, "load_in_8bit and lora_init: pissa cannot be combined"),
+    ({"fsdp_version": 2}, "load_in_8bit with FSDP2 is not supported"),
+])
+def test_what_is_not_supported_over_an_8bit_base_is_one_line(workdir, over, message):
+    with pytest.raises(LorafitError, match=message) as e:
+        train_config(workdir, "bad", **over)
+    assert "\n" not in str(e.value)

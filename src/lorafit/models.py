@@ -280,7 +280,7 @@ def dequantize_base(model) -> int:
     for name, m in layers:
         dtype = getattr(m, "compute_dtype", None) or torch.float32
         dense = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta", dtype=dtype)
-        w = int8.dequantize(m.weight) if int8.is_int8(m.weight) else nf4.dequantize(m.weight)
+        w = int8.dequantize(m) if int8.is_int8(m.weight) else nf4.dequantize(m.weight)
         dense.weight = torch.nn.Parameter(w.to(dtype), requires_grad=False)
         if m.bias is not None:
             dense.bias = torch.nn.Parameter(m.bias.data.to(dtype), requires_grad=False)

@@ -24,8 +24,8 @@ THRESHOLD = 6.0
 
 
 def is_int8(weight) -> bool:
-    """Whether ``weight`` is a bitsandbytes ``Int8Params`` that has been quantized (int8 codes and row scales)."""
-    return getattr(weight, "SCB", None) is not None and getattr(weight, "dtype", None) == torch.int8
+    """Whether ``weight`` is a bitsandbytes ``Int8Params`` holding int8 codes (a frozen 8-bit weight)."""
+    return type(weight).__name__ == "Int8Params" and weight.dtype == torch.int8
 
 
 def quantize(weight: torch.Tensor) -> torch.nn.Parameter:
@@ -35,15 +35,22 @@ def quantize(weight: torch.Tensor) -> torch.nn.Parameter:
     return param.to(weight.device)
 
 
-def dequantize(weight) -> torch.Tensor:
-    """The dense (out × in) fp32 weight an ``Int8Params`` stands for: ``CB · SCB / 127``, bitsandbytes'
+def scales(layer) -> torch.Tensor:
+    """A ``Linear8bitLt``'s fp32 row scales: on its weight until its first forward, which moves them (and the
+    codes) into ``layer.state``, as bitsandbytes does."""
+    return layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
+
+
+def dequantize(layer) -> torch.Tensor:
+    """The dense (out × in) fp32 weight of a ``Linear8bitLt``: ``CB · SCB / 127``, bitsandbytes'
     ``int8_vectorwise_dequant`` (what PEFT merges into)."""
-    return bnb().functional.int8_vectorwise_dequant(weight.CB if weight.CB is not None else weight.data, weight.SCB)
+    return bnb().functional.int8_vectorwise_dequant(layer.weight.data, scales(layer))
 
 
-def int8_bytes(weight) -> int:
-    """Bytes an ``Int8Params`` holds: the int8 codes and the fp32 row scales."""
-    return weight.data.numel() * weight.data.element_size() + weight.SCB.numel() * weight.SCB.element_size()
+def int8_bytes(layer) -> int:
+    """Bytes a ``Linear8bitLt``'s weight holds: the int8 codes and the fp32 row scales."""
+    w, s = layer.weight.data, scales(layer)
+    return w.numel() * w.element_size() + s.numel() * s.element_size()
 
 
 class LoraDeltaFunction(torch.autograd.Function):

@@ -166,7 +166,7 @@ class Int8LoraVariant(QLoraVariant):
     groups = False
 
     def dense_weight(self, layer) -> torch.Tensor:
-        return int8.dequantize(layer.base_layer.weight)
+        return int8.dequantize(layer.base_layer)
 
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != layer.base_dtype:
