@@ -329,3 +329,33 @@ def test_what_is_not_supported_over_an_8bit_base_is_one_line(workdir, over, mess
     with pytest.raises(LorafitError, match=message) as e:
         train_config(workdir, "bad", **over)
     assert "\n" not in str(e.value)
+
+
+# ---- the estimator counts what bitsandbytes holds -------------------------------------------------------------
+def test_estimated_8bit_weights_are_the_real_bytes(workdir):
+    from lorafit.memory.estimate import Settings, estimate
+    from lorafit.memory.settings import settings_from_config
+    from lorafit.memory.spec import resolve_spec
+    from lorafit.models import load_model
+
+    s = settings_from_config(train_config(workdir, "est"), "cpu")
+    assert s.eight_bit and not s.lean and s.dtype == "float32"
+    model = load_model(str(workdir / "model"))
+    quantize_base_8bit(model)
+    real = sum(int8.int8_bytes(m) if int8.is_int8(getattr(m, "weight", None)) else
+               sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
+               for m in model.modules())
+    spec = resolve_spec(str(workdir / "model"))
+    assert estimate(spec, s).component("weights").bytes == real
+    dense = estimate(spec, Settings(**{**s.to_dict(), "eight_bit": False})).component("weights").bytes
+    assert real < dense  # int8 linears are smaller than their fp32 originals
+
+
+@pytest.mark.parametrize(("over", "message"), [(dict(method="full"), "an 8-bit base takes plain LoRA"),
+                                               (dict(four_bit="nf4"), "an 8-bit base takes plain LoRA"),
+                                               (dict(nproc=2, fsdp=True), "8-bit base with FSDP2 is not supported")])
+def test_estimator_settings_refuse_what_training_refuses(over, message):
+    from lorafit.memory.estimate import Settings
+
+    with pytest.raises(LorafitError, match=message):
+        Settings(eight_bit=True, **over)
