@@ -195,6 +195,34 @@ def test_training_steps_track_peft(pair):
         torch.testing.assert_close(layer.lora_B.weight, want, rtol=1e-3, atol=1e-3 * float(want.detach().abs().max()))
 
 
+def test_checkpointing_and_dropout_give_the_same_step(pair):
+    """Checkpointing recomputes each block, the int8 forward and the dropout mask included: loss and LoRA
+    gradients equal an uncheckpointed step's."""
+    from conftest import options
+
+    from lorafit.train import make_trainable
+
+    runs = []
+    for ckpt in (False, True):
+        model = copy.deepcopy(pair["ours"])
+        torch.manual_seed(5)
+        make_trainable(model, LoraConfig(r=R, alpha=ALPHA, dropout=0.1, target_modules="all-linear"), ckpt,
+                       options(compile_=False))
+        assert model.is_gradient_checkpointing == ckpt
+        with torch.no_grad():
+            for _, layer in named_lora_layers(model):
+                layer.lora_B.weight.normal_(0, 0.05)
+        model.train()
+        b = batches(1)[0]
+        torch.manual_seed(6)
+        out = model(input_ids=b["input_ids"], labels=b["labels"])
+        out.loss.backward()
+        runs.append((out.loss.detach(), {n: layer.lora_A.weight.grad for n, layer in named_lora_layers(model)}))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-6, atol=0)
+    for name, g in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_adapters_go_both_ways_with_the_same_logits(pair, tmp_path):
     ours, peft_model, _ = with_same_adapters(copy.deepcopy(pair["ours"]), copy.deepcopy(pair["theirs"]), b_std=0.05)
     ids = batches(1)[0]["input_ids"]
@@ -270,20 +298,46 @@ def train_config(workdir, out: str, **kw):
     return TrainConfig.from_dict({**d, **kw})
 
 
-def test_cli_merge_of_an_8bit_adapter_is_dense_dequantized_plus_update(workdir, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def trained(workdir):
+    """A 3-step ``lorafit train`` run with ``load_in_8bit: true``; its output folder."""
+    from lorafit.train import train
+    from lorafit.train.run_record import fingerprint
+
+    cfg = train_config(workdir, "for-merge", save_steps=2)
+    assert fingerprint(cfg)["load_in_8bit"] is True
+    run = train(cfg)
+    assert int8.is_int8(run.model.model.layers[0].self_attn.q_proj.base_layer.weight)
+    return workdir / "for-merge"
+
+
+def test_the_run_record_says_the_base_was_8bit(trained, workdir):
+    from lorafit.cli.loading import base_for
+    from lorafit.train.run_record import recorded_quantization
+
+    assert recorded_quantization(trained) == {"four_bit": None, "eight_bit": True}
+    assert recorded_quantization(trained / "checkpoint-2") == {"four_bit": None, "eight_bit": True}
+    assert recorded_quantization(workdir / "model") is None  # no record: PEFT files do not say
+    assert base_for(str(trained), None, "off") == {"four_bit": None, "eight_bit": False}
+    assert base_for(str(workdir / "model"), None, None) == {"four_bit": None, "eight_bit": False}
+
+
+def test_cli_generate_over_an_8bit_adapter_loads_the_8bit_base(trained, workdir, capsys):
+    from lorafit.cli import main
+
+    assert main(["generate", str(workdir / "model"), "Repeat twice: fig", "--adapter", str(trained),
+                 "--max-new-tokens", "2"]) == 0
+    assert "trained over an 8-bit (LLM.int8) base" in capsys.readouterr().out
+
+
+def test_cli_merge_of_an_8bit_adapter_is_dense_dequantized_plus_update(trained, workdir, tmp_path, capsys):
     """The run record says the adapter was trained over an int8 base, so merge needs no flag; --base-8bit off
     merges into the dense weights instead."""
     from transformers import AutoModelForCausalLM
 
     from lorafit.cli import main
     from lorafit.lora import read_adapter_weights
-    from lorafit.train import train
-    from lorafit.train.run_record import fingerprint
 
-    cfg = train_config(workdir, "for-merge")
-    assert fingerprint(cfg)["load_in_8bit"] is True
-    run = train(cfg)
-    assert int8.is_int8(run.model.model.layers[0].self_attn.q_proj.base_layer.weight)
     capsys.readouterr()
     assert main(["merge", str(workdir / "model"), str(workdir / "for-merge"), str(tmp_path / "merged")]) == 0
     assert "trained over an 8-bit (LLM.int8) base" in capsys.readouterr().out
