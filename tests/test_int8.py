@@ -413,3 +413,11 @@ def test_estimator_settings_refuse_what_training_refuses(over, message):
 
     with pytest.raises(LorafitError, match=message):
         Settings(eight_bit=True, **over)
+
+
+def test_parameter_count_is_peft_s(pair):
+    from lorafit.lora.inject import count_parameters
+
+    ours, peft_model, _ = with_same_adapters(copy.deepcopy(pair["ours"]), copy.deepcopy(pair["theirs"]))
+    count = count_parameters(ours)
+    assert (count.trainable, count.total) == peft_model.get_nb_trainable_parameters()
