@@ -434,7 +434,7 @@ class TrainConfig(BaseModel):
             raise ValueError(f"fsdp_version {self.fsdp_version}: lorafit shards with FSDP2 only; set fsdp_version: 2")
         if self.load_in_8bit:
             raise ValueError("load_in_8bit with FSDP2 is not supported; drop the fsdp keys (several processes then "
-                             "train with DDP) or use adapter: lora on a bf16 base")
+                             "train with DDP) or drop load_in_8bit (LoRA on a bf16 base)")
         if self.load_in_4bit:
             raise ValueError("QLoRA (load_in_4bit) with FSDP2 is not supported yet; drop the fsdp keys (several "
                              "processes then train with DDP) or use adapter: lora on a bf16 base")
