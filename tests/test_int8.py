@@ -421,3 +421,20 @@ def test_parameter_count_is_peft_s(pair):
     ours, peft_model, _ = with_same_adapters(copy.deepcopy(pair["ours"]), copy.deepcopy(pair["theirs"]))
     count = count_parameters(ours)
     assert (count.trainable, count.total) == peft_model.get_nb_trainable_parameters()
+
+
+@pytest.mark.slow
+def test_a_gguf_base_is_dequantized_then_quantized_to_int8():
+    from lorafit.models import demo_model_file, load_model, load_model_and_tokenizer
+
+    try:
+        gguf = demo_model_file()
+    except LorafitError:
+        pytest.skip("demo GGUF not installed")
+    model, _ = load_model_and_tokenizer(str(gguf), eight_bit=True)
+    dense = load_model(str(gguf))
+    layers = int8_layers(model)
+    assert len(layers) == 30 * 7 and type(model.lm_head) is torch.nn.Linear
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.29.mlp.down_proj"):
+        codes, scales, _ = bnb_functional.int8_vectorwise_quant(dense.get_submodule(name).weight.data.half())
+        assert torch.equal(layers[name].weight.data, codes) and torch.equal(int8.scales(layers[name]), scales)
