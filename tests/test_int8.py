@@ -374,7 +374,7 @@ def test_base_flags_conflict_is_one_line(workdir, tmp_path, capsys):
 @pytest.mark.parametrize(("over", "message"), [
     ({"load_in_4bit": True}, "load_in_8bit and load_in_4bit are both set"),
     ({"adapter": None, "lora_target_linear": False}, "load_in_8bit needs adapter: lora"),
-    ({"adapter": "qlora", "load_in_4bit": False}, "adapter is qlora but load_in_4bit is not set"),
+    ({"adapter": "qlora"}, "load_in_8bit with adapter: qlora: QLoRA is a 4-bit base"),
     ({"peft_use_dora": True}, "load_in_8bit and peft_use_dora cannot be combined"),
     ({"lora_init": "pissa"}, "load_in_8bit and lora_init: pissa cannot be combined"),
     ({"fsdp_version": 2}, "load_in_8bit with FSDP2 is not supported"),

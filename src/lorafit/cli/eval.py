@@ -68,7 +68,8 @@ def cmd_eval(args) -> int:
     if adapter and not args.no_base:
         from lorafit.eval import cache
 
-        key = cache.base_key(base_model, cfg, args.heldout, args.retention, args.limit, quantized="int8" if held["eight_bit"] else held["four_bit"])
+        quantized = "int8" if held["eight_bit"] else held["four_bit"]  # a 4-bit key as before 8-bit bases
+        key = cache.base_key(base_model, cfg, args.heldout, args.retention, args.limit, quantized=quantized)
         if args.no_cache:
             cache.forget(key)
     results = evaluate_columns(model, tok, cfg, has_adapter=bool(adapter), with_base=not args.no_base,

@@ -403,6 +403,8 @@ class TrainConfig(BaseModel):
 
     def _check_four_bit(self) -> None:
         """axolotl's rules: qlora needs load_in_4bit, a 4-bit base needs an adapter, and DoRA a dense base."""
+        if self.load_in_8bit:  # first: its own lines are more precise than the 4-bit ones below
+            self._check_eight_bit()
         if self.adapter == "qlora" and not self.load_in_4bit:
             raise ValueError("adapter is qlora but load_in_4bit is not set; add load_in_4bit: true")
         if self.load_in_4bit and not self.is_lora:
@@ -410,8 +412,6 @@ class TrainConfig(BaseModel):
         if self.load_in_4bit and (self.peft_use_dora or self.lora_init == "pissa"):
             raise ValueError(f"load_in_4bit and {'peft_use_dora' if self.peft_use_dora else 'lora_init: pissa'} cannot "
                              "be combined (they need the dense base weight); use plain QLoRA or a bf16/fp32 base")
-        if self.load_in_8bit:
-            self._check_eight_bit()
 
     def _check_eight_bit(self) -> None:
         """load_in_8bit is LoRA over an int8 base; what lorafit does not implement over it is one line."""
