@@ -256,6 +256,16 @@ def test_merge_writes_dequantized_base_plus_update(pair):
         torch.testing.assert_close(layer.weight, w, rtol=1e-6, atol=1e-7, msg=name)
 
 
+def test_unmerge_restores_the_8bit_layer(pair):
+    ours, _, _ = with_same_adapters(copy.deepcopy(pair["ours"]), copy.deepcopy(pair["theirs"]), b_std=0.05)
+    layer = next(layer for _, layer in named_lora_layers(ours))
+    packed = layer.base_layer
+    layer.merge()
+    assert type(layer.base_layer) is torch.nn.Linear and layer.merged
+    layer.unmerge()
+    assert layer.base_layer is packed and not layer.merged
+
+
 def test_untargeted_8bit_layers_dequantize(pair):
     model = copy.deepcopy(pair["ours"])
     with torch.no_grad():
