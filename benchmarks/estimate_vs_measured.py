@@ -12,6 +12,8 @@ the runtime options it was measured and estimated with (``--reestimate`` uses th
                                                                    # writes estimate_vs_measured_heldout.json
     .venv/bin/python benchmarks/estimate_vs_measured.py --rows qlora   # QLoRA and 8-bit AdamW rows (never
                                                                    # fitted), writes estimate_vs_measured_qlora.json
+    .venv/bin/python benchmarks/estimate_vs_measured.py --rows int8    # LoRA over an 8-bit base (never fitted),
+                                                                   # writes estimate_vs_measured_int8.json
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/estimate_vs_measured.py --rows distributed   # DDP and FSDP2
                                                                    # rows: one rank of 2 torchrun processes
                                                                    # (gloo, one thread each), writes
@@ -130,6 +132,12 @@ QLORA_ROWS = [
     ("qwen2-small", dict(method="qlora", dtype="bfloat16", micro_batch=2, seq_len=256, r=16,
                          optimizer="paged_adamw_8bit")),
 ]
+# LoRA over an 8-bit LLM.int8 base (load_in_8bit): estimated with the constants fitted above, never fitted
+# themselves. `--rows int8` writes estimate_vs_measured_int8.json.
+INT8_ROWS = [
+    ("llama-small", dict(method="lora", eight_bit=True, dtype="float32", micro_batch=2, seq_len=256, r=16,
+                         gradient_checkpointing=ckpt)) for ckpt in (False, True)
+] + [("llama-small", dict(method="lora", eight_bit=True, dtype="bfloat16", micro_batch=2, seq_len=256, r=16))]
 # Under torchrun, 2 gloo processes on this CPU (one thread each): one rank's peak against the estimate per rank,
 # DDP (a replica + its gradient buckets) and FSDP2 (shards + the gathered root and layers), tied and untied heads,
 # fp32 and bf16, with and without checkpointing. Never fitted. `--rows distributed` writes
@@ -220,9 +228,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--cuda", action="store_true")
     ap.add_argument("--rows", help="a split (fit | heldout) or comma-separated indices of fit rows")
-    ap.add_argument("--split", choices=["fit", "heldout", "qlora", "distributed"], default="fit",
+    ap.add_argument("--split", choices=["fit", "heldout", "qlora", "int8", "distributed"], default="fit",
                     help="fit: the 22 rows the constants were calibrated on (default); heldout: rows never fitted; "
-                         "qlora: 4-bit bases and 8-bit optimizers (never fitted); distributed: one rank of 2 "
+                         "qlora: 4-bit bases and 8-bit optimizers (never fitted); int8: 8-bit bases (never fitted); distributed: one rank of 2 "
                          "torchrun processes, DDP and FSDP2 (never fitted)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", help="results JSON (default benchmarks/results/estimate_vs_measured[_cuda].json)")
@@ -231,9 +239,9 @@ def main() -> int:
                     help="recompute estimates and errors of the results JSON from its stored measured peaks")
     args = ap.parse_args()
     device = "cuda" if args.cuda else "cpu"
-    if args.rows in ("fit", "heldout", "qlora", "distributed"):
+    if args.rows in ("fit", "heldout", "qlora", "int8", "distributed"):
         args.split, args.rows = args.rows, None
-    heldout = args.split in ("heldout", "qlora", "distributed") and not args.cuda
+    heldout = args.split in ("heldout", "qlora", "int8", "distributed") and not args.cuda
     suffix = "_cuda" if args.cuda else f"_{args.split}" if heldout else ""
     default_name = f"estimate_vs_measured{suffix}.json"
     out = Path(args.out or ROOT / "benchmarks" / "results" / default_name)
@@ -245,7 +253,7 @@ def main() -> int:
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 prints the row, with every rank's peak
             print(json.dumps(row))
         return 0
-    split_rows = {"qlora": QLORA_ROWS, "distributed": DISTRIBUTED_ROWS, "heldout": HELDOUT_ROWS}
+    split_rows = {"qlora": QLORA_ROWS, "int8": INT8_ROWS, "distributed": DISTRIBUTED_ROWS, "heldout": HELDOUT_ROWS}
     rows = CUDA_ROWS if args.cuda else split_rows[args.split] if heldout else ROWS
     idx = [int(i) for i in args.rows.split(",")] if args.rows else QUICK if args.quick and not args.cuda and not heldout else range(len(rows))
     results = []

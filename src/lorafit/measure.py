@@ -76,6 +76,10 @@ def build_model(spec: ModelSpec, s: Settings, model_name: str | None = None, see
         from lorafit.models import quantize_base
 
         quantize_base(model, s.four_bit, s.double_quant)
+    if s.eight_bit:
+        from lorafit.models import quantize_base_8bit
+
+        quantize_base_8bit(model)
     _prepare(model, s)
     return model
 

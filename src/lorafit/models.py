@@ -189,19 +189,24 @@ def _cache_demo_model(model, tok) -> None:
 
 def load_model_and_tokenizer(name: str, dtype: str | torch.dtype = "float32", tokenizer: str | None = None, *,
                              base_dir: Path | None = None, attn_implementation: str = "sdpa",
-                             four_bit: dict | None = None):
+                             four_bit: dict | None = None, eight_bit: bool = False):
     """Load model and tokenizer (from ``tokenizer`` if given); the tokenizer always has a pad token.
 
     Relative paths are taken relative to ``base_dir`` (a config's folder; the working directory when None).
-    ``four_bit``: :func:`quantize_base`'s arguments, to load the base in 4 bits (QLoRA)."""
+    ``four_bit``: :func:`quantize_base`'s arguments, to load the base in 4 bits (QLoRA); ``eight_bit``: the base
+    in 8 bits (:func:`quantize_base_8bit`, LLM.int8)."""
     from_gguf_demo = name in DEMO_ALIASES and resolve_model_path(name)[1] is not None
     tok = load_tokenizer(tokenizer, base_dir) if tokenizer else load_tokenizer(name, base_dir, "base_model")
     model = load_model(name, "float32" if from_gguf_demo else dtype, attn_implementation, base_dir)
     if from_gguf_demo:
         _cache_demo_model(model, tok)
         model = model.to(parse_dtype(dtype))
+    if four_bit is not None and eight_bit:
+        raise LorafitError("load_in_8bit and load_in_4bit are both set; keep one")
     if four_bit is not None:
         quantize_base(model, **four_bit)
+    if eight_bit:
+        quantize_base_8bit(model)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
@@ -241,22 +246,48 @@ def quantize_base(model, quant_type: str = "nf4", double_quant: bool = True) -> 
     return len(layers)
 
 
-def dequantize_base(model) -> int:
-    """Replace every 4-bit layer left in ``model`` by a dense ``nn.Linear`` holding ``dequantize`` of its codes
-    (in its compute dtype): after merging a QLoRA adapter, the untargeted layers keep the weights the adapter was
-    trained against, and the model saves as a plain one."""
-    from lorafit.kernels import nf4
+def quantize_base_8bit(model) -> int:
+    """Replace the model's linear layers (:func:`quantizable_linears`, the ones transformers' 8-bit loader
+    converts) in place by bitsandbytes ``Linear8bitLt`` layers (frozen int8 weights, threshold 6.0) holding
+    ``int8_vectorwise_quant`` of their fp16-rounded weights: what ``BitsAndBytesConfig(load_in_8bit=True)``
+    loads from the same weights. ``compute_dtype`` is set on each layer: the dtype its input and output keep."""
+    from lorafit.kernels import int8
 
-    layers = [(n, m) for n, m in model.named_modules() if nf4.is_4bit(getattr(m, "weight", None))]
+    bnb = int8.bnb()
+    layers = quantizable_linears(model)
+    for name, m in layers:
+        q = bnb.nn.Linear8bitLt(m.in_features, m.out_features, bias=m.bias is not None, has_fp16_weights=False,
+                                threshold=int8.THRESHOLD, device="meta")
+        q.weight = int8.quantize(m.weight.data)
+        if m.bias is not None:
+            q.bias = torch.nn.Parameter(m.bias.data, requires_grad=False)
+        q.compute_dtype = m.weight.dtype
+        q.train(m.training)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q)
+    model.lorafit_eight_bit = True
+    return len(layers)
+
+
+def dequantize_base(model) -> int:
+    """Replace every 4-bit or 8-bit layer left in ``model`` by a dense ``nn.Linear`` holding ``dequantize`` of its
+    codes (in its compute dtype): after merging an adapter trained over a quantized base, the untargeted layers
+    keep the weights the adapter was trained against, and the model saves as a plain one."""
+    from lorafit.kernels import int8, nf4
+
+    layers = [(n, m) for n, m in model.named_modules()
+              if nf4.is_4bit(getattr(m, "weight", None)) or int8.is_int8(getattr(m, "weight", None))]
     for name, m in layers:
         dtype = getattr(m, "compute_dtype", None) or torch.float32
         dense = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta", dtype=dtype)
-        dense.weight = torch.nn.Parameter(nf4.dequantize(m.weight).to(dtype), requires_grad=False)
+        w = int8.dequantize(m) if int8.is_int8(m.weight) else nf4.dequantize(m.weight)
+        dense.weight = torch.nn.Parameter(w.to(dtype), requires_grad=False)
         if m.bias is not None:
             dense.bias = torch.nn.Parameter(m.bias.data.to(dtype), requires_grad=False)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, dense)
     vars(model).pop("lorafit_four_bit", None)
+    vars(model).pop("lorafit_eight_bit", None)
     return len(layers)
 
 

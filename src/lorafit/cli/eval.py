@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from lorafit.cli.loading import add_qlora_flag, four_bit_for, model_with_adapter
+from lorafit.cli.loading import add_qlora_flag, base_for, model_with_adapter
 from lorafit.errors import LorafitError
 from lorafit.fsutil import check_new_file, write_json
 
@@ -61,13 +61,15 @@ def cmd_eval(args) -> int:
     base_model, adapter, cfg = resolve_target(args)
     if cfg is None and not (args.heldout or args.retention):
         raise LorafitError("give a training config (for its eval split), --heldout or --retention")
-    four_bit = four_bit_for(adapter, args.qlora, Console(), default=cfg.four_bit if cfg is not None else None)
-    model, tok = model_with_adapter(base_model, adapter, four_bit=four_bit)
+    default = {"four_bit": cfg.four_bit, "eight_bit": cfg.load_in_8bit} if cfg is not None else None
+    held = base_for(adapter, args.qlora, args.base_8bit, Console(), default=default)
+    model, tok = model_with_adapter(base_model, adapter, **held)
     key = None
     if adapter and not args.no_base:
         from lorafit.eval import cache
 
-        key = cache.base_key(base_model, cfg, args.heldout, args.retention, args.limit, quantized=four_bit)
+        quantized = "int8" if held["eight_bit"] else held["four_bit"]  # a 4-bit key as before 8-bit bases
+        key = cache.base_key(base_model, cfg, args.heldout, args.retention, args.limit, quantized=quantized)
         if args.no_cache:
             cache.forget(key)
     results = evaluate_columns(model, tok, cfg, has_adapter=bool(adapter), with_base=not args.no_base,

@@ -6,7 +6,7 @@ import argparse
 
 from rich.console import Console
 
-from lorafit.cli.loading import add_qlora_flag, four_bit_for, model_with_adapter
+from lorafit.cli.loading import add_qlora_flag, base_for, model_with_adapter
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,8 +39,8 @@ def cmd_generate(args) -> int:
     import torch
 
     console = Console()
-    four_bit = four_bit_for(args.adapter, args.qlora, console)
-    model, tok = model_with_adapter(args.base_model, args.adapter, four_bit=four_bit)
+    held = base_for(args.adapter, args.qlora, args.base_8bit, console)
+    model, tok = model_with_adapter(args.base_model, args.adapter, **held)
     if args.sample:
         decoding = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p)
     else:

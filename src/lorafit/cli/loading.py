@@ -7,16 +7,17 @@ from __future__ import annotations
 
 
 def model_with_adapter(base_model: str, adapter: str | None, dtype: str = "float32", four_bit: dict | None = None,
-                       device: str | None = None):
+                       device: str | None = None, eight_bit: bool = False):
     """``(model, tokenizer)`` in eval mode, with ``adapter`` attached when given; ``four_bit``: the base in 4 bits
-    (``lorafit.models.quantize_base``'s arguments), as a QLoRA adapter was trained. On ``device``: by default the
-    GPU when there is one, as ``lorafit train`` runs."""
+    (``lorafit.models.quantize_base``'s arguments), as a QLoRA adapter was trained; ``eight_bit``: in 8 bits
+    (LLM.int8), as a ``load_in_8bit`` adapter was. On ``device``: by default the GPU when there is one, as
+    ``lorafit train`` runs."""
     import torch
 
     from lorafit.lora import load_adapter
     from lorafit.models import load_model_and_tokenizer
 
-    model, tok = load_model_and_tokenizer(base_model, dtype, four_bit=four_bit)
+    model, tok = load_model_and_tokenizer(base_model, dtype, four_bit=four_bit, eight_bit=eight_bit)
     if adapter:
         load_adapter(model, adapter)
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -31,6 +32,10 @@ def add_qlora_flag(p, what: str) -> None:
                         f"without, as under adapter: lora + load_in_4bit): {what} the dequantized 4-bit weights it "
                         "was trained against. An adapter lorafit trained says so itself (its lorafit-run.json); "
                         "off: a dense base whatever it says")
+    p.add_argument("--base-8bit", nargs="?", const="on", choices=["on", "off"], default=None,
+                   help=f"the adapter was trained over an 8-bit base (load_in_8bit, LLM.int8): {what} the "
+                        "dequantized int8 weights it was trained against. An adapter lorafit trained says so itself; "
+                        "off: a dense base whatever it says")
 
 
 def four_bit_of(choice: str | None) -> dict | None:
@@ -38,21 +43,29 @@ def four_bit_of(choice: str | None) -> dict | None:
     return None if choice in (None, "off") else {"quant_type": choice, "double_quant": choice == "nf4"}
 
 
-def four_bit_for(adapter: str | None, choice: str | None, console=None, default: dict | None = None) -> dict | None:
-    """How to hold the base under ``adapter``: as ``--qlora`` says when given, else as the run that trained the
-    adapter held it (its record), so a QLoRA adapter is scored and merged over the weights it learned against;
+def base_for(adapter: str | None, qlora: str | None, base_8bit: str | None, console=None,
+             default: dict | None = None) -> dict:
+    """How to hold the base under ``adapter`` (``model_with_adapter``'s ``four_bit`` and ``eight_bit``): as
+    ``--qlora`` / ``--base-8bit`` say when given, else as the run that trained the adapter held it (its record),
+    so an adapter trained over a 4-bit or 8-bit base is scored and merged over the weights it learned against;
     ``default`` for an adapter with no record."""
-    if choice is not None or not adapter:
-        return four_bit_of(choice)
-    from lorafit.config.schema import four_bit_settings
-    from lorafit.train.run_record import recorded_fingerprint
+    from lorafit.errors import LorafitError
 
-    fp = recorded_fingerprint(adapter)
-    if fp is None:
-        return default
-    four_bit = four_bit_settings(fp.get("adapter"), fp.get("load_in_4bit"), fp.get("bnb_config_kwargs"))
-    if four_bit is not None and console is not None:
-        console.print(f"[yellow]note:[/] {adapter} was trained over a 4-bit {four_bit['quant_type']} base (its run "
-                      "record): loading the base that way; --qlora off for the dense base", highlight=False,
+    if qlora not in (None, "off") and base_8bit == "on":
+        raise LorafitError("--qlora and --base-8bit are both given; an adapter was trained over one base, keep one")
+    if qlora is not None or base_8bit is not None or not adapter:
+        return {"four_bit": four_bit_of(qlora), "eight_bit": base_8bit == "on"}
+    from lorafit.train.run_record import recorded_quantization
+
+    held = recorded_quantization(adapter)
+    if held is None:
+        return default or {"four_bit": None, "eight_bit": False}
+    if console is not None and held["four_bit"] is not None:
+        console.print(f"[yellow]note:[/] {adapter} was trained over a 4-bit {held['four_bit']['quant_type']} base "
+                      "(its run record): loading the base that way; --qlora off for the dense base", highlight=False,
                       soft_wrap=True)
-    return four_bit
+    if console is not None and held["eight_bit"]:
+        console.print(f"[yellow]note:[/] {adapter} was trained over an 8-bit (LLM.int8) base (its run record): "
+                      "loading the base that way; --base-8bit off for the dense base", highlight=False,
+                      soft_wrap=True)
+    return held

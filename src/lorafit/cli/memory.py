@@ -97,7 +97,7 @@ def _settings(args, base: Settings | None = None, device: str = "cuda") -> Setti
         if nproc == 1:
             kw["fsdp"] = False
     if kw.get("method") in ("lora", "full"):
-        kw["four_bit"] = None  # --method lora over a qlora config: a dense base
+        kw["four_bit"], kw["eight_bit"] = None, False  # --method lora over a quantized config: a dense base
     return replace(base, **kw) if base is not None else Settings(**kw)
 
 
@@ -137,8 +137,9 @@ def cmd_estimate(args) -> int:
         raise LorafitError("--compare with FSDP2: lorafit shards LoRA only (full fine-tuning and QLoRA over FSDP2 "
                            "are not supported yet); compare without --fsdp (DDP), or estimate LoRA alone")
     if args.compare:
-        ests = [estimate(spec, replace(s, method="full", four_bit=None)),
-                estimate(spec, replace(s, method="lora", four_bit=None)), estimate(spec, replace(s, method="qlora"))]
+        dense = dict(four_bit=None, eight_bit=False)
+        ests = [estimate(spec, replace(s, method="full", **dense)), estimate(spec, replace(s, method="lora", **dense)),
+                estimate(spec, replace(s, method="qlora", eight_bit=False))]
     else:
         ests = [estimate(spec, s)]
     if args.json:
@@ -160,7 +161,7 @@ def _label(e: Estimate) -> str:
     if s.method == "full":
         return "full fine-tuning"
     t = "all-linear" if s.targets == "all-linear" else ",".join(s.targets) if isinstance(s.targets, list) else s.targets
-    return f"{'QLoRA' if s.four_bit else 'LoRA'} r={s.r} ({t})"
+    return f"{'QLoRA' if s.four_bit else 'LoRA (int8 base)' if s.eight_bit else 'LoRA'} r={s.r} ({t})"
 
 
 def print_estimates(console: Console, ests: list[Estimate], gpu_name=None, gpu_bytes=None, explain=False) -> None:

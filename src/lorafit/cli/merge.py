@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from lorafit.cli.loading import add_qlora_flag, four_bit_for, model_with_adapter
+from lorafit.cli.loading import add_qlora_flag, base_for, model_with_adapter
 from lorafit.errors import LorafitError
 from lorafit.fsutil import atomic_dir, check_new_output, display, listing, read_json, write_json
 
@@ -64,10 +64,11 @@ def cmd_merge(args) -> int:
     # merged in float32 and cast after, so a bf16/fp16 output is rounded once
     # QLoRA: W' = dequantize(quantize(W)) + s·B A, the weights the adapter was trained against, written dense;
     # re-quantizing W' to 4 bits would round most of the update away
-    four_bit = four_bit_for(args.adapter, args.qlora, console)
-    model, tok = model_with_adapter(args.base_model, args.adapter, four_bit=four_bit, device="cpu")  # written from host
+    # 8-bit: W' = dequantize(int8 W) + s·B A, the same way
+    held = base_for(args.adapter, args.qlora, args.base_8bit, console)
+    model, tok = model_with_adapter(args.base_model, args.adapter, device="cpu", **held)  # written from host
     merge_and_unload(model, safe=True)
-    if four_bit is not None:
+    if held["four_bit"] is not None or held["eight_bit"]:
         dequantize_base(model)  # the layers the adapter did not touch: dequantized too
     model = model.to(parse_dtype(args.dtype))
     with atomic_dir(out) as tmp:  # no half-written model folder if saving fails

@@ -59,7 +59,7 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
         eot_tokens train_on_eos default_system_message chat_template_kwargs batch_size max_memory
         adapter lora_model_dir lora_r lora_alpha lora_dropout lora_target_modules lora_target_linear
         lora_modules_to_save peft_use_rslora peft_use_dora peft_layers_to_transform lora_rank_pattern
-        lora_alpha_pattern load_in_4bit bnb_config_kwargs
+        lora_alpha_pattern load_in_4bit load_in_8bit bnb_config_kwargs
         datasets test_datasets val_set_size sequence_len sample_packing pad_to_sequence_len train_on_inputs
         curriculum_sampling dataset_exact_deduplication
         micro_batch_size gradient_accumulation_steps num_epochs max_steps learning_rate lr_scheduler warmup_steps
@@ -144,8 +144,6 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
     "shuffle_before_merging_datasets": (IGNORED, "lorafit shuffles the merged rows with seed"),
     "dataloader_drop_last": (IGNORED, "a last partial batch is kept"),
     "max_packed_sequence_len": (IGNORED, "sequence_len bounds packed rows"),
-    "load_in_8bit": (IGNORED, "lorafit loads the base in bf16/fp32; 8-bit (LLM.int8) bases are not supported yet, "
-                              "for a quantized base use adapter: qlora with load_in_4bit: true"),
     "eval_batch_size": (IGNORED, "evaluation uses micro_batch_size"),
     "eval_sequence_len": (IGNORED, "evaluation uses sequence_len"),
     "device_map": (IGNORED, "lorafit puts the whole model on one device"),

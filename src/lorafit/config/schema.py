@@ -176,6 +176,9 @@ class TrainConfig(BaseModel):
     # QLoRA: the base's linear layers in 4 bits (bitsandbytes); bnb_config_kwargs: axolotl's overrides of the
     # quantization (bnb_4bit_quant_type nf4/fp4, bnb_4bit_use_double_quant), see BNB_KWARGS
     load_in_4bit: bool = False
+    # LoRA over an 8-bit base: the same linear layers as bitsandbytes Linear8bitLt (LLM.int8), as axolotl passes
+    # load_in_8bit on to transformers' loader
+    load_in_8bit: bool = False
     bnb_config_kwargs: dict[str, Any] | None = None
     lora_r: int = Field(8, gt=0)
     lora_alpha: float = Field(16, gt=0)
@@ -400,6 +403,8 @@ class TrainConfig(BaseModel):
 
     def _check_four_bit(self) -> None:
         """axolotl's rules: qlora needs load_in_4bit, a 4-bit base needs an adapter, and DoRA a dense base."""
+        if self.load_in_8bit:  # first: its own lines are more precise than the 4-bit ones below
+            self._check_eight_bit()
         if self.adapter == "qlora" and not self.load_in_4bit:
             raise ValueError("adapter is qlora but load_in_4bit is not set; add load_in_4bit: true")
         if self.load_in_4bit and not self.is_lora:
@@ -408,11 +413,28 @@ class TrainConfig(BaseModel):
             raise ValueError(f"load_in_4bit and {'peft_use_dora' if self.peft_use_dora else 'lora_init: pissa'} cannot "
                              "be combined (they need the dense base weight); use plain QLoRA or a bf16/fp32 base")
 
+    def _check_eight_bit(self) -> None:
+        """load_in_8bit is LoRA over an int8 base; what lorafit does not implement over it is one line."""
+        if self.load_in_4bit:
+            raise ValueError("load_in_8bit and load_in_4bit are both set; keep one (load_in_4bit with adapter: qlora "
+                             "for QLoRA)")
+        if not self.is_lora:
+            raise ValueError("load_in_8bit needs adapter: lora; full fine-tuning cannot train an 8-bit base")
+        if self.adapter == "qlora":
+            raise ValueError("load_in_8bit with adapter: qlora: QLoRA is a 4-bit base; use load_in_4bit: true, or "
+                             "adapter: lora for LoRA over an 8-bit base")
+        if self.peft_use_dora or self.lora_init == "pissa":
+            raise ValueError(f"load_in_8bit and {'peft_use_dora' if self.peft_use_dora else 'lora_init: pissa'} cannot "
+                             "be combined (they need the dense base weight); use plain LoRA or a bf16/fp32 base")
+
     def _check_fsdp(self) -> None:
         if not self.fsdp_enabled:
             return
         if self.fsdp_version not in (None, 2):
             raise ValueError(f"fsdp_version {self.fsdp_version}: lorafit shards with FSDP2 only; set fsdp_version: 2")
+        if self.load_in_8bit:
+            raise ValueError("load_in_8bit with FSDP2 is not supported; drop the fsdp keys (several processes then "
+                             "train with DDP) or drop load_in_8bit (LoRA on a bf16 base)")
         if self.load_in_4bit:
             raise ValueError("QLoRA (load_in_4bit) with FSDP2 is not supported yet; drop the fsdp keys (several "
                              "processes then train with DDP) or use adapter: lora on a bf16 base")

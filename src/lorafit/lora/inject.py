@@ -18,11 +18,11 @@ from torch import nn
 
 from lorafit import targets as targets_rule
 from lorafit.errors import LorafitError
-from lorafit.kernels import nf4
+from lorafit.kernels import int8, nf4
 from lorafit.lora.config import ALL_LINEAR, LoraConfig
 from lorafit.lora.embedding import LoraEmbedding
 from lorafit.lora.layer import WRAPPABLE, LoraLinear
-from lorafit.lora.variants import DORA, PLAIN, QLORA
+from lorafit.lora.variants import DORA, INT8, PLAIN, QLORA
 from lorafit.options import RuntimeOptions
 
 # What a LoRA target may be: a linear layer (LoraLinear; the output head included when named) or the token
@@ -177,7 +177,13 @@ def _untie(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def _variant(name: str, base: nn.Module, config: LoraConfig):
-    """The kind of LoRA a target gets: QLoRA over a 4-bit base, DoRA when asked, else plain."""
+    """The kind of LoRA a target gets: QLoRA over a 4-bit base, LoRA over an 8-bit one, DoRA when asked, else
+    plain."""
+    if int8.is_int8(base.weight):
+        if config.use_dora or config.init == "pissa":
+            raise LorafitError(f"lora target {name!r} has an 8-bit base: DoRA and PiSSA need the dense weight; "
+                               "use plain LoRA (or load the base in bf16/fp32)")
+        return INT8
     if not nf4.is_4bit(base.weight):
         return DORA if config.use_dora else PLAIN
     if config.use_dora or config.init == "pissa":

@@ -118,8 +118,10 @@ class LoraLinear(nn.Module):
 
     @property
     def base_dtype(self) -> torch.dtype:
-        """The dtype the base computes in: its weight's, or a 4-bit base's compute dtype."""
-        return getattr(self.base_layer, "compute_dtype", None) or self.base_layer.weight.dtype
+        """The dtype the base computes in: its weight's, or a 4-bit or 8-bit base's compute dtype (an 8-bit layer
+        lorafit did not quantize has none: fp32, as transformers' 8-bit loader computes without torch_dtype)."""
+        dtype = getattr(self.base_layer, "compute_dtype", None) or self.base_layer.weight.dtype
+        return torch.float32 if dtype == torch.int8 else dtype
 
     def delta_weight(self) -> torch.Tensor:
         """What merging adds to the base weight, in fp32, shaped (out × in) (``s · B A`` for plain LoRA)."""

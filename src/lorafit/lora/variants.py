@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorafit.kernels import dora, nf4
+from lorafit.kernels import dora, int8, nf4
 from lorafit.kernels.lora_branch import LoraLinearFunction
 
 
@@ -151,6 +151,32 @@ class QLoraVariant(LoraVariant):
                                              layer.options)
 
 
+class Int8LoraVariant(QLoraVariant):
+    """Plain LoRA over a frozen 8-bit base (LLM.int8, transformers' ``load_in_8bit`` + PEFT): ``base_layer`` is
+    bitsandbytes' ``Linear8bitLt`` and its own forward computes the base output (so the base math is PEFT's to
+    the bit); lorafit's LoRA branch is added to it (:class:`lorafit.kernels.int8.LoraDeltaFunction`).
+
+    Merging is QLoRA's: a dense ``dequantize(int8 W) + s · B A`` replaces the 8-bit layer. Not lean: the
+    shared-input groups and the fused gated MLP multiply by a dense weight themselves, which would not be the
+    int8 layer's matmul, so its layers run one at a time (as DoRA's do).
+    """
+
+    name = "int8"
+    lean = False
+    groups = False
+
+    def dense_weight(self, layer) -> torch.Tensor:
+        return int8.dequantize(layer.base_layer)
+
+    def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != layer.base_dtype:
+            x = x.to(layer.base_dtype)
+        base = layer.base_layer(x)
+        return int8.LoraDeltaFunction.apply(base, x, layer.lora_A.weight, layer.lora_B.weight, layer.scaling,
+                                            layer.dropout_p if layer.training else 0.0, layer.options)
+
+
 PLAIN = LoraVariant()
 DORA = DoraVariant()
 QLORA = QLoraVariant()
+INT8 = Int8LoraVariant()

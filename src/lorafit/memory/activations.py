@@ -222,10 +222,15 @@ def activations(spec: ModelSpec, s, adapters: Adapters) -> Activations:
         # offload: the inputs wait in host memory (transformers' save_on_cpu); one is back for its recompute
         offloaded = s.offload_checkpoints and s.device == "cuda"
         kept = 1 if offloaded else n_in
-        total = kept * n_tok * d * e + rotary + final + outside
+        # An 8-bit base: bitsandbytes' int8 matmul keeps its input as a ctx attribute, out of checkpointing's
+        # reach, so each block's linear inputs (one per input group) stay until backward passes (measured)
+        int8_held = n_tok * e * sum(dict((g, i) for _, i, _, g in spec.linear_layers()).values()) \
+            if getattr(s, "eight_bit", False) else 0
+        total = kept * n_tok * d * e + n_in * int8_held + rotary + final + outside
         where = f"{n_in} layer inputs in host memory, one on the device" if offloaded else f"{n_in} layer inputs"
-        return Activations(total, per_layer, per_layer, rotary + n_tok * d * e,
-                           f"checkpointing: {where} × {n_tok} tokens × {d} × {e} B "
+        held = f" + {n_in} × the int8 layers' inputs {int8_held / 2**20:.1f} MiB" if int8_held else ""
+        return Activations(total, per_layer, per_layer, rotary + n_tok * d * e + int8_held,
+                           f"checkpointing: {where} × {n_tok} tokens × {d} × {e} B{held} "
                            f"+ final norm + rotary; one layer ({per_layer / 2**20:.1f} MiB) recomputed in backward")
     # every LoRA layer with dropout keeps its mask's seed (two int32); a DoRA layer its fp32 row norms
     n_lora = sum(len(w) for w in adapters)
@@ -368,8 +373,10 @@ def backward_temporaries(spec: ModelSpec, s, adapters: Adapters) -> Temporaries:
     shapes = {n: i * o for n, i, o, _ in spec.linear_layers()}
     wrapped = {n for w in adapters for n in w}
     weight_copy = 4 * max(shapes[n] for n in wrapped) if s.upcast and wrapped else 0
-    # A 4-bit base: the layer's weight dequantized for its backward (lorafit.kernels.nf4), one at a time
-    dequant = e * max(shapes.values()) if getattr(s, "four_bit", None) else 0
+    # A 4-bit base: the layer's weight dequantized for its backward (lorafit.kernels.nf4), one at a time; an 8-bit
+    # base the same (bitsandbytes' int8 backward dequantizes CB · SCB for x's gradient)
+    quantized = getattr(s, "four_bit", None) or getattr(s, "eight_bit", False)
+    dequant = e * max(shapes.values()) if quantized else 0
     act = activations(spec, s, adapters)
     masks, masks_why = eager_dropout_temporaries(spec, s, adapters)
     total += act.recompute + weight_copy + dequant + masks

@@ -72,6 +72,7 @@ class Settings:
     use_dora: bool = False  # DoRA: a magnitude per output row, and what its layers save (memory.activations)
     four_bit: str | None = None  # QLoRA: the decoder linears in 4 bits ("nf4" / "fp4"), or None for a dense base
     double_quant: bool = True  # the 4-bit blocks' absmax quantized again (QLoRA's double quantization)
+    eight_bit: bool = False  # load_in_8bit: the decoder linears as LLM.int8 (int8 codes + fp32 row scales), LoRA on top
     targets: list[str] | str = "all-linear"
     layers_to_transform: list[int] | None = None  # decoder blocks that get an adapter (None: all)
     rank_pattern: dict[str, int] = field(default_factory=dict)  # module name/regex -> rank (PEFT's rule)
@@ -100,6 +101,9 @@ class Settings:
         if self.four_bit is not None and (self.method != "lora" or self.four_bit not in ("nf4", "fp4")):
             raise LorafitError(f"four_bit: got {self.four_bit!r} for {self.method}; a 4-bit base (nf4 or fp4) "
                                "takes LoRA (qlora)")
+        self.eight_bit = bool(self.eight_bit)
+        if self.eight_bit and (self.method != "lora" or self.four_bit or self.use_dora):
+            raise LorafitError("eight_bit: an 8-bit base takes plain LoRA (not full fine-tuning, QLoRA or DoRA)")
         self.dtype = dtypes.canonical(self.dtype)
         self.optimizer = str(self.optimizer).lower()
         if self.optimizer not in OPTIMIZERS:
@@ -130,6 +134,8 @@ class Settings:
         if self.fsdp and self.four_bit:
             raise LorafitError("fsdp: QLoRA (a 4-bit base) over FSDP2 is not supported yet; use LoRA with FSDP2, "
                                "or QLoRA with DDP")
+        if self.fsdp and self.eight_bit:
+            raise LorafitError("fsdp: LoRA over an 8-bit base with FSDP2 is not supported; use DDP")
         if self.fsdp and self.method != "lora":
             raise LorafitError("fsdp: full fine-tuning over FSDP2 is not supported yet; use LoRA with FSDP2")
         if isinstance(self.runtime, dict):  # from to_dict(), e.g. a stored benchmark row
@@ -142,8 +148,8 @@ class Settings:
     @property
     def lean(self) -> bool:
         """Whether the LoRA layers take the fused paths (groups, the gated MLP's LoRA down_proj): plain LoRA
-        and QLoRA do, DoRA does not (``lorafit.lora.variants``)."""
-        return not self.use_dora
+        and QLoRA do, DoRA and LoRA over an 8-bit base do not (``lorafit.lora.variants``)."""
+        return not (self.use_dora or self.eight_bit)
 
     @property
     def optimizer_kind(self) -> str:
@@ -331,6 +337,9 @@ def _sizes(spec: ModelSpec, s: Settings, adapters: act.Adapters) -> _Sizes:
     if s.four_bit:
         linear = [i * o for _, i, o, _ in spec.linear_layers()] * spec.layers
         weights = (params + copies - sum(linear)) * e + sum(four_bit_bytes(n, s.double_quant) for n in linear)
+    if s.eight_bit:  # int8 codes, 1 B an element, and an fp32 scale per output row (bitsandbytes' SCB)
+        linear = [(i, o) for _, i, o, _ in spec.linear_layers()] * spec.layers
+        weights = (params + copies - sum(i * o for i, o in linear)) * e + sum(i * o + 4 * o for i, o in linear)
     return _Sizes(params, adapter, trainable, weights, adapter * 4, adapter * 4 + saved_n * e if lora else params * e,
                   states, n_states, state_elt)
 
@@ -502,9 +511,11 @@ def _components(spec, s: Settings, adapters, z: _Sizes, moment: str, peak_alloc:
                 "optimizer step": "no temporaries (fused AdamW / SGD)",
                 "forward start": "none (the first all-gathers, before any activation)"}[moment]
     comps = [
-        Component("weights", z.weights, z.weights, f"{z.params:,} params × {e} B ({s.dtype})" if not s.four_bit else
+        Component("weights", z.weights, z.weights,
                   f"decoder linears in 4 bits ({s.four_bit}{', double quant' if s.double_quant else ''}: codes + "
-                  f"absmax + statistics), the rest × {e} B ({s.dtype})"),
+                  f"absmax + statistics), the rest × {e} B ({s.dtype})" if s.four_bit else
+                  f"decoder linears in int8 (1 B an element + fp32 row scales), the rest × {e} B ({s.dtype})"
+                  if s.eight_bit else f"{z.params:,} params × {e} B ({s.dtype})"),
         Component(name, z.adapter_bytes if lora else z.weights, z.adapter_bytes,
                   _adapter_formula(spec, s, adapters, z.adapter) if lora else "all weights (counted above)"),
         Component("gradients", z.grads, grads_at,

@@ -57,7 +57,7 @@ def search(spec: ModelSpec, base: Settings, gpu_bytes: int, effective_batch: int
     if plan.fits or base.method != "lora":
         return plan
     tried = plan.tried
-    if base.nproc > 1 and not base.fsdp and not base.four_bit:
+    if base.nproc > 1 and not base.fsdp and not base.four_bit and not base.eight_bit:
         f = _search(spec, replace(base, fsdp=True), gpu_bytes, effective_batch, allow_shorter_seq, margin, min_seq)
         f.tried += tried
         tried = f.tried
@@ -69,7 +69,7 @@ def search(spec: ModelSpec, base: Settings, gpu_bytes: int, effective_batch: int
             return f
     if base.four_bit:
         return plan
-    q = _search(spec, replace(base, four_bit="nf4", fsdp=False), gpu_bytes, effective_batch, allow_shorter_seq,
+    q = _search(spec, replace(base, four_bit="nf4", eight_bit=False, fsdp=False), gpu_bytes, effective_batch, allow_shorter_seq,
                 margin, min_seq)
     q.tried += tried
     if q.fits:
@@ -131,6 +131,8 @@ def to_yaml(plan: Plan, base_model: str, effective_batch: int, base_model_note: 
         f"base_model: {json.dumps(base_model)}" + (f"  # {base_model_note}" if base_model_note else ""),
         f"adapter: {('qlora' if s.four_bit else 'lora') if s.method == 'lora' else 'none'}",
     ]
+    if s.eight_bit:
+        lines.append("load_in_8bit: true")
     if s.four_bit:
         lines.append("load_in_4bit: true")
         if s.four_bit != "nf4" or not s.double_quant:

@@ -34,4 +34,6 @@ def settings_from_config(cfg: TrainConfig, device: str, runtime: RuntimeOptions 
                   rank_pattern=dict(cfg.lora_rank_pattern or {}), modules_to_save=cfg.lora_modules_to_save)
     if cfg.four_bit:
         kw.update(four_bit=cfg.four_bit["quant_type"], double_quant=cfg.four_bit["double_quant"])
+    if cfg.load_in_8bit:
+        kw.update(eight_bit=True)
     return Settings(**kw, device=device, runtime=runtime or cfg.runtime_options())

@@ -235,6 +235,8 @@ class Recipe:
         method = "LoRA" if cfg.is_lora else "full fine-tuning"
         if cfg.four_bit:  # QLoRA
             method = f"QLoRA ({cfg.four_bit['quant_type']} base)"
+        elif cfg.load_in_8bit:
+            method = "LoRA (int8 base)"
         self.console.print(
             f"{method} | {count_parameters(self.model)} | dtype {str(self.model.dtype).removeprefix('torch.')} "
             f"on {self.world.device.type} | "
@@ -349,6 +351,7 @@ class Recipe:
             with atomic_dir(self.out / "model") as tmp:
                 self.model.save_pretrained(tmp)
                 self.tokenizer.save_pretrained(tmp)
-        method = f"{'QLoRA' if cfg.four_bit else 'LoRA'} r={cfg.lora_r}" if cfg.is_lora else "full fine-tuning"
+        kind = "QLoRA" if cfg.four_bit else "LoRA (int8 base)" if cfg.load_in_8bit else "LoRA"
+        method = f"{kind} r={cfg.lora_r}" if cfg.is_lora else "full fine-tuning"
         plot_loss(self.out / "metrics.jsonl", self.out / "loss.png", title=f"{Path(cfg.base_model).name} — {method}")
         barrier(self.world)
