@@ -52,12 +52,14 @@ LOSS_CHUNK_ELEMENTS = 2**23
 
 # ``compile_kernels: auto`` compiles when a run plans at least this many tokens (max_steps × micro-batch ×
 # accumulation × sequence_len, an upper bound of what it trains on). Measured on the demo (SmolLM2-135M, 8 × 128,
-# fp32, 1 thread, AMD EPYC with AVX2; ``python benchmarks/compile_payoff.py examples/demo.yaml``): compiling on
-# an empty Inductor cache took 89 s and made a step 1.6 s faster (5.8 → 4.2 s of CPU), repaid after 55 steps
-# (56k planned tokens); with a filled cache 26 s, repaid after 23 steps. The bound is the cold one, so a first run
-# on a new machine is not slowed; larger models save more per token for the same compile time, so for them it
-# is conservative.
-COMPILE_MIN_TOKENS = 64 * 1024
+# fp32, AMD EPYC with AVX2), with an empty Inductor cache:
+# - 1 thread (``python benchmarks/compile_payoff.py examples/demo.yaml``, on a loaded machine): compiling took 89 s
+#   and made a step 1.6 s faster (5.8 → 4.2 s of CPU), repaid after 55 steps (56k planned tokens);
+# - 2 threads, quiet machine, the whole 60-step ``lorafit train examples/demo.yaml`` with LORAFIT_COMPILE=1 and 0:
+#   217 s compiled (46 s of it compiling) against 236 s eager, a step 1.1 s faster, repaid after 43 steps (44k).
+# The bound sits between the two cold figures, so a first run on a new machine is hardly slowed; a filled cache
+# compiles in a fraction of the time, and larger models save more per token, so for them it is conservative.
+COMPILE_MIN_TOKENS = 48 * 1024
 
 
 def compile_pays(planned_tokens: int | None) -> bool:
