@@ -118,3 +118,47 @@ def saved_bytes(model, ids):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(ids).logits
     return out, total
+
+
+def learnable_batches(n: int, seq: int = 24) -> list[dict]:
+    """``n`` batches of 2 rows over a 256-token vocabulary, each row an arithmetic sequence (so the loss moves),
+    the first 6 labels masked."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 256, (2, seq), generator=g)
+        ids[:, 1:] = (ids[:, :1] + 7 * torch.arange(1, seq)) % 256
+        labels = ids.clone()
+        labels[:, :6] = -100
+        out.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
+                    "num_trained_tokens": int((labels[:, 1:] != -100).sum())})
+    return out
+
+
+def same_adapters_as_peft(ours, theirs, variant: str, r: int, alpha: int, b_std: float = 0.0):
+    """lorafit's LoRA (every layer of kind ``variant``) on ``ours`` and PEFT's on ``theirs`` over all linear layers,
+    with PEFT's A and, when ``b_std``, the same random B; returns ``(ours, peft_model, PEFT's layers by name)``."""
+    import peft
+    import torch
+
+    from lorafit.lora import LoraConfig, apply_lora, named_lora_layers
+
+    peft_model = peft.get_peft_model(theirs, peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
+                                                              target_modules="all-linear", task_type="CAUSAL_LM"))
+    apply_lora(ours, LoraConfig(r=r, alpha=alpha, target_modules="all-linear"))
+    theirs_layers = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()
+                     if isinstance(m, peft.tuners.lora.LoraLayer)}
+    g = torch.Generator().manual_seed(2)
+    layers = dict(named_lora_layers(ours))
+    assert set(layers) == set(theirs_layers) and len(layers) == 14
+    with torch.no_grad():
+        for name, layer in layers.items():
+            assert layer.variant.name == variant
+            layer.lora_A.weight.copy_(theirs_layers[name].lora_A["default"].weight)
+            if b_std:
+                b = torch.randn(layer.lora_B.weight.shape, generator=g) * b_std
+                layer.lora_B.weight.copy_(b)
+                theirs_layers[name].lora_B["default"].weight.copy_(b)
+    return ours, peft_model, theirs_layers

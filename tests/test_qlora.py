@@ -16,6 +16,8 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
+from conftest import learnable_batches, same_adapters_as_peft  # noqa: E402
+
 from lorafit.errors import LorafitError  # noqa: E402
 from lorafit.kernels import nf4  # noqa: E402
 from lorafit.lora import (  # noqa: E402
@@ -72,38 +74,11 @@ def four_bit_layers(model) -> dict:
     return {n: m for n, m in model.named_modules() if nf4.is_4bit(getattr(m, "weight", None))}
 
 
-def batches(n: int, seq: int = 24) -> list[dict]:
-    g = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, 256, (2, seq), generator=g)
-        ids[:, 1:] = (ids[:, :1] + 7 * torch.arange(1, seq)) % 256  # a learnable sequence: the loss moves
-        labels = ids.clone()
-        labels[:, :6] = -100
-        out.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
-                    "num_trained_tokens": int((labels[:, 1:] != -100).sum())})
-    return out
+batches = learnable_batches
 
 
 def with_same_adapters(ours, theirs, b_std: float = 0.0):
-    """lorafit's LoRA on ``ours`` and PEFT's on ``theirs`` with PEFT's A (and, when ``b_std``, the same random B)."""
-    peft_model = peft.get_peft_model(theirs, peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0,
-                                                              target_modules="all-linear", task_type="CAUSAL_LM"))
-    apply_lora(ours, LoraConfig(r=R, alpha=ALPHA, target_modules="all-linear"))
-    theirs_layers = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()
-                     if isinstance(m, peft.tuners.lora.LoraLayer)}
-    g = torch.Generator().manual_seed(2)
-    layers = dict(named_lora_layers(ours))
-    assert set(layers) == set(theirs_layers) and len(layers) == 14
-    with torch.no_grad():
-        for name, layer in layers.items():
-            assert layer.variant.name == "qlora"
-            layer.lora_A.weight.copy_(theirs_layers[name].lora_A["default"].weight)
-            if b_std:
-                b = torch.randn(layer.lora_B.weight.shape, generator=g) * b_std
-                layer.lora_B.weight.copy_(b)
-                theirs_layers[name].lora_B["default"].weight.copy_(b)
-    return ours, peft_model, theirs_layers
+    return same_adapters_as_peft(ours, theirs, "qlora", R, ALPHA, b_std)
 
 
 # ---- loading ----------------------------------------------------------------------------------------------
