@@ -162,3 +162,31 @@ def same_adapters_as_peft(ours, theirs, variant: str, r: int, alpha: int, b_std:
                 layer.lora_B.weight.copy_(b)
                 theirs_layers[name].lora_B["default"].weight.copy_(b)
     return ours, peft_model, theirs_layers
+
+
+def save_repeat_twice(folder, copies: int):
+    """``folder/model`` (a tiny Llama whose LoRA can move the logits) and ``folder/data.jsonl``: chat rows asking to
+    repeat one of 8 words twice, ``copies`` times each; returns ``folder``."""
+    import json
+
+    from lorafit.models import load_tokenizer
+
+    save_tiny_llama(folder / "model", load_tokenizer("demo"), initializer_range=0.5)
+    words = ["apple", "pear", "plum", "fig", "kiwi", "lime", "date", "lemon"]
+    rows = [{"messages": [{"role": "user", "content": f"Repeat twice: {w}"},
+                          {"role": "assistant", "content": f"{w} {w}"}]} for w in words * copies]
+    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def assert_same_adapter_files(a_dir, b_dir) -> dict:
+    """The saved adapters in ``a_dir`` and ``b_dir`` hold the same keys, bitwise equal; returns ``a_dir``'s."""
+    import torch
+    from safetensors.torch import load_file
+
+    a = load_file(a_dir / "adapter_model.safetensors")
+    b = load_file(b_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    return a

@@ -258,19 +258,9 @@ def test_dora_over_an_8bit_base_is_one_line(pair):
 # ---- lorafit train with load_in_8bit, merge, and what is not supported ----------------------------------------
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    import json
+    from conftest import save_repeat_twice
 
-    from conftest import save_tiny_llama
-
-    from lorafit.models import load_tokenizer
-
-    d = tmp_path_factory.mktemp("int8-train")
-    save_tiny_llama(d / "model", load_tokenizer("demo"), initializer_range=0.5)
-    words = ["apple", "pear", "plum", "fig", "kiwi", "lime", "date", "lemon"]
-    rows = [{"messages": [{"role": "user", "content": f"Repeat twice: {w}"},
-                          {"role": "assistant", "content": f"{w} {w}"}]} for w in words * 4]
-    (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return d
+    return save_repeat_twice(tmp_path_factory.mktemp("int8-train"), copies=4)
 
 
 def train_config(workdir, out: str, **kw):

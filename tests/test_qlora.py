@@ -16,7 +16,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
-from conftest import learnable_batches, same_adapters_as_peft  # noqa: E402
+from conftest import assert_same_adapter_files, learnable_batches, same_adapters_as_peft  # noqa: E402
 
 from lorafit.errors import LorafitError  # noqa: E402
 from lorafit.kernels import nf4  # noqa: E402
@@ -246,19 +246,9 @@ def test_dora_over_a_4bit_base_is_one_line(pair):
 # ---- lorafit train with adapter: qlora, 8-bit and paged optimizers -------------------------------------------
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    import json
+    from conftest import save_repeat_twice
 
-    from conftest import save_tiny_llama
-
-    from lorafit.models import load_tokenizer
-
-    d = tmp_path_factory.mktemp("qlora-train")
-    save_tiny_llama(d / "model", load_tokenizer("demo"), initializer_range=0.5)
-    words = ["apple", "pear", "plum", "fig", "kiwi", "lime", "date", "lemon"]
-    rows = [{"messages": [{"role": "user", "content": f"Repeat twice: {w}"},
-                          {"role": "assistant", "content": f"{w} {w}"}]} for w in words * 4]
-    (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return d
+    return save_repeat_twice(tmp_path_factory.mktemp("qlora-train"), copies=4)
 
 
 def train_config(workdir, out: str, **kw):
@@ -275,7 +265,6 @@ def train_config(workdir, out: str, **kw):
 def test_qlora_run_stopped_and_resumed_equals_a_straight_run(workdir, optimizer):
     """The optimizer's (8-bit, block-quantized) states are in the checkpoint: stopping after step 3 and resuming
     ends with bitwise the adapter of an uninterrupted run."""
-    from safetensors.torch import load_file
 
     from lorafit.train import train
 
@@ -286,9 +275,7 @@ def test_qlora_run_stopped_and_resumed_equals_a_straight_run(workdir, optimizer)
     assert stopped.interrupted and (workdir / f"resumed-{optimizer}" / "checkpoint-3").is_dir()
     resumed = train(train_config(workdir, f"resumed-{optimizer}", optimizer=optimizer), resume=True)
     assert resumed.steps == 8
-    a = load_file(workdir / f"straight-{optimizer}" / "adapter_model.safetensors")
-    b = load_file(workdir / f"resumed-{optimizer}" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a = assert_same_adapter_files(workdir / f"straight-{optimizer}", workdir / f"resumed-{optimizer}")
     assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)
 
 
@@ -435,7 +422,6 @@ def test_qlora_sigkill_then_resume_is_bitwise_identical(workdir, tmp_path):
     import time
 
     import yaml
-    from safetensors.torch import load_file
 
     def cli(*args):
         return subprocess.Popen([sys.executable, "-m", "lorafit.cli", *args], stdout=subprocess.PIPE,
@@ -458,6 +444,4 @@ def test_qlora_sigkill_then_resume_is_bitwise_identical(workdir, tmp_path):
     resumed = cli("train", str(files["killed"]), "--resume")
     log, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0 and "resumed from" in log, log
-    a = load_file(workdir / "sigkill-straight" / "adapter_model.safetensors")
-    b = load_file(out / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_adapter_files(workdir / "sigkill-straight", out)

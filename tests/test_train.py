@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import save_tiny_llama
-from safetensors.torch import load_file
+from conftest import assert_same_adapter_files, save_repeat_twice
 from transformers import LlamaForCausalLM
 
 from lorafit import LorafitError
@@ -29,13 +28,7 @@ from lorafit.train.loss import causal_lm_loss
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("train")
-    save_tiny_llama(d / "model", load_tokenizer("demo"), initializer_range=0.5)  # so LoRA can move the logits
-    words = ["apple", "pear", "plum", "fig", "kiwi", "lime", "date", "lemon"]
-    rows = [{"messages": [{"role": "user", "content": f"Repeat twice: {w}"},
-                          {"role": "assistant", "content": f"{w} {w}"}]} for w in words * 6]
-    (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return d
+    return save_repeat_twice(tmp_path_factory.mktemp("train"), copies=6)
 
 
 def config(workdir: Path, out: str, **kw) -> dict:
@@ -164,11 +157,7 @@ def test_sigkill_then_resume_is_bitwise_identical(workdir, tmp_path):
     assert resumed.returncode == 0, log
     assert "resumed from" in log
     assert not list(out.glob(".tmp-*")), "a temporary checkpoint folder of the killed run was left behind"
-    a = load_file(workdir / "straight" / "adapter_model.safetensors")
-    b = load_file(out / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_adapter_files(workdir / "straight", out)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps[: len(steps)] == sorted(steps) and steps[-1] == 50
 
