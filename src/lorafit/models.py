@@ -237,11 +237,7 @@ def quantize_base(model, quant_type: str = "nf4", double_quant: bool = True) -> 
         q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=m.bias is not None, compute_dtype=m.weight.dtype,
                               compress_statistics=double_quant, quant_type=quant_type, device="meta")
         q.weight = nf4.quantize(m.weight.data, quant_type, double_quant)
-        if m.bias is not None:
-            q.bias = torch.nn.Parameter(m.bias.data, requires_grad=False)
-        q.train(m.training)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, q)
+        _swap_layer(model, name, m, q)
     model.lorafit_four_bit = {"quant_type": quant_type, "double_quant": double_quant}
     return len(layers)
 
@@ -259,14 +255,21 @@ def quantize_base_8bit(model) -> int:
         q = bnb.nn.Linear8bitLt(m.in_features, m.out_features, bias=m.bias is not None, has_fp16_weights=False,
                                 threshold=int8.THRESHOLD, device="meta")
         q.weight = int8.quantize(m.weight.data)
-        if m.bias is not None:
-            q.bias = torch.nn.Parameter(m.bias.data, requires_grad=False)
         q.compute_dtype = m.weight.dtype
-        q.train(m.training)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, q)
+        _swap_layer(model, name, m, q)
     model.lorafit_eight_bit = True
     return len(layers)
+
+
+def _swap_layer(model, name: str, old, new, bias_dtype: torch.dtype | None = None) -> None:
+    """Put ``new`` (its weight already set) where ``old`` is, with ``old``'s frozen bias (cast to ``bias_dtype``
+    when given) and train/eval mode."""
+    if old.bias is not None:
+        bias = old.bias.data if bias_dtype is None else old.bias.data.to(bias_dtype)
+        new.bias = torch.nn.Parameter(bias, requires_grad=False)
+    new.train(old.training)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def dequantize_base(model) -> int:
@@ -282,10 +285,7 @@ def dequantize_base(model) -> int:
         dense = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta", dtype=dtype)
         w = int8.dequantize(m) if int8.is_int8(m.weight) else nf4.dequantize(m.weight)
         dense.weight = torch.nn.Parameter(w.to(dtype), requires_grad=False)
-        if m.bias is not None:
-            dense.bias = torch.nn.Parameter(m.bias.data.to(dtype), requires_grad=False)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, dense)
+        _swap_layer(model, name, m, dense, bias_dtype=dtype)
     vars(model).pop("lorafit_four_bit", None)
     vars(model).pop("lorafit_eight_bit", None)
     return len(layers)
