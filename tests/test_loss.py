@@ -50,3 +50,46 @@ def test_no_trained_tokens_gives_zero():
     ids = torch.randint(0, 300, (1, 5))
     loss, n = causal_lm_loss(model, {"input_ids": ids}, torch.full_like(ids, -100))
     assert n == 0 and loss.item() == 0.0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
+def test_evaluation_runs_a_shared_prefix_once_with_the_same_loss(arch, monkeypatch):
+    """Without autograd the rows' common leading tokens go through the stack once (one call of batch 1, then
+    the rest with their cache); the summed loss equals the plain pass's, right padding and all."""
+    from lorafit.train import loss as loss_mod
+
+    model = tiny(arch).eval()
+    g = torch.Generator().manual_seed(2)
+    prefix = torch.randint(0, 300, (10,), generator=g)
+    ids = torch.cat([prefix.expand(3, -1), torch.randint(0, 300, (3, 9), generator=g)], dim=1)
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0  # a shorter row, right-padded
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+    labels[:, :12] = -100  # the prompt is not scored
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    assert loss_mod._shared_prefix(inputs) == 10
+    calls = []
+    body = model.base_model
+    monkeypatch.setattr(body, "forward", lambda *a, _f=body.forward, **k: calls.append(k["input_ids"].shape) or _f(*a, **k))
+    with torch.no_grad():
+        shared, n = causal_lm_loss(model, inputs, labels)
+        assert calls == [(1, 10), (3, 9)]
+        monkeypatch.setattr(loss_mod, "MIN_SHARED_PREFIX", 100)  # off: the plain pass
+        plain, m = causal_lm_loss(model, inputs, labels)
+    assert n == m and calls[-1] == (3, 19)
+    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_training_and_packed_rows_take_the_plain_pass():
+    ids = torch.zeros(2, 20, dtype=torch.long)
+    assert loss_mod_shared({"input_ids": ids}) == 19
+    assert loss_mod_shared({"input_ids": ids, "position_ids": ids}) == 0  # packed rows
+    assert loss_mod_shared({"input_ids": ids[:1]}) == 0  # one row
+    ids[1, 5] = 1
+    assert loss_mod_shared({"input_ids": ids}) == 0  # 5 shared tokens: not worth a second pass
+
+
+def loss_mod_shared(inputs):
+    from lorafit.train.loss import _shared_prefix
+
+    return _shared_prefix(inputs)

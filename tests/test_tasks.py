@@ -154,10 +154,42 @@ def test_batched_generation_equals_one_by_one(demo_tokenizer, tiny_llama):
     single = [generate_answers(tiny_llama, demo_tokenizer, [p], max_new_tokens=8)[0] for p in PROMPTS]
     batched = generate_answers(tiny_llama, demo_tokenizer, PROMPTS, max_new_tokens=8, batch_size=16)
     in_pairs = generate_answers(tiny_llama, demo_tokenizer, PROMPTS, max_new_tokens=8, batch_size=2)
-    # left padding and no shared prefix: generate's own path, the reference for the prefix-cache one
     plain = generate_answers(tiny_llama, demo_tokenizer, PROMPTS, max_new_tokens=8, batch_size=16, share_prefix=False)
-    assert batched == single == in_pairs == plain
+    assert batched == single == in_pairs == plain == _by_generate(tiny_llama, demo_tokenizer, PROMPTS, 8)
     assert any(single)  # the random model says something, so the comparison is not vacuous
+
+
+def _by_generate(model, tok, prompts, n: int) -> list[str]:
+    """transformers' own batched greedy ``generate`` (left padding): the reference for the loop that drops
+    finished rows."""
+    tok.padding_side = "left"
+    texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    enc = tok(texts, add_special_tokens=False, return_tensors="pt", padding=True)
+    stop = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+    out = model.generate(**enc, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=stop)
+    return [tok.decode(row[enc.input_ids.shape[1]:], skip_special_tokens=True).strip() for row in out]
+
+
+def test_a_finished_row_leaves_the_batch(demo_tokenizer, tiny_llama, monkeypatch):
+    """A row that ends stops costing work: the batch shrinks as answers end, and every row's tokens are what it
+    generates with no row ending at all, up to its stop token."""
+    from lorafit.eval.tasks import _greedy
+
+    texts = [demo_tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in PROMPTS]
+    demo_tokenizer.padding_side = "left"
+    enc = demo_tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        free = _greedy(tiny_llama, enc.input_ids, enc.attention_mask, None, 10, [])
+        stop = free[0][1]  # the first row's second token ends it
+        widths = []
+        real = tiny_llama.forward
+        monkeypatch.setattr(tiny_llama, "forward", lambda *a, **k: widths.append(k["input_ids"].shape[0]) or real(*a, **k))
+        stopped = _greedy(tiny_llama, enc.input_ids, enc.attention_mask, None, 10, [stop])
+    for row, tokens in zip(free, stopped, strict=True):
+        cut = row.index(stop) + 1 if stop in row else len(row)
+        assert tokens == row[:cut]
+    assert len(stopped[0]) <= 2 and widths[0] == len(PROMPTS) and widths[-1] < widths[0]
+    assert widths == sorted(widths, reverse=True)
 
 
 def test_a_batch_runs_the_prefix_its_prompts_share_once(demo_tokenizer, tiny_llama, monkeypatch):

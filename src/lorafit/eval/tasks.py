@@ -263,18 +263,50 @@ def generate_answers(model, tokenizer, prompts: Sequence[Messages], max_new_toke
                 attention[row, :shared] = 1
                 attention[row, width - len(ids) + shared:] = 1
             cache = _prefix_cache(model, input_ids[:1, :shared].to(device), len(idx)) if shared else None
-            reuse = {cache_kwarg(model): cache} if cache is not None else {}
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                 **reuse, max_new_tokens=max_new_tokens, do_sample=False,
-                                 num_beams=1, temperature=None, top_p=None, top_k=None,
-                                 pad_token_id=pad_id, eos_token_id=stop_ids or None)
+            new_tokens = _greedy(model, input_ids.to(device), attention.to(device), cache, max_new_tokens, stop_ids)
             for row, i in enumerate(idx):
-                answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+                answers[i] = tokenizer.decode(new_tokens[row], skip_special_tokens=True).strip()
             if on_batch:
                 on_batch(len(idx))
     finally:
         model.train(was_training)
     return answers
+
+
+def _greedy(model, input_ids: torch.Tensor, attention: torch.Tensor, cache, max_new_tokens: int,
+            stop_ids: Sequence[int]) -> list[list[int]]:
+    """Greedy decoding of a batch, each row's new tokens up to and including its stop token.
+
+    ``generate`` keeps a finished row in the batch, padding it, until the last row ends: with answers of 7 to
+    53 tokens (the retention set) most of its work is padding. Here a finished row leaves the batch, and its
+    key/value cache with it, so the work follows the tokens actually generated. ``cache``: the cache of the
+    first columns (the shared prefix) or None. Positions are ``generate``'s (the attention mask's running
+    count), so each row decodes what it decodes alone.
+    """
+    from transformers import DynamicCache
+
+    key, rows = cache_kwarg(model), input_ids.shape[0]
+    cache = cache if cache is not None else DynamicCache(config=model.config)
+    ids, mask = input_ids[:, cache.get_seq_length():], attention
+    live = torch.arange(rows)
+    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=input_ids.device)
+    out: list[list[int]] = [[] for _ in range(rows)]
+    for step in range(max_new_tokens):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                       logits_to_keep=1, **{key: cache}).logits[:, -1]
+        nxt = logits.argmax(-1)
+        for row, token in zip(live.tolist(), nxt.tolist(), strict=True):
+            out[row].append(token)
+        going = (~torch.isin(nxt, stop)).nonzero().squeeze(1)
+        if step == max_new_tokens - 1 or going.numel() == 0:
+            break
+        if going.numel() < live.numel():  # finished rows leave the batch
+            cache.batch_select_indices(going)
+            live, mask, nxt = live[going.cpu()], mask[going], nxt[going]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        ids = nxt[:, None]
+    return out
 
 
 def _shared_prefix(rows: Sequence[Sequence[int]]) -> int:
@@ -401,7 +433,8 @@ def retention_score(model, tokenizer, path: str | Path, *, max_new_tokens: int =
         predictions = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, on_batch=advance)
     correct = sum(contains_answer(p, r["answer"]) for p, r in zip(predictions, rows, strict=True))
     with phase("retention: perplexity of base answers", len(rows)) as advance:
-        total, count = answer_nll(model, tokenizer, [(r["messages"], r["reference"]) for r in rows], batch_size,
+        # answer_nll's own, smaller batches: rows sorted by length pad less (64 → 16: 2× faster on the demo)
+        total, count = answer_nll(model, tokenizer, [(r["messages"], r["reference"]) for r in rows],
                                   on_batch=advance)
     mean_nll = total / count if count else float("nan")
     return {"accuracy": correct / len(rows), "perplexity": math.exp(mean_nll) if count else float("nan"),

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorafit._compat import cache_kwarg
 from lorafit.kernels.loss import LinearCrossEntropy
 from lorafit.options import RuntimeOptions, loss_chunk_tokens
 
@@ -43,7 +44,7 @@ def causal_lm_loss(model: nn.Module, inputs: dict, labels: torch.Tensor, chunk_t
     base = getattr(head, "base_layer", head)
     if getattr(base, "bias", None) is not None:
         raise NotImplementedError("output heads with a bias are not supported by the chunked loss")
-    hidden = body(**inputs).last_hidden_state  # (B, T, d)
+    hidden = _hidden_states(model, body, inputs)  # (B, T, d)
     targets = labels[:, 1:].reshape(-1)
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     n = int(keep.numel())
@@ -66,6 +67,46 @@ def causal_lm_loss(model: nn.Module, inputs: dict, labels: torch.Tensor, chunk_t
     loss = LinearCrossEntropy.apply(h, head._weight_out_in() if lora_head else base.weight, y, chunk,
                                     _softcap(model), options or options_of(model), *lora)
     return loss, n
+
+
+# A common prefix shorter than this is not worth a second pass through the stack.
+MIN_SHARED_PREFIX = 8
+
+
+def _hidden_states(model: nn.Module, body: nn.Module, inputs: dict) -> torch.Tensor:
+    """The decoder stack's last hidden states. Without autograd (evaluation), the tokens every row of the batch
+    starts with (a chat template's system turn, a task's instruction: a third to a half of a short chat sample)
+    are run once and their key/value cache repeated for the rows, as :func:`lorafit.eval.tasks.generate_answers`
+    does; the hidden states equal the plain pass's to float rounding. Training runs the plain pass: there each
+    row's prefix carries its own gradient (and dropout masks)."""
+    shared = 0 if torch.is_grad_enabled() else _shared_prefix(inputs)
+    if not shared:
+        return body(**inputs).last_hidden_state
+    from transformers import DynamicCache
+
+    ids, rows = inputs["input_ids"], inputs["input_ids"].shape[0]
+    cache = DynamicCache(config=model.config)
+    key = cache_kwarg(body)
+    prefix = body(input_ids=ids[:1, :shared], use_cache=True, **{key: cache}).last_hidden_state
+    cache.batch_repeat_interleave(rows)
+    rest = body(input_ids=ids[:, shared:], attention_mask=inputs.get("attention_mask"), use_cache=True,
+                **{key: cache}).last_hidden_state
+    return torch.cat([prefix.expand(rows, -1, -1), rest], dim=1)
+
+
+def _shared_prefix(inputs: dict) -> int:
+    """How many leading tokens all rows share, unmasked (0: one row, packed rows, other inputs, a short prefix,
+    or a distributed run, whose wrapped modules expect one forward per step). Leaves at least one column."""
+    ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
+    if (ids is None or ids.dim() != 2 or ids.shape[0] < 2 or set(inputs) - {"input_ids", "attention_mask"}
+            or (torch.distributed.is_available() and torch.distributed.is_initialized())):
+        return 0
+    same = (ids == ids[:1]).all(0)
+    if mask is not None:
+        same &= mask.bool().all(0)
+    differs = (~same[:-1]).nonzero()
+    n = int(differs[0]) if differs.numel() else ids.shape[1] - 1
+    return n if n >= MIN_SHARED_PREFIX else 0
 
 
 def _unchunked_loss(logits: torch.Tensor, y: torch.Tensor, softcap: float | None) -> torch.Tensor:

@@ -129,6 +129,7 @@ class Recipe:
                         if self.world.is_main else MetricsInMemory())
         self.print_header()
         self.last_loss = None
+        self.last_eval: tuple[int, dict] | None = None  # (step, metrics) of the latest evaluation
         self.t_start = time.perf_counter() - self.state.elapsed_s
         self.compiled_at_start, self.compiles_logged = compile_stats(), 0
         window: list[dict] = []  # the steps since the last metrics row (logging_steps)
@@ -139,7 +140,8 @@ class Recipe:
                 record = self.step(self.next_micro_batches())
                 window.append(record)
                 if self.due(self.eval_every) and self.eval_samples:
-                    record.update(self.evaluate())
+                    self.last_eval = (self.state.step, self.evaluate())
+                    record.update(self.last_eval[1])
                 if self.due(self.cfg.logging_steps) or "eval_loss" in record or self.state.step == self.total_steps:
                     self.metrics.write(logged(window))
                     window = []
@@ -327,8 +329,11 @@ class Recipe:
                              history=self.metrics.rows(), rank=self.world.rank)
         if interrupted:
             return result
-        final_eval = self.evaluate() if self.eval_samples else {}
-        if final_eval:
+        final_eval = {}
+        if self.last_eval is not None and self.last_eval[0] == s.step:
+            final_eval = self.last_eval[1]  # the last step was an eval step: same weights, same numbers
+        elif self.eval_samples:
+            final_eval = self.evaluate()
             self.metrics.write({"step": s.step, **final_eval})
             result.eval_loss = final_eval["eval_loss"]
         self.save()

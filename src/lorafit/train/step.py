@@ -91,6 +91,8 @@ def evaluate(model, samples, cfg, pad_id: int, max_batches: int | None = None,
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
+    # by length: a batch pads less, and rows alike (one task's prompts) share a longer prefix (causal_lm_loss)
+    samples = sorted(samples, key=lambda s: len(s.input_ids))
     eval_batches = batches(samples, micro_batch_size=cfg.micro_batch_size, sequence_len=cfg.sequence_len,
                            pad_id=pad_id, packing=False, shuffle=False, seed=cfg.seed, epoch=0)[:max_batches]
     rounds = math.ceil(len(eval_batches) / world.world_size)
