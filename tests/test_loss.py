@@ -93,3 +93,40 @@ def loss_mod_shared(inputs):
     from lorafit.train.loss import _shared_prefix
 
     return _shared_prefix(inputs)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_training_runs_a_shared_prefix_once_with_the_same_gradients(arch, monkeypatch):
+    """With autograd the repeated prefix cache sums every row's gradient back into the one prefix pass: loss and
+    gradients equal the plain pass's. Under gradient checkpointing the plain pass runs."""
+    from lorafit.train import loss as loss_mod
+
+    model = tiny(arch).train()
+    g = torch.Generator().manual_seed(3)
+    prefix = torch.randint(0, 300, (9,), generator=g)
+    ids = torch.cat([prefix.expand(4, -1), torch.randint(0, 300, (4, 7), generator=g)], dim=1)
+    labels = ids.clone()
+    labels[:, :4] = -100  # part of the prefix is trained too
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss, n = causal_lm_loss(model, inputs, labels)
+        (loss / n).backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    shared, g_shared = loss_and_grads()
+    monkeypatch.setattr(loss_mod, "MIN_SHARED_PREFIX", 100)
+    plain, g_plain = loss_and_grads()
+    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
+    assert g_shared.keys() == g_plain.keys() and g_plain
+    for k in g_plain:
+        torch.testing.assert_close(g_shared[k], g_plain[k], rtol=1e-4, atol=1e-6, msg=k)
+    monkeypatch.setattr(loss_mod, "MIN_SHARED_PREFIX", 8)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    calls = []
+    body = model.base_model
+    monkeypatch.setattr(body, "forward", lambda *a, _f=body.forward, **k: calls.append(k["input_ids"].shape) or _f(*a, **k))
+    checkpointed, _ = loss_and_grads()
+    assert calls == [(4, 16)]  # one plain pass
+    torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-5)

@@ -74,12 +74,17 @@ MIN_SHARED_PREFIX = 8
 
 
 def _hidden_states(model: nn.Module, body: nn.Module, inputs: dict) -> torch.Tensor:
-    """The decoder stack's last hidden states. Without autograd (evaluation), the tokens every row of the batch
-    starts with (a chat template's system turn, a task's instruction: a third to a half of a short chat sample)
-    are run once and their key/value cache repeated for the rows, as :func:`lorafit.eval.tasks.generate_answers`
-    does; the hidden states equal the plain pass's to float rounding. Training runs the plain pass: there each
-    row's prefix carries its own gradient (and dropout masks)."""
-    shared = 0 if torch.is_grad_enabled() else _shared_prefix(inputs)
+    """The decoder stack's last hidden states, running the tokens every row of the batch starts with once.
+
+    Chat samples open with the same tokens (a chat template's system turn, a task's instruction: a third to a
+    half of a short sample). Those are run as one row and their key/value cache is repeated for the batch, as
+    :func:`lorafit.eval.tasks.generate_answers` does. With autograd the repeated cache sums each row's gradient
+    back into the one prefix, so loss and gradients equal the plain pass's to float rounding; the prefix's LoRA
+    dropout mask is then drawn once for all rows. Not under gradient checkpointing (its recompute would extend
+    the cache twice) nor packing.
+    """
+    checkpointed = torch.is_grad_enabled() and getattr(model, "is_gradient_checkpointing", False)
+    shared = 0 if checkpointed else _shared_prefix(inputs)
     if not shared:
         return body(**inputs).last_hidden_state
     from transformers import DynamicCache
