@@ -182,6 +182,31 @@ def test_training_20_steps_tracks_peft(pair):
         torch.testing.assert_close(layer.lora_B.weight, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_a_step_dequantizes_each_4bit_weight_once_per_use(pair, monkeypatch, checkpointing):
+    """A training step dequantizes each 4-bit weight once in forward (again in checkpointing's recompute) and
+    once in backward where its input needs a gradient: not for the first block's q/k/v, whose input is the
+    frozen embedding's output. As PEFT + bitsandbytes do (their forward dequantizes inside ``gemm_4bit``); the
+    dense weight is never kept from forward to backward, so this is the least a step can do."""
+    from conftest import options
+
+    from lorafit.train.setup import make_trainable
+
+    lora = LoraConfig(r=R, alpha=ALPHA, dropout=0.05, target_modules="all-linear")
+    model = make_trainable(copy.deepcopy(pair["ours"]), lora, checkpointing, options(compile_=False))
+    n = len(four_bit_layers(model))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    calls = []
+    real = bnb_functional.dequantize_4bit  # what nf4.dequantize calls
+    monkeypatch.setattr(bnb_functional, "dequantize_4bit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for b in batches(2):
+        calls.clear()
+        train_step(model, opt, sched, [b], 1.0)
+        first_qkv = 3
+        assert n == 14 and len(calls) == n * (3 if checkpointing else 2) - first_qkv
+
+
 def test_adapters_go_both_ways_with_the_same_logits(pair, tmp_path):
     ours, peft_model, _ = with_same_adapters(copy.deepcopy(pair["ours"]), copy.deepcopy(pair["theirs"]), b_std=0.05)
     ids = batches(1)[0]["input_ids"]

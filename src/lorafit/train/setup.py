@@ -76,9 +76,23 @@ def make_trainable(model: nn.Module, lora: LoraConfig | None, gradient_checkpoin
     elif gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so it works with a frozen embedding.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if gradient_checkpointing:
+        _no_embedding_output_grad(model)
     model.config.use_cache = False
     model.train()
     return model
+
+
+def _no_embedding_output_grad(model: nn.Module) -> None:
+    """Undo the hook transformers' checkpointing puts on the input embeddings to make their output require grad.
+
+    Reentrant checkpointing needs it; lorafit's is non-reentrant. With a frozen embedding that gradient is thrown
+    away, and asking for it makes the first block's q/k/v backward compute ``dx`` (and, over a 4-bit base,
+    dequantize three weights) for nothing. A trainable embedding (full fine-tuning, LoRA or modules_to_save on
+    it) makes its output require grad by itself.
+    """
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
 
 
 # flash attention's implementations in transformers, and its check that the package and a CUDA device are there
