@@ -221,26 +221,28 @@ def test_one_process_trains_on_the_gpu_when_there_is_one(monkeypatch):
 
 
 @pytest.mark.slow
-def test_kill_9_of_the_whole_job_then_resume_is_bitwise_identical(workdir):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_kill_9_of_the_whole_job_then_resume_is_bitwise_identical(workdir, mode):
     """The whole 2-rank job (launcher, torchrun and both ranks) killed with SIGKILL as soon as a checkpoint past a
     random step exists, then ``--resume``: the adapter and every step's loss end bitwise equal to an uninterrupted
-    2-rank run (CPU, fp32, DDP, dropout on)."""
+    2-rank run (CPU, fp32, DDP and FSDP2, dropout on)."""
     import random
     import signal
     import time
 
     kill_after = random.Random().choice([2, 4, 6])  # the checkpoint to wait for; printed if the test fails
-    common = dict(max_steps=10, save_steps=2, lora_dropout=0.1, val_set_size=0, eval_steps=None)
-    straight = run_2_ranks(workdir, config(workdir, "straight-kill", **common))
+    common = dict(max_steps=10, save_steps=2, lora_dropout=0.1, val_set_size=0, eval_steps=None,
+                  **({"fsdp_version": 2} if mode == "fsdp" else {}))
+    straight = run_2_ranks(workdir, config(workdir, f"straight-kill-{mode}", **common))
     assert straight.returncode == 0, straight.stdout + straight.stderr
-    cfg = config(workdir, "killed", **common)
-    path = workdir / "killed.yaml"
+    cfg = config(workdir, f"killed-{mode}", **common)
+    path = workdir / f"killed-{mode}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "LORAFIT_DIST_TIMEOUT": "60"}
     job = subprocess.Popen([sys.executable, "-m", "lorafit.cli", "train", str(path), "--nproc", "2"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-    out, deadline = workdir / "killed", time.monotonic() + 240
+    out, deadline = workdir / f"killed-{mode}", time.monotonic() + 240
     try:
         while not (out / f"checkpoint-{kill_after}").exists() and job.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -252,12 +254,12 @@ def test_kill_9_of_the_whole_job_then_resume_is_bitwise_identical(workdir):
     again = run_2_ranks(workdir, cfg, "--resume")
     assert again.returncode == 0, f"kill_after={kill_after}\n" + again.stdout + again.stderr
     assert "resumed from" in again.stdout
-    a = load_file(workdir / "straight-kill" / "adapter_model.safetensors")
+    a = load_file(workdir / f"straight-kill-{mode}" / "adapter_model.safetensors")
     b = load_file(out / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} (kill_after={kill_after})"
-    assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(workdir / "straight-kill")]
+    assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(workdir / f"straight-kill-{mode}")]
 
 
 @pytest.mark.slow
