@@ -54,7 +54,7 @@ def test_no_trained_tokens_gives_zero():
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
 def test_evaluation_runs_a_shared_prefix_once_with_the_same_loss(arch, monkeypatch):
-    """Without autograd the rows' common leading tokens go through the stack once (one call of batch 1, then
+    """Without autograd the rows' common leading tokens go through the stack once (one call of two rows, then
     the rest with their cache); the summed loss equals the plain pass's, right padding and all."""
     from lorafit.train import loss as loss_mod
 
@@ -73,7 +73,7 @@ def test_evaluation_runs_a_shared_prefix_once_with_the_same_loss(arch, monkeypat
     monkeypatch.setattr(body, "forward", lambda *a, _f=body.forward, **k: calls.append(k["input_ids"].shape) or _f(*a, **k))
     with torch.no_grad():
         shared, n = causal_lm_loss(model, inputs, labels)
-        assert calls == [(1, 10), (3, 9)]
+        assert calls == [(2, 10), (3, 9)]  # two prefix rows: torch.compile specializes a batch of one
         monkeypatch.setattr(loss_mod, "MIN_SHARED_PREFIX", 100)  # off: the plain pass
         plain, m = causal_lm_loss(model, inputs, labels)
     assert n == m and calls[-1] == (3, 19)
