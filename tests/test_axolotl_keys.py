@@ -43,7 +43,7 @@ TYPICAL_TOP = {
     "optimizer": "adamw_torch_fused", "weight_decay": 0.01, "adam_beta1": 0.9, "adam_beta2": 0.95,
     "adam_epsilon": 1e-6, "max_grad_norm": 0.5, "gradient_checkpointing": True, "curriculum_sampling": True,
     "dataset_exact_deduplication": True, "bf16": "auto", "fp16": False,
-    "tf32": True, "eval_steps": 20, "evals_per_epoch": 4, "save_steps": 50, "saves_per_epoch": 1,
+    "tf32": True, "eval_steps": 20, "eval_strategy": "no", "evals_per_epoch": 4, "save_steps": 50, "saves_per_epoch": 1,
     "save_total_limit": 2, "logging_steps": 5, "output_dir": "./out", "seed": 3,
     "resume_from_checkpoint": "./out/checkpoint-10", "eot_tokens": ["<|im_end|>"], "train_on_eos": "last",
     "lora_rank_pattern": {"q_proj": 32}, "lora_alpha_pattern": {"v_proj": 8},

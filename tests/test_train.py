@@ -40,6 +40,17 @@ def config(workdir: Path, out: str, **kw) -> dict:
     return base
 
 
+@pytest.mark.parametrize("strategy, evals", [("no", []), ("steps", [2, 4]), (None, [2, 4])])
+def test_eval_strategy_no_skips_every_evaluation(workdir, strategy, evals):
+    """axolotl's eval_strategy: "no" evaluates neither during training nor at its end (the split stays for
+    `lorafit eval`); "steps" is eval_steps' schedule, as with no strategy at all."""
+    cfg = TrainConfig.from_dict(config(workdir, f"evals-{strategy}", val_set_size=0.1, eval_steps=2, max_steps=4,
+                                       eval_strategy=strategy))
+    result = train(cfg)
+    assert [r["step"] for r in result.history if "eval_loss" in r] == evals
+    assert (result.eval_loss is None) == (not evals)
+
+
 def test_training_lowers_loss_and_saves_a_reloadable_adapter(workdir):
     cfg = TrainConfig.from_dict(config(workdir, "run1", val_set_size=0.1, eval_steps=10, learning_rate=3e-2))
     result = train(cfg)

@@ -186,7 +186,8 @@ class Recipe:
         self.epoch = self.epoch_batches(0)
         self.steps_per_epoch = max(1, math.ceil(len(self.epoch) / cfg.gradient_accumulation_steps))
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * self.steps_per_epoch))
-        self.eval_every = cfg.eval_steps or self._per_epoch(cfg.evals_per_epoch)
+        self.evaluates = bool(self.eval_samples) and cfg.eval_strategy != "no"
+        self.eval_every = (cfg.eval_steps or self._per_epoch(cfg.evals_per_epoch)) if self.evaluates else None
         self.save_every = cfg.save_steps or self._per_epoch(cfg.saves_per_epoch)
 
     def _per_epoch(self, times: int | None) -> int | None:
@@ -332,9 +333,10 @@ class Recipe:
         final_eval = {}
         if self.last_eval is not None and self.last_eval[0] == s.step:
             final_eval = self.last_eval[1]  # the last step was an eval step: same weights, same numbers
-        elif self.eval_samples:
+        elif self.evaluates:
             final_eval = self.evaluate()
             self.metrics.write({"step": s.step, **final_eval})
+        if final_eval:
             result.eval_loss = final_eval["eval_loss"]
         self.save()
         result.history = self.metrics.rows()
