@@ -82,6 +82,33 @@ def tiny_causal_lm(arch: str = "llama"):
     return AutoModelForCausalLM.from_config(cfg)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): its models are
+    tiny, and on a busy 2-core machine two threads spin against other processes (the same tests took 80 s
+    instead of 1 s). Restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_quantizable_lm(arch: str = "llama", **over):
+    """A 2-layer random Llama or Qwen2 whose linear layers bitsandbytes quantizes (hidden 64, one 64-block per
+    row), untied head, fp32, sdpa, seeded; ``over``: config overrides."""
+    import torch
+    import transformers
+
+    kw = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, use_cache=False)
+    config = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[arch]
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config(**{**kw, **over}), dtype=torch.float32,
+                                                         attn_implementation="sdpa")
+
+
 def saved_by_loss(model, batch, options):
     """``(loss, trained tokens, bytes)`` of one forward + chunked loss of ``batch``: the bytes autograd saves for
     backward, each storage once, weights (saved by reference) not counted."""

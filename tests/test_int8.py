@@ -15,7 +15,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
-from conftest import learnable_batches, same_adapters_as_peft  # noqa: E402
+from conftest import learnable_batches, same_adapters_as_peft, tiny_quantizable_lm  # noqa: E402
 
 from lorafit.errors import LorafitError  # noqa: E402
 from lorafit.kernels import int8  # noqa: E402
@@ -33,20 +33,7 @@ from lorafit.train import train_step  # noqa: E402
 R, ALPHA, LR, STEPS = 8, 16, 5e-3, 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny():
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   tie_word_embeddings=False, use_cache=False)
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bnb_loaded(folder):
@@ -59,7 +46,7 @@ def bnb_loaded(folder):
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """(dense base, its folder, lorafit's 8-bit copy, transformers' 8-bit load of the folder)."""
-    base = tiny()
+    base = tiny_quantizable_lm()
     folder = tmp_path_factory.mktemp("llama8")
     base.save_pretrained(folder)
     ours = copy.deepcopy(base)

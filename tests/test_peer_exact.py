@@ -84,14 +84,7 @@ def peft_loop(model, batches: list[dict]) -> tuple[list[float], list]:
     return losses, params
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread for this module: the models are tiny, and on a busy 2-core machine two threads spin
-    against other processes (the same tests took 80 s instead of 1 s). Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

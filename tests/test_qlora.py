@@ -16,7 +16,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
-from conftest import assert_same_adapter_files, learnable_batches, same_adapters_as_peft  # noqa: E402
+from conftest import assert_same_adapter_files, learnable_batches, same_adapters_as_peft, tiny_quantizable_lm  # noqa: E402
 
 from lorafit.errors import LorafitError  # noqa: E402
 from lorafit.kernels import nf4  # noqa: E402
@@ -32,23 +32,9 @@ from lorafit.models import dequantize_base, quantize_base  # noqa: E402
 from lorafit.train import train_step  # noqa: E402
 
 R, ALPHA, LR, STEPS = 8, 16, 5e-3, 20
-CONFIGS = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny(arch: str, **over):
-    kw = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, use_cache=False)
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(CONFIGS[arch](**{**kw, **over}), dtype=torch.float32,
-                                                         attn_implementation="sdpa")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bnb_loaded(folder):
@@ -62,7 +48,7 @@ def bnb_loaded(folder):
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def pair(request, tmp_path_factory):
     """(dense base, its folder, lorafit's 4-bit copy, transformers' 4-bit load of the folder)."""
-    base = tiny(request.param)
+    base = tiny_quantizable_lm(request.param)
     folder = tmp_path_factory.mktemp(request.param)
     base.save_pretrained(folder)
     ours = copy.deepcopy(base)
@@ -101,7 +87,7 @@ def test_4bit_codes_and_statistics_are_bitsandbytes_quantize_4bit(pair):
 
 
 def test_layer_size_the_block_size_does_not_divide_is_one_line():
-    model = tiny("llama", hidden_size=40, intermediate_size=64)  # k_proj: 20 × 40 = 800 elements
+    model = tiny_quantizable_lm("llama", hidden_size=40, intermediate_size=64)  # k_proj: 20 × 40 = 800 elements
     before = {n: type(m) for n, m in model.named_modules()}
     with pytest.raises(LorafitError, match=r"^load_in_4bit: layer model\.layers\.0\.self_attn\.k_proj .*block size 64$"):
         quantize_base(model)
