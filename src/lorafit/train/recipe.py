@@ -139,7 +139,7 @@ class Recipe:
             while self.state.step < self.total_steps and not self.stop_requested(stop):
                 record = self.step(self.next_micro_batches())
                 window.append(record)
-                if self.due(self.eval_every) and self.eval_samples:
+                if self.due(self.eval_every):  # None when there is nothing to evaluate or eval_strategy is "no"
                     self.last_eval = (self.state.step, self.evaluate())
                     record.update(self.last_eval[1])
                 if self.due(self.cfg.logging_steps) or "eval_loss" in record or self.state.step == self.total_steps:
