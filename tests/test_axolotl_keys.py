@@ -50,7 +50,7 @@ TYPICAL_TOP = {
     "batch_size": 1, "max_memory": "16GiB",
     "default_system_message": "You are helpful.", "chat_template_kwargs": {"enable_thinking": False},
     "load_in_4bit": True, "bnb_config_kwargs": {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
-    "load_in_8bit": True,
+    "load_in_8bit": True, "quantize_moe_experts": True,
     "fsdp": ["full_shard", "auto_wrap"], "fsdp_config": {"reshard_after_forward": True}, "fsdp_version": 2,
 }
 TYPICAL_DATASET = {
@@ -100,6 +100,8 @@ def test_supported_top_level_key_validates(key):
         extra["warmup_steps"] = None
     if key == "test_datasets":
         extra["val_set_size"] = 0
+    if key == "quantize_moe_experts":
+        extra["load_in_4bit"] = True
     cfg = load(extra)
     assert getattr(cfg, RENAMED.get(key, key)) is not None
 

@@ -277,11 +277,13 @@ def test_the_run_record_says_the_base_was_8bit(trained, workdir):
     from lorafit.cli.loading import base_for
     from lorafit.train.run_record import recorded_quantization
 
-    assert recorded_quantization(trained) == {"four_bit": None, "eight_bit": True}
-    assert recorded_quantization(trained / "checkpoint-2") == {"four_bit": None, "eight_bit": True}
+    held = {"four_bit": None, "eight_bit": True, "moe_experts": False}
+    assert recorded_quantization(trained) == held
+    assert recorded_quantization(trained / "checkpoint-2") == held
     assert recorded_quantization(workdir / "model") is None  # no record: PEFT files do not say
-    assert base_for(str(trained), None, "off") == {"four_bit": None, "eight_bit": False}
-    assert base_for(str(workdir / "model"), None, None) == {"four_bit": None, "eight_bit": False}
+    dense = {"four_bit": None, "eight_bit": False, "moe_experts": False}
+    assert base_for(str(trained), None, "off") == dense
+    assert base_for(str(workdir / "model"), None, None) == dense
 
 
 def test_cli_generate_over_an_8bit_adapter_loads_the_8bit_base(trained, workdir, capsys):

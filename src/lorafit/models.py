@@ -189,12 +189,13 @@ def _cache_demo_model(model, tok) -> None:
 
 def load_model_and_tokenizer(name: str, dtype: str | torch.dtype = "float32", tokenizer: str | None = None, *,
                              base_dir: Path | None = None, attn_implementation: str = "sdpa",
-                             four_bit: dict | None = None, eight_bit: bool = False):
+                             four_bit: dict | None = None, eight_bit: bool = False, moe_experts: bool = False):
     """Load model and tokenizer (from ``tokenizer`` if given); the tokenizer always has a pad token.
 
     Relative paths are taken relative to ``base_dir`` (a config's folder; the working directory when None).
     ``four_bit``: :func:`quantize_base`'s arguments, to load the base in 4 bits (QLoRA); ``eight_bit``: the base
-    in 8 bits (:func:`quantize_base_8bit`, LLM.int8)."""
+    in 8 bits (:func:`quantize_base_8bit`, LLM.int8); ``moe_experts``: a MoE model's routed experts in the same
+    bits (:func:`lorafit.kernels.experts.quantize_experts`, axolotl's ``quantize_moe_experts``)."""
     from_gguf_demo = name in DEMO_ALIASES and resolve_model_path(name)[1] is not None
     tok = load_tokenizer(tokenizer, base_dir) if tokenizer else load_tokenizer(name, base_dir, "base_model")
     model = load_model(name, "float32" if from_gguf_demo else dtype, attn_implementation, base_dir)
@@ -207,9 +208,24 @@ def load_model_and_tokenizer(name: str, dtype: str | torch.dtype = "float32", to
         quantize_base(model, **four_bit)
     if eight_bit:
         quantize_base_8bit(model)
+    if moe_experts:
+        _quantize_moe_experts(model, four_bit, eight_bit)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def _quantize_moe_experts(model, four_bit: dict | None, eight_bit: bool) -> None:
+    from lorafit.kernels.experts import quantize_experts
+
+    if four_bit is None and not eight_bit:
+        raise LorafitError("quantize_moe_experts needs a quantized base: load_in_4bit or load_in_8bit")
+    args = dict(bits=4, quant_type=four_bit["quant_type"], double_quant=four_bit["double_quant"]) if four_bit \
+        else dict(bits=8)
+    if not quantize_experts(model, **args):
+        raise LorafitError(f"quantize_moe_experts: {type(model).__name__} has no mixture-of-experts tensors (3-D "
+                           "parameters of an experts module); remove quantize_moe_experts")
+    model.lorafit_moe_experts = True
 
 
 def quantizable_linears(model) -> list[tuple[str, torch.nn.Linear]]:
@@ -275,8 +291,10 @@ def _swap_layer(model, name: str, old, new, bias_dtype: torch.dtype | None = Non
 def dequantize_base(model) -> int:
     """Replace every 4-bit or 8-bit layer left in ``model`` by a dense ``nn.Linear`` holding ``dequantize`` of its
     codes (in its compute dtype): after merging an adapter trained over a quantized base, the untargeted layers
-    keep the weights the adapter was trained against, and the model saves as a plain one."""
+    keep the weights the adapter was trained against, and the model saves as a plain one. Quantized MoE expert
+    tensors are put back dense the same way."""
     from lorafit.kernels import int8, nf4
+    from lorafit.kernels.experts import dequantize_experts
 
     layers = [(n, m) for n, m in model.named_modules()
               if nf4.is_4bit(getattr(m, "weight", None)) or int8.is_int8(getattr(m, "weight", None))]
@@ -286,9 +304,11 @@ def dequantize_base(model) -> int:
         w = int8.dequantize(m) if int8.is_int8(m.weight) else nf4.dequantize(m.weight)
         dense.weight = torch.nn.Parameter(w.to(dtype), requires_grad=False)
         _swap_layer(model, name, m, dense, bias_dtype=dtype)
+    experts = dequantize_experts(model)
     vars(model).pop("lorafit_four_bit", None)
     vars(model).pop("lorafit_eight_bit", None)
-    return len(layers)
+    vars(model).pop("lorafit_moe_experts", None)
+    return len(layers) + experts
 
 
 def apply_special_tokens(tokenizer, special_tokens: dict[str, str] | None, model=None,

@@ -61,7 +61,8 @@ def cmd_eval(args) -> int:
     base_model, adapter, cfg = resolve_target(args)
     if cfg is None and not (args.heldout or args.retention):
         raise LorafitError("give a training config (for its eval split), --heldout or --retention")
-    default = {"four_bit": cfg.four_bit, "eight_bit": cfg.load_in_8bit} if cfg is not None else None
+    default = {"four_bit": cfg.four_bit, "eight_bit": cfg.load_in_8bit,
+               "moe_experts": cfg.quantize_moe_experts} if cfg is not None else None
     held = base_for(adapter, args.qlora, args.base_8bit, Console(), default=default)
     model, tok = model_with_adapter(base_model, adapter, **held)
     key = None
@@ -69,6 +70,8 @@ def cmd_eval(args) -> int:
         from lorafit.eval import cache
 
         quantized = "int8" if held["eight_bit"] else held["four_bit"]  # a 4-bit key as before 8-bit bases
+        if held.get("moe_experts"):
+            quantized = (quantized, "moe experts")
         key = cache.base_key(base_model, cfg, args.heldout, args.retention, args.limit, quantized=quantized)
         if args.no_cache:
             cache.forget(key)

@@ -69,6 +69,8 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
     "fsdp": (SUPPORTED, "FSDP2 (fully_shard per decoder layer) under torchrun; the list's options are not read"),
     "fsdp_config": (SUPPORTED, "FSDP2 under torchrun; reshard_after_forward is read, other keys are not"),
     "fsdp_version": (SUPPORTED, "2 only (FSDP2)"),
+    "quantize_moe_experts": (SUPPORTED, "the routed experts' 3-D tensors in 4 or 8 bits (as the base), dequantized"
+                             " when read; not with FSDP2"),
     "fp16": (SUPPORTED, "false only: fp16 training is refused, use bf16"),
     # ---- ignored: logging integrations ----
     **_group(IGNORED, _LOGGING, """
@@ -182,8 +184,6 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
     **_group(UNSUPPORTED, _MOE_PARALLEL, """
         expert_parallel_size expert_parallel_backend expert_parallel_num_nvl_bytes expert_parallel_num_rdma_bytes
         expert_parallel_token_capacity expert_parallel_fallback_on_unsupported"""),
-    "quantize_moe_experts": (UNSUPPORTED, "quantizing MoE expert tensors on load is not supported (lorafit's 4-bit"
-                             " base quantizes linear layers only); remove it: the experts then stay 16-bit"),
     **_group(UNSUPPORTED, _QUANT, """
         gptq gptq_groupsize gptq_model_v1 gptq_disable_exllama model_quantization_config model_quantization_config_kwargs
         use_onebitllms fp8 qat quantization llmcompressor nonexpert_quantization

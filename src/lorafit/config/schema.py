@@ -179,6 +179,9 @@ class TrainConfig(BaseModel):
     # LoRA over an 8-bit base: the same linear layers as bitsandbytes Linear8bitLt (LLM.int8), as axolotl passes
     # load_in_8bit on to transformers' loader
     load_in_8bit: bool = False
+    # MoE models: the routed experts' 3-D tensors in 4 or 8 bits too (load_in_4bit / load_in_8bit decides),
+    # dequantized when read; they are no linear layers, so the quantized base above does not reach them
+    quantize_moe_experts: bool = False
     bnb_config_kwargs: dict[str, Any] | None = None
     lora_r: int = Field(8, gt=0)
     lora_alpha: float = Field(16, gt=0)
@@ -415,6 +418,9 @@ class TrainConfig(BaseModel):
         if self.load_in_4bit and (self.peft_use_dora or self.lora_init == "pissa"):
             raise ValueError(f"load_in_4bit and {'peft_use_dora' if self.peft_use_dora else 'lora_init: pissa'} cannot "
                              "be combined (they need the dense base weight); use plain QLoRA or a bf16/fp32 base")
+        if self.quantize_moe_experts and not (self.load_in_4bit or self.load_in_8bit):
+            raise ValueError("quantize_moe_experts needs a quantized base (as in axolotl): add load_in_4bit: true "
+                             "(adapter: qlora) or load_in_8bit: true (adapter: lora)")
 
     def _check_eight_bit(self) -> None:
         """load_in_8bit is LoRA over an int8 base; what lorafit does not implement over it is one line."""
@@ -435,6 +441,9 @@ class TrainConfig(BaseModel):
             return
         if self.fsdp_version not in (None, 2):
             raise ValueError(f"fsdp_version {self.fsdp_version}: lorafit shards with FSDP2 only; set fsdp_version: 2")
+        if self.quantize_moe_experts:
+            raise ValueError("quantize_moe_experts with FSDP2 is not supported; drop the fsdp keys (several processes "
+                             "then train with DDP, each holding the quantized experts whole)")
         if self.load_in_8bit:
             raise ValueError("load_in_8bit with FSDP2 is not supported; drop the fsdp keys (several processes then "
                              "train with DDP) or drop load_in_8bit (LoRA on a bf16 base)")

@@ -77,8 +77,12 @@ def dense(weight, dtype: torch.dtype) -> torch.Tensor:
 
 def packed_bytes(weight) -> int:
     """Bytes a ``Params4bit`` holds: codes, absmax and (double quantization) the absmax's own statistics."""
-    state = weight.quant_state
-    n = weight.data.numel() * weight.data.element_size() + state.absmax.numel() * state.absmax.element_size()
+    return codes_bytes(weight.data, weight.quant_state)
+
+
+def codes_bytes(codes: torch.Tensor, state) -> int:
+    """Bytes of 4-bit ``codes`` with their ``QuantState``."""
+    n = codes.numel() * codes.element_size() + state.absmax.numel() * state.absmax.element_size()
     if state.nested:
         n += state.state2.absmax.numel() * state.state2.absmax.element_size() + state.offset.numel() * 4
         n += state.state2.code.numel() * 4

@@ -297,12 +297,14 @@ class ParameterCount:
 
 def count_parameters(model: nn.Module) -> ParameterCount:
     """Trainable vs total parameters (tied weights counted once), like PEFT's ``print_trainable_parameters``."""
-    seen, trainable, total = set(), 0, 0
+    from lorafit.kernels.experts import expert_numels
+
+    seen, trainable, total, experts = set(), 0, 0, expert_numels(model)
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        n = _logical_numel(p)
+        n = experts.get(id(p)) or _logical_numel(p)
         total += n
         trainable += n if p.requires_grad else 0
     return ParameterCount(trainable, total)

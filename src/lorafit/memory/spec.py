@@ -135,6 +135,10 @@ _REQUIRED = {
 }
 
 
+# config keys that give a mixture-of-experts model's number of routed experts, across families
+_EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
 def spec_from_hf_config(cfg: dict, name: str, source: str = "config.json") -> ModelSpec:
     """A spec from a transformers ``config.json`` mapping. Missing required fields: one-line error."""
     if not isinstance(cfg, dict):
@@ -143,6 +147,11 @@ def spec_from_hf_config(cfg: dict, name: str, source: str = "config.json") -> Mo
     if "text_config" in cfg and "hidden_size" not in cfg:  # multimodal wrappers: the language model's config
         cfg = {**cfg["text_config"], "model_type": cfg["text_config"].get("model_type", cfg.get("model_type"))}
     model_type = str(cfg.get("model_type", "llama"))
+    experts = next((cfg[k] for k in _EXPERT_COUNTS if cfg.get(k)), None)
+    if experts:  # a dense-MLP spec would count the wrong weights and activations: say so rather than guess
+        raise LorafitError(f"{source}: {model_type} is a mixture-of-experts model ({experts} experts); the memory "
+                           "estimate models dense decoder blocks only, so it cannot estimate this model yet (lorafit "
+                           "train runs it)")
     values = {}
     missing = []
     for field, keys in _REQUIRED.items():

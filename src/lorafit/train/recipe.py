@@ -240,6 +240,8 @@ class Recipe:
             method = f"QLoRA ({cfg.four_bit['quant_type']} base)"
         elif cfg.load_in_8bit:
             method = "LoRA (int8 base)"
+        if cfg.quantize_moe_experts:
+            method = method.replace(" base)", " base and experts)")
         self.console.print(
             f"{method} | {count_parameters(self.model)} | dtype {str(self.model.dtype).removeprefix('torch.')} "
             f"on {self.world.device.type} | "

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lorafit.errors import LorafitError
+from lorafit.kernels.experts import recompute_in_backward
 from lorafit.lora import LoraConfig, apply_lora
 from lorafit.lora.inject import named_lora_layers
 from lorafit.lora.io import PREFIX, copy_adapter_weights, read_adapter_config, read_adapter_weights
@@ -78,6 +79,8 @@ def make_trainable(model: nn.Module, lora: LoraConfig | None, gradient_checkpoin
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if gradient_checkpointing:
         _no_embedding_output_grad(model)
+    else:  # checkpointing keeps one layer's dense experts at a time; without it, only their inputs are kept
+        recompute_in_backward(model)
     model.config.use_cache = False
     model.train()
     return model
@@ -125,7 +128,8 @@ def prepare_model(cfg, options: RuntimeOptions | None = None):
     attention, notice = attention_choice(cfg.attn_implementation)
     model, tokenizer = load_model_and_tokenizer(cfg.base_model, train_dtype(cfg), tokenizer=cfg.tokenizer_config,
                                                 base_dir=cfg.config_dir, attn_implementation=attention,
-                                                four_bit=cfg.four_bit, eight_bit=cfg.load_in_8bit)
+                                                four_bit=cfg.four_bit, eight_bit=cfg.load_in_8bit,
+                                                moe_experts=cfg.quantize_moe_experts)
     model.attention_notice = notice  # printed by the recipe with its other notes
     apply_special_tokens(tokenizer, cfg.special_tokens, model, trains_embeddings=cfg.trains_embeddings)
     make_trainable(model, lora, cfg.gradient_checkpointing, options)

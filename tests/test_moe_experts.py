@@ -1,0 +1,201 @@
+"""quantize_moe_experts: a MoE model's routed-expert tensors held in 4 or 8 bits (bitsandbytes' codes), dequantized
+when read; the model then computes exactly what it computes with the dequantized tensors in place."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+bnb_functional = pytest.importorskip("bitsandbytes.functional")
+
+from lorafit.errors import LorafitError  # noqa: E402
+from lorafit.kernels import experts  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_moe(vocab: int = 128, seed: int = 0):
+    """A 2-layer random Qwen3-MoE (4 experts, 2 per token), fp32, seeded: the same weights for the same seed."""
+    import transformers
+
+    cfg = transformers.Qwen3MoeConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                                      moe_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                      max_position_embeddings=128, tie_word_embeddings=False, use_cache=False)
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+
+
+def dequantized_twin(bits: int):
+    """The same model with each expert tensor replaced by dequantize(quantize(W)), dense."""
+    model = tiny_moe()
+    experts.quantize_experts(model, bits)
+    assert experts.dequantize_experts(model) == 4
+    assert not any(experts.is_quantized_experts(m) for m in model.modules())
+    return model
+
+
+def test_expert_tensors_are_the_3d_parameters_of_the_experts_modules():
+    names = [n for n, _, _ in experts.expert_tensors(tiny_moe())]
+    assert names == [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("gate_up_proj", "down_proj")]
+
+
+def test_4bit_codes_are_bitsandbytes_quantize_4bit():
+    dense, model = tiny_moe(), tiny_moe()
+    assert experts.quantize_experts(model, 4, "nf4", double_quant=True) == 4
+    e, d = model.model.layers[1].mlp.experts, dense.model.layers[1].mlp.experts
+    codes, state = bnb_functional.quantize_4bit(d.down_proj.data, blocksize=64, compress_statistics=True,
+                                                quant_type="nf4")
+    stored = e.parametrizations.down_proj
+    assert stored.original.dtype == torch.uint8 and torch.equal(stored.original, codes)
+    assert torch.equal(stored[0].quant_state.absmax, state.absmax) and stored[0].quant_state.nested
+    assert torch.equal(e.down_proj, bnb_functional.dequantize_4bit(codes, state))
+
+
+def test_8bit_codes_are_llm_int8_rows():
+    dense, model = tiny_moe(), tiny_moe()
+    experts.quantize_experts(model, 8)
+    w = dense.model.layers[0].mlp.experts.gate_up_proj.data
+    codes, scales, _ = bnb_functional.int8_vectorwise_quant(w.reshape(-1, w.shape[-1]).half())
+    stored = model.model.layers[0].mlp.experts.parametrizations.gate_up_proj
+    assert torch.equal(stored.original, codes.reshape(w.shape)) and torch.equal(stored[0].row_scales, scales)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_logits_and_input_gradients_equal_the_dequantized_model(bits):
+    """Forward and backward (with backward's recompute) equal a dense model holding the dequantized tensors,
+    and the stored bytes are the codes' (a quarter or half of fp32 for 4 or 8 bits, plus statistics)."""
+    model, twin = tiny_moe(), dequantized_twin(bits)
+    experts.quantize_experts(model, bits)
+    assert experts.recompute_in_backward(model) == 2
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    for m in (model, twin):
+        m.requires_grad_(False)
+    x = model.model.embed_tokens(ids).detach().requires_grad_(True)
+    y = twin.model.embed_tokens(ids).detach().requires_grad_(True)
+    a, b = model(inputs_embeds=x).logits, twin(inputs_embeds=y).logits
+    assert torch.equal(a, b)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    assert torch.equal(x.grad, y.grad)
+    dense_bytes = sum(p.numel() * 4 for _, m, n in experts.expert_tensors(twin) for p in [getattr(m, n)])
+    assert experts.quantized_bytes(model) < dense_bytes * (0.16 if bits == 4 else 0.3)
+
+
+def saved_for_backward(model, ids) -> int:
+    """Bytes autograd keeps from one forward (each storage once)."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = model.model.embed_tokens(ids).detach().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(inputs_embeds=x).logits.sum()
+    return sum(saved.values())
+
+
+def test_backward_keeps_the_experts_inputs_not_their_dense_tensors():
+    """Without recompute autograd keeps every layer's dequantized experts for dx; with it, only their inputs."""
+    ids = torch.randint(0, 128, (1, 8))
+    kept, lean = tiny_moe(), tiny_moe()
+    for m in (kept, lean):
+        experts.quantize_experts(m, 4)
+        m.requires_grad_(False)
+    experts.recompute_in_backward(lean)
+    dense = sum(getattr(m, n).numel() * 4 for _, m, n in experts.expert_tensors(kept))
+    assert saved_for_backward(kept, ids) - saved_for_backward(lean, ids) >= dense
+
+
+def test_casting_the_model_casts_what_the_experts_dequantize_to():
+    model = tiny_moe()
+    experts.quantize_experts(model, 4)
+    model.to(torch.bfloat16)
+    e = model.model.layers[0].mlp.experts
+    assert e.gate_up_proj.dtype == torch.bfloat16
+    assert e.parametrizations.gate_up_proj[0].quant_state.absmax.dtype != torch.bfloat16  # statistics kept
+    assert model(torch.tensor([[1, 2, 3]])).logits.dtype == torch.bfloat16
+
+
+def test_a_model_without_experts_is_one_line():
+    from conftest import tiny_quantizable_lm
+
+    from lorafit.models import _quantize_moe_experts
+
+    with pytest.raises(LorafitError, match="has no mixture-of-experts tensors"):
+        _quantize_moe_experts(tiny_quantizable_lm(), {"quant_type": "nf4", "double_quant": True}, False)
+
+
+# ---- config, training, merge ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    from lorafit.models import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("moe")
+    tok = load_tokenizer("demo")
+    tiny_moe(vocab=len(tok)).save_pretrained(folder / "model")
+    tok.save_pretrained(folder / "model")
+    rows = [{"messages": [{"role": "user", "content": f"Repeat twice: {w}"},
+                          {"role": "assistant", "content": f"{w} {w}"}]} for w in ["fig", "kiwi", "lime"] * 4]
+    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def config(workdir, out: str, **kw):
+    from lorafit.config import TrainConfig
+
+    d = dict(base_model=str(workdir / "model"), adapter="qlora", load_in_4bit=True, quantize_moe_experts=True,
+             lora_r=4, lora_alpha=8, lora_target_modules=["q_proj", "v_proj"],
+             datasets=[{"path": str(workdir / "data.jsonl"), "type": "chat_template"}], sequence_len=48,
+             micro_batch_size=2, max_steps=3, learning_rate=5e-3, output_dir=str(workdir / out), seed=3)
+    return TrainConfig.from_dict({**d, **kw})
+
+
+@pytest.mark.parametrize(("keys", "message"), [
+    ({"adapter": "lora", "load_in_4bit": False}, "quantize_moe_experts needs a quantized base"),
+    ({"fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True}}, "quantize_moe_experts with FSDP2"),
+])
+def test_config_mistakes_are_one_line(workdir, keys, message):
+    with pytest.raises(LorafitError, match=message):
+        config(workdir, "bad", **keys)
+
+
+def test_the_key_table_lists_it_as_supported():
+    from lorafit.config.axolotl_keys import SUPPORTED, TOP_LEVEL
+
+    assert TOP_LEVEL["quantize_moe_experts"][0] == SUPPORTED
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_training_holds_the_experts_quantized_and_merge_writes_them_dequantized(workdir, tmp_path, capsys,
+                                                                               gradient_checkpointing):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.cli import main
+    from lorafit.train import train
+
+    out = f"qlora-experts-{gradient_checkpointing}"
+    run = train(config(workdir, out, gradient_checkpointing=gradient_checkpointing))
+    e = run.model.model.layers[0].mlp.experts
+    assert experts.is_quantized_experts(e) and e.lorafit_recompute is not gradient_checkpointing
+    assert run.model.model.layers[0].mlp.gate.weight.dtype == torch.float32  # the router is no expert tensor
+    assert run.steps == 3 and run.train_loss is not None and run.train_loss == run.train_loss  # finite, ran
+    assert load_file(workdir / out / "adapter_model.safetensors")  # the adapter: attention layers only
+    capsys.readouterr()
+    assert main(["merge", str(workdir / "model"), str(workdir / out), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32)
+    w = base.model.layers[1].mlp.experts.down_proj.data
+    codes, state = bnb_functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    assert torch.equal(merged.model.layers[1].mlp.experts.down_proj, bnb_functional.dequantize_4bit(codes, state))
+
+
+def test_the_estimate_says_it_does_not_model_moe(workdir):
+    from lorafit.memory.spec import resolve_spec
+
+    with pytest.raises(LorafitError, match="mixture-of-experts model .4 experts.*cannot estimate"):
+        resolve_spec(str(workdir / "model"))
