@@ -199,3 +199,105 @@ def test_the_estimate_says_it_does_not_model_moe(workdir):
 
     with pytest.raises(LorafitError, match="mixture-of-experts model .4 experts.*cannot estimate"):
         resolve_spec(str(workdir / "model"))
+
+
+# ---- LoRA on the expert tensors (PEFT's target_parameters) -------------------------------------------------------
+EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def peft_with_expert_targets(tmp_path):
+    """PEFT over the tiny MoE with q_proj and both expert tensors targeted, B random; saved to ``tmp_path``."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_moe(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                                                            target_parameters=EXPERT_PARAMS))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "peft")
+    return model
+
+
+def test_expert_parameter_targets_equal_peft(tmp_path):
+    """Logits and gradients equal PEFT's ParamWrapper; the files load both ways with the same keys; merging
+    gives PEFT's merged model."""
+    from safetensors.torch import load_file
+
+    from lorafit.lora import load_adapter, merge_and_unload, save_adapter
+
+    theirs = peft_with_expert_targets(tmp_path)
+    ours = load_adapter(tiny_moe(), tmp_path / "peft", trainable=True)
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(2))
+    a, b = theirs(ids).logits, ours(ids).logits
+    assert torch.equal(a, b)
+    a.square().mean().backward()
+    b.square().mean().backward()
+    grads = {n.replace(".default", ""): p.grad for n, p in theirs.named_parameters() if p.grad is not None}
+    mine = {f"base_model.model.{n}": p.grad for n, p in ours.named_parameters() if p.grad is not None}
+    assert grads.keys() == mine.keys() and any("experts.base_layer.lora_A" in k for k in mine)
+    for k in mine:
+        torch.testing.assert_close(mine[k], grads[k], rtol=1e-5, atol=1e-7)
+    save_adapter(ours, tmp_path / "ours")
+    assert load_file(tmp_path / "ours" / "adapter_model.safetensors").keys() == \
+        load_file(tmp_path / "peft" / "adapter_model.safetensors").keys()
+    back = pytest.importorskip("peft").PeftModel.from_pretrained(tiny_moe(), tmp_path / "ours")
+    assert torch.equal(back(ids).logits, ours(ids).logits)
+    with torch.no_grad():
+        want = theirs.merge_and_unload()(ids).logits
+        merged = merge_and_unload(ours)
+        assert type(merged.model.layers[0].mlp.experts).__name__ == "Qwen3MoeExperts"
+        assert torch.equal(merged(ids).logits, want)
+
+
+def test_expert_parameter_targets_over_quantized_experts(tmp_path):
+    """Over experts stored in 4 bits the update is added to the dequantized tensor: the same logits as the dense
+    twin with the same adapter, and merging writes dequantized + update, dense."""
+    from lorafit.lora import load_adapter, merge_and_unload
+
+    peft_with_expert_targets(tmp_path)
+    quantized = tiny_moe()
+    experts.quantize_experts(quantized, 4)
+    ours, twin = load_adapter(quantized, tmp_path / "peft"), load_adapter(dequantized_twin(4), tmp_path / "peft")
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, twin(ids).logits)
+        merged, twin_merged = merge_and_unload(ours), merge_and_unload(twin)
+        for m, t in zip(merged.model.layers, twin_merged.model.layers, strict=True):
+            assert not experts.is_quantized_experts(m.mlp.experts)
+            assert torch.equal(m.mlp.experts.down_proj, t.mlp.experts.down_proj)
+
+
+@pytest.mark.parametrize(("keys", "message"), [
+    ({"lora_dropout": 0.05}, "lora_dropout 0.05 with lora_target_parameters"),
+    ({"fsdp_version": 2, "fsdp_config": {}, "quantize_moe_experts": False, "adapter": "lora", "load_in_4bit": False},
+     "lora_target_parameters with FSDP2"),
+])
+def test_expert_parameter_config_mistakes_are_one_line(workdir, keys, message):
+    with pytest.raises(LorafitError, match=message):
+        config(workdir, "bad", lora_target_parameters=EXPERT_PARAMS, **keys)
+
+
+def test_an_expert_parameter_entry_matching_nothing_is_one_line():
+    from lorafit.lora import LoraConfig, apply_lora
+
+    with pytest.raises(LorafitError, match="'mlp.experts.up_proj' matches no parameter"):
+        apply_lora(tiny_moe(), LoraConfig(target_modules=[], target_parameters=["mlp.experts.up_proj"]))
+
+
+def test_training_the_expert_tensors_over_a_4bit_base(workdir, tmp_path, capsys):
+    """axolotl's MoE QLoRA recipe (quantize_moe_experts + lora_target_parameters, no module targets) trains,
+    saves PEFT's keys for the experts and merges through the CLI."""
+    from safetensors.torch import load_file
+
+    from lorafit.cli import main
+    from lorafit.train import train
+
+    run = train(config(workdir, "experts-lora", lora_target_modules=None, lora_target_parameters=EXPERT_PARAMS))
+    keys = load_file(workdir / "experts-lora" / "adapter_model.safetensors").keys()
+    assert {k.split("layers.1.")[-1] for k in keys if "layers.1." in k} == {
+        "mlp.experts.lora_A.weight", "mlp.experts.lora_B.weight", "mlp.experts.base_layer.lora_A.weight",
+        "mlp.experts.base_layer.lora_B.weight"}
+    assert any(p.abs().max() > 0 for n, p in run.model.named_parameters() if "lora_B" in n)  # it learned
+    capsys.readouterr()
+    assert main(["merge", str(workdir / "model"), str(workdir / "experts-lora"), str(tmp_path / "merged")]) == 0

@@ -69,6 +69,8 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
     "fsdp": (SUPPORTED, "FSDP2 (fully_shard per decoder layer) under torchrun; the list's options are not read"),
     "fsdp_config": (SUPPORTED, "FSDP2 under torchrun; reshard_after_forward is read, other keys are not"),
     "fsdp_version": (SUPPORTED, "2 only (FSDP2)"),
+    "lora_target_parameters": (SUPPORTED, "PEFT's target_parameters (MoE experts' 3-D tensors); lora_dropout must"
+                               " be 0, as in PEFT"),
     "quantize_moe_experts": (SUPPORTED, "the routed experts' 3-D tensors in 4 or 8 bits (as the base), dequantized"
                              " when read; not with FSDP2"),
     "fp16": (SUPPORTED, "false only: fp16 training is refused, use bf16"),
@@ -244,8 +246,6 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
              "base_model_config revision_of_model model_revision"),
     "llama4_linearized_experts": (UNSUPPORTED, "converting MoE experts to linear layers is not supported; lorafit"
                                   " trains the model's expert layers as they are"),
-    "lora_target_parameters": (UNSUPPORTED, "LoRA on raw parameters (MoE expert tensors) is not supported yet;"
-                               " target linear modules with lora_target_modules"),
     "peft_layers_pattern": (UNSUPPORTED, "not supported; lorafit finds the layer index in the module name"),
     "peft": (UNSUPPORTED, "LoftQ initialisation is not supported; use lora_init: pissa or the default"),
     "peft_layer_replication": (UNSUPPORTED, "layer replication is not supported"),

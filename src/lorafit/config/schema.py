@@ -196,6 +196,8 @@ class TrainConfig(BaseModel):
     # per-module rank / alpha: module name or regex (matched at the end of the path, as PEFT does) -> value
     lora_rank_pattern: dict[str, int] | None = None
     lora_alpha_pattern: dict[str, float] | None = None
+    # PEFT's target_parameters: parameters adapted in place, for MoE experts' 3-D tensors (no dropout, no DoRA)
+    lora_target_parameters: list[str] | None = None
     lora_model_dir: str | None = None  # start from this adapter folder (relative to the config's folder)
 
     # data
@@ -385,11 +387,14 @@ class TrainConfig(BaseModel):
     def _check_combinations(self) -> TrainConfig:
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             raise ValueError("warmup_steps and warmup_ratio are both set; keep one")
-        if self.is_lora and not self.lora_target_modules and not self.lora_target_linear:
+        if self.is_lora and not (self.lora_target_modules or self.lora_target_linear or self.lora_target_parameters):
             raise ValueError(
                 "adapter is lora but no target modules are given; set lora_target_linear: true "
                 "(all linear layers) or lora_target_modules: [q_proj, v_proj, ...]"
             )
+        if self.lora_target_parameters and self.lora_dropout:
+            raise ValueError(f"lora_dropout {self.lora_dropout} with lora_target_parameters: a parameter's update "
+                             "cannot take dropout (PEFT refuses it too); set lora_dropout: 0")
         if self.lora_model_dir and not self.is_lora:
             raise ValueError("lora_model_dir is set but adapter is not lora; set adapter: lora to continue an adapter")
         self._check_four_bit()
@@ -441,6 +446,9 @@ class TrainConfig(BaseModel):
             return
         if self.fsdp_version not in (None, 2):
             raise ValueError(f"fsdp_version {self.fsdp_version}: lorafit shards with FSDP2 only; set fsdp_version: 2")
+        if self.lora_target_parameters:
+            raise ValueError("lora_target_parameters with FSDP2 is not supported; drop the fsdp keys (several "
+                             "processes then train with DDP)")
         if self.quantize_moe_experts:
             raise ValueError("quantize_moe_experts with FSDP2 is not supported; drop the fsdp keys (several processes "
                              "then train with DDP, each holding the quantized experts whole)")
@@ -536,7 +544,7 @@ class TrainConfig(BaseModel):
             return None
         if self.lora_target_linear:
             return "all-linear"
-        return self.lora_target_modules
+        return self.lora_target_modules or []  # empty: lora_target_parameters only
 
     def dtype_for(self, bf16_supported: bool) -> str:
         """``"bfloat16"`` or ``"float32"`` on a device that does (not) support bf16: ``bf16: auto`` is bfloat16

@@ -132,9 +132,16 @@ def quantize_experts(model, bits: int, quant_type: str = "nf4", double_quant: bo
         setattr(module, pname, torch.nn.Parameter(codes, requires_grad=False))
         parametrize.register_parametrization(module, pname, dequant, unsafe=True)
     for module in {id(m): m for _, m, _ in tensors}.values():
+        read_once_per_forward(module)
+    return len(tensors)
+
+
+def read_once_per_forward(module) -> None:
+    """Give ``module`` (an experts module whose tensors are parametrized: dequantized, or LoRA-adapted) the
+    forward below, once."""
+    if "lorafit_recompute" not in vars(module):
         module.lorafit_recompute = False
         module.forward = types.MethodType(_experts_forward, module)  # bound: a deep copy binds to its copy
-    return len(tensors)
 
 
 def _experts_forward(self, *args, **kwargs):
@@ -155,7 +162,7 @@ def recompute_in_backward(model) -> int:
     """Without gradient checkpointing, run each quantized-experts module under non-reentrant checkpointing:
     backward reruns its forward (dequantizing again) instead of keeping every layer's dense expert tensors,
     which autograd saves for ``dx``. Returns how many modules."""
-    modules = [m for m in model.modules() if is_quantized_experts(m)]
+    modules = [m for m in model.modules() if is_quantized_experts(m) and "lorafit_recompute" in vars(m)]
     for module in modules:
         module.lorafit_recompute = True
     return len(modules)

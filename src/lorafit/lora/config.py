@@ -37,6 +37,8 @@ class LoraConfig:
     layers_to_transform: list[int] | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    # PEFT's target_parameters: parameters (MoE experts' 3-D tensors) adapted in place (lorafit.lora.parameter)
+    target_parameters: list[str] | None = None
 
     def __post_init__(self):
         self.validate()
@@ -62,15 +64,29 @@ class LoraConfig:
                     re.compile(self.target_modules)
                 except re.error as e:
                     raise LorafitError(f"lora target_modules: {self.target_modules!r} is not a valid regex: {e}") from None
-        elif not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+        elif not (self.target_modules or self.target_parameters) or not all(
+                isinstance(t, str) and t for t in self.target_modules):
             raise LorafitError(
                 f"lora target_modules: got {self.target_modules!r}; give module names like "
                 "['q_proj', 'v_proj'], a regex, or 'all-linear'"
             )
+        if self.target_parameters is not None:
+            self._check_target_parameters()
         if self.layers_to_transform is not None and not all(
             isinstance(i, int) and i >= 0 for i in self.layers_to_transform
         ):
             raise LorafitError(f"lora layers_to_transform: got {self.layers_to_transform!r}, must be layer indices >= 0")
+
+    def _check_target_parameters(self) -> None:
+        """PEFT's rules for parameter targets: names, no dropout (it cannot act on a weight update), no DoRA."""
+        if not self.target_parameters or not all(isinstance(t, str) and t for t in self.target_parameters):
+            raise LorafitError(f"lora target_parameters: got {self.target_parameters!r}; give parameter names like "
+                               "['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']")
+        if self.dropout:
+            raise LorafitError(f"lora dropout {self.dropout} with target_parameters: a parameter's update cannot "
+                               "take dropout (PEFT refuses it too); set lora_dropout: 0")
+        if self.use_dora or self.init == "pissa":
+            raise LorafitError("target_parameters cannot be combined with DoRA or PiSSA (PEFT's rule); use plain LoRA")
 
     def rank_for(self, module_path: str) -> int:
         return int(pattern_value(self.rank_pattern, module_path, self.r))
@@ -86,6 +102,8 @@ class LoraConfig:
     def to_peft_dict(self, target_names: list[str], base_model: str | None = None) -> dict[str, Any]:
         """The ``adapter_config.json`` PEFT writes for the same adapter (fields PEFT 0.13+ reads)."""
         targets = self.target_modules if isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR else sorted(target_names)
+        if not targets and self.target_parameters:
+            targets = None  # parameters only: PEFT writes no module targets
         return {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
@@ -103,6 +121,7 @@ class LoraConfig:
             "layers_pattern": None,
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
+            "target_parameters": sorted(self.target_parameters) if self.target_parameters else None,
             "fan_in_fan_out": False,
             "inference_mode": True,
             "revision": None,
@@ -117,7 +136,8 @@ class LoraConfig:
             raise LorafitError(f"{source}: ensure_weight_tying is true (PEFT ties the head's adapter to the "
                                "embeddings'); lorafit does not support tied adapters yet")
         init = d.get("init_lora_weights", True)
-        targets = d.get("target_modules") or ALL_LINEAR
+        params = d.get("target_parameters") or None
+        targets = d.get("target_modules") or ([] if params else ALL_LINEAR)
         if isinstance(targets, set | tuple):
             targets = list(targets)
         try:
@@ -134,6 +154,7 @@ class LoraConfig:
                 layers_to_transform=_as_list(d.get("layers_to_transform")),
                 rank_pattern=d.get("rank_pattern") or {},
                 alpha_pattern=d.get("alpha_pattern") or {},
+                target_parameters=list(params) if params else None,
             )
         except LorafitError as e:
             raise LorafitError(f"{source}: {e}") from None

@@ -22,13 +22,14 @@ from lorafit.kernels import int8, nf4
 from lorafit.lora.config import ALL_LINEAR, LoraConfig
 from lorafit.lora.embedding import LoraEmbedding
 from lorafit.lora.layer import WRAPPABLE, LoraLinear
+from lorafit.lora.parameter import LoraParameter, named_parameter_targets
 from lorafit.lora.variants import DORA, INT8, PLAIN, QLORA
 from lorafit.options import RuntimeOptions
 
 # What a LoRA target may be: a linear layer (LoraLinear; the output head included when named) or the token
 # embeddings (LoraEmbedding, PEFT's lora.Embedding). "all-linear" selects linear layers only.
 TARGETABLE = (*WRAPPABLE, nn.Embedding)
-ADAPTER_LAYERS = (LoraLinear, LoraEmbedding)
+ADAPTER_LAYERS = (LoraLinear, LoraEmbedding, LoraParameter)
 # PEFT's EMBEDDING_LAYER_NAMES: the names whose presence in target_modules / modules_to_save it checks for tying
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 TIED_WARNING = ("the model ties its input embeddings and output head, and the adapter includes one of them: as PEFT "
@@ -77,6 +78,20 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     return [n for n, _ in matched]
 
 
+def find_parameter_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, str]]:
+    """``(module path, parameter name)`` of each parameter ``config.target_parameters`` selects; an entry that
+    selects nothing is one line naming the model's 3-D (experts) parameters."""
+    if not config.target_parameters:
+        return []
+    found = named_parameter_targets(model, config.target_parameters)
+    keys = [f"{m}.{p}" for m, p in found]
+    for entry in config.target_parameters:
+        if not any(k == entry or k.endswith("." + entry) for k in keys):
+            raise LorafitError(f"lora target_parameters entry {entry!r} matches no parameter of this model (an entry "
+                               "selects the parameters whose full name ends with it, e.g. mlp.experts.gate_up_proj)")
+    return found
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -90,7 +105,8 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_dtype: torch.dtype 
     if getattr(model, "lora_config", None) is not None:
         raise LorafitError("this model already has a LoRA adapter; merge_and_unload it before adding another")
     options = options or RuntimeOptions.resolve()
-    names = find_targets(model, config)
+    names = find_targets(model, config) if config.target_modules else []
+    params = find_parameter_targets(model, config)
     for p in model.parameters():
         p.requires_grad_(False)
     tied = tied_with_input_embeddings(model)
@@ -115,6 +131,11 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_dtype: torch.dtype 
             variant=_variant(name, base, config),
         )
         _set_submodule(model, name, layer)
+    for path, pname in params:  # after the layers: a parameter's module is no layer target
+        key = f"{path}.{pname}"
+        _set_submodule(model, path, LoraParameter(model.get_submodule(path), pname, r=config.rank_for(key),
+                                                  alpha=config.alpha_for(key), use_rslora=config.use_rslora,
+                                                  adapter_dtype=adapter_dtype))
     _mark_bias_trainable(model, config.bias)
     for name in config.modules_to_save or []:
         found = [(n, m) for n, m in model.named_modules() if n == name or n.endswith("." + name)]
@@ -199,7 +220,7 @@ def _mark_bias_trainable(model: nn.Module, mode: str) -> None:
                 p.requires_grad_(True)
     elif mode == "lora_only":
         for layer in lora_layers(model):
-            if layer.base_layer.bias is not None:
+            if getattr(layer.base_layer, "bias", None) is not None:
                 layer.base_layer.bias.requires_grad_(True)
 
 
@@ -233,7 +254,8 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
             _untie(model, f"{name}.base_layer", layer.base_layer)
     if safe:
         for name, layer in named_lora_layers(model):
-            dense = layer.base_layer.weight if isinstance(layer, LoraEmbedding) else layer.variant.dense_weight(layer)
+            dense = (layer.base_layer.weight if isinstance(layer, LoraEmbedding) else layer.dense_weight()
+                     if isinstance(layer, LoraParameter) else layer.variant.dense_weight(layer))
             if not layer.merged and not torch.isfinite(dense.float() + layer.delta_weight()).all():
                 raise LorafitError(f"refusing to merge: {name} would get NaN/inf weights (the adapter is broken)")
     for layer in layers:
@@ -250,18 +272,21 @@ def unmerge(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module, safe: bool = True) -> nn.Module:
     """Merge, then replace every LoRA layer by its base layer: a plain transformers model is left."""
     merge(model, safe=safe)
-    for name, layer in list(named_lora_layers(model)):
-        _set_submodule(model, name, layer.base_layer)
-    model.lora_config = None
+    _unwrap_all(model)
     return model
+
+
+def _unwrap_all(model: nn.Module) -> None:
+    """Put each adapter layer's base back in its place, the deepest first (a module's parameter updates nest)."""
+    for name, layer in reversed(list(named_lora_layers(model))):
+        _set_submodule(model, name, layer.release() if isinstance(layer, LoraParameter) else layer.base_layer)
+    model.lora_config = None
 
 
 def unload(model: nn.Module) -> nn.Module:
     """Remove the adapters without merging: the original base model is back."""
     unmerge(model)
-    for name, layer in list(named_lora_layers(model)):
-        _set_submodule(model, name, layer.base_layer)
-    model.lora_config = None
+    _unwrap_all(model)
     return model
 
 

@@ -24,6 +24,7 @@ from lorafit.errors import LorafitError
 from lorafit.fsutil import follow_umask
 from lorafit.lora.config import ALL_LINEAR, LoraConfig
 from lorafit.lora.inject import EMBEDDING_LAYER_NAMES, apply_lora, named_lora_layers
+from lorafit.lora.parameter import LoraParameter
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -111,7 +112,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = adapter_state_dict(model) if state is None else state
-    targets = sorted({n.split(".")[-1] for n, _ in named_lora_layers(model)})
+    targets = sorted({n.split(".")[-1] for n, layer in named_lora_layers(model) if not isinstance(layer, LoraParameter)})
     peft_config = config.to_peft_dict(targets, base_model=base_model)
     peft_config["fan_in_fan_out"] = any(layer.fan_in_fan_out for _, layer in named_lora_layers(model))
     if config.init == "pissa":

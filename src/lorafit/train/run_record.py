@@ -33,7 +33,7 @@ FINGERPRINT_KEYS = (
     "default_system_message", "chat_template_kwargs", "bf16",
     "adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_linear",
     "lora_modules_to_save", "peft_use_rslora", "peft_use_dora", "lora_init", "lora_layers_to_transform",
-    "lora_rank_pattern", "lora_alpha_pattern", "load_in_4bit", "load_in_8bit", "bnb_config_kwargs",
+    "lora_rank_pattern", "lora_alpha_pattern", "lora_target_parameters", "load_in_4bit", "load_in_8bit", "bnb_config_kwargs",
     "quantize_moe_experts",
     "lora_model_dir",
     "datasets", "test_datasets", "val_set_size", "sequence_len", "sample_packing", "curriculum_sampling",

@@ -45,6 +45,7 @@ def lora_config_from(cfg) -> LoraConfig:
         layers_to_transform=cfg.lora_layers_to_transform,
         rank_pattern=dict(cfg.lora_rank_pattern or {}),
         alpha_pattern=dict(cfg.lora_alpha_pattern or {}),
+        target_parameters=cfg.lora_target_parameters,
     )
 
 
