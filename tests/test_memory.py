@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from conftest import saved_by_loss
 
@@ -244,3 +245,26 @@ def lora_targets_of(spec, s):
     from lorafit.memory.estimate import lora_targets
 
     return lora_targets(spec, s)
+
+
+def test_gguf_parsed_once_shares_readers_and_name_maps_within_the_block(tmp_path):
+    """transformers parses a GGUF file for the tokenizer, the config and the weights, and builds gguf's
+    tensor-name map per submodule; inside ``gguf_parsed_once`` each is made once, and gguf is as before after."""
+    gguf = pytest.importorskip("gguf")
+    from lorafit._compat import gguf_parsed_once
+
+    writer = gguf.GGUFWriter(str(tmp_path / "tiny.gguf"), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with gguf_parsed_once():
+        first = gguf.GGUFReader(tmp_path / "tiny.gguf")
+        with gguf_parsed_once():  # re-entrant: the inner block shares the outer caches
+            assert gguf.GGUFReader(str(tmp_path / "tiny.gguf")) is first
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 1) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 1)
+        assert [t.name for t in first.tensors] == ["token_embd.weight"]
+    assert gguf.GGUFReader is reader and gguf.get_tensor_name_map is name_map

@@ -60,3 +60,26 @@ def test_smollm2_fine_tunes_a_few_steps(tmp_path):
     losses = [r["loss"] for r in result.history if "loss" in r]
     assert losses[-1] < losses[0]
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_gguf_load_parses_the_file_once_and_loads_the_same_model(monkeypatch):
+    """``load_model_and_tokenizer`` of the demo GGUF reads the file once (transformers alone: three times) and
+    gives the same weights and tokens as transformers' own load."""
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorafit.models import demo_model_file
+
+    path = demo_model_file()
+    parses = []
+    reader = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: parses.append(a) or reader(*a, **k))
+    model, tok = load_model_and_tokenizer(str(path))
+    assert len(parses) == 1
+    plain = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    plain_tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    assert len(parses) == 4  # transformers' own: tokenizer, config, weights
+    text = "Convert to ISO date (YYYY-MM-DD): 29 January 2029"
+    assert tok(text).input_ids == plain_tok(text).input_ids
+    for (name, a), b in zip(model.state_dict().items(), plain.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

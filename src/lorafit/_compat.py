@@ -7,6 +7,7 @@ feature off (or takes the public route) instead of failing at import, and this f
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -93,6 +94,41 @@ def forget_gguf_quantization(model) -> None:
         model.hf_quantizer = None
     if hasattr(model, "is_quantized"):
         model.is_quantized = False
+
+
+@contextlib.contextmanager
+def gguf_parsed_once():
+    """Within the block, each GGUF file is parsed once and gguf's tensor-name map built once per architecture.
+
+    transformers parses the whole file (its ~49k-entry vocabulary included) for the tokenizer, again for the
+    config and again for the weights, and rebuilds ``gguf.get_tensor_name_map`` for every submodule of the model
+    (397 times for SmolLM2-135M): most of a GGUF load. Both are looked up on the ``gguf`` module at each call, so
+    they are cached here by swapping those two module attributes, restored on exit; the readers are read-only
+    memory maps, safe to share. Re-entrant: an inner block uses the outer one's caches.
+    """
+    try:
+        import gguf
+    except ImportError:  # transformers raises its own message when a GGUF file is loaded without it
+        yield
+        return
+    if getattr(gguf.GGUFReader, "lorafit_cached", False):
+        yield
+        return
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+
+    def cached_reader(path, *args, **kwargs):
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = reader(path, *args, **kwargs)
+        return readers[key]
+
+    cached_reader.lorafit_cached = True
+    gguf.GGUFReader, gguf.get_tensor_name_map = cached_reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
 
 
 def attn_implementation(model) -> str | None:

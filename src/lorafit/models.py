@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from lorafit import dtypes
-from lorafit._compat import forget_gguf_quantization
+from lorafit._compat import forget_gguf_quantization, gguf_parsed_once
 from lorafit.architectures import check_causal_lm
 from lorafit.config import DEMO_ALIASES, DEMO_MODEL
 from lorafit.errors import LorafitError
@@ -161,9 +161,10 @@ def load_model(name: str, dtype: str | torch.dtype = "float32", attn_implementat
     folder, gguf = resolve_model_path(name, base_dir)
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=parse_dtype(dtype), attn_implementation=attn_implementation, **kwargs
-        )
+        with gguf_parsed_once():
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=parse_dtype(dtype), attn_implementation=attn_implementation, **kwargs
+            )
     except (OSError, ValueError, ImportError) as e:  # ImportError: e.g. flash_attention_2 not installed
         raise LorafitError(f"could not load base_model {name!r}: {str(e).splitlines()[0]}") from e
     if gguf:
@@ -197,8 +198,9 @@ def load_model_and_tokenizer(name: str, dtype: str | torch.dtype = "float32", to
     in 8 bits (:func:`quantize_base_8bit`, LLM.int8); ``moe_experts``: a MoE model's routed experts in the same
     bits (:func:`lorafit.kernels.experts.quantize_experts`, axolotl's ``quantize_moe_experts``)."""
     from_gguf_demo = name in DEMO_ALIASES and resolve_model_path(name)[1] is not None
-    tok = load_tokenizer(tokenizer, base_dir) if tokenizer else load_tokenizer(name, base_dir, "base_model")
-    model = load_model(name, "float32" if from_gguf_demo else dtype, attn_implementation, base_dir)
+    with gguf_parsed_once():  # a GGUF base: one parse for the tokenizer, the config and the weights
+        tok = load_tokenizer(tokenizer, base_dir) if tokenizer else load_tokenizer(name, base_dir, "base_model")
+        model = load_model(name, "float32" if from_gguf_demo else dtype, attn_implementation, base_dir)
     if from_gguf_demo:
         _cache_demo_model(model, tok)
         model = model.to(parse_dtype(dtype))
