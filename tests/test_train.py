@@ -51,6 +51,17 @@ def test_eval_strategy_no_skips_every_evaluation(workdir, strategy, evals):
     assert (result.eval_loss is None) == (not evals)
 
 
+def test_eval_strategy_epoch_alone_evaluates_at_each_epoch_end(workdir):
+    """eval_strategy: epoch with neither eval_steps nor evals_per_epoch: HF's Trainer evaluates after every
+    epoch, and so does lorafit."""
+    cfg = TrainConfig.from_dict(config(workdir, "evals-epoch", val_set_size=0.1, max_steps=None, num_epochs=2,
+                                       eval_strategy="epoch"))
+    result = train(cfg)
+    per_epoch = result.steps // 2
+    assert result.steps == 2 * per_epoch > 2
+    assert [r["step"] for r in result.history if "eval_loss" in r] == [per_epoch, 2 * per_epoch]
+
+
 def test_training_lowers_loss_and_saves_a_reloadable_adapter(workdir):
     cfg = TrainConfig.from_dict(config(workdir, "run1", val_set_size=0.1, eval_steps=10, learning_rate=3e-2))
     result = train(cfg)

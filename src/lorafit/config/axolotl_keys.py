@@ -132,7 +132,8 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
     "tokenizer_use_mistral_common": (IGNORED, "lorafit uses the model folder's Hugging Face tokenizer"),
     "plugins": (IGNORED, "axolotl plugins do not run here; their keys are screened like any other"),
     "eval_sample_packing": (IGNORED, "evaluation batches follow sample_packing"),
-    "eval_strategy": (SUPPORTED, "no: no evaluation while training; steps / epoch: as eval_steps / evals_per_epoch say"),
+    "eval_strategy": (SUPPORTED, "no: no evaluation while training; steps / epoch: as eval_steps / evals_per_epoch"
+                      " say, and epoch alone after each epoch"),
     "evaluation_strategy": (IGNORED, "use eval_strategy, eval_steps or evals_per_epoch"),
     "save_strategy": (IGNORED, "use save_steps or saves_per_epoch"),
     "save_safetensors": (IGNORED, "adapters are always saved as safetensors"),

@@ -251,7 +251,8 @@ class TrainConfig(BaseModel):
     # evaluation, checkpoints, logging
     eval_steps: int | None = Field(None, ge=1)
     # "no": no evaluation while training, not even at the end (``lorafit eval`` scores the split); "steps" and
-    # "epoch" evaluate as eval_steps / evals_per_epoch say (HF's values, as axolotl passes them on)
+    # "epoch" evaluate as eval_steps / evals_per_epoch say (HF's values, as axolotl passes them on); "epoch"
+    # without either evaluates at the end of each epoch, as HF's Trainer does
     eval_strategy: Literal["no", "steps", "epoch"] | None = None
     evals_per_epoch: int | None = Field(None, ge=0)
     save_steps: int | None = Field(None, ge=1)

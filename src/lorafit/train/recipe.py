@@ -187,7 +187,8 @@ class Recipe:
         self.steps_per_epoch = max(1, math.ceil(len(self.epoch) / cfg.gradient_accumulation_steps))
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * self.steps_per_epoch))
         self.evaluates = bool(self.eval_samples) and cfg.eval_strategy != "no"
-        self.eval_every = (cfg.eval_steps or self._per_epoch(cfg.evals_per_epoch)) if self.evaluates else None
+        self.eval_every = (cfg.eval_steps or self._per_epoch(cfg.evals_per_epoch)
+                           or (self.steps_per_epoch if cfg.eval_strategy == "epoch" else None)) if self.evaluates else None
         self.save_every = cfg.save_steps or self._per_epoch(cfg.saves_per_epoch)
 
     def _per_epoch(self, times: int | None) -> int | None:
