@@ -6,10 +6,11 @@ trained on the same token budget (same steps x micro-batch) at two training-set 
 steady-state peak memory of training (torch's MemTracker over 3 steps with the optimizer's state live, split by
 kind — the same measurement as ``lorafit measure`` — plus process peak RSS), tokens/s, trainable parameters, adapter / checkpoint size on disk, held-out exact match and retention
 (``lorafit.eval.tasks.retention_score``: accuracy and perplexity of the base model's own answers), next to the
-base model's.
+base model's. QLoRA (r=8 over the base in NF4, ``q8``) is reported beside LoRA of the same rank, apart from the
+claims, which compare plain LoRA with full fine-tuning.
 
-    python benchmarks/claims.py            # full: 5 methods x 2 sizes, LR sweeps (~49 min at 1 thread)
-    python benchmarks/claims.py --quick    # full FT vs r=8 vs r=64, one size, fixed LRs     (< 10 min)
+    python benchmarks/claims.py            # full: 6 methods x 2 sizes, LR sweeps (~60 min at 1 thread)
+    python benchmarks/claims.py --quick    # full FT vs r=8 vs r=64 vs QLoRA r=8, one size, fixed LRs
     python benchmarks/claims.py --smoke    # 2 methods, 3 steps, 10 held-out rows            (~2 min)
     python benchmarks/claims.py --resume   # continue: skip runs already in the JSON file
     python benchmarks/claims.py --repeats 3   # timed repeats per cell (default 2)
@@ -64,10 +65,10 @@ MB = 1024 * 1024
 
 MODES = {
     # methods, sizes, steps, micro-batch, sweep (LRs per kind, steps) or fixed LRs, held-out / retention limits
-    "full": dict(methods=["full", "r4", "r8", "r16", "r64"], sizes=["large", "small"], steps=50, batch=8,
+    "full": dict(methods=["full", "r4", "r8", "r16", "r64", "q8"], sizes=["large", "small"], steps=50, batch=8,
                  sweep={"full": [1e-5, 3e-5, 1e-4], "lora": [2e-4, 6e-4, 2e-3]}, sweep_steps=20,
                  sweep_data="large", heldout_limit=None, retention_limit=None, out="claims", warmup=2, timed=8),
-    "quick": dict(methods=["full", "r8", "r64"], sizes=["large"], steps=40, batch=8, sweep=None, sweep_steps=0,
+    "quick": dict(methods=["full", "r8", "r64", "q8"], sizes=["large"], steps=40, batch=8, sweep=None, sweep_steps=0,
                   heldout_limit=None, retention_limit=None, out="claims_quick", warmup=2, timed=6),
     "smoke": dict(methods=["full", "r8"], sizes=["small"], steps=3, batch=8,
                   sweep={"lora": [1e-3, 2e-3]}, sweep_steps=2, sweep_data="small",
@@ -80,6 +81,7 @@ VAL_ROWS = (1400, 1500)
 
 
 def kind(method: str) -> str:
+    """The LR family: QLoRA ("q8": r=8 over an NF4 base) takes LoRA's learning rate."""
     return "full" if method == "full" else "lora"
 
 
@@ -87,8 +89,12 @@ def rank(method: str) -> int | None:
     return None if method == "full" else int(method[1:])
 
 
+def is_qlora(method: str) -> bool:
+    return method.startswith("q")
+
+
 def label(method: str) -> str:
-    return "full FT" if method == "full" else f"LoRA r={rank(method)}"
+    return "full FT" if method == "full" else f"{'QLoRA' if is_qlora(method) else 'LoRA'} r={rank(method)}"
 
 
 # ------------------------------------------------------------------------------------------- worker side
@@ -105,7 +111,8 @@ def rss_peak() -> int:
 def make_cfg(method: str, data: Path, eval_data: Path, steps: int, batch: int, lr: float, out: Path):
     from lorafit.config import TrainConfig
 
-    d = dict(base_model="demo", adapter="lora" if kind(method) == "lora" else None,
+    d = dict(base_model="demo", adapter=("qlora" if is_qlora(method) else "lora") if kind(method) == "lora" else None,
+             load_in_4bit=is_qlora(method),
              lora_r=rank(method) or 8, lora_alpha=LORA_ALPHA, lora_dropout=0.0, lora_target_linear=True,
              datasets=[{"path": str(data), "type": "chat_template"}],
              test_datasets=[{"path": str(eval_data), "type": "chat_template"}],
@@ -276,7 +283,8 @@ def worker(spec: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------ report
 
-ORDER = ["full", "r4", "r8", "r16", "r64"]
+ORDER = ["full", "r4", "r8", "r16", "r64", "q8"]
+LORA = ["r4", "r8", "r16", "r64"]  # plain LoRA: the claims compare these with full FT; QLoRA is reported apart
 
 
 def _ordered(runs: dict) -> list[dict]:
@@ -347,7 +355,7 @@ def findings(results: dict) -> list[str]:
     # (1) memory
     size = "large" if "large" in sizes else sizes[0]
     full = by.get(("full", size))
-    loras = [by[(m, size)] for m in ORDER[1:] if (m, size) in by]
+    loras = [by[(m, size)] for m in LORA if (m, size) in by]
     if full and loras:
         ratios = [r["peak_bytes"] / full["peak_bytes"] for r in loras]
         k = lambda r, name: r["peak_by_kind"].get(name, 0) / MB  # noqa: E731
@@ -400,7 +408,7 @@ def findings(results: dict) -> list[str]:
     # (2) forgetting
     for size in sizes:
         full = by.get(("full", size))
-        loras = [by[(m, size)] for m in ORDER[1:] if (m, size) in by]
+        loras = [by[(m, size)] for m in LORA if (m, size) in by]
         if not (full and loras):
             continue
         f_acc, f_ppl = forgetting(full, base)
@@ -430,7 +438,7 @@ def findings(results: dict) -> list[str]:
 
     # (3) little data
     if "small" in sizes:
-        small = [by[(m, "small")] for m in ORDER[1:] if (m, "small") in by]
+        small = [by[(m, "small")] for m in LORA if (m, "small") in by]
         full_s = by.get(("full", "small"))
         if small:
             best = max(small, key=lambda r: r["heldout_em"])
@@ -450,7 +458,7 @@ def findings(results: dict) -> list[str]:
 
     # (4) rank
     for size in sizes:
-        ranked = [by[(m, size)] for m in ORDER[1:] if (m, size) in by]
+        ranked = [by[(m, size)] for m in LORA if (m, size) in by]
         if len(ranked) < 2:
             continue
         best = max(r["heldout_em"] for r in ranked)
@@ -465,8 +473,32 @@ def findings(results: dict) -> list[str]:
         ppl = ", ".join(f"r={r['rank']} +{100 * forgetting(r, base)[1]:.1f}%" for r in ranked)
         out.append(f"**Small rank for an easy task, {SIZES[size]} rows ({verdict}).** Held-out: {desc}. "
                    f"Retention perplexity rise: {ppl}.")
+    out += qlora_findings(by, base, sizes, tol)
     out.append("The second half of claim 4 (harder tasks want r = 16-64) is not tested: there is one task here, "
                "and it is easy for this model. Learning rates, alpha and the token budget are in the table notes.")
+    return out
+
+
+def qlora_findings(by: dict, base: dict, sizes: list[str], tol: float) -> list[str]:
+    """QLoRA against LoRA of the same rank: memory (weights, peak), speed, and what it learned and kept."""
+    out = []
+    for size in sizes:
+        for q in [r for (m, s), r in by.items() if s == size and is_qlora(m)]:
+            lora = by.get((f"r{q['rank']}", size))
+            if lora is None:
+                continue
+            k = lambda r: r["peak_by_kind"].get("Parameter", 0) / MB  # noqa: E731
+            tps, _, spread = speed(q)
+            l_tps, _, l_spread = speed(lora)
+            em = q["heldout_em"] - lora["heldout_em"]
+            out.append(
+                f"**QLoRA, {SIZES[size]} rows.** {q['label']} over an NF4 base against {lora['label']}: weights "
+                f"{k(q):.0f} vs {k(lora):.0f} MiB, peak {q['peak_bytes'] / MB:.0f} vs {lora['peak_bytes'] / MB:.0f} MiB "
+                f"({_pct(q['peak_bytes'] / lora['peak_bytes'])}), {tps:.0f} vs {l_tps:.0f} tok/s "
+                f"({compare(tps, l_tps, spread, l_spread)}); held-out {_pct(q['heldout_em'])} vs "
+                f"{_pct(lora['heldout_em'])} ({'within noise' if abs(em) < tol else 'a real difference'}), retention "
+                f"{_pct(q['retention_acc'])} vs {_pct(lora['retention_acc'])}, perplexity "
+                f"+{100 * forgetting(q, base)[1]:.1f}% vs +{100 * forgetting(lora, base)[1]:.1f}%.")
     return out
 
 
@@ -550,7 +582,7 @@ def write_report(results: dict, stem: Path) -> None:
     print_table(results)
 
 
-COLORS = {"full": "tab:red", "r4": "tab:blue", "r8": "tab:cyan", "r16": "tab:green", "r64": "tab:purple"}
+COLORS = {"full": "tab:red", "r4": "tab:blue", "r8": "tab:cyan", "r16": "tab:green", "r64": "tab:purple", "q8": "tab:orange"}
 
 
 def plot(results: dict, path: Path) -> None:

@@ -112,3 +112,18 @@ def test_claims_speed_is_a_tie_within_the_spread_and_unclaimed_from_one_run():
                                              (120, 100, 5, 5, "higher"), (100, 100, None, 5, "unknown")])
 def test_claims_compare(a, b, sa, sb, want):
     assert claims.compare(a, b, sa, sb) == want
+
+
+def test_claims_report_qlora_beside_lora_of_its_rank_not_in_the_lora_claims():
+    old = json.loads((Path(__file__).parent / "fixtures" / "claims_single_run.json").read_text())
+    results = _with_repeats(old, {"full": [100.0, 104.0], "r4": [150.0, 155.0], "r8": [150.0, 151.0],
+                                  "r16": [140.0, 146.0], "r64": [120.0, 125.0]})
+    q = {**results["runs"]["r8-large"], "run_id": "q8-large", "method": "q8", "label": claims.label("q8"),
+         "peak_bytes": results["runs"]["r8-large"]["peak_bytes"] // 2, "tokens_per_s": 140.0,
+         "tokens_per_s_runs": [139.0, 141.0], "tokens_per_s_spread": 2.0}
+    results["runs"]["q8-large"] = q
+    lines = claims.findings(results)
+    qlora = next(s for s in lines if s.startswith("**QLoRA"))
+    assert "QLoRA r=8 over an NF4 base against LoRA r=8" in qlora and "(50%)" in qlora and "140 vs 150" in qlora
+    assert "QLoRA" not in next(s for s in lines if s.startswith("**Memory"))
+    assert claims.make_cfg("q8", Path("d.jsonl"), Path("e.jsonl"), 2, 2, 1e-3, Path("o")).four_bit["quant_type"] == "nf4"
