@@ -159,6 +159,10 @@ CUDA_ROWS = [
     ("llama-3.2-1b", dict(method="lora", dtype="float32", micro_batch=1, seq_len=512, r=8, targets=["q_proj", "v_proj"])),
     ("llama-3.2-1b", dict(method="full", dtype="bfloat16", micro_batch=1, seq_len=1024, optimizer="adamw_torch_fused")),
     ("qwen2-small", dict(method="lora", dtype="bfloat16", micro_batch=4, seq_len=512, r=16)),
+    # issue 16 on CUDA: QLoRA (NF4 base, bitsandbytes' CUDA kernels) and bitsandbytes' 8-bit AdamW
+    ("llama-3.2-1b", dict(method="qlora", dtype="bfloat16", micro_batch=2, seq_len=1024, r=16)),
+    ("llama-3.2-1b", dict(method="qlora", dtype="bfloat16", micro_batch=4, seq_len=2048, r=16, gradient_checkpointing=True)),
+    ("llama-3.2-1b", dict(method="full", dtype="bfloat16", micro_batch=1, seq_len=1024, optimizer="adamw_bnb_8bit")),
 ]
 
 

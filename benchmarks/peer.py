@@ -92,6 +92,8 @@ CUDA_CONFIGS = {
     "1b-bf16-gc": dict(shape="llama-3.2-1b", dtype="bfloat16", gc=True),
     "1b-fp32": dict(shape="llama-3.2-1b", dtype="float32", gc=False),
     "exact": dict(shape="llama-3.2-1b", dtype="float32", gc=False, exact=True),
+    "1b-qlora-bf16": dict(shape="llama-3.2-1b", dtype="bfloat16", gc=False, adapter="qlora"),
+    "exact-qlora": dict(shape="llama-3.2-1b", layers=2, dtype="float32", gc=False, exact=True, adapter="qlora"),
 }
 QUICK_CONFIGS = {
     "135m-4layers-fp32": CPU_CONFIGS["135m-4layers-fp32"],

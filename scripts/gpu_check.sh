@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# GPU check of the memory estimator: lorafit's training step on CUDA (random-weight Llama-3.2-1B shape and a
-# small Qwen2 shape), peak from torch.cuda.max_memory_allocated, next to `lorafit.memory.estimate`.
-# Prints one table and writes benchmarks/results/estimate_vs_measured_cuda.json, then runs the PEFT peer
-# benchmark on CUDA (benchmarks/results/peer_cuda.json). About 5-8 minutes on an H100.
-set -euo pipefail
+# The GPU checks, one run of a few minutes on a CUDA machine (never in CI):
+# 1. `lorafit train` end to end on the GPU: LoRA, QLoRA and an 8-bit optimizer on a tiny model (scripts/gpu_smoke.py);
+# 2. the memory estimator against torch.cuda.max_memory_allocated: LoRA, full and QLoRA training steps on the
+#    Llama-3.2-1B shape (random weights) -> benchmarks/results/estimate_vs_measured_cuda.json;
+# 3. lorafit against PEFT on CUDA: LoRA and QLoRA bf16 tokens/s and peak, QLoRA's exactness
+#    -> benchmarks/results/peer_cuda.json.
+# Each part has its own time limit and the next runs whatever the last gave; with $OUT set (a results folder),
+# the JSON files are copied there. Exit status: the number of parts that failed.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
@@ -11,10 +15,18 @@ if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
   echo "gpu_check: no CUDA device visible to torch ($("$PY" -c 'import torch; print(torch.__version__)')); nothing to check" >&2
   exit 3
 fi
-"$PY" -c 'import torch; p = torch.cuda.get_device_properties(0); print(f"device: {p.name}, {p.total_memory / 2**30:.1f} GiB, torch {torch.__version__}")'
-PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} timeout 280 "$PY" benchmarks/estimate_vs_measured.py --cuda --steps 3 "$@"
-echo "estimate for the article case on this GPU's memory:"
-PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} "$PY" -m lorafit.cli estimate llama-3.1-8b --compare --dtype bf16 --micro-batch 1 \
-  --seq-len 2048 --r 16 --targets all-linear --gpu-mem "$("$PY" -c 'import torch; print(torch.cuda.get_device_properties(0).total_memory)')B"
-echo "lorafit vs PEFT on CUDA (Llama-3.2-1B shape, random weights; tokens/s and max_memory_allocated):"
-PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} timeout 280 "$PY" benchmarks/peer.py --device cuda
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+"$PY" -c 'import torch, transformers, bitsandbytes, peft; p = torch.cuda.get_device_properties(0)
+print(f"device: {p.name}, {p.total_memory / 2**30:.1f} GiB; torch {torch.__version__}, transformers {transformers.__version__}, bitsandbytes {bitsandbytes.__version__}, peft {peft.__version__}")'
+failed=0
+echo "== 1. lorafit train on the GPU"
+timeout "${SMOKE_S:-120}" "$PY" scripts/gpu_smoke.py || failed=$((failed + 1))
+echo "== 2. estimate vs torch.cuda.max_memory_allocated"
+timeout "${ESTIMATE_S:-220}" "$PY" benchmarks/estimate_vs_measured.py --cuda --steps 3 || failed=$((failed + 1))
+echo "== 3. lorafit vs PEFT on CUDA"
+timeout "${PEER_S:-220}" "$PY" benchmarks/peer.py --device cuda --configs "${PEER_CONFIGS:-1b-bf16,1b-qlora-bf16,exact-qlora}" \
+  --peers peft-loop --warmup 2 --steps 5 --exact-steps 10 --timeout 120 || failed=$((failed + 1))
+if [ -n "${OUT:-}" ]; then
+  cp benchmarks/results/estimate_vs_measured_cuda.json benchmarks/results/peer_cuda.json "$OUT"/ 2>/dev/null
+fi
+exit $failed
