@@ -6,7 +6,8 @@
 # 3. lorafit against PEFT on CUDA: LoRA and QLoRA bf16 tokens/s and peak, QLoRA's exactness
 #    -> benchmarks/results/peer_cuda.json.
 # Each part has its own time limit and the next runs whatever the last gave; with $OUT set (a results folder),
-# the JSON files are copied there. Exit status: the number of parts that failed.
+# the JSON files are copied there. Exit status: the number of parts that failed. In a short lease,
+# LORAFIT_COMPILE=0 and PEER_COMPILE=false skip the first-run kernel compiles (eager kernels throughout).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -25,7 +26,8 @@ echo "== 2. estimate vs torch.cuda.max_memory_allocated"
 timeout "${ESTIMATE_S:-220}" "$PY" benchmarks/estimate_vs_measured.py --cuda --steps 3 || failed=$((failed + 1))
 echo "== 3. lorafit vs PEFT on CUDA"
 timeout "${PEER_S:-220}" "$PY" benchmarks/peer.py --device cuda --configs "${PEER_CONFIGS:-1b-bf16,1b-qlora-bf16,exact-qlora}" \
-  --peers peft-loop --warmup 2 --steps 5 --exact-steps 10 --timeout 120 || failed=$((failed + 1))
+  --peers peft-loop --warmup 2 --steps 5 --exact-steps 10 --timeout 120 --compile-kernels "${PEER_COMPILE:-auto}" \
+  || failed=$((failed + 1))
 if [ -n "${OUT:-}" ]; then
   cp benchmarks/results/estimate_vs_measured_cuda.json benchmarks/results/peer_cuda.json "$OUT"/ 2>/dev/null
 fi
