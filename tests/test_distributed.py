@@ -102,6 +102,30 @@ def test_two_ranks_equal_one_process_on_the_union_batch(workdir, mode, monkeypat
         assert 0.4 * whole < local < 0.6 * whole
 
 
+def test_fsdp2_qlora_equals_one_process_qlora_and_shards_the_4bit_codes(workdir, monkeypatch):
+    """QLoRA under FSDP2: the 4-bit codes and absmax are sharded parameters, all-gathered for each block's forward
+    and again for its backward. 2 ranks step exactly as one QLoRA process on the union batch (losses, eval loss
+    and adapter to 1e-5, the adapter keys PEFT's), and rank 0 holds about half of the codes."""
+    monkeypatch.setattr("lorafit.train.loss.MIN_SHARED_PREFIX", 10**9)
+    qlora = dict(adapter="qlora", load_in_4bit=True)
+    done = run_2_ranks(workdir, config(workdir, "two-qlora", fsdp_version=2, save_steps=2,
+                                       fsdp_config={"reshard_after_forward": True}, **qlora))
+    assert done.returncode == 0, done.stdout + done.stderr
+    one = train(TrainConfig.from_dict(config(workdir, "one-qlora", micro_batch_size=4, **qlora)))
+    two_rows = metrics(workdir / "two-qlora")
+    losses_1 = [r["loss"] for r in one.history if "loss" in r]
+    assert [r["loss"] for r in two_rows if "loss" in r] == pytest.approx(losses_1, rel=1e-5)
+    assert len(losses_1) == 5 and losses_1[-1] < losses_1[0]
+    eval_1 = [r["eval_loss"] for r in one.history if "eval_loss" in r]
+    assert [r["eval_loss"] for r in two_rows if "eval_loss" in r] == pytest.approx(eval_1, rel=1e-5)
+    assert_same_adapter(workdir / "one-qlora", workdir / "two-qlora")
+    assert (workdir / "two-qlora" / "checkpoint-4" / "adapter_model.safetensors").exists()
+    local, whole = (int(x.replace(",", "")) for x in
+                    done.stdout.split("parameter elements (", 1)[1].split(" bytes of 4-bit codes")[0].split(" of "))
+    assert whole == 2 * (2 * 32 * 32 + 2 * 16 * 32 + 3 * 64 * 32) // 2  # 2 layers' q, o, k, v, gate, up, down
+    assert 0.45 * whole < local < 0.55 * whole
+
+
 # ---- config: what FSDP2 takes, what it refuses ---------------------------------------------------------------
 def _cfg(**kw) -> dict:
     return {"base_model": "demo", "datasets": [{"path": "d.jsonl", "type": "alpaca"}], "adapter": "lora",
@@ -112,12 +136,13 @@ def _cfg(**kw) -> dict:
                                   {"fsdp_config": {"reshard_after_forward": False}}])
 def test_any_fsdp_key_asks_for_fsdp2(keys):
     assert TrainConfig.from_dict(_cfg(**keys)).fsdp_enabled
+    assert TrainConfig.from_dict(_cfg(**keys, adapter="qlora", load_in_4bit=True)).fsdp_enabled  # QLoRA shards too
     assert not TrainConfig.from_dict(_cfg()).fsdp_enabled
 
 
 @pytest.mark.parametrize("keys, needle", [
     ({"fsdp_version": 1}, "fsdp_version 1: lorafit shards with FSDP2 only"),
-    ({"fsdp_version": 2, "adapter": "qlora", "load_in_4bit": True}, "QLoRA (load_in_4bit) with FSDP2 is not supported yet"),
+    ({"fsdp_version": 2, "load_in_8bit": True}, "load_in_8bit with FSDP2 is not supported"),
     ({"fsdp_version": 2, "adapter": None}, "full fine-tuning with FSDP2 is not supported yet"),
     ({"deepspeed": "zero3.json"}, "shard with FSDP2 instead"),
 ])
