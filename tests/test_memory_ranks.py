@@ -52,6 +52,30 @@ def test_fsdp2_weights_gradients_and_states_fall_as_one_over_n(n):
     assert per_rank.allocated_peak < one.allocated_peak
 
 
+def test_fsdp2_qlora_shards_the_4bit_codes_and_absmax_and_gathers_them_per_layer():
+    """QLoRA under FSDP2: each rank holds half of the packed codes (½ B an element) and of the 8-bit block absmax;
+    the codebook and double quantization's own statistics are buffers every rank keeps whole; a running layer is
+    gathered as its codes and absmax whole (not dense), and the dequantized weight stays a backward temporary."""
+    s = Settings(method="qlora", dtype="bfloat16", micro_batch=1, seq_len=512, device="cpu")
+    one, two = estimate(SPEC, s), estimate(SPEC, replace(s, nproc=2, fsdp=True))
+    linears = [i * o for _, i, o, _ in SPEC.linear_layers()]
+    kept = SPEC.layers * sum(16 * 4 + 4 * (n // 64 // 256) + 4 + 256 * 4 for n in linears)
+    assert two.component("weights").bytes == (one.component("weights").bytes - kept) // 2 + kept
+    for name in SHARDED[1:]:
+        assert two.component(name).bytes * 2 == one.component(name).bytes, name
+    d, i, kv = SPEC.hidden, SPEC.intermediate, SPEC.kv_dim
+    lora = 16 * (2 * (d + d) + 2 * (d + kv) + 3 * (d + i))
+    linear = sum(linears)
+    layer = linear // 2 + linear // 64 + (SPEC.layer_params() - linear) * 2 + lora * 4
+    root, emb = SPEC.vocab * d * 2 + d * 2, SPEC.vocab * d * 2
+    expected = {"loss": root + layer, "loss backward": root + 2 * layer, "backward start": root + 2 * layer,
+                "forward start": max(2 * root + 2 * emb, root + emb + 2 * layer)}
+    assert two.component("FSDP2 unsharded (root + layers)").at_peak == expected[two.peak_moment]
+    # backward's temporaries (the dequantized weight among them) are one process's; FSDP2 adds the prefetched layer
+    gap_one, gap_two = (e.moments["backward start"] - e.moments["loss"] for e in (one, two))
+    assert gap_two == gap_one + layer
+
+
 def test_padding_rounds_dim0_up_to_a_multiple_of_the_ranks():
     assert Tensor(numel=10 * 3, dim0=10, elt=2).shard(4) == 3 * 3  # rows 10 -> 12, 3 per rank
     share = fsdp_share(catalog.get_model("smollm2-135m"), 7, 2, [{}] * 30, False, [], [], 0)
@@ -69,8 +93,8 @@ def test_ddp_adds_its_gradient_buckets_to_a_whole_replica():
 
 
 def test_fsdp_refuses_what_training_refuses():
-    with pytest.raises(LorafitError, match="QLoRA .* FSDP2 is not supported yet"):
-        Settings(method="qlora", nproc=2, fsdp=True)
+    with pytest.raises(LorafitError, match="8-bit base with FSDP2 is not supported"):
+        Settings(nproc=2, fsdp=True, eight_bit=True)
     with pytest.raises(LorafitError, match="nproc"):
         Settings(nproc=0)
 
