@@ -148,3 +148,15 @@ def test_plan_over_several_devices_turns_to_fsdp2_when_a_replica_does_not_fit(tm
     assert yaml.safe_load(out.read_text())["fsdp_version"] == 2
     assert main(["plan", "llama-3.1-70b", "--gpu", "a100-80gb", "--nproc", "3", "-o", str(out), "--force"]) == 2
     assert "not a multiple of --nproc 3" in capsys.readouterr().err
+
+
+def test_plan_turns_to_qlora_with_fsdp2_when_a_4bit_replica_does_not_fit():
+    """Llama 3.1 70B on 2 × 40 GB: LoRA fits neither as DDP nor as FSDP2, nor QLoRA with a whole 4-bit replica
+    (about 37 GiB of codes) per device; QLoRA with FSDP2 does, and the config it writes asks for both."""
+    plan = search(catalog.get_model("llama-3.1-70b"), Settings(nproc=2), catalog.gpu_memory("a100-40gb"),
+                  effective_batch=8)
+    assert plan.fits and plan.estimate.settings.four_bit == "nf4" and plan.estimate.settings.fsdp
+    assert "QLoRA with FSDP2" in plan.note
+    cfg = yaml.safe_load(to_yaml(plan, "./models/llama-3.1-70b", 8))
+    assert cfg["adapter"] == "qlora" and cfg["load_in_4bit"] and cfg["fsdp_version"] == 2
+    TrainConfig.from_dict({**cfg, "datasets": [{"path": "x.jsonl", "type": "alpaca"}]})  # it validates
