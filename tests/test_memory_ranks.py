@@ -76,6 +76,22 @@ def test_fsdp2_qlora_shards_the_4bit_codes_and_absmax_and_gathers_them_per_layer
     assert gap_two == gap_one + layer
 
 
+def test_fsdp2_over_an_8bit_base_shards_the_int8_codes_and_row_scales():
+    """LoRA over an 8-bit base under FSDP2: each rank holds half of the int8 codes and fp32 row scales, and a
+    running layer is gathered as its codes (1 B an element) and scales (4 B a row), not dense."""
+    s = Settings(eight_bit=True, dtype="bfloat16", micro_batch=1, seq_len=512, device="cpu")
+    one, two = estimate(SPEC, s), estimate(SPEC, replace(s, nproc=2, fsdp=True))
+    for name in SHARDED:
+        assert two.component(name).bytes * 2 == one.component(name).bytes, name
+    d, i, kv = SPEC.hidden, SPEC.intermediate, SPEC.kv_dim
+    lora = 16 * (2 * (d + d) + 2 * (d + kv) + 3 * (d + i))
+    shapes = [(i, o) for _, i, o, _ in SPEC.linear_layers()]
+    linear = sum(i * o for i, o in shapes)
+    layer = linear + 4 * sum(o for _, o in shapes) + (SPEC.layer_params() - linear) * 2 + lora * 4
+    gap_one, gap_two = (e.moments["backward start"] - e.moments["loss"] for e in (one, two))
+    assert gap_two == gap_one + layer  # the prefetched layer, gathered as int8 codes and scales
+
+
 def test_padding_rounds_dim0_up_to_a_multiple_of_the_ranks():
     assert Tensor(numel=10 * 3, dim0=10, elt=2).shard(4) == 3 * 3  # rows 10 -> 12, 3 per rank
     share = fsdp_share(catalog.get_model("smollm2-135m"), 7, 2, [{}] * 30, False, [], [], 0)
@@ -93,8 +109,8 @@ def test_ddp_adds_its_gradient_buckets_to_a_whole_replica():
 
 
 def test_fsdp_refuses_what_training_refuses():
-    with pytest.raises(LorafitError, match="8-bit base with FSDP2 is not supported"):
-        Settings(nproc=2, fsdp=True, eight_bit=True)
+    with pytest.raises(LorafitError, match="full fine-tuning over FSDP2 is not supported yet"):
+        Settings(method="full", nproc=2, fsdp=True)
     with pytest.raises(LorafitError, match="nproc"):
         Settings(nproc=0)
 

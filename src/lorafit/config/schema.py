@@ -435,9 +435,6 @@ class TrainConfig(BaseModel):
             return
         if self.fsdp_version not in (None, 2):
             raise ValueError(f"fsdp_version {self.fsdp_version}: lorafit shards with FSDP2 only; set fsdp_version: 2")
-        if self.load_in_8bit:
-            raise ValueError("load_in_8bit with FSDP2 is not supported; drop the fsdp keys (several processes then "
-                             "train with DDP) or drop load_in_8bit (LoRA on a bf16 base)")
         if not self.is_lora:
             raise ValueError("full fine-tuning with FSDP2 is not supported yet; use adapter: lora, or drop the fsdp "
                              "keys to train with DDP")

@@ -130,8 +130,6 @@ class Settings:
         for key, value in self.rank_pattern.items():
             _check_positive(f"rank_pattern[{key!r}]", value)
         self.fsdp = bool(self.fsdp)
-        if self.fsdp and self.eight_bit:
-            raise LorafitError("fsdp: LoRA over an 8-bit base with FSDP2 is not supported; use DDP")
         if self.fsdp and self.method != "lora":
             raise LorafitError("fsdp: full fine-tuning over FSDP2 is not supported yet; use LoRA with FSDP2")
         if isinstance(self.runtime, dict):  # from to_dict(), e.g. a stored benchmark row
@@ -441,7 +439,7 @@ def _distributed(spec: ModelSpec, s: Settings, adapters: act.Adapters, z: _Sizes
     n = s.nproc
     out_lora, saved, copies = outside_blocks(spec, s)
     share = par.fsdp_share(spec, n, s.bytes, adapters, s.use_dora, out_lora, saved, copies,
-                           s.double_quant if s.four_bit else None)
+                           s.double_quant if s.four_bit else None, s.eight_bit)
     e = s.bytes
     adapter_shard, saved_shard = share.adapter // 4, (share.grads - share.adapter) // max(e, 1)
     states = z.n_states * (adapter_shard * z.state_elt + saved_shard * e)
@@ -539,6 +537,8 @@ def _components(spec, s: Settings, adapters, z: _Sizes, moment: str, peak_alloc:
             c.formula += f"; this rank's shard: 1/{s.nproc} (FSDP2, dim 0 padded to a multiple of {s.nproc})"
         if s.four_bit:
             comps[0].formula += " of the codes and absmax; codebooks and nested statistics on every rank"
+        if s.eight_bit:
+            comps[0].formula += " of the int8 codes and row scales"
     return comps
 
 

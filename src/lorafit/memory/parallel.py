@@ -15,7 +15,8 @@ What ``lorafit.train.distributed.wrap`` builds, in bytes per rank:
   all-gather output until the next group's all-gather is copied out. A layer's gradients exist whole until
   reduce-scattered. A 4-bit base (QLoRA) is sharded as its packed codes (½ B an element) and its blocks' absmax
   (``lorafit.kernels.nf4.ShardableLinear4bit``); the rest of its quantization state (codebook, double
-  quantization's own absmax, offset and map) is a buffer every rank keeps whole.
+  quantization's own absmax, offset and map) is a buffer every rank keeps whole; an 8-bit base as its int8 codes
+  and fp32 row scales (``lorafit.kernels.int8.ShardableLinear8bit``).
 
 Pure arithmetic on a :class:`~lorafit.memory.spec.ModelSpec`; imports no torch.
 """
@@ -65,14 +66,16 @@ def four_bit_tensors(numel: int, double_quant: bool) -> list[Tensor]:
 
 
 def layer_tensors(spec: ModelSpec, base_elt: int, targets: dict[str, int], dora: bool,
-                  four_bit: bool | None = None) -> list[Tensor]:
+                  four_bit: bool | None = None, eight_bit: bool = False) -> list[Tensor]:
     """The parameters of one decoder block: its linears (and biases), its norms, and the LoRA ``targets``
     (path inside the block → rank: A is r × in, B out × r, DoRA's magnitude one per output row), fp32.
-    ``four_bit``: None for a dense base, else the linears are 4-bit with (True) or without double quantization."""
+    ``four_bit``: None for a dense base, else the linears are 4-bit with (True) or without double quantization;
+    ``eight_bit``: the linears are int8 codes (out × in) and fp32 row scales (``ShardableLinear8bit``)."""
     out = []
     linear = 0
     for name, i, o, _ in spec.linear_layers():
-        out += [Tensor(i * o, o, base_elt, False)] if four_bit is None else four_bit_tensors(i * o, four_bit)
+        out += (four_bit_tensors(i * o, four_bit) if four_bit is not None else
+                [Tensor(i * o, o, 1), Tensor(o, o, 4)] if eight_bit else [Tensor(i * o, o, base_elt)])
         linear += i * o
         if name in targets:
             r = targets[name]
@@ -123,10 +126,11 @@ class RankShare:
 
 
 def fsdp_share(spec: ModelSpec, n: int, base_elt: int, adapters: list[dict[str, int]], dora: bool,
-               outside_lora: list[int], saved: list[int], copies: int, four_bit: bool | None = None) -> RankShare:
-    """One of ``n`` ranks' bytes under FSDP2 (LoRA: the base frozen, the adapter in fp32; ``four_bit``: the
-    decoder linears in 4 bits, :func:`layer_tensors`)."""
-    layers = [layer_tensors(spec, base_elt, w, dora, four_bit) for w in adapters]
+               outside_lora: list[int], saved: list[int], copies: int, four_bit: bool | None = None,
+               eight_bit: bool = False) -> RankShare:
+    """One of ``n`` ranks' bytes under FSDP2 (LoRA: the base frozen, the adapter in fp32; ``four_bit`` /
+    ``eight_bit``: the decoder linears quantized, :func:`layer_tensors`)."""
+    layers = [layer_tensors(spec, base_elt, w, dora, four_bit, eight_bit) for w in adapters]
     root, emb = root_tensors(spec, base_elt, outside_lora, saved, copies)
     every = [t for ts in layers for t in ts] + root + emb
     weights = sum(t.shard(n) * t.elt for t in every if not t.lora)  # modules_to_save tables included

@@ -57,7 +57,7 @@ def search(spec: ModelSpec, base: Settings, gpu_bytes: int, effective_batch: int
     if plan.fits or base.method != "lora":
         return plan
     tried = plan.tried
-    if base.nproc > 1 and not base.fsdp and not base.four_bit and not base.eight_bit:
+    if base.nproc > 1 and not base.fsdp:  # any base: FSDP2 shards dense, 4-bit and 8-bit weights alike
         f = _search(spec, replace(base, fsdp=True), gpu_bytes, effective_batch, allow_shorter_seq, margin, min_seq)
         f.tried += tried
         tried = f.tried

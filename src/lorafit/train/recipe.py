@@ -253,7 +253,7 @@ class Recipe:
                 held = f"; rank 0 holds {local:,} of {whole:,} parameter elements"
                 codes = held_codes(self.model)
                 if codes is not None:
-                    held += f" ({codes[0]:,} of {codes[1]:,} bytes of 4-bit codes)"
+                    held += f" ({codes[0]:,} of {codes[1]:,} bytes of quantized codes)"
             self.console.print(f"distributed: {self.world.describe()}; a step reads {cfg.micro_batch_size}×"
                                f"{cfg.gradient_accumulation_steps} micro-batches on each of {self.world.world_size} "
                                f"ranks{held}", highlight=False, soft_wrap=True)
