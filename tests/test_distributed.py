@@ -207,13 +207,19 @@ def test_a_failing_rank_ends_the_job_with_its_error(workdir, tmp_path):
     assert not (workdir / "failing" / "adapter_model.safetensors").exists()
 
 
+def mode_keys(mode: str) -> dict:
+    """The config keys of a launch mode: DDP, FSDP2, or QLoRA under FSDP2."""
+    return {"ddp": {}, "fsdp": {"fsdp_version": 2},
+            "qlora-fsdp": {"fsdp_version": 2, "adapter": "qlora", "load_in_4bit": True}}[mode]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "qlora-fsdp"])
 def test_two_rank_resume_is_bitwise_identical(workdir, mode):
     """With dropout on (each rank its own masks), a 2-rank run stopped after step 3 (its checkpoint at step 2) and
     resumed to step 6 ends bitwise equal to a straight 6-step 2-rank run: adapter, optimizer, every rank's RNG and
     data position are restored."""
-    extra = {"fsdp_version": 2} if mode == "fsdp" else {}
+    extra = mode_keys(mode)
     # a schedule that does not depend on max_steps (the first run stops early through --max-steps)
     common = dict(max_steps=6, save_steps=2, lora_dropout=0.1, lr_scheduler="constant_with_warmup", warmup_steps=1,
                   weight_decay=0.01, val_set_size=0, eval_steps=None, **extra)
@@ -257,18 +263,17 @@ def test_one_process_trains_on_the_gpu_when_there_is_one(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "qlora-fsdp"])
 def test_kill_9_of_the_whole_job_then_resume_is_bitwise_identical(workdir, mode):
     """The whole 2-rank job (launcher, torchrun and both ranks) killed with SIGKILL as soon as a checkpoint past a
     random step exists, then ``--resume``: the adapter and every step's loss end bitwise equal to an uninterrupted
-    2-rank run (CPU, fp32, DDP and FSDP2, dropout on)."""
+    2-rank run (CPU, fp32, DDP, FSDP2 and QLoRA under FSDP2, dropout on)."""
     import random
     import signal
     import time
 
     kill_after = random.Random().choice([2, 4, 6])  # the checkpoint to wait for; printed if the test fails
-    common = dict(max_steps=10, save_steps=2, lora_dropout=0.1, val_set_size=0, eval_steps=None,
-                  **({"fsdp_version": 2} if mode == "fsdp" else {}))
+    common = dict(max_steps=10, save_steps=2, lora_dropout=0.1, val_set_size=0, eval_steps=None, **mode_keys(mode))
     straight = run_2_ranks(workdir, config(workdir, f"straight-kill-{mode}", **common))
     assert straight.returncode == 0, straight.stdout + straight.stderr
     cfg = config(workdir, f"killed-{mode}", **common)
