@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -130,8 +131,10 @@ def test_cli_estimate_per_rank(capsys, tmp_path):
     assert "per rank of 2 processes" in out and "FSDP2" in out and "FSDP2 unsharded" in out
     assert main(["estimate", "llama-3.1-8b", "--nproc", "2"]) == 0
     assert "DDP gradient buckets" in capsys.readouterr().out
-    assert main(["estimate", "llama-3.1-8b", "--nproc", "2", "--fsdp", "--compare"]) == 2
-    assert "--compare with FSDP2" in capsys.readouterr().err
+    assert main(["estimate", "llama-3.1-8b", "--nproc", "2", "--fsdp", "--compare", "--json"]) == 0
+    compared = json.loads(capsys.readouterr().out)  # LoRA and QLoRA per rank (full fine-tuning is not sharded yet)
+    assert [e["settings"]["four_bit"] for e in compared] == [None, "nf4"]
+    assert all(e["settings"]["fsdp"] for e in compared)
     assert main(["estimate", "llama-3.1-8b", "--nproc", "2", "--compare"]) == 0
     capsys.readouterr()
     assert main(["estimate", "llama-3.1-8b", "--fsdp"]) == 2
