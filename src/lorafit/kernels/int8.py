@@ -17,7 +17,7 @@ import torch
 from lorafit.errors import LorafitError
 from lorafit.kernels import dropout
 from lorafit.kernels.lora_branch import branch_grads
-from lorafit.kernels.nf4 import bnb
+from lorafit.kernels.nf4 import bnb, swap_modules
 from lorafit.options import RuntimeOptions
 
 # transformers' BitsAndBytesConfig default: input columns with an entry above it go through the fp16 matmul
@@ -132,10 +132,4 @@ class ShardableLinear8bit(torch.nn.Module):
 def make_shardable(model: torch.nn.Module) -> int:
     """Replace every bitsandbytes ``Linear8bitLt`` of ``model`` in place by a :class:`ShardableLinear8bit` holding
     the same tensors; returns how many (FSDP2 only: one process and DDP keep bitsandbytes' layers)."""
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, bnb().nn.Linear8bitLt)]
-    for name, m in layers:
-        parent, _, child = name.rpartition(".")
-        new = ShardableLinear8bit(m)
-        new.train(m.training)
-        setattr(model.get_submodule(parent) if parent else model, child, new)
-    return len(layers)
+    return swap_modules(model, bnb().nn.Linear8bitLt, ShardableLinear8bit)

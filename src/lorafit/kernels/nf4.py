@@ -156,7 +156,8 @@ class ShardableLinear4bit(torch.nn.Module):
         state2 = None if self.nested_blocksize is None else functional.QuantState(
             absmax=self.nested_absmax, code=self.nested_code, blocksize=self.nested_blocksize, dtype=torch.float32)
         state = functional.QuantState(absmax=self.absmax, shape=self.shape, code=self.code, blocksize=self.blocksize,
-                                      quant_type=self.quant_type, dtype=self.quant_dtype, offset=self.offset, state2=state2)
+                                      quant_type=self.quant_type, dtype=self.quant_dtype, offset=self.offset,
+                                      state2=state2)
         return bnb().nn.Params4bit(self.codes, requires_grad=False, quant_state=state, blocksize=self.blocksize,
                                    compress_statistics=state2 is not None, quant_type=self.quant_type,
                                    quant_storage=self.codes.dtype, bnb_quantized=True)
@@ -168,14 +169,18 @@ class ShardableLinear4bit(torch.nn.Module):
         return bnb().matmul_4bit(x.to(dtype), weight, bias=bias, quant_state=weight.quant_state).to(x.dtype)
 
 
+def swap_modules(model: torch.nn.Module, kind: type, make) -> int:
+    """Replace every ``kind`` module of ``model`` in place by ``make(module)`` (in the same train/eval mode);
+    returns how many."""
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, kind)]
+    for name, m in found:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, make(m).train(m.training))
+    return len(found)
+
+
 def make_shardable(model: torch.nn.Module) -> int:
     """Replace every bitsandbytes ``Linear4bit`` of ``model`` (a LoRA layer's base or a bare one) in place by a
     :class:`ShardableLinear4bit` holding the same tensors; returns how many. Only FSDP2 needs this: a single
     process and DDP keep bitsandbytes' own layers."""
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, bnb().nn.Linear4bit)]
-    for name, m in layers:
-        parent, _, child = name.rpartition(".")
-        new = ShardableLinear4bit(m)
-        new.train(m.training)
-        setattr(model.get_submodule(parent) if parent else model, child, new)
-    return len(layers)
+    return swap_modules(model, bnb().nn.Linear4bit, ShardableLinear4bit)

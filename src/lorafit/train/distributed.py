@@ -9,8 +9,8 @@ is what the recipe needs around them:
 - :class:`LossModule` — the model and its chunked loss as *one* module, so DDP's and FSDP2's forward hooks run
   around the whole computation (the loss reads the head's weight outside ``model.forward``);
 - :func:`wrap` — DDP, or FSDP2 with one group per decoder layer (its frozen base and LoRA parameters
-  together; a 4-bit or 8-bit base's codes and statistics sharded as plain parameters), untied input embeddings as a group of their own, and the root (final norm, head, the embeddings
-  when tied) as its own group;
+  together; a 4-bit or 8-bit base's codes and statistics sharded as plain parameters), untied input embeddings
+  as a group of their own, and the root (final norm, head, the embeddings when tied) as its own group;
 - sums across ranks (token counts, losses) and the whole adapter gathered for rank 0 to write.
 
 The loss of a step is normalised by the *global* number of trained tokens (all ranks, all accumulation steps),
