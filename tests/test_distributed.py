@@ -102,6 +102,53 @@ def test_two_ranks_equal_one_process_on_the_union_batch(workdir, mode, monkeypat
         assert 0.4 * whole < local < 0.6 * whole
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_shardable_quantized_layers_compute_what_bitsandbytes_layers_compute(bits, one_thread):
+    """What FSDP2 shards in place of bitsandbytes' Linear4bit / Linear8bitLt: the same logits and gradients,
+    bitwise, through LoRA layers and bare ones (LoRA on q/v only), training and eval; outside forward, where
+    FSDP2 leaves a rank only its shard, reading the weight is one line, not a wrong dequantization."""
+    import copy
+
+    from conftest import tiny_quantizable_lm
+
+    from lorafit.errors import LorafitError
+    from lorafit.kernels import int8, nf4
+    from lorafit.lora import LoraConfig, apply_lora
+    from lorafit.models import quantize_base, quantize_base_8bit
+
+    module, quantize, shardable = {4: (nf4, quantize_base, nf4.ShardableLinear4bit),
+                                   8: (int8, quantize_base_8bit, int8.ShardableLinear8bit)}[bits]
+    ours = tiny_quantizable_lm()
+    quantize(ours)
+    apply_lora(ours, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.nn.init.normal_(ours.model.layers[0].self_attn.q_proj.lora_B.weight)  # B ≠ 0: the branch counts
+    sharded = copy.deepcopy(ours)
+    assert module.make_shardable(sharded) == 14  # 7 linears × 2 layers, LoRA bases and bare ones
+    ids = torch.randint(0, 256, (2, 16))
+    for m in (ours, sharded):
+        m.train()
+        m(ids).logits.square().mean().backward()
+    trained = {n: p.grad for n, p in sharded.named_parameters() if p.requires_grad}
+    assert {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}.keys() == trained.keys()
+    for name, p in ours.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.grad, trained[name]), name
+    with torch.no_grad():
+        assert torch.equal(ours.eval()(ids).logits, sharded.eval()(ids).logits)
+    layer = sharded.model.layers[0].mlp.down_proj
+    assert isinstance(layer, shardable)
+    layer.codes = torch.nn.Parameter(_FakeShard(layer.codes), requires_grad=False)
+    with pytest.raises(LorafitError, match="holds only its shard of the codes outside forward"):
+        _ = layer.weight
+
+
+class _FakeShard(torch.Tensor):
+    """Stands for a DTensor shard (what FSDP2 leaves on a module outside forward): a tensor with ``to_local``."""
+
+    def to_local(self):
+        return self
+
+
 # (bytes of codes of the tiny Llama's 2 layers: q, o 32 × 32; k, v 16 × 32; gate, up, down 64 × 32)
 QUANTIZED = {"4bit": (dict(adapter="qlora", load_in_4bit=True), 2 * 9216 // 2),
              "8bit": (dict(load_in_8bit=True), 2 * 9216)}
