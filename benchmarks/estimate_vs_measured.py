@@ -139,8 +139,8 @@ INT8_ROWS = [
                          gradient_checkpointing=ckpt)) for ckpt in (False, True)
 ] + [("llama-small", dict(method="lora", eight_bit=True, dtype="bfloat16", micro_batch=2, seq_len=256, r=16))]
 # Under torchrun, 2 gloo processes on this CPU (one thread each): one rank's peak against the estimate per rank,
-# DDP (a replica + its gradient buckets) and FSDP2 (shards + the gathered root and layers), tied and untied heads,
-# fp32 and bf16, with and without checkpointing. Never fitted. `--rows distributed` writes
+# DDP (a replica + its gradient buckets) and FSDP2 (shards + the gathered root and layers; sharded 4-bit and
+# 8-bit codes), tied and untied heads, fp32 and bf16, with and without checkpointing. Never fitted. `--rows distributed` writes
 # estimate_vs_measured_distributed.json.
 DISTRIBUTED_ROWS = [
     (shape, dict(settings, nproc=2, fsdp=fsdp)) for shape, settings in [
@@ -150,7 +150,11 @@ DISTRIBUTED_ROWS = [
                              gradient_checkpointing=True)),
         ("h-llama-untied", dict(method="lora", dtype="float32", micro_batch=4, seq_len=128, r=8, targets=QV)),
     ] for fsdp in (False, True)
-]
+] + [  # QLoRA under FSDP2: the 4-bit codes and absmax sharded, gathered per layer, dequantized in forward and backward
+    ("llama-small", dict(method="qlora", dtype=dtype, micro_batch=2, seq_len=128, r=8, nproc=2, fsdp=True))
+    for dtype in ("float32", "bfloat16")
+] + [("llama-small", dict(method="lora", eight_bit=True, dtype="float32", micro_batch=2, seq_len=128, r=8, nproc=2,
+                          fsdp=True))]  # an 8-bit base: int8 codes and row scales sharded
 # GPU rows (scripts/gpu_check.sh): the real Llama 3.2 1B shape, random weights.
 CUDA_ROWS = [
     ("llama-3.2-1b", dict(method="lora", dtype="bfloat16", micro_batch=2, seq_len=1024, r=16)),

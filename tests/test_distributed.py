@@ -102,6 +102,88 @@ def test_two_ranks_equal_one_process_on_the_union_batch(workdir, mode, monkeypat
         assert 0.4 * whole < local < 0.6 * whole
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_shardable_quantized_layers_compute_what_bitsandbytes_layers_compute(bits, one_thread):
+    """What FSDP2 shards in place of bitsandbytes' Linear4bit / Linear8bitLt: the same logits and gradients,
+    bitwise, through LoRA layers and bare ones (LoRA on q/v only), training and eval; outside forward, where
+    FSDP2 leaves a rank only its shard, reading the weight is one line, not a wrong dequantization."""
+    import copy
+
+    from conftest import tiny_quantizable_lm
+
+    from lorafit.errors import LorafitError
+    from lorafit.kernels import int8, nf4
+    from lorafit.lora import LoraConfig, apply_lora
+    from lorafit.models import quantize_base, quantize_base_8bit
+
+    module, quantize, shardable = {4: (nf4, quantize_base, nf4.ShardableLinear4bit),
+                                   8: (int8, quantize_base_8bit, int8.ShardableLinear8bit)}[bits]
+    ours = tiny_quantizable_lm()
+    quantize(ours)
+    apply_lora(ours, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.nn.init.normal_(ours.model.layers[0].self_attn.q_proj.lora_B.weight)  # B ≠ 0: the branch counts
+    sharded = copy.deepcopy(ours)
+    assert module.make_shardable(sharded) == 14  # 7 linears × 2 layers, LoRA bases and bare ones
+    ids = torch.randint(0, 256, (2, 16))
+    for m in (ours, sharded):
+        m.train()
+        m(ids).logits.square().mean().backward()
+    trained = {n: p.grad for n, p in sharded.named_parameters() if p.requires_grad}
+    assert {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}.keys() == trained.keys()
+    for name, p in ours.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.grad, trained[name]), name
+    with torch.no_grad():
+        assert torch.equal(ours.eval()(ids).logits, sharded.eval()(ids).logits)
+    layer = sharded.model.layers[0].mlp.down_proj
+    assert isinstance(layer, shardable)
+    layer.codes = torch.nn.Parameter(_FakeShard(layer.codes), requires_grad=False)
+    with pytest.raises(LorafitError, match="holds only its shard of the codes outside forward"):
+        _ = layer.weight
+
+
+class _FakeShard(torch.Tensor):
+    """Stands for a DTensor shard (what FSDP2 leaves on a module outside forward): a tensor with ``to_local``."""
+
+    def to_local(self):
+        return self
+
+
+# (bytes of codes of the tiny Llama's 2 layers: q, o 32 × 32; k, v 16 × 32; gate, up, down 64 × 32)
+QUANTIZED = {"4bit": (dict(adapter="qlora", load_in_4bit=True), 2 * 9216 // 2),
+             "8bit": (dict(load_in_8bit=True), 2 * 9216)}
+
+
+@pytest.mark.parametrize("quant", QUANTIZED)
+def test_fsdp2_over_a_quantized_base_equals_one_process_and_shards_the_codes(workdir, monkeypatch, quant):
+    """QLoRA (4-bit) and LoRA over an 8-bit base under FSDP2: the codes and their statistics are sharded
+    parameters, all-gathered for each block's forward and again for its backward. 2 ranks step exactly as one
+    process over the same quantized base on the union batch (losses, eval loss and adapter to 1e-5, the adapter
+    keys PEFT's), and rank 0 holds half of the codes."""
+    monkeypatch.setattr("lorafit.train.loss.MIN_SHARED_PREFIX", 10**9)
+    keys, code_bytes = QUANTIZED[quant]
+    done = run_2_ranks(workdir, config(workdir, f"two-{quant}", fsdp_version=2, save_steps=2,
+                                       fsdp_config={"reshard_after_forward": True}, **keys))
+    assert done.returncode == 0, done.stdout + done.stderr
+    one = train(TrainConfig.from_dict(config(workdir, f"one-{quant}", micro_batch_size=4, **keys)))
+    two_rows = metrics(workdir / f"two-{quant}")
+    losses_1 = [r["loss"] for r in one.history if "loss" in r]
+    assert [r["loss"] for r in two_rows if "loss" in r] == pytest.approx(losses_1, rel=1e-5)
+    assert len(losses_1) == 5 and losses_1[-1] < losses_1[0]
+    eval_1 = [r["eval_loss"] for r in one.history if "eval_loss" in r]
+    # LLM.int8's inference matmul sends a column through fp16 when any row of the batch has an outlier there: its
+    # eval loss depends on how rows are batched (2 ranks batch them otherwise), its training matmul does not
+    rel = 1e-5 if quant == "4bit" else 1e-3
+    assert [r["eval_loss"] for r in two_rows if "eval_loss" in r] == pytest.approx(eval_1, rel=rel)
+    # 8-bit layers run one at a time, GEMM by GEMM at each rank's batch shape: AdamW lifts their rounding to ~2e-5
+    # (2 DDP ranks differ from one process as much)
+    assert_same_adapter(workdir / f"one-{quant}", workdir / f"two-{quant}", rel=1e-5 if quant == "4bit" else 1e-4)
+    assert (workdir / f"two-{quant}" / "checkpoint-4" / "adapter_model.safetensors").exists()
+    local, whole = (int(x.replace(",", "")) for x in
+                    done.stdout.split("parameter elements (", 1)[1].split(" bytes of quantized codes")[0].split(" of "))
+    assert whole == code_bytes and local == whole // 2
+
+
 # ---- config: what FSDP2 takes, what it refuses ---------------------------------------------------------------
 def _cfg(**kw) -> dict:
     return {"base_model": "demo", "datasets": [{"path": "d.jsonl", "type": "alpaca"}], "adapter": "lora",
@@ -112,12 +194,13 @@ def _cfg(**kw) -> dict:
                                   {"fsdp_config": {"reshard_after_forward": False}}])
 def test_any_fsdp_key_asks_for_fsdp2(keys):
     assert TrainConfig.from_dict(_cfg(**keys)).fsdp_enabled
+    assert TrainConfig.from_dict(_cfg(**keys, adapter="qlora", load_in_4bit=True)).fsdp_enabled  # QLoRA shards too
+    assert TrainConfig.from_dict(_cfg(**keys, load_in_8bit=True)).fsdp_enabled  # and an 8-bit base
     assert not TrainConfig.from_dict(_cfg()).fsdp_enabled
 
 
 @pytest.mark.parametrize("keys, needle", [
     ({"fsdp_version": 1}, "fsdp_version 1: lorafit shards with FSDP2 only"),
-    ({"fsdp_version": 2, "adapter": "qlora", "load_in_4bit": True}, "QLoRA (load_in_4bit) with FSDP2 is not supported yet"),
     ({"fsdp_version": 2, "adapter": None}, "full fine-tuning with FSDP2 is not supported yet"),
     ({"deepspeed": "zero3.json"}, "shard with FSDP2 instead"),
 ])
@@ -171,13 +254,19 @@ def test_a_failing_rank_ends_the_job_with_its_error(workdir, tmp_path):
     assert not (workdir / "failing" / "adapter_model.safetensors").exists()
 
 
+def mode_keys(mode: str) -> dict:
+    """The config keys of a launch mode: DDP, FSDP2, or QLoRA under FSDP2."""
+    return {"ddp": {}, "fsdp": {"fsdp_version": 2},
+            "qlora-fsdp": {"fsdp_version": 2, "adapter": "qlora", "load_in_4bit": True}}[mode]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "qlora-fsdp"])
 def test_two_rank_resume_is_bitwise_identical(workdir, mode):
     """With dropout on (each rank its own masks), a 2-rank run stopped after step 3 (its checkpoint at step 2) and
     resumed to step 6 ends bitwise equal to a straight 6-step 2-rank run: adapter, optimizer, every rank's RNG and
     data position are restored."""
-    extra = {"fsdp_version": 2} if mode == "fsdp" else {}
+    extra = mode_keys(mode)
     # a schedule that does not depend on max_steps (the first run stops early through --max-steps)
     common = dict(max_steps=6, save_steps=2, lora_dropout=0.1, lr_scheduler="constant_with_warmup", warmup_steps=1,
                   weight_decay=0.01, val_set_size=0, eval_steps=None, **extra)
@@ -221,18 +310,17 @@ def test_one_process_trains_on_the_gpu_when_there_is_one(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "qlora-fsdp"])
 def test_kill_9_of_the_whole_job_then_resume_is_bitwise_identical(workdir, mode):
     """The whole 2-rank job (launcher, torchrun and both ranks) killed with SIGKILL as soon as a checkpoint past a
     random step exists, then ``--resume``: the adapter and every step's loss end bitwise equal to an uninterrupted
-    2-rank run (CPU, fp32, DDP and FSDP2, dropout on)."""
+    2-rank run (CPU, fp32, DDP, FSDP2 and QLoRA under FSDP2, dropout on)."""
     import random
     import signal
     import time
 
     kill_after = random.Random().choice([2, 4, 6])  # the checkpoint to wait for; printed if the test fails
-    common = dict(max_steps=10, save_steps=2, lora_dropout=0.1, val_set_size=0, eval_steps=None,
-                  **({"fsdp_version": 2} if mode == "fsdp" else {}))
+    common = dict(max_steps=10, save_steps=2, lora_dropout=0.1, val_set_size=0, eval_steps=None, **mode_keys(mode))
     straight = run_2_ranks(workdir, config(workdir, f"straight-kill-{mode}", **common))
     assert straight.returncode == 0, straight.stdout + straight.stderr
     cfg = config(workdir, f"killed-{mode}", **common)

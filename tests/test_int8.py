@@ -341,7 +341,6 @@ def test_base_flags_conflict_is_one_line(workdir, tmp_path, capsys):
     ({"adapter": "qlora"}, "load_in_8bit with adapter: qlora: QLoRA is a 4-bit base"),
     ({"peft_use_dora": True}, "load_in_8bit and peft_use_dora cannot be combined"),
     ({"lora_init": "pissa"}, "load_in_8bit and lora_init: pissa cannot be combined"),
-    ({"fsdp_version": 2}, "load_in_8bit with FSDP2 is not supported"),
 ])
 def test_what_is_not_supported_over_an_8bit_base_is_one_line(workdir, over, message):
     with pytest.raises(LorafitError, match=message) as e:
@@ -370,8 +369,7 @@ def test_estimated_8bit_weights_are_the_real_bytes(workdir):
 
 
 @pytest.mark.parametrize(("over", "message"), [(dict(method="full"), "an 8-bit base takes plain LoRA"),
-                                               (dict(four_bit="nf4"), "an 8-bit base takes plain LoRA"),
-                                               (dict(nproc=2, fsdp=True), "8-bit base with FSDP2 is not supported")])
+                                               (dict(four_bit="nf4"), "an 8-bit base takes plain LoRA")])
 def test_estimator_settings_refuse_what_training_refuses(over, message):
     from lorafit.memory.estimate import Settings
 

@@ -53,7 +53,8 @@ def register(sub) -> None:
     p.add_argument("--cpu", action="store_true", help="target is CPU memory: no CUDA overhead")
     p.add_argument("--explain", action="store_true", help="show the formula behind each line")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
-    p.add_argument("--compare", action="store_true", help="full fine-tuning, LoRA and QLoRA side by side")
+    p.add_argument("--compare", action="store_true",
+                   help="full fine-tuning, LoRA and QLoRA side by side (with --fsdp: LoRA and QLoRA)")
     p.add_argument("--list", action="store_true", help="list catalog models and GPUs")
     p.set_defaults(func=cmd_estimate)
 
@@ -133,13 +134,11 @@ def cmd_estimate(args) -> int:
     spec = resolve_spec(model)
     gpu_name, gpu_bytes = _gpu(args)
     s = _settings(args, base, device)
-    if args.compare and s.fsdp:
-        raise LorafitError("--compare with FSDP2: lorafit shards LoRA only (full fine-tuning and QLoRA over FSDP2 "
-                           "are not supported yet); compare without --fsdp (DDP), or estimate LoRA alone")
     if args.compare:
         dense = dict(four_bit=None, eight_bit=False)
-        ests = [estimate(spec, replace(s, method="full", **dense)), estimate(spec, replace(s, method="lora", **dense)),
-                estimate(spec, replace(s, method="qlora", eight_bit=False))]
+        ests = [estimate(spec, replace(s, method="lora", **dense)), estimate(spec, replace(s, method="qlora", eight_bit=False))]
+        if not s.fsdp:  # full fine-tuning is not sharded by FSDP2 yet: compared under DDP or one process only
+            ests.insert(0, estimate(spec, replace(s, method="full", **dense)))
     else:
         ests = [estimate(spec, s)]
     if args.json:

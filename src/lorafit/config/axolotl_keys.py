@@ -66,7 +66,8 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
         warmup_ratio optimizer weight_decay adam_beta1 adam_beta2 adam_epsilon max_grad_norm gradient_checkpointing
         bf16 tf32 eval_steps evals_per_epoch save_steps saves_per_epoch save_total_limit logging_steps output_dir
         seed resume_from_checkpoint"""),
-    "fsdp": (SUPPORTED, "FSDP2 (fully_shard per decoder layer) under torchrun; the list's options are not read"),
+    "fsdp": (SUPPORTED, "FSDP2 (fully_shard per decoder layer; a 4-bit or 8-bit base's codes are sharded too) under "
+                        "torchrun; the list's options are not read"),
     "fsdp_config": (SUPPORTED, "FSDP2 under torchrun; reshard_after_forward is read, other keys are not"),
     "fsdp_version": (SUPPORTED, "2 only (FSDP2)"),
     "lora_target_parameters": (SUPPORTED, "PEFT's target_parameters (MoE experts' 3-D tensors); lora_dropout must"
@@ -183,7 +184,9 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
         deepcompile fsdp_final_state_dict_type
         fp8_enable_fsdp_float8_all_gather dp_shard_size dp_replicate_size sequence_parallel_degree
         context_parallel_size heads_k_stride ring_attn_func tensor_parallel_size ddp use_ray ray_run_name
-        ray_num_workers resources_per_worker qlora_sharded_model_loading"""),
+        ray_num_workers resources_per_worker"""),
+    "qlora_sharded_model_loading": (IGNORED, "every rank loads and quantizes the whole base, then FSDP2 shards its "
+                                             "4-bit codes (more host memory while loading, the same training)"),
     **_group(UNSUPPORTED, _MOE_PARALLEL, """
         expert_parallel_size expert_parallel_backend expert_parallel_num_nvl_bytes expert_parallel_num_rdma_bytes
         expert_parallel_token_capacity expert_parallel_fallback_on_unsupported"""),

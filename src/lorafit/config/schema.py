@@ -453,12 +453,6 @@ class TrainConfig(BaseModel):
         if self.quantize_moe_experts:
             raise ValueError("quantize_moe_experts with FSDP2 is not supported; drop the fsdp keys (several processes "
                              "then train with DDP, each holding the quantized experts whole)")
-        if self.load_in_8bit:
-            raise ValueError("load_in_8bit with FSDP2 is not supported; drop the fsdp keys (several processes then "
-                             "train with DDP) or drop load_in_8bit (LoRA on a bf16 base)")
-        if self.load_in_4bit:
-            raise ValueError("QLoRA (load_in_4bit) with FSDP2 is not supported yet; drop the fsdp keys (several "
-                             "processes then train with DDP) or use adapter: lora on a bf16 base")
         if not self.is_lora:
             raise ValueError("full fine-tuning with FSDP2 is not supported yet; use adapter: lora, or drop the fsdp "
                              "keys to train with DDP")

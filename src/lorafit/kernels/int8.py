@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import torch
 
+from lorafit.errors import LorafitError
 from lorafit.kernels import dropout
 from lorafit.kernels.lora_branch import branch_grads
-from lorafit.kernels.nf4 import bnb
+from lorafit.kernels.nf4 import bnb, swap_modules
 from lorafit.options import RuntimeOptions
 
 # transformers' BitsAndBytesConfig default: input columns with an entry above it go through the fp16 matmul
@@ -89,3 +90,46 @@ class LoraDeltaFunction(torch.autograd.Function):
             grad_a = (g_xa.t() @ xd.to(g.dtype)).to(lora_a.dtype)
         grad_base = grad_out.to(ctx.base_dtype) if n[0] else None
         return grad_base, grad_x, grad_a, grad_b, None, None, None
+
+
+class ShardableLinear8bit(torch.nn.Module):
+    """bitsandbytes' ``Linear8bitLt`` (frozen int8 weights) with its codes and row scales as plain frozen
+    parameters, so FSDP2 shards them (``lorafit.kernels.nf4.ShardableLinear4bit`` is the 4-bit counterpart).
+
+    ``Linear8bitLt`` moves its codes into a ``MatmulLtState`` on the module at its first forward, where FSDP2
+    would neither shard nor gather them; here a fresh state is made on every forward around the codes and scales
+    in hand (the all-gathered ones inside forward), and bitsandbytes' own ``matmul`` runs with it, as the layer
+    does. Its backward reads the state's codes again, whose storage FSDP2 gathers back before backward."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.compute_dtype = getattr(layer, "compute_dtype", None)
+        self.threshold = layer.state.threshold
+        self.codes = torch.nn.Parameter(layer.weight.data, requires_grad=False)
+        self.scales = torch.nn.Parameter(scales(layer), requires_grad=False)
+        self.register_parameter("bias", layer.bias)
+
+    @property
+    def weight(self):
+        """The codes in hand as bitsandbytes' ``Int8Params`` (an alias of their storage, scales attached)."""
+        if hasattr(self.codes, "to_local"):
+            raise LorafitError("an 8-bit layer sharded by FSDP2 holds only its shard of the codes outside forward; "
+                               "read its weight inside the model's forward")
+        return bnb().nn.Int8Params(self.codes, requires_grad=False, has_fp16_weights=False, CB=self.codes,
+                                   SCB=self.scales)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``Linear8bitLt.forward`` with a state made from the codes and scales in hand."""
+        b = bnb()
+        state = b.MatmulLtState()
+        state.threshold, state.has_fp16_weights, state.is_training = self.threshold, False, self.training
+        state.CB, state.SCB = self.codes, self.scales
+        bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
+        return b.matmul(x, self.weight, bias=bias, state=state)
+
+
+def make_shardable(model: torch.nn.Module) -> int:
+    """Replace every bitsandbytes ``Linear8bitLt`` of ``model`` in place by a :class:`ShardableLinear8bit` holding
+    the same tensors; returns how many (FSDP2 only: one process and DDP keep bitsandbytes' layers)."""
+    return swap_modules(model, bnb().nn.Linear8bitLt, ShardableLinear8bit)

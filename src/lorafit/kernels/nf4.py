@@ -116,3 +116,75 @@ class QLoraLinearFunction(torch.autograd.Function):
                                 ctx.compute_dtype, x2=x.reshape(-1, x.shape[-1]))
         grad_x = grads.x.view(x.shape) if grads.x is not None else None
         return grad_x, None, grads.bias, grads.lora_a, grads.lora_b, None, None, None
+
+
+class ShardableLinear4bit(torch.nn.Module):
+    """bitsandbytes' ``Linear4bit`` with what FSDP2 must shard as plain frozen parameters: the packed codes and
+    the per-block absmax. FSDP2 turns parameters into DTensors, which would drop a ``Params4bit``'s
+    ``quant_state``; here the state is rebuilt around the tensors in hand on every read of :attr:`weight`. The
+    rest of the state (shape, code book, double quantization's own absmax and offset: about a kilobyte a layer) is
+    kept beside them as buffers, on every rank.
+
+    Inside a sharded block's forward FSDP2 has swapped in the all-gathered (unsharded) codes and absmax, so
+    ``weight`` is the whole ``Params4bit``; a kernel keeping it for backward keeps that view, whose storage FSDP2
+    frees after forward and all-gathers again before backward (torch all-gathers a group of mixed dtypes as bytes).
+    Outside forward the parameters are this rank's shards and ``weight`` refuses."""
+
+    def __init__(self, layer):
+        super().__init__()
+        packed = layer.weight
+        if getattr(packed.quant_state, "packing_format_for_cpu", False):
+            dequantize(packed)  # undoes bitsandbytes' CPU inference packing in place: store the canonical codes
+        state = packed.quant_state
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.compute_dtype = getattr(layer, "compute_dtype", None)
+        self.blocksize, self.quant_type, self.quant_dtype = state.blocksize, state.quant_type, state.dtype
+        self.shape = state.shape
+        frozen = dict(requires_grad=False)
+        self.codes = torch.nn.Parameter(packed.data, **frozen)
+        self.absmax = torch.nn.Parameter(state.absmax, **frozen)
+        self.register_parameter("bias", layer.bias)
+        self.register_buffer("code", state.code)
+        self.nested_blocksize = state.state2.blocksize if state.nested else None
+        for name, t in (("offset", state.offset), ("nested_absmax", state.state2.absmax if state.nested else None),
+                        ("nested_code", state.state2.code if state.nested else None)):
+            self.register_buffer(name, None if t is None else torch.as_tensor(t))
+
+    @property
+    def weight(self):
+        """The codes in hand as bitsandbytes' ``Params4bit`` (an alias of their storage, not a copy)."""
+        if hasattr(self.codes, "to_local"):
+            raise LorafitError("a 4-bit layer sharded by FSDP2 holds only its shard of the codes outside forward; "
+                               "read its weight inside the model's forward")
+        functional = bnb().functional
+        state2 = None if self.nested_blocksize is None else functional.QuantState(
+            absmax=self.nested_absmax, code=self.nested_code, blocksize=self.nested_blocksize, dtype=torch.float32)
+        state = functional.QuantState(absmax=self.absmax, shape=self.shape, code=self.code, blocksize=self.blocksize,
+                                      quant_type=self.quant_type, dtype=self.quant_dtype, offset=self.offset,
+                                      state2=state2)
+        return bnb().nn.Params4bit(self.codes, requires_grad=False, quant_state=state, blocksize=self.blocksize,
+                                   compress_statistics=state2 is not None, quant_type=self.quant_type,
+                                   quant_storage=self.codes.dtype, bnb_quantized=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``Linear4bit.forward`` (training path): bitsandbytes' ``matmul_4bit`` in the compute dtype."""
+        weight, dtype = self.weight, self.compute_dtype or x.dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return bnb().matmul_4bit(x.to(dtype), weight, bias=bias, quant_state=weight.quant_state).to(x.dtype)
+
+
+def swap_modules(model: torch.nn.Module, kind: type, make) -> int:
+    """Replace every ``kind`` module of ``model`` in place by ``make(module)`` (in the same train/eval mode);
+    returns how many."""
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, kind)]
+    for name, m in found:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, make(m).train(m.training))
+    return len(found)
+
+
+def make_shardable(model: torch.nn.Module) -> int:
+    """Replace every bitsandbytes ``Linear4bit`` of ``model`` (a LoRA layer's base or a bare one) in place by a
+    :class:`ShardableLinear4bit` holding the same tensors; returns how many. Only FSDP2 needs this: a single
+    process and DDP keep bitsandbytes' own layers."""
+    return swap_modules(model, bnb().nn.Linear4bit, ShardableLinear4bit)

@@ -110,7 +110,8 @@ class DoraVariant(LoraVariant):
 
 class QLoraVariant(LoraVariant):
     """Plain LoRA over a frozen 4-bit base (QLoRA, Dettmers et al. 2023): ``base_layer`` is bitsandbytes'
-    ``Linear4bit``, as transformers loads it, and ``W = dequantize(codes, absmax)`` (:mod:`lorafit.kernels.nf4`) is
+    ``Linear4bit``, as transformers loads it (under FSDP2 ``nf4.ShardableLinear4bit``, whose ``weight`` is the same
+    ``Params4bit`` over the gathered codes), and ``W = dequantize(codes, absmax)`` (:mod:`lorafit.kernels.nf4`) is
     formed in forward and again in backward, never kept.
 
     Merging writes a dense 16/32-bit weight ``dequantize(W₄) + s · B A`` — the weights the adapter was trained
@@ -153,8 +154,8 @@ class QLoraVariant(LoraVariant):
 
 class Int8LoraVariant(QLoraVariant):
     """Plain LoRA over a frozen 8-bit base (LLM.int8, transformers' ``load_in_8bit`` + PEFT): ``base_layer`` is
-    bitsandbytes' ``Linear8bitLt`` and its own forward computes the base output (so the base math is PEFT's to
-    the bit); lorafit's LoRA branch is added to it (:class:`lorafit.kernels.int8.LoraDeltaFunction`).
+    bitsandbytes' ``Linear8bitLt`` (under FSDP2 ``int8.ShardableLinear8bit``, the same matmul) and its own
+    forward computes the base output (so the base math is PEFT's to the bit); lorafit's LoRA branch is added to it (:class:`lorafit.kernels.int8.LoraDeltaFunction`).
 
     Merging is QLoRA's: a dense ``dequantize(int8 W) + s · B A`` replaces the 8-bit layer. Not lean: the
     shared-input groups and the fused gated MLP multiply by a dense weight themselves, which would not be the

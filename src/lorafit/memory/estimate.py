@@ -49,9 +49,8 @@ OPTIMIZER_STATES = {"adamw": 2, "sgd": 0, "adamw_8bit": 2, "paged_adamw_8bit": 2
 # bitsandbytes' 8-bit optimizers: states of tensors with fewer elements stay 32-bit (its ``min_8bit_size``); an
 # 8-bit state has an fp32 absmax per 256-element block and a 256-entry fp32 quantization map, per state.
 BNB_MIN_8BIT, BNB_STATE_BLOCK, BNB_QMAP = 4096, 256, 256
-# bitsandbytes' 4-bit weights: 64-element blocks; under double quantization the blocks' absmax are 8-bit in
-# blocks of 256 (fp32 absmax each), plus an fp32 offset and a 256-entry map; a 16-entry fp32 codebook per layer.
-FOUR_BIT_BLOCK, NESTED_BLOCK = 64, 256
+# bitsandbytes' 4-bit weights: 64-element blocks, their absmax 8-bit in blocks of 256 under double quantization
+FOUR_BIT_BLOCK, NESTED_BLOCK = par.FOUR_BIT_BLOCK, par.NESTED_BLOCK
 # torchao's AdamW8bit / AdamW4bit (as transformers runs them): tensors of at least 4096 elements that fill whole
 # 256-element blocks get codes (1 or ½ B an element), an fp32 scale per block and a 256- or 16-entry fp32 map, per
 # state; the others keep plain fp32 states.
@@ -131,11 +130,6 @@ class Settings:
         for key, value in self.rank_pattern.items():
             _check_positive(f"rank_pattern[{key!r}]", value)
         self.fsdp = bool(self.fsdp)
-        if self.fsdp and self.four_bit:
-            raise LorafitError("fsdp: QLoRA (a 4-bit base) over FSDP2 is not supported yet; use LoRA with FSDP2, "
-                               "or QLoRA with DDP")
-        if self.fsdp and self.eight_bit:
-            raise LorafitError("fsdp: LoRA over an 8-bit base with FSDP2 is not supported; use DDP")
         if self.fsdp and self.method != "lora":
             raise LorafitError("fsdp: full fine-tuning over FSDP2 is not supported yet; use LoRA with FSDP2")
         if isinstance(self.runtime, dict):  # from to_dict(), e.g. a stored benchmark row
@@ -347,9 +341,7 @@ def _sizes(spec: ModelSpec, s: Settings, adapters: act.Adapters) -> _Sizes:
 def four_bit_bytes(numel: int, double_quant: bool) -> int:
     """Bytes of one bitsandbytes 4-bit weight of ``numel`` elements: packed codes, the blocks' absmax (8-bit
     under double quantization, with its own fp32 absmax, offset and map), and the 16-entry codebook."""
-    blocks = -(-numel // FOUR_BIT_BLOCK)
-    stats = blocks + 4 * -(-blocks // NESTED_BLOCK) + 4 + 4 * NESTED_BLOCK if double_quant else 4 * blocks
-    return numel // 2 + stats + 4 * 16
+    return sum(t.numel * t.elt for t in par.four_bit_tensors(numel, double_quant))
 
 
 LOW_BIT = ("adamw_8bit", "paged_adamw_8bit", "torchao_8bit", "torchao_4bit")
@@ -446,7 +438,8 @@ def _distributed(spec: ModelSpec, s: Settings, adapters: act.Adapters, z: _Sizes
         return _Distributed(z, {k: bucket for k in _MOMENTS}, "DDP gradient buckets", {k: why for k in _MOMENTS})
     n = s.nproc
     out_lora, saved, copies = outside_blocks(spec, s)
-    share = par.fsdp_share(spec, n, s.bytes, adapters, s.use_dora, out_lora, saved, copies)
+    share = par.fsdp_share(spec, n, s.bytes, adapters, s.use_dora, out_lora, saved, copies,
+                           s.double_quant if s.four_bit else None, s.eight_bit)
     e = s.bytes
     adapter_shard, saved_shard = share.adapter // 4, (share.grads - share.adapter) // max(e, 1)
     states = z.n_states * (adapter_shard * z.state_elt + saved_shard * e)
@@ -542,6 +535,10 @@ def _components(spec, s: Settings, adapters, z: _Sizes, moment: str, peak_alloc:
     if s.fsdp:  # the persistent parts are this rank's shards
         for c in comps[:4]:
             c.formula += f"; this rank's shard: 1/{s.nproc} (FSDP2, dim 0 padded to a multiple of {s.nproc})"
+        if s.four_bit:
+            comps[0].formula += " of the codes and absmax; codebooks and nested statistics on every rank"
+        if s.eight_bit:
+            comps[0].formula += " of the int8 codes and row scales"
     return comps
 
 

@@ -52,12 +52,12 @@ def search(spec: ModelSpec, base: Settings, gpu_bytes: int, effective_batch: int
            allow_shorter_seq: bool = False, margin: float = SAFETY_MARGIN, min_seq: int = 256) -> Plan:
     """The first setting that fits ``gpu_bytes`` (per device; with ``base.nproc`` > 1, per rank). Over several
     processes the search goes DDP (a whole replica per device), then FSDP2 (1/N of the weights per device),
-    then QLoRA; on one, LoRA then QLoRA."""
+    then QLoRA with DDP, then QLoRA with FSDP2 (the 4-bit base sharded); on one, LoRA then QLoRA."""
     plan = _search(spec, base, gpu_bytes, effective_batch, allow_shorter_seq, margin, min_seq)
     if plan.fits or base.method != "lora":
         return plan
     tried = plan.tried
-    if base.nproc > 1 and not base.fsdp and not base.four_bit and not base.eight_bit:
+    if base.nproc > 1 and not base.fsdp:  # any base: FSDP2 shards dense, 4-bit and 8-bit weights alike
         f = _search(spec, replace(base, fsdp=True), gpu_bytes, effective_batch, allow_shorter_seq, margin, min_seq)
         f.tried += tried
         tried = f.tried
@@ -75,7 +75,16 @@ def search(spec: ModelSpec, base: Settings, gpu_bytes: int, effective_batch: int
     if q.fits:
         q.note = ("LoRA on a 16-bit base fits no setting" + (" (DDP or FSDP2)" if base.nproc > 1 else "")
                   + "; QLoRA (a 4-bit NF4 base) does")
-    return q
+    if q.fits or base.nproc == 1 or base.fsdp:
+        return q
+    qf = _search(spec, replace(base, four_bit="nf4", eight_bit=False, fsdp=True), gpu_bytes, effective_batch,
+                 allow_shorter_seq, margin, min_seq)
+    if not qf.fits:
+        return q
+    qf.tried += q.tried
+    qf.note = (f"neither LoRA (DDP or FSDP2) nor QLoRA with a whole 4-bit replica per device fits; QLoRA with FSDP2 "
+               f"shards the 4-bit base 1/{base.nproc} per device and fits")
+    return qf
 
 
 def _search(spec: ModelSpec, base: Settings, gpu_bytes: int, effective_batch: int, allow_shorter_seq: bool,

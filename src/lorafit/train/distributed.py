@@ -9,8 +9,8 @@ is what the recipe needs around them:
 - :class:`LossModule` — the model and its chunked loss as *one* module, so DDP's and FSDP2's forward hooks run
   around the whole computation (the loss reads the head's weight outside ``model.forward``);
 - :func:`wrap` — DDP, or FSDP2 with one group per decoder layer (its frozen base and LoRA parameters
-  together), untied input embeddings as a group of their own, and the root (final norm, head, the embeddings
-  when tied) as its own group;
+  together; a 4-bit or 8-bit base's codes and statistics sharded as plain parameters), untied input embeddings
+  as a group of their own, and the root (final norm, head, the embeddings when tied) as its own group;
 - sums across ranks (token counts, losses) and the whole adapter gathered for rank 0 to write.
 
 The loss of a step is normalised by the *global* number of trained tokens (all ranks, all accumulation steps),
@@ -193,6 +193,13 @@ def wrap(model: nn.Module, world: World, reshard_after_forward: bool = True) -> 
     if world.fsdp:
         from torch.distributed.fsdp import fully_shard
 
+        from lorafit.kernels import int8, nf4
+
+        weights = [getattr(m, "weight", None) for m in model.modules()]
+        if any(nf4.is_4bit(w) for w in weights):  # codes and absmax as plain parameters, which FSDP2 can shard
+            nf4.make_shardable(model)
+        if any(int8.is_int8(w) for w in weights):  # codes and row scales likewise
+            int8.make_shardable(model)
         for layer in decoder_layers(model):
             fully_shard(layer, reshard_after_forward=reshard_after_forward)
         embeddings = separate_embeddings(model)
@@ -211,13 +218,24 @@ def wrap(model: nn.Module, world: World, reshard_after_forward: bool = True) -> 
                                    **no_sync)
 
 
-def held_fraction(module: nn.Module) -> tuple[int, int]:
-    """(parameter elements this rank holds, elements of the whole model): FSDP2's shards against the whole."""
+def held_fraction(module: nn.Module, params=None) -> tuple[int, int]:
+    """(parameter elements this rank holds, elements of the whole model): FSDP2's shards against the whole;
+    ``params``: only those (default: all of ``module``'s)."""
     local = total = 0
-    for p in module.parameters():
+    for p in module.parameters() if params is None else params:
         local += p.to_local().numel() if hasattr(p, "to_local") else p.numel()
         total += p.numel()
     return local, total
+
+
+def held_codes(module: nn.Module) -> tuple[int, int] | None:
+    """(bytes of 4-bit or 8-bit codes this rank holds, bytes of all of them), or None without a sharded
+    quantized layer."""
+    from lorafit.kernels.int8 import ShardableLinear8bit
+    from lorafit.kernels.nf4 import ShardableLinear4bit
+
+    codes = [m.codes for m in module.modules() if isinstance(m, (ShardableLinear4bit, ShardableLinear8bit))]
+    return held_fraction(module, codes) if codes else None
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from lorafit.lora import adapter_state_dict, count_parameters, save_adapter
 from lorafit.models import train_dtype
 from lorafit.train.auto_batch import resolve_auto_batch
 from lorafit.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
-from lorafit.train.distributed import all_sum, barrier, held_fraction, init_world, shutdown, wrap
+from lorafit.train.distributed import all_sum, barrier, held_codes, held_fraction, init_world, shutdown, wrap
 from lorafit.train.metrics import MetricsInMemory, MetricsLog, plot_loss
 from lorafit.train.optim import optimizer_from_config, scheduler_from_config
 from lorafit.train.progress import TrainProgress
@@ -254,6 +254,9 @@ class Recipe:
             if self.world.fsdp:
                 local, whole = held_fraction(self.model)
                 held = f"; rank 0 holds {local:,} of {whole:,} parameter elements"
+                codes = held_codes(self.model)
+                if codes is not None:
+                    held += f" ({codes[0]:,} of {codes[1]:,} bytes of quantized codes)"
             self.console.print(f"distributed: {self.world.describe()}; a step reads {cfg.micro_batch_size}×"
                                f"{cfg.gradient_accumulation_steps} micro-batches on each of {self.world.world_size} "
                                f"ranks{held}", highlight=False, soft_wrap=True)
