@@ -1,6 +1,7 @@
 """Shared fixtures: the demo model's real tokenizer (loaded once per session), tiny models, lean-kernel switches."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -217,3 +218,28 @@ def assert_same_adapter_files(a_dir, b_dir) -> dict:
     for k in a:
         assert torch.equal(a[k], b[k]), k
     return a
+
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+
+
+def run_2_ranks(workdir, cfg: dict, *args: str, timeout: int = 240):
+    """``lorafit train CONFIG --nproc 2`` (which starts torchrun), one thread per rank; the CompletedProcess."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    path = workdir / f"{Path(cfg['output_dir']).name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "LORAFIT_DIST_TIMEOUT": "60"}
+    return subprocess.run([sys.executable, "-m", "lorafit.cli", "train", str(path), "--nproc", "2", *args],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def metrics(out) -> list[dict]:
+    """The rows of a run's metrics.jsonl."""
+    import json
+
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line]

@@ -12,14 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import save_tiny_llama
+from conftest import SRC, metrics, run_2_ranks, save_tiny_llama
 from safetensors.torch import load_file
 
 from lorafit.config import TrainConfig
 from lorafit.models import load_tokenizer
 from lorafit.train import train
-
-SRC = Path(__file__).resolve().parent.parent / "src"
 
 
 @pytest.fixture(scope="module")
@@ -41,20 +39,6 @@ def config(workdir: Path, out: str, **kw) -> dict:
                 compile_kernels=False, val_set_size=0.1, eval_steps=5)
     base.update(kw)
     return base
-
-
-def run_2_ranks(workdir: Path, cfg: dict, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    """``lorafit train CONFIG --nproc 2`` (which starts torchrun), one thread per rank."""
-    path = workdir / f"{Path(cfg['output_dir']).name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "LORAFIT_DIST_TIMEOUT": "60"}
-    return subprocess.run([sys.executable, "-m", "lorafit.cli", "train", str(path), "--nproc", "2", *args],
-                          capture_output=True, text=True, env=env, timeout=timeout)
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
 
 
 def assert_same_adapter(a: Path, b: Path, rel: float = 1e-5) -> None:

@@ -73,7 +73,7 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
     "lora_target_parameters": (SUPPORTED, "PEFT's target_parameters (MoE experts' 3-D tensors); lora_dropout must"
                                " be 0, as in PEFT"),
     "quantize_moe_experts": (SUPPORTED, "the routed experts' 3-D tensors in 4 or 8 bits (as the base), dequantized"
-                             " when read; not with FSDP2"),
+                             " when read"),
     "fp16": (SUPPORTED, "false only: fp16 training is refused, use bf16"),
     # ---- ignored: logging integrations ----
     **_group(IGNORED, _LOGGING, """

@@ -447,12 +447,6 @@ class TrainConfig(BaseModel):
             return
         if self.fsdp_version not in (None, 2):
             raise ValueError(f"fsdp_version {self.fsdp_version}: lorafit shards with FSDP2 only; set fsdp_version: 2")
-        if self.lora_target_parameters:
-            raise ValueError("lora_target_parameters with FSDP2 is not supported; drop the fsdp keys (several "
-                             "processes then train with DDP)")
-        if self.quantize_moe_experts:
-            raise ValueError("quantize_moe_experts with FSDP2 is not supported; drop the fsdp keys (several processes "
-                             "then train with DDP, each holding the quantized experts whole)")
         if not self.is_lora:
             raise ValueError("full fine-tuning with FSDP2 is not supported yet; use adapter: lora, or drop the fsdp "
                              "keys to train with DDP")
