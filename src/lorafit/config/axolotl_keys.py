@@ -245,7 +245,10 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
              "selective_checkpointing dynamic_checkpoint"),
     **_group(UNSUPPORTED, "changing the model's config or load arguments is not supported; lorafit loads the base"
              " as its folder describes it", """
-             overrides_of_model_config overrides_of_model_kwargs model_config model_kwargs rope_scaling"""),
+             overrides_of_model_config overrides_of_model_kwargs model_kwargs rope_scaling"""),
+    # not a field of axolotl's schema: its validated config drops the key, so an axolotl run ignores it too
+    "model_config": (IGNORED, "axolotl's schema drops this key, so it changes nothing in an axolotl run either; "
+                     "overrides_of_model_config is axolotl's key for config changes (not supported here)"),
     **_group(IGNORED, "lorafit reads the model, its config and its revision from base_model's folder",
              "base_model_config revision_of_model model_revision"),
     "llama4_linearized_experts": (UNSUPPORTED, "converting MoE experts to linear layers is not supported; lorafit"
