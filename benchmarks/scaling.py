@@ -57,9 +57,8 @@ from lorafit.memory.settings import settings_from_config
 from lorafit.memory.spec import resolve_spec
 from lorafit.train import train
 from lorafit.train.distributed import held_fraction
-import lorafit.train.loss
 # ranks run every row whole (no shared-prefix pass under torchrun): so does the single process, like for like
-lorafit.train.loss.MIN_SHARED_PREFIX = 10**9
+os.environ["LORAFIT_SHARED_PREFIX"] = "0"
 
 cfg = load_config(sys.argv[1])
 rank, nproc = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -63,7 +63,7 @@ TYPICAL_DATASET = {
 }
 # keys lorafit has that axolotl does not (not in the table)
 LORAFIT_ONLY_TOP = {"lora_init", "skip_bad_rows", "loss_chunk_tokens", "compile_kernels",
-                    "half_matmul"}
+                    "half_matmul", "shared_prefix"}
 LORAFIT_ONLY_DATASET = {"encoding"}
 
 

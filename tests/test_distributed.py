@@ -57,11 +57,10 @@ def test_two_ranks_equal_one_process_on_the_union_batch(workdir, mode, monkeypat
     the loss is normalised by the trained tokens of all ranks, so losses and adapter agree to 1e-5. Ranks run
     every row through the whole stack (no shared-prefix pass under torchrun), so the one process does too: the
     comparison is of the same sums in the same order."""
-    monkeypatch.setattr("lorafit.train.loss.MIN_SHARED_PREFIX", 10**9)
     extra = {"fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True}} if mode == "fsdp" else {}
     done = run_2_ranks(workdir, config(workdir, f"two-{mode}", save_steps=2, **extra))
     assert done.returncode == 0, done.stdout + done.stderr
-    one = train(TrainConfig.from_dict(config(workdir, f"one-{mode}", micro_batch_size=4)))
+    one = train(TrainConfig.from_dict(config(workdir, f"one-{mode}", micro_batch_size=4, shared_prefix=False)))
     two_rows = metrics(workdir / f"two-{mode}")
     losses_1 = [r["loss"] for r in one.history if "loss" in r]
     losses_2 = [r["loss"] for r in two_rows if "loss" in r]
@@ -144,12 +143,12 @@ def test_fsdp2_over_a_quantized_base_equals_one_process_and_shards_the_codes(wor
     parameters, all-gathered for each block's forward and again for its backward. 2 ranks step exactly as one
     process over the same quantized base on the union batch (losses, eval loss and adapter to 1e-5, the adapter
     keys PEFT's), and rank 0 holds half of the codes."""
-    monkeypatch.setattr("lorafit.train.loss.MIN_SHARED_PREFIX", 10**9)
     keys, code_bytes = QUANTIZED[quant]
     done = run_2_ranks(workdir, config(workdir, f"two-{quant}", fsdp_version=2, save_steps=2,
                                        fsdp_config={"reshard_after_forward": True}, **keys))
     assert done.returncode == 0, done.stdout + done.stderr
-    one = train(TrainConfig.from_dict(config(workdir, f"one-{quant}", micro_batch_size=4, **keys)))
+    one = train(TrainConfig.from_dict(config(workdir, f"one-{quant}", micro_batch_size=4, shared_prefix=False,
+                                             **keys)))
     two_rows = metrics(workdir / f"two-{quant}")
     losses_1 = [r["loss"] for r in one.history if "loss" in r]
     assert [r["loss"] for r in two_rows if "loss" in r] == pytest.approx(losses_1, rel=1e-5)

@@ -74,8 +74,7 @@ def test_evaluation_runs_a_shared_prefix_once_with_the_same_loss(arch, monkeypat
     with torch.no_grad():
         shared, n = causal_lm_loss(model, inputs, labels)
         assert calls == [(2, 10), (3, 9)]  # two prefix rows: torch.compile specializes a batch of one
-        monkeypatch.setattr(loss_mod, "MIN_SHARED_PREFIX", 100)  # off: the plain pass
-        plain, m = causal_lm_loss(model, inputs, labels)
+        plain, m = causal_lm_loss(model, inputs, labels, options=whole_rows(model))  # off: the plain pass
     assert n == m and calls[-1] == (3, 19)
     torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
 
@@ -89,6 +88,15 @@ def test_training_and_packed_rows_take_the_plain_pass():
     assert loss_mod_shared({"input_ids": ids}) == 0  # 5 shared tokens: not worth a second pass
 
 
+def whole_rows(model):
+    """The run's options with the shared-prefix pass off (``shared_prefix: false``): every row runs whole."""
+    import dataclasses
+
+    from lorafit.train.loss import options_of
+
+    return dataclasses.replace(options_of(model), shared_prefix=False)
+
+
 def loss_mod_shared(inputs):
     from lorafit.train.loss import _shared_prefix
 
@@ -99,7 +107,6 @@ def loss_mod_shared(inputs):
 def test_training_runs_a_shared_prefix_once_with_the_same_gradients(arch, monkeypatch):
     """With autograd the repeated prefix cache sums every row's gradient back into the one prefix pass: loss and
     gradients equal the plain pass's. Under gradient checkpointing the plain pass runs."""
-    from lorafit.train import loss as loss_mod
 
     model = tiny(arch).train()
     g = torch.Generator().manual_seed(3)
@@ -109,20 +116,18 @@ def test_training_runs_a_shared_prefix_once_with_the_same_gradients(arch, monkey
     labels[:, :4] = -100  # part of the prefix is trained too
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
-    def loss_and_grads():
+    def loss_and_grads(options=None):
         model.zero_grad()
-        loss, n = causal_lm_loss(model, inputs, labels)
+        loss, n = causal_lm_loss(model, inputs, labels, options=options)
         (loss / n).backward()
         return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
     shared, g_shared = loss_and_grads()
-    monkeypatch.setattr(loss_mod, "MIN_SHARED_PREFIX", 100)
-    plain, g_plain = loss_and_grads()
+    plain, g_plain = loss_and_grads(whole_rows(model))
     torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
     assert g_shared.keys() == g_plain.keys() and g_plain
     for k in g_plain:
         torch.testing.assert_close(g_shared[k], g_plain[k], rtol=1e-4, atol=1e-6, msg=k)
-    monkeypatch.setattr(loss_mod, "MIN_SHARED_PREFIX", 8)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     calls = []
     body = model.base_model
@@ -130,3 +135,12 @@ def test_training_runs_a_shared_prefix_once_with_the_same_gradients(arch, monkey
     checkpointed, _ = loss_and_grads()
     assert calls == [(4, 16)]  # one plain pass
     torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_prefix_is_a_runtime_option_from_the_config_or_the_environment():
+    from lorafit.options import RuntimeOptions
+
+    assert RuntimeOptions.resolve(env={}).shared_prefix
+    off = RuntimeOptions.resolve(env={"LORAFIT_SHARED_PREFIX": "0"})
+    assert not off.shared_prefix and off.describe().endswith("shared prefix off")
+    assert RuntimeOptions.resolve(env={"LORAFIT_SHARED_PREFIX": "0"}, shared_prefix=True).shared_prefix  # config wins

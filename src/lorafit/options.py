@@ -34,6 +34,7 @@ from lorafit.errors import LorafitError
 
 ENV_COMPILE = "LORAFIT_COMPILE"
 ENV_HALF_MATMUL = "LORAFIT_HALF_MATMUL"
+ENV_SHARED_PREFIX = "LORAFIT_SHARED_PREFIX"
 HALF_MATMUL_MODES = ("auto", "native", "fp32")
 _FALSE = ("0", "false", "no", "off")
 _TRUE = ("1", "true", "yes", "on", "")
@@ -107,6 +108,8 @@ class RuntimeOptions:
     compile_auto: bool = False  # compile was decided by "auto" (said in the run header)
     half_matmul: str = "auto"  # auto | native | fp32
     slow_bf16_gemm: bool = False  # the CPU fact "auto" decides from (read once by resolve)
+    # the tokens every row of a batch starts with run once (lorafit.train.loss); off: each row runs whole
+    shared_prefix: bool = True
 
     def __post_init__(self):
         if self.half_matmul not in HALF_MATMUL_MODES:
@@ -114,7 +117,8 @@ class RuntimeOptions:
 
     @classmethod
     def resolve(cls, compile: bool | str | None = None, half_matmul: str | None = None,
-                env: Mapping[str, str] | None = None, planned_tokens: int | None = None) -> RuntimeOptions:
+                env: Mapping[str, str] | None = None, planned_tokens: int | None = None,
+                shared_prefix: bool | None = None) -> RuntimeOptions:
         """Options from explicit values (the config), else the environment, else the defaults. ``compile``
         ``"auto"`` (the default) decides from ``planned_tokens`` (:func:`compile_pays`)."""
         env = os.environ if env is None else env
@@ -128,8 +132,10 @@ class RuntimeOptions:
             half_matmul = (env.get(ENV_HALF_MATMUL) or "auto").strip().lower() or "auto"
             if half_matmul not in HALF_MATMUL_MODES:
                 raise LorafitError(f"{ENV_HALF_MATMUL}={half_matmul!r}: use one of {', '.join(HALF_MATMUL_MODES)}")
+        if shared_prefix is None:
+            shared_prefix = _env_bool(env, ENV_SHARED_PREFIX, True)
         return cls(compile=bool(compile), compile_auto=auto, half_matmul=half_matmul,
-                   slow_bf16_gemm=cpu_has_slow_bf16_gemm())
+                   slow_bf16_gemm=cpu_has_slow_bf16_gemm(), shared_prefix=bool(shared_prefix))
 
     # ---- the rules (dtype and device by name: "bfloat16", "cpu") -----------------------------------------
     def upcasts(self, dtype: str, device: str, rows: int | None = None) -> bool:
@@ -160,7 +166,8 @@ class RuntimeOptions:
         if self.compile_auto:
             kernels += " (auto: a run this long repays compiling)" if self.compile else \
                 " (auto: a run this short would not repay compiling)"
-        return f"kernels {kernels}, bf16 matmuls {half}"
+        prefix = "" if self.shared_prefix else ", shared prefix off"
+        return f"kernels {kernels}, bf16 matmuls {half}{prefix}"
 
     def to_dict(self) -> dict:
         return asdict(self)

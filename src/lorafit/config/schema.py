@@ -239,6 +239,8 @@ class TrainConfig(BaseModel):
     # defaults: "auto" for both); see lorafit.options
     compile_kernels: bool | Literal["auto"] | None = None
     half_matmul: Literal["auto", "native", "fp32"] | None = None
+    # lorafit: run the tokens every row of a batch starts with once (None: LORAFIT_SHARED_PREFIX, else true)
+    shared_prefix: bool | None = None
     fp16: bool = False
     tf32: bool | None = None
     # several processes (torchrun): DDP by default; FSDP2 (fully_shard per decoder layer) when any of axolotl's
@@ -545,7 +547,8 @@ class TrainConfig(BaseModel):
 
     def runtime_options(self) -> RuntimeOptions:
         """How the kernels run, from this config (environment as a fallback); resolve once per run."""
-        return RuntimeOptions.resolve(self.compile_kernels, self.half_matmul, planned_tokens=self.planned_tokens)
+        return RuntimeOptions.resolve(self.compile_kernels, self.half_matmul, planned_tokens=self.planned_tokens,
+                                      shared_prefix=self.shared_prefix)
 
     @property
     def planned_tokens(self) -> int | None:

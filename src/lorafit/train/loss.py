@@ -44,7 +44,8 @@ def causal_lm_loss(model: nn.Module, inputs: dict, labels: torch.Tensor, chunk_t
     base = getattr(head, "base_layer", head)
     if getattr(base, "bias", None) is not None:
         raise NotImplementedError("output heads with a bias are not supported by the chunked loss")
-    hidden = _hidden_states(model, body, inputs)  # (B, T, d)
+    options = options or options_of(model)
+    hidden = _hidden_states(model, body, inputs, options.shared_prefix)  # (B, T, d)
     targets = labels[:, 1:].reshape(-1)
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     n = int(keep.numel())
@@ -65,7 +66,7 @@ def causal_lm_loss(model: nn.Module, inputs: dict, labels: torch.Tensor, chunk_t
         u = F.dropout(h, head.dropout_p, training=head.training).to(a.dtype) @ a.t()
         lora = (u, b, head.scaling)
     loss = LinearCrossEntropy.apply(h, head._weight_out_in() if lora_head else base.weight, y, chunk,
-                                    _softcap(model), options or options_of(model), *lora)
+                                    _softcap(model), options, *lora)
     return loss, n
 
 
@@ -73,7 +74,7 @@ def causal_lm_loss(model: nn.Module, inputs: dict, labels: torch.Tensor, chunk_t
 MIN_SHARED_PREFIX = 8
 
 
-def _hidden_states(model: nn.Module, body: nn.Module, inputs: dict) -> torch.Tensor:
+def _hidden_states(model: nn.Module, body: nn.Module, inputs: dict, share: bool = True) -> torch.Tensor:
     """The decoder stack's last hidden states, running the tokens every row of the batch starts with once.
 
     Chat samples open with the same tokens (a chat template's system turn, a task's instruction: a third to a
@@ -81,10 +82,10 @@ def _hidden_states(model: nn.Module, body: nn.Module, inputs: dict) -> torch.Ten
     :func:`lorafit.eval.tasks.generate_answers` does. With autograd the repeated cache sums each row's gradient
     back into the one prefix, so loss and gradients equal the plain pass's to float rounding; the prefix's LoRA
     dropout mask is then drawn once for all rows. Not under gradient checkpointing (its recompute would extend
-    the cache twice) nor packing.
+    the cache twice) nor packing. ``share``: the run's option (``RuntimeOptions.shared_prefix``); off, rows run whole.
     """
     checkpointed = torch.is_grad_enabled() and getattr(model, "is_gradient_checkpointing", False)
-    shared = 0 if checkpointed else _shared_prefix(inputs)
+    shared = 0 if checkpointed or not share else _shared_prefix(inputs)
     if not shared:
         return body(**inputs).last_hidden_state
     from transformers import DynamicCache
