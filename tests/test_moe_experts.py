@@ -264,6 +264,23 @@ def test_expert_parameter_targets_over_quantized_experts(tmp_path):
             assert torch.equal(m.mlp.experts.down_proj, t.mlp.experts.down_proj)
 
 
+def test_counting_a_partly_merged_quantized_experts_module():
+    """One expert tensor adapted and merged (written dense), its sibling still stored in 4 bits: the parameter
+    count and the quantized bytes see the sibling's codes only."""
+    from lorafit.lora import LoraConfig, apply_lora, count_parameters, merge
+
+    model = tiny_moe()
+    experts.quantize_experts(model, 4)
+    total, stored = count_parameters(model).total, experts.quantized_bytes(model)
+    apply_lora(model, LoraConfig(target_modules=[], target_parameters=["mlp.experts.gate_up_proj"]))
+    merge(model)
+    e = model.model.layers[0].mlp.experts.base_layer
+    assert experts.is_quantized_experts(e)
+    assert 0 < experts.quantized_bytes(model) < stored / 2  # down_proj is a third of the expert weights
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert count_parameters(model).total == total + lora
+
+
 def test_dropout_with_expert_parameter_targets_is_one_line(workdir):
     with pytest.raises(LorafitError, match="lora_dropout 0.05 with lora_target_parameters"):
         config(workdir, "bad", lora_target_parameters=EXPERT_PARAMS, lora_dropout=0.05)
