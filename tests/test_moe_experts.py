@@ -281,6 +281,20 @@ def test_counting_a_partly_merged_quantized_experts_module():
     assert count_parameters(model).total == total + lora
 
 
+def test_continuing_an_adapter_with_other_expert_parameter_targets_is_one_line(tmp_path):
+    """lora_model_dir: an adapter over other expert tensors is refused by name, like other target lists (both
+    adapt the module ``mlp.experts``, so its layer names alone match)."""
+    from lorafit.lora import LoraConfig, apply_lora, save_adapter
+    from lorafit.train.setup import check_start_adapter
+
+    saved = LoraConfig(target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"])
+    save_adapter(apply_lora(tiny_moe(), saved), tmp_path / "a")
+    check_start_adapter(tmp_path / "a", saved, "run.yml")
+    with pytest.raises(LorafitError, match="lora_target_parameters"):
+        check_start_adapter(tmp_path / "a", LoraConfig(target_modules=["q_proj"],
+                                                       target_parameters=["mlp.experts.down_proj"]), "run.yml")
+
+
 def test_dropout_with_expert_parameter_targets_is_one_line(workdir):
     with pytest.raises(LorafitError, match="lora_dropout 0.05 with lora_target_parameters"):
         config(workdir, "bad", lora_target_parameters=EXPERT_PARAMS, lora_dropout=0.05)
