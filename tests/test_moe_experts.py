@@ -246,6 +246,26 @@ def test_expert_parameter_targets_equal_peft(tmp_path):
         assert torch.equal(merged(ids).logits, want)
 
 
+def test_a_2d_parameter_target_in_bfloat16_equals_peft(tmp_path):
+    """A 2-D parameter (PEFT's num_experts == 1) takes PEFT's delta: ``B @ A · s`` in the adapter's dtype, cast
+    to the weight's and added, so a bf16 model computes PEFT's logits bitwise."""
+    peft = pytest.importorskip("peft")
+    from lorafit.lora import load_adapter
+
+    theirs = peft.get_peft_model(tiny_moe().to(torch.bfloat16), peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=[], target_parameters=["self_attn.q_proj.weight"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(tiny_moe().to(torch.bfloat16), tmp_path / "peft")
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(theirs(ids).logits, ours(ids).logits)
+
+
 def test_expert_parameter_targets_over_quantized_experts(tmp_path):
     """Over experts stored in 4 bits the update is added to the dequantized tensor: the same logits as the dense
     twin with the same adapter, and merging writes dequantized + update, dense."""

@@ -8,8 +8,9 @@ per-expert factors stacked in two linear layers::
     A: (r·E × in), rows e·r … e·r+r-1 are A_e          B: (out × r·E), column j·E + e is column j of B_e
 
 (PEFT's layout, so files load both ways). The update is added with one ``baddbmm`` in the tensor's dtype, as PEFT
-does. Several parameters of one module nest as in PEFT: the module's first parameter (in definition order) is
-wrapped first, so its factors are saved under ``<module>.base_layer.lora_A.weight`` and the last one's under
+does (a 2-D tensor: ``B @ A · s`` in the factors' dtype, cast and added, as PEFT does for it). Several
+parameters of one module nest as in PEFT: the module's first parameter (in definition order) is wrapped first,
+so its factors are saved under ``<module>.base_layer.lora_A.weight`` and the last one's under
 ``<module>.lora_A.weight``. PEFT's rules hold too: no dropout (it cannot act on a weight update) and no DoRA.
 
 The parametrization stays registered while the adapter is attached; ``disabled`` and ``merged`` make it return
@@ -75,11 +76,13 @@ class LoraParameter(nn.Module):
         return lhs.to(dtype), rhs.to(dtype)
 
     def updated(self, weight: torch.Tensor) -> torch.Tensor:
-        """``weight + s · update`` in ``weight``'s dtype (one ``baddbmm``/``addmm``, autocast off as in PEFT)."""
+        """``weight + s · update`` in ``weight``'s dtype: experts in one ``baddbmm``, autocast off, as PEFT folds
+        them; a 2-D tensor as PEFT adapts it (``num_experts == 1``): ``B @ A · s`` in the factors' dtype, cast to
+        the weight's, then added."""
+        if weight.dim() == 2:
+            return weight + ((self.lora_B.weight @ self.lora_A.weight) * self.scaling).to(weight.dtype)
         lhs, rhs = self.factors(weight.dtype)
         with torch.autocast(device_type=weight.device.type, enabled=False):
-            if weight.dim() == 2:
-                return torch.addmm(weight, lhs[0], rhs[0], alpha=self.scaling)
             return torch.baddbmm(weight, lhs, rhs, alpha=self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
