@@ -327,6 +327,15 @@ def test_an_expert_parameter_entry_matching_nothing_is_one_line():
         apply_lora(tiny_moe(), LoraConfig(target_modules=[], target_parameters=["mlp.experts.up_proj"]))
 
 
+def test_a_parameter_of_a_targeted_layer_is_one_line():
+    from lorafit.lora import LoraConfig, apply_lora
+
+    model = tiny_moe()
+    with pytest.raises(LorafitError, match="self_attn.q_proj.weight, a parameter of a layer target_modules"):
+        apply_lora(model, LoraConfig(target_modules=["q_proj"], target_parameters=["self_attn.q_proj.weight"]))
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+
+
 def test_training_the_expert_tensors_over_a_4bit_base(workdir, tmp_path, capsys):
     """axolotl's MoE QLoRA recipe (quantize_moe_experts + lora_target_parameters, no module targets) trains,
     saves PEFT's keys for the experts and merges through the CLI."""

@@ -107,6 +107,10 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_dtype: torch.dtype 
     options = options or RuntimeOptions.resolve()
     names = find_targets(model, config) if config.target_modules else []
     params = find_parameter_targets(model, config)
+    both = next((f"{m}.{p}" for m, p in params if m in set(names)), None)
+    if both:  # checked before anything is wrapped
+        raise LorafitError(f"lora target_parameters selects {both}, a parameter of a layer target_modules also "
+                           "targets; adapt the layer one way (PEFT refuses it too)")
     for p in model.parameters():
         p.requires_grad_(False)
     tied = tied_with_input_embeddings(model)
