@@ -266,6 +266,28 @@ def test_a_2d_parameter_target_in_bfloat16_equals_peft(tmp_path):
         assert torch.equal(theirs(ids).logits, ours(ids).logits)
 
 
+def test_merging_expert_parameter_targets_with_rslora_equals_peft(tmp_path):
+    """A scaling that is no power of two (rsLoRA, a rank pattern): the merged tensors are PEFT's bitwise (its
+    delta weight, ``einsum(B, A) · s``, added)."""
+    peft = pytest.importorskip("peft")
+    from lorafit.lora import load_adapter, merge_and_unload
+
+    theirs = peft.get_peft_model(tiny_moe(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=[], use_rslora=True,
+                                                             rank_pattern={"down_proj": 4},
+                                                             target_parameters=EXPERT_PARAMS))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = merge_and_unload(load_adapter(tiny_moe(), tmp_path / "peft"))
+    want = theirs.merge_and_unload()
+    for m, t in zip(ours.model.layers, want.model.layers, strict=True):
+        assert torch.equal(m.mlp.experts.gate_up_proj, t.mlp.experts.gate_up_proj)
+        assert torch.equal(m.mlp.experts.down_proj, t.mlp.experts.down_proj)
+
+
 def test_expert_parameter_targets_over_quantized_experts(tmp_path):
     """Over experts stored in 4 bits the update is added to the dequantized tensor: the same logits as the dense
     twin with the same adapter, and merging writes dequantized + update, dense."""

@@ -42,7 +42,8 @@ class LoraParameter(nn.Module):
         target = self.target_module()
         shape = getattr(target, parameter_name).shape
         # transformers' experts are (experts, out, in); a module may say it stores (experts, in, out)
-        self.transposed = len(shape) == 3 and bool(getattr(target, "is_transposed", False))
+        self.stacked = len(shape) == 3  # experts; else a 2-D tensor (stored codes may have another shape)
+        self.transposed = self.stacked and bool(getattr(target, "is_transposed", False))
         experts, d1, d2 = shape if len(shape) == 3 else (1, *shape)
         self.num_experts = experts
         self.out_features, self.in_features = (d2, d1) if self.transposed else (d1, d2)
@@ -86,9 +87,15 @@ class LoraParameter(nn.Module):
             return torch.baddbmm(weight, lhs, rhs, alpha=self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
-        """``s · update``, in fp32, shaped like the parameter."""
-        base = self._unadapted()
-        return self.updated(torch.zeros_like(base, dtype=torch.float32))
+        """``s · update``, in fp32, shaped like the parameter: PEFT's ``get_delta_weight``, so a merge adds what
+        PEFT's adds."""
+        a, b = self.lora_A.weight.float(), self.lora_B.weight.float()
+        if not self.stacked:
+            return (b @ a) * self.scaling
+        a = a.reshape(self.num_experts, -1, self.in_features)  # (E, r, in)
+        b = b.reshape(self.out_features, -1, self.num_experts)  # (out, r, E)
+        layout = "o r e, e r i -> e i o" if self.transposed else "o r e, e r i -> e o i"
+        return torch.einsum(layout, b, a) * self.scaling
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
