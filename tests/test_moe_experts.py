@@ -358,6 +358,15 @@ def test_a_parameter_of_a_targeted_layer_is_one_line():
     assert not any("lora_" in n for n, _ in model.named_parameters())
 
 
+def test_a_parameter_neither_2d_nor_3d_is_one_line():
+    from lorafit.lora import LoraConfig, apply_lora
+
+    model = tiny_moe()
+    with pytest.raises(LorafitError, match="q_norm.weight has 1 dimensions"):
+        apply_lora(model, LoraConfig(target_modules=[], target_parameters=["self_attn.q_norm.weight"]))
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+
+
 def test_training_the_expert_tensors_over_a_4bit_base(workdir, tmp_path, capsys):
     """axolotl's MoE QLoRA recipe (quantize_moe_experts + lora_target_parameters, no module targets) trains,
     saves PEFT's keys for the experts and merges through the CLI."""

@@ -89,6 +89,11 @@ def find_parameter_targets(model: nn.Module, config: LoraConfig) -> list[tuple[s
         if not any(k == entry or k.endswith("." + entry) for k in keys):
             raise LorafitError(f"lora target_parameters entry {entry!r} matches no parameter of this model (an entry "
                                "selects the parameters whose full name ends with it, e.g. mlp.experts.gate_up_proj)")
+    for m, p in found:
+        ndim = getattr(model.get_submodule(m), p).ndim
+        if ndim not in (2, 3):
+            raise LorafitError(f"lora target_parameters: {m}.{p} has {ndim} dimensions; a parameter target must be "
+                               "2-D (a weight) or 3-D (stacked experts), as in PEFT")
     return found
 
 
