@@ -197,6 +197,14 @@ def test_the_estimate_says_it_does_not_model_moe(workdir):
         resolve_spec(str(workdir / "model"))
 
 
+def test_micro_batch_size_auto_on_a_moe_model_says_to_give_a_number(workdir):
+    from lorafit.train.auto_batch import resolve_auto_batch
+
+    cfg = config(workdir, "auto", micro_batch_size="auto", batch_size=4, max_memory="8GiB")
+    with pytest.raises(LorafitError, match="micro_batch_size auto: .*mixture-of-experts.*set micro_batch_size"):
+        resolve_auto_batch(cfg, "float32")
+
+
 # ---- LoRA on the expert tensors (PEFT's target_parameters) -------------------------------------------------------
 EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
