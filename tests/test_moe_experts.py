@@ -197,6 +197,14 @@ def test_the_estimate_says_it_does_not_model_moe(workdir):
         resolve_spec(str(workdir / "model"))
 
 
+def test_micro_batch_size_auto_on_a_moe_model_says_to_give_a_number(workdir):
+    from lorafit.train.auto_batch import resolve_auto_batch
+
+    cfg = config(workdir, "auto", micro_batch_size="auto", batch_size=4, max_memory="8GiB")
+    with pytest.raises(LorafitError, match="micro_batch_size auto: .*mixture-of-experts.*set micro_batch_size"):
+        resolve_auto_batch(cfg, "float32")
+
+
 # ---- LoRA on the expert tensors (PEFT's target_parameters) -------------------------------------------------------
 EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
@@ -246,6 +254,48 @@ def test_expert_parameter_targets_equal_peft(tmp_path):
         assert torch.equal(merged(ids).logits, want)
 
 
+def test_a_2d_parameter_target_in_bfloat16_equals_peft(tmp_path):
+    """A 2-D parameter (PEFT's num_experts == 1) takes PEFT's delta: ``B @ A · s`` in the adapter's dtype, cast
+    to the weight's and added, so a bf16 model computes PEFT's logits bitwise."""
+    peft = pytest.importorskip("peft")
+    from lorafit.lora import load_adapter
+
+    theirs = peft.get_peft_model(tiny_moe().to(torch.bfloat16), peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=[], target_parameters=["self_attn.q_proj.weight"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(tiny_moe().to(torch.bfloat16), tmp_path / "peft")
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(theirs(ids).logits, ours(ids).logits)
+
+
+def test_merging_expert_parameter_targets_with_rslora_equals_peft(tmp_path):
+    """A scaling that is no power of two (rsLoRA, a rank pattern): the merged tensors are PEFT's bitwise (its
+    delta weight, ``einsum(B, A) · s``, added)."""
+    peft = pytest.importorskip("peft")
+    from lorafit.lora import load_adapter, merge_and_unload
+
+    theirs = peft.get_peft_model(tiny_moe(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=[], use_rslora=True,
+                                                             rank_pattern={"down_proj": 4},
+                                                             target_parameters=EXPERT_PARAMS))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = merge_and_unload(load_adapter(tiny_moe(), tmp_path / "peft"))
+    want = theirs.merge_and_unload()
+    for m, t in zip(ours.model.layers, want.model.layers, strict=True):
+        assert torch.equal(m.mlp.experts.gate_up_proj, t.mlp.experts.gate_up_proj)
+        assert torch.equal(m.mlp.experts.down_proj, t.mlp.experts.down_proj)
+
+
 def test_expert_parameter_targets_over_quantized_experts(tmp_path):
     """Over experts stored in 4 bits the update is added to the dequantized tensor: the same logits as the dense
     twin with the same adapter, and merging writes dequantized + update, dense."""
@@ -264,6 +314,37 @@ def test_expert_parameter_targets_over_quantized_experts(tmp_path):
             assert torch.equal(m.mlp.experts.down_proj, t.mlp.experts.down_proj)
 
 
+def test_counting_a_partly_merged_quantized_experts_module():
+    """One expert tensor adapted and merged (written dense), its sibling still stored in 4 bits: the parameter
+    count and the quantized bytes see the sibling's codes only."""
+    from lorafit.lora import LoraConfig, apply_lora, count_parameters, merge
+
+    model = tiny_moe()
+    experts.quantize_experts(model, 4)
+    total, stored = count_parameters(model).total, experts.quantized_bytes(model)
+    apply_lora(model, LoraConfig(target_modules=[], target_parameters=["mlp.experts.gate_up_proj"]))
+    merge(model)
+    e = model.model.layers[0].mlp.experts.base_layer
+    assert experts.is_quantized_experts(e)
+    assert 0 < experts.quantized_bytes(model) < stored / 2  # down_proj is a third of the expert weights
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert count_parameters(model).total == total + lora
+
+
+def test_continuing_an_adapter_with_other_expert_parameter_targets_is_one_line(tmp_path):
+    """lora_model_dir: an adapter over other expert tensors is refused by name, like other target lists (both
+    adapt the module ``mlp.experts``, so its layer names alone match)."""
+    from lorafit.lora import LoraConfig, apply_lora, save_adapter
+    from lorafit.train.setup import check_start_adapter
+
+    saved = LoraConfig(target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"])
+    save_adapter(apply_lora(tiny_moe(), saved), tmp_path / "a")
+    check_start_adapter(tmp_path / "a", saved, "run.yml")
+    with pytest.raises(LorafitError, match="lora_target_parameters"):
+        check_start_adapter(tmp_path / "a", LoraConfig(target_modules=["q_proj"],
+                                                       target_parameters=["mlp.experts.down_proj"]), "run.yml")
+
+
 def test_dropout_with_expert_parameter_targets_is_one_line(workdir):
     with pytest.raises(LorafitError, match="lora_dropout 0.05 with lora_target_parameters"):
         config(workdir, "bad", lora_target_parameters=EXPERT_PARAMS, lora_dropout=0.05)
@@ -274,6 +355,24 @@ def test_an_expert_parameter_entry_matching_nothing_is_one_line():
 
     with pytest.raises(LorafitError, match="'mlp.experts.up_proj' matches no parameter"):
         apply_lora(tiny_moe(), LoraConfig(target_modules=[], target_parameters=["mlp.experts.up_proj"]))
+
+
+def test_a_parameter_of_a_targeted_layer_is_one_line():
+    from lorafit.lora import LoraConfig, apply_lora
+
+    model = tiny_moe()
+    with pytest.raises(LorafitError, match="self_attn.q_proj.weight, a parameter of a layer target_modules"):
+        apply_lora(model, LoraConfig(target_modules=["q_proj"], target_parameters=["self_attn.q_proj.weight"]))
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+
+
+def test_a_parameter_neither_2d_nor_3d_is_one_line():
+    from lorafit.lora import LoraConfig, apply_lora
+
+    model = tiny_moe()
+    with pytest.raises(LorafitError, match="q_norm.weight has 1 dimensions"):
+        apply_lora(model, LoraConfig(target_modules=[], target_parameters=["self_attn.q_norm.weight"]))
+    assert not any("lora_" in n for n, _ in model.named_parameters())
 
 
 def test_training_the_expert_tensors_over_a_4bit_base(workdir, tmp_path, capsys):

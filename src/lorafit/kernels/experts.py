@@ -193,8 +193,7 @@ def dequantize_experts(model) -> int:
 
 def expert_numels(model) -> dict[int, int]:
     """``id(codes) -> elements of the dense tensor`` for each quantized expert tensor (its codes pack several)."""
-    return {id(plist.original): plist[0].shape.numel() for m in model.modules() if is_quantized_experts(m)
-            for plist in m.parametrizations.values()}
+    return {id(plist.original): plist[0].shape.numel() for plist in _quantized_lists(model)}
 
 
 def quantized_bytes(model) -> int:
@@ -202,11 +201,15 @@ def quantized_bytes(model) -> int:
     from lorafit.kernels.nf4 import codes_bytes
 
     total = 0
-    for module in model.modules():
-        if not is_quantized_experts(module):
-            continue
-        for plist in module.parametrizations.values():
-            codes, dequant = plist.original, plist[0]
-            total += (codes_bytes(codes, dequant.quant_state) if isinstance(dequant, Dequantize4bit)
-                      else codes.numel() * codes.element_size() + dequant.row_scales.numel() * 4)
+    for plist in _quantized_lists(model):
+        codes, dequant = plist.original, plist[0]
+        total += (codes_bytes(codes, dequant.quant_state) if isinstance(dequant, Dequantize4bit)
+                  else codes.numel() * codes.element_size() + dequant.row_scales.numel() * 4)
     return total
+
+
+def _quantized_lists(model):
+    """The parametrization lists that store a tensor as codes; a module's other tensors (merged dense, or a
+    2-D parameter with only a LoRA update) are left out."""
+    return [plist for m in model.modules() if is_quantized_experts(m) for plist in m.parametrizations.values()
+            if isinstance(plist[0], _Dequantize)]

@@ -89,6 +89,11 @@ def find_parameter_targets(model: nn.Module, config: LoraConfig) -> list[tuple[s
         if not any(k == entry or k.endswith("." + entry) for k in keys):
             raise LorafitError(f"lora target_parameters entry {entry!r} matches no parameter of this model (an entry "
                                "selects the parameters whose full name ends with it, e.g. mlp.experts.gate_up_proj)")
+    for m, p in found:
+        ndim = getattr(model.get_submodule(m), p).ndim
+        if ndim not in (2, 3):
+            raise LorafitError(f"lora target_parameters: {m}.{p} has {ndim} dimensions; a parameter target must be "
+                               "2-D (a weight) or 3-D (stacked experts), as in PEFT")
     return found
 
 
@@ -107,6 +112,10 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_dtype: torch.dtype 
     options = options or RuntimeOptions.resolve()
     names = find_targets(model, config) if config.target_modules else []
     params = find_parameter_targets(model, config)
+    both = next((f"{m}.{p}" for m, p in params if m in set(names)), None)
+    if both:  # checked before anything is wrapped
+        raise LorafitError(f"lora target_parameters selects {both}, a parameter of a layer target_modules also "
+                           "targets; adapt the layer one way (PEFT refuses it too)")
     for p in model.parameters():
         p.requires_grad_(False)
     tied = tied_with_input_embeddings(model)

@@ -8,8 +8,9 @@ per-expert factors stacked in two linear layers::
     A: (r·E × in), rows e·r … e·r+r-1 are A_e          B: (out × r·E), column j·E + e is column j of B_e
 
 (PEFT's layout, so files load both ways). The update is added with one ``baddbmm`` in the tensor's dtype, as PEFT
-does. Several parameters of one module nest as in PEFT: the module's first parameter (in definition order) is
-wrapped first, so its factors are saved under ``<module>.base_layer.lora_A.weight`` and the last one's under
+does (a 2-D tensor: ``B @ A · s`` in the factors' dtype, cast and added, as PEFT does for it). Several
+parameters of one module nest as in PEFT: the module's first parameter (in definition order) is wrapped first,
+so its factors are saved under ``<module>.base_layer.lora_A.weight`` and the last one's under
 ``<module>.lora_A.weight``. PEFT's rules hold too: no dropout (it cannot act on a weight update) and no DoRA.
 
 The parametrization stays registered while the adapter is attached; ``disabled`` and ``merged`` make it return
@@ -41,7 +42,8 @@ class LoraParameter(nn.Module):
         target = self.target_module()
         shape = getattr(target, parameter_name).shape
         # transformers' experts are (experts, out, in); a module may say it stores (experts, in, out)
-        self.transposed = len(shape) == 3 and bool(getattr(target, "is_transposed", False))
+        self.stacked = len(shape) == 3  # experts; else a 2-D tensor (stored codes may have another shape)
+        self.transposed = self.stacked and bool(getattr(target, "is_transposed", False))
         experts, d1, d2 = shape if len(shape) == 3 else (1, *shape)
         self.num_experts = experts
         self.out_features, self.in_features = (d2, d1) if self.transposed else (d1, d2)
@@ -75,17 +77,25 @@ class LoraParameter(nn.Module):
         return lhs.to(dtype), rhs.to(dtype)
 
     def updated(self, weight: torch.Tensor) -> torch.Tensor:
-        """``weight + s · update`` in ``weight``'s dtype (one ``baddbmm``/``addmm``, autocast off as in PEFT)."""
+        """``weight + s · update`` in ``weight``'s dtype: experts in one ``baddbmm``, autocast off, as PEFT folds
+        them; a 2-D tensor as PEFT adapts it (``num_experts == 1``): ``B @ A · s`` in the factors' dtype, cast to
+        the weight's, then added."""
+        if weight.dim() == 2:
+            return weight + ((self.lora_B.weight @ self.lora_A.weight) * self.scaling).to(weight.dtype)
         lhs, rhs = self.factors(weight.dtype)
         with torch.autocast(device_type=weight.device.type, enabled=False):
-            if weight.dim() == 2:
-                return torch.addmm(weight, lhs[0], rhs[0], alpha=self.scaling)
             return torch.baddbmm(weight, lhs, rhs, alpha=self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
-        """``s · update``, in fp32, shaped like the parameter."""
-        base = self._unadapted()
-        return self.updated(torch.zeros_like(base, dtype=torch.float32))
+        """``s · update``, in fp32, shaped like the parameter: PEFT's ``get_delta_weight``, so a merge adds what
+        PEFT's adds."""
+        a, b = self.lora_A.weight.float(), self.lora_B.weight.float()
+        if not self.stacked:
+            return (b @ a) * self.scaling
+        a = a.reshape(self.num_experts, -1, self.in_features)  # (E, r, in)
+        b = b.reshape(self.out_features, -1, self.num_experts)  # (out, r, E)
+        layout = "o r e, e r i -> e i o" if self.transposed else "o r e, e r i -> e o i"
+        return torch.einsum(layout, b, a) * self.scaling
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}

@@ -34,7 +34,11 @@ def resolve_auto_batch(cfg, dtype: str) -> str | None:
         return None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     budget, where = memory_budget(cfg.max_memory, device)
-    spec, usable = resolve_spec(cfg.base_model_path), int(budget * (1 - MARGIN))
+    try:
+        spec = resolve_spec(cfg.base_model_path)
+    except LorafitError as e:  # a model the estimate cannot model (a mixture of experts): no batch to choose
+        raise LorafitError(f"micro_batch_size auto: {e}; set micro_batch_size to a number") from None
+    usable = int(budget * (1 - MARGIN))
     peak = None
     for m in sorted((d for d in range(1, total + 1) if total % d == 0), reverse=True):
         cfg.micro_batch_size, cfg.gradient_accumulation_steps = m, total // m

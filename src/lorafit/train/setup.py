@@ -141,7 +141,8 @@ def prepare_model(cfg, options: RuntimeOptions | None = None):
 
 def check_start_adapter(directory, lora: LoraConfig, source: str) -> None:
     """``lora_model_dir``: the saved adapter's settings must be the config's (r, alpha, rsLoRA, DoRA, layers,
-    and the targets when both are lists of names); otherwise one line says what differs."""
+    the parameter targets, and the module targets when both are lists of names); otherwise one line says what
+    differs."""
     saved = read_adapter_config(directory)
     pairs = [("lora_r", saved.r, lora.r), ("lora_alpha", float(saved.alpha), float(lora.alpha)),
              ("peft_use_rslora", saved.use_rslora, lora.use_rslora), ("peft_use_dora", saved.use_dora, lora.use_dora),
@@ -149,7 +150,8 @@ def check_start_adapter(directory, lora: LoraConfig, source: str) -> None:
              ("lora_modules_to_save", sorted(saved.modules_to_save or []), sorted(lora.modules_to_save or []))]
     if isinstance(saved.target_modules, list) and isinstance(lora.target_modules, list):
         pairs.append(("lora_target_modules", sorted(saved.target_modules), sorted(lora.target_modules)))
-    pairs += [("lora_rank_pattern", saved.rank_pattern or {}, lora.rank_pattern or {}),
+    pairs += [("lora_target_parameters", sorted(saved.target_parameters or []), sorted(lora.target_parameters or [])),
+              ("lora_rank_pattern", saved.rank_pattern or {}, lora.rank_pattern or {}),
               ("lora_alpha_pattern", saved.alpha_pattern or {}, lora.alpha_pattern or {})]
     diffs = [f"{key} {a} in the adapter, {b} in the config" for key, a, b in pairs if a != b]
     if diffs:
