@@ -96,6 +96,8 @@ def _fmt(metric: str, v) -> str:
 
 def print_eval(results: dict, adapter: str | None) -> None:
     """One table, a row per metric any column has and a column per model, then the example answers."""
+    from lorafit.eval.tasks import CUT
+
     console = Console()
     cols = list(results)
     table = Table(title="evaluation" + (f" of {adapter}" if adapter else ""))
@@ -109,7 +111,12 @@ def print_eval(results: dict, adapter: str | None) -> None:
     if any(r.get("_cached") for r in results.values()):
         console.print(f"[dim]base column: stored result of an earlier run with the same base model, files and "
                       f"settings ({cache_note()}; --no-cache recomputes it)[/]", highlight=False)
+    cut = False
     for c in cols:
         for prompt, pred, ref in results[c].get("_examples", []):
+            cut = cut or pred.endswith(CUT)
             console.print(f"[dim]{c}:[/] {prompt!r} → {pred!r} (expected {ref!r})",
                           markup=True, highlight=False)
+    if cut:
+        console.print(f"[dim]an answer ending in {CUT.strip()!r} was stopped there: it could no longer match, "
+                      "so the rest was not generated[/]", highlight=False)

@@ -52,8 +52,11 @@ def heldout_metrics(model, tok, path: str, limit: int | None, phase=tasks.no_pha
     references = [r for _, r in pairs]
     # room for the longest reference plus a little, so a wrong but longer answer is still seen in full
     max_new = max(len(tok(ref).input_ids) for ref in references) + 8
+    # a row stops once it can no longer match its reference (its answer then ends with tasks.CUT)
+    hopeless = [lambda text, ref=ref: not tasks.can_still_match(text, ref) for ref in references]
     with phase("held-out answers", len(pairs)) as advance:
-        preds = tasks.generate_answers(model, tok, [p for p, _ in pairs], max_new_tokens=max_new, on_batch=advance)
+        preds = tasks.generate_answers(model, tok, [p for p, _ in pairs], max_new_tokens=max_new, on_batch=advance,
+                                       settled=hopeless)
     examples = zip([p[-1]["content"] for p, _ in pairs[:3]], preds[:3], references[:3], strict=True)
     return {"heldout_exact_match": tasks.score(preds, references)["exact_match"], "_examples": list(examples)}
 
