@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -53,6 +54,7 @@ def resolve_target(args):
 
 
 def cmd_eval(args) -> int:
+    quiet_threads()
     from lorafit.eval.report import evaluate_columns, without_examples
     from lorafit.train.progress import Phases
 
@@ -79,6 +81,15 @@ def cmd_eval(args) -> int:
     if args.json_out:
         write_json(args.json_out, without_examples(results))
     return 0
+
+
+def quiet_threads() -> None:
+    """Idle OpenMP threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE`` unless the user set it), read
+    when torch loads, so call this first. Eval runs many short parallel regions (a decode step per token); on a
+    CPU shared with other work a spinning thread whose partner is descheduled burns its core waiting: the loss of
+    24 of the demo's eval samples took 19-32 s with 2 spinning threads on a loaded 2-core machine (load 4), 4-9 s
+    with sleeping ones, 4-6 s with one thread (benchmarks/eval_phases.py times the whole eval)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def cache_note() -> str:
