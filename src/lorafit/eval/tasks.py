@@ -1,6 +1,6 @@
 """Task scoring: held-out exact match and retention, used by ``lorafit eval`` and ``make demo``.
 
-Three pieces:
+Four pieces:
 
 - **Comparing answers.** :func:`normalize` puts a generated answer and a reference into one canonical
   form (trimmed, whitespace collapsed, trailing end-of-turn markers and sentence punctuation dropped);
@@ -12,6 +12,9 @@ Three pieces:
   into the prompt messages and the final assistant answer; :func:`generate_answers` renders the prompts
   with the tokenizer's chat template and decodes greedily in left-padded batches (the attention mask
   keeps padding out, so a batch gives the same answers as one prompt at a time).
+- **Settling early.** :func:`can_still_match` and :func:`answer_found` tell from an unfinished answer that its
+  score can no longer change; :func:`generate_answers` then stops that row and marks its answer with
+  :data:`CUT`, so scoring costs the tokens that decide it, with the scores of full generation.
 - **Retention** (what fine-tuning kept of what the base model already did well): :func:`retention_score`
   reads a retention file (rows ``{"messages", "reference", "answer"}``, made once from the base model by
   ``examples/make_retention_set.py``) and reports (a) accuracy: the fraction of generated answers that still
