@@ -376,3 +376,8 @@ def test_retention_stops_a_row_once_its_answer_is_settled(demo_tokenizer, tiny_l
     assert any(c.endswith(CUT) for c in cut) and 0 < expect < 1
     r = retention_score(tiny_llama, demo_tokenizer, _write(tmp_path / "r.jsonl", rows), max_new_tokens=16)
     assert r["accuracy"] == expect
+
+
+def test_settled_checks_are_one_per_prompt(demo_tokenizer, tiny_llama):
+    with pytest.raises(ValueError, match="1 settled checks for 2 prompts"):
+        generate_answers(tiny_llama, demo_tokenizer, PROMPTS[:2], max_new_tokens=2, settled=[lambda text: False])

@@ -317,6 +317,8 @@ def generate_answers(model, tokenizer, prompts: Sequence[Messages], max_new_toke
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError("max_new_tokens and batch_size must be >= 1")
+    if settled is not None and len(settled) != len(prompts):
+        raise ValueError(f"{len(settled)} settled checks for {len(prompts)} prompts")
     if not prompts:
         return []
     texts = [_render_prompt(tokenizer, list(p)) for p in prompts]
