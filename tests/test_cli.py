@@ -202,3 +202,42 @@ def test_eval_finds_the_adapter_in_output_dir_relative_to_the_config(tmp_path, m
     monkeypatch.chdir(tmp_path)  # not the config's folder
     args = build_parser().parse_args(["eval", "proj/cfg.yaml"])
     assert resolve_target(args)[1] == str(tmp_path / "proj" / "run")
+
+
+def test_eval_lets_idle_threads_sleep_before_torch_loads(monkeypatch, tmp_path):
+    """OMP_WAIT_POLICY is read once, when torch loads: eval sets it first, and keeps a value the user chose."""
+    import subprocess
+    import sys
+
+    from lorafit.cli.eval import quiet_threads
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    quiet_threads()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    quiet_threads()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    probe = ("import os, sys\nimport lorafit.cli.eval as e\nfrom lorafit.cli import main\n"
+             "e.quiet_threads = lambda real=e.quiet_threads: (real(), print('torch' in sys.modules, "
+             "os.environ['OMP_WAIT_POLICY']))\n"
+             f"main(['eval', {str(tmp_path / 'missing.yaml')!r}])\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.split() == ["False", "PASSIVE"], out.stderr
+
+
+def test_eval_builds_the_eval_split_once_for_both_columns(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from lorafit.eval import report
+
+    model = save_tiny_llama(tmp_path / "model", load_tokenizer("demo"))
+    apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
+    built, scored = [], []
+    monkeypatch.setattr(report, "build_datasets", lambda cfg, tok: built.append(cfg) or ([], ["sample"], None))
+    monkeypatch.setattr(report, "evaluate", lambda m, samples, cfg, pad: scored.append(samples) or {"eval_loss": 1.0})
+    cfg = SimpleNamespace(val_set_size=0.1, test_datasets=None)
+    results = report.evaluate_columns(model, load_tokenizer("demo"), cfg, has_adapter=True, with_base=True,
+                                      heldout=None, retention=None, limit=None)
+    assert results == {"base": {"eval_loss": 1.0}, "adapter": {"eval_loss": 1.0}}
+    assert built == [cfg] and scored == [["sample"], ["sample"]]

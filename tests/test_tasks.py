@@ -260,3 +260,124 @@ def test_retention_score_equals_a_hand_computed_value(demo_tokenizer, tiny_llama
     assert r["n"] == 2 and r["accuracy"] == 0.5
     assert r["tokens"] == sum(c for _, c in parts)
     assert r["nll"] == pytest.approx(nll, rel=1e-5) and r["perplexity"] == pytest.approx(math.exp(nll), rel=1e-5)
+
+# ------------------------------------------------------------------------------------------ settling early
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from lorafit.eval.tasks import CUT, answer_found, can_still_match  # noqa: E402
+
+_TEXT = st.text(alphabet='0123456789-aPpbs .,!\'"`\n<|im_end>', max_size=24)
+
+
+@settings(max_examples=300, deadline=None)
+@given(prediction=_TEXT, reference=_TEXT, ignore_case=st.booleans())
+def test_a_matching_answer_is_never_given_up_on(prediction, reference, ignore_case):
+    """Every prefix of an answer that matches must still be allowed to match (the stop is never wrong)."""
+    if exact_match(prediction, reference, ignore_case=ignore_case):
+        assert all(can_still_match(prediction[:k], reference, ignore_case=ignore_case)
+                   for k in range(len(prediction) + 1))
+
+
+@settings(max_examples=300, deadline=None)
+@given(prediction=_TEXT, rest=_TEXT, answer=st.sampled_from(["4", "Paris", "a b", "4.2", "-"]))
+def test_a_found_answer_stays_found_whatever_follows(prediction, rest, answer):
+    if answer_found(prediction, answer):
+        assert contains_answer(prediction + rest, answer)
+
+
+def test_can_still_match_cases():
+    ref = "2043-10-14"
+    for partial in ("", "2", " 2043-", '"2043-10', "2043-10-14", "2043-10-14.", '"2043-10-14."', "2043-10-14<|im_"):
+        assert can_still_match(partial, ref), partial
+    for partial in ("The", "2043-10-15", '"2043-10-14".', "2043-10-14 is", "2043-10-144", "'2043-10-14x", "2043/"):
+        assert not can_still_match(partial, ref), partial
+    assert can_still_match("posi", "Positive", ignore_case=True) and not can_still_match("posi", "Positive")
+    assert can_still_match("2043-\ufffd", ref)  # a character cut mid-way is not held against the row
+
+
+def test_answer_found_waits_for_what_follows():
+    assert not answer_found("The capital is Paris", "Paris")  # "Parisian" could follow
+    assert not answer_found("It is 4.", "4")  # "4.22" could follow
+    assert answer_found("The capital is Paris. It is so", "Paris")
+    assert not answer_found("The capital is Parisian food!", "Paris")
+
+
+def test_settling_holds_on_decoded_token_prefixes(demo_tokenizer):
+    """The checks see the decoded text of a token prefix, which the tokenizer's clean-up (" n't", " .") and
+    characters split across tokens (é, €) can change as tokens arrive: the verdicts must not depend on that."""
+    tok = demo_tokenizer
+    for text, answer, reference in [("Yes, 4 n't it is 4 and so on", "4", "Yes, 4 n't"),
+                                    ("Café € 2043 .5 and 2043 , then more words", "2043", "Café € 2043"),
+                                    ("« 2043-10-14 » it was", "2043-10-14", "« 2043-10-14 »")]:
+        ids = tok(text, add_special_tokens=False).input_ids
+        whole = tok.decode(ids, skip_special_tokens=True)
+        for k in range(len(ids) + 1):
+            partial = tok.decode(ids[:k], skip_special_tokens=True)
+            if answer_found(partial, answer):
+                assert contains_answer(whole, answer), (text, k)
+            for end in range(k, len(ids) + 1):  # every answer that continues this prefix
+                if exact_match(tok.decode(ids[:end], skip_special_tokens=True), reference):
+                    assert can_still_match(partial, reference), (text, k)
+
+
+def _references_from(full: list[str], tok) -> list[str]:
+    """References that make the tiny model's answers right, right-then-continuing, or wrong early or late."""
+    refs = []
+    for i, answer in enumerate(full):
+        words = tok(answer, add_special_tokens=False).input_ids
+        kind = i % 4
+        if kind == 0:  # the whole answer: a match
+            refs.append(answer)
+        elif kind == 1:  # the answer's start: it matches, then keeps going
+            refs.append(tok.decode(words[:2]).strip())
+        elif kind == 2:  # wrong from the first character
+            refs.append("zz" + answer)
+        else:  # right until its last token
+            refs.append(tok.decode(words[:-1]) + "zz")
+    return refs
+
+
+def test_stopping_hopeless_rows_keeps_every_score(demo_tokenizer, tiny_llama, monkeypatch):
+    prompts = PROMPTS * 2
+    full = generate_answers(tiny_llama, demo_tokenizer, prompts, max_new_tokens=12, batch_size=4)
+    refs = _references_from(full, demo_tokenizer)
+    widths = []
+    real = tiny_llama.forward
+    monkeypatch.setattr(tiny_llama, "forward", lambda *a, **k: widths.append(k["input_ids"].shape[0]) or real(*a, **k))
+    hopeless = [lambda text, r=r: not can_still_match(text, r) for r in refs]
+    cut = generate_answers(tiny_llama, demo_tokenizer, prompts, max_new_tokens=12, batch_size=4, settled=hopeless)
+    monkeypatch.undo()
+    rows = [(exact_match(f, r), exact_match(c, r)) for f, c, r in zip(full, cut, refs, strict=True)]
+    assert [a for a, _ in rows] == [b for _, b in rows]
+    assert {a for a, _ in rows} == {True, False}  # both outcomes occur
+    shortened = [(f, c) for f, c in zip(full, cut, strict=True) if c.endswith(CUT)]
+    assert len(shortened) >= len(prompts) // 2  # the wrong rows, early and late, and those that went on
+    for f, c in shortened:  # a cut answer is the start of the full one
+        assert f.startswith(c[: -len(CUT)]) and f != c[: -len(CUT)]
+    for f, c, r in zip(full, cut, refs, strict=True):
+        if exact_match(f, r):
+            assert c == f  # a right answer is generated in full
+    assert sum(widths) < len(prompts) * 12  # fewer rows decoded than with every row to the end
+
+
+def test_retention_stops_a_row_once_its_answer_is_settled(demo_tokenizer, tiny_llama, tmp_path):
+    prompts = PROMPTS * 2
+    full = generate_answers(tiny_llama, demo_tokenizer, prompts, max_new_tokens=16, batch_size=4)
+    rows = []
+    for i, (p, answer) in enumerate(zip(prompts, full, strict=True)):
+        words = answer.split()
+        said = words[1] if i % 2 == 0 and len(words) > 3 else "zebra-never-said"  # found early, or never
+        rows.append({"messages": p, "reference": answer or "x", "answer": said})
+    expect = sum(contains_answer(f, r["answer"]) for f, r in zip(full, rows, strict=True)) / len(rows)
+    found = [lambda text, a=r["answer"]: answer_found(text, a) for r in rows]
+    cut = generate_answers(tiny_llama, demo_tokenizer, prompts, max_new_tokens=16, batch_size=4, settled=found)
+    assert any(c.endswith(CUT) for c in cut) and 0 < expect < 1
+    r = retention_score(tiny_llama, demo_tokenizer, _write(tmp_path / "r.jsonl", rows), max_new_tokens=16)
+    assert r["accuracy"] == expect
+
+
+def test_settled_checks_are_one_per_prompt(demo_tokenizer, tiny_llama):
+    with pytest.raises(ValueError, match="1 settled checks for 2 prompts"):
+        generate_answers(tiny_llama, demo_tokenizer, PROMPTS[:2], max_new_tokens=2, settled=[lambda text: False])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -53,6 +54,7 @@ def resolve_target(args):
 
 
 def cmd_eval(args) -> int:
+    quiet_threads()
     from lorafit.eval.report import evaluate_columns, without_examples
     from lorafit.train.progress import Phases
 
@@ -84,6 +86,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def quiet_threads() -> None:
+    """Idle OpenMP threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE`` unless the user set it), read
+    when torch loads, so call this first. Eval runs many short parallel regions (a decode step per token); on a
+    CPU shared with other work a spinning thread whose partner is descheduled burns its core waiting: the loss of
+    24 of the demo's eval samples took 19-32 s with 2 spinning threads on a loaded 2-core machine (load 4), 4-9 s
+    with sleeping ones, 4-6 s with one thread (benchmarks/eval_phases.py times the whole eval)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def cache_note() -> str:
     from lorafit.eval.cache import cache_dir
     from lorafit.fsutil import display
@@ -99,6 +110,8 @@ def _fmt(metric: str, v) -> str:
 
 def print_eval(results: dict, adapter: str | None) -> None:
     """One table, a row per metric any column has and a column per model, then the example answers."""
+    from lorafit.eval.tasks import CUT
+
     console = Console()
     cols = list(results)
     table = Table(title="evaluation" + (f" of {adapter}" if adapter else ""))
@@ -112,7 +125,12 @@ def print_eval(results: dict, adapter: str | None) -> None:
     if any(r.get("_cached") for r in results.values()):
         console.print(f"[dim]base column: stored result of an earlier run with the same base model, files and "
                       f"settings ({cache_note()}; --no-cache recomputes it)[/]", highlight=False)
+    cut = False
     for c in cols:
         for prompt, pred, ref in results[c].get("_examples", []):
+            cut = cut or pred.endswith(CUT)
             console.print(f"[dim]{c}:[/] {prompt!r} → {pred!r} (expected {ref!r})",
                           markup=True, highlight=False)
+    if cut:
+        console.print(f"[dim]an answer ending in {CUT.strip()!r} was stopped there: it could no longer match, "
+                      "so the rest was not generated[/]", highlight=False)

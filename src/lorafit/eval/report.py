@@ -19,16 +19,17 @@ from lorafit.train.progress import Phases
 
 
 def evaluate_model(model, tok, cfg, heldout: str | None, retention: str | None, limit: int | None,
-                   phases: Phases | None = None, column: str = "model") -> dict:
-    """The metrics each source given yields: the config's eval split, a held-out file, a retention file."""
+                   phases: Phases | None = None, column: str = "model", eval_samples=None) -> dict:
+    """The metrics each source given yields: the config's eval split, a held-out file, a retention file.
+    ``eval_samples``: the config's eval split if already built (it is the same for every column)."""
     phases = phases or Phases()
 
     def phase(label, total):
         return phases.phase(f"{column}: {label}", total)
 
     out: dict = {}
-    if cfg is not None and (cfg.val_set_size or cfg.test_datasets):
-        out.update(eval_split_metrics(model, tok, cfg, phase))
+    if has_eval_split(cfg):
+        out.update(eval_split_metrics(model, tok, cfg, phase, eval_samples))
     if heldout:
         out.update(heldout_metrics(model, tok, heldout, limit, phase))
     if retention:
@@ -37,9 +38,14 @@ def evaluate_model(model, tok, cfg, heldout: str | None, retention: str | None, 
     return out
 
 
-def eval_split_metrics(model, tok, cfg, phase=tasks.no_phase) -> dict:
-    """Loss and perplexity on the config's eval split, as training reports them."""
-    _, eval_samples, _ = build_datasets(cfg, tok)
+def has_eval_split(cfg) -> bool:
+    return cfg is not None and bool(cfg.val_set_size or cfg.test_datasets)
+
+
+def eval_split_metrics(model, tok, cfg, phase=tasks.no_phase, eval_samples=None) -> dict:
+    """Loss and perplexity on the config's eval split (built here unless given), as training reports them."""
+    if eval_samples is None:
+        _, eval_samples, _ = build_datasets(cfg, tok)
     with phase("eval loss", 1) as advance:
         metrics = evaluate(model, eval_samples, cfg, tok.pad_token_id)
         advance(1)
@@ -52,8 +58,11 @@ def heldout_metrics(model, tok, path: str, limit: int | None, phase=tasks.no_pha
     references = [r for _, r in pairs]
     # room for the longest reference plus a little, so a wrong but longer answer is still seen in full
     max_new = max(len(tok(ref).input_ids) for ref in references) + 8
+    # a row stops once it can no longer match its reference (its answer then ends with tasks.CUT)
+    hopeless = [lambda text, ref=ref: not tasks.can_still_match(text, ref) for ref in references]
     with phase("held-out answers", len(pairs)) as advance:
-        preds = tasks.generate_answers(model, tok, [p for p, _ in pairs], max_new_tokens=max_new, on_batch=advance)
+        preds = tasks.generate_answers(model, tok, [p for p, _ in pairs], max_new_tokens=max_new, on_batch=advance,
+                                       settled=hopeless)
     examples = zip([p[-1]["content"] for p, _ in pairs[:3]], preds[:3], references[:3], strict=True)
     return {"heldout_exact_match": tasks.score(preds, references)["exact_match"], "_examples": list(examples)}
 
@@ -65,8 +74,12 @@ def evaluate_columns(model, tok, cfg, *, has_adapter: bool, with_base: bool, hel
     ``with_base``) and ``adapter`` (merged, then unmerged again), both scored on the same loaded weights.
     ``base_key``: the base column's :mod:`lorafit.eval.cache` key — a stored column is reused (marked
     ``_cached``), a computed one stored."""
+    built = {}
+
     def run(column: str) -> dict:
-        return evaluate_model(model, tok, cfg, heldout, retention, limit, phases, column)
+        if has_eval_split(cfg) and not built:
+            built["eval"] = build_datasets(cfg, tok)[1]  # once for both columns: reading and tokenising take ~1 s
+        return evaluate_model(model, tok, cfg, heldout, retention, limit, phases, column, built.get("eval"))
 
     if not has_adapter:  # a base model or a fully fine-tuned folder
         return {"model": run("model")}

@@ -1,6 +1,6 @@
 """Task scoring: held-out exact match and retention, used by ``lorafit eval`` and ``make demo``.
 
-Three pieces:
+Four pieces:
 
 - **Comparing answers.** :func:`normalize` puts a generated answer and a reference into one canonical
   form (trimmed, whitespace collapsed, trailing end-of-turn markers and sentence punctuation dropped);
@@ -12,6 +12,9 @@ Three pieces:
   into the prompt messages and the final assistant answer; :func:`generate_answers` renders the prompts
   with the tokenizer's chat template and decodes greedily in left-padded batches (the attention mask
   keeps padding out, so a batch gives the same answers as one prompt at a time).
+- **Settling early.** :func:`can_still_match` and :func:`answer_found` tell from an unfinished answer that its
+  score can no longer change; :func:`generate_answers` then stops that row and marks its answer with
+  :data:`CUT`, so scoring costs the tokens that decide it, with the scores of full generation.
 - **Retention** (what fine-tuning kept of what the base model already did well): :func:`retention_score`
   reads a retention file (rows ``{"messages", "reference", "answer"}``, made once from the base model by
   ``examples/make_retention_set.py``) and reports (a) accuracy: the fraction of generated answers that still
@@ -82,8 +85,14 @@ def contains_answer(prediction: str, answer: str | Sequence[str]) -> bool:
     nor part of a decimal or negative number: ``"Paris"`` is found in ``"The capital is Paris."``, while
     ``"4"`` is not found in ``"14"``, ``"4.22"`` or ``"-4"``.
     """
-    answers = [answer] if isinstance(answer, str) else list(answer)
     text = " ".join(prediction.split()).lower()
+    return any(p.search(text) for p in _answer_patterns(answer))
+
+
+def _answer_patterns(answer: str | Sequence[str]) -> list[re.Pattern]:
+    """One regex per accepted answer, for whitespace-normalised lower-case text (:func:`contains_answer`)."""
+    answers = [answer] if isinstance(answer, str) else list(answer)
+    patterns = []
     for a in answers:
         a = " ".join(a.split()).lower()
         if not a:
@@ -91,9 +100,8 @@ def contains_answer(prediction: str, answer: str | Sequence[str]) -> bool:
         # not glued to a letter or digit, and not part of a decimal ("0" is not in "-18.0", "4" not in "4.22")
         before = r"(?<![0-9a-z])(?<![0-9][.,])" + (r"(?<!-)" if a[0].isdigit() else "")
         after = r"(?![0-9a-z])(?![.,][0-9])"
-        if re.search(before + re.escape(a) + after, text):
-            return True
-    return False
+        patterns.append(re.compile(before + re.escape(a) + after))
+    return patterns
 
 
 def score(predictions: Sequence[str], references: Sequence[str], *, ignore_case: bool = False) -> dict:
@@ -107,6 +115,73 @@ def score(predictions: Sequence[str], references: Sequence[str], *, ignore_case:
     correct = sum(exact_match(p, r, ignore_case=ignore_case) for p, r in pairs)
     n = len(references)
     return {"exact_match": correct / n if n else 0.0, "correct": correct, "count": n}
+
+
+# ------------------------------------------------------------------------------------------ settling early
+#
+# A row's score is known before its answer ends: a date answer that starts "The date" can no longer equal
+# "2043-10-14", and a retention answer that has said "Paris." still contains "Paris" whatever follows. The
+# checks below see the decoded text of the tokens generated so far and must never call a row settled when
+# some continuation could change its score. Decoding a prefix of the tokens gives a prefix of the full text
+# except in two ways, both handled: a UTF-8 character split across tokens decodes as U+FFFD until its last
+# byte arrives (dropped here), and the tokenizer's clean-up deletes a space before "." "," "'s" ... once the
+# next token comes (whitespace is ignored by the exact-match check, and kept clear of by the retention one).
+
+# Characters after a found answer that must be seen before it counts: its own look-ahead (2) and the longest
+# clean-up pattern (" n't": 4), with room to spare.
+FOUND_MARGIN = 8
+
+
+def _known_text(partial: str) -> str:
+    return partial.rstrip("\ufffd")  # a character cut mid-way shows as U+FFFD until its last byte arrives
+
+
+def _squeezed(text: str, ignore_case: bool) -> str:
+    s = "".join(text.split())  # whitespace-free: collapsing, stripping and the clean-up change nothing here
+    return s.casefold() if ignore_case else s  # casefold, not lower: lower's final sigma depends on what follows
+
+
+def can_still_match(partial: str, reference: str, *, ignore_case: bool = False) -> bool:
+    """False once no continuation of the answer so far, ``partial``, can :func:`exact_match` ``reference``.
+
+    Without whitespace, a matching answer is: an optional opening quote, the normalised reference, then what
+    normalize() strips at the end, in this order: sentence punctuation, the closing quote (with an opening
+    one), end-of-turn markers. The answer so far must be a prefix of such a string.
+    """
+    seen = _squeezed(_known_text(partial), ignore_case)
+    target = _squeezed(normalize(reference, ignore_case=ignore_case), ignore_case)
+    for opening in ("", '"', "'", "`"):
+        want = opening + target
+        if want.startswith(seen) or (seen.startswith(want) and _strippable(seen[len(want):], opening)):
+            return True
+    return False
+
+
+def _strippable(tail: str, opening: str) -> bool:
+    """Whether ``tail`` starts what normalize() removes after an answer: punctuation, closing quote, markers."""
+    rest = tail.lstrip(_TRAILING_PUNCT)
+    if opening:
+        if not rest:
+            return True
+        if rest[0] != opening:
+            return False
+        rest = rest[1:]
+    while rest:
+        marker = next((m for m in END_OF_TURN if rest.startswith(m)), None)  # no marker starts another
+        if marker is None:
+            return any(m.startswith(rest) for m in END_OF_TURN)
+        rest = rest[len(marker):]
+    return True
+
+
+def answer_found(partial: str, answer: str | Sequence[str]) -> bool:
+    """True once the answer so far, ``partial``, contains ``answer`` (:func:`contains_answer`) followed by
+    :data:`FOUND_MARGIN` more characters: then nothing generated later can change that part of the text."""
+    text = " ".join(_known_text(partial).split()).lower()
+    for pattern in _answer_patterns(answer):
+        if any(m.end() + FOUND_MARGIN <= len(text) for m in pattern.finditer(text)):
+            return True
+    return False
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -213,12 +288,15 @@ def _model_device(model) -> torch.device:
 
 
 MIN_SHARED_PREFIX = 4
+# Ends an answer whose generation stopped once its score was settled (what follows was never generated).
+CUT = " …"
 
 
 @torch.inference_mode()
 def generate_answers(model, tokenizer, prompts: Sequence[Messages], max_new_tokens: int,
                      batch_size: int = 64, on_batch: Callable[[int], None] | None = None,
-                     share_prefix: bool = True) -> list[str]:
+                     share_prefix: bool = True,
+                     settled: Sequence[Callable[[str], bool]] | None = None) -> list[str]:
     """Greedy answers to chat ``prompts`` (lists of messages), in the order given.
 
     Each prompt is rendered with the tokenizer's chat template plus the generation prompt and tokenised
@@ -232,9 +310,15 @@ def generate_answers(model, tokenizer, prompts: Sequence[Messages], max_new_toke
     instruction: half of a short prompt) are run once and their key/value cache repeated for the batch; the
     padding goes between that prefix and the rest, masked, with each token at its unpadded position. On a CPU
     the prompts' forward pass costs more than decoding a short answer, so this is most of the time saved.
+
+    ``settled``: one check per prompt, given the answer decoded so far; once it returns True the row stops
+    (its score can no longer change: :func:`can_still_match`, :func:`answer_found`) and its answer is the text
+    so far followed by :data:`CUT`, so a shortened answer is never mistaken for the model's whole output.
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError("max_new_tokens and batch_size must be >= 1")
+    if settled is not None and len(settled) != len(prompts):
+        raise ValueError(f"{len(settled)} settled checks for {len(prompts)} prompts")
     if not prompts:
         return []
     texts = [_render_prompt(tokenizer, list(p)) for p in prompts]
@@ -247,6 +331,12 @@ def generate_answers(model, tokenizer, prompts: Sequence[Messages], max_new_toke
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
     device = _model_device(model)
     answers: list[str] = [""] * len(encoded)
+
+    def row_settled(idx: list[int]):
+        def check(row: int, tokens: list[int]) -> bool:
+            return settled[idx[row]](tokenizer.decode(tokens, skip_special_tokens=True))
+        return check if settled is not None else None
+
     was_training = model.training
     model.eval()
     try:
@@ -263,9 +353,12 @@ def generate_answers(model, tokenizer, prompts: Sequence[Messages], max_new_toke
                 attention[row, :shared] = 1
                 attention[row, width - len(ids) + shared:] = 1
             cache = _prefix_cache(model, input_ids[:1, :shared].to(device), len(idx)) if shared else None
-            new_tokens = _greedy(model, input_ids.to(device), attention.to(device), cache, max_new_tokens, stop_ids)
+            new_tokens = _greedy(model, input_ids.to(device), attention.to(device), cache, max_new_tokens, stop_ids,
+                                 row_settled(idx))
             for row, i in enumerate(idx):
                 answers[i] = tokenizer.decode(new_tokens[row], skip_special_tokens=True).strip()
+                if _was_cut(new_tokens[row], stop_ids, max_new_tokens):
+                    answers[i] += CUT
             if on_batch:
                 on_batch(len(idx))
     finally:
@@ -274,14 +367,15 @@ def generate_answers(model, tokenizer, prompts: Sequence[Messages], max_new_toke
 
 
 def _greedy(model, input_ids: torch.Tensor, attention: torch.Tensor, cache, max_new_tokens: int,
-            stop_ids: Sequence[int]) -> list[list[int]]:
+            stop_ids: Sequence[int], settled: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
     """Greedy decoding of a batch, each row's new tokens up to and including its stop token.
 
     ``generate`` keeps a finished row in the batch, padding it, until the last row ends: with answers of 7 to
     53 tokens (the retention set) most of its work is padding. Here a finished row leaves the batch, and its
     key/value cache with it, so the work follows the tokens actually generated. ``cache``: the cache of the
     first columns (the shared prefix) or None. Positions are ``generate``'s (the attention mask's running
-    count), so each row decodes what it decodes alone.
+    count), so each row decodes what it decodes alone. ``settled(row, tokens)``: True ends that row as its stop
+    token would (its score is known).
     """
     from transformers import DynamicCache
 
@@ -298,7 +392,10 @@ def _greedy(model, input_ids: torch.Tensor, attention: torch.Tensor, cache, max_
         nxt = logits.argmax(-1)
         for row, token in zip(live.tolist(), nxt.tolist(), strict=True):
             out[row].append(token)
-        going = (~torch.isin(nxt, stop)).nonzero().squeeze(1)
+        open_rows = ~torch.isin(nxt, stop)
+        if settled is not None:
+            open_rows &= torch.tensor([not settled(r, out[r]) for r in live.tolist()], device=nxt.device)
+        going = open_rows.nonzero().squeeze(1)
         if step == max_new_tokens - 1 or going.numel() == 0:
             break
         if going.numel() < live.numel():  # finished rows leave the batch
@@ -307,6 +404,11 @@ def _greedy(model, input_ids: torch.Tensor, attention: torch.Tensor, cache, max_
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         ids = nxt[:, None]
     return out
+
+
+def _was_cut(tokens: list[int], stop_ids: Sequence[int], max_new_tokens: int) -> bool:
+    """A row that ended neither on a stop token nor at the token limit was stopped once settled."""
+    return len(tokens) < max_new_tokens and (not tokens or tokens[-1] not in stop_ids)
 
 
 def _shared_prefix(rows: Sequence[Sequence[int]]) -> int:
@@ -429,8 +531,11 @@ def retention_score(model, tokenizer, path: str | Path, *, max_new_tokens: int =
     phase = phase or no_phase
     rows = load_retention(path)
     prompts = [r["messages"] for r in rows]
+    # a row stops once its known answer is said and settled: "still correct" cannot change after that
+    found = [lambda text, answer=r["answer"]: answer_found(text, answer) for r in rows]
     with phase("retention: answers", len(rows)) as advance:
-        predictions = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, on_batch=advance)
+        predictions = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, on_batch=advance,
+                                       settled=found)
     correct = sum(contains_answer(p, r["answer"]) for p, r in zip(predictions, rows, strict=True))
     with phase("retention: perplexity of base answers", len(rows)) as advance:
         # answer_nll's own, smaller batches: rows sorted by length pad less (64 → 16: 2× faster on the demo)
