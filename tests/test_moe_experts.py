@@ -393,6 +393,8 @@ def test_training_the_expert_tensors_over_a_4bit_base(workdir, tmp_path, capsys)
     assert main(["merge", str(workdir / "model"), str(workdir / "experts-lora"), str(tmp_path / "merged")]) == 0
 
 
+@pytest.mark.slow  # a torchrun launch (~30 s); in CI's slow selection
+@pytest.mark.ci
 def test_fsdp2_shards_quantized_adapted_experts_and_equals_one_process(workdir, monkeypatch):
     """axolotl's MoE QLoRA with FSDP2: experts stored in 4 bits and adapted by lora_target_parameters, attention
     by LoRA. The experts' codes and factors are parameters FSDP2 shards like any other; 2 ranks step as one
