@@ -52,7 +52,7 @@ import sys
 import time
 from pathlib import Path
 
-from provenance import provenance
+from provenance import git_info, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -263,7 +263,8 @@ def worker(spec: dict) -> dict:
     out = work / "runs" / spec["run_id"]
     shutil.rmtree(out, ignore_errors=True)
     cfg = make_cfg(method, Path(spec["data"]), Path(spec["heldout"]), spec["steps"], spec["batch"], spec["lr"], out)
-    res = {"run_id": spec["run_id"], "method": method, "label": label(method), "rank": rank(method),
+    res = {"run_id": spec["run_id"], "commit": git_info()["commit"], "method": method, "label": label(method),
+           "rank": rank(method),
            "alpha": LORA_ALPHA if kind(method) == "lora" else None, "size": spec["size"],
            "train_rows": spec["rows"], "lr": spec["lr"], "steps": spec["steps"], "micro_batch": spec["batch"]}
     # Memory and speed are measured in the cell's timing repeats (``job: timing``), not here: one training run
@@ -495,11 +496,19 @@ def qlora_findings(by: dict, base: dict, sizes: list[str], tol: float) -> list[s
                 f"**QLoRA, {SIZES[size]} rows.** {q['label']} over an NF4 base against {lora['label']}: weights "
                 f"{k(q):.0f} vs {k(lora):.0f} MiB, peak {q['peak_bytes'] / MB:.0f} vs {lora['peak_bytes'] / MB:.0f} MiB "
                 f"({_pct(q['peak_bytes'] / lora['peak_bytes'])}), {tps:.0f} vs {l_tps:.0f} tok/s "
-                f"({compare(tps, l_tps, spread, l_spread)}); held-out {_pct(q['heldout_em'])} vs "
+                f"({speed_note(q, lora, tps, l_tps, spread, l_spread)}); held-out {_pct(q['heldout_em'])} vs "
                 f"{_pct(lora['heldout_em'])} ({'within noise' if abs(em) < tol else 'a real difference'}), retention "
                 f"{_pct(q['retention_acc'])} vs {_pct(lora['retention_acc'])}, perplexity "
                 f"+{100 * forgetting(q, base)[1]:.1f}% vs +{100 * forgetting(lora, base)[1]:.1f}%.")
     return out
+
+
+def speed_note(a: dict, b: dict, tps: float, b_tps: float, spread, b_spread) -> str:
+    """How two cells' speeds compare, unless they were timed at different commits (a resumed file)."""
+    commits = {r.get("commit") for r in (a, b)}
+    if len(commits) > 1 or None in commits:
+        return "timed in separate invocations, possibly at different commits: not compared"
+    return compare(tps, b_tps, spread, b_spread)
 
 
 def _runs_note(r: dict) -> str:

@@ -126,4 +126,8 @@ def test_claims_report_qlora_beside_lora_of_its_rank_not_in_the_lora_claims():
     qlora = next(s for s in lines if s.startswith("**QLoRA"))
     assert "QLoRA r=8 over an NF4 base against LoRA r=8" in qlora and "(50%)" in qlora and "140 vs 150" in qlora
     assert "QLoRA" not in next(s for s in lines if s.startswith("**Memory"))
+    assert "not compared" in qlora  # cells timed without a recorded commit (or at two) are not compared
+    for r in (q, results["runs"]["r8-large"]):
+        r["commit"] = "c0ffee"
+    assert "140 vs 150 tok/s (lower)" in next(s for s in claims.findings(results) if s.startswith("**QLoRA"))
     assert claims.make_cfg("q8", Path("d.jsonl"), Path("e.jsonl"), 2, 2, 1e-3, Path("o")).four_bit["quant_type"] == "nf4"
