@@ -209,11 +209,12 @@ def test_micro_batch_size_auto_on_a_moe_model_says_to_give_a_number(workdir):
 EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
-def peft_with_expert_targets(tmp_path):
-    """PEFT over the tiny MoE with q_proj and both expert tensors targeted, B random; saved to ``tmp_path``."""
+def peft_with_expert_targets(tmp_path, base=None, **config):
+    """PEFT over ``base`` (the tiny MoE by default) with q_proj and both expert tensors targeted (``config``:
+    LoraConfig overrides), B random; saved to ``tmp_path / "peft"``."""
     peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(tiny_moe(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
-                                                            target_parameters=EXPERT_PARAMS))
+    model = peft.get_peft_model(base if base is not None else tiny_moe(), peft.LoraConfig(**{
+        "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "target_parameters": EXPERT_PARAMS, **config}))
     torch.manual_seed(1)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -257,17 +258,10 @@ def test_expert_parameter_targets_equal_peft(tmp_path):
 def test_a_2d_parameter_target_in_bfloat16_equals_peft(tmp_path):
     """A 2-D parameter (PEFT's num_experts == 1) takes PEFT's delta: ``B @ A · s`` in the adapter's dtype, cast
     to the weight's and added, so a bf16 model computes PEFT's logits bitwise."""
-    peft = pytest.importorskip("peft")
     from lorafit.lora import load_adapter
 
-    theirs = peft.get_peft_model(tiny_moe().to(torch.bfloat16), peft.LoraConfig(
-        r=2, lora_alpha=4, target_modules=[], target_parameters=["self_attn.q_proj.weight"]))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for n, p in theirs.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
-    theirs.save_pretrained(tmp_path / "peft")
+    theirs = peft_with_expert_targets(tmp_path, tiny_moe().to(torch.bfloat16), target_modules=[],
+                                      target_parameters=["self_attn.q_proj.weight"])
     ours = load_adapter(tiny_moe().to(torch.bfloat16), tmp_path / "peft")
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -277,18 +271,9 @@ def test_a_2d_parameter_target_in_bfloat16_equals_peft(tmp_path):
 def test_merging_expert_parameter_targets_with_rslora_equals_peft(tmp_path):
     """A scaling that is no power of two (rsLoRA, a rank pattern): the merged tensors are PEFT's bitwise (its
     delta weight, ``einsum(B, A) · s``, added)."""
-    peft = pytest.importorskip("peft")
     from lorafit.lora import load_adapter, merge_and_unload
 
-    theirs = peft.get_peft_model(tiny_moe(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=[], use_rslora=True,
-                                                             rank_pattern={"down_proj": 4},
-                                                             target_parameters=EXPERT_PARAMS))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for n, p in theirs.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
-    theirs.save_pretrained(tmp_path / "peft")
+    theirs = peft_with_expert_targets(tmp_path, target_modules=[], use_rslora=True, rank_pattern={"down_proj": 4})
     ours = merge_and_unload(load_adapter(tiny_moe(), tmp_path / "peft"))
     want = theirs.merge_and_unload()
     for m, t in zip(ours.model.layers, want.model.layers, strict=True):
