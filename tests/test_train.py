@@ -287,3 +287,34 @@ def test_kernels_compile_a_bounded_number_of_times_whatever_the_lengths(workdir,
     compile_steps = [int(r.message.split()[1].rstrip(":")) for r in caplog.records if "compiled so far" in r.message]
     assert not compile_steps or max(compile_steps) <= 3, compile_steps  # new lengths (steps 4-12) compile nothing
     assert result.compiles == 0 or result.compile_s > 0
+
+
+def test_loraplus_groups_are_pefts_create_loraplus_optimizer(workdir):
+    """loraplus_lr_ratio / loraplus_lr_embedding: the same parameters in the same learning-rate groups as PEFT's
+    create_loraplus_optimizer (what axolotl calls), no weight decay, and a run trains with them."""
+    import peft
+    from conftest import tiny_causal_lm
+    from peft.optimizers import create_loraplus_optimizer
+
+    from lorafit.lora import LoraConfig, apply_lora
+    from lorafit.train.optim import build_optimizer
+
+    targets = ["q_proj", "v_proj", "embed_tokens"]
+    ours = apply_lora(tiny_causal_lm(), LoraConfig(r=4, alpha=8, target_modules=targets, bias="all"))
+    theirs = peft.get_peft_model(tiny_causal_lm(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                   bias="all"))
+    opt = build_optimizer(ours, "adamw_torch", 1e-3, weight_decay=0.1, loraplus=(16.0, 1e-5))
+    ref = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16.0,
+                                    loraplus_lr_embedding=1e-5)
+
+    def by_lr(optimizer, named):
+        name = {id(p): n.replace(".default", "").removeprefix("base_model.model.") for n, p in named}
+        return {g["lr"]: (g["weight_decay"], sorted(name[id(p)] for p in g["params"]))
+                for g in optimizer.param_groups if g["params"]}
+
+    want = by_lr(ref, theirs.named_parameters())
+    assert by_lr(opt, ours.named_parameters()) == want
+    assert set(want) == {1e-3, 1e-5, 1.6e-2}
+    cfg = TrainConfig.from_dict(config(workdir, "loraplus", max_steps=2, loraplus_lr_ratio=16, weight_decay=0.1))
+    assert any("not applied under LoRA+" in n for n in cfg.notices)
+    assert train(cfg).steps == 2

@@ -233,8 +233,9 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
              "spectrum_top_fraction spectrum_model_name"),
     **_group(UNSUPPORTED, "diffusion language-model training is not supported", "diffusion"),
     **_group(UNSUPPORTED, "MoRA is not supported; use adapter: lora", "mora"),
-    **_group(UNSUPPORTED, "LoRA+ learning-rate ratios are not supported yet; one learning_rate applies to A and B",
-             "loraplus_lr_ratio loraplus_lr_embedding"),
+    "loraplus_lr_ratio": (SUPPORTED, "LoRA+ as axolotl runs it (PEFT's create_loraplus_optimizer): B at lr × ratio,"
+                          " no weight decay"),
+    "loraplus_lr_embedding": (SUPPORTED, "LoRA+: the learning rate of LoRA on embeddings (default 1e-6, as PEFT)"),
     **_group(UNSUPPORTED, "per-group learning rates are not supported yet; one learning_rate applies to all",
              "lr_groups embedding_lr embedding_lr_scale"),
     **_group(UNSUPPORTED, "the bench and EAFT evaluation/loss extras are not supported",

@@ -227,6 +227,10 @@ class TrainConfig(BaseModel):
     warmup_ratio: float | None = Field(None, ge=0, lt=1)
     optimizer: str = "adamw_torch"
     weight_decay: float = Field(0.0, ge=0)
+    # LoRA+ (Hayou et al. 2024), as axolotl runs it through PEFT's create_loraplus_optimizer: LoRA's B matrices
+    # (and 1-D parameters) at learning_rate × loraplus_lr_ratio, LoRA on embeddings at loraplus_lr_embedding
+    loraplus_lr_ratio: float | None = Field(None, gt=0)
+    loraplus_lr_embedding: float | None = Field(None, gt=0)
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_epsilon: float = Field(1e-8, gt=0)
@@ -471,6 +475,14 @@ class TrainConfig(BaseModel):
                     "run's dtype (bf16 or fp32, set by bf16)"]
         return []
 
+    def _loraplus_notices(self) -> list[str]:
+        if self.loraplus_lr_embedding is not None and not self.loraplus_lr_ratio:
+            return ["loraplus_lr_embedding: ignored: it applies with loraplus_lr_ratio, as in axolotl"]
+        if self.loraplus_lr_ratio and self.weight_decay:
+            return [f"weight_decay {self.weight_decay}: not applied under LoRA+ (loraplus_lr_ratio), as in axolotl, "
+                    "whose PEFT optimizer groups carry no weight decay"]
+        return []
+
     @property
     def four_bit(self) -> dict[str, Any] | None:
         """How the base is quantized (``lorafit.models.quantize_base``'s arguments), or None for a dense base."""
@@ -488,7 +500,7 @@ class TrainConfig(BaseModel):
             cfg = cls.model_validate(data)
         except ValidationError as e:
             raise LorafitError(one_line(e, source, data, ALLOWED)) from None
-        cfg._notices = notices + cfg._four_bit_notices()
+        cfg._notices = notices + cfg._four_bit_notices() + cfg._loraplus_notices()
         if cfg.gradient_checkpointing == "offload":
             cfg._notices.append("gradient_checkpointing offload: each layer's saved input waits in host memory on a "
                                 "GPU (transformers' offload); on a CPU-only machine it is plain checkpointing")

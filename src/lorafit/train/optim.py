@@ -25,13 +25,33 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
+def loraplus_groups(model: nn.Module, lr: float, ratio: float, embedding_lr: float | None) -> list[dict]:
+    """LoRA+ (Hayou et al. 2024) as axolotl runs it, through PEFT's ``create_loraplus_optimizer`` and its rules:
+    LoRA on embeddings at ``embedding_lr`` (default 1e-6); every ``lora_B`` and every 1-D parameter at
+    ``lr × ratio``; the rest (``lora_A``, modules to save) at ``lr``. No weight decay in any group: PEFT's default
+    ``loraplus_weight_decay``, which axolotl does not set."""
+    from lorafit.lora.embedding import LoraEmbedding
+
+    embeddings = {id(p) for m in model.modules() if isinstance(m, LoraEmbedding)
+                  for n, p in m.named_parameters(recurse=False) if n.startswith("lora_embedding_")}
+    a, b, emb = [], [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (emb if id(p) in embeddings else b if "lora_B" in name or p.ndim == 1 else a).append(p)
+    groups = [{"params": a, "lr": lr}, {"params": emb, "lr": 1e-6 if embedding_lr is None else embedding_lr},
+              {"params": b, "lr": lr * ratio}]
+    return [{**g, "weight_decay": 0.0} for g in groups if g["params"]]
+
+
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0,
-                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
-    """The optimizer an axolotl optimizer ``name`` stands for (``lorafit.config.OPTIMIZERS``)."""
+                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                    loraplus: tuple[float, float | None] | None = None) -> torch.optim.Optimizer:
+    """The optimizer an axolotl optimizer ``name`` stands for (``lorafit.config.OPTIMIZERS``); ``loraplus``:
+    ``(loraplus_lr_ratio, loraplus_lr_embedding)`` for LoRA+'s groups (:func:`loraplus_groups`)."""
     kind = OPTIMIZERS.get(name)
     if kind is None:
         raise LorafitError(f"optimizer {name!r}: use one of: {', '.join(OPTIMIZERS)}")
-    groups = param_groups(model, weight_decay)
+    groups = loraplus_groups(model, lr, *loraplus) if loraplus else param_groups(model, weight_decay)
     if kind == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.0)
     if kind in BNB_KINDS:
@@ -101,8 +121,9 @@ def torchao_optim():
 
 
 def optimizer_from_config(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    loraplus = (cfg.loraplus_lr_ratio, cfg.loraplus_lr_embedding) if cfg.loraplus_lr_ratio else None
     return build_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay,
-                           (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon)
+                           (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon, loraplus=loraplus)
 
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
