@@ -271,6 +271,11 @@ def profile_block() -> str:
     return "\n".join(out) + "\n"
 
 
+def _short_commit(prov: dict) -> str:
+    commit = (prov.get("git") or {}).get("commit") or prov.get("commit")
+    return commit[:7] if commit else NR
+
+
 def claims_block() -> str:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import claims
@@ -280,7 +285,10 @@ def claims_block() -> str:
     runs = claims._ordered(d["runs"])
     out = [provenance_line(d, "claims.json", "python benchmarks/claims.py").rstrip("\n"),
            f"<sub>{meta['steps']} steps × {meta['micro_batch']} samples per run, {meta['threads']} thread(s); "
-           f"{meta['mode']} mode; whole run {meta.get('wall_s_this_invocation', 0) / 60:.0f} min. "
+           f"{meta['mode']} mode; last invocation {meta.get('wall_s_this_invocation', 0) / 60:.0f} min"
+           + (f" (it resumed the file: the other rows come from {len(d['provenance_earlier'])} earlier invocation(s), "
+              f"at {', '.join(sorted({_short_commit(p) for p in d['provenance_earlier']}))})"
+              if d.get("provenance_earlier") else "") + ". "
            + claims.measurement_note(meta) + "</sub>", "",
            "| method | rows | tuned LR | trainable | peak MiB | tokens/s (range, runs) | disk MiB | held-out EM | "
            "retention acc | retention ppl |",
