@@ -32,7 +32,7 @@ _LOADER = "lorafit's data loader runs in the training process"
 _NOTHING = "it changes nothing in a lorafit run"
 _MODEL_CLASS = "lorafit loads every model with AutoModelForCausalLM and its tokenizer with AutoTokenizer"
 _GEN = "no samples are generated during training; run lorafit eval on the saved adapter"
-_MULTI = ("lorafit trains on several devices with torchrun: DDP, or FSDP2 with fsdp_version: 2 (issue 18); "
+_MULTI = ("lorafit trains on several devices with torchrun: DDP, or FSDP2 with fsdp_version: 2; "
           "this kind of parallelism is not supported, remove it")
 _QUANT = ("quantized bases other than bitsandbytes 4-bit (GPTQ, FP8, MXFP4, NVFP4, torchao) are not supported; use adapter: qlora"
           " with load_in_4bit: true, or LoRA on a bf16/fp32 base")
@@ -45,7 +45,7 @@ _DISTILL = "knowledge distillation is not supported; train on the teacher's outp
 _PRETRAIN = "streaming pretraining datasets are not supported; use datasets with type: completion"
 _OFFLOAD = ("activations and layers stay on the device (this changes memory, not results); check the fit with"
             " lorafit plan")
-_MOE_PARALLEL = "expert parallelism is not supported yet (issue 18); train on one device"
+_MOE_PARALLEL = "expert parallelism is not supported yet; shard with FSDP2 (fsdp_version: 2) or train on one device"
 
 
 def _group(status: str, message: str, keys: str) -> dict[str, tuple[str, str]]:
