@@ -22,7 +22,7 @@ from lorafit.kernels import int8, nf4
 from lorafit.lora.config import ALL_LINEAR, LoraConfig
 from lorafit.lora.embedding import LoraEmbedding
 from lorafit.lora.layer import WRAPPABLE, LoraLinear
-from lorafit.lora.parameter import LoraParameter, named_parameter_targets
+from lorafit.lora.parameter import LoraParameter, named_parameter_targets, selects
 from lorafit.lora.variants import DORA, INT8, PLAIN, QLORA
 from lorafit.options import RuntimeOptions
 
@@ -86,7 +86,7 @@ def find_parameter_targets(model: nn.Module, config: LoraConfig) -> list[tuple[s
     found = named_parameter_targets(model, config.target_parameters)
     keys = [f"{m}.{p}" for m, p in found]
     for entry in config.target_parameters:
-        if not any(k == entry or k.endswith("." + entry) for k in keys):
+        if not any(selects(k, entry) for k in keys):
             raise LorafitError(f"lora target_parameters entry {entry!r} matches no parameter of this model (an entry "
                                "selects the parameters whose full name ends with it, e.g. mlp.experts.gate_up_proj)")
     for m, p in found:
@@ -112,7 +112,8 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_dtype: torch.dtype 
     options = options or RuntimeOptions.resolve()
     names = find_targets(model, config) if config.target_modules else []
     params = find_parameter_targets(model, config)
-    both = next((f"{m}.{p}" for m, p in params if m in set(names)), None)
+    layer_targets = set(names)
+    both = next((f"{m}.{p}" for m, p in params if m in layer_targets), None)
     if both:  # checked before anything is wrapped
         raise LorafitError(f"lora target_parameters selects {both}, a parameter of a layer target_modules also "
                            "targets; adapt the layer one way (PEFT refuses it too)")

@@ -40,7 +40,8 @@ class LoraParameter(nn.Module):
         super().__init__()
         self.base_layer, self.parameter_name = base_layer, parameter_name
         target = self.target_module()
-        shape = getattr(target, parameter_name).shape
+        current = getattr(target, parameter_name)  # read once: a stored-quantized tensor is dequantized to read it
+        shape = current.shape
         # transformers' experts are (experts, out, in); a module may say it stores (experts, in, out)
         self.stacked = len(shape) == 3  # experts; else a 2-D tensor (stored codes may have another shape)
         self.transposed = self.stacked and bool(getattr(target, "is_transposed", False))
@@ -53,8 +54,7 @@ class LoraParameter(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.merged = self.disabled = False
-        original = getattr(target, parameter_name)
-        requires_grad = original.requires_grad if not parametrize.is_parametrized(target, parameter_name) else False
+        requires_grad = current.requires_grad and not parametrize.is_parametrized(target, parameter_name)
         parametrize.register_parametrization(target, parameter_name, _Update(self), unsafe=True)
         target.parametrizations[parameter_name].original.requires_grad_(requires_grad)
         read_once_per_forward(target)
@@ -103,21 +103,18 @@ class LoraParameter(nn.Module):
     def _plist(self):
         return self.target_module().parametrizations[self.parameter_name]
 
-    def _unadapted(self) -> torch.Tensor:
+    def dense_weight(self) -> torch.Tensor:
         """The parameter before this update (dequantized first when it is stored quantized)."""
-        plist = self._plist()
+        plist, update = self._plist(), self._update()
         value = plist.original
         for p in plist:
-            if p is self._update():
+            if p is update:
                 return value
             value = p(value)
         return value
 
     def _update(self):
         return next(p for p in self._plist() if isinstance(p, _Update) and p.owner is self)
-
-    def dense_weight(self) -> torch.Tensor:
-        return self._unadapted()
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -129,7 +126,7 @@ class LoraParameter(nn.Module):
         if len(plist) == 1:  # a dense tensor: updated in place, as PEFT merges
             plist.original.add_(self.delta_weight().to(plist.original.dtype))
         else:
-            base = self._unadapted()
+            base = self.dense_weight()
             self._set_dense((base.float() + self.delta_weight()).to(base.dtype))
         self.merged = True
 
@@ -173,16 +170,19 @@ class _Update(nn.Module):
         return weight if owner.disabled or owner.merged else owner.updated(weight)
 
 
+def selects(key: str, entry: str) -> bool:
+    """PEFT's rule for a ``target_parameters`` entry: the parameter's full name equals it or ends with ``"." +``
+    it."""
+    return key == entry or key.endswith("." + entry)
+
+
 def named_parameter_targets(model: nn.Module, names: list[str]) -> list[tuple[str, str]]:
-    """``(module path, parameter name)`` of each parameter ``names`` selects, PEFT's rule: the parameter's full
-    name equals an entry or ends with ``"." + entry``; in module order, then the module's parameter order."""
+    """``(module path, parameter name)`` of each parameter ``names`` selects (:func:`selects`); in module order,
+    then the module's parameter order (a parametrized tensor, e.g. stored quantized, after the plain ones)."""
     found = []
     for mpath, module in model.named_modules():
-        params = list(module.named_parameters(recurse=False))
+        pnames = [n for n, _ in module.named_parameters(recurse=False)]
         if parametrize.is_parametrized(module):
-            params += [(n, getattr(module, n)) for n in module.parametrizations]
-        for pname, _ in params:
-            key = f"{mpath}.{pname}"
-            if any(key == n or key.endswith("." + n) for n in names):
-                found.append((mpath, pname))
+            pnames += list(module.parametrizations)  # by name: reading one would compute it
+        found += [(mpath, p) for p in pnames if any(selects(f"{mpath}.{p}", n) for n in names)]
     return found
