@@ -74,12 +74,11 @@ def evaluate_columns(model, tok, cfg, *, has_adapter: bool, with_base: bool, hel
     ``with_base``) and ``adapter`` (merged, then unmerged again), both scored on the same loaded weights.
     ``base_key``: the base column's :mod:`lorafit.eval.cache` key — a stored column is reused (marked
     ``_cached``), a computed one stored."""
-    built = {}
+    # the eval split once for both columns (reading and tokenising take ~1 s); the adapter column always needs it
+    eval_samples = build_datasets(cfg, tok)[1] if has_eval_split(cfg) else None
 
     def run(column: str) -> dict:
-        if has_eval_split(cfg) and not built:
-            built["eval"] = build_datasets(cfg, tok)[1]  # once for both columns: reading and tokenising take ~1 s
-        return evaluate_model(model, tok, cfg, heldout, retention, limit, phases, column, built.get("eval"))
+        return evaluate_model(model, tok, cfg, heldout, retention, limit, phases, column, eval_samples)
 
     if not has_adapter:  # a base model or a fully fine-tuned folder
         return {"model": run("model")}

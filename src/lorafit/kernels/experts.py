@@ -42,8 +42,9 @@ def expert_tensors(model) -> list[tuple[str, torch.nn.Module, str]]:
 
 class _Dequantize(torch.nn.Module):
     """Parametrization: codes (the stored parameter) -> the dense tensor, in the dtype it was quantized from.
-    ``stats`` are the tensors dequantizing needs besides the codes; they move with the module (``_apply``) but
-    keep their dtype, since casting a model's weights must not round its quantization statistics."""
+    What dequantizing needs besides the codes (a subclass's ``_device`` / ``_move``) moves with the module
+    (``_apply``) but keeps its dtype, since casting a model's weights must not round its quantization
+    statistics."""
 
     def __init__(self, shape: torch.Size, dtype: torch.dtype):
         super().__init__()
