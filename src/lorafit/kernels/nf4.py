@@ -178,8 +178,7 @@ def swap_modules(model: torch.nn.Module, kind: type, make) -> int:
     returns how many."""
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, kind)]
     for name, m in found:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, make(m).train(m.training))
+        model.set_submodule(name, make(m).train(m.training))
     return len(found)
 
 
