@@ -49,8 +49,6 @@ OPTIMIZER_STATES = {"adamw": 2, "sgd": 0, "adamw_8bit": 2, "paged_adamw_8bit": 2
 # bitsandbytes' 8-bit optimizers: states of tensors with fewer elements stay 32-bit (its ``min_8bit_size``); an
 # 8-bit state has an fp32 absmax per 256-element block and a 256-entry fp32 quantization map, per state.
 BNB_MIN_8BIT, BNB_STATE_BLOCK, BNB_QMAP = 4096, 256, 256
-# bitsandbytes' 4-bit weights: 64-element blocks, their absmax 8-bit in blocks of 256 under double quantization
-FOUR_BIT_BLOCK, NESTED_BLOCK = par.FOUR_BIT_BLOCK, par.NESTED_BLOCK
 # torchao's AdamW8bit / AdamW4bit (as transformers runs them): tensors of at least 4096 elements that fill whole
 # 256-element blocks get codes (1 or ½ B an element), an fp32 scale per block and a 256- or 16-entry fp32 map, per
 # state; the others keep plain fp32 states.
