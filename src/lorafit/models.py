@@ -285,9 +285,7 @@ def _swap_layer(model, name: str, old, new, bias_dtype: torch.dtype | None = Non
     if old.bias is not None:
         bias = old.bias.data if bias_dtype is None else old.bias.data.to(bias_dtype)
         new.bias = torch.nn.Parameter(bias, requires_grad=False)
-    new.train(old.training)
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
+    model.set_submodule(name, new.train(old.training))
 
 
 def dequantize_base(model) -> int:

@@ -97,12 +97,6 @@ def find_parameter_targets(model: nn.Module, config: LoraConfig) -> list[tuple[s
     return found
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def apply_lora(model: nn.Module, config: LoraConfig, adapter_dtype: torch.dtype = torch.float32,
                options: RuntimeOptions | None = None) -> nn.Module:
     """Wrap the targets of ``config`` in ``model`` (in place), freeze everything else, and return ``model``.
@@ -126,7 +120,7 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_dtype: torch.dtype 
             if config.use_dora or config.init == "pissa":
                 raise LorafitError(f"lora target {name!r} is an embedding: DoRA and PiSSA are for linear layers "
                                    "here; use plain LoRA for it (or leave it out of lora_target_modules)")
-            _set_submodule(model, name, LoraEmbedding(base, r=config.rank_for(name), alpha=config.alpha_for(name),
+            model.set_submodule(name, LoraEmbedding(base, r=config.rank_for(name), alpha=config.alpha_for(name),
                                                       use_rslora=config.use_rslora, adapter_dtype=adapter_dtype))
             continue
         layer = LoraLinear(
@@ -140,10 +134,10 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_dtype: torch.dtype 
             options=options,
             variant=_variant(name, base, config),
         )
-        _set_submodule(model, name, layer)
+        model.set_submodule(name, layer)
     for path, pname in params:  # after the layers: a parameter's module is no layer target
         key = f"{path}.{pname}"
-        _set_submodule(model, path, LoraParameter(model.get_submodule(path), pname, r=config.rank_for(key),
+        model.set_submodule(path, LoraParameter(model.get_submodule(path), pname, r=config.rank_for(key),
                                                   alpha=config.alpha_for(key), use_rslora=config.use_rslora,
                                                   adapter_dtype=adapter_dtype))
     _mark_bias_trainable(model, config.bias)
@@ -289,7 +283,7 @@ def merge_and_unload(model: nn.Module, safe: bool = True) -> nn.Module:
 def _unwrap_all(model: nn.Module) -> None:
     """Put each adapter layer's base back in its place, the deepest first (a module's parameter updates nest)."""
     for name, layer in reversed(list(named_lora_layers(model))):
-        _set_submodule(model, name, layer.release() if isinstance(layer, LoraParameter) else layer.base_layer)
+        model.set_submodule(name, layer.release() if isinstance(layer, LoraParameter) else layer.base_layer)
     model.lora_config = None
 
 
