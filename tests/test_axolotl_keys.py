@@ -50,7 +50,8 @@ TYPICAL_TOP = {
     "batch_size": 1, "max_memory": "16GiB",
     "default_system_message": "You are helpful.", "chat_template_kwargs": {"enable_thinking": False},
     "load_in_4bit": True, "bnb_config_kwargs": {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
-    "load_in_8bit": True, "quantize_moe_experts": True, "loraplus_lr_ratio": 16, "loraplus_lr_embedding": 1e-6, "lora_target_parameters": ["mlp.experts.gate_up_proj"],
+    "load_in_8bit": True, "quantize_moe_experts": True, "loraplus_lr_ratio": 16, "loraplus_lr_embedding": 1e-6,
+    "lora_target_parameters": ["mlp.experts.gate_up_proj"], "unfrozen_parameters": ["^model.layers.1.mlp"],
     "fsdp": ["full_shard", "auto_wrap"], "fsdp_config": {"reshard_after_forward": True}, "fsdp_version": 2,
 }
 TYPICAL_DATASET = {

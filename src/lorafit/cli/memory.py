@@ -129,6 +129,10 @@ def cmd_estimate(args) -> int:
                                "for one rank's estimate")
         base = settings_from_config(cfg, device, nproc=args.nproc or 1)
         model = model or cfg.base_model_path
+        if cfg.unfrozen_parameters and not cfg.is_lora and not args.json:
+            console.print("[yellow]note:[/] unfrozen_parameters: the estimate counts every parameter as trained "
+                          "(gradients and optimizer states for all of them), an upper bound for training part of the "
+                          "model", highlight=False)
     if not model:
         raise LorafitError("estimate: give a MODEL (e.g. llama-3.1-8b) or --config FILE")
     spec = resolve_spec(model)

@@ -263,8 +263,9 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
     "peft_ensure_weight_tying": (UNSUPPORTED, "PEFT's adapter tying (lm_head's LoRA made of embed_tokens' B and A"
                                  " transposed, one modules_to_save copy for both) is not implemented yet; remove it:"
                                  " a tied head and embeddings are then adapted separately, as PEFT does by default"),
-    "unfrozen_parameters": (UNSUPPORTED, "training extra base parameters is not supported yet; use"
-                            " lora_modules_to_save"),
+    "unfrozen_parameters": (SUPPORTED, "full fine-tuning of the matched parameters (axolotl's patterns and row"
+                            " ranges), every other one frozen; with an adapter: ignored, with a notice, as axolotl does"
+                            " not unfreeze under LoRA"),
     "tokens": (UNSUPPORTED, "adding plain tokens is not supported; add them as special_tokens"),
     "added_tokens_overrides": (UNSUPPORTED, "overriding tokenizer entries is not supported; edit the tokenizer"
                                " files"),

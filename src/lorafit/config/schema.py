@@ -31,6 +31,7 @@ from lorafit.config.keys import (
     screen_keys,
 )
 from lorafit.config.messages import kind, one_line
+from lorafit.config.unfrozen import Pattern
 from lorafit.errors import LorafitError
 from lorafit.options import RuntimeOptions
 
@@ -198,6 +199,8 @@ class TrainConfig(BaseModel):
     lora_alpha_pattern: dict[str, float] | None = None
     # PEFT's target_parameters: parameters adapted in place, for MoE experts' 3-D tensors (no dropout, no DoRA)
     lora_target_parameters: list[str] | None = None
+    # full fine-tuning of the parameters these patterns select, every other one frozen (lorafit.train.freeze)
+    unfrozen_parameters: list[str] | None = None
     lora_model_dir: str | None = None  # start from this adapter folder (relative to the config's folder)
 
     # data
@@ -320,6 +323,13 @@ class TrainConfig(BaseModel):
     def _check_fp16(cls, v: bool) -> bool:
         if v:
             raise ValueError("fp16 training is not supported; use bf16")
+        return v
+
+    @field_validator("unfrozen_parameters")
+    @classmethod
+    def _check_unfrozen(cls, v: list[str] | None) -> list[str] | None:
+        for pattern in v or []:
+            Pattern.parse(pattern)  # a bad expression or range is one line now, not after the model has loaded
         return v
 
     @field_validator("val_set_size")
@@ -475,6 +485,13 @@ class TrainConfig(BaseModel):
                     "run's dtype (bf16 or fp32, set by bf16)"]
         return []
 
+    def _unfrozen_notices(self) -> list[str]:
+        if self.unfrozen_parameters and self.is_lora:
+            return ["unfrozen_parameters: ignored with an adapter: the base stays frozen and the adapter trains (axolotl "
+                    "does not unfreeze base parameters under LoRA either); train whole modules beside the adapter "
+                    "with lora_modules_to_save, or drop the adapter for full fine-tuning of the selected parameters"]
+        return []
+
     def _loraplus_notices(self) -> list[str]:
         if self.loraplus_lr_embedding is not None and not self.loraplus_lr_ratio:
             return ["loraplus_lr_embedding: ignored: it applies with loraplus_lr_ratio, as in axolotl"]
@@ -500,7 +517,7 @@ class TrainConfig(BaseModel):
             cfg = cls.model_validate(data)
         except ValidationError as e:
             raise LorafitError(one_line(e, source, data, ALLOWED)) from None
-        cfg._notices = notices + cfg._four_bit_notices() + cfg._loraplus_notices()
+        cfg._notices = notices + cfg._four_bit_notices() + cfg._loraplus_notices() + cfg._unfrozen_notices()
         if cfg.gradient_checkpointing == "offload":
             cfg._notices.append("gradient_checkpointing offload: each layer's saved input waits in host memory on a "
                                 "GPU (transformers' offload); on a CPU-only machine it is plain checkpointing")

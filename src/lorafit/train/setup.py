@@ -16,6 +16,7 @@ from lorafit.lora.io import PREFIX, copy_adapter_weights, read_adapter_config, r
 from lorafit.models import apply_special_tokens, load_model_and_tokenizer, train_dtype
 from lorafit.options import RuntimeOptions
 from lorafit.patches import apply_lean_kernels
+from lorafit.train.freeze import freeze_except
 
 
 def use_tf32(enabled: bool | None) -> None:
@@ -56,14 +57,17 @@ def has_accelerator() -> bool:
 
 
 def make_trainable(model: nn.Module, lora: LoraConfig | None, gradient_checkpointing: bool | str,
-                   options: RuntimeOptions) -> nn.Module:
-    """What training does to a loaded model: the adapter (or every weight unfrozen), the lean kernels of its
-    family (``model.lean_kernels`` is the handle: what was switched, and ``restore()``), checkpointing, no cache.
+                   options: RuntimeOptions, unfrozen: list[str] | None = None) -> nn.Module:
+    """What training does to a loaded model: the adapter (or, for full fine-tuning, every weight unfrozen, or those
+    ``unfrozen`` selects), the lean kernels of its family (``model.lean_kernels`` is the handle: what was switched,
+    and ``restore()``), checkpointing, no cache.
 
     Shared with ``lorafit.measure``, so the measured step is the trainer's own.
     """
     if lora is not None:
         apply_lora(model, lora, options=options)
+    elif unfrozen:
+        freeze_except(model, unfrozen)
     else:
         model.requires_grad_(True)
     apply_lean_kernels(model, options=options)
@@ -133,7 +137,7 @@ def prepare_model(cfg, options: RuntimeOptions | None = None):
                                                 moe_experts=cfg.quantize_moe_experts)
     model.attention_notice = notice  # printed by the recipe with its other notes
     apply_special_tokens(tokenizer, cfg.special_tokens, model, trains_embeddings=cfg.trains_embeddings)
-    make_trainable(model, lora, cfg.gradient_checkpointing, options)
+    make_trainable(model, lora, cfg.gradient_checkpointing, options, unfrozen=cfg.unfrozen_parameters)
     if start is not None:
         load_start_adapter(model, start, cfg.source)
     return model, tokenizer
