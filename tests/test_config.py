@@ -1,5 +1,6 @@
 """The YAML config schema: axolotl-shaped files validate; each mistake is one line naming key and value."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,33 @@ def test_flash_attention_without_its_package_or_cuda_runs_as_sdpa_with_a_notice(
             assert (got, notice) == (impl, None)
         else:
             assert got == "sdpa" and notice.startswith(f"attn_implementation {impl}: ")
+
+
+@pytest.mark.parametrize("value, stage, fsdp", [
+    ("deepspeed_configs/zero2.json", 2, False),  # axolotl's shipped names, read when the file is not here
+    ("deepspeed_configs/zero3_bf16.json", 3, True),
+    ({"zero_optimization": {"stage": 1}}, 1, False),
+])
+def test_deepspeed_maps_its_zero_stage_onto_fsdp2_or_ddp(value, stage, fsdp):
+    cfg = make(deepspeed=value)
+    assert cfg.fsdp_enabled is fsdp
+    assert any(n.startswith(f"deepspeed: ZeRO-{stage}, read from") and ("FSDP2" if fsdp else "DDP") in n
+               for n in cfg.notices)
+
+
+def test_deepspeed_reads_the_stage_and_offload_from_its_file(tmp_path):
+    ds = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    cfg = TrainConfig.from_dict({**BASE, "deepspeed": "ds.json"}, source="config.yaml", config_dir=tmp_path)
+    assert cfg.fsdp_enabled and any("ZeRO-3, read from ds.json" in n and "offload settings are not applied" in n
+                                    for n in cfg.notices)
+
+
+@pytest.mark.parametrize("over, words", [
+    ({"deepspeed": "mine.json"}, "key 'deepspeed': got 'mine.json', no such file"),
+    ({"deepspeed": {"train_batch_size": 8}}, "no zero_optimization.stage"),
+    ({"deepspeed": "zero3.json", "adapter": None}, "ZeRO-3 maps to FSDP2 here, which does not fully fine-tune"),
+    ({"deepspeed": "zero2.json", "fsdp_version": 2}, "deepspeed and fsdp keys are both set"),
+])
+def test_deepspeed_mistakes_are_one_line(over, words):
+    assert words in error_of(**over)

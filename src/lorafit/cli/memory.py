@@ -125,8 +125,8 @@ def cmd_estimate(args) -> int:
 
         cfg = load_config(args.config)
         if cfg.fsdp_enabled and not args.nproc:
-            raise LorafitError(f"{args.config}: fsdp keys set (FSDP2 shards over several processes); give --nproc N "
-                               "for one rank's estimate")
+            raise LorafitError(f"{args.config}: FSDP2 asked for (fsdp keys or a DeepSpeed ZeRO-3 config; it shards "
+                               "over several processes); give --nproc N for one rank's estimate")
         base = settings_from_config(cfg, device, nproc=args.nproc or 1)
         model = model or cfg.base_model_path
         if cfg.unfrozen_parameters and not cfg.is_lora and not args.json:

@@ -178,8 +178,8 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
     "merge_method": (IGNORED, "the adapter is saved unmerged; merge it with lorafit's merge command afterwards"),
     "excess_length_strategy": (IGNORED, "rows longer than sequence_len are truncated"),
     # ---- unsupported: other issues' features ----
-    "deepspeed": (UNSUPPORTED, "DeepSpeed is not supported; shard with FSDP2 instead (fsdp_version: 2 with "
-                               "fsdp_config, launched by torchrun or lorafit train --nproc N)"),
+    "deepspeed": (SUPPORTED, "DeepSpeed does not run: its ZeRO stage picks FSDP2 (stage 3) or DDP (1, 2), with"
+                             " a notice"),
     **_group(UNSUPPORTED, _MULTI, """
         deepcompile fsdp_final_state_dict_type
         fp8_enable_fsdp_float8_all_gather dp_shard_size dp_replicate_size sequence_parallel_degree

@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from lorafit.config import deepspeed as zero
 from lorafit.config.keys import (
     ALLOWED,
     BNB_KWARGS,
@@ -256,6 +257,9 @@ class TrainConfig(BaseModel):
     fsdp: list[str] | str | None = None
     fsdp_config: dict[str, Any] | None = None
     fsdp_version: int | None = None
+    # axolotl's DeepSpeed config (a JSON path or mapping): only its ZeRO stage is read, mapped onto FSDP2 (stage 3)
+    # or DDP (lorafit.config.deepspeed)
+    deepspeed: str | dict[str, Any] | None = None
 
     # evaluation, checkpoints, logging
     eval_steps: int | None = Field(None, ge=1)
@@ -273,6 +277,7 @@ class TrainConfig(BaseModel):
     resume_from_checkpoint: str | None = None
 
     _notices: list[str] = PrivateAttr(default_factory=list)
+    _zero_stage: int | None = PrivateAttr(default=None)
     _config_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source: str = PrivateAttr(default="<config>")
 
@@ -469,8 +474,9 @@ class TrainConfig(BaseModel):
 
     @property
     def fsdp_enabled(self) -> bool:
-        """FSDP2 asked for: any of axolotl's fsdp keys set (``fsdp_version: 2``, ``fsdp:``, ``fsdp_config:``)."""
-        return bool(self.fsdp or self.fsdp_config or self.fsdp_version)
+        """FSDP2 asked for: any of axolotl's fsdp keys set (``fsdp_version: 2``, ``fsdp:``, ``fsdp_config:``), or a
+        DeepSpeed config of ZeRO stage 3."""
+        return bool(self.fsdp or self.fsdp_config or self.fsdp_version) or self._zero_stage == 3
 
     def _four_bit_notices(self) -> list[str]:
         if self.adapter == "lora" and self.load_in_4bit:
@@ -527,7 +533,24 @@ class TrainConfig(BaseModel):
         if bad_template:
             raise LorafitError(f"{source}: {bad_template}")
         cfg._notices += _template_name_notice(cfg)
+        if cfg.deepspeed:
+            cfg._notices.append(cfg._read_deepspeed())
         return cfg
+
+    def _read_deepspeed(self) -> str:
+        """The ZeRO stage of ``deepspeed`` (which then picks FSDP2 or DDP), and the notice saying so."""
+        if self.fsdp or self.fsdp_config or self.fsdp_version:
+            raise LorafitError(f"{self.source}: deepspeed and fsdp keys are both set (axolotl refuses it too); keep "
+                               "one: lorafit shards with FSDP2 either way")
+        try:
+            stage, where = zero.zero_stage(self.deepspeed, self.resolve_path)
+        except ValueError as e:
+            raise LorafitError(f"{self.source}: {e}") from None
+        if stage == 3 and not self.is_lora:
+            raise LorafitError(f"{self.source}: deepspeed ZeRO-3 maps to FSDP2 here, which does not fully fine-tune "
+                               "yet; use a ZeRO-1/2 config (DDP) or an adapter")
+        self._zero_stage = stage
+        return zero.notice(stage, where, zero.offloads(self.deepspeed, self.resolve_path))
 
     # ---- conveniences for the other modules ----
     @property
