@@ -351,3 +351,14 @@ def test_measure_under_torchrun_reports_every_rank_near_the_estimate(workdir, tm
     assert [m["rank"] for m in report["measured"]] == [0, 1]
     assert report["estimate"]["settings"]["nproc"] == 2 and report["estimate"]["settings"]["fsdp"] == fsdp
     assert all(abs(e) <= 5 for e in report["error_pct"]), report["error_pct"]
+
+
+@pytest.mark.slow
+def test_a_deepspeed_zero3_config_trains_under_fsdp2_and_in_one_process(workdir):
+    """axolotl's deepspeed key: ZeRO-3 maps onto FSDP2 under torchrun, and one process trains on its device."""
+    cfg = config(workdir, "zero3-two", deepspeed="deepspeed_configs/zero3_bf16.json", max_steps=2)
+    done = run_2_ranks(workdir, cfg)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "FSDP2" in done.stdout and "deepspeed: ZeRO-3" in done.stdout
+    one = train(TrainConfig.from_dict(config(workdir, "zero3-one", deepspeed="zero3.json", max_steps=2)))
+    assert one.steps == 2

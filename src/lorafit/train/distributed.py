@@ -73,14 +73,15 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 
 
-def init_world(fsdp: bool = False, timeout_s: float | None = None) -> World:
+def init_world(fsdp: bool = False, timeout_s: float | None = None, single_ok: bool = False) -> World:
     """The process group of a torchrun launch (started here if not yet), or ``World.single()`` outside one.
 
     NCCL on CUDA (one device per local rank), gloo on CPU. ``timeout_s`` (default ``LORAFIT_DIST_TIMEOUT`` or
-    600 s) bounds every collective, so a lost peer ends the job instead of hanging it.
+    600 s) bounds every collective, so a lost peer ends the job instead of hanging it. ``fsdp`` in one process is
+    an error unless ``single_ok`` (a DeepSpeed ZeRO-3 config, which also runs on one device).
     """
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) <= 1:
-        if fsdp:
+        if fsdp and not single_ok:
             raise LorafitError("fsdp: FSDP2 needs several processes; start the run with torchrun --nproc-per-node N "
                                "or lorafit train --nproc N")
         # one process trains on the GPU when there is one (CUDA_VISIBLE_DEVICES= keeps it on the CPU)

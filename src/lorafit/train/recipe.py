@@ -98,7 +98,8 @@ class Recipe:
 
     def __init__(self, cfg, console: Console | None = None, resume: bool = False, overwrite: bool = False):
         self.cfg = cfg
-        self.world = init_world(fsdp=cfg.fsdp_enabled)  # one process, or this rank of a torchrun launch
+        # one process, or this rank of a torchrun launch
+        self.world = init_world(fsdp=cfg.fsdp_enabled, single_ok=cfg.deepspeed is not None)
         self.console = console or Console()
         if not self.world.is_main:  # rank 0 speaks for the job; the others print their errors only
             self.console = Console(quiet=True)
