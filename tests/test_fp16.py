@@ -256,3 +256,40 @@ def test_every_trainable_kind_stays_fp32_under_fp16(workdir, kinds):
     assert trained and set(trained.values()) == {torch.float32}, trained
     assert {p.dtype for p in r.model.parameters() if not p.requires_grad} == {torch.float16}
     assert all(x["loss"] == x["loss"] for x in metrics(workdir / out))
+
+
+@pytest.mark.slow
+def test_fp16_sigkill_then_resume_is_bitwise_identical(workdir, tmp_path):
+    """``lorafit train`` killed with SIGKILL after a checkpoint, then ``--resume``: the adapter and every step's
+    loss and scale end bitwise equal to an uninterrupted run's (the scaler's state came back from the checkpoint)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    def run(name, *extra):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config(workdir, f"cli-{name}", max_steps=24, save_steps=4, lora_dropout=0.1,
+                                              gradient_accumulation_steps=2, micro_batch_size=2)))
+        return subprocess.Popen([sys.executable, "-m", "lorafit.cli", "train", str(path), *extra],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    assert run("straight").wait(timeout=300) == 0
+    proc, out = run("killed"), workdir / "cli-killed"
+    deadline = time.time() + 240
+    while not (out / "checkpoint-8").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed = run("killed", "--resume")
+    log, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0 and "resumed from" in log, log
+    assert_same_adapter_files(workdir / "cli-straight", out)
+    a, b = metrics(workdir / "cli-straight"), metrics(out)
+    assert [r["step"] for r in b] == list(range(1, 25))
+    assert [(r["loss"], r["loss_scale"]) for r in a] == [(r["loss"], r["loss_scale"]) for r in b]
+    assert any("skipped_steps" in r for r in a)
