@@ -108,7 +108,7 @@ def test_defaults_and_conveniences():
         ({"deepspeed": "ds.json"}, ["key 'deepspeed'"]),
         ({"fsdp_version": 1}, ["fsdp_version"]),
         ({"relora_steps": 100}, ["key 'relora_steps'"]),
-        ({"fp16": True}, ["key 'fp16': got true", "fp16 training is not supported; use bf16"]),
+        ({"fp16": True, "adapter": None}, ["fp16 with full fine-tuning is not supported", "use bf16: true"]),
         ({"warmup_steps": 10, "warmup_ratio": 0.1}, ["warmup_steps and warmup_ratio"]),
         ({"lora_target_linear": False}, ["lora_target_linear: true"]),
         ({"lora_target_linear": False, "lora_target_modules": "(["}, ["key 'lora_target_modules'", "regex"]),

@@ -22,7 +22,8 @@ bf16 = torch.bfloat16
 def test_which_dtype_the_matmuls_run_in():
     fp32 = RuntimeOptions.resolve(half_matmul="fp32")
     assert matmul.compute_dtype(fp32, bf16, "cpu") == torch.float32
-    assert matmul.compute_dtype(fp32, torch.float16, "cpu") == torch.float16  # lorafit trains bf16 or fp32
+    assert matmul.compute_dtype(fp32, torch.float16, "cpu") == torch.float32  # fp16 goes as bf16 (HALF_DTYPES)
+    assert matmul.compute_dtype(fp32, torch.float16, "cuda") == torch.float16
     assert matmul.compute_dtype(fp32, torch.float32, "cpu") == torch.float32
     assert matmul.compute_dtype(fp32, bf16, "cuda") == bf16  # a GPU's bf16 GEMMs are the fast ones
     assert matmul.compute_dtype(RuntimeOptions.resolve(half_matmul="native"), bf16, "cpu") == bf16

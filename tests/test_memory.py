@@ -128,6 +128,7 @@ TINY = ModelSpec("tiny", "llama", 64, 160, 2, 4, 2, 16, 512, True)
     (TINY, dict(method="lora", dtype="float32", micro_batch=2, seq_len=64, r=8)),
     (TINY, dict(method="full", dtype="bfloat16", micro_batch=2, seq_len=64)),
     (TINY, dict(method="lora", dtype="bfloat16", micro_batch=1, seq_len=128, r=4, gradient_checkpointing=True)),
+    (TINY, dict(method="lora", dtype="float16", micro_batch=2, seq_len=64, r=8)),  # the trainer's loss scaler too
     (ModelSpec("tiny-gpt2", "gpt2", 64, 256, 2, 4, 4, 16, 512, True, norm="layer", mlp="plain", max_positions=128),
      dict(method="lora", dtype="float32", micro_batch=2, seq_len=64, r=8)),
 ])
@@ -139,7 +140,8 @@ def test_measured_rows_within_10_percent(spec, settings):
     assert abs(err) <= 10, f"estimate {est.allocated_peak} vs measured {m.peak}: {err:+.1f}%"
 
 
-@pytest.mark.parametrize("dtype,matmul", [("float32", "auto"), ("bfloat16", "native"), ("bfloat16", "fp32")])
+@pytest.mark.parametrize("dtype,matmul", [("float32", "auto"), ("bfloat16", "native"), ("bfloat16", "fp32"),
+                                          ("float16", "native"), ("float16", "fp32")])
 def test_saved_tensors_match_the_model(dtype, matmul):
     """Guard: what one forward + loss saves for backward is exactly what the estimator's activation model says.
 

@@ -116,9 +116,11 @@ def _step_fn(model, s: Settings, world=None, loss_module=None):
     ``world`` and ``loss_module`` (DDP / FSDP2 around the model, :func:`lorafit.train.distributed.wrap`)."""
     from lorafit.train import train_step
     from lorafit.train.optim import build_optimizer, build_scheduler
+    from lorafit.train.step import loss_scaler
 
     optimizer = build_optimizer(model, s.optimizer, lr=1e-4)
     scheduler = build_scheduler(optimizer, "constant", 0, 100)  # no warmup, 100 steps
+    scaler = loss_scaler(model.dtype, next(model.parameters()).device)  # fp16, as the trainer steps it
 
     def step(batch):
         if s.loss == "hf":
@@ -132,7 +134,7 @@ def _step_fn(model, s: Settings, world=None, loss_module=None):
             optimizer.zero_grad(set_to_none=True)
             return loss
         return train_step(model, optimizer, scheduler, [batch], 1.0, s.loss_chunk_tokens, world=world,
-                          loss_module=loss_module)["loss"]
+                          loss_module=loss_module, scaler=scaler)["loss"]
 
     return step, optimizer
 

@@ -25,7 +25,7 @@ _SETTING_FLAGS = ("method", "dtype", "micro_batch", "seq_len", "r", "alpha", "dr
 def _add_setting_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=["lora", "qlora", "full"],
                    help="lora (default), qlora (LoRA over a 4-bit NF4 base) or full fine-tuning")
-    p.add_argument("--dtype", help="bfloat16 (default) or float32")
+    p.add_argument("--dtype", help="bfloat16 (default), float16 or float32")
     p.add_argument("--micro-batch", type=int, help="sequences per micro-batch (default 1)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default 2048)")
     p.add_argument("--r", "--lora-r", dest="r", type=int, help="LoRA rank (default 16)")

@@ -74,7 +74,8 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
                                " be 0, as in PEFT"),
     "quantize_moe_experts": (SUPPORTED, "the routed experts' 3-D tensors in 4 or 8 bits (as the base), dequantized"
                              " when read"),
-    "fp16": (SUPPORTED, "false only: fp16 training is refused, use bf16"),
+    "fp16": (SUPPORTED, "fp16 base with fp32 LoRA weights and dynamic loss scaling (torch's GradScaler); bf16: true "
+                        "wins over it, as in axolotl; full fine-tuning, lora_modules_to_save and FSDP2 are refused"),
     # ---- ignored: logging integrations ----
     **_group(IGNORED, _LOGGING, """
         use_wandb wandb_name wandb_run_id wandb_mode wandb_project wandb_entity wandb_watch wandb_log_model
@@ -165,9 +166,9 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
     "embeddings_skip_upcast": (IGNORED, "embeddings keep the base's dtype"),
     "fp32_norms": (IGNORED, "lorafit's norm kernels compute in fp32 already"),
     "fp32_norm_classes": (IGNORED, "lorafit's norm kernels compute in fp32 already"),
-    "bfloat16": (IGNORED, "set bf16 to choose the dtype"),
-    "float16": (IGNORED, "set bf16 to choose the dtype"),
-    "float32": (IGNORED, "set bf16 to choose the dtype"),
+    "bfloat16": (IGNORED, "set bf16 or fp16 to choose the dtype"),
+    "float16": (IGNORED, "set bf16 or fp16 to choose the dtype"),
+    "float32": (IGNORED, "set bf16 or fp16 to choose the dtype"),
     "do_causal_lm_eval": (IGNORED, "evaluation reports loss and perplexity; run lorafit eval for more"),
     "eval_causal_lm_metrics": (IGNORED, "evaluation reports loss and perplexity; run lorafit eval for more"),
     "lm_eval_tasks": (IGNORED, "lm-eval-harness is not run; run lorafit eval on the saved adapter"),

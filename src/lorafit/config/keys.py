@@ -81,6 +81,7 @@ ALLOWED: dict[str, str] = {
     "adam_epsilon": "a number > 0",
     "max_grad_norm": "a number >= 0",
     "bf16": "true, false or auto",
+    "fp16": "true or false",
     "compile_kernels": "true or false",
     "half_matmul": "one of: auto, native, fp32",
     "eval_steps": "an integer >= 1",

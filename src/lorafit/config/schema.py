@@ -323,13 +323,6 @@ class TrainConfig(BaseModel):
                 raise ValueError(f"{key}: got {value!r}, allowed: {', '.join(map(str, allowed))}")
         return v
 
-    @field_validator("fp16")
-    @classmethod
-    def _check_fp16(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("fp16 training is not supported; use bf16")
-        return v
-
     @field_validator("unfrozen_parameters")
     @classmethod
     def _check_unfrozen(cls, v: list[str] | None) -> list[str] | None:
@@ -421,6 +414,7 @@ class TrainConfig(BaseModel):
             raise ValueError("lora_model_dir is set but adapter is not lora; set adapter: lora to continue an adapter")
         self._check_four_bit()
         self._check_fsdp()
+        self._check_fp16()
         if self.lora_model_dir and self.lora_init == "pissa":
             raise ValueError("lora_model_dir and lora_init: pissa cannot be combined (PiSSA rewrites the base "
                              "weights); drop lora_init")
@@ -478,6 +472,28 @@ class TrainConfig(BaseModel):
         DeepSpeed config of ZeRO stage 3."""
         return bool(self.fsdp or self.fsdp_config or self.fsdp_version) or self._zero_stage == 3
 
+    def _check_fp16(self) -> None:
+        """fp16 trains fp32 LoRA weights over an fp16 base with loss scaling (torch's GradScaler, as HF's Trainer
+        does). A trainable fp16 tensor cannot be unscaled (HF refuses it: "Attempting to unscale FP16
+        gradients"), and lorafit keeps no fp32 master copy of base weights: full fine-tuning and
+        lora_modules_to_save are refused rather than trained in pure fp16, whose updates underflow."""
+        if not self.fp16 or self.bf16 is True:  # bf16: true wins over fp16, as in axolotl (a notice says so)
+            return
+        if not self.is_lora:
+            raise ValueError("fp16 with full fine-tuning is not supported (fp16 weights cannot be trained under "
+                             "loss scaling); use bf16: true, fp32 (fp16: false), or adapter: lora")
+        if self.lora_modules_to_save:
+            raise ValueError("fp16 with lora_modules_to_save is not supported (those modules would train in fp16, "
+                             "which loss scaling cannot unscale); use bf16: true or fp32 (fp16: false)")
+        if self.fsdp_enabled:
+            raise ValueError("fp16 with FSDP2 is not supported (the loss scale's overflow check would see one "
+                             "shard of the gradients per rank); use bf16: true, or drop the fsdp keys for DDP")
+
+    def _precision_notices(self) -> list[str]:
+        if self.fp16 and self.bf16 is True:
+            return ["fp16: ignored: bf16 is true, and bf16 wins, as in axolotl (it trains in bf16 then)"]
+        return []
+
     def _four_bit_notices(self) -> list[str]:
         if self.adapter == "lora" and self.load_in_4bit:
             return ["load_in_4bit with adapter: lora: the base is loaded in 4 bits with transformers' load_in_4bit "
@@ -488,7 +504,7 @@ class TrainConfig(BaseModel):
         dtype = (self.bnb_config_kwargs or {}).get("bnb_4bit_compute_dtype")
         if self.adapter == "qlora" and dtype is not None:
             return [f"bnb_config_kwargs.bnb_4bit_compute_dtype {dtype}: ignored: the 4-bit base computes in the "
-                    "run's dtype (bf16 or fp32, set by bf16)"]
+                    "run's dtype (bf16, fp16 or fp32, set by bf16 / fp16)"]
         return []
 
     def _unfrozen_notices(self) -> list[str]:
@@ -523,7 +539,8 @@ class TrainConfig(BaseModel):
             cfg = cls.model_validate(data)
         except ValidationError as e:
             raise LorafitError(one_line(e, source, data, ALLOWED)) from None
-        cfg._notices = notices + cfg._four_bit_notices() + cfg._loraplus_notices() + cfg._unfrozen_notices()
+        cfg._notices = (notices + cfg._four_bit_notices() + cfg._loraplus_notices() + cfg._precision_notices()
+                        + cfg._unfrozen_notices())
         if cfg.gradient_checkpointing == "offload":
             cfg._notices.append("gradient_checkpointing offload: each layer's saved input waits in host memory on a "
                                 "GPU (transformers' offload); on a CPU-only machine it is plain checkpointing")
@@ -549,6 +566,10 @@ class TrainConfig(BaseModel):
         if stage == 3 and not self.is_lora:
             raise LorafitError(f"{self.source}: deepspeed ZeRO-3 maps to FSDP2 here, which does not fully fine-tune "
                                "yet; use a ZeRO-1/2 config (DDP) or an adapter")
+        if stage == 3 and self.fp16 and self.bf16 is not True:
+            raise LorafitError(f"{self.source}: deepspeed ZeRO-3 maps to FSDP2 here, which does not train in fp16 "
+                               "yet (the loss scale's overflow check would see one shard per rank); use bf16: true or "
+                               "a ZeRO-1/2 config (DDP)")
         self._zero_stage = stage
         return zero.notice(stage, where, zero.offloads(self.deepspeed, self.resolve_path))
 
@@ -590,9 +611,12 @@ class TrainConfig(BaseModel):
         return self.lora_target_modules or []  # empty: lora_target_parameters only
 
     def dtype_for(self, bf16_supported: bool) -> str:
-        """``"bfloat16"`` or ``"float32"`` on a device that does (not) support bf16: ``bf16: auto`` is bfloat16
-        only where it is supported (the trainer asks CUDA, ``lorafit.models.train_dtype``; the estimator assumes
-        a GPU target does)."""
+        """``"bfloat16"``, ``"float16"`` or ``"float32"`` on a device that does (not) support bf16: ``bf16: auto``
+        is bfloat16 only where it is supported (the trainer asks CUDA, ``lorafit.models.train_dtype``; the
+        estimator assumes a GPU target does). ``fp16: true`` is float16 unless ``bf16: true`` (axolotl's
+        ``resolve_dtype``: bf16 wins over fp16, and fp16 over ``bf16: auto``)."""
+        if self.fp16 and self.bf16 is not True:
+            return "float16"
         if self.bf16 == "auto":
             return "bfloat16" if bf16_supported else "float32"
         return "bfloat16" if self.bf16 else "float32"

@@ -21,7 +21,7 @@ from lorafit.models import DEMO_ALIASES, demo_model_file, resolve_model_path
 # The config keys the base column's numbers depend on (the eval split and how it is tokenised and batched).
 CONFIG_KEYS = ("tokenizer_config", "special_tokens", "chat_template", "eot_tokens", "train_on_eos",
                "default_system_message", "datasets", "test_datasets", "val_set_size",
-               "sequence_len", "train_on_inputs", "micro_batch_size", "seed", "bf16")
+               "sequence_len", "train_on_inputs", "micro_batch_size", "seed", "bf16", "fp16")
 
 
 def cache_dir() -> Path:

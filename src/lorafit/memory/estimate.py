@@ -325,6 +325,8 @@ def _sizes(spec: ModelSpec, s: Settings, adapters: act.Adapters) -> _Sizes:
     states = n_states * (adapter * state_elt + saved_n * e) if lora else n_states * trainable * state_elt
     if s.optimizer_kind in LOW_BIT:
         states = sum(optimizer_state_bytes(s.optimizer_kind, n) for n in _trainable_tensors(spec, s, adapters))
+    if s.dtype == "float16":
+        states += LOSS_SCALER_BYTES
     weights = (params + copies) * e
     if s.four_bit:
         linear = [i * o for _, i, o, _ in spec.linear_layers()] * spec.layers
@@ -343,6 +345,8 @@ def four_bit_bytes(numel: int, double_quant: bool) -> int:
 
 
 LOW_BIT = ("adamw_8bit", "paged_adamw_8bit", "torchao_8bit", "torchao_4bit")
+# fp16's dynamic loss scaling (torch's GradScaler): its scale (fp32) and growth tracker (int32), one each
+LOSS_SCALER_BYTES = 8
 
 
 def optimizer_state_bytes(kind: str, numel: int) -> int:
@@ -530,6 +534,8 @@ def _components(spec, s: Settings, adapters, z: _Sizes, moment: str, peak_alloc:
         *([Component(dist.name, max(dist.extra.values()), dist_at, dist.formula[moment])] if dist.name else []),
         Component("framework overhead", overhead, overhead, overhead_formula),
     ]
+    if s.dtype == "float16":
+        comps[3].formula += f" + fp16 loss scale and growth tracker {LOSS_SCALER_BYTES} B"
     if s.fsdp:  # the persistent parts are this rank's shards
         for c in comps[:4]:
             c.formula += f"; this rank's shard: 1/{s.nproc} (FSDP2, dim 0 padded to a multiple of {s.nproc})"

@@ -166,6 +166,7 @@ def to_yaml(plan: Plan, base_model: str, effective_batch: int, base_model_note: 
         f"gradient_accumulation_steps: {effective_batch // (s.micro_batch * s.nproc)}",
         f"gradient_checkpointing: {'true' if s.gradient_checkpointing else 'false'}",
         f"bf16: {'true' if s.dtype == 'bfloat16' else 'false'}",
+        *(["fp16: true"] if s.dtype == "float16" else []),
         f"optimizer: {axolotl_optimizer(s.optimizer)}",
         "learning_rate: 0.0002",
         "num_epochs: 1",

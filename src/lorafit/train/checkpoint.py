@@ -79,13 +79,14 @@ def _load_optimizer_state(optimizer, saved: dict, world: World, loss_module) -> 
 
 def save_checkpoint(output_dir: Path, model: nn.Module, optimizer, scheduler, state: TrainState,
                     config_dump: dict, keep: int | None = None, fingerprint: dict | None = None,
-                    world: World | None = None, loss_module=None) -> Path:
+                    world: World | None = None, loss_module=None, scaler=None) -> Path:
     """Write ``output_dir/checkpoint-<step>``; its ``state.json`` holds the data position, the config, and the
     config's fingerprint (:mod:`lorafit.train.run_record`), which a resume compares with its own.
 
     Under torchrun every rank calls this: the adapter (whole, FSDP2's shards gathered; the frozen base is not)
     and every rank's RNG states are collected, and rank 0 writes the folder while the others wait.
-    ``loss_module``: the FSDP2 root, for its optimizer state.
+    ``loss_module``: the FSDP2 root, for its optimizer state. ``scaler``: fp16's loss scaler, whose scale and
+    growth tracker are saved so a resumed run scales (and skips) as an uninterrupted one.
     """
     world = world or World()
     final = output_dir / f"checkpoint-{state.step}"
@@ -103,7 +104,8 @@ def save_checkpoint(output_dir: Path, model: nn.Module, optimizer, scheduler, st
             save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
         torch.save(
             {"optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rngs[0],
-             **({"rng_ranks": rngs} if world.distributed else {})},
+             **({"rng_ranks": rngs} if world.distributed else {}),
+             **({"scaler": scaler.state_dict()} if scaler is not None else {})},
             tmp / "trainer_state.pt",
         )
         meta = {**asdict(state), "config": config_dump, "fingerprint": fingerprint}
@@ -144,7 +146,7 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, world: World | None = None,
-                    loss_module=None) -> TrainState:
+                    loss_module=None, scaler=None) -> TrainState:
     """Restore everything :func:`save_checkpoint` wrote into the live objects; returns the train state.
 
     Every rank reads the folder (the optimizer state onto the host first); each takes its own RNG states. A
@@ -169,6 +171,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, world: W
     _load_optimizer_state(optimizer, trainer_state["optimizer"], world, loss_module)
     use_fused(optimizer)
     scheduler.load_state_dict(trainer_state["scheduler"])
+    if scaler is not None and "scaler" in trainer_state:  # absent: a checkpoint of a run that was not fp16
+        scaler.load_state_dict(trainer_state["scaler"])
     set_rng_state(ranks[world.rank])
     fields = {k: meta[k] for k in TrainState.__dataclass_fields__ if k in meta}
     return TrainState(**fields)

@@ -39,7 +39,7 @@ from lorafit.train.optim import optimizer_from_config, scheduler_from_config
 from lorafit.train.progress import TrainProgress
 from lorafit.train.run_record import fingerprint, plan_output, prepare_output
 from lorafit.train.setup import prepare_model, seed_everything
-from lorafit.train.step import evaluate, train_step
+from lorafit.train.step import evaluate, loss_scaler, train_step
 from lorafit.train.stop import GracefulStop
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,10 @@ def logged(window: list[dict]) -> dict:
             row[key] = sum(r[key] for r in window) / len(window)
         row["trained_tokens"] = sum(r["trained_tokens"] for r in window)
         row["logged_steps"] = len(window)
+    skipped = sum(bool(r.get("skipped")) for r in window)  # fp16: steps the loss scaler skipped (inf/nan grads)
+    row.pop("skipped", None)
+    if skipped:
+        row["skipped_steps"] = skipped
     return row
 
 
@@ -217,11 +221,12 @@ class Recipe:
         if getattr(self.optimizer, "lorafit_notice", None):
             self.console.print(f"[yellow]note:[/] {self.optimizer.lorafit_notice}", highlight=False)
         self.scheduler = scheduler_from_config(self.optimizer, self.cfg, self.total_steps)
+        self.scaler = loss_scaler(self.model.dtype, self.world.device)  # fp16 only: dynamic loss scaling
 
     def resume(self) -> None:
         ckpt = self.plan.resume_from  # checked against this config when the recipe was built
         self.state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, world=self.world,
-                                     loss_module=self.loss_module)
+                                     loss_module=self.loss_module, scaler=self.scaler)
         s = self.state
         self.console.print(f"resumed from {display(ckpt)} (step {s.step}, epoch {s.epoch}, batch {s.batch_index})")
         if s.epoch:
@@ -282,7 +287,7 @@ class Recipe:
         cfg, s = self.cfg, self.state
         t0 = time.perf_counter()
         row = train_step(self.model, self.optimizer, self.scheduler, group, cfg.max_grad_norm, cfg.loss_chunk_tokens,
-                         self.options, world=self.world, loss_module=self.loss_module)
+                         self.options, world=self.world, loss_module=self.loss_module, scaler=self.scaler)
         if not math.isfinite(row["loss"]):
             raise TrainingDiverged(
                 f"loss became {row['loss']} at step {s.step + 1}; stopped without updating the weights "
@@ -297,7 +302,8 @@ class Recipe:
         return {"step": s.step, "epoch": round(s.epoch + s.batch_index / max(len(self.epoch), 1), 4),
                 "loss": row["loss"], "lr": float(self.scheduler.get_last_lr()[0]), "grad_norm": row["grad_norm"],
                 "trained_tokens": row["trained_tokens"], "tokens_per_s": row["tokens"] / dt,
-                "elapsed_s": round(s.elapsed_s, 3)}
+                "elapsed_s": round(s.elapsed_s, 3),
+                **{k: row[k] for k in ("loss_scale", "skipped") if row.get(k) is not None}}
 
     def compiles(self) -> tuple[int, float]:
         """Graphs compiled and seconds spent compiling since the run started."""
@@ -321,7 +327,7 @@ class Recipe:
     def checkpoint(self) -> Path:
         return save_checkpoint(self.out, self.model, self.optimizer, self.scheduler, self.state,
                                self.config_dump, keep=self.cfg.save_total_limit, fingerprint=self.fingerprint,
-                               world=self.world, loss_module=self.loss_module)
+                               world=self.world, loss_module=self.loss_module, scaler=self.scaler)
 
     # ---- the end ----------------------------------------------------------------------------------------
     def finish(self) -> TrainResult:

@@ -30,7 +30,7 @@ RECORD = "lorafit-run.json"
 # and its schedule, eval/save/logging steps, save_total_limit, output_dir, compile_kernels, half_matmul.
 FINGERPRINT_KEYS = (
     "base_model", "tokenizer_config", "special_tokens", "chat_template", "eot_tokens", "train_on_eos",
-    "default_system_message", "chat_template_kwargs", "bf16",
+    "default_system_message", "chat_template_kwargs", "bf16", "fp16",
     "adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_linear",
     "lora_modules_to_save", "peft_use_rslora", "peft_use_dora", "lora_init", "lora_layers_to_transform",
     "lora_rank_pattern", "lora_alpha_pattern", "lora_target_parameters", "load_in_4bit", "load_in_8bit", "bnb_config_kwargs",

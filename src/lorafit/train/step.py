@@ -26,13 +26,25 @@ def _on(batch: dict, device: torch.device) -> dict:
 
 
 def micro_step(loss_module, batch, normaliser: int, chunk_tokens: int | None = None,
-               options: RuntimeOptions | None = None, scale: float = 1.0) -> float:
+               options: RuntimeOptions | None = None, scale: float = 1.0, scaler=None) -> float:
     """Forward + backward of one micro-batch through ``loss_module`` (:class:`LossModule`, or DDP / FSDP2 around
-    one); returns its summed token loss. ``scale``: the world size (the wrappers average gradients over ranks)."""
+    one); returns its summed token loss. ``scale``: the world size (the wrappers average gradients over ranks).
+    ``scaler``: fp16's loss scaler (:func:`loss_scaler`); the loss is multiplied by its scale before backward."""
     loss_sum, _ = loss_module(model_inputs(batch), batch["labels"], chunk_tokens, options)
     if normaliser:
-        (loss_sum * (scale / normaliser)).backward()
+        loss = loss_sum * (scale / normaliser)
+        (loss if scaler is None else scaler.scale(loss)).backward()
     return float(loss_sum.detach())
+
+
+def loss_scaler(dtype: torch.dtype, device: torch.device | str):
+    """Dynamic loss scaling for an fp16 run, as HF's Trainer (through accelerate) does: torch's GradScaler with its
+    defaults (scale 2**16, halved after a step with inf/nan gradients, doubled after 2000 good ones). Without it,
+    small fp16 gradients flowing back through the frozen base underflow to zero. None for other dtypes: bf16
+    has fp32's exponent range and needs no scaling."""
+    if dtype != torch.float16:
+        return None
+    return torch.amp.GradScaler(torch.device(device).type)
 
 
 def _no_sync(loss_module, last: bool):
@@ -44,13 +56,18 @@ def _no_sync(loss_module, last: bool):
 
 def train_step(model, optimizer, scheduler, micro_batches: list[dict], max_grad_norm: float,
                chunk_tokens: int | None = None, options: RuntimeOptions | None = None, *,
-               world: World | None = None, loss_module=None) -> dict:
+               world: World | None = None, loss_module=None, scaler=None) -> dict:
     """One optimizer step over ``micro_batches``; returns loss (per trained token), grad norm and token counts.
 
     ``chunk_tokens``: tokens per chunk of the loss (None: sized to the vocabulary). ``options``: the run's
     (None: those the model's lean kernels were applied with, else resolved here). Under torchrun, ``world`` and
     ``loss_module`` (the DDP / FSDP2 wrapper of :func:`lorafit.train.distributed.wrap`): then loss and token
     counts are those of all ranks together.
+
+    ``scaler`` (fp16, :func:`loss_scaler`): the loss is scaled before backward and the gradients unscaled before
+    clipping; a step whose gradients hold inf/nan is skipped — neither the optimizer nor the LR schedule moves, as
+    accelerate does (``optimizer.step_was_skipped``) — and the scale is lowered. The row then has
+    ``loss_scale`` (the scale this step's backward used) and ``skipped`` (True when it was skipped).
     """
     options = options or options_of(model)
     world = world or World.on(model)
@@ -62,7 +79,7 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], max_grad_
     for i, b in enumerate(micro_batches):
         with _no_sync(loss_module, i == len(micro_batches) - 1):
             local_total += micro_step(loss_module, _on(b, world.device), n_trained, chunk_tokens, options,
-                                      scale=world.world_size)
+                                      scale=world.world_size, scaler=scaler)
     local_tokens = sum(int(b["input_ids"].numel()) for b in micro_batches)
     total, tokens = all_sum(world, local_total, local_tokens)
     loss = total / max(n_trained, 1)
@@ -70,12 +87,25 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], max_grad_
         optimizer.zero_grad(set_to_none=True)
         return {"loss": loss, "grad_norm": float("nan"), "trained_tokens": n_trained, "tokens": 0}
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    if scaler is not None:
+        used_scale = scaler.get_scale()
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-    optimizer.step()
-    scheduler.step()
+    if scaler is None:
+        optimizer.step()
+        skipped = False
+    else:
+        scaler.step(optimizer)  # skipped when unscale_ found inf/nan gradients
+        scaler.update()
+        skipped = scaler.get_scale() < used_scale  # the scale drops only after a skipped step (accelerate's test)
+    if not skipped:
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss, "grad_norm": float(full_tensor(grad_norm)), "trained_tokens": n_trained,
-            "tokens": int(tokens)}
+    row = {"loss": loss, "grad_norm": float(full_tensor(grad_norm)), "trained_tokens": n_trained,
+           "tokens": int(tokens)}
+    if scaler is not None:
+        row.update(loss_scale=used_scale, skipped=skipped)
+    return row
 
 
 @torch.no_grad()
