@@ -494,8 +494,9 @@ def _answer_tokens(tokenizer, messages: Messages, reference: str) -> tuple[list[
 
 
 # A greedy token read off :func:`reference_scores`' pass must beat the runner-up by this much (in logits): a
-# closer call could go the other way in generate_answers' differently batched pass (float rounding).
-GREEDY_MARGIN = 1e-2
+# closer call could go the other way in generate_answers' differently batched pass (float rounding). The demo
+# model's logits there differ by up to 1e-4 between batchings (16 rows, 64, one unshared), so 10× room on a margin.
+GREEDY_MARGIN = 2e-3
 
 
 @torch.inference_mode()
