@@ -16,6 +16,7 @@ from lorafit.eval.tasks import (
     load_heldout,
     load_retention,
     normalize,
+    reference_scores,
     retention_score,
     score,
 )
@@ -260,6 +261,53 @@ def test_retention_score_equals_a_hand_computed_value(demo_tokenizer, tiny_llama
     assert r["n"] == 2 and r["accuracy"] == 0.5
     assert r["tokens"] == sum(c for _, c in parts)
     assert r["nll"] == pytest.approx(nll, rel=1e-5) and r["perplexity"] == pytest.approx(math.exp(nll), rel=1e-5)
+
+def _greedy_ids(model, tok, messages, n: int) -> list[int]:
+    """The first ``n`` greedy tokens by hand, one at a time with no cache and no stop."""
+    ids = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+              add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+    return ids[0, ids.shape[1] - n:].tolist()
+
+
+def test_the_reference_pass_shows_the_greedy_tokens(demo_tokenizer, tiny_llama):
+    """The greedy tokens reference_scores reads off its pass are those generation decodes: an answer the model
+    gave itself is followed through its end of turn, another one up to the first token the model says otherwise."""
+    own = generate_answers(tiny_llama, demo_tokenizer, PROMPTS, max_new_tokens=6)
+    items = [(p, a) for p, a in zip(PROMPTS, own, strict=True)] + [(p, "zz " + a) for p, a in zip(PROMPTS, own, strict=True)]
+    total, n, greedy = reference_scores(tiny_llama, demo_tokenizer, items, batch_size=3)
+    assert (total, n) == answer_nll(tiny_llama, demo_tokenizer, items, batch_size=3)
+    for (messages, _), tokens in zip(items, greedy, strict=True):
+        assert tokens == _greedy_ids(tiny_llama, demo_tokenizer, messages, len(tokens))
+    assert sum(len(t) for t in greedy[:len(PROMPTS)]) >= 3 * len(PROMPTS)  # its own answers are followed far
+
+
+def test_retention_generates_only_rows_the_reference_pass_leaves_open(demo_tokenizer, tiny_llama, tmp_path,
+                                                                      monkeypatch):
+    """References that are the model's own answers settle in the reference pass: those rows are not generated,
+    and accuracy is the one every row generated gives."""
+    from lorafit.eval import tasks
+
+    prompts = PROMPTS * 2
+    full = generate_answers(tiny_llama, demo_tokenizer, prompts, max_new_tokens=16, batch_size=4)
+    rows = []
+    for i, (p, answer) in enumerate(zip(prompts, full, strict=True)):
+        words = answer.split()
+        said = words[0] if len(words) > 2 else "zebra-never-said"
+        rows.append({"messages": p, "reference": answer if i % 2 else "zz " + answer, "answer": said})
+    found = [lambda text, a=r["answer"]: answer_found(text, a) for r in rows]
+    cut = generate_answers(tiny_llama, demo_tokenizer, prompts, max_new_tokens=16, batch_size=4, settled=found)
+    expect = sum(contains_answer(c, r["answer"]) for c, r in zip(cut, rows, strict=True)) / len(rows)
+    generated = []
+    real = tasks.generate_answers
+    monkeypatch.setattr(tasks, "generate_answers", lambda m, t, p, *a, **k: generated.append(len(p)) or real(m, t, p, *a, **k))
+    r = retention_score(tiny_llama, demo_tokenizer, _write(tmp_path / "r.jsonl", rows), max_new_tokens=16)
+    assert r["accuracy"] == expect and 0 < expect
+    # the foreign references' rows, and own answers the random model spelled in other tokens than their text's
+    assert len(rows) // 2 <= generated[0] < len(rows)
+
 
 # ------------------------------------------------------------------------------------------ settling early
 

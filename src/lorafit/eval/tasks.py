@@ -19,7 +19,9 @@ Four pieces:
   reads a retention file (rows ``{"messages", "reference", "answer"}``, made once from the base model by
   ``examples/make_retention_set.py``) and reports (a) accuracy: the fraction of generated answers that still
   contain the known answer, and (b) perplexity of the base model's own answers (``reference``) under the
-  model being scored, on the answer tokens and the end-of-turn token only (the prompt is masked).
+  model being scored, on the answer tokens and the end-of-turn token only (the prompt is masked). That pass
+  also shows each greedy answer as far as it follows the reference (:func:`reference_scores`): a row whose score
+  settles there is not generated again (for the base model, whose answers the references are, almost none is).
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ import torch
 
 from lorafit._compat import cache_kwarg
 from lorafit.errors import LorafitError
-from lorafit.train.loss import causal_lm_loss
 
 # Strings that end a turn in common chat templates; a decoded answer may keep them when special tokens are
 # not skipped, and they are never part of the answer.
@@ -356,9 +357,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[Messages], max_new_toke
             new_tokens = _greedy(model, input_ids.to(device), attention.to(device), cache, max_new_tokens, stop_ids,
                                  row_settled(idx))
             for row, i in enumerate(idx):
-                answers[i] = tokenizer.decode(new_tokens[row], skip_special_tokens=True).strip()
-                if _was_cut(new_tokens[row], stop_ids, max_new_tokens):
-                    answers[i] += CUT
+                answers[i] = _answer_text(tokenizer, new_tokens[row], stop_ids, max_new_tokens)
             if on_batch:
                 on_batch(len(idx))
     finally:
@@ -411,6 +410,23 @@ def _was_cut(tokens: list[int], stop_ids: Sequence[int], max_new_tokens: int) ->
     return len(tokens) < max_new_tokens and (not tokens or tokens[-1] not in stop_ids)
 
 
+def _answer_text(tokenizer, tokens: list[int], stop_ids: Sequence[int], max_new_tokens: int) -> str:
+    """A row's answer from its new tokens: decoded without special tokens, stripped, :data:`CUT` if it was cut."""
+    text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    return text + CUT if _was_cut(tokens, stop_ids, max_new_tokens) else text
+
+
+def _settled_answer(tokenizer, tokens: Sequence[int], settled: Callable[[str], bool], stop_ids: Sequence[int],
+                    max_new_tokens: int) -> str | None:
+    """The answer :func:`generate_answers` gives a row whose greedy tokens start with ``tokens``, when they end it
+    (a stop token, the token limit, or ``settled``, checked after each token as :func:`_greedy` does); else None."""
+    for k in range(1, min(len(tokens), max_new_tokens) + 1):
+        head = list(tokens[:k])
+        if head[-1] in stop_ids or k == max_new_tokens or settled(tokenizer.decode(head, skip_special_tokens=True)):
+            return _answer_text(tokenizer, head, stop_ids, max_new_tokens)
+    return None
+
+
 def _shared_prefix(rows: Sequence[Sequence[int]]) -> int:
     """How many leading tokens all ``rows`` share, leaving each at least one token of its own (0 when fewer
     than :data:`MIN_SHARED_PREFIX`: not worth a separate forward pass)."""
@@ -426,7 +442,8 @@ def _prefix_cache(model, prefix_ids: torch.Tensor, batch: int):
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    model(input_ids=prefix_ids, use_cache=True, **{cache_kwarg(model): cache})
+    # logits of the last position only: the head over every prefix position (49k-word vocabulary) cost 0.4 s a call
+    model(input_ids=prefix_ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
     cache.batch_repeat_interleave(batch)
     return cache
 
@@ -476,42 +493,110 @@ def _answer_tokens(tokenizer, messages: Messages, reference: str) -> tuple[list[
     return prompt_ids + answer_ids, [False] * len(prompt_ids) + [True] * len(answer_ids)
 
 
+# A greedy token read off :func:`reference_scores`' pass must beat the runner-up by this much (in logits): a
+# closer call could go the other way in generate_answers' differently batched pass (float rounding). The demo
+# model's logits there differ by up to 1e-4 between batchings (16 rows, 64, one unshared), so 10× room on a margin.
+GREEDY_MARGIN = 2e-3
+
+
 @torch.inference_mode()
-def answer_nll(model, tokenizer, items: Sequence[tuple[Messages, str]], batch_size: int = 16,
-               on_batch: Callable[[int], None] | None = None) -> tuple[float, int]:
-    """Summed negative log-likelihood (nats) of each reference answer + end of turn given its prompt,
-    and the number of tokens summed.
+def reference_scores(model, tokenizer, items: Sequence[tuple[Messages, str]], batch_size: int = 16,
+                     on_batch: Callable[[int], None] | None = None) -> tuple[float, int, list[list[int]]]:
+    """Summed negative log-likelihood (nats) of each reference answer + end of turn given its prompt, the number of
+    tokens summed, and per item the model's greedy tokens that this pass shows.
 
     ``items`` are ``(prompt messages, reference answer)`` pairs. Batches are right-padded; padding and prompt
-    tokens are excluded from the sum.
+    tokens are excluded from the sum. The greedy tokens are the argmax after the prompt and after each reference
+    token, for as long as it is the reference's next token, up to and including the first that is not: the start
+    of what :func:`generate_answers` decodes (for the model that wrote the references, all of it). They stop
+    before a call closer than :data:`GREEDY_MARGIN`, and are empty when the prompt alone tokenises differently
+    (generation starts from that).
     """
-    encoded = sorted((_answer_tokens(tokenizer, list(m), r) for m, r in items), key=lambda e: len(e[0]))  # less padding
+    from lorafit.train.loss import _hidden_states, _softcap, options_of
+
+    encoded = [_answer_tokens(tokenizer, list(m), r) for m, r in items]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # by length: less padding
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     device = _model_device(model)
+    share = options_of(model).shared_prefix
     total, count = 0.0, 0
+    greedy: list[list[int]] = [[] for _ in items]
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(encoded), batch_size):
-            chunk = encoded[start:start + batch_size]
-            width = max(len(ids) for ids, _ in chunk)
-            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(chunk), width), dtype=torch.long)
-            labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-            for row, (ids, scored) in enumerate(chunk):
-                t = torch.tensor(ids, dtype=torch.long)
-                input_ids[row, :len(ids)] = t
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            width = max(len(encoded[i][0]) for i in idx)
+            input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids = encoded[i][0]
+                input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
                 attention[row, :len(ids)] = 1
-                labels[row, :len(ids)] = torch.where(torch.tensor(scored), t, torch.full_like(t, -100))
-            # the training loss's kernel: logits only at the scored positions, not over every prompt token
-            nll, n = causal_lm_loss(model, {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)},
-                                    labels.to(device))
-            total += float(nll)
-            count += n
+            inputs = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
+            # the stack once (a batch's shared prefix once), the head only where a scored token is predicted
+            hidden = _hidden_states(model, model.base_model, inputs, share)
+            at = [[t for t in range(len(encoded[i][0]) - 1) if encoded[i][1][t + 1]] for i in idx]
+            targets = [encoded[i][0][t + 1] for i, ts in zip(idx, at, strict=True) for t in ts]
+            if targets:
+                h = torch.cat([hidden[row, ts] for row, ts in enumerate(at)])
+                nll, top, margin = _head_scores(model, h, torch.tensor(targets, device=device), _softcap(model))
+                total, count = total + nll, count + len(targets)
+                for i, ts, top_i, margin_i in zip(idx, at, top.split([len(ts) for ts in at]),
+                                                  margin.split([len(ts) for ts in at]), strict=True):
+                    greedy[i] = _greedy_prefix(tokenizer, items[i][0], encoded[i][0], ts, top_i.tolist(),
+                                               margin_i.tolist())
             if on_batch:
-                on_batch(len(chunk))
+                on_batch(len(idx))
     finally:
         model.train(was_training)
+    return total, count, greedy
+
+
+def _head_scores(model, h: torch.Tensor, targets: torch.Tensor, softcap: float | None):
+    """Summed cross-entropy of ``targets`` under the head's logits at hidden states ``h`` (n × d), with the argmax
+    and its lead over the runner-up per row. In the chunks and arithmetic of the training loss's kernel
+    (:class:`lorafit.kernels.loss.LinearCrossEntropy`), so the sum is the one it gives."""
+    from lorafit.options import loss_chunk_tokens
+
+    head = model.get_output_embeddings()
+    chunk = loss_chunk_tokens(getattr(head, "base_layer", head).weight.shape[0])
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    tops, margins = [], []
+    for hc, yc in zip(h.split(chunk), targets.split(chunk), strict=True):
+        z = head(hc).float()
+        if softcap:
+            z = torch.tanh(z.div_(softcap)).mul_(softcap)
+        best = z.topk(2, dim=-1)
+        tops.append(best.indices[:, 0])
+        margins.append(best.values[:, 0] - best.values[:, 1])
+        zmax = z.amax(1, keepdim=True)
+        target_logit = z.gather(1, yc[:, None])
+        total += (z.sub_(zmax).exp_().sum(1, keepdim=True).log() + zmax - target_logit).sum()
+    return float(total), torch.cat(tops), torch.cat(margins)
+
+
+def _greedy_prefix(tokenizer, messages: Messages, ids: list[int], at: list[int], greedy_ids: list[int],
+                   margins: list[float]) -> list[int]:
+    """The greedy tokens :func:`reference_scores` shows for one item (see there)."""
+    prompt_ids = tokenizer(_render_prompt(tokenizer, list(messages)), add_special_tokens=False)["input_ids"]
+    if not at or at[0] != len(prompt_ids) - 1 or ids[:len(prompt_ids)] != prompt_ids:
+        return []  # the answer starts mid-token, or the prompt alone tokenises differently
+    tokens = []
+    for t, token, margin in zip(at, greedy_ids, margins, strict=True):
+        if margin < GREEDY_MARGIN:
+            break
+        tokens.append(token)
+        if token != ids[t + 1]:
+            break  # the model leaves the reference here: what it says next is unknown
+    return tokens
+
+
+def answer_nll(model, tokenizer, items: Sequence[tuple[Messages, str]], batch_size: int = 16,
+               on_batch: Callable[[int], None] | None = None) -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) of each reference answer + end of turn given its prompt,
+    and the number of tokens summed (:func:`reference_scores` without the greedy tokens)."""
+    total, count, _ = reference_scores(model, tokenizer, items, batch_size, on_batch)
     return total, count
 
 
@@ -530,17 +615,25 @@ def retention_score(model, tokenizer, path: str | Path, *, max_new_tokens: int =
     """
     phase = phase or no_phase
     rows = load_retention(path)
-    prompts = [r["messages"] for r in rows]
+    with phase("retention: perplexity of base answers", len(rows)) as advance:
+        # reference_scores' own, smaller batches: rows sorted by length pad less (64 → 16: 2× faster on the demo)
+        total, count, greedy = reference_scores(model, tokenizer, [(r["messages"], r["reference"]) for r in rows],
+                                                on_batch=advance)
     # a row stops once its known answer is said and settled: "still correct" cannot change after that
     found = [lambda text, answer=r["answer"]: answer_found(text, answer) for r in rows]
+    # The pass above showed each row's greedy answer as far as it follows the reference (for the model that wrote
+    # the references, all of it): a row settled there needs no generating (the base column: none does).
+    stop_ids = _stop_token_ids(model, tokenizer)
+    predictions = [_settled_answer(tokenizer, tokens, check, stop_ids, max_new_tokens)
+                   for tokens, check in zip(greedy, found, strict=True)]
+    todo = [i for i, p in enumerate(predictions) if p is None]
     with phase("retention: answers", len(rows)) as advance:
-        predictions = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, on_batch=advance,
-                                       settled=found)
+        advance(len(rows) - len(todo))
+        generated = generate_answers(model, tokenizer, [rows[i]["messages"] for i in todo], max_new_tokens,
+                                     batch_size, on_batch=advance, settled=[found[i] for i in todo])
+    for i, answer in zip(todo, generated, strict=True):
+        predictions[i] = answer
     correct = sum(contains_answer(p, r["answer"]) for p, r in zip(predictions, rows, strict=True))
-    with phase("retention: perplexity of base answers", len(rows)) as advance:
-        # answer_nll's own, smaller batches: rows sorted by length pad less (64 → 16: 2× faster on the demo)
-        total, count = answer_nll(model, tokenizer, [(r["messages"], r["reference"]) for r in rows],
-                                  on_batch=advance)
     mean_nll = total / count if count else float("nan")
     return {"accuracy": correct / len(rows), "perplexity": math.exp(mean_nll) if count else float("nan"),
             "nll": mean_nll, "tokens": count, "n": len(rows)}

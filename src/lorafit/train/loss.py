@@ -93,9 +93,12 @@ def _hidden_states(model: nn.Module, body: nn.Module, inputs: dict, share: bool 
     ids, rows = inputs["input_ids"], inputs["input_ids"].shape[0]
     cache = DynamicCache(config=model.config)
     key = cache_kwarg(body)
-    # Two rows, not one: torch.compile specializes a dimension of size 1, so a batch of one would compile every
-    # fused kernel again (cold, on the demo: 38 s more than the prefix saves). The second row is dropped.
-    prefix = body(input_ids=ids[:2, :shared], use_cache=True, **{key: cache}).last_hidden_state[:1]
+    # Two rows, not one, when the kernels are compiled: torch.compile specializes a dimension of size 1, so a batch
+    # of one would compile every fused kernel again (cold, on the demo: 38 s more than the prefix saves). The second
+    # row is dropped. Uncompiled (lorafit eval's plain model) one row does: the second cost 9% of the eval loss.
+    handle = getattr(model, "lean_kernels", None)
+    n = 2 if handle is not None and handle.options.compile else 1
+    prefix = body(input_ids=ids[:n, :shared], use_cache=True, **{key: cache}).last_hidden_state[:1]
     cache.batch_select_indices(torch.zeros(rows, dtype=torch.long, device=ids.device))
     rest = body(input_ids=ids[:, shared:], attention_mask=inputs.get("attention_mask"), use_cache=True,
                 **{key: cache}).last_hidden_state
