@@ -137,8 +137,9 @@ QUANTIZED = {"4bit": (dict(adapter="qlora", load_in_4bit=True), 2 * 9216 // 2),
              "8bit": (dict(load_in_8bit=True), 2 * 9216)}
 
 
-# one torchrun launch each (~25 s): the 4-bit one stays in the default suite, the 8-bit one is slow
-@pytest.mark.parametrize("quant", ["4bit", pytest.param("8bit", marks=pytest.mark.slow)])
+# one torchrun launch each (~25-30 s): slow, the 4-bit one in CI's selection (the default suite keeps the DDP launch)
+@pytest.mark.parametrize("quant", [pytest.param("4bit", marks=[pytest.mark.slow, pytest.mark.ci]),
+                                   pytest.param("8bit", marks=pytest.mark.slow)])
 def test_fsdp2_over_a_quantized_base_equals_one_process_and_shards_the_codes(workdir, monkeypatch, quant):
     """QLoRA (4-bit) and LoRA over an 8-bit base under FSDP2: the codes and their statistics are sharded
     parameters, all-gathered for each block's forward and again for its backward. 2 ranks step exactly as one
