@@ -293,3 +293,18 @@ def test_fp16_sigkill_then_resume_is_bitwise_identical(workdir, tmp_path):
     assert [r["step"] for r in b] == list(range(1, 25))
     assert [(r["loss"], r["loss_scale"]) for r in a] == [(r["loss"], r["loss_scale"]) for r in b]
     assert any("skipped_steps" in r for r in a)
+
+
+def test_bf16_auto_falls_back_to_fp16_on_a_gpu_without_bf16(workdir):
+    """axolotl's resolve_dtype: bf16: auto on a GPU without bf16 (T4, V100) trains in fp16 when fp16 is not set;
+    lorafit does so where fp16 can train the run, and keeps fp32 on a CPU and where fp16 is refused."""
+    auto = TrainConfig.from_dict(config(workdir, "auto", bf16="auto", fp16=False))
+    assert auto.dtype_for(False, cuda=True) == "float32"  # fp16: false said so
+    unset = {k: v for k, v in config(workdir, "auto", bf16="auto").items() if k != "fp16"}
+    cfg = TrainConfig.from_dict(unset)
+    assert cfg.dtype_for(False, cuda=True) == "float16"
+    assert cfg.dtype_for(False, cuda=False) == "float32" and cfg.dtype_for(True, cuda=True) == "bfloat16"
+    full = TrainConfig.from_dict({**unset, "adapter": None})
+    assert full.dtype_for(False, cuda=True) == "float32"  # fp16 cannot train the full model
+    saved = TrainConfig.from_dict({**unset, "lora_modules_to_save": ["lm_head"]})
+    assert saved.dtype_for(False, cuda=True) == "float32"

@@ -32,12 +32,14 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def train_dtype(cfg) -> str:
-    """The dtype a config trains in here: ``bf16: auto`` is bfloat16 only where CUDA supports it."""
+    """The dtype a config trains in here: ``bf16: auto`` is bfloat16 only where CUDA supports it (fp16 on a GPU
+    without bf16, as axolotl falls back: see ``TrainConfig.dtype_for``)."""
+    cuda = torch.cuda.is_available()
     try:
-        supported = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        supported = cuda and torch.cuda.is_bf16_supported()
     except Exception:  # pragma: no cover - broken CUDA setups
         supported = False
-    return cfg.dtype_for(supported)
+    return cfg.dtype_for(supported, cuda=cuda)
 
 
 def demo_model_file() -> Path:

@@ -610,15 +610,22 @@ class TrainConfig(BaseModel):
             return "all-linear"
         return self.lora_target_modules or []  # empty: lora_target_parameters only
 
-    def dtype_for(self, bf16_supported: bool) -> str:
+    def dtype_for(self, bf16_supported: bool, cuda: bool = False) -> str:
         """``"bfloat16"``, ``"float16"`` or ``"float32"`` on a device that does (not) support bf16: ``bf16: auto``
         is bfloat16 only where it is supported (the trainer asks CUDA, ``lorafit.models.train_dtype``; the
         estimator assumes a GPU target does). ``fp16: true`` is float16 unless ``bf16: true`` (axolotl's
-        ``resolve_dtype``: bf16 wins over fp16, and fp16 over ``bf16: auto``)."""
+        ``resolve_dtype``: bf16 wins over fp16, and fp16 over ``bf16: auto``). On a ``cuda`` device without bf16
+        (a T4, a V100), ``bf16: auto`` with ``fp16`` not set is float16, as axolotl falls back there, where fp16
+        can train the run (an adapter without lora_modules_to_save, no FSDP2); elsewhere float32 (on a CPU fp16
+        would only add rounding: its matmuls run on fp32 copies)."""
         if self.fp16 and self.bf16 is not True:
             return "float16"
         if self.bf16 == "auto":
-            return "bfloat16" if bf16_supported else "float32"
+            if bf16_supported:
+                return "bfloat16"
+            fallback = cuda and "fp16" not in self.model_fields_set and self.is_lora and \
+                not self.lora_modules_to_save and not self.fsdp_enabled
+            return "float16" if fallback else "float32"
         return "bfloat16" if self.bf16 else "float32"
 
     def runtime_options(self) -> RuntimeOptions:
