@@ -19,21 +19,23 @@ from typing import Any
 _SHIPPED = re.compile(r"^zero([0-3])(_[a-z0-9_]+)?\.json$")
 
 
-def zero_stage(value: str | dict[str, Any], resolve) -> tuple[int, str]:
-    """``(stage, where it was read)`` of a ``deepspeed`` value: a path (``resolve`` makes it absolute, relative
-    to the config) or the config mapping itself. Raises ``ValueError`` with the fix when there is no stage."""
+def read(value: str | dict[str, Any], resolve) -> tuple[int, str, bool]:
+    """``(stage, where it was read, whether it offloads)`` of a ``deepspeed`` value: a path (``resolve`` makes it
+    absolute, relative to the config) or the config mapping itself; a file is read once. Raises ``ValueError``
+    with the fix when there is no stage."""
     if isinstance(value, dict):
-        return _stage_of(value, "the inline deepspeed config"), "the inline config"
+        return _stage_of(value, "the inline deepspeed config"), "the inline config", _offloads(value)
     path = resolve(value)
     if path.is_file():
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise ValueError(f"key 'deepspeed': got {value!r}, not a readable JSON file ({e})") from None
-        return _stage_of(data, str(value)), str(value)
-    shipped = _SHIPPED.match(Path(value).name)
+        return _stage_of(data, str(value)), str(value), _offloads(data)
+    name = Path(value).name
+    shipped = _SHIPPED.match(name)
     if shipped:
-        return int(shipped.group(1)), f"the name of axolotl's shipped {Path(value).name} (the file is not here)"
+        return int(shipped.group(1)), f"the name of axolotl's shipped {name} (the file is not here)", "offload" in name
     raise ValueError(f"key 'deepspeed': got {value!r}, no such file; lorafit reads only its ZeRO stage "
                      "(zero_optimization.stage): give the file, or remove the key and set fsdp_version: 2 to shard "
                      "with FSDP2")
@@ -46,6 +48,13 @@ def _stage_of(data: Any, where: str) -> int:
     return stage
 
 
+def _offloads(data: dict[str, Any]) -> bool:
+    """Whether a DeepSpeed config offloads parameters or optimizer states."""
+    zero = data.get("zero_optimization", {})
+    return any(isinstance(o, dict) and o.get("device", "none") != "none"
+               for o in (zero.get("offload_param"), zero.get("offload_optimizer")))
+
+
 def notice(stage: int, where: str, offload: bool) -> str:
     """What the run does instead of DeepSpeed, in one line."""
     mapped = ("FSDP2, the sharding of parameters, gradients and optimizer states ZeRO-3 does" if stage == 3 else
@@ -53,18 +62,3 @@ def notice(stage: int, where: str, offload: bool) -> str:
     extra = "; its offload settings are not applied (lorafit plan shows what fits)" if offload else ""
     return (f"deepspeed: ZeRO-{stage}, read from {where}: lorafit does not run DeepSpeed; under torchrun it trains with "
             f"{mapped}{extra}")
-
-
-def offloads(value: str | dict[str, Any], resolve) -> bool:
-    """Whether the config asks DeepSpeed to offload parameters or optimizer states (by its contents or name)."""
-    if isinstance(value, dict):
-        zero = value.get("zero_optimization", {})
-        return any(isinstance(o, dict) and o.get("device", "none") != "none"
-                   for o in (zero.get("offload_param"), zero.get("offload_optimizer")))
-    path = resolve(value)
-    if path.is_file():
-        try:
-            return offloads(json.loads(path.read_text()), resolve)
-        except (OSError, ValueError):
-            return False
-    return "offload" in Path(value).name

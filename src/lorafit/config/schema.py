@@ -560,7 +560,7 @@ class TrainConfig(BaseModel):
             raise LorafitError(f"{self.source}: deepspeed and fsdp keys are both set (axolotl refuses it too); keep "
                                "one: lorafit shards with FSDP2 either way")
         try:
-            stage, where = zero.zero_stage(self.deepspeed, self.resolve_path)
+            stage, where, offload = zero.read(self.deepspeed, self.resolve_path)
         except ValueError as e:
             raise LorafitError(f"{self.source}: {e}") from None
         if stage == 3 and not self.is_lora:
@@ -571,7 +571,7 @@ class TrainConfig(BaseModel):
                                "yet (the loss scale's overflow check would see one shard per rank); use bf16: true or "
                                "a ZeRO-1/2 config (DDP)")
         self._zero_stage = stage
-        return zero.notice(stage, where, zero.offloads(self.deepspeed, self.resolve_path))
+        return zero.notice(stage, where, offload)
 
     # ---- conveniences for the other modules ----
     @property

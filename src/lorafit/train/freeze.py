@@ -3,8 +3,8 @@
 Every parameter is frozen except those whose name matches one of the patterns (read as axolotl reads them:
 :mod:`lorafit.config.unfrozen`). A pattern ending in a row range trains only those rows of the first dimension:
 the other rows' gradients are zeroed, so only those rows move (weight decay, as in axolotl, still applies to the
-whole tensor). ``^model.embed_tokens.weight$[32000:]`` trains
-only the embeddings of tokens added after the first 32,000.
+whole tensor). ``^model.embed_tokens.weight$[32000:]`` trains only the embeddings of tokens added after the first
+32,000.
 
 A tied tensor (input embeddings shared with the head) matches under either of its names.
 """
