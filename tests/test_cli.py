@@ -49,6 +49,21 @@ def test_merge_writes_a_plain_model(tiny, tmp_path):
     assert not any("lora" in k for k in merged.state_dict())
 
 
+def test_merge_keeps_the_dtype_the_base_is_stored_in(tiny, tmp_path):
+    """A bf16 base merges into a bf16 model by default, as PEFT's merge_and_unload keeps the loaded dtype (not a
+    float32 folder twice the size); --dtype still picks one."""
+    from safetensors import safe_open
+
+    d, model = tiny
+    model_dir = tmp_path / "bf16-base"
+    AutoModelForCausalLM.from_pretrained(d / "model", dtype=torch.bfloat16).save_pretrained(model_dir)
+    load_tokenizer("demo").save_pretrained(model_dir)
+    for out, extra, want in (("auto", [], "BF16"), ("fp32", ["--dtype", "float32"], "F32")):
+        assert main(["merge", str(model_dir), str(d / "adapter"), str(tmp_path / out), *extra]) == 0
+        with safe_open(tmp_path / out / "model.safetensors", "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {want}
+
+
 def _tree(folder):
     return sorted((str(p.relative_to(folder)), p.read_bytes()) for p in folder.rglob("*") if p.is_file())
 

@@ -122,7 +122,7 @@ def test_fp16_run_trains_like_fp32_and_logs_the_scale(workdir):
     a, b = [r["loss"] for r in rows], [r["loss"] for r in metrics(workdir / "full")]
     assert a == pytest.approx(b, rel=2e-3) and a[-1] < a[0]
     assert "loss_scale" not in metrics(workdir / "full")[0]
-    # merge writes --dtype (float32 unless asked, as for a bf16 run): float16 gives the fp16 run's dtype back
+    # merge writes --dtype (else the dtype the base is stored in, here float32): float16 gives the fp16 run's dtype back
     from safetensors import safe_open
 
     from lorafit.cli import main

@@ -21,8 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("base_model")
     p.add_argument("adapter")
     p.add_argument("output")
-    p.add_argument("--dtype", default="float32",
-                   help="dtype of the saved model (float32 | bfloat16 | float16)")
+    p.add_argument("--dtype", default="auto",
+                   help="dtype of the saved model: auto (default: the dtype the base is stored in, float32 for a "
+                        "GGUF file) | float32 | bfloat16 | float16")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it is a non-empty folder")
     add_qlora_flag(p, "merge into")
     p.set_defaults(func=cmd_merge)
@@ -32,6 +33,19 @@ def _source(name: str) -> str:
     """A base model or adapter as the record names it: the absolute path when it is a local one."""
     p = Path(name).expanduser()
     return str(p.resolve()) if p.exists() else name
+
+
+def stored_dtype(base_model: str) -> str:
+    """The dtype a base model folder is stored in (its config.json's ``dtype``, ``torch_dtype`` before
+    transformers 5), so a merged bf16 model stays bf16 as PEFT's ``merge_and_unload`` keeps it; float32 where the
+    folder does not say, and for a GGUF file, whose quantized weights have no 16-bit dtype to keep."""
+    from lorafit import dtypes
+    from lorafit.models import resolve_model_path
+
+    folder, gguf = resolve_model_path(base_model)
+    config = None if gguf else read_json(folder / "config.json")
+    name = (config or {}).get("dtype") or (config or {}).get("torch_dtype")
+    return name if name in dtypes.BYTES else "float32"
 
 
 def previous_merge(out: Path, base: str, adapter: str, overwrite: bool) -> bool:
@@ -53,6 +67,7 @@ def cmd_merge(args) -> int:
     from lorafit.models import dequantize_base, parse_dtype
 
     console = Console()
+    dtype = parse_dtype(stored_dtype(args.base_model) if args.dtype == "auto" else args.dtype)  # a bad one: now
     base, adapter = _source(args.base_model), _source(args.adapter)
     own = previous_merge(Path(args.output).expanduser(), base, adapter, args.overwrite)
     # checked before loading anything: never into the inputs, the current folder, or over a user's folder
@@ -70,13 +85,13 @@ def cmd_merge(args) -> int:
     merge_and_unload(model, safe=True)
     if held["four_bit"] is not None or held["eight_bit"]:
         dequantize_base(model)  # the layers the adapter did not touch: dequantized too
-    model = model.to(parse_dtype(args.dtype))
+    model = model.to(dtype)
     with atomic_dir(out) as tmp:  # no half-written model folder if saving fails
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if not p.is_dir())
         write_json(tmp / RECORD, {"written_by": "lorafit merge", "base_model": base, "adapter": adapter,
                                   "files": files})
-    console.print(f"wrote merged model to {display(out)} "
+    console.print(f"wrote merged model ({str(dtype).removeprefix('torch.')}) to {display(out)} "
                   "(loads with transformers' AutoModelForCausalLM.from_pretrained)", highlight=False)
     return 0
