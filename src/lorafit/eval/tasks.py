@@ -512,7 +512,7 @@ def reference_scores(model, tokenizer, items: Sequence[tuple[Messages, str]], ba
     before a call closer than :data:`GREEDY_MARGIN`, and are empty when the prompt alone tokenises differently
     (generation starts from that).
     """
-    from lorafit.train.loss import _hidden_states, _softcap, options_of
+    from lorafit.train.loss import hidden_states, logit_softcap, options_of
 
     encoded = [_answer_tokens(tokenizer, list(m), r) for m, r in items]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # by length: less padding
@@ -535,12 +535,12 @@ def reference_scores(model, tokenizer, items: Sequence[tuple[Messages, str]], ba
                 attention[row, :len(ids)] = 1
             inputs = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
             # the stack once (a batch's shared prefix once), the head only where a scored token is predicted
-            hidden = _hidden_states(model, model.base_model, inputs, share)
+            hidden = hidden_states(model, model.base_model, inputs, share)
             at = [[t for t in range(len(encoded[i][0]) - 1) if encoded[i][1][t + 1]] for i in idx]
             targets = [encoded[i][0][t + 1] for i, ts in zip(idx, at, strict=True) for t in ts]
             if targets:
                 h = torch.cat([hidden[row, ts] for row, ts in enumerate(at)])
-                nll, top, margin = _head_scores(model, h, torch.tensor(targets, device=device), _softcap(model))
+                nll, top, margin = _head_scores(model, h, torch.tensor(targets, device=device), logit_softcap(model))
                 total, count = total + nll, count + len(targets)
                 for i, ts, top_i, margin_i in zip(idx, at, top.split([len(ts) for ts in at]),
                                                   margin.split([len(ts) for ts in at]), strict=True):
@@ -557,6 +557,7 @@ def _head_scores(model, h: torch.Tensor, targets: torch.Tensor, softcap: float |
     """Summed cross-entropy of ``targets`` under the head's logits at hidden states ``h`` (n × d), with the argmax
     and its lead over the runner-up per row. In the chunks and arithmetic of the training loss's kernel
     (:class:`lorafit.kernels.loss.LinearCrossEntropy`), so the sum is the one it gives."""
+    from lorafit.kernels.loss import cross_entropy_sum_, softcap_
     from lorafit.options import loss_chunk_tokens
 
     head = model.get_output_embeddings()
@@ -565,14 +566,11 @@ def _head_scores(model, h: torch.Tensor, targets: torch.Tensor, softcap: float |
     tops, margins = [], []
     for hc, yc in zip(h.split(chunk), targets.split(chunk), strict=True):
         z = head(hc).float()
-        if softcap:
-            z = torch.tanh(z.div_(softcap)).mul_(softcap)
+        softcap_(z, softcap)
         best = z.topk(2, dim=-1)
         tops.append(best.indices[:, 0])
         margins.append(best.values[:, 0] - best.values[:, 1])
-        zmax = z.amax(1, keepdim=True)
-        target_logit = z.gather(1, yc[:, None])
-        total += (z.sub_(zmax).exp_().sum(1, keepdim=True).log() + zmax - target_logit).sum()
+        total += cross_entropy_sum_(z, yc)[0]
     return float(total), torch.cat(tops), torch.cat(margins)
 
 

@@ -25,6 +25,26 @@ from lorafit.kernels import matmul
 from lorafit.options import RuntimeOptions
 
 
+def softcap_(z: torch.Tensor, softcap: float | None, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Gemma-2's logit soft-cap ``c · tanh(z / c)``, in place on fp32 logits ``z``; returns ``t = tanh(z / c)``
+    (into ``out`` when given), which the gradient needs (``1 − t²``), or None without a cap."""
+    if not softcap:
+        return None
+    t = torch.tanh(z.div_(softcap), out=out)
+    torch.mul(t, softcap, out=z)
+    return t
+
+
+def cross_entropy_sum_(z: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of ``targets`` under fp32 logits ``z`` (n × vocab), and each row's ``Σ exp(z − max)``.
+    ``z`` is overwritten with ``exp(z − max)`` (no second vocab-wide buffer): the softmax numerators, which the
+    gradient ``softmax − onehot`` is made of in place."""
+    zmax = z.amax(1, keepdim=True)
+    target_logit = z.gather(1, targets[:, None])
+    sumexp = z.sub_(zmax).exp_().sum(1, keepdim=True)
+    return (sumexp.log() + zmax - target_logit).sum(), sumexp
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """``sum_i CE(softcap(h_i Wᵀ + s · u_i Bᵀ), y_i)`` over rows ``h`` (n × d) and targets ``y`` (n,), computed in
     chunks; the LoRA term is there when ``lora_u`` (n × r) and ``lora_b`` (vocab × r) are given.
@@ -66,19 +86,13 @@ class LinearCrossEntropy(torch.autograd.Function):
                 z.copy_(torch.mm(hc, weight.t(), out=low_buf[:n]))
             if lora:
                 z.addmm_(u32[start : start + n], b32.t(), alpha=scaling)
-            t = None
-            if softcap:  # t = tanh(z / c) is kept for the derivative 1 − t²
-                t = torch.tanh(z.div_(softcap), out=t_buf[:n])
-                torch.mul(t, softcap, out=z)
+            t = softcap_(z, softcap, t_buf[:n] if softcap else None)
             # Cross-entropy and its gradient softmax − onehot, in place in z: z − max, exp, sum, divide.
-            zmax = z.amax(1, keepdim=True)
-            target_logit = z.gather(1, yc[:, None])
-            expz = z.sub_(zmax).exp_()
-            sumexp = expz.sum(1, keepdim=True)
-            total += (sumexp.log() + zmax - target_logit).sum()
+            ce, sumexp = cross_entropy_sum_(z, yc)
+            total += ce
             if not (need_h or need_w or need_u or need_b):
                 continue
-            grad = expz.div_(sumexp)
+            grad = z.div_(sumexp)
             grad[torch.arange(n, device=yc.device), yc] -= 1.0
             if softcap:
                 grad.mul_(t.mul_(t).neg_().add_(1.0))

@@ -24,7 +24,8 @@ def options_of(model: nn.Module) -> RuntimeOptions:
     return handle.options if handle is not None else RuntimeOptions.resolve()
 
 
-def _softcap(model: nn.Module) -> float | None:
+def logit_softcap(model: nn.Module) -> float | None:
+    """The model's final-logit soft-cap (Gemma 2), None without one."""
     return getattr(model.config, "final_logit_softcapping", None) or None
 
 
@@ -45,7 +46,7 @@ def causal_lm_loss(model: nn.Module, inputs: dict, labels: torch.Tensor, chunk_t
     if getattr(base, "bias", None) is not None:
         raise NotImplementedError("output heads with a bias are not supported by the chunked loss")
     options = options or options_of(model)
-    hidden = _hidden_states(model, body, inputs, options.shared_prefix)  # (B, T, d)
+    hidden = hidden_states(model, body, inputs, options.shared_prefix)  # (B, T, d)
     targets = labels[:, 1:].reshape(-1)
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     n = int(keep.numel())
@@ -56,7 +57,7 @@ def causal_lm_loss(model: nn.Module, inputs: dict, labels: torch.Tensor, chunk_t
     if lora_head and head.variant.name != "lora":
         # A DoRA (or 4-bit) head: its row norms (or dequantized weight) belong to its own kernel, so the logits of
         # the trained positions are made by the layer itself, unchunked. Rare; correct before lean.
-        return _unchunked_loss(head(h), y, _softcap(model)), n
+        return _unchunked_loss(head(h), y, logit_softcap(model)), n
     chunk = chunk_tokens or loss_chunk_tokens(base.weight.shape[0])
     lora = ()
     if lora_head:
@@ -66,7 +67,7 @@ def causal_lm_loss(model: nn.Module, inputs: dict, labels: torch.Tensor, chunk_t
         u = F.dropout(h, head.dropout_p, training=head.training).to(a.dtype) @ a.t()
         lora = (u, b, head.scaling)
     loss = LinearCrossEntropy.apply(h, head._weight_out_in() if lora_head else base.weight, y, chunk,
-                                    _softcap(model), options, *lora)
+                                    logit_softcap(model), options, *lora)
     return loss, n
 
 
@@ -74,7 +75,7 @@ def causal_lm_loss(model: nn.Module, inputs: dict, labels: torch.Tensor, chunk_t
 MIN_SHARED_PREFIX = 8
 
 
-def _hidden_states(model: nn.Module, body: nn.Module, inputs: dict, share: bool = True) -> torch.Tensor:
+def hidden_states(model: nn.Module, body: nn.Module, inputs: dict, share: bool = True) -> torch.Tensor:
     """The decoder stack's last hidden states, running the tokens every row of the batch starts with once.
 
     Chat samples open with the same tokens (a chat template's system turn, a task's instruction: a third to a
