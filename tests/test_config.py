@@ -232,8 +232,9 @@ def test_deepspeed_reads_the_stage_and_offload_from_its_file(tmp_path):
 @pytest.mark.parametrize("over, words", [
     ({"deepspeed": "mine.json"}, "key 'deepspeed': got 'mine.json', no such file"),
     ({"deepspeed": {"train_batch_size": 8}}, "no zero_optimization.stage"),
-    ({"deepspeed": "zero3.json", "adapter": None}, "ZeRO-3 maps to FSDP2 here, which does not fully fine-tune"),
+    ({"deepspeed": "zero3.json", "adapter": None}, "full fine-tuning with FSDP2 (deepspeed ZeRO-3 maps to it here) is not supported"),
     ({"deepspeed": "zero2.json", "fsdp_version": 2}, "deepspeed and fsdp keys are both set"),
+    ({"deepspeed": "zero3.json", "fp16": True}, "fp16 with FSDP2 (deepspeed ZeRO-3 maps to it here) is not supported"),
 ])
 def test_deepspeed_mistakes_are_one_line(over, words):
     assert words in error_of(**over)

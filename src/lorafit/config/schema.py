@@ -463,8 +463,16 @@ class TrainConfig(BaseModel):
         if self.fsdp_version not in (None, 2):
             raise ValueError(f"fsdp_version {self.fsdp_version}: lorafit shards with FSDP2 only; set fsdp_version: 2")
         if not self.is_lora:
-            raise ValueError("full fine-tuning with FSDP2 is not supported yet; use adapter: lora, or drop the fsdp "
-                             "keys to train with DDP")
+            raise ValueError(f"full fine-tuning with {self._fsdp_origin} is not supported yet; use adapter: lora, or "
+                             f"{self._ddp_instead} to train with DDP")
+
+    @property
+    def _fsdp_origin(self) -> str:
+        return "FSDP2 (deepspeed ZeRO-3 maps to it here)" if self._zero_stage == 3 else "FSDP2"
+
+    @property
+    def _ddp_instead(self) -> str:
+        return "a ZeRO-1/2 deepspeed config" if self._zero_stage == 3 else "drop the fsdp keys"
 
     @property
     def fsdp_enabled(self) -> bool:
@@ -486,8 +494,8 @@ class TrainConfig(BaseModel):
             raise ValueError("fp16 with lora_modules_to_save is not supported (those modules would train in fp16, "
                              "which loss scaling cannot unscale); use bf16: true or fp32 (fp16: false)")
         if self.fsdp_enabled:
-            raise ValueError("fp16 with FSDP2 is not supported (the loss scale's overflow check would see one "
-                             "shard of the gradients per rank); use bf16: true, or drop the fsdp keys for DDP")
+            raise ValueError(f"fp16 with {self._fsdp_origin} is not supported (the loss scale's overflow check would "
+                             f"see one shard of the gradients per rank); use bf16: true, or {self._ddp_instead} for DDP")
 
     def _precision_notices(self) -> list[str]:
         if self.fp16 and self.bf16 is True:
@@ -563,14 +571,12 @@ class TrainConfig(BaseModel):
             stage, where, offload = zero.read(self.deepspeed, self.resolve_path)
         except ValueError as e:
             raise LorafitError(f"{self.source}: {e}") from None
-        if stage == 3 and not self.is_lora:
-            raise LorafitError(f"{self.source}: deepspeed ZeRO-3 maps to FSDP2 here, which does not fully fine-tune "
-                               "yet; use a ZeRO-1/2 config (DDP) or an adapter")
-        if stage == 3 and self.fp16 and self.bf16 is not True:
-            raise LorafitError(f"{self.source}: deepspeed ZeRO-3 maps to FSDP2 here, which does not train in fp16 "
-                               "yet (the loss scale's overflow check would see one shard per rank); use bf16: true or "
-                               "a ZeRO-1/2 config (DDP)")
         self._zero_stage = stage
+        try:  # the stage is known only now: FSDP2's rules, checked when the config validated, apply to ZeRO-3 too
+            self._check_fsdp()
+            self._check_fp16()
+        except ValueError as e:
+            raise LorafitError(f"{self.source}: key 'deepspeed': {e}") from None
         return zero.notice(stage, where, offload)
 
     # ---- conveniences for the other modules ----
