@@ -161,18 +161,41 @@ def load_model(name: str, dtype: str | torch.dtype = "float32", attn_implementat
     with torchao_import_quiet():  # transformers' quantizers import torchao (when installed) as a model loads
         import transformers.quantizers  # noqa: F401
     folder, gguf = resolve_model_path(name, base_dir)
-    kwargs = {"gguf_file": gguf} if gguf else {}
+    kwargs = {"gguf_file": gguf} if gguf else _folder_load_kwargs(folder, attn_implementation)
+    kwargs.setdefault("attn_implementation", attn_implementation)
     try:
         with gguf_parsed_once():
-            model = AutoModelForCausalLM.from_pretrained(
-                folder, dtype=parse_dtype(dtype), attn_implementation=attn_implementation, **kwargs
-            )
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=parse_dtype(dtype), **kwargs)
     except (OSError, ValueError, ImportError) as e:  # ImportError: e.g. flash_attention_2 not installed
         raise LorafitError(f"could not load base_model {name!r}: {str(e).splitlines()[0]}") from e
-    if gguf:
+    if gguf or "quantization_config" in kwargs:
         forget_gguf_quantization(model)  # dequantised on load: save_pretrained must write a plain HF model
     model.eval()
     return model
+
+
+def _folder_load_kwargs(folder: Path, attn_implementation: str) -> dict:
+    """``from_pretrained``'s arguments that depend on the checkpoint in ``folder``:
+
+    * an MXFP4 checkpoint (gpt-oss) loads with ``Mxfp4Config(dequantize=True)``, as axolotl's
+      ``model_quantization_config: Mxfp4Config`` with ``dequantize: true`` asks: its experts are dequantized to the
+      load dtype. Always, not only when the key is set: LoRA trains dense experts, and on a GPU transformers would
+      otherwise keep the MXFP4 codes for its triton kernels.
+    * sdpa on a model class without it (gpt-oss: its attention sinks) is eager, the same math, as transformers'
+      own default picks."""
+    from transformers import AutoConfig, Mxfp4Config
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    kwargs = {}
+    hf_config = AutoConfig.from_pretrained(folder)
+    quant = getattr(hf_config, "quantization_config", None) or {}
+    quant = quant if isinstance(quant, dict) else quant.to_dict()
+    if quant.get("quant_method") == "mxfp4":
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(hf_config), None)
+    if attn_implementation == "sdpa" and cls is not None and not getattr(cls, "_supports_sdpa", True):
+        kwargs["attn_implementation"] = "eager"
+    return kwargs
 
 
 def _cache_demo_model(model, tok) -> None:
