@@ -52,6 +52,7 @@ TYPICAL_TOP = {
     "load_in_4bit": True, "bnb_config_kwargs": {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
     "load_in_8bit": True, "quantize_moe_experts": True, "loraplus_lr_ratio": 16, "loraplus_lr_embedding": 1e-6,
     "model_quantization_config": "Mxfp4Config", "model_quantization_config_kwargs": {"dequantize": True},
+    "llama4_linearized_experts": True,
     "lora_target_parameters": ["mlp.experts.gate_up_proj"], "unfrozen_parameters": ["^model.layers.1.mlp"],
     "deepspeed": "deepspeed_configs/zero2.json",
     "fsdp": ["full_shard", "auto_wrap"], "fsdp_config": {"reshard_after_forward": True}, "fsdp_version": 2,

@@ -158,3 +158,153 @@ def test_the_estimate_of_an_mxfp4_run(gpt_oss_workdir):
     assert s.dtype == "bfloat16" and not s.four_bit and not s.eight_bit
     with pytest.raises(LorafitError, match="mixture-of-experts model .4 experts.*cannot estimate"):
         resolve_spec(str(gpt_oss_workdir / "model"))
+
+
+# ---- Llama 4 linearized experts ------------------------------------------------------------------------------
+def tiny_llama4(vocab: int = 128):
+    """A 2-layer random Llama 4 text model, both layers MoE (4 experts, 1 per token), fp32, seeded."""
+    import transformers
+
+    cfg = transformers.Llama4TextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=32,
+                                        intermediate_size_mlp=96, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
+                                        interleave_moe_layer_step=1, use_cache=False)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa")
+
+
+IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+EXPERT_TARGETS = r".*\.experts\.(gate|up|down)_projs\.[0-9]+"
+
+
+@pytest.fixture(scope="module")
+def llama4(tmp_path_factory):
+    """A tiny Llama 4 saved fused (transformers' layout) and linearized (axolotl's layout); its logits."""
+    import copy
+
+    from lorafit.linearized import linearize
+
+    root = tmp_path_factory.mktemp("llama4")
+    model = tiny_llama4()
+    model.save_pretrained(root / "fused")
+    linear = copy.deepcopy(model)
+    linearize(linear)
+    linear.save_pretrained(root / "linear")  # keys …experts.gate_projs.N.weight, as axolotl's checkpoints
+    with torch.no_grad():
+        return root, model, model(IDS).logits
+
+
+def test_linearized_experts_hold_the_fused_weights_and_compute_the_same(llama4):
+    """Each expert's Linear holds its slice of gate_up_proj / down_proj transposed; the experts and the whole
+    model compute exactly what the fused ones do (fp32); the state fuses back to transformers' tensors."""
+    import copy
+
+    from lorafit.linearized import LinearizedLlama4Experts, fused_state_dict, linearize
+
+    _, fused_model, logits = llama4
+    model = copy.deepcopy(fused_model)
+    assert linearize(model) == ["model.layers.0.feed_forward.experts", "model.layers.1.feed_forward.experts"]
+    fused, linear = fused_model.model.layers[1].feed_forward.experts, model.model.layers[1].feed_forward.experts
+    assert isinstance(linear, LinearizedLlama4Experts)
+    assert torch.equal(linear.gate_projs[2].weight, fused.gate_up_proj[2, :, :32].T)
+    assert torch.equal(linear.up_projs[2].weight, fused.gate_up_proj[2, :, 32:].T)
+    assert torch.equal(linear.down_projs[3].weight, fused.down_proj[3].T)
+    x = torch.randn(4 * 5, 64)
+    with torch.no_grad():
+        assert torch.equal(linear(x), fused(x))
+        assert torch.equal(model(IDS).logits, logits)
+    back, original = fused_state_dict(model.state_dict()), fused_model.state_dict()
+    assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in back)
+
+
+@pytest.mark.parametrize("layout", ["fused", "linear"])
+def test_both_checkpoint_layouts_load_linearized(llama4, layout):
+    from lorafit.linearized import LinearizedLlama4Experts
+    from lorafit.models import load_model
+
+    root, _, logits = llama4
+    model = load_model(str(root / layout), linearized_experts=True)
+    assert isinstance(model.model.layers[0].feed_forward.experts, LinearizedLlama4Experts)
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, logits)
+
+
+def test_a_linearized_checkpoint_without_the_key_is_one_line(llama4):
+    """transformers would start the fused experts from random values and drop the checkpoint's."""
+    from lorafit.models import load_model
+
+    with pytest.raises(LorafitError, match="linearized Llama 4 checkpoint .*set llama4_linearized_experts: true"):
+        load_model(str(llama4[0] / "linear"))
+
+
+def test_the_key_on_a_model_that_is_not_llama4_is_one_line(mxfp4):
+    from lorafit.models import load_model
+
+    with pytest.raises(LorafitError, match="llama4_linearized_experts: .* is a gpt_oss model, not Llama 4; .*remove"):
+        load_model(str(mxfp4[0]), linearized_experts=True)
+
+
+def test_lora_targets_single_experts_and_4bit_quantizes_them(llama4):
+    from lorafit.lora import LoraConfig, apply_lora
+    from lorafit.models import load_model, quantize_base
+
+    model = load_model(str(llama4[0] / "fused"), linearized_experts=True)
+    quantize_base(model)
+    assert type(model.model.layers[1].feed_forward.experts.down_projs[3]).__name__ == "Linear4bit"
+    apply_lora(model, LoraConfig(r=2, alpha=4, target_modules=EXPERT_TARGETS))
+    wrapped = {n for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert len(wrapped) == 2 * 3 * 4 and "model.layers.0.feed_forward.experts.up_projs.3" in wrapped
+    one = load_model(str(llama4[0] / "fused"), linearized_experts=True)
+    apply_lora(one, LoraConfig(r=2, alpha=4, target_modules=["experts.gate_projs.0"]))
+    assert {n for n, m in one.named_modules() if hasattr(m, "lora_A")} == {
+        f"model.layers.{i}.feed_forward.experts.gate_projs.0" for i in (0, 1)}
+    with pytest.raises(LorafitError, match=r"'experts.gate_projs.\[0-9\]\+\$' matches no Linear layer; .*gate_projs.N"
+                                           r".*one regex string"):
+        apply_lora(load_model(str(llama4[0] / "fused"), linearized_experts=True),
+                   LoraConfig(r=2, alpha=4, target_modules=["q_proj", "experts.gate_projs.[0-9]+$"]))
+
+
+def test_quantize_moe_experts_with_linearized_experts_is_one_line(tmp_path):
+    from lorafit.config import TrainConfig
+
+    with pytest.raises(LorafitError, match="quantize_moe_experts with llama4_linearized_experts"):
+        TrainConfig.from_dict(dict(base_model="demo", datasets=[{"path": "d.jsonl", "type": "completion"}],
+                                   adapter="qlora", load_in_4bit=True, lora_target_linear=True,
+                                   quantize_moe_experts=True, llama4_linearized_experts=True))
+
+
+def test_lora_on_linearized_experts_trains_and_merges_fused(llama4, tmp_path, capsys):
+    """Training with the key saves an adapter over the per-expert layers; merge writes the fused layout, which
+    plain transformers loads (no unused or missing keys) with the merged weights."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.cli import main
+    from lorafit.config import TrainConfig
+    from lorafit.linearized import fused_state_dict
+    from lorafit.lora import merge_and_unload
+    from lorafit.models import load_tokenizer
+    from lorafit.train import train
+
+    tok = load_tokenizer("demo")
+    base = tmp_path / "base"
+    tiny_llama4(len(tok)).save_pretrained(base)
+    tok.save_pretrained(base)
+    rows = [{"text": f"{w} {w} {w}"} for w in ["fig", "kiwi", "lime"] * 4]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = TrainConfig.from_dict(dict(
+        base_model=str(base), llama4_linearized_experts=True, adapter="lora", lora_r=2, lora_alpha=4,
+        lora_target_modules=EXPERT_TARGETS, datasets=[{"path": str(tmp_path / "d.jsonl"), "type": "completion"}],
+        sequence_len=16, micro_batch_size=2, max_steps=2, learning_rate=5e-3, output_dir=str(tmp_path / "out")))
+    run = train(cfg)
+    assert any(p.abs().max() > 0 for n, p in run.model.named_parameters() if "lora_B" in n)
+    expected = fused_state_dict(merge_and_unload(copy.deepcopy(run.model)).state_dict())
+    capsys.readouterr()
+    assert main(["merge", str(base), str(tmp_path / "out"), str(tmp_path / "merged")]) == 0
+    merged, info = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32,
+                                                        output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    name = "model.layers.1.feed_forward.experts.gate_up_proj"
+    torch.testing.assert_close(merged.state_dict()[name], expected[name])
+    assert not torch.equal(expected[name], AutoModelForCausalLM.from_pretrained(base).state_dict()[name])

@@ -257,8 +257,9 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
                      "overrides_of_model_config is axolotl's key for config changes (not supported here)"),
     **_group(IGNORED, "lorafit reads the model, its config and its revision from base_model's folder",
              "base_model_config revision_of_model model_revision"),
-    "llama4_linearized_experts": (UNSUPPORTED, "converting MoE experts to linear layers is not supported; lorafit"
-                                  " trains the model's expert layers as they are"),
+    "llama4_linearized_experts": (SUPPORTED, "Llama 4's routed experts as per-expert linear layers (gate_projs.N,"
+                                  " up_projs.N, down_projs.N) from a fused or a linearized checkpoint; merged models"
+                                  " are written fused, in transformers' layout"),
     "peft_layers_pattern": (UNSUPPORTED, "not supported; lorafit finds the layer index in the module name"),
     "peft": (UNSUPPORTED, "LoftQ initialisation is not supported; use lora_init: pissa or the default"),
     "peft_layer_replication": (UNSUPPORTED, "layer replication is not supported"),

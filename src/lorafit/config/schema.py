@@ -189,6 +189,9 @@ class TrainConfig(BaseModel):
     # gpt-oss dequantized to the training dtype as it loads; lorafit.models does so for every MXFP4 checkpoint)
     model_quantization_config: str | None = None
     model_quantization_config_kwargs: dict[str, Any] | None = None
+    # Llama 4: each routed expert as three nn.Linear layers (gate_projs.N, up_projs.N, down_projs.N), as axolotl's
+    # linearized modelling; LoRA can then target single experts (lorafit.linearized)
+    llama4_linearized_experts: bool = False
     lora_r: int = Field(8, gt=0)
     lora_alpha: float = Field(16, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
@@ -444,6 +447,10 @@ class TrainConfig(BaseModel):
         if self.load_in_4bit and (self.peft_use_dora or self.lora_init == "pissa"):
             raise ValueError(f"load_in_4bit and {'peft_use_dora' if self.peft_use_dora else 'lora_init: pissa'} cannot "
                              "be combined (they need the dense base weight); use plain QLoRA or a bf16/fp32 base")
+        if self.quantize_moe_experts and self.llama4_linearized_experts:
+            raise ValueError("quantize_moe_experts with llama4_linearized_experts: the linearized experts are linear "
+                             "layers, which load_in_4bit / load_in_8bit quantize with the base; remove "
+                             "quantize_moe_experts")
         if self.quantize_moe_experts and not (self.load_in_4bit or self.load_in_8bit):
             raise ValueError("quantize_moe_experts needs a quantized base (as in axolotl): add load_in_4bit: true "
                              "(adapter: qlora) or load_in_8bit: true (adapter: lora)")
