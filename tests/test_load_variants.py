@@ -229,6 +229,40 @@ def test_both_checkpoint_layouts_load_linearized(llama4, layout):
         assert torch.equal(model(IDS).logits, logits)
 
 
+def test_a_multimodal_llama4_checkpoint_loads_its_language_model_linearized(tmp_path):
+    """Llama 4 as published (Llama4ForConditionalGeneration, axolotl's model_type) loads text-only through
+    AutoModelForCausalLM; its linearized form (keys language_model.model.layers.N…gate_projs.M) loads too."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    from lorafit.models import load_model
+
+    text = tiny_llama4().config.to_dict()
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=28,
+                  patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)
+    torch.manual_seed(0)
+    transformers.Llama4ForConditionalGeneration(transformers.Llama4Config(text_config=text, vision_config=vision)
+                                                ).save_pretrained(tmp_path)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    with torch.no_grad():
+        logits = reference(IDS).logits
+        assert torch.equal(load_model(str(tmp_path), linearized_experts=True)(IDS).logits, logits)
+    state, linear = load_file(tmp_path / "model.safetensors"), {}
+    for key, w in state.items():
+        prefix, _, name = key.rpartition(".")
+        if name == "gate_up_proj":
+            for n in range(w.shape[0]):
+                linear[f"{prefix}.gate_projs.{n}.weight"], linear[f"{prefix}.up_projs.{n}.weight"] = w[n].T.chunk(2)
+        elif name == "down_proj" and prefix.endswith("experts"):
+            linear.update({f"{prefix}.down_projs.{n}.weight": w[n].T for n in range(w.shape[0])})
+        else:
+            linear[key] = w
+    assert "language_model.model.layers.1.feed_forward.experts.up_projs.3.weight" in linear
+    save_file({k: v.contiguous() for k, v in linear.items()}, tmp_path / "model.safetensors")
+    with torch.no_grad():
+        assert torch.equal(load_model(str(tmp_path), linearized_experts=True)(IDS).logits, logits)
+
+
 def test_a_linearized_checkpoint_without_the_key_is_one_line(llama4):
     """transformers would start the fused experts from random values and drop the checkpoint's."""
     from lorafit.models import load_model
