@@ -163,9 +163,9 @@ def load_model(name: str, dtype: str | torch.dtype = "float32", attn_implementat
         import transformers.quantizers  # noqa: F401
     folder, gguf = resolve_model_path(name, base_dir)
     linear_keys = _linearized_checkpoint_keys(folder, gguf, name, linearized_experts)
-    kwargs = {"gguf_file": gguf} if gguf else _folder_load_kwargs(folder, attn_implementation)
-    kwargs.setdefault("attn_implementation", attn_implementation)
     try:
+        kwargs = {"gguf_file": gguf} if gguf else _folder_load_kwargs(folder, attn_implementation)
+        kwargs.setdefault("attn_implementation", attn_implementation)
         with gguf_parsed_once():
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=parse_dtype(dtype), **kwargs)
     except (OSError, ValueError, ImportError) as e:  # ImportError: e.g. flash_attention_2 not installed
