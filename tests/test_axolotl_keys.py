@@ -51,6 +51,8 @@ TYPICAL_TOP = {
     "default_system_message": "You are helpful.", "chat_template_kwargs": {"enable_thinking": False},
     "load_in_4bit": True, "bnb_config_kwargs": {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
     "load_in_8bit": True, "quantize_moe_experts": True, "loraplus_lr_ratio": 16, "loraplus_lr_embedding": 1e-6,
+    "model_quantization_config": "Mxfp4Config", "model_quantization_config_kwargs": {"dequantize": True},
+    "llama4_linearized_experts": True,
     "lora_target_parameters": ["mlp.experts.gate_up_proj"], "unfrozen_parameters": ["^model.layers.1.mlp"],
     "deepspeed": "deepspeed_configs/zero2.json",
     "fsdp": ["full_shard", "auto_wrap"], "fsdp_config": {"reshard_after_forward": True}, "fsdp_version": 2,
@@ -104,6 +106,8 @@ def test_supported_top_level_key_validates(key):
         extra["val_set_size"] = 0
     if key == "quantize_moe_experts":
         extra["load_in_4bit"] = True
+    if key.startswith("model_quantization_config"):  # the two go together
+        extra.update(model_quantization_config="Mxfp4Config", model_quantization_config_kwargs={"dequantize": True})
     cfg = load(extra)
     assert getattr(cfg, RENAMED.get(key, key)) is not None
 

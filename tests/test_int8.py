@@ -277,11 +277,11 @@ def test_the_run_record_says_the_base_was_8bit(trained, workdir):
     from lorafit.cli.loading import base_for
     from lorafit.train.run_record import recorded_quantization
 
-    held = {"four_bit": None, "eight_bit": True, "moe_experts": False}
+    held = {"four_bit": None, "eight_bit": True, "moe_experts": False, "linearized_experts": False}
     assert recorded_quantization(trained) == held
     assert recorded_quantization(trained / "checkpoint-2") == held
     assert recorded_quantization(workdir / "model") is None  # no record: PEFT files do not say
-    dense = {"four_bit": None, "eight_bit": False, "moe_experts": False}
+    dense = {"four_bit": None, "eight_bit": False, "moe_experts": False, "linearized_experts": False}
     assert base_for(str(trained), None, "off") == dense
     assert base_for(str(workdir / "model"), None, None) == dense
 

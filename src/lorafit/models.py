@@ -153,26 +153,100 @@ def load_tokenizer(name: str, base_dir: Path | None = None, what: str = "tokeniz
 
 
 def load_model(name: str, dtype: str | torch.dtype = "float32", attn_implementation: str = "sdpa",
-               base_dir: Path | None = None):
-    """Load a causal LM (weights dequantised if GGUF) in ``dtype``, on CPU, in eval mode."""
+               base_dir: Path | None = None, linearized_experts: bool = False):
+    """Load a causal LM (weights dequantised if GGUF) in ``dtype``, on CPU, in eval mode. ``linearized_experts``:
+    Llama 4's routed experts as per-expert linear layers, from a fused or an already-linearized checkpoint."""
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
     with torchao_import_quiet():  # transformers' quantizers import torchao (when installed) as a model loads
         import transformers.quantizers  # noqa: F401
     folder, gguf = resolve_model_path(name, base_dir)
-    kwargs = {"gguf_file": gguf} if gguf else {}
+    linear_keys = _linearized_checkpoint_keys(folder, gguf, name, linearized_experts)
     try:
+        kwargs = {"gguf_file": gguf} if gguf else _folder_load_kwargs(folder, attn_implementation)
+        kwargs.setdefault("attn_implementation", attn_implementation)
         with gguf_parsed_once():
-            model = AutoModelForCausalLM.from_pretrained(
-                folder, dtype=parse_dtype(dtype), attn_implementation=attn_implementation, **kwargs
-            )
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=parse_dtype(dtype), **kwargs)
     except (OSError, ValueError, ImportError) as e:  # ImportError: e.g. flash_attention_2 not installed
         raise LorafitError(f"could not load base_model {name!r}: {str(e).splitlines()[0]}") from e
-    if gguf:
+    if gguf or "quantization_config" in kwargs:
         forget_gguf_quantization(model)  # dequantised on load: save_pretrained must write a plain HF model
+    if linearized_experts:
+        _linearize(model, folder, linear_keys, name)
     model.eval()
     return model
+
+
+def _checkpoint_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def _linearized_checkpoint_keys(folder: Path, gguf: str | None, name: str, wanted: bool) -> list[str]:
+    """The linearized Llama 4 expert weights (``…experts.gate_projs.N.weight``) a checkpoint holds. transformers
+    would leave them unused and start the fused experts from random values: without ``wanted`` that is an
+    error; ``wanted`` on a model that is no Llama 4 is one too."""
+    from safetensors import safe_open
+
+    from lorafit.linearized import linearized_keys
+
+    if gguf:
+        return []  # a GGUF Llama 4 has the fused layout
+    model_type = str(json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type", ""))
+    if not model_type.startswith("llama4"):
+        if wanted:
+            raise LorafitError(f"llama4_linearized_experts: base_model {name!r} is a {model_type or 'model'} model, "
+                               "not Llama 4; the key is for Llama 4's experts, remove it")
+        return []
+    keys = []
+    for f in _checkpoint_files(folder):
+        with safe_open(f, "pt") as st:
+            keys += linearized_keys(st.keys())
+    if keys and not wanted:
+        raise LorafitError(f"base_model {name!r} is a linearized Llama 4 checkpoint ({keys[0]}); set "
+                           "llama4_linearized_experts: true to load its experts")
+    return keys
+
+
+def _linearize(model, folder: Path, linear_keys: list[str], name: str) -> None:
+    """Swap the model's Llama 4 experts for per-expert linear layers; from a linearized checkpoint, fill them with
+    its weights (transformers left them unused)."""
+    from safetensors import safe_open
+
+    from lorafit.linearized import linearize, load_linearized_weights
+
+    linearize(model)
+    if not linear_keys:
+        return
+    wanted, tensors = set(linear_keys), {}
+    for f in _checkpoint_files(folder):
+        with safe_open(f, "pt") as st:
+            tensors.update({k: st.get_tensor(k) for k in st.keys() if k in wanted})
+    load_linearized_weights(model, tensors, f"base_model {name!r}")
+
+
+def _folder_load_kwargs(folder: Path, attn_implementation: str) -> dict:
+    """``from_pretrained``'s arguments that depend on the checkpoint in ``folder``:
+
+    * an MXFP4 checkpoint (gpt-oss) loads with ``Mxfp4Config(dequantize=True)``, as axolotl's
+      ``model_quantization_config: Mxfp4Config`` with ``dequantize: true`` asks: its experts are dequantized to the
+      load dtype. Always, not only when the key is set: LoRA trains dense experts, and on a GPU transformers would
+      otherwise keep the MXFP4 codes for its triton kernels.
+    * sdpa on a model class without it (gpt-oss: its attention sinks) is eager, the same math, as transformers'
+      own default picks."""
+    from transformers import AutoConfig, Mxfp4Config
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    kwargs = {}
+    hf_config = AutoConfig.from_pretrained(folder)
+    quant = getattr(hf_config, "quantization_config", None) or {}
+    quant = quant if isinstance(quant, dict) else quant.to_dict()
+    if quant.get("quant_method") == "mxfp4":
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(hf_config), None)
+    if attn_implementation == "sdpa" and cls is not None and not getattr(cls, "_supports_sdpa", True):
+        kwargs["attn_implementation"] = "eager"
+    return kwargs
 
 
 def _cache_demo_model(model, tok) -> None:
@@ -192,17 +266,21 @@ def _cache_demo_model(model, tok) -> None:
 
 def load_model_and_tokenizer(name: str, dtype: str | torch.dtype = "float32", tokenizer: str | None = None, *,
                              base_dir: Path | None = None, attn_implementation: str = "sdpa",
-                             four_bit: dict | None = None, eight_bit: bool = False, moe_experts: bool = False):
+                             four_bit: dict | None = None, eight_bit: bool = False, moe_experts: bool = False,
+                             linearized_experts: bool = False):
     """Load model and tokenizer (from ``tokenizer`` if given); the tokenizer always has a pad token.
 
     Relative paths are taken relative to ``base_dir`` (a config's folder; the working directory when None).
     ``four_bit``: :func:`quantize_base`'s arguments, to load the base in 4 bits (QLoRA); ``eight_bit``: the base
     in 8 bits (:func:`quantize_base_8bit`, LLM.int8); ``moe_experts``: a MoE model's routed experts in the same
-    bits (:func:`lorafit.kernels.experts.quantize_experts`, axolotl's ``quantize_moe_experts``)."""
+    bits (:func:`lorafit.kernels.experts.quantize_experts`, axolotl's ``quantize_moe_experts``); ``linearized_experts``:
+    Llama 4's experts as per-expert linear layers (:mod:`lorafit.linearized`, axolotl's
+    ``llama4_linearized_experts``), before any quantization, so a 4-bit base quantizes them too."""
     from_gguf_demo = name in DEMO_ALIASES and resolve_model_path(name)[1] is not None
     with gguf_parsed_once():  # a GGUF base: one parse for the tokenizer, the config and the weights
         tok = load_tokenizer(tokenizer, base_dir) if tokenizer else load_tokenizer(name, base_dir, "base_model")
-        model = load_model(name, "float32" if from_gguf_demo else dtype, attn_implementation, base_dir)
+        model = load_model(name, "float32" if from_gguf_demo else dtype, attn_implementation, base_dir,
+                           linearized_experts=linearized_experts)
     if from_gguf_demo:
         _cache_demo_model(model, tok)
         model = model.to(parse_dtype(dtype))

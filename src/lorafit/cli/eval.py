@@ -64,7 +64,8 @@ def cmd_eval(args) -> int:
     if cfg is None and not (args.heldout or args.retention):
         raise LorafitError("give a training config (for its eval split), --heldout or --retention")
     default = {"four_bit": cfg.four_bit, "eight_bit": cfg.load_in_8bit,
-               "moe_experts": cfg.quantize_moe_experts} if cfg is not None else None
+               "moe_experts": cfg.quantize_moe_experts,
+               "linearized_experts": cfg.llama4_linearized_experts} if cfg is not None else None
     held = base_for(adapter, args.qlora, args.base_8bit, Console(), default=default)
     model, tok = model_with_adapter(base_model, adapter, **held)
     key = None

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 
 def model_with_adapter(base_model: str, adapter: str | None, dtype: str = "float32", four_bit: dict | None = None,
-                       device: str | None = None, eight_bit: bool = False, moe_experts: bool = False):
+                       device: str | None = None, eight_bit: bool = False, moe_experts: bool = False,
+                       linearized_experts: bool = False):
     """``(model, tokenizer)`` in eval mode, with ``adapter`` attached when given; ``four_bit``: the base in 4 bits
     (``lorafit.models.quantize_base``'s arguments), as a QLoRA adapter was trained; ``eight_bit``: in 8 bits
     (LLM.int8), as a ``load_in_8bit`` adapter was; ``moe_experts``: a MoE model's experts in those bits too
-    (``quantize_moe_experts``). On ``device``: by default the GPU when there is one, as
+    (``quantize_moe_experts``); ``linearized_experts``: Llama 4's experts as linear layers, as the adapter was
+    trained (``llama4_linearized_experts``). On ``device``: by default the GPU when there is one, as
     ``lorafit train`` runs."""
     import torch
 
@@ -19,7 +21,7 @@ def model_with_adapter(base_model: str, adapter: str | None, dtype: str = "float
     from lorafit.models import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(base_model, dtype, four_bit=four_bit, eight_bit=eight_bit,
-                                          moe_experts=moe_experts)
+                                          moe_experts=moe_experts, linearized_experts=linearized_experts)
     if adapter:
         load_adapter(model, adapter)
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -61,9 +63,10 @@ def base_for(adapter: str | None, qlora: str | None, base_8bit: str | None, cons
     if qlora is not None or base_8bit is not None or not adapter:
         # the flags say how the base's layers were held; a MoE model's experts as its record says
         experts = bool(held and held["moe_experts"]) and (qlora not in (None, "off") or base_8bit == "on")
-        return {"four_bit": four_bit_of(qlora), "eight_bit": base_8bit == "on", "moe_experts": experts}
+        return {"four_bit": four_bit_of(qlora), "eight_bit": base_8bit == "on", "moe_experts": experts,
+                "linearized_experts": bool(held and held["linearized_experts"])}
     if held is None:
-        return default or {"four_bit": None, "eight_bit": False, "moe_experts": False}
+        return default or {"four_bit": None, "eight_bit": False, "moe_experts": False, "linearized_experts": False}
     if console is not None and held["four_bit"] is not None:
         console.print(f"[yellow]note:[/] {adapter} was trained over a 4-bit {held['four_bit']['quant_type']} base "
                       "(its run record): loading the base that way; --qlora off for the dense base", highlight=False,

@@ -63,6 +63,7 @@ def previous_merge(out: Path, base: str, adapter: str, overwrite: bool) -> bool:
 
 
 def cmd_merge(args) -> int:
+    from lorafit.linearized import save_pretrained
     from lorafit.lora import merge_and_unload
     from lorafit.models import dequantize_base, parse_dtype
 
@@ -87,7 +88,7 @@ def cmd_merge(args) -> int:
         dequantize_base(model)  # the layers the adapter did not touch: dequantized too
     model = model.to(dtype)
     with atomic_dir(out) as tmp:  # no half-written model folder if saving fails
-        model.save_pretrained(tmp)
+        save_pretrained(model, tmp)  # linearized Llama 4 experts written fused: plain transformers loads it
         tok.save_pretrained(tmp)
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if not p.is_dir())
         write_json(tmp / RECORD, {"written_by": "lorafit merge", "base_model": base, "adapter": adapter,

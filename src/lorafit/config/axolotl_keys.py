@@ -34,8 +34,8 @@ _MODEL_CLASS = "lorafit loads every model with AutoModelForCausalLM and its toke
 _GEN = "no samples are generated during training; run lorafit eval on the saved adapter"
 _MULTI = ("lorafit trains on several devices with torchrun: DDP, or FSDP2 with fsdp_version: 2; "
           "this kind of parallelism is not supported, remove it")
-_QUANT = ("quantized bases other than bitsandbytes 4-bit (GPTQ, FP8, MXFP4, NVFP4, torchao) are not supported; use adapter: qlora"
-          " with load_in_4bit: true, or LoRA on a bf16/fp32 base")
+_QUANT = ("quantized bases other than bitsandbytes 4-bit and MXFP4 dequantized on load (GPTQ, FP8, NVFP4, torchao) are"
+          " not supported; use adapter: qlora with load_in_4bit: true, or LoRA on a bf16/fp32 base")
 _OPTIM = "not supported; use optimizer adamw_torch (with weight_decay, adam_beta1/2, adam_epsilon)"
 _SCHED = "not supported; use lr_scheduler cosine, linear, constant or constant_with_warmup"
 _RL = "preference and RL training (DPO/KTO/ORPO/GRPO, reward models) is not supported; lorafit does supervised" \
@@ -74,6 +74,10 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
                                " be 0, as in PEFT"),
     "quantize_moe_experts": (SUPPORTED, "the routed experts' 3-D tensors in 4 or 8 bits (as the base), dequantized"
                              " when read"),
+    "model_quantization_config": (SUPPORTED, "Mxfp4Config only, with model_quantization_config_kwargs: {dequantize:"
+                                  " true}: an MXFP4 checkpoint (gpt-oss) is dequantized to the training dtype as it"
+                                  " loads (lorafit does so for any MXFP4 checkpoint)"),
+    "model_quantization_config_kwargs": (SUPPORTED, "{dequantize: true} with model_quantization_config: Mxfp4Config"),
     "fp16": (SUPPORTED, "fp16 base with fp32 LoRA weights and dynamic loss scaling (torch's GradScaler); bf16: true "
                         "wins over it, as in axolotl; full fine-tuning, lora_modules_to_save and FSDP2 are refused"),
     # ---- ignored: logging integrations ----
@@ -192,7 +196,7 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
         expert_parallel_size expert_parallel_backend expert_parallel_num_nvl_bytes expert_parallel_num_rdma_bytes
         expert_parallel_token_capacity expert_parallel_fallback_on_unsupported"""),
     **_group(UNSUPPORTED, _QUANT, """
-        gptq gptq_groupsize gptq_model_v1 gptq_disable_exllama model_quantization_config model_quantization_config_kwargs
+        gptq gptq_groupsize gptq_model_v1 gptq_disable_exllama
         use_onebitllms fp8 qat quantization llmcompressor nonexpert_quantization
         moe_bnb_fast dsv4_fp8_nonexpert_mode dsv4_fp8_lora_kernel dsv4_shared_mlp_lora_kernel dsv4_bf16_all
         dsv4_fp4_grouped_mode gemma4_fp8_nonexpert gemma4_nf4_nonexpert nvfp4_merge_aware
@@ -253,8 +257,9 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
                      "overrides_of_model_config is axolotl's key for config changes (not supported here)"),
     **_group(IGNORED, "lorafit reads the model, its config and its revision from base_model's folder",
              "base_model_config revision_of_model model_revision"),
-    "llama4_linearized_experts": (UNSUPPORTED, "converting MoE experts to linear layers is not supported; lorafit"
-                                  " trains the model's expert layers as they are"),
+    "llama4_linearized_experts": (SUPPORTED, "Llama 4's routed experts as per-expert linear layers (gate_projs.N,"
+                                  " up_projs.N, down_projs.N) from a fused or a linearized checkpoint; merged models"
+                                  " are written fused, in transformers' layout"),
     "peft_layers_pattern": (UNSUPPORTED, "not supported; lorafit finds the layer index in the module name"),
     "peft": (UNSUPPORTED, "LoftQ initialisation is not supported; use lora_init: pissa or the default"),
     "peft_layer_replication": (UNSUPPORTED, "layer replication is not supported"),

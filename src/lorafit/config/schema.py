@@ -185,6 +185,13 @@ class TrainConfig(BaseModel):
     # dequantized when read; they are no linear layers, so the quantized base above does not reach them
     quantize_moe_experts: bool = False
     bnb_config_kwargs: dict[str, Any] | None = None
+    # axolotl's quantized-checkpoint keys: Mxfp4Config with dequantize: true only (an MXFP4 checkpoint such as
+    # gpt-oss dequantized to the training dtype as it loads; lorafit.models does so for every MXFP4 checkpoint)
+    model_quantization_config: str | None = None
+    model_quantization_config_kwargs: dict[str, Any] | None = None
+    # Llama 4: each routed expert as three nn.Linear layers (gate_projs.N, up_projs.N, down_projs.N), as axolotl's
+    # linearized modelling; LoRA can then target single experts (lorafit.linearized)
+    llama4_linearized_experts: bool = False
     lora_r: int = Field(8, gt=0)
     lora_alpha: float = Field(16, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
@@ -413,6 +420,7 @@ class TrainConfig(BaseModel):
         if self.lora_model_dir and not self.is_lora:
             raise ValueError("lora_model_dir is set but adapter is not lora; set adapter: lora to continue an adapter")
         self._check_four_bit()
+        self._check_model_quantization()
         self._check_fsdp()
         self._check_fp16()
         if self.lora_model_dir and self.lora_init == "pissa":
@@ -439,9 +447,33 @@ class TrainConfig(BaseModel):
         if self.load_in_4bit and (self.peft_use_dora or self.lora_init == "pissa"):
             raise ValueError(f"load_in_4bit and {'peft_use_dora' if self.peft_use_dora else 'lora_init: pissa'} cannot "
                              "be combined (they need the dense base weight); use plain QLoRA or a bf16/fp32 base")
+        if self.quantize_moe_experts and self.llama4_linearized_experts:
+            raise ValueError("quantize_moe_experts with llama4_linearized_experts: the linearized experts are linear "
+                             "layers, which load_in_4bit / load_in_8bit quantize with the base; remove "
+                             "quantize_moe_experts")
         if self.quantize_moe_experts and not (self.load_in_4bit or self.load_in_8bit):
             raise ValueError("quantize_moe_experts needs a quantized base (as in axolotl): add load_in_4bit: true "
                              "(adapter: qlora) or load_in_8bit: true (adapter: lora)")
+
+    def _check_model_quantization(self) -> None:
+        """axolotl's model_quantization_config: what lorafit runs of it is MXFP4 dequantized on load."""
+        name, kw = self.model_quantization_config, self.model_quantization_config_kwargs
+        if name is None:
+            if kw:
+                raise ValueError("model_quantization_config_kwargs is set without model_quantization_config; add "
+                                 "model_quantization_config: Mxfp4Config or remove the kwargs")
+            return
+        if name != "Mxfp4Config":
+            raise ValueError(f"model_quantization_config {name}: only Mxfp4Config (with "
+                             "model_quantization_config_kwargs: {dequantize: true}) is supported; for other quantized "
+                             "bases use adapter: qlora with load_in_4bit: true, or a bf16/fp32 base")
+        if (kw or {}).get("dequantize") is not True or set(kw) - {"dequantize"}:
+            raise ValueError("model_quantization_config Mxfp4Config needs model_quantization_config_kwargs: "
+                             "{dequantize: true} and nothing else: lorafit trains the experts dequantized (MXFP4 "
+                             "compute needs triton kernels on a GPU)")
+        if self.load_in_4bit or self.load_in_8bit:
+            raise ValueError("model_quantization_config with load_in_4bit or load_in_8bit: they cannot be combined "
+                             "(axolotl refuses it too); keep one")
 
     def _check_eight_bit(self) -> None:
         """load_in_8bit is LoRA over an int8 base; what lorafit does not implement over it is one line."""

@@ -67,15 +67,30 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             f"lora target {name!r} is a {type(module).__name__}; lorafit can wrap Linear, Conv1D and Embedding "
             "layers only (train it fully with modules_to_save instead)"
         )
-    available = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, TARGETABLE)})
+    available = sorted({_leaf_name(n) for n, m in model.named_modules() if isinstance(m, TARGETABLE)})
     for t in targets_rule.unmatched_names(targets, [n for n, _ in matched]):
-        raise LorafitError(f"lora target_modules entry {t!r} matches no Linear layer; this model has: {', '.join(available)}")
+        raise LorafitError(f"lora target_modules entry {t!r} matches no Linear layer; this model has: "
+                           f"{', '.join(available)}{_regex_hint(t)}")
     if not matched:
         raise LorafitError(
             f"lora target_modules {targets!r} (layers {config.layers_to_transform}) match nothing; "
             f"this model's linear layers are: {', '.join(available)}"
         )
     return [n for n, _ in matched]
+
+
+def _leaf_name(path: str) -> str:
+    """A module's name as a target list names it: ``q_proj``; ``gate_projs.N`` for a layer of a ModuleList."""
+    parts = path.split(".")
+    return f"{parts[-2]}.N" if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+
+def _regex_hint(entry: str) -> str:
+    """A list entry written as a regex (``experts.gate_projs.[0-9]+$``) is a name to PEFT and lorafit alike."""
+    if not any(c in entry for c in "[]()*+?$^|\\"):
+        return ""
+    return ("; entries of a list are names (as in PEFT), not regexes: give lora_target_modules one regex string "
+            "matching the whole module path instead, e.g. '.*\\.experts\\.gate_projs\\.[0-9]+'")
 
 
 def find_parameter_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, str]]:

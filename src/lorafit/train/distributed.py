@@ -29,7 +29,7 @@ from torch import nn
 
 from lorafit.errors import LorafitError
 from lorafit.options import RuntimeOptions
-from lorafit.train.loss import causal_lm_loss
+from lorafit.train.loss import causal_lm_loss, decoder_stack
 
 # A rank that fails ends its process; torchrun then stops the others. The timeout bounds how long a collective
 # waits for a peer that died without torchrun noticing (e.g. a lost node).
@@ -157,7 +157,7 @@ class LossModule(nn.Module):
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The decoder blocks of a transformers causal LM (``model.model.layers``, ``transformer.h`` ...)."""
-    body = model.base_model
+    body = decoder_stack(model)
     for name in ("layers", "h", "blocks"):
         layers = getattr(body, name, None)
         if isinstance(layers, nn.ModuleList) and len(layers):

@@ -29,6 +29,13 @@ def logit_softcap(model: nn.Module) -> float | None:
     return getattr(model.config, "final_logit_softcapping", None) or None
 
 
+def decoder_stack(model: nn.Module) -> nn.Module:
+    """The decoder stack without the head (LlamaModel, GPT2Model, ...): ``base_model``, or ``model.model`` where the
+    class names a prefix it does not have (Llama4ForCausalLM's ``language_model``, so ``base_model`` is itself)."""
+    body = model.base_model
+    return getattr(model, "model", body) if body is model else body
+
+
 def causal_lm_loss(model: nn.Module, inputs: dict, labels: torch.Tensor, chunk_tokens: int | None = None,
                    options: RuntimeOptions | None = None) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over trained positions, and how many there were.
@@ -39,7 +46,7 @@ def causal_lm_loss(model: nn.Module, inputs: dict, labels: torch.Tensor, chunk_t
     per chunk (None: sized to the vocabulary). ``options``: the run's (the trainer passes them; None: see
     :func:`options_of`).
     """
-    body = model.base_model  # the decoder stack without the head (LlamaModel, GPT2Model, ...)
+    body = decoder_stack(model)
     head = model.get_output_embeddings()
     lora_head = hasattr(head, "base_layer") and not (head.merged or head.disabled)
     base = getattr(head, "base_layer", head)

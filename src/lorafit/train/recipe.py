@@ -29,6 +29,7 @@ from lorafit._compat import compile_stats
 from lorafit.data import batches, build_datasets
 from lorafit.errors import LorafitError
 from lorafit.fsutil import atomic_dir, check_writable_dir, display
+from lorafit.linearized import save_pretrained
 from lorafit.lora import adapter_state_dict, count_parameters, save_adapter
 from lorafit.models import train_dtype
 from lorafit.train.auto_batch import resolve_auto_batch
@@ -369,7 +370,7 @@ class Recipe:
             save_adapter(self.model, self.out, base_model=cfg.base_model, state=state)
         else:
             with atomic_dir(self.out / "model") as tmp:
-                self.model.save_pretrained(tmp)
+                save_pretrained(self.model, tmp)  # linearized Llama 4 experts written fused
                 self.tokenizer.save_pretrained(tmp)
         kind = "QLoRA" if cfg.four_bit else "LoRA (int8 base)" if cfg.load_in_8bit else "LoRA"
         method = f"{kind} r={cfg.lora_r}" if cfg.is_lora else "full fine-tuning"

@@ -34,7 +34,7 @@ FINGERPRINT_KEYS = (
     "adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_linear",
     "lora_modules_to_save", "peft_use_rslora", "peft_use_dora", "lora_init", "lora_layers_to_transform",
     "lora_rank_pattern", "lora_alpha_pattern", "lora_target_parameters", "load_in_4bit", "load_in_8bit", "bnb_config_kwargs",
-    "quantize_moe_experts",
+    "quantize_moe_experts", "llama4_linearized_experts",
     "lora_model_dir",
     "datasets", "test_datasets", "val_set_size", "sequence_len", "sample_packing", "curriculum_sampling",
     "dataset_exact_deduplication",
@@ -229,12 +229,13 @@ def recorded_fingerprint(adapter_dir: str | Path) -> dict | None:
 
 def recorded_quantization(adapter_dir: str | Path) -> dict | None:
     """How the run that trained the adapter in ``adapter_dir`` held its base, from its fingerprint:
-    ``{"four_bit": quantize_base's arguments or None, "eight_bit": bool, "moe_experts": bool}``; None when there
-    is no record."""
+    ``{"four_bit": quantize_base's arguments or None, "eight_bit": bool, "moe_experts": bool,
+    "linearized_experts": bool}``; None when there is no record."""
     from lorafit.config.schema import four_bit_settings
 
     fp = recorded_fingerprint(adapter_dir)
     if fp is None:
         return None
     return {"four_bit": four_bit_settings(fp.get("adapter"), fp.get("load_in_4bit"), fp.get("bnb_config_kwargs")),
-            "eight_bit": bool(fp.get("load_in_8bit")), "moe_experts": bool(fp.get("quantize_moe_experts"))}
+            "eight_bit": bool(fp.get("load_in_8bit")), "moe_experts": bool(fp.get("quantize_moe_experts")),
+            "linearized_experts": bool(fp.get("llama4_linearized_experts"))}

@@ -134,7 +134,8 @@ def prepare_model(cfg, options: RuntimeOptions | None = None):
     model, tokenizer = load_model_and_tokenizer(cfg.base_model, train_dtype(cfg), tokenizer=cfg.tokenizer_config,
                                                 base_dir=cfg.config_dir, attn_implementation=attention,
                                                 four_bit=cfg.four_bit, eight_bit=cfg.load_in_8bit,
-                                                moe_experts=cfg.quantize_moe_experts)
+                                                moe_experts=cfg.quantize_moe_experts,
+                                                linearized_experts=cfg.llama4_linearized_experts)
     model.attention_notice = notice  # printed by the recipe with its other notes
     apply_special_tokens(tokenizer, cfg.special_tokens, model, trains_embeddings=cfg.trains_embeddings)
     make_trainable(model, lora, cfg.gradient_checkpointing, options, unfrozen=cfg.unfrozen_parameters)
