@@ -20,7 +20,7 @@ TIERS = [
     {"errors"},
     {"fsutil", "targets", "architectures"},
     {"options", "dtypes", "_compat"},
-    {"config", "kernels"},
+    {"config", "kernels", "linearized"},
     {"models"},
     {"memory", "lora", "data"},
     {"patches"},

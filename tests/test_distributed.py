@@ -187,7 +187,7 @@ def test_any_fsdp_key_asks_for_fsdp2(keys):
 @pytest.mark.parametrize("keys, needle", [
     ({"fsdp_version": 1}, "fsdp_version 1: lorafit shards with FSDP2 only"),
     ({"fsdp_version": 2, "adapter": None}, "full fine-tuning with FSDP2 is not supported yet"),
-    ({"deepspeed": "zero3.json", "adapter": None}, "deepspeed ZeRO-3 maps to FSDP2 here, which does not fully"),
+    ({"deepspeed": "zero3.json", "adapter": None}, "full fine-tuning with FSDP2 (deepspeed ZeRO-3 maps to it here) is not supported"),
 ])
 def test_fsdp_refusals_are_one_line(keys, needle):
     from lorafit.errors import LorafitError
