@@ -86,7 +86,9 @@ def test_lora_layer_on_fp32_copies(monkeypatch, bias, dropout):
     monkeypatch.setattr(matmul, "to_compute", _spy(matmul.to_compute, calls, current))
     results = {}
     for mode in ("native", "fp32"):
-        layer.options = options(half_matmul=mode)
+        # eager: the fp32-copy rule (matmul.to_compute) is the same compiled; compiling the bf16 dropout kernels
+        # for this check cost 24 s of a cold suite (compiled coverage: test_peer_exact's bf16 fp32-copy runs)
+        layer.options = options(compile_=False, half_matmul=mode)
         current["mode"] = mode
         layer.zero_grad()
         results[mode] = _run(layer, x, g)
@@ -97,7 +99,7 @@ def test_lora_layer_on_fp32_copies(monkeypatch, bias, dropout):
     # fp64 reference with the same mask: the model's own math in a wider dtype
     ref = copy.deepcopy(layer).double()
     ref.zero_grad()
-    ref.options = options(half_matmul="native")
+    ref.options = options(compile_=False, half_matmul="native")  # the same (eager) dropout masks
     yr, gxr, gar, gbr = _run(ref, x.double(), g.double())
 
     def err(a, b):
@@ -124,11 +126,11 @@ def _tiny_lora_llama(mode: str):
                       num_hidden_layers=2, vocab_size=300)
     model = LlamaForCausalLM(cfg).to(bf16)
     apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1, target_modules="all-linear"),
-               options=options(half_matmul=mode))
+               options=options(compile_=False, half_matmul=mode))
     for n, p in model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.1)
-    lean_kernels(model, half_matmul=mode, swiglu=True)
+    lean_kernels(model, compile_=False, half_matmul=mode, swiglu=True)  # eager, as in test_lora_layer_on_fp32_copies
     return model.train()
 
 
