@@ -14,6 +14,7 @@ from lorafit.data.formats import (
     tokenize_input_output,
 )
 from lorafit.data.loading import RowError, iter_dataset
+from lorafit.data.preference import PairSample, PairTokenizer
 from lorafit.errors import LorafitError
 
 
@@ -28,6 +29,9 @@ class Sample:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def key(self) -> tuple:
+        return tuple(self.input_ids), tuple(self.labels)
 
     @property
     def num_trained(self) -> int:
@@ -51,12 +55,13 @@ class DataReport:
     total_tokens: int = 0  # train split
     eval_trained_tokens: int = 0
     bad_row_examples: list[str] = field(default_factory=list)  # first few skipped-row messages
+    unit: str = "samples"  # "pairs" for preference data (a pair is two sequences; its answers are trained)
 
     def lines(self) -> list[str]:
         out = [
             f"rows read: {self.rows_read}",
-            f"train samples: {self.train_samples} ({self.total_tokens} tokens, {self.trained_tokens} trained)",
-            f"eval samples: {self.eval_samples} ({self.eval_trained_tokens} trained tokens)",
+            f"train {self.unit}: {self.train_samples} ({self.total_tokens} tokens, {self.trained_tokens} trained)",
+            f"eval {self.unit}: {self.eval_samples} ({self.eval_trained_tokens} trained tokens)",
         ]
         if self.bad_rows_skipped:
             out.append(f"bad rows skipped: {self.bad_rows_skipped}")
@@ -81,6 +86,8 @@ def truncate(ids: list[int], labels: list[int], sequence_len: int) -> tuple[list
 
 
 def _row_tokenizer(spec, cfg, info: TokenizerInfo):
+    if getattr(cfg, "rl", None):  # the config checked that every entry is of a preference type
+        return PairTokenizer(spec, cfg, info)
     if spec.type.startswith("alpaca"):
         style = spec.type.partition(":")[2] or "instruct"
         return lambda row: tokenize_alpaca(row, info, cfg.train_on_inputs, style)
@@ -107,7 +114,7 @@ def tokenize_specs(specs, key: str, cfg, tokenizer, report: DataReport) -> list[
             try:
                 if isinstance(row, RowError):
                     raise row
-                ids, labels = fn(row)
+                out = fn(row)
             except RowError as e:
                 if not cfg.skip_bad_rows:
                     raise LorafitError(f"{where}: {e} (set skip_bad_rows: true to skip bad rows)") from None
@@ -115,28 +122,47 @@ def tokenize_specs(specs, key: str, cfg, tokenizer, report: DataReport) -> list[
                 if len(report.bad_row_examples) < 3:
                     report.bad_row_examples.append(f"{where}: {e}")
                 continue
-            if len(ids) != len(labels):  # pragma: no cover - a bug in a format, not in the data
-                raise AssertionError(f"{where}: {len(ids)} ids but {len(labels)} labels")
-            if not any(x != IGNORE for x in labels[1:]):
-                report.dropped_no_trained_tokens += 1
-                continue
-            if len(ids) > cfg.sequence_len:
-                ids, labels = truncate(ids, labels, cfg.sequence_len)
-                if not any(x != IGNORE for x in labels[1:]):
-                    report.dropped_by_truncation += 1
-                    continue
-                report.truncated += 1
-            samples.append(Sample(ids, labels, where))
+            sample = _pair(out, where, cfg.sequence_len, report) if isinstance(out, PairSample) else \
+                _sample(*out, where, cfg.sequence_len, report)
+            if sample is not None:
+                samples.append(sample)
     return samples
 
 
+def _sample(ids: list[int], labels: list[int], where: str, sequence_len: int, report: DataReport) -> Sample | None:
+    """A supervised sample cut to ``sequence_len``; None (counted) when nothing is trained in it."""
+    if len(ids) != len(labels):  # pragma: no cover - a bug in a format, not in the data
+        raise AssertionError(f"{where}: {len(ids)} ids but {len(labels)} labels")
+    if not any(x != IGNORE for x in labels[1:]):
+        report.dropped_no_trained_tokens += 1
+        return None
+    if len(ids) > sequence_len:
+        ids, labels = truncate(ids, labels, sequence_len)
+        if not any(x != IGNORE for x in labels[1:]):
+            report.dropped_by_truncation += 1
+            return None
+        report.truncated += 1
+    return Sample(ids, labels, where)
+
+
+def _pair(pair: PairSample, where: str, sequence_len: int, report: DataReport) -> PairSample | None:
+    """A preference pair cut to ``sequence_len``; None (counted) when the prompt leaves no room for an answer."""
+    pair.source = where
+    cut = pair.truncated(sequence_len)
+    if cut is None:
+        report.dropped_by_truncation += 1
+    elif (len(cut.chosen_ids), len(cut.rejected_ids)) != (len(pair.chosen_ids), len(pair.rejected_ids)):
+        report.truncated += 1
+    return cut
+
+
 def deduplicate(samples: list[Sample], report: DataReport) -> list[Sample]:
-    """Keep the first of samples with the same ids and labels (axolotl's exact deduplication hashes each
+    """Keep the first of samples with the same ids and labels (pairs: the same prompt and answers) (axolotl's exact deduplication hashes each
     tokenized row); the order is kept."""
-    seen: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
+    seen: set[tuple] = set()
     kept = []
     for s in samples:
-        key = (tuple(s.input_ids), tuple(s.labels))
+        key = s.key()
         if key in seen:
             report.duplicates_dropped += 1
             continue
@@ -166,7 +192,7 @@ def build_datasets(cfg, tokenizer) -> tuple[list[Sample], list[Sample], DataRepo
     seeded ``val_set_size`` split of the training rows. Bad rows raise a one-line :class:`LorafitError`
     naming file and line, or are skipped and counted with ``skip_bad_rows: true``.
     """
-    report = DataReport()
+    report = DataReport(unit="pairs" if getattr(cfg, "rl", None) else "samples")
     train = tokenize_specs(cfg.datasets, "datasets", cfg, tokenizer, report)
     if cfg.dataset_exact_deduplication:  # as axolotl: each split on its own, before val_set_size splits
         train = deduplicate(train, report)

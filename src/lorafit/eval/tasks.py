@@ -512,7 +512,7 @@ def reference_scores(model, tokenizer, items: Sequence[tuple[Messages, str]], ba
     before a call closer than :data:`GREEDY_MARGIN`, and are empty when the prompt alone tokenises differently
     (generation starts from that).
     """
-    from lorafit.train.loss import _hidden_states, _softcap, options_of
+    from lorafit.train.loss import _softcap, hidden_states, options_of
 
     encoded = [_answer_tokens(tokenizer, list(m), r) for m, r in items]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # by length: less padding
@@ -535,7 +535,7 @@ def reference_scores(model, tokenizer, items: Sequence[tuple[Messages, str]], ba
                 attention[row, :len(ids)] = 1
             inputs = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
             # the stack once (a batch's shared prefix once), the head only where a scored token is predicted
-            hidden = _hidden_states(model, model.base_model, inputs, share)
+            hidden = hidden_states(model, model.base_model, inputs, share)
             at = [[t for t in range(len(encoded[i][0]) - 1) if encoded[i][1][t + 1]] for i in idx]
             targets = [encoded[i][0][t + 1] for i, ts in zip(idx, at, strict=True) for t in ts]
             if targets:

@@ -1,0 +1,249 @@
+"""Preference pairs for ``rl: dpo`` / ``rl: orpo``: rows -> (prompt, chosen, rejected) texts -> token ids -> batches.
+
+Texts, as axolotl's prompt strategies make them:
+
+* ``chat_template.default``: ``field_messages`` is the prompt (a list of messages, or a string: one user
+  message), rendered by the chat template with its generation prompt. ``field_chosen`` / ``field_rejected`` is the
+  answer: a string (an assistant message), a message, or a list whose last message is the answer. An answer's text is
+  what the template renders for that message, from its content on (axolotl renders it after a placeholder user
+  turn and cuts there), so the end of turn is part of it.
+* ``chat_template.argilla``: ``field_chosen`` / ``field_rejected`` are whole conversations that share the prompt;
+  the prompt is the chosen one's messages but the last, the answers are the last messages.
+* ``chatml.intel`` / ``chatml.prompt_pairs``: ``question`` / ``prompt`` (and an optional ``system``) written in
+  ChatML, the answers followed by ``<|im_end|>`` (axolotl writes these strings itself, whatever the template).
+* ``passthrough``: ``prompt``, ``chosen`` and ``rejected`` strings, used as they are.
+
+Tokens, as TRL's DPOTrainer makes them: the prompt and the prompt + answer are tokenized whole, and the answer
+starts where the two first differ from the prompt (a token can merge across the boundary); an answer that does
+not end with EOS gets it. The chat template places BOS itself; a prompt that does not start with the tokenizer's
+BOS (a plain string) gets it, as tokenizing with special tokens does (TRL would add a second one after a
+template's). Prompt + answer are cut to ``sequence_len`` from the end (TRL's ``keep_start``); a pair with no answer
+token left is dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lorafit.data.chat import SHAREGPT_ROLES, resolve_chat_template
+from lorafit.data.formats import IGNORE, TokenizerInfo
+from lorafit.data.loading import RowError
+
+# axolotl's placeholder user turn before an answer rendered alone
+DUMMY_USER = {"role": "user", "content": "[[dummy_message]]"}
+CHATML_SYSTEM = "<|im_start|>system\n{}<|im_end|>\n"
+CHATML_USER = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+
+
+@dataclass
+class PairSample:
+    """One tokenized preference pair: the shared prompt and the two answers (ids only; every answer token trains)."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    source: str = ""
+
+    def __len__(self) -> int:
+        return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+    @property
+    def num_trained(self) -> int:
+        return len(self.chosen_ids) + len(self.rejected_ids)
+
+    def key(self) -> tuple:
+        return tuple(self.prompt_ids), tuple(self.chosen_ids), tuple(self.rejected_ids)
+
+    def truncated(self, sequence_len: int) -> PairSample | None:
+        """Prompt + answer cut to ``sequence_len`` (the start kept); None when an answer has nothing left."""
+        room = sequence_len - len(self.prompt_ids)
+        if room <= 0:
+            return None
+        return PairSample(self.prompt_ids, self.chosen_ids[:room], self.rejected_ids[:room], self.source)
+
+    def rows(self):
+        """The chosen and the rejected sequence as supervised samples (for ``lorafit preprocess``)."""
+        from lorafit.data.build import Sample
+
+        p = [IGNORE] * len(self.prompt_ids)
+        return [Sample(self.prompt_ids + ids, p + ids, f"{self.source} ({name})")
+                for name, ids in (("chosen", self.chosen_ids), ("rejected", self.rejected_ids))]
+
+
+# ---- rows -> texts -------------------------------------------------------------------------------------------
+def _field(row: Any, key: str, kind: str) -> Any:
+    if not isinstance(row, dict):
+        raise RowError(f"{kind} row must be a JSON object, got {type(row).__name__}")
+    if row.get(key) is None:
+        has = ", ".join(str(k) for k in row) or "no fields"
+        raise RowError(f"{kind} row is missing '{key}' (has: {has})")
+    return row[key]
+
+
+def _string(row: Any, key: str, kind: str, answer: bool = False) -> str:
+    v = _field(row, key, kind)
+    if not isinstance(v, str):
+        raise RowError(f"{kind} row field '{key}' must be a string, got {type(v).__name__}")
+    if answer and not v.strip():
+        raise RowError(f"{kind} row field '{key}' is empty; a preference pair needs two answers")
+    return v
+
+
+class PreferenceTexts:
+    """``row -> (prompt, chosen, rejected)`` texts for one dataset entry of a preference type."""
+
+    def __init__(self, spec, cfg, tokenizer):
+        self.spec, self.tok, self.kind = spec, tokenizer, spec.type
+        self.template = resolve_chat_template(cfg, tokenizer) if spec.type.startswith("chat_template") else None
+        self.template_kwargs = dict(cfg.chat_template_kwargs or {})
+        self.role_map = dict(SHAREGPT_ROLES)
+        for canonical, names in (spec.roles or {}).items():
+            self.role_map.setdefault(canonical, canonical)
+            self.role_map.update({n: canonical for n in names})
+
+    def __call__(self, row: Any) -> tuple[str, str, str]:
+        s = self.spec
+        if self.kind == "passthrough":
+            return tuple(_string(row, k, self.kind, answer=k != "prompt") for k in ("prompt", "chosen", "rejected"))
+        if self.kind.startswith("chatml."):
+            question = _string(row, "question" if self.kind == "chatml.intel" else "prompt", self.kind)
+            system = row.get("system")
+            prompt = (CHATML_SYSTEM.format(system) if system else "") + CHATML_USER.format(question)
+            return (prompt, _string(row, s.field_chosen, self.kind, True) + "<|im_end|>",
+                    _string(row, s.field_rejected, self.kind, True) + "<|im_end|>")
+        if self.kind == "chat_template.argilla":
+            chosen = self._conversation(row, s.field_chosen)
+            rejected = self._conversation(row, s.field_rejected)
+            prompt = chosen[:-1]
+            if not prompt:
+                raise RowError(f"{self.kind} row field '{s.field_chosen}' holds only the answer; it needs the prompt's "
+                               "messages before it")
+            return self._render(prompt), self._answer(chosen[-1], s.field_chosen), \
+                self._answer(rejected[-1], s.field_rejected)
+        messages = _field(row, s.field_messages, self.kind)
+        if isinstance(messages, str):
+            messages = [{s.message_field_role: "user", s.message_field_content: messages}]
+        prompt = self._messages(messages, s.field_messages)
+        return (self._render(prompt), self._answer(self._last(row, s.field_chosen), s.field_chosen),
+                self._answer(self._last(row, s.field_rejected), s.field_rejected))
+
+    def _conversation(self, row: Any, key: str) -> list[dict]:
+        value = _field(row, key, self.kind)
+        if not isinstance(value, list) or not value:
+            raise RowError(f"{self.kind} row field '{key}' must be a non-empty list of messages")
+        return self._messages(value, key)
+
+    def _last(self, row: Any, key: str) -> dict:
+        """The answer of ``chat_template.default``: a string, a message, or the last of a list of messages."""
+        value = _field(row, key, self.kind)
+        if isinstance(value, str):
+            return {"role": "assistant", "content": value}
+        if isinstance(value, list) and value:
+            value = value[-1]
+        return self._messages([value], key)[0]
+
+    def _messages(self, messages: Any, key: str) -> list[dict]:
+        if not isinstance(messages, list) or not messages:
+            raise RowError(f"{self.kind} row field '{key}' must be a non-empty list of messages")
+        rkey, ckey = self.spec.message_field_role, self.spec.message_field_content
+        out = []
+        for j, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get(ckey), str) or rkey not in m:
+                raise RowError(f"{key}[{j}] needs '{rkey}' and a string '{ckey}'")
+            role = self.role_map.get(m[rkey]) if isinstance(m[rkey], str) else None
+            if role is None:
+                raise RowError(f"{key}[{j}] has role {m[rkey]!r}; map it to user, assistant, system or tool with roles:")
+            out.append({"role": role, "content": m[ckey]})
+        return out
+
+    def _render(self, messages: list[dict], generation_prompt: bool = True) -> str:
+        try:
+            return self.tok.apply_chat_template(messages, chat_template=self.template, tokenize=False,
+                                                add_generation_prompt=generation_prompt, **self.template_kwargs)
+        except Exception as e:
+            raise RowError(f"chat template failed on this row: {str(e).splitlines()[0]}") from None
+
+    def _answer(self, message: dict, key: str) -> str:
+        """The answer as the template renders a reply, from its content to the end of its turn (axolotl's cut)."""
+        content = message["content"]
+        if not content.strip():
+            raise RowError(f"{self.kind} row field '{key}' has an empty answer; a preference pair needs two answers")
+        text = self._render([DUMMY_USER, message], generation_prompt=False)
+        at = text.find(content)
+        if at < 0:  # a template that trims the content
+            at = text.find(content.strip())
+        if at < 0:
+            raise RowError(f"{self.kind} row field '{key}': the chat template does not render the answer's text")
+        return text[at:].rstrip()
+
+
+# ---- texts -> ids ---------------------------------------------------------------------------------------------
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def tokenize_pair(prompt: str, chosen: str, rejected: str, info: TokenizerInfo, source: str = "") -> PairSample:
+    """TRL's tokenization of a pair (see the module's docstring)."""
+    def ids(text: str) -> list[int]:
+        out = info.encode(text)
+        prefix = info.prefix_ids
+        return out if not prefix or out[: len(prefix)] == prefix else prefix + out
+
+    p, pc, pr = ids(prompt), ids(prompt + chosen), ids(prompt + rejected)
+    n = min(_common_prefix(p, pc), _common_prefix(p, pr))
+    chosen_ids, rejected_ids = pc[n:], pr[n:]
+    for answer in (chosen_ids, rejected_ids):
+        if not answer or answer[-1] != info.eos_id:
+            answer.append(info.eos_id)
+    return PairSample(p[:n], chosen_ids, rejected_ids, source)
+
+
+class PairTokenizer:
+    """``row -> PairSample`` for one dataset entry of a preference type."""
+
+    def __init__(self, spec, cfg, info: TokenizerInfo):
+        self.texts = PreferenceTexts(spec, cfg, info.tok)
+        self.info = info
+
+    def __call__(self, row: Any) -> PairSample:
+        return tokenize_pair(*self.texts(row), self.info)
+
+
+# ---- ids -> batches -------------------------------------------------------------------------------------------
+def pair_batches(samples: list[PairSample], *, micro_batch_size: int, sequence_len: int, pad_id: int,
+                 shuffle: bool, seed: int, epoch: int, pad_to_sequence_len: bool = False) -> list[dict]:
+    """All micro-batches of one epoch: ``micro_batch_size`` pairs each, the chosen rows first and the rejected ones
+    after them (TRL's concatenated batch: one forward for both). Each batch has ``input_ids``, ``labels`` (-100
+    on prompt and padding), ``attention_mask``, ``num_pairs`` and ``num_trained_tokens`` (answer tokens)."""
+    from lorafit.data.batching import _order
+
+    order = _order(len(samples), shuffle, seed, epoch)
+    out = []
+    for b in range(0, len(order), micro_batch_size):
+        pairs = [samples[i] for i in order[b : b + micro_batch_size]]
+        rows = [(s.prompt_ids, s.chosen_ids) for s in pairs] + [(s.prompt_ids, s.rejected_ids) for s in pairs]
+        out.append(_collate_pairs(rows, len(pairs), sequence_len if pad_to_sequence_len else None, pad_id))
+    return out
+
+
+def _collate_pairs(rows: list[tuple[list[int], list[int]]], n_pairs: int, width: int | None, pad_id: int) -> dict:
+    width = width or max(len(p) + len(a) for p, a in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, (prompt, answer) in enumerate(rows):
+        n = len(prompt) + len(answer)
+        input_ids[r, :n] = torch.tensor(prompt + answer)
+        labels[r, len(prompt):n] = torch.tensor(answer)
+        labels[r, 0] = IGNORE  # position 0 is never predicted
+        attention[r, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention, "num_pairs": n_pairs,
+            "num_trained_tokens": int((labels[:, 1:] != IGNORE).sum())}
