@@ -54,6 +54,7 @@ TYPICAL_TOP = {
     "lora_target_parameters": ["mlp.experts.gate_up_proj"], "unfrozen_parameters": ["^model.layers.1.mlp"],
     "deepspeed": "deepspeed_configs/zero2.json",
     "fsdp": ["full_shard", "auto_wrap"], "fsdp_config": {"reshard_after_forward": True}, "fsdp_version": 2,
+    "rl": "dpo", "rl_beta": 0.1, "dpo_beta": 0.1, "orpo_alpha": 0.1, "dpo_label_smoothing": 0.1,
 }
 TYPICAL_DATASET = {
     "path": "chats.jsonl", "split": "train", "type": "chat_template", "data_files": "a.jsonl", "ds_type": "json",
@@ -61,7 +62,8 @@ TYPICAL_DATASET = {
     "message_field_content": "value", "message_property_mappings": {"role": "from", "content": "value"},
     "roles": {"assistant": ["gpt"]}, "roles_to_train": ["assistant"], "train_on_eos": "turn",
     "drop_system_message": True, "train_on_eot": "turn", "message_field_training": "train", "split_thinking": True,
-    "template_thinking_key": "reasoning_content", "field_thinking": "reasoning",
+    "template_thinking_key": "reasoning_content", "field_thinking": "reasoning", "field_chosen": "chosen",
+    "field_rejected": "rejected",
 }
 # keys lorafit has that axolotl does not (not in the table)
 LORAFIT_ONLY_TOP = {"lora_init", "skip_bad_rows", "loss_chunk_tokens", "compile_kernels",
@@ -104,6 +106,8 @@ def test_supported_top_level_key_validates(key):
         extra["val_set_size"] = 0
     if key == "quantize_moe_experts":
         extra["load_in_4bit"] = True
+    if key == "rl":
+        extra["datasets"] = [{"path": "d.jsonl", "type": "chat_template.default"}]
     cfg = load(extra)
     assert getattr(cfg, RENAMED.get(key, key)) is not None
 

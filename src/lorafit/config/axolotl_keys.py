@@ -38,8 +38,8 @@ _QUANT = ("quantized bases other than bitsandbytes 4-bit (GPTQ, FP8, MXFP4, NVFP
           " with load_in_4bit: true, or LoRA on a bf16/fp32 base")
 _OPTIM = "not supported; use optimizer adamw_torch (with weight_decay, adam_beta1/2, adam_epsilon)"
 _SCHED = "not supported; use lr_scheduler cosine, linear, constant or constant_with_warmup"
-_RL = ("this preference/RL method or option is not supported; lorafit trains rl: dpo (sigmoid loss) and rl: orpo"
-       " with an adapter")
+_RL = ("this preference/RL method or option is not supported; lorafit trains rl: dpo (sigmoid loss, with an"
+       " adapter) and rl: orpo")
 _MM = "vision and multimodal models are not supported; lorafit fine-tunes text-only decoder models"
 _DISTILL = "knowledge distillation is not supported; train on the teacher's outputs as plain chat data"
 _PRETRAIN = "streaming pretraining datasets are not supported; use datasets with type: completion"
