@@ -337,3 +337,22 @@ def test_the_estimate_counts_two_sequences_per_pair(workdir):
     assert settings_from_config(TrainConfig.from_dict(cfg), "cpu").micro_batch == 6
     cfg.update(rl=None, datasets=[{"path": "x.jsonl", "type": "alpaca"}])
     assert settings_from_config(TrainConfig.from_dict(cfg), "cpu").micro_batch == 3
+
+
+def test_dpo_resumed_run_takes_the_steps_of_an_uninterrupted_one(workdir, tmp_path):
+    """The reference after a resume is still the base (modules trained whole at their starting weights, not at
+    the checkpoint's)."""
+    from lorafit.train import train
+
+    def run(out, **kw):
+        cfg = config(workdir, max_steps=4, learning_rate=0.02, micro_batch_size=1, lr_scheduler="constant",
+                     lora_modules_to_save=["lm_head"], output_dir=str(tmp_path / out))
+        return train(TrainConfig.from_dict(cfg), **kw)
+
+    whole = run("whole").history
+    assert run("parts", stop_after=2).interrupted
+    parts = run("parts", resume=True).history
+    assert [r["step"] for r in parts] == [1, 2, 3, 4]
+    for a, b in zip(whole, parts, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["rewards/margins"] == pytest.approx(
+            a["rewards/margins"], rel=1e-4, abs=1e-7)
