@@ -16,7 +16,7 @@ from lorafit.data import build_datasets
 from lorafit.data.preference import PairSample, pair_batches
 from lorafit.lora import named_lora_layers
 from lorafit.train import prepare_model
-from lorafit.train.loss import options_of
+from lorafit.train.loss import causal_lm_loss, options_of
 from lorafit.train.preference import PreferenceLoss, reference, sequence_logps
 
 ROWS = [  # axolotl's chat_template.default rows: a prompt conversation, answers as message, list or string
@@ -48,10 +48,11 @@ def config(workdir: Path, **kw) -> dict:
 
 # ---- config ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("keys, words", [
-    ({"rl": "kto"}, "key 'rl': got 'kto', lorafit trains rl: dpo or orpo"),
+    ({"rl": "ipo"}, "key 'rl': got 'ipo', lorafit trains rl: dpo, orpo, kto"),
     ({"adapter": None}, "rl: dpo with full fine-tuning needs a second, frozen copy"),
-    ({"sample_packing": True}, "preference pairs are not packed"),
-    ({"rl": None}, "dataset type chat_template.default holds preference pairs; set rl: dpo"),
+    ({"sample_packing": True}, "preference rows are not packed"),
+    ({"rl": None}, "dataset type chat_template.default holds preference data; set rl: dpo"),
+    ({"rl": "kto"}, "rl: kto reads datasets of type llama3.ultra"),
 ])
 def test_bad_preference_configs_are_one_line(workdir, keys, words):
     with pytest.raises(LorafitError, match=words):
@@ -61,7 +62,7 @@ def test_bad_preference_configs_are_one_line(workdir, keys, words):
 def test_supervised_type_under_rl_is_refused_and_chat_template_means_default(workdir):
     cfg = config(workdir)
     cfg["datasets"][0]["type"] = "alpaca"
-    with pytest.raises(LorafitError, match="dataset type alpaca is supervised"):
+    with pytest.raises(LorafitError, match="rl: dpo reads datasets of type .*; got type alpaca"):
         TrainConfig.from_dict(cfg)
     cfg["datasets"][0]["type"] = "chat_template"
     assert TrainConfig.from_dict(cfg).datasets[0].type == "chat_template.default"
@@ -96,7 +97,7 @@ def test_batches_hold_chosen_rows_then_rejected_rows(workdir, demo_tokenizer):
     cfg = TrainConfig.from_dict(config(workdir))
     train, _, _ = build_datasets(cfg, demo_tokenizer)
     (batch,) = pair_batches(train, micro_batch_size=3, sequence_len=128, pad_id=0, shuffle=False, seed=0, epoch=0)
-    assert batch["num_pairs"] == 3 and batch["input_ids"].shape[0] == 6
+    assert batch["num_examples"] == 3 and batch["input_ids"].shape[0] == 6
     for r, s in enumerate(train):
         for row, answer in ((r, s.chosen_ids), (r + 3, s.rejected_ids)):
             n = len(s.prompt_ids) + len(answer)
@@ -213,7 +214,8 @@ def test_dpo_loss_metrics_and_lora_grads_equal_trls(workdir, demo_tokenizer, tmp
     assert abs(float(loss) - 0.6931) > 0.01  # the adapter moved the policy away from the reference
     theirs = trainer._metrics["train"]
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen"):
-        assert loss_module.stats[key] / n == pytest.approx(theirs[key][-1], rel=1e-4, abs=1e-6), key
+        total, count = loss_module.stats[key]
+        assert total / count == pytest.approx(theirs[key][-1], rel=1e-4, abs=1e-6), key
     assert_close_grads(ours, lora_grads(trainer.model.named_parameters()))
 
 
@@ -246,7 +248,8 @@ def test_orpo_loss_and_lora_grads_equal_trls(workdir, demo_tokenizer, tmp_path):
     loss.backward()
     torch.testing.assert_close(loss_sum / n, loss, rtol=1e-5, atol=1e-6)
     for key in ("nll_loss", "log_odds_ratio", "rewards/chosen", "rewards/margins"):
-        assert loss_module.stats[key] / n == pytest.approx(metrics[key], rel=1e-4, abs=1e-6), key
+        total, count = loss_module.stats[key]
+        assert total / count == pytest.approx(metrics[key], rel=1e-4, abs=1e-6), key
     assert_close_grads(ours, lora_grads(trainer.model.named_parameters()))
 
 
@@ -337,6 +340,8 @@ def test_the_estimate_counts_two_sequences_per_pair(workdir):
     assert settings_from_config(TrainConfig.from_dict(cfg), "cpu").micro_batch == 6
     cfg.update(rl=None, datasets=[{"path": "x.jsonl", "type": "alpaca"}])
     assert settings_from_config(TrainConfig.from_dict(cfg), "cpu").micro_batch == 3
+    cfg.update(rl="kto", datasets=[{"path": "x.jsonl", "type": "llama3.ultra"}])  # KL rows run without autograd
+    assert settings_from_config(TrainConfig.from_dict(cfg), "cpu").micro_batch == 3
 
 
 def test_dpo_resumed_run_takes_the_steps_of_an_uninterrupted_one(workdir, tmp_path):
@@ -356,3 +361,104 @@ def test_dpo_resumed_run_takes_the_steps_of_an_uninterrupted_one(workdir, tmp_pa
     for a, b in zip(whole, parts, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["rewards/margins"] == pytest.approx(
             a["rewards/margins"], rel=1e-4, abs=1e-7)
+
+
+# ---- KTO --------------------------------------------------------------------------------------------------------
+KTO_ROWS = [{"prompt": "What is 2+2?", "completion": "4", "label": True},
+            {"prompt": "Capital of France?", "completion": "London, surely", "label": False, "system": "Be brief."},
+            {"prompt": "Name a colour.", "completion": "Blue.", "label": True},
+            {"prompt": "Say hi.", "completion": "No.", "label": False}]
+
+
+def kto_config(workdir: Path, data: Path, kind: str = "chatml.ultra", **kw) -> dict:
+    data.write_text("".join(json.dumps(r) + "\n" for r in KTO_ROWS))
+    return config(workdir, rl="kto", datasets=[{"path": str(data), "type": kind}], micro_batch_size=4, **kw)
+
+
+def test_kto_rows_render_as_axolotl(workdir, demo_tokenizer, tmp_path):
+    cfg = TrainConfig.from_dict(kto_config(workdir, tmp_path / "kto.jsonl", "llama3.ultra"))
+    rows, _, report = build_datasets(cfg, demo_tokenizer)
+    assert report.unit == "rows" and [r.desirable for r in rows] == [True, False, True, False]
+    prompt = ("<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>"
+              "\n\nCapital of France?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    # the completion starts where prompt and prompt + completion tokenize apart (here a merged newline), as TRL's
+    assert prompt.startswith(demo_tokenizer.decode(rows[1].prompt_ids))
+    assert demo_tokenizer.decode(rows[1].prompt_ids + rows[1].completion_ids) == \
+        prompt + "London, surely<|eot_id|><|im_end|>"  # EOS appended, as TRL
+
+
+@pytest.mark.parametrize("keys, words", [({"micro_batch_size": 1}, "set micro_batch_size to 2 or more"),
+                                         ({"adapter": None}, "rl: kto with full fine-tuning")])
+def test_bad_kto_configs(workdir, tmp_path, keys, words):
+    with pytest.raises(LorafitError, match=words):
+        TrainConfig.from_dict({k: v for k, v in {**kto_config(workdir, tmp_path / "k.jsonl"), **keys}.items()
+                               if v is not None})
+
+
+def test_kto_label_must_be_a_boolean(workdir, demo_tokenizer, tmp_path):
+    cfg = TrainConfig.from_dict(kto_config(workdir, tmp_path / "kto.jsonl"))
+    (tmp_path / "kto.jsonl").write_text(json.dumps({"prompt": "a", "completion": "b", "label": "yes"}) + "\n")
+    with pytest.raises(LorafitError, match=r"kto.jsonl line 1: chatml.ultra row field 'label' must be true"):
+        build_datasets(cfg, demo_tokenizer)
+
+
+def test_kto_loss_metrics_and_lora_grads_equal_trls(workdir, demo_tokenizer, tmp_path):
+    trl = pytest.importorskip("trl")
+    import peft
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.data.preference import kto_batches
+
+    cfg = TrainConfig.from_dict(kto_config(workdir, tmp_path / "kto.jsonl", kto_desirable_weight=0.7))
+    model, _ = prepare_model(cfg)
+    rows, _, _ = build_datasets(cfg, demo_tokenizer)
+    (batch,) = kto_batches(rows, micro_batch_size=4, sequence_len=128, pad_id=demo_tokenizer.pad_token_id,
+                           shuffle=False, seed=0, epoch=0)
+    # an adapter that made the completions likelier (so the batch's KL estimate is positive and takes part)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.02)
+    for _ in range(5):
+        optimizer.zero_grad()
+        loss, _ = causal_lm_loss(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
+                                 batch["labels"])
+        loss.backward()
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
+    loss_module = PreferenceLoss(model, "kto", beta=0.5, weights=(0.7, 1.0))
+    loss_sum, n = loss_module({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
+                              batch["labels"], desirable=batch["desirable"])
+    (loss_sum / n).backward()
+    ours = lora_grads(model.named_parameters())
+
+    decode = demo_tokenizer.decode
+    texts = Dataset.from_list([{"prompt": decode(r.prompt_ids), "completion": decode(r.completion_ids),
+                                "label": r.desirable} for r in rows])
+    args = trl.KTOConfig(output_dir=str(tmp_path / "trl"), beta=0.5, desirable_weight=0.7, report_to="none",
+                         per_device_train_batch_size=4, use_cpu=True, max_length=128)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = trl.KTOTrainer(model=AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32),
+                             args=args, train_dataset=texts, processing_class=demo_tokenizer, peft_config=lora)
+    for r, t in zip(rows, trainer.train_dataset, strict=True):
+        assert (t["prompt_ids"], t["completion_ids"]) == (r.prompt_ids, r.completion_ids)
+    copy_adapter(model, trainer.model)
+    inputs = trainer.data_collator(list(trainer.train_dataset))
+    assert torch.equal(inputs["input_ids"], batch["input_ids"][:4])
+    assert torch.equal(inputs["KL_input_ids"], batch["input_ids"][4:, : inputs["KL_input_ids"].shape[1]])
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    torch.testing.assert_close(loss_sum / n, loss, rtol=1e-5, atol=1e-6)
+    theirs = trainer._metrics["train"]
+    assert theirs["kl"][-1] > 0  # the KL term takes part
+    for key in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen"):
+        total, count = loss_module.stats[key]
+        assert total / count == pytest.approx(theirs[key][-1], rel=1e-4, abs=1e-6), key
+    assert_close_grads(ours, lora_grads(trainer.model.named_parameters()))
+
+
+def test_lorafit_train_kto_lowers_the_loss(workdir, tmp_path):
+    from lorafit.train import train
+
+    cfg = kto_config(workdir, tmp_path / "kto.jsonl", max_steps=6, learning_rate=0.01, lr_scheduler="constant",
+                     output_dir=str(tmp_path / "out"))
+    rows = train(TrainConfig.from_dict(cfg)).history
+    assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["rewards/margins"] > 0 and "kl" in rows[-1]

@@ -28,6 +28,7 @@ from lorafit.config.keys import (
     DATASET_TYPE_ALIASES,
     DEMO_ALIASES,
     FALLBACK_PREFIX,
+    KTO_TYPES,
     PREFERENCE_TYPES,
     RL_KINDS,
     SUPPORTED_OPTIMIZERS,
@@ -91,7 +92,7 @@ class DatasetSpec(BaseModel):
     # orpo) are lorafit.data.preference's
     type: Literal["alpaca", "alpaca:chat", "alpaca:chatml", "alpaca:phi", "chat_template", "completion", "input_output",
                   "chat_template.default", "chat_template.argilla", "chatml.intel", "chatml.prompt_pairs",
-                  "passthrough"]
+                  "passthrough", "llama3.ultra", "llama3.prompt_pairs", "chatml.ultra"]
     split: str = "train"
     data_files: str | list[str] | None = None
     ds_type: Literal["json", "csv", "parquet"] | None = None
@@ -230,6 +231,9 @@ class TrainConfig(BaseModel):
     rl_beta: float | None = Field(None, gt=0)
     orpo_alpha: float | None = Field(None, gt=0)
     dpo_label_smoothing: float | None = Field(None, ge=0, lt=0.5)
+    # KTO: the weights of the desirable and the undesirable rows' losses (TRL's defaults 1.0)
+    kto_desirable_weight: float | None = Field(None, gt=0)
+    kto_undesirable_weight: float | None = Field(None, gt=0)
 
     # optimisation
     # "auto": the largest micro-batch whose estimated peak fits the device (lorafit.train.auto_batch), keeping
@@ -324,8 +328,8 @@ class TrainConfig(BaseModel):
             return None
         name = str(v).lower()
         if name not in RL_KINDS:
-            raise ValueError(f"lorafit trains rl: {' or '.join(RL_KINDS)} (preference pairs); "
-                             "other RL methods (kto, ipo, simpo, grpo ...) are not supported")
+            raise ValueError(f"lorafit trains rl: {', '.join(RL_KINDS)}; other RL methods (ipo, simpo, grpo ...) "
+                             "are not supported")
         return name
 
     @field_validator("optimizer")
@@ -456,31 +460,35 @@ class TrainConfig(BaseModel):
         return self
 
     def _check_preference(self) -> None:
-        """rl needs preference datasets (and they need rl), unpacked rows, and an adapter for DPO: its reference
-        is the base with the adapter switched off, so full fine-tuning would need a second copy of the model."""
+        """rl needs datasets of its kind (and the preference types need rl), unpacked rows, and an adapter for DPO
+        and KTO: their reference is the base with the adapter switched off, so full fine-tuning would need a second
+        copy of the model."""
         entries = [*self.datasets, *(self.test_datasets or [])]
         if not self.rl:
-            pref = next((d for d in entries if d.type in PREFERENCE_TYPES), None)
+            pref = next((d for d in entries if d.type in PREFERENCE_TYPES + KTO_TYPES), None)
             if pref is not None:
-                raise ValueError(f"dataset type {pref.type} holds preference pairs; set rl: dpo or rl: orpo to train on "
-                                 "them, or use a supervised type (chat_template, alpaca ...)")
+                raise ValueError(f"dataset type {pref.type} holds preference data; set rl: dpo, orpo or kto to train "
+                                 "on it, or use a supervised type (chat_template, alpaca ...)")
             return
+        types = KTO_TYPES if self.rl == "kto" else PREFERENCE_TYPES
         for d in entries:
-            if d.type == "chat_template":  # axolotl: under rl, chat_template means chat_template.default
+            if d.type == "chat_template" and self.rl != "kto":  # axolotl: under rl, chat_template.default
                 d.type = "chat_template.default"
-            elif d.type not in PREFERENCE_TYPES:
-                raise ValueError(f"rl: {self.rl} trains on preference pairs; dataset type {d.type} is supervised: use "
-                                 f"one of {', '.join(PREFERENCE_TYPES)}")
+            elif d.type not in types:
+                raise ValueError(f"rl: {self.rl} reads datasets of type {', '.join(types)}; got type {d.type}")
         if self.sample_packing:
-            raise ValueError(f"rl: {self.rl} with sample_packing: preference pairs are not packed; set "
+            raise ValueError(f"rl: {self.rl} with sample_packing: preference rows are not packed; set "
                              "sample_packing: false")
         if self.fsdp or self.fsdp_config or self.fsdp_version:
             raise ValueError(f"rl: {self.rl} with FSDP2 is not supported yet; drop the fsdp keys (several processes "
                              "then train with DDP)")
-        if self.rl == "dpo" and not self.is_lora:
-            raise ValueError("rl: dpo with full fine-tuning needs a second, frozen copy of the model as the reference, "
-                             "which lorafit does not keep; use adapter: lora or qlora (the reference is then the base "
-                             "with the adapter disabled)")
+        if self.rl in ("dpo", "kto") and not self.is_lora:
+            raise ValueError(f"rl: {self.rl} with full fine-tuning needs a second, frozen copy of the model as the "
+                             "reference, which lorafit does not keep; use adapter: lora or qlora (the reference is then "
+                             "the base with the adapter disabled)")
+        if self.rl == "kto" and self.micro_batch_size != "auto" and self.micro_batch_size < 2:
+            raise ValueError("rl: kto estimates its KL term from the other rows of a micro-batch (as TRL); set "
+                             "micro_batch_size to 2 or more")
 
     def _check_four_bit(self) -> None:
         """axolotl's rules: qlora needs load_in_4bit, a 4-bit base needs an adapter, and DoRA a dense base."""
@@ -573,16 +581,19 @@ class TrainConfig(BaseModel):
             notes.append("orpo_alpha: ignored: it applies with rl: orpo")
         if self.rl != "dpo" and self.dpo_label_smoothing:
             notes.append("dpo_label_smoothing: ignored: it applies with rl: dpo")
+        for key in ("kto_desirable_weight", "kto_undesirable_weight"):
+            if self.rl != "kto" and getattr(self, key) is not None:
+                notes.append(f"{key}: ignored: it applies with rl: kto")
         if self.rl == "orpo" and self.rl_beta is not None and self.orpo_alpha is not None:
             notes.append(f"orpo_alpha {self.orpo_alpha}: ignored: rl_beta {self.rl_beta} is ORPO's weight when both are "
                          "set, as axolotl passes them to TRL")
         if not self.rl and self.rl_beta is not None:
-            notes.append("rl_beta: ignored: it applies with rl: dpo or orpo")
+            notes.append("rl_beta: ignored: it applies with rl: dpo, orpo or kto")
         return notes
 
     @property
     def dpo_beta(self) -> float:
-        """DPO's beta: rl_beta, else TRL's default 0.1."""
+        """DPO's (and KTO's) beta: rl_beta, else TRL's default 0.1."""
         return self.rl_beta if self.rl_beta is not None else 0.1
 
     @property

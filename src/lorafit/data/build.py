@@ -14,7 +14,7 @@ from lorafit.data.formats import (
     tokenize_input_output,
 )
 from lorafit.data.loading import RowError, iter_dataset
-from lorafit.data.preference import PairSample, PairTokenizer
+from lorafit.data.preference import KTOSample, KTOTokenizer, PairSample, PairTokenizer
 from lorafit.errors import LorafitError
 
 
@@ -86,8 +86,9 @@ def truncate(ids: list[int], labels: list[int], sequence_len: int) -> tuple[list
 
 
 def _row_tokenizer(spec, cfg, info: TokenizerInfo):
-    if getattr(cfg, "rl", None):  # the config checked that every entry is of a preference type
-        return PairTokenizer(spec, cfg, info)
+    rl = getattr(cfg, "rl", None)
+    if rl:  # the config checked that every entry is of a type this rl reads
+        return KTOTokenizer(spec, info) if rl == "kto" else PairTokenizer(spec, cfg, info)
     if spec.type.startswith("alpaca"):
         style = spec.type.partition(":")[2] or "instruct"
         return lambda row: tokenize_alpaca(row, info, cfg.train_on_inputs, style)
@@ -122,8 +123,8 @@ def tokenize_specs(specs, key: str, cfg, tokenizer, report: DataReport) -> list[
                 if len(report.bad_row_examples) < 3:
                     report.bad_row_examples.append(f"{where}: {e}")
                 continue
-            sample = _pair(out, where, cfg.sequence_len, report) if isinstance(out, PairSample) else \
-                _sample(*out, where, cfg.sequence_len, report)
+            sample = _preference(out, where, cfg.sequence_len, report) if isinstance(out, PairSample | KTOSample) \
+                else _sample(*out, where, cfg.sequence_len, report)
             if sample is not None:
                 samples.append(sample)
     return samples
@@ -145,13 +146,14 @@ def _sample(ids: list[int], labels: list[int], where: str, sequence_len: int, re
     return Sample(ids, labels, where)
 
 
-def _pair(pair: PairSample, where: str, sequence_len: int, report: DataReport) -> PairSample | None:
-    """A preference pair cut to ``sequence_len``; None (counted) when the prompt leaves no room for an answer."""
-    pair.source = where
-    cut = pair.truncated(sequence_len)
+def _preference(sample, where: str, sequence_len: int, report: DataReport):
+    """A preference pair (or KTO row) cut to ``sequence_len``; None (counted) when the prompt leaves no room for
+    an answer."""
+    sample.source = where
+    cut = sample.truncated(sequence_len)
     if cut is None:
         report.dropped_by_truncation += 1
-    elif (len(cut.chosen_ids), len(cut.rejected_ids)) != (len(pair.chosen_ids), len(pair.rejected_ids)):
+    elif len(cut) != len(sample):
         report.truncated += 1
     return cut
 
@@ -192,7 +194,8 @@ def build_datasets(cfg, tokenizer) -> tuple[list[Sample], list[Sample], DataRepo
     seeded ``val_set_size`` split of the training rows. Bad rows raise a one-line :class:`LorafitError`
     naming file and line, or are skipped and counted with ``skip_bad_rows: true``.
     """
-    report = DataReport(unit="pairs" if getattr(cfg, "rl", None) else "samples")
+    rl = getattr(cfg, "rl", None)
+    report = DataReport(unit={None: "samples", "kto": "rows"}.get(rl, "pairs"))
     train = tokenize_specs(cfg.datasets, "datasets", cfg, tokenizer, report)
     if cfg.dataset_exact_deduplication:  # as axolotl: each split on its own, before val_set_size splits
         train = deduplicate(train, report)

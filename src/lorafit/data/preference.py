@@ -1,4 +1,5 @@
-"""Preference pairs for ``rl: dpo`` / ``rl: orpo``: rows -> (prompt, chosen, rejected) texts -> token ids -> batches.
+"""Preference data: pairs for ``rl: dpo`` / ``rl: orpo``, and KTO's unpaired rows (``rl: kto``): rows -> texts ->
+token ids -> batches.
 
 Texts, as axolotl's prompt strategies make them:
 
@@ -13,7 +14,12 @@ Texts, as axolotl's prompt strategies make them:
   ChatML, the answers followed by ``<|im_end|>`` (axolotl writes these strings itself, whatever the template).
 * ``passthrough``: ``prompt``, ``chosen`` and ``rejected`` strings, used as they are.
 
-Tokens, as TRL's DPOTrainer makes them: the prompt and the prompt + answer are tokenized whole, and the answer
+KTO's rows (axolotl's ``kto`` strategies): ``prompt`` (and an optional ``system``), one ``completion`` and a boolean
+``label`` (true: desirable), the prompt written as llama3 headers (``llama3.ultra`` / ``llama3.prompt_pairs``) or
+ChatML (``chatml.ultra`` / ``chatml.prompt_pairs``), the completion followed by that format's end of turn;
+``passthrough``: ``prompt`` and ``completion`` strings as they are.
+
+Tokens, as TRL's DPOTrainer (and KTOTrainer) makes them: the prompt and the prompt + answer are tokenized whole, and the answer
 starts where the two first differ from the prompt (a token can merge across the boundary); an answer that does
 not end with EOS gets it. The chat template places BOS itself; a prompt that does not start with the tokenizer's
 BOS (a plain string) gets it, as tokenizing with special tokens does (TRL would add a second one after a
@@ -36,6 +42,14 @@ from lorafit.data.loading import RowError
 DUMMY_USER = {"role": "user", "content": "[[dummy_message]]"}
 CHATML_SYSTEM = "<|im_start|>system\n{}<|im_end|>\n"
 CHATML_USER = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+LLAMA3_SYSTEM = "<|start_header_id|>system<|end_header_id|>\n\n{}<|eot_id|>"
+LLAMA3_USER = "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+# KTO's row formats: (system, user turn, end of turn) per type
+KTO_FORMATS = {"llama3.ultra": (LLAMA3_SYSTEM, LLAMA3_USER, "<|eot_id|>"),
+               "llama3.prompt_pairs": (LLAMA3_SYSTEM, LLAMA3_USER, "<|eot_id|>"),
+               "chatml.ultra": (CHATML_SYSTEM, CHATML_USER, "<|im_end|>"),
+               "chatml.prompt_pairs": (CHATML_SYSTEM, CHATML_USER, "<|im_end|>"),
+               "passthrough": ("", "{}", "")}
 
 
 @dataclass
@@ -71,6 +85,39 @@ class PairSample:
         p = [IGNORE] * len(self.prompt_ids)
         return [Sample(self.prompt_ids + ids, p + ids, f"{self.source} ({name})")
                 for name, ids in (("chosen", self.chosen_ids), ("rejected", self.rejected_ids))]
+
+
+@dataclass
+class KTOSample:
+    """One tokenized KTO row: a prompt, one completion (every token trains) and whether it is desirable."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    desirable: bool
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
+
+    @property
+    def num_trained(self) -> int:
+        return len(self.completion_ids)
+
+    def key(self) -> tuple:
+        return tuple(self.prompt_ids), tuple(self.completion_ids), self.desirable
+
+    def truncated(self, sequence_len: int) -> KTOSample | None:
+        room = sequence_len - len(self.prompt_ids)
+        if room <= 0:
+            return None
+        return KTOSample(self.prompt_ids, self.completion_ids[:room], self.desirable, self.source)
+
+    def rows(self):
+        from lorafit.data.build import Sample
+
+        kind = "desirable" if self.desirable else "undesirable"
+        return [Sample(self.prompt_ids + self.completion_ids, [IGNORE] * len(self.prompt_ids) + self.completion_ids,
+                       f"{self.source} ({kind})")]
 
 
 # ---- rows -> texts -------------------------------------------------------------------------------------------
@@ -180,6 +227,18 @@ class PreferenceTexts:
         return text[at:].rstrip()
 
 
+def kto_texts(kind: str, row: Any) -> tuple[str, str, bool]:
+    """``(prompt, completion, desirable)`` of a KTO row of type ``kind``."""
+    system_fmt, user_fmt, end = KTO_FORMATS[kind]
+    prompt = _string(row, "prompt", kind)
+    label = _field(row, "label", kind)
+    if not isinstance(label, bool):
+        raise RowError(f"{kind} row field 'label' must be true (desirable) or false, got {label!r}")
+    system = row.get("system") if system_fmt else None
+    head = system_fmt.format(system) if system else ""
+    return head + user_fmt.format(prompt), _string(row, "completion", kind, answer=True) + end, label
+
+
 # ---- texts -> ids ---------------------------------------------------------------------------------------------
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
@@ -192,18 +251,30 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def tokenize_pair(prompt: str, chosen: str, rejected: str, info: TokenizerInfo, source: str = "") -> PairSample:
     """TRL's tokenization of a pair (see the module's docstring)."""
-    def ids(text: str) -> list[int]:
-        out = info.encode(text)
-        prefix = info.prefix_ids
-        return out if not prefix or out[: len(prefix)] == prefix else prefix + out
-
-    p, pc, pr = ids(prompt), ids(prompt + chosen), ids(prompt + rejected)
+    p, pc, pr = _ids(prompt, info), _ids(prompt + chosen, info), _ids(prompt + rejected, info)
     n = min(_common_prefix(p, pc), _common_prefix(p, pr))
     chosen_ids, rejected_ids = pc[n:], pr[n:]
     for answer in (chosen_ids, rejected_ids):
         if not answer or answer[-1] != info.eos_id:
             answer.append(info.eos_id)
     return PairSample(p[:n], chosen_ids, rejected_ids, source)
+
+
+def _ids(text: str, info: TokenizerInfo) -> list[int]:
+    """The text's ids, the tokenizer's BOS first unless the text placed it."""
+    out = info.encode(text)
+    prefix = info.prefix_ids
+    return out if not prefix or out[: len(prefix)] == prefix else prefix + out
+
+
+def tokenize_kto(prompt: str, completion: str, desirable: bool, info: TokenizerInfo) -> KTOSample:
+    """TRL's KTOTrainer tokenization: as a pair's (see the module's docstring), for one completion."""
+    p, pc = _ids(prompt, info), _ids(prompt + completion, info)
+    n = _common_prefix(p, pc)
+    completion_ids = pc[n:]
+    if not completion_ids or completion_ids[-1] != info.eos_id:
+        completion_ids.append(info.eos_id)
+    return KTOSample(p[:n], completion_ids, desirable)
 
 
 class PairTokenizer:
@@ -217,12 +288,23 @@ class PairTokenizer:
         return tokenize_pair(*self.texts(row), self.info)
 
 
+class KTOTokenizer:
+    """``row -> KTOSample`` for one dataset entry of a KTO type."""
+
+    def __init__(self, spec, info: TokenizerInfo):
+        self.kind, self.info = spec.type, info
+
+    def __call__(self, row: Any) -> KTOSample:
+        return tokenize_kto(*kto_texts(self.kind, row), self.info)
+
+
 # ---- ids -> batches -------------------------------------------------------------------------------------------
 def pair_batches(samples: list[PairSample], *, micro_batch_size: int, sequence_len: int, pad_id: int,
                  shuffle: bool, seed: int, epoch: int, pad_to_sequence_len: bool = False) -> list[dict]:
     """All micro-batches of one epoch: ``micro_batch_size`` pairs each, the chosen rows first and the rejected ones
     after them (TRL's concatenated batch: one forward for both). Each batch has ``input_ids``, ``labels`` (-100
-    on prompt and padding), ``attention_mask``, ``num_pairs`` and ``num_trained_tokens`` (answer tokens)."""
+    on prompt and padding), ``attention_mask``, ``num_examples`` (pairs) and ``num_trained_tokens`` (answer
+    tokens)."""
     from lorafit.data.batching import _order
 
     order = _order(len(samples), shuffle, seed, epoch)
@@ -232,6 +314,33 @@ def pair_batches(samples: list[PairSample], *, micro_batch_size: int, sequence_l
         rows = [(s.prompt_ids, s.chosen_ids) for s in pairs] + [(s.prompt_ids, s.rejected_ids) for s in pairs]
         out.append(_collate_pairs(rows, len(pairs), sequence_len if pad_to_sequence_len else None, pad_id))
     return out
+
+
+def kto_batches(samples: list[KTOSample], *, micro_batch_size: int, sequence_len: int, pad_id: int,
+                shuffle: bool, seed: int, epoch: int, pad_to_sequence_len: bool = False) -> list[dict]:
+    """KTO's micro-batches: ``micro_batch_size`` rows, then as many mismatched rows for its KL estimate, each prompt
+    with the completion of the row before it in the micro-batch (the first with the last's), as TRL pairs them;
+    ``desirable`` flags the rows. Each sequence is cut to ``sequence_len``."""
+    from lorafit.data.batching import _order
+
+    order = _order(len(samples), shuffle, seed, epoch)
+    out = []
+    for b in range(0, len(order), micro_batch_size):
+        rows = [samples[i] for i in order[b : b + micro_batch_size]]
+        shifted = rows[-1:] + rows[:-1]
+        seqs = [(s.prompt_ids, s.completion_ids) for s in rows] + \
+            [(s.prompt_ids, o.completion_ids) for s, o in zip(rows, shifted, strict=True)]
+        seqs = [(p[:sequence_len], c[: max(0, sequence_len - len(p))]) for p, c in seqs]
+        batch = _collate_pairs(seqs, len(rows), sequence_len if pad_to_sequence_len else None, pad_id)
+        batch["desirable"] = torch.tensor([s.desirable for s in rows])
+        batch["num_trained_tokens"] = int((batch["labels"][: len(rows), 1:] != IGNORE).sum())
+        out.append(batch)
+    return out
+
+
+def preference_batches(samples: list, **kw) -> list[dict]:
+    """:func:`pair_batches` or :func:`kto_batches`, by the samples' kind."""
+    return (kto_batches if isinstance(samples[0], KTOSample) else pair_batches)(samples, **kw)
 
 
 def _collate_pairs(rows: list[tuple[list[int], list[int]]], n_pairs: int, width: int | None, pad_id: int) -> dict:
@@ -245,5 +354,5 @@ def _collate_pairs(rows: list[tuple[list[int], list[int]]], n_pairs: int, width:
         labels[r, len(prompt):n] = torch.tensor(answer)
         labels[r, 0] = IGNORE  # position 0 is never predicted
         attention[r, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention, "num_pairs": n_pairs,
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention, "num_examples": n_pairs,
             "num_trained_tokens": int((labels[:, 1:] != IGNORE).sum())}

@@ -1,4 +1,4 @@
-"""Preference objectives (``rl: dpo``, ``rl: orpo``) over a batch of pairs, as TRL's trainers compute them.
+"""Preference objectives (``rl: dpo``, ``rl: orpo``, ``rl: kto``) over a batch, as TRL's trainers compute them.
 
 A batch holds the chosen sequences of its pairs first and the rejected ones after them
 (:func:`lorafit.data.preference.pair_batches`), so both go through one forward, as TRL concatenates them. The
@@ -21,10 +21,16 @@ their originals. ``dpo_label_smoothing`` ε gives conservative DPO: ``-(1-ε)·l
 with ``l_*`` the answers' log-probs averaged over their tokens and ``nll`` the chosen sequences' mean token
 cross-entropy over prompt and answer (TRL's choice, that of the ORPO authors' code). No reference model.
 
-The forward returns the loss *summed over pairs* and the number of pairs, so a step divides by all its pairs and
-each pair weighs the same (TRL averages per micro-batch: the same when micro-batches are full). ORPO's nll, a
-token mean within the micro-batch as in TRL, enters once per pair. ``stats`` holds the sums of TRL's logged
-metrics (``rewards/chosen`` ...), divided by the pairs of the step by the caller.
+**KTO** (Ethayarajh et al. 2024; TRL's ``KTOTrainer``): unpaired rows, each desirable or not. With ``r`` the
+completion's log-ratio ``pi - ref`` and ``z`` the batch's KL estimate (the mean log-ratio of its mismatched
+prompt/completion rows, not differentiated, at least 0)::
+
+    loss = w_d · (1 - sigmoid(beta (r - z)))  for a desirable row,   w_u · (1 - sigmoid(beta (z - r)))  otherwise
+
+The forward returns the loss *summed over examples* (pairs; KTO's rows) and their number, so a step divides by all
+its examples and each weighs the same (TRL averages per micro-batch: the same when micro-batches are full). ORPO's
+nll, a token mean within the micro-batch as in TRL, enters once per pair. ``stats`` maps each of TRL's logged
+metrics (``rewards/chosen`` ...) to ``(sum, count)``; the caller divides over the step.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from lorafit.train.loss import IGNORE_INDEX, head_loss, hidden_states, options_o
 
 # the metrics a preference step logs (averaged over its pairs), in TRL's names
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-           "logps/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen")
+           "logps/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen", "kl")
 
 
 def sequence_logps(model: nn.Module, inputs: dict, labels: torch.Tensor, chunk_tokens: int | None,
@@ -105,24 +111,30 @@ def reference(model: nn.Module, originals: dict[str, torch.Tensor]):
 
 class PreferenceLoss(nn.Module):
     """The model's summed preference loss as a module's forward (what DDP wraps, as for
-    :class:`~lorafit.train.distributed.LossModule`): ``forward(inputs, labels, chunk_tokens, options)`` returns
-    ``(loss summed over pairs, pairs)``; ``kind`` is ``"dpo"`` or ``"orpo"``, ``beta`` DPO's beta or ORPO's alpha."""
+    :class:`~lorafit.train.distributed.LossModule`): ``forward(inputs, labels, chunk_tokens, options, desirable=None)``
+    returns ``(loss summed over examples, examples)``. ``kind`` is ``"dpo"``, ``"orpo"`` or ``"kto"``; ``beta`` is
+    DPO's and KTO's beta or ORPO's alpha; ``weights`` KTO's (desirable, undesirable) weights; ``desirable`` KTO's
+    row flags."""
 
-    def __init__(self, model: nn.Module, kind: str, beta: float, label_smoothing: float = 0.0):
+    def __init__(self, model: nn.Module, kind: str, beta: float, label_smoothing: float = 0.0,
+                 weights: tuple[float, float] = (1.0, 1.0)):
         super().__init__()
-        if kind not in ("dpo", "orpo"):
+        if kind not in ("dpo", "orpo", "kto"):
             raise ValueError(f"unknown preference objective {kind!r}")
         self.model, self.kind, self.beta, self.label_smoothing = model, kind, beta, label_smoothing
+        self.weights = weights
         # not registered as buffers: they are no part of the model's state and never saved
-        self.originals = trained_outside_adapter(model) if kind == "dpo" else {}
-        self.stats: dict[str, float] = {}
+        self.originals = trained_outside_adapter(model) if kind != "orpo" else {}
+        self.stats: dict[str, tuple[float, float]] = {}
 
     def forward(self, inputs: dict, labels: torch.Tensor, chunk_tokens: int | None = None,
-                options: RuntimeOptions | None = None):
+                options: RuntimeOptions | None = None, desirable: torch.Tensor | None = None):
         options = options or options_of(self.model)
         n = labels.shape[0] // 2
         if self.kind == "dpo":
             return self._dpo(inputs, labels, chunk_tokens, options, n), n
+        if self.kind == "kto":
+            return self._kto(inputs, labels, chunk_tokens, options, desirable), n
         return self._orpo(inputs, labels, chunk_tokens, options, n), n
 
     def _dpo(self, inputs, labels, chunk_tokens, options, n: int) -> torch.Tensor:
@@ -140,9 +152,35 @@ class PreferenceLoss(nn.Module):
         nll = self._chosen_nll(inputs, hidden[:n], chunk_tokens, options)
         self._record(self.beta * means[:n].detach(), self.beta * means[n:].detach(), means[:n].detach(),
                      means[n:].detach())
-        self.stats.update({"nll_loss": float(nll) * n, "log_odds_ratio": float(ratio.sum()),
-                           "log_odds_chosen": float(log_odds.sum())})
+        self.stats.update({"nll_loss": (float(nll) * n, n), "log_odds_ratio": (float(ratio.sum()), n),
+                           "log_odds_chosen": (float(log_odds.sum()), n)})
         return n * nll - self.beta * ratio.sum()
+
+    def _kto(self, inputs, labels, chunk_tokens, options, desirable: torch.Tensor) -> torch.Tensor:
+        """Rows ``[:n]`` are the batch's, rows ``[n:]`` its mismatched KL rows (lorafit.data.preference.kto_batches)."""
+        n = labels.shape[0] // 2
+        rows, kl_rows = _rows(inputs, slice(0, n)), _rows(inputs, slice(n, None))
+        with reference(self.model, self.originals):
+            ref, _, _ = sequence_logps(self.model, inputs, labels, chunk_tokens, options)
+        with torch.no_grad():
+            kl_logps, _, _ = sequence_logps(self.model, kl_rows, labels[n:], chunk_tokens, options)
+        kl = (kl_logps - ref[n:]).mean().clamp(min=0)
+        logps, _, _ = sequence_logps(self.model, rows, labels[:n], chunk_tokens, options)
+        ratio = logps - ref[:n]
+        good = desirable.to(ratio.device).bool()
+        w_good, w_bad = self.weights
+        loss = torch.where(good, w_good * (1 - torch.sigmoid(self.beta * (ratio - kl))),
+                           w_bad * (1 - torch.sigmoid(self.beta * (kl - ratio))))
+        rewards = self.beta * ratio.detach()
+        n_good, n_bad = int(good.sum()), int((~good).sum())
+        self.stats = {"rewards/chosen": (float(rewards[good].sum()), n_good),
+                      "rewards/rejected": (float(rewards[~good].sum()), n_bad),
+                      "logps/chosen": (float(logps.detach()[good].sum()), n_good),
+                      "logps/rejected": (float(logps.detach()[~good].sum()), n_bad), "kl": (float(kl), 1)}
+        if n_good and n_bad:  # TRL's margin: the difference of the two means, where the batch has both kinds
+            margin = float(rewards[good].mean() - rewards[~good].mean())
+            self.stats["rewards/margins"] = (margin, 1)
+        return loss.sum()
 
     def _chosen_nll(self, inputs, hidden, chunk_tokens, options) -> torch.Tensor:
         """Mean token cross-entropy of the chosen sequences over every real token, prompt included (TRL's)."""
@@ -153,14 +191,22 @@ class PreferenceLoss(nn.Module):
         return head_loss(self.model, h, y, chunk_tokens, options) / max(int(keep.numel()), 1)
 
     def _record(self, chosen, rejected, logps_c, logps_r) -> None:
-        self.stats = {"rewards/chosen": float(chosen.sum()), "rewards/rejected": float(rejected.sum()),
-                      "rewards/accuracies": float((chosen > rejected).float().sum()),
-                      "rewards/margins": float((chosen - rejected).sum()),
-                      "logps/chosen": float(logps_c.sum()), "logps/rejected": float(logps_r.sum())}
+        n = chosen.shape[0]
+        self.stats = {"rewards/chosen": (float(chosen.sum()), n), "rewards/rejected": (float(rejected.sum()), n),
+                      "rewards/accuracies": (float((chosen > rejected).float().sum()), n),
+                      "rewards/margins": (float((chosen - rejected).sum()), n),
+                      "logps/chosen": (float(logps_c.sum()), n), "logps/rejected": (float(logps_r.sum()), n)}
+
+
+def _rows(inputs: dict, rows: slice) -> dict:
+    return {k: v[rows] if torch.is_tensor(v) else v for k, v in inputs.items()}
 
 
 def preference_loss(model: nn.Module, cfg) -> PreferenceLoss:
     """The objective a config's ``rl`` asks for."""
     if cfg.rl == "dpo":
         return PreferenceLoss(model, "dpo", cfg.dpo_beta, cfg.dpo_label_smoothing or 0.0)
+    if cfg.rl == "kto":
+        return PreferenceLoss(model, "kto", cfg.dpo_beta, weights=(cfg.kto_desirable_weight or 1.0,
+                                                                   cfg.kto_undesirable_weight or 1.0))
     return PreferenceLoss(model, "orpo", cfg.orpo_weight)

@@ -27,7 +27,7 @@ from rich.console import Console
 
 from lorafit._compat import compile_stats
 from lorafit.data import batches, build_datasets
-from lorafit.data.preference import pair_batches
+from lorafit.data.preference import preference_batches
 from lorafit.errors import LorafitError
 from lorafit.fsutil import atomic_dir, check_writable_dir, display
 from lorafit.lora import adapter_state_dict, count_parameters, save_adapter
@@ -212,7 +212,7 @@ class Recipe:
         common = dict(micro_batch_size=cfg.micro_batch_size, sequence_len=cfg.sequence_len, pad_id=self.pad_id,
                       shuffle=not cfg.curriculum_sampling, seed=cfg.seed, epoch=epoch,
                       pad_to_sequence_len=cfg.pad_to_sequence_len)
-        every = pair_batches(self.train_samples, **common) if cfg.rl else \
+        every = preference_batches(self.train_samples, **common) if cfg.rl else \
             batches(self.train_samples, packing=cfg.sample_packing, **common)
         if not w.distributed:
             return every
@@ -258,6 +258,8 @@ class Recipe:
             method += f" + DPO (beta {cfg.dpo_beta}; reference: the base, adapter disabled)"
         elif cfg.rl == "orpo":
             method += f" + ORPO (alpha {cfg.orpo_weight})"
+        elif cfg.rl == "kto":
+            method += f" + KTO (beta {cfg.dpo_beta}; reference: the base, adapter disabled)"
         self.console.print(
             f"{method} | {count_parameters(self.model)} | dtype {str(self.model.dtype).removeprefix('torch.')} "
             f"on {self.world.device.type} | "

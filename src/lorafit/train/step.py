@@ -13,8 +13,8 @@ import math
 
 import torch
 
-from lorafit.data import batches, model_inputs
-from lorafit.data.preference import PairSample, pair_batches
+from lorafit.data import Sample, batches, model_inputs
+from lorafit.data.preference import preference_batches
 from lorafit.options import RuntimeOptions
 from lorafit.train.distributed import LossModule, World, all_sum, full_tensor, unwrapped
 from lorafit.train.loss import options_of
@@ -31,7 +31,7 @@ def micro_step(loss_module, batch, normaliser: int, chunk_tokens: int | None = N
     """Forward + backward of one micro-batch through ``loss_module`` (:class:`LossModule` or a preference loss, or
     DDP / FSDP2 around one); returns its summed loss (over tokens, or pairs). ``scale``: the world size (the wrappers average gradients over ranks).
     ``scaler``: fp16's loss scaler (:func:`loss_scaler`); the loss is multiplied by its scale before backward."""
-    loss_sum, _ = loss_module(model_inputs(batch), batch["labels"], chunk_tokens, options)
+    loss_sum, _ = loss_module(model_inputs(batch), batch["labels"], chunk_tokens, options, **loss_extras(batch))
     if normaliser:
         loss = loss_sum * (scale / normaliser)
         (loss if scaler is None else scaler.scale(loss)).backward()
@@ -39,9 +39,29 @@ def micro_step(loss_module, batch, normaliser: int, chunk_tokens: int | None = N
 
 
 def loss_count(batch: dict) -> int:
-    """What a micro-batch's summed loss is divided by in its step: its pairs (preference), else its trained
-    tokens."""
-    return batch["num_pairs"] if "num_pairs" in batch else batch["num_trained_tokens"]
+    """What a micro-batch's summed loss is divided by in its step: its examples (preference pairs, KTO's rows),
+    else its trained tokens."""
+    return batch["num_examples"] if "num_examples" in batch else batch["num_trained_tokens"]
+
+
+def loss_extras(batch: dict) -> dict:
+    """What a preference loss reads beside the model's inputs: KTO's desirable/undesirable flags."""
+    return {"desirable": batch["desirable"]} if "desirable" in batch else {}
+
+
+def add_stats(into: dict, stats: dict) -> None:
+    """Accumulate a loss module's metric ``(sum, count)`` pairs."""
+    for k, (total, count) in stats.items():
+        s, c = into.get(k, (0.0, 0.0))
+        into[k] = (s + total, c + count)
+
+
+def averaged(world: World, stats: dict) -> dict:
+    """Each metric's sum over its count, all ranks together (a metric with no count this step is left out)."""
+    if not stats:
+        return {}
+    flat = all_sum(world, *(x for pair in stats.values() for x in pair))
+    return {k: flat[2 * i] / flat[2 * i + 1] for i, k in enumerate(stats) if flat[2 * i + 1]}
 
 
 def loss_scaler(dtype: torch.dtype, device: torch.device | str):
@@ -87,12 +107,11 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], max_grad_
         with _no_sync(loss_module, i == len(micro_batches) - 1):
             local_total += micro_step(loss_module, _on(b, world.device), n_loss, chunk_tokens, options,
                                       scale=world.world_size, scaler=scaler)
-        for k, v in getattr(unwrapped(loss_module), "stats", {}).items():  # a preference loss's metric sums
-            stats[k] = stats.get(k, 0.0) + v
+        add_stats(stats, getattr(unwrapped(loss_module), "stats", {}))  # a preference loss's metrics
     local_tokens = sum(int(b["input_ids"].numel()) for b in micro_batches)
-    total, tokens, *sums = all_sum(world, local_total, local_tokens, *stats.values())
+    total, tokens = all_sum(world, local_total, local_tokens)
     loss = total / max(n_loss, 1)
-    metrics = {k: v / max(n_loss, 1) for k, v in zip(stats, sums, strict=True)}
+    metrics = averaged(world, stats)
     if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
         return {"loss": loss, "grad_norm": float("nan"), "trained_tokens": n_trained, "tokens": 0}
@@ -137,17 +156,17 @@ def evaluate(model, samples, cfg, pad_id: int, max_batches: int | None = None,
     for k in range(rounds):
         i = k * world.world_size + world.rank
         batch = _on(eval_batches[i if i < len(eval_batches) else 0], world.device)
-        loss_sum, count = loss_module(model_inputs(batch), batch["labels"], cfg.loss_chunk_tokens, options)
+        loss_sum, count = loss_module(model_inputs(batch), batch["labels"], cfg.loss_chunk_tokens, options,
+                                      **loss_extras(batch))
         if i < len(eval_batches):  # a rank past the end runs a forward it does not count (FSDP2's all-gathers)
             total, n = total + float(loss_sum), n + count
-            for key, v in getattr(inner, "stats", {}).items():
-                stats[key] = stats.get(key, 0.0) + v
+            add_stats(stats, getattr(inner, "stats", {}))
     model.train(was_training)
-    total, n, *sums = all_sum(world, total, n, *stats.values())
+    total, n = all_sum(world, total, n)
     mean = total / max(n, 1)
-    if isinstance(samples[0], PairSample):  # n counts pairs; a perplexity means nothing here
-        return {"eval_loss": mean, "eval_pairs": int(n),
-                **{f"eval_{k}": v / max(n, 1) for k, v in zip(stats, sums, strict=True)}}
+    if not isinstance(samples[0], Sample):  # n counts pairs (KTO: rows); a perplexity means nothing here
+        return {"eval_loss": mean, "eval_examples": int(n),
+                **{f"eval_{k}": v for k, v in averaged(world, stats).items()}}
     return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": int(n)}
 
 
@@ -155,8 +174,8 @@ def _eval_batches(samples, cfg, pad_id: int) -> list[dict]:
     """Evaluation batches in length order: a batch pads less, and rows alike (one task's prompts) share a longer
     prefix (causal_lm_loss)."""
     samples = sorted(samples, key=len)
-    if isinstance(samples[0], PairSample):
-        return pair_batches(samples, micro_batch_size=cfg.micro_batch_size, sequence_len=cfg.sequence_len,
-                            pad_id=pad_id, shuffle=False, seed=cfg.seed, epoch=0)
+    if not isinstance(samples[0], Sample):
+        return preference_batches(samples, micro_batch_size=cfg.micro_batch_size, sequence_len=cfg.sequence_len,
+                                  pad_id=pad_id, shuffle=False, seed=cfg.seed, epoch=0)
     return batches(samples, micro_batch_size=cfg.micro_batch_size, sequence_len=cfg.sequence_len, pad_id=pad_id,
                    packing=False, shuffle=False, seed=cfg.seed, epoch=0)
