@@ -462,3 +462,16 @@ def test_lorafit_train_kto_lowers_the_loss(workdir, tmp_path):
                      output_dir=str(tmp_path / "out"))
     rows = train(TrainConfig.from_dict(cfg)).history
     assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["rewards/margins"] > 0 and "kl" in rows[-1]
+
+
+def test_a_continued_adapter_is_its_own_starting_reference(workdir, tmp_path):
+    """lora_model_dir: the reference is the loaded adapter as it starts (TRL's "ref" copy), not the bare base, so a
+    continued run starts at ln 2 too."""
+    import math
+
+    from lorafit.train import train
+
+    first = config(workdir, max_steps=3, learning_rate=0.02, output_dir=str(tmp_path / "a"))
+    assert train(TrainConfig.from_dict(first)).history[-1]["rewards/margins"] > 0
+    again = {**first, "lora_model_dir": str(tmp_path / "a"), "output_dir": str(tmp_path / "b"), "max_steps": 1}
+    assert train(TrainConfig.from_dict(again)).history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)

@@ -12,7 +12,8 @@ cross-entropy kernel as supervised training (one call per sequence: no full logi
 with ``pi_*`` the trained model's summed answer log-probs and ``ref_*`` the reference's. The reference is the same
 model with the adapter switched off, as TRL does for a PEFT model: no second copy of the model. Modules that the
 adapter trains whole (``lora_modules_to_save``) keep a frozen copy of their starting weights for it, as PEFT keeps
-their originals. ``dpo_label_smoothing`` ε gives conservative DPO: ``-(1-ε)·logsigmoid(βΔ) - ε·logsigmoid(-βΔ)``.
+their originals; an adapter continued from ``lora_model_dir`` keeps one of its own, and the reference is the model
+with it as it started (TRL's "ref" copy of such an adapter). ``dpo_label_smoothing`` ε gives conservative DPO: ``-(1-ε)·logsigmoid(βΔ) - ε·logsigmoid(-βΔ)``.
 
 **ORPO** (Hong et al. 2024; TRL's ``ORPOTrainer``)::
 
@@ -46,7 +47,7 @@ from lorafit.lora.inject import disable_adapter
 from lorafit.options import RuntimeOptions
 from lorafit.train.loss import IGNORE_INDEX, head_loss, hidden_states, options_of
 
-# the metrics a preference step logs (averaged over its pairs), in TRL's names
+# the metrics a preference step logs (each averaged over its own rows: pairs, or KTO's rows of one kind), TRL's names
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen", "kl")
 
@@ -86,19 +87,22 @@ def orpo_ratio(mean_c: torch.Tensor, mean_r: torch.Tensor) -> tuple[torch.Tensor
     return F.logsigmoid(log_odds), log_odds
 
 
-def trained_outside_adapter(model: nn.Module) -> dict[str, torch.Tensor]:
+def starting_weights(model: nn.Module, with_adapter: bool = False) -> dict[str, torch.Tensor]:
     """Frozen copies of the trainable parameters that are not the adapter's own (``lora_modules_to_save``, a trained
-    bias): the reference reads them as they were when training started."""
-    adapter = ("lora_A", "lora_B", "lora_embedding_", "lora_magnitude")
+    bias), and the adapter's too when ``with_adapter``: the reference reads them as they were when training
+    started."""
+    adapter = () if with_adapter else ("lora_A", "lora_B", "lora_embedding_", "lora_magnitude")
     return {n: p.detach().clone() for n, p in model.named_parameters()
             if p.requires_grad and not any(a in n for a in adapter)}
 
 
 @contextlib.contextmanager
-def reference(model: nn.Module, originals: dict[str, torch.Tensor]):
-    """The reference model within the block: no autograd, the adapter disabled, trained modules at their start."""
+def reference(model: nn.Module, originals: dict[str, torch.Tensor], with_adapter: bool = False):
+    """The reference model within the block: no autograd, trainable weights at their start, and the adapter
+    disabled (a fresh adapter starts as the base) unless ``with_adapter`` (a continued adapter, whose start
+    ``originals`` holds: TRL's "ref" copy of it)."""
     params = dict(model.named_parameters())
-    with torch.no_grad(), disable_adapter(model):
+    with torch.no_grad(), disable_adapter(model) if not with_adapter else contextlib.nullcontext():
         now = {n: params[n].data for n in originals}
         for n, t in originals.items():
             params[n].data = t
@@ -114,17 +118,18 @@ class PreferenceLoss(nn.Module):
     :class:`~lorafit.train.distributed.LossModule`): ``forward(inputs, labels, chunk_tokens, options, desirable=None)``
     returns ``(loss summed over examples, examples)``. ``kind`` is ``"dpo"``, ``"orpo"`` or ``"kto"``; ``beta`` is
     DPO's and KTO's beta or ORPO's alpha; ``weights`` KTO's (desirable, undesirable) weights; ``desirable`` KTO's
-    row flags."""
+    row flags. ``continued``: the adapter was loaded (``lora_model_dir``), so the reference is the model with that
+    adapter as it starts, as TRL makes it for a PEFT model that already has one."""
 
     def __init__(self, model: nn.Module, kind: str, beta: float, label_smoothing: float = 0.0,
-                 weights: tuple[float, float] = (1.0, 1.0)):
+                 weights: tuple[float, float] = (1.0, 1.0), continued: bool = False):
         super().__init__()
         if kind not in ("dpo", "orpo", "kto"):
             raise ValueError(f"unknown preference objective {kind!r}")
         self.model, self.kind, self.beta, self.label_smoothing = model, kind, beta, label_smoothing
-        self.weights = weights
+        self.weights, self.continued = weights, continued
         # not registered as buffers: they are no part of the model's state and never saved
-        self.originals = trained_outside_adapter(model) if kind != "orpo" else {}
+        self.originals = starting_weights(model, continued) if kind != "orpo" else {}
         self.stats: dict[str, tuple[float, float]] = {}
 
     def forward(self, inputs: dict, labels: torch.Tensor, chunk_tokens: int | None = None,
@@ -138,7 +143,7 @@ class PreferenceLoss(nn.Module):
         return self._orpo(inputs, labels, chunk_tokens, options, n), n
 
     def _dpo(self, inputs, labels, chunk_tokens, options, n: int) -> torch.Tensor:
-        with reference(self.model, self.originals):
+        with reference(self.model, self.originals, self.continued):
             ref, _, _ = sequence_logps(self.model, inputs, labels, chunk_tokens, options)
         logps, _, _ = sequence_logps(self.model, inputs, labels, chunk_tokens, options)
         loss, chosen, rejected = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], self.beta, self.label_smoothing)
@@ -160,7 +165,7 @@ class PreferenceLoss(nn.Module):
         """Rows ``[:n]`` are the batch's, rows ``[n:]`` its mismatched KL rows (lorafit.data.preference.kto_batches)."""
         n = labels.shape[0] // 2
         rows, kl_rows = _rows(inputs, slice(0, n)), _rows(inputs, slice(n, None))
-        with reference(self.model, self.originals):
+        with reference(self.model, self.originals, self.continued):
             ref, _, _ = sequence_logps(self.model, inputs, labels, chunk_tokens, options)
         with torch.no_grad():
             kl_logps, _, _ = sequence_logps(self.model, kl_rows, labels[n:], chunk_tokens, options)
@@ -203,10 +208,11 @@ def _rows(inputs: dict, rows: slice) -> dict:
 
 
 def preference_loss(model: nn.Module, cfg) -> PreferenceLoss:
-    """The objective a config's ``rl`` asks for."""
+    """The objective a config's ``rl`` asks for (made once the model holds its starting weights)."""
+    continued = bool(cfg.lora_model_dir)
     if cfg.rl == "dpo":
-        return PreferenceLoss(model, "dpo", cfg.dpo_beta, cfg.dpo_label_smoothing or 0.0)
+        return PreferenceLoss(model, "dpo", cfg.dpo_beta, cfg.dpo_label_smoothing or 0.0, continued=continued)
     if cfg.rl == "kto":
-        return PreferenceLoss(model, "kto", cfg.dpo_beta, weights=(cfg.kto_desirable_weight or 1.0,
-                                                                   cfg.kto_undesirable_weight or 1.0))
+        return PreferenceLoss(model, "kto", cfg.dpo_beta, continued=continued,
+                              weights=(cfg.kto_desirable_weight or 1.0, cfg.kto_undesirable_weight or 1.0))
     return PreferenceLoss(model, "orpo", cfg.orpo_weight)
