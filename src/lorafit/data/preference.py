@@ -135,7 +135,7 @@ def _string(row: Any, key: str, kind: str, answer: bool = False) -> str:
     if not isinstance(v, str):
         raise RowError(f"{kind} row field '{key}' must be a string, got {type(v).__name__}")
     if answer and not v.strip():
-        raise RowError(f"{kind} row field '{key}' is empty; a preference pair needs two answers")
+        raise RowError(f"{kind} row field '{key}' is empty; every answer needs text")
     return v
 
 
@@ -152,24 +152,35 @@ class PreferenceTexts:
             self.role_map.update({n: canonical for n in names})
 
     def __call__(self, row: Any) -> tuple[str, str, str]:
+        read = {"passthrough": self._passthrough, "chat_template.argilla": self._argilla,
+                "chat_template.default": self._default}.get(self.kind, self._chatml)
+        return read(row)
+
+    def _passthrough(self, row: Any) -> tuple[str, str, str]:
+        return (_string(row, "prompt", self.kind), _string(row, "chosen", self.kind, answer=True),
+                _string(row, "rejected", self.kind, answer=True))
+
+    def _chatml(self, row: Any) -> tuple[str, str, str]:
+        """chatml.intel (``question``) / chatml.prompt_pairs (``prompt``), optional ``system``: axolotl's strings."""
+        question = _string(row, "question" if self.kind == "chatml.intel" else "prompt", self.kind)
+        system = row.get("system")
+        prompt = (CHATML_SYSTEM.format(system) if system else "") + CHATML_USER.format(question)
+        return (prompt, _string(row, self.spec.field_chosen, self.kind, answer=True) + "<|im_end|>",
+                _string(row, self.spec.field_rejected, self.kind, answer=True) + "<|im_end|>")
+
+    def _argilla(self, row: Any) -> tuple[str, str, str]:
+        """Two conversations sharing the prompt: the chosen one's messages but the last, then each last message."""
         s = self.spec
-        if self.kind == "passthrough":
-            return tuple(_string(row, k, self.kind, answer=k != "prompt") for k in ("prompt", "chosen", "rejected"))
-        if self.kind.startswith("chatml."):
-            question = _string(row, "question" if self.kind == "chatml.intel" else "prompt", self.kind)
-            system = row.get("system")
-            prompt = (CHATML_SYSTEM.format(system) if system else "") + CHATML_USER.format(question)
-            return (prompt, _string(row, s.field_chosen, self.kind, True) + "<|im_end|>",
-                    _string(row, s.field_rejected, self.kind, True) + "<|im_end|>")
-        if self.kind == "chat_template.argilla":
-            chosen = self._conversation(row, s.field_chosen)
-            rejected = self._conversation(row, s.field_rejected)
-            prompt = chosen[:-1]
-            if not prompt:
-                raise RowError(f"{self.kind} row field '{s.field_chosen}' holds only the answer; it needs the prompt's "
-                               "messages before it")
-            return self._render(prompt), self._answer(chosen[-1], s.field_chosen), \
-                self._answer(rejected[-1], s.field_rejected)
+        chosen, rejected = self._conversation(row, s.field_chosen), self._conversation(row, s.field_rejected)
+        if len(chosen) < 2:
+            raise RowError(f"{self.kind} row field '{s.field_chosen}' holds only the answer; it needs the prompt's "
+                           "messages before it")
+        return (self._render(chosen[:-1]), self._answer(chosen[-1], s.field_chosen),
+                self._answer(rejected[-1], s.field_rejected))
+
+    def _default(self, row: Any) -> tuple[str, str, str]:
+        """The prompt's messages (or a string: one user message), and each answer."""
+        s = self.spec
         messages = _field(row, s.field_messages, self.kind)
         if isinstance(messages, str):
             messages = [{s.message_field_role: "user", s.message_field_content: messages}]
@@ -217,7 +228,7 @@ class PreferenceTexts:
         """The answer as the template renders a reply, from its content to the end of its turn (axolotl's cut)."""
         content = message["content"]
         if not content.strip():
-            raise RowError(f"{self.kind} row field '{key}' has an empty answer; a preference pair needs two answers")
+            raise RowError(f"{self.kind} row field '{key}' has an empty answer; every answer needs text")
         text = self._render([DUMMY_USER, message], generation_prompt=False)
         at = text.find(content)
         if at < 0:  # a template that trims the content
