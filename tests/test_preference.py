@@ -93,6 +93,16 @@ def test_pairs_render_as_axolotl_and_tokenize_as_trl(workdir, demo_tokenizer):
     assert decode(train[2].prompt_ids).startswith("<|im_start|>user\nName a colour.")  # a string prompt
 
 
+def test_an_answer_that_names_a_role_is_cut_after_the_reply_header(workdir, demo_tokenizer, tmp_path):
+    data = tmp_path / "roles.jsonl"
+    data.write_text(json.dumps({"conversation": "Which role asks?", "chosen": "user", "rejected": "assistant"}) + "\n")
+    cfg = config(workdir)
+    cfg["datasets"][0]["path"] = str(data)
+    (pair,), _, _ = build_datasets(TrainConfig.from_dict(cfg), demo_tokenizer)
+    assert demo_tokenizer.decode(pair.chosen_ids) == "user<|im_end|>"
+    assert demo_tokenizer.decode(pair.rejected_ids) == "assistant<|im_end|>"
+
+
 def test_batches_hold_chosen_rows_then_rejected_rows(workdir, demo_tokenizer):
     cfg = TrainConfig.from_dict(config(workdir))
     train, _, _ = build_datasets(cfg, demo_tokenizer)

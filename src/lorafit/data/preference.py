@@ -7,7 +7,8 @@ Texts, as axolotl's prompt strategies make them:
   message), rendered by the chat template with its generation prompt. ``field_chosen`` / ``field_rejected`` is the
   answer: a string (an assistant message), a message, or a list whose last message is the answer. An answer's text is
   what the template renders for that message, from its content on (axolotl renders it after a placeholder user
-  turn and cuts there), so the end of turn is part of it.
+  turn and cuts there; lorafit looks for the content after the reply's header, where axolotl's search can stop
+  at a role name), so the end of turn is part of it.
 * ``chat_template.argilla``: ``field_chosen`` / ``field_rejected`` are whole conversations that share the prompt;
   the prompt is the chosen one's messages but the last, the answers are the last messages.
 * ``chatml.intel`` / ``chatml.prompt_pairs``: ``question`` / ``prompt`` (and an optional ``system``) written in
@@ -230,9 +231,12 @@ class PreferenceTexts:
         if not content.strip():
             raise RowError(f"{self.kind} row field '{key}' has an empty answer; every answer needs text")
         text = self._render([DUMMY_USER, message], generation_prompt=False)
-        at = text.find(content)
+        # looked for after the reply's header, so an answer such as "user" is not found in a role name
+        head = self._render([DUMMY_USER])
+        start = len(head) if text.startswith(head) else 0
+        at = text.find(content, start)
         if at < 0:  # a template that trims the content
-            at = text.find(content.strip())
+            at = text.find(content.strip(), start)
         if at < 0:
             raise RowError(f"{self.kind} row field '{key}': the chat template does not render the answer's text")
         return text[at:].rstrip()
