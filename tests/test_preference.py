@@ -485,3 +485,34 @@ def test_a_continued_adapter_is_its_own_starting_reference(workdir, tmp_path):
     assert train(TrainConfig.from_dict(first)).history[-1]["rewards/margins"] > 0
     again = {**first, "lora_model_dir": str(tmp_path / "a"), "output_dir": str(tmp_path / "b"), "max_steps": 1}
     assert train(TrainConfig.from_dict(again)).history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_two_ranks_of_dpo_equal_one_process_and_evaluate_with_an_idle_rank(workdir, tmp_path):
+    """2 ranks × 1 pair = 1 process × 2 pairs (the loss is per pair of the whole step); the one eval batch leaves
+    rank 1 idle, and the metrics are still reduced on both ranks (a rank with no batch used to skip the reduction)."""
+    import os
+    import subprocess
+    import sys
+
+    from lorafit.train import train
+
+    rows = ROWS + ROWS[:2]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def cfg(out, **kw):
+        c = config(workdir, max_steps=3, learning_rate=0.01, val_set_size=1, eval_steps=1, shared_prefix=False,
+                   output_dir=str(tmp_path / out), **kw)
+        c["datasets"][0]["path"] = str(tmp_path / "pairs.jsonl")
+        return c
+
+    (tmp_path / "two.yml").write_text(yaml.safe_dump(cfg("two", micro_batch_size=1)))
+    done = subprocess.run([sys.executable, "-m", "lorafit", "train", str(tmp_path / "two.yml"), "--nproc", "2"],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "LORAFIT_DIST_TIMEOUT": "120"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    one = train(TrainConfig.from_dict(cfg("one", micro_batch_size=2))).history
+    for key in ("loss", "rewards/margins", "eval_loss", "eval_rewards/accuracies"):
+        assert [r[key] for r in two if key in r] == pytest.approx([r[key] for r in one if key in r], rel=1e-5), key

@@ -18,6 +18,7 @@ from lorafit.data.preference import preference_batches
 from lorafit.options import RuntimeOptions
 from lorafit.train.distributed import LossModule, World, all_sum, full_tensor, unwrapped
 from lorafit.train.loss import options_of
+from lorafit.train.preference import METRICS
 
 
 def _on(batch: dict, device: torch.device) -> dict:
@@ -29,8 +30,8 @@ def _on(batch: dict, device: torch.device) -> dict:
 def micro_step(loss_module, batch, normaliser: int, chunk_tokens: int | None = None,
                options: RuntimeOptions | None = None, scale: float = 1.0, scaler=None) -> float:
     """Forward + backward of one micro-batch through ``loss_module`` (:class:`LossModule` or a preference loss, or
-    DDP / FSDP2 around one); returns its summed loss (over tokens, or pairs). ``scale``: the world size (the wrappers average gradients over ranks).
-    ``scaler``: fp16's loss scaler (:func:`loss_scaler`); the loss is multiplied by its scale before backward."""
+    DDP / FSDP2 around one); returns its summed loss (over tokens, or preference examples). ``scale``: the world
+    size (the wrappers average gradients over ranks). ``scaler``: fp16's loss scaler (:func:`loss_scaler`); the loss is multiplied by its scale before backward."""
     loss_sum, _ = loss_module(model_inputs(batch), batch["labels"], chunk_tokens, options, **loss_extras(batch))
     if normaliser:
         loss = loss_sum * (scale / normaliser)
@@ -56,12 +57,13 @@ def add_stats(into: dict, stats: dict) -> None:
         into[k] = (s + total, c + count)
 
 
-def averaged(world: World, stats: dict) -> dict:
-    """Each metric's sum over its count, all ranks together (a metric with no count this step is left out)."""
-    if not stats:
+def averaged(world: World, stats: dict, loss_module) -> dict:
+    """Each metric's sum over its count, all ranks together; a metric with no count is left out. Every rank reduces
+    the same keys (all of a preference loss's), whatever its own batches held."""
+    if not hasattr(unwrapped(loss_module), "stats"):
         return {}
-    flat = all_sum(world, *(x for pair in stats.values() for x in pair))
-    return {k: flat[2 * i] / flat[2 * i + 1] for i, k in enumerate(stats) if flat[2 * i + 1]}
+    flat = all_sum(world, *(x for k in METRICS for x in stats.get(k, (0.0, 0.0))))
+    return {k: flat[2 * i] / flat[2 * i + 1] for i, k in enumerate(METRICS) if flat[2 * i + 1]}
 
 
 def loss_scaler(dtype: torch.dtype, device: torch.device | str):
@@ -84,8 +86,8 @@ def _no_sync(loss_module, last: bool):
 def train_step(model, optimizer, scheduler, micro_batches: list[dict], max_grad_norm: float,
                chunk_tokens: int | None = None, options: RuntimeOptions | None = None, *,
                world: World | None = None, loss_module=None, scaler=None) -> dict:
-    """One optimizer step over ``micro_batches``; returns loss (per trained token; per pair for
-    preference batches), grad norm, token counts and ``metrics`` (a preference loss's, per pair).
+    """One optimizer step over ``micro_batches``; returns loss (per trained token; per example for
+    preference batches), grad norm, token counts and ``metrics`` (a preference loss's, see :func:`averaged`).
 
     ``chunk_tokens``: tokens per chunk of the loss (None: sized to the vocabulary). ``options``: the run's
     (None: those the model's lean kernels were applied with, else resolved here). Under torchrun, ``world`` and
@@ -111,7 +113,7 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], max_grad_
     local_tokens = sum(int(b["input_ids"].numel()) for b in micro_batches)
     total, tokens = all_sum(world, local_total, local_tokens)
     loss = total / max(n_loss, 1)
-    metrics = averaged(world, stats)
+    metrics = averaged(world, stats, loss_module)
     if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
         return {"loss": loss, "grad_norm": float("nan"), "trained_tokens": n_trained, "tokens": 0}
@@ -166,7 +168,7 @@ def evaluate(model, samples, cfg, pad_id: int, max_batches: int | None = None,
     mean = total / max(n, 1)
     if not isinstance(samples[0], Sample):  # n counts pairs (KTO: rows); a perplexity means nothing here
         return {"eval_loss": mean, "eval_examples": int(n),
-                **{f"eval_{k}": v for k, v in averaged(world, stats).items()}}
+                **{f"eval_{k}": v for k, v in averaged(world, stats, loss_module).items()}}
     return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": int(n)}
 
 
