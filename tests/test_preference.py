@@ -516,3 +516,15 @@ def test_two_ranks_of_dpo_equal_one_process_and_evaluate_with_an_idle_rank(workd
     one = train(TrainConfig.from_dict(cfg("one", micro_batch_size=2))).history
     for key in ("loss", "rewards/margins", "eval_loss", "eval_rewards/accuracies"):
         assert [r[key] for r in two if key in r] == pytest.approx([r[key] for r in one if key in r], rel=1e-5), key
+
+
+def test_preprocess_shows_both_sequences_of_a_pair(workdir, demo_tokenizer):
+    from rich.console import Console
+
+    from lorafit.data.preview import show_samples
+
+    console = Console(record=True, width=200)
+    report = show_samples(TrainConfig.from_dict(config(workdir)), 1, console, tokenizer=demo_tokenizer)
+    text = console.export_text()
+    assert "line 1 (chosen)" in text and "line 1 (rejected)" in text and "5, I think" in text
+    assert "train pairs: 3" in text and report.train_samples == 3
