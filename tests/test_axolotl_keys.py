@@ -56,6 +56,8 @@ TYPICAL_TOP = {
     "lora_target_parameters": ["mlp.experts.gate_up_proj"], "unfrozen_parameters": ["^model.layers.1.mlp"],
     "deepspeed": "deepspeed_configs/zero2.json",
     "fsdp": ["full_shard", "auto_wrap"], "fsdp_config": {"reshard_after_forward": True}, "fsdp_version": 2,
+    "rl": "dpo", "rl_beta": 0.1, "dpo_beta": 0.1, "orpo_alpha": 0.1, "dpo_label_smoothing": 0.1,
+    "kto_desirable_weight": 0.2, "kto_undesirable_weight": 1.0,
 }
 TYPICAL_DATASET = {
     "path": "chats.jsonl", "split": "train", "type": "chat_template", "data_files": "a.jsonl", "ds_type": "json",
@@ -63,7 +65,8 @@ TYPICAL_DATASET = {
     "message_field_content": "value", "message_property_mappings": {"role": "from", "content": "value"},
     "roles": {"assistant": ["gpt"]}, "roles_to_train": ["assistant"], "train_on_eos": "turn",
     "drop_system_message": True, "train_on_eot": "turn", "message_field_training": "train", "split_thinking": True,
-    "template_thinking_key": "reasoning_content", "field_thinking": "reasoning",
+    "template_thinking_key": "reasoning_content", "field_thinking": "reasoning", "field_chosen": "chosen",
+    "field_rejected": "rejected",
 }
 # keys lorafit has that axolotl does not (not in the table)
 LORAFIT_ONLY_TOP = {"lora_init", "skip_bad_rows", "loss_chunk_tokens", "compile_kernels",
@@ -108,6 +111,8 @@ def test_supported_top_level_key_validates(key):
         extra["load_in_4bit"] = True
     if key.startswith("model_quantization_config"):  # the two go together
         extra.update(model_quantization_config="Mxfp4Config", model_quantization_config_kwargs={"dequantize": True})
+    if key == "rl":
+        extra["datasets"] = [{"path": "d.jsonl", "type": "chat_template.default"}]
     cfg = load(extra)
     assert getattr(cfg, RENAMED.get(key, key)) is not None
 

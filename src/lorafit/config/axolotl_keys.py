@@ -20,7 +20,7 @@ SUPPORTED, IGNORED, UNSUPPORTED = "supported", "ignored", "unsupported"
 STATUSES = (SUPPORTED, IGNORED, UNSUPPORTED)
 
 # axolotl keys lorafit reads under another name (the axolotl name is screened as supported, then renamed)
-RENAMED = {"peft_layers_to_transform": "lora_layers_to_transform"}
+RENAMED = {"peft_layers_to_transform": "lora_layers_to_transform", "dpo_beta": "rl_beta"}
 
 # ---- reasons, shared by groups of keys ----
 _LOGGING = "no tracker is contacted; lorafit logs to the terminal and output_dir/metrics.jsonl"
@@ -38,8 +38,8 @@ _QUANT = ("quantized bases other than bitsandbytes 4-bit and MXFP4 dequantized o
           " not supported; use adapter: qlora with load_in_4bit: true, or LoRA on a bf16/fp32 base")
 _OPTIM = "not supported; use optimizer adamw_torch (with weight_decay, adam_beta1/2, adam_epsilon)"
 _SCHED = "not supported; use lr_scheduler cosine, linear, constant or constant_with_warmup"
-_RL = "preference and RL training (DPO/KTO/ORPO/GRPO, reward models) is not supported; lorafit does supervised" \
-      " fine-tuning"
+_RL = ("this preference/RL method or option is not supported; lorafit trains rl: dpo (sigmoid loss) and rl: kto"
+       " with an adapter, and rl: orpo")
 _MM = "vision and multimodal models are not supported; lorafit fine-tunes text-only decoder models"
 _DISTILL = "knowledge distillation is not supported; train on the teacher's outputs as plain chat data"
 _PRETRAIN = "streaming pretraining datasets are not supported; use datasets with type: completion"
@@ -201,12 +201,23 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
         moe_bnb_fast dsv4_fp8_nonexpert_mode dsv4_fp8_lora_kernel dsv4_shared_mlp_lora_kernel dsv4_bf16_all
         dsv4_fp4_grouped_mode gemma4_fp8_nonexpert gemma4_nf4_nonexpert nvfp4_merge_aware
         nvfp4_merge_aware_start_step"""),
+    # ---- preference training (lorafit.train.preference) ----
+    "rl": (SUPPORTED, "dpo, orpo or kto, with an adapter (orpo also fully fine-tunes); datasets of the preference"
+                      " types"),
+    "rl_beta": (SUPPORTED, "DPO's and KTO's beta (default 0.1, as TRL); with rl: orpo, ORPO's weight when set, as"
+                " axolotl passes it"),
+    "kto_desirable_weight": (SUPPORTED, "KTO's weight of the desirable rows' loss (default 1.0)"),
+    "kto_undesirable_weight": (SUPPORTED, "KTO's weight of the undesirable rows' loss (default 1.0)"),
+    "dpo_beta": (SUPPORTED, "read as rl_beta, as axolotl does"),
+    "orpo_alpha": (SUPPORTED, "ORPO's weight of the odds-ratio term (TRL's ORPO beta, default 0.1)"),
+    "dpo_label_smoothing": (SUPPORTED, "conservative DPO (cDPO): the sigmoid loss with this share of the pair's"
+                            " label flipped"),
     # ---- unsupported: features lorafit does not have ----
     **_group(UNSUPPORTED, _RL, """
-        rl trl vllm ebft reward_model process_reward_model center_rewards_coefficient num_labels
-        dpo_use_weighting dpo_label_smoothing precompute_ref_log_probs dpo_use_liger_kernel dpo_padding_free
-        dpo_loss_type dpo_loss_weights dpo_beta dpo_use_logits_to_keep dpo_generate_during_eval dpo_norm_loss
-        rpo_alpha orpo_alpha simpo_gamma cpo_alpha kto_desirable_weight kto_undesirable_weight rl_beta
+        trl vllm ebft reward_model process_reward_model center_rewards_coefficient num_labels
+        dpo_use_weighting precompute_ref_log_probs dpo_use_liger_kernel dpo_padding_free
+        dpo_loss_type dpo_loss_weights dpo_use_logits_to_keep dpo_generate_during_eval dpo_norm_loss
+        rpo_alpha simpo_gamma cpo_alpha
         nemo_gym_enabled nemo_gym_dir nemo_gym_auto_clone nemo_gym_config_paths nemo_gym_head_port
         nemo_gym_server_timeout nemo_gym_verify_timeout nemo_gym_run_timeout nemo_gym_datasets
         nemo_gym_auto_start nemo_gym_model_name nemo_gym_multi_turn nemo_gym_max_turns hatchery cls_model_config"""),
@@ -290,7 +301,7 @@ DATASET_LEVEL: dict[str, tuple[str, str]] = {
     **_group(SUPPORTED, "", """
         path split type data_files ds_type name field field_messages message_field_role message_field_content
         message_property_mappings roles roles_to_train train_on_eos drop_system_message train_on_eot
-        message_field_training split_thinking template_thinking_key field_thinking"""),
+        message_field_training split_thinking template_thinking_key field_thinking field_chosen field_rejected"""),
     "chat_template": (IGNORED, "the top-level chat_template applies to every dataset"),
     "chat_template_jinja": (IGNORED, "the top-level chat_template applies to every dataset"),
     "conversation": (IGNORED, "chat rows are rendered with the tokenizer's (or chat_template's) template"),

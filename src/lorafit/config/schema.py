@@ -28,6 +28,9 @@ from lorafit.config.keys import (
     DATASET_TYPE_ALIASES,
     DEMO_ALIASES,
     FALLBACK_PREFIX,
+    KTO_TYPES,
+    PREFERENCE_TYPES,
+    RL_KINDS,
     SUPPORTED_OPTIMIZERS,
     screen_keys,
 )
@@ -85,8 +88,11 @@ class DatasetSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str
-    # alpaca:chat / :chatml / :phi: axolotl's AlpacaPrompter in that prompt style
-    type: Literal["alpaca", "alpaca:chat", "alpaca:chatml", "alpaca:phi", "chat_template", "completion", "input_output"]
+    # alpaca:chat / :chatml / :phi: axolotl's AlpacaPrompter in that prompt style; the preference types (rl: dpo /
+    # orpo) are lorafit.data.preference's
+    type: Literal["alpaca", "alpaca:chat", "alpaca:chatml", "alpaca:phi", "chat_template", "completion", "input_output",
+                  "chat_template.default", "chat_template.argilla", "chatml.intel", "chatml.prompt_pairs",
+                  "passthrough", "llama3.ultra", "llama3.prompt_pairs", "chatml.ultra"]
     split: str = "train"
     data_files: str | list[str] | None = None
     ds_type: Literal["json", "csv", "parquet"] | None = None
@@ -107,6 +113,9 @@ class DatasetSpec(BaseModel):
     split_thinking: bool = False
     template_thinking_key: str = "reasoning_content"
     field_thinking: str | None = None  # the messages' reasoning field (None: template_thinking_key's name)
+    # preference rows (rl): the fields holding the preferred and the rejected completion
+    field_chosen: str = "chosen"
+    field_rejected: str = "rejected"
     # completion rows
     field: str | None = None
     encoding: str | None = None  # text files' codec (latin-1, cp1252, utf-16 ...); None: UTF-8, BOM or not
@@ -223,6 +232,16 @@ class TrainConfig(BaseModel):
     train_on_inputs: bool = False
     skip_bad_rows: bool = False
 
+    # preference training (lorafit.train.preference): DPO's beta (TRL's default 0.1) and cDPO's label smoothing;
+    # ORPO's weight of the odds-ratio term (axolotl's orpo_alpha, TRL's ORPO beta, default 0.1)
+    rl: str | None = None
+    rl_beta: float | None = Field(None, gt=0)
+    orpo_alpha: float | None = Field(None, gt=0)
+    dpo_label_smoothing: float | None = Field(None, ge=0, lt=0.5)
+    # KTO: the weights of the desirable and the undesirable rows' losses (TRL's defaults 1.0)
+    kto_desirable_weight: float | None = Field(None, gt=0)
+    kto_undesirable_weight: float | None = Field(None, gt=0)
+
     # optimisation
     # "auto": the largest micro-batch whose estimated peak fits the device (lorafit.train.auto_batch), keeping
     # batch_size (samples per optimizer step) with the accumulation steps that make it up
@@ -308,6 +327,17 @@ class TrainConfig(BaseModel):
         if v not in ("lora", "qlora", "none", ""):
             raise ValueError("must be 'lora', 'qlora' or 'none' (empty = full fine-tuning)")
         return v if v in ("lora", "qlora") else None
+
+    @field_validator("rl", mode="before")
+    @classmethod
+    def _check_rl(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        name = str(v).lower()
+        if name not in RL_KINDS:
+            raise ValueError(f"lorafit trains rl: {', '.join(RL_KINDS)}; other RL methods (ipo, simpo, grpo ...) "
+                             "are not supported")
+        return name
 
     @field_validator("optimizer")
     @classmethod
@@ -421,6 +451,7 @@ class TrainConfig(BaseModel):
             raise ValueError("lora_model_dir is set but adapter is not lora; set adapter: lora to continue an adapter")
         self._check_four_bit()
         self._check_model_quantization()
+        self._check_preference()
         self._check_fsdp()
         self._check_fp16()
         if self.lora_model_dir and self.lora_init == "pissa":
@@ -435,6 +466,37 @@ class TrainConfig(BaseModel):
                 raise ValueError("chat_template is 'jinja' but chat_template_jinja is empty")
             self.chat_template = self.chat_template_jinja
         return self
+
+    def _check_preference(self) -> None:
+        """rl needs datasets of its kind (and the preference types need rl), unpacked rows, and an adapter for DPO
+        and KTO: their reference is the base with the adapter switched off, so full fine-tuning would need a second
+        copy of the model."""
+        entries = [*self.datasets, *(self.test_datasets or [])]
+        if not self.rl:
+            pref = next((d for d in entries if d.type in PREFERENCE_TYPES + KTO_TYPES), None)
+            if pref is not None:
+                raise ValueError(f"dataset type {pref.type} holds preference data; set rl: dpo, orpo or kto to train "
+                                 "on it, or use a supervised type (chat_template, alpaca ...)")
+            return
+        types = KTO_TYPES if self.rl == "kto" else PREFERENCE_TYPES
+        for d in entries:
+            if d.type == "chat_template" and self.rl != "kto":  # axolotl: under rl, chat_template.default
+                d.type = "chat_template.default"
+            elif d.type not in types:
+                raise ValueError(f"rl: {self.rl} reads datasets of type {', '.join(types)}; got type {d.type}")
+        if self.sample_packing:
+            raise ValueError(f"rl: {self.rl} with sample_packing: preference rows are not packed; set "
+                             "sample_packing: false")
+        if self.fsdp_enabled:
+            raise ValueError(f"rl: {self.rl} with {self._fsdp_origin} is not supported yet; {self._ddp_instead} "
+                             "(several processes then train with DDP)")
+        if self.rl in ("dpo", "kto") and not self.is_lora:
+            raise ValueError(f"rl: {self.rl} with full fine-tuning needs a second, frozen copy of the model as the "
+                             "reference, which lorafit does not keep; use adapter: lora or qlora (the reference is then "
+                             "the base with the adapter disabled)")
+        if self.rl == "kto" and self.micro_batch_size != "auto" and self.micro_batch_size < 2:
+            raise ValueError("rl: kto estimates its KL term from the other rows of a micro-batch (as TRL); set "
+                             "micro_batch_size to 2 or more")
 
     def _check_four_bit(self) -> None:
         """axolotl's rules: qlora needs load_in_4bit, a 4-bit base needs an adapter, and DoRA a dense base."""
@@ -547,6 +609,39 @@ class TrainConfig(BaseModel):
                     "run's dtype (bf16, fp16 or fp32, set by bf16 / fp16)"]
         return []
 
+    def _preference_notices(self) -> list[str]:
+        """What the preference keys mean in this run; lora_dropout is switched off under rl, as TRL's trainers do
+        by default (axolotl runs them so), so the policy and the reference see the same network."""
+        notes = []
+        if self.rl and self.lora_dropout:
+            notes.append(f"lora_dropout {self.lora_dropout}: not applied under rl: {self.rl} (TRL disables dropout in "
+                         "preference training, as axolotl runs it)")
+            self.lora_dropout = 0.0
+        if self.rl != "orpo" and self.orpo_alpha is not None:
+            notes.append("orpo_alpha: ignored: it applies with rl: orpo")
+        if self.rl != "dpo" and self.dpo_label_smoothing:
+            notes.append("dpo_label_smoothing: ignored: it applies with rl: dpo")
+        for key in ("kto_desirable_weight", "kto_undesirable_weight"):
+            if self.rl != "kto" and getattr(self, key) is not None:
+                notes.append(f"{key}: ignored: it applies with rl: kto")
+        if self.rl == "orpo" and self.rl_beta is not None and self.orpo_alpha is not None:
+            notes.append(f"orpo_alpha {self.orpo_alpha}: ignored: rl_beta {self.rl_beta} is ORPO's weight when both are "
+                         "set, as axolotl passes them to TRL")
+        if not self.rl and self.rl_beta is not None:
+            notes.append("rl_beta: ignored: it applies with rl: dpo, orpo or kto")
+        return notes
+
+    @property
+    def dpo_beta(self) -> float:
+        """DPO's (and KTO's) beta: rl_beta, else TRL's default 0.1."""
+        return self.rl_beta if self.rl_beta is not None else 0.1
+
+    @property
+    def orpo_weight(self) -> float:
+        """ORPO's weight of the odds-ratio term (TRL's ORPO beta): rl_beta, else orpo_alpha (axolotl's order),
+        else TRL's default 0.1."""
+        return next((v for v in (self.rl_beta, self.orpo_alpha) if v is not None), 0.1)
+
     def _unfrozen_notices(self) -> list[str]:
         if self.unfrozen_parameters and self.is_lora:
             return ["unfrozen_parameters: ignored with an adapter: the base stays frozen and the adapter trains (axolotl "
@@ -580,7 +675,7 @@ class TrainConfig(BaseModel):
         except ValidationError as e:
             raise LorafitError(one_line(e, source, data, ALLOWED)) from None
         cfg._notices = (notices + cfg._four_bit_notices() + cfg._loraplus_notices() + cfg._precision_notices()
-                        + cfg._unfrozen_notices())
+                        + cfg._unfrozen_notices() + cfg._preference_notices())
         if cfg.gradient_checkpointing == "offload":
             cfg._notices.append("gradient_checkpointing offload: each layer's saved input waits in host memory on a "
                                 "GPU (transformers' offload); on a CPU-only machine it is plain checkpointing")
@@ -607,6 +702,7 @@ class TrainConfig(BaseModel):
         try:  # the stage is known only now: FSDP2's rules, checked when the config validated, apply to ZeRO-3 too
             self._check_fsdp()
             self._check_fp16()
+            self._check_preference()
         except ValueError as e:
             raise LorafitError(f"{self.source}: key 'deepspeed': {e}") from None
         return zero.notice(stage, where, offload)

@@ -14,6 +14,7 @@ from lorafit.data.formats import (
     tokenize_input_output,
 )
 from lorafit.data.loading import RowError, iter_dataset
+from lorafit.data.preference import KTOSample, KTOTokenizer, PairSample, PairTokenizer
 from lorafit.errors import LorafitError
 
 
@@ -28,6 +29,9 @@ class Sample:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def key(self) -> tuple:
+        return tuple(self.input_ids), tuple(self.labels)
 
     @property
     def num_trained(self) -> int:
@@ -51,12 +55,13 @@ class DataReport:
     total_tokens: int = 0  # train split
     eval_trained_tokens: int = 0
     bad_row_examples: list[str] = field(default_factory=list)  # first few skipped-row messages
+    unit: str = "samples"  # "pairs" for preference data (a pair is two sequences; its answers are trained)
 
     def lines(self) -> list[str]:
         out = [
             f"rows read: {self.rows_read}",
-            f"train samples: {self.train_samples} ({self.total_tokens} tokens, {self.trained_tokens} trained)",
-            f"eval samples: {self.eval_samples} ({self.eval_trained_tokens} trained tokens)",
+            f"train {self.unit}: {self.train_samples} ({self.total_tokens} tokens, {self.trained_tokens} trained)",
+            f"eval {self.unit}: {self.eval_samples} ({self.eval_trained_tokens} trained tokens)",
         ]
         if self.bad_rows_skipped:
             out.append(f"bad rows skipped: {self.bad_rows_skipped}")
@@ -81,6 +86,9 @@ def truncate(ids: list[int], labels: list[int], sequence_len: int) -> tuple[list
 
 
 def _row_tokenizer(spec, cfg, info: TokenizerInfo):
+    rl = getattr(cfg, "rl", None)
+    if rl:  # the config checked that every entry is of a type this rl reads
+        return KTOTokenizer(spec, info) if rl == "kto" else PairTokenizer(spec, cfg, info)
     if spec.type.startswith("alpaca"):
         style = spec.type.partition(":")[2] or "instruct"
         return lambda row: tokenize_alpaca(row, info, cfg.train_on_inputs, style)
@@ -107,7 +115,7 @@ def tokenize_specs(specs, key: str, cfg, tokenizer, report: DataReport) -> list[
             try:
                 if isinstance(row, RowError):
                     raise row
-                ids, labels = fn(row)
+                out = fn(row)
             except RowError as e:
                 if not cfg.skip_bad_rows:
                     raise LorafitError(f"{where}: {e} (set skip_bad_rows: true to skip bad rows)") from None
@@ -115,28 +123,48 @@ def tokenize_specs(specs, key: str, cfg, tokenizer, report: DataReport) -> list[
                 if len(report.bad_row_examples) < 3:
                     report.bad_row_examples.append(f"{where}: {e}")
                 continue
-            if len(ids) != len(labels):  # pragma: no cover - a bug in a format, not in the data
-                raise AssertionError(f"{where}: {len(ids)} ids but {len(labels)} labels")
-            if not any(x != IGNORE for x in labels[1:]):
-                report.dropped_no_trained_tokens += 1
-                continue
-            if len(ids) > cfg.sequence_len:
-                ids, labels = truncate(ids, labels, cfg.sequence_len)
-                if not any(x != IGNORE for x in labels[1:]):
-                    report.dropped_by_truncation += 1
-                    continue
-                report.truncated += 1
-            samples.append(Sample(ids, labels, where))
+            sample = _preference(out, where, cfg.sequence_len, report) if isinstance(out, PairSample | KTOSample) \
+                else _sample(*out, where, cfg.sequence_len, report)
+            if sample is not None:
+                samples.append(sample)
     return samples
 
 
+def _sample(ids: list[int], labels: list[int], where: str, sequence_len: int, report: DataReport) -> Sample | None:
+    """A supervised sample cut to ``sequence_len``; None (counted) when nothing is trained in it."""
+    if len(ids) != len(labels):  # pragma: no cover - a bug in a format, not in the data
+        raise AssertionError(f"{where}: {len(ids)} ids but {len(labels)} labels")
+    if not any(x != IGNORE for x in labels[1:]):
+        report.dropped_no_trained_tokens += 1
+        return None
+    if len(ids) > sequence_len:
+        ids, labels = truncate(ids, labels, sequence_len)
+        if not any(x != IGNORE for x in labels[1:]):
+            report.dropped_by_truncation += 1
+            return None
+        report.truncated += 1
+    return Sample(ids, labels, where)
+
+
+def _preference(sample, where: str, sequence_len: int, report: DataReport):
+    """A preference pair (or KTO row) cut to ``sequence_len``; None (counted) when the prompt leaves no room for
+    an answer."""
+    sample.source = where
+    cut = sample.truncated(sequence_len)
+    if cut is None:
+        report.dropped_by_truncation += 1
+    elif len(cut) != len(sample):
+        report.truncated += 1
+    return cut
+
+
 def deduplicate(samples: list[Sample], report: DataReport) -> list[Sample]:
-    """Keep the first of samples with the same ids and labels (axolotl's exact deduplication hashes each
+    """Keep the first of samples with the same ids and labels (pairs: the same prompt and answers) (axolotl's exact deduplication hashes each
     tokenized row); the order is kept."""
-    seen: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
+    seen: set[tuple] = set()
     kept = []
     for s in samples:
-        key = (tuple(s.input_ids), tuple(s.labels))
+        key = s.key()
         if key in seen:
             report.duplicates_dropped += 1
             continue
@@ -166,7 +194,8 @@ def build_datasets(cfg, tokenizer) -> tuple[list[Sample], list[Sample], DataRepo
     seeded ``val_set_size`` split of the training rows. Bad rows raise a one-line :class:`LorafitError`
     naming file and line, or are skipped and counted with ``skip_bad_rows: true``.
     """
-    report = DataReport()
+    rl = getattr(cfg, "rl", None)
+    report = DataReport(unit={None: "samples", "kto": "rows"}.get(rl, "pairs"))
     train = tokenize_specs(cfg.datasets, "datasets", cfg, tokenizer, report)
     if cfg.dataset_exact_deduplication:  # as axolotl: each split on its own, before val_set_size splits
         train = deduplicate(train, report)

@@ -53,9 +53,10 @@ def show_samples(cfg, n: int, console=None, tokenizer=None) -> DataReport:
     console = console or Console()
     tok = tokenizer if tokenizer is not None else tokenizer_for(cfg)
     train, _evals, report = preprocess(cfg, tok)
-    for sample in train[:n]:
-        console.print(Rule(f"{sample.source}  ({len(sample)} tokens, {sample.num_trained} trained)"))
-        console.print(render_sample(sample, tok))
+    for shown in train[:n]:
+        for sample in shown.rows() if hasattr(shown, "rows") else [shown]:  # a preference pair: both sequences
+            console.print(Rule(f"{sample.source}  ({len(sample)} tokens, {sample.num_trained} trained)"))
+            console.print(render_sample(sample, tok))
     console.print(Rule("data"))
     for line in report.lines():
         console.print(line)

@@ -21,9 +21,13 @@ def settings_from_config(cfg: TrainConfig, device: str, runtime: RuntimeOptions 
     a GPU target (the estimate is for one that has it) and float32 on a CPU, as training decides it; the
     kernels' options are the config's (the environment as a fallback) unless ``runtime`` is given. ``nproc``:
     the ranks torchrun starts; then the settings are one rank's, FSDP2 when the config sets axolotl's fsdp keys
-    (``fsdp_version: 2`` / ``fsdp:`` / ``fsdp_config:``), DDP otherwise."""
+    (``fsdp_version: 2`` / ``fsdp:`` / ``fsdp_config:``), DDP otherwise. DPO and ORPO run a micro-batch of N
+    pairs as 2N sequences (chosen and rejected in one forward): the settings count 2N rows (KTO's KL rows run
+    without autograd: N)."""
+    rows = 2 if getattr(cfg, "rl", None) in ("dpo", "orpo") else 1
     kw = dict(method="lora" if cfg.is_lora else "full", dtype=cfg.dtype_for(device == "cuda"),
-              micro_batch=1 if cfg.micro_batch_size == "auto" else cfg.micro_batch_size, seq_len=cfg.sequence_len,
+              micro_batch=rows * (1 if cfg.micro_batch_size == "auto" else cfg.micro_batch_size),
+              seq_len=cfg.sequence_len,
               gradient_checkpointing=bool(cfg.gradient_checkpointing),
               offload_checkpoints=cfg.gradient_checkpointing == "offload", packing=bool(cfg.sample_packing),
               optimizer=cfg.optimizer, loss_chunk_tokens=cfg.loss_chunk_tokens, nproc=nproc,

@@ -181,16 +181,17 @@ def separate_embeddings(model: nn.Module) -> nn.Module | None:
     return None if shared else emb
 
 
-def wrap(model: nn.Module, world: World, reshard_after_forward: bool = True) -> nn.Module:
-    """The module the step calls: ``model`` itself for one process, else DDP or FSDP2 around its loss.
+def wrap(model: nn.Module, world: World, reshard_after_forward: bool = True, objective=LossModule) -> nn.Module:
+    """The module the step calls: ``objective(model)`` (the causal-LM loss, or a preference loss) for one process,
+    else DDP or FSDP2 around it; the objective is made once the model is on the run's device.
 
     Every rank's parameters must already be equal (the same seed and the same adapter initialisation: FSDP2 does
     not broadcast them; DDP does, from rank 0).
     """
     model.to(world.device)
+    loss_module = objective(model)
     if not world.distributed:
-        return LossModule(model)
-    loss_module = LossModule(model)
+        return loss_module
     if world.fsdp:
         from torch.distributed.fsdp import fully_shard
 
@@ -237,6 +238,11 @@ def held_codes(module: nn.Module) -> tuple[int, int] | None:
 
     codes = [m.codes for m in module.modules() if isinstance(m, (ShardableLinear4bit, ShardableLinear8bit))]
     return held_fraction(module, codes) if codes else None
+
+
+def unwrapped(loss_module: nn.Module) -> nn.Module:
+    """The loss module inside a DDP wrapper (FSDP2 wraps in place)."""
+    return getattr(loss_module, "module", loss_module)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -46,25 +46,30 @@ def causal_lm_loss(model: nn.Module, inputs: dict, labels: torch.Tensor, chunk_t
     per chunk (None: sized to the vocabulary). ``options``: the run's (the trainer passes them; None: see
     :func:`options_of`).
     """
-    body = decoder_stack(model)
-    head = model.get_output_embeddings()
-    lora_head = hasattr(head, "base_layer") and not (head.merged or head.disabled)
-    base = getattr(head, "base_layer", head)
-    if getattr(base, "bias", None) is not None:
-        raise NotImplementedError("output heads with a bias are not supported by the chunked loss")
     options = options or options_of(model)
-    hidden = hidden_states(model, body, inputs, options.shared_prefix)  # (B, T, d)
+    hidden = hidden_states(model, decoder_stack(model), inputs, options.shared_prefix)  # (B, T, d)
     targets = labels[:, 1:].reshape(-1)
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     n = int(keep.numel())
     if n == 0:
         return hidden.sum() * 0.0, 0
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, keep)
-    y = targets.index_select(0, keep)
+    return head_loss(model, h, targets.index_select(0, keep), chunk_tokens, options), n
+
+
+def head_loss(model: nn.Module, h: torch.Tensor, y: torch.Tensor, chunk_tokens: int | None,
+              options: RuntimeOptions) -> torch.Tensor:
+    """Summed cross-entropy of the head's logits of hidden states ``h`` (n × d) against targets ``y`` (n), chunked:
+    the logits of all n positions are never held at once."""
+    head = model.get_output_embeddings()
+    lora_head = hasattr(head, "base_layer") and not (head.merged or head.disabled)
+    base = getattr(head, "base_layer", head)
+    if getattr(base, "bias", None) is not None:
+        raise NotImplementedError("output heads with a bias are not supported by the chunked loss")
     if lora_head and head.variant.name != "lora":
         # A DoRA (or 4-bit) head: its row norms (or dequantized weight) belong to its own kernel, so the logits of
         # the trained positions are made by the layer itself, unchunked. Rare; correct before lean.
-        return _unchunked_loss(head(h), y, logit_softcap(model)), n
+        return _unchunked_loss(head(h), y, logit_softcap(model))
     chunk = chunk_tokens or loss_chunk_tokens(base.weight.shape[0])
     lora = ()
     if lora_head:
@@ -73,9 +78,8 @@ def causal_lm_loss(model: nn.Module, inputs: dict, labels: torch.Tensor, chunk_t
         a, b = head.lora_A.weight, head.lora_B.weight
         u = F.dropout(h, head.dropout_p, training=head.training).to(a.dtype) @ a.t()
         lora = (u, b, head.scaling)
-    loss = LinearCrossEntropy.apply(h, head._weight_out_in() if lora_head else base.weight, y, chunk,
+    return LinearCrossEntropy.apply(h, head._weight_out_in() if lora_head else base.weight, y, chunk,
                                     logit_softcap(model), options, *lora)
-    return loss, n
 
 
 # A common prefix shorter than this is not worth a second pass through the stack.

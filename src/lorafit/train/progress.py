@@ -90,6 +90,8 @@ class TrainProgress:
         loss = row["loss"]
         self._loss_avg = loss if self._loss_avg is None else 0.9 * self._loss_avg + 0.1 * loss
         status = f"loss {self._loss_avg:.4f}  lr {row['lr']:.2e}  {row['tokens_per_s']:.0f} tok/s"
+        if "rewards/accuracies" in row:  # preference training: how often the chosen answer wins
+            status += f"  reward acc {row['rewards/accuracies']:.2f}"
         if self.live:
             self.progress.update(self.task, completed=row["step"], status=status)
         else:
@@ -98,8 +100,9 @@ class TrainProgress:
             self.lines.maybe(f"train: step {row['step']}/{self.total}  {status}  elapsed "
                              f"{_clock(self.lines.elapsed())}  ETA {_clock(eta)}", force=row["step"] >= self.total)
         if "eval_loss" in row:
-            self.console.print(f"step {row['step']}: eval loss {row['eval_loss']:.4f}, "
-                               f"perplexity {row['eval_ppl']:.2f}")
+            extra = (f"perplexity {row['eval_ppl']:.2f}" if "eval_ppl" in row else
+                     f"reward accuracy {row.get('eval_rewards/accuracies', float('nan')):.2f}")
+            self.console.print(f"step {row['step']}: eval loss {row['eval_loss']:.4f}, {extra}")
 
 
 class Phases:

@@ -27,6 +27,7 @@ from rich.console import Console
 
 from lorafit._compat import compile_stats
 from lorafit.data import batches, build_datasets
+from lorafit.data.preference import preference_batches
 from lorafit.errors import LorafitError
 from lorafit.fsutil import atomic_dir, check_writable_dir, display
 from lorafit.linearized import save_pretrained
@@ -37,6 +38,7 @@ from lorafit.train.checkpoint import TrainState, latest_checkpoint, load_checkpo
 from lorafit.train.distributed import all_sum, barrier, held_codes, held_fraction, init_world, shutdown, wrap
 from lorafit.train.metrics import MetricsInMemory, MetricsLog, plot_loss
 from lorafit.train.optim import optimizer_from_config, scheduler_from_config
+from lorafit.train.preference import METRICS, preference_loss
 from lorafit.train.progress import TrainProgress
 from lorafit.train.run_record import fingerprint, plan_output, prepare_output
 from lorafit.train.setup import prepare_model, seed_everything
@@ -51,7 +53,7 @@ def logged(window: list[dict]) -> dict:
     gradient norm and throughput averaged over the window, as transformers' Trainer logs them."""
     row = dict(window[-1])
     if len(window) > 1:
-        for key in ("loss", "grad_norm", "tokens_per_s"):
+        for key in ("loss", "grad_norm", "tokens_per_s", *(k for k in METRICS if k in row)):
             row[key] = sum(r[key] for r in window) / len(window)
         row["trained_tokens"] = sum(r["trained_tokens"] for r in window)
         row["logged_steps"] = len(window)
@@ -179,8 +181,10 @@ class Recipe:
                 self.console.print(f"[yellow]note:[/] {notice}")
         fsdp_config = self.cfg.fsdp_config or {}
         reshard = fsdp_config.get("reshard_after_forward", fsdp_config.get("fsdp_reshard_after_forward", True))
-        # the model and its loss as one module; under torchrun, DDP or FSDP2 around it
-        self.loss_module = wrap(self.model, self.world, reshard_after_forward=bool(reshard))
+        # the model and its loss (causal LM, or rl's preference objective) as one module; under torchrun, DDP or
+        # FSDP2 around it
+        objective = {"objective": lambda model: preference_loss(model, self.cfg)} if self.cfg.rl else {}
+        self.loss_module = wrap(self.model, self.world, reshard_after_forward=bool(reshard), **objective)
         if self.world.distributed:  # each rank its own dropout masks, reproducibly
             torch.manual_seed(self.cfg.seed + 1_000_003 * self.world.rank)
 
@@ -206,10 +210,11 @@ class Recipe:
         reads what one process with an N-times larger micro-batch would. The last batches of an epoch that would
         leave some rank without one (at most N - 1) are left out: every rank steps the same number of times."""
         cfg, w = self.cfg, self.world
-        every = batches(self.train_samples, micro_batch_size=cfg.micro_batch_size, sequence_len=cfg.sequence_len,
-                        pad_id=self.pad_id, packing=cfg.sample_packing,
-                        shuffle=not cfg.curriculum_sampling, seed=cfg.seed, epoch=epoch,
-                        pad_to_sequence_len=cfg.pad_to_sequence_len)
+        common = dict(micro_batch_size=cfg.micro_batch_size, sequence_len=cfg.sequence_len, pad_id=self.pad_id,
+                      shuffle=not cfg.curriculum_sampling, seed=cfg.seed, epoch=epoch,
+                      pad_to_sequence_len=cfg.pad_to_sequence_len)
+        every = preference_batches(self.train_samples, **common) if cfg.rl else \
+            batches(self.train_samples, packing=cfg.sample_packing, **common)
         if not w.distributed:
             return every
         if len(every) < w.world_size:
@@ -250,6 +255,12 @@ class Recipe:
             method = "LoRA (int8 base)"
         if cfg.quantize_moe_experts:
             method = method.replace(" base)", " base and experts)")
+        if cfg.rl == "dpo":
+            method += f" + DPO (beta {cfg.dpo_beta}; reference: the base, adapter disabled)"
+        elif cfg.rl == "orpo":
+            method += f" + ORPO (alpha {cfg.orpo_weight})"
+        elif cfg.rl == "kto":
+            method += f" + KTO (beta {cfg.dpo_beta}; reference: the base, adapter disabled)"
         self.console.print(
             f"{method} | {count_parameters(self.model)} | dtype {str(self.model.dtype).removeprefix('torch.')} "
             f"on {self.world.device.type} | "
@@ -303,7 +314,7 @@ class Recipe:
         return {"step": s.step, "epoch": round(s.epoch + s.batch_index / max(len(self.epoch), 1), 4),
                 "loss": row["loss"], "lr": float(self.scheduler.get_last_lr()[0]), "grad_norm": row["grad_norm"],
                 "trained_tokens": row["trained_tokens"], "tokens_per_s": row["tokens"] / dt,
-                "elapsed_s": round(s.elapsed_s, 3),
+                "elapsed_s": round(s.elapsed_s, 3), **row.get("metrics", {}),
                 **{k: row[k] for k in ("loss_scale", "skipped") if row.get(k) is not None}}
 
     def compiles(self) -> tuple[int, float]:

@@ -40,6 +40,7 @@ FINGERPRINT_KEYS = (
     "dataset_exact_deduplication",
     "pad_to_sequence_len",
     "train_on_inputs", "micro_batch_size", "gradient_accumulation_steps", "optimizer", "seed",
+    "rl",  # preference training: batches of pairs (or KTO rows), not of samples
 )
 DATASET_KEYS = ("datasets", "test_datasets")
 DATA_HASH = "data_sha256"  # added to each dataset entry of a fingerprint: the content of its files
