@@ -328,7 +328,8 @@ def test_lorafit_train_on_pairs_lowers_the_loss_and_logs_rewards(workdir, tmp_pa
 
 
 @pytest.mark.parametrize("keys", [{"adapter": "qlora", "load_in_4bit": True, "gradient_checkpointing": True},
-                                  {"gradient_checkpointing": True, "lora_modules_to_save": ["lm_head"]}])
+                                  {"gradient_checkpointing": True, "lora_modules_to_save": ["lm_head"]},
+                                  {"lora_init": "pissa"}])  # PiSSA moves W's top directions into B A: still ln 2
 def test_dpo_over_a_4bit_base_and_with_checkpointing_starts_at_ln2_and_learns(workdir, tmp_path, keys):
     """A fresh adapter is its own reference (loss ln 2 at the first step) whatever the base and checkpointing."""
     import math
@@ -472,6 +473,16 @@ def test_lorafit_train_kto_lowers_the_loss(workdir, tmp_path):
                      output_dir=str(tmp_path / "out"))
     rows = train(TrainConfig.from_dict(cfg)).history
     assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["rewards/margins"] > 0 and "kl" in rows[-1]
+
+
+def test_a_logging_window_averages_each_metric_over_the_steps_that_have_it():
+    """KTO: a step whose rows are all desirable has no rewards/rejected; a window of such steps still logs."""
+    from lorafit.train.recipe import logged
+
+    base = {"loss": 1.0, "grad_norm": 1.0, "tokens_per_s": 1.0, "trained_tokens": 4}
+    row = logged([{**base, "rewards/chosen": 0.5, "rewards/rejected": -0.5},
+                  {**base, "rewards/chosen": 1.5}])
+    assert row["rewards/chosen"] == 1.0 and row["rewards/rejected"] == -0.5 and row["logged_steps"] == 2
 
 
 def test_a_continued_adapter_is_its_own_starting_reference(workdir, tmp_path):

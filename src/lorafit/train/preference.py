@@ -209,7 +209,9 @@ def _rows(inputs: dict, rows: slice) -> dict:
 
 def preference_loss(model: nn.Module, cfg) -> PreferenceLoss:
     """The objective a config's ``rl`` asks for (made once the model holds its starting weights)."""
-    continued = bool(cfg.lora_model_dir)
+    # The reference is the adapter as it starts, not the base under it, when the two differ: a continued adapter,
+    # and PiSSA, whose start moves the top singular directions of W from the base into B A
+    continued = bool(cfg.lora_model_dir) or cfg.lora_init == "pissa"
     if cfg.rl == "dpo":
         return PreferenceLoss(model, "dpo", cfg.dpo_beta, cfg.dpo_label_smoothing or 0.0, continued=continued)
     if cfg.rl == "kto":

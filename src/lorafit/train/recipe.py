@@ -53,8 +53,10 @@ def logged(window: list[dict]) -> dict:
     gradient norm and throughput averaged over the window, as transformers' Trainer logs them."""
     row = dict(window[-1])
     if len(window) > 1:
-        for key in ("loss", "grad_norm", "tokens_per_s", *(k for k in METRICS if k in row)):
-            row[key] = sum(r[key] for r in window) / len(window)
+        for key in ("loss", "grad_norm", "tokens_per_s", *METRICS):
+            values = [r[key] for r in window if key in r]  # a KTO step with one kind of row has no rewards/rejected
+            if values:
+                row[key] = sum(values) / len(values)
         row["trained_tokens"] = sum(r["trained_tokens"] for r in window)
         row["logged_steps"] = len(window)
     skipped = sum(bool(r.get("skipped")) for r in window)  # fp16: steps the loss scaler skipped (inf/nan grads)
