@@ -56,7 +56,7 @@ TYPICAL_TOP = {
     "lora_target_parameters": ["mlp.experts.gate_up_proj"], "unfrozen_parameters": ["^model.layers.1.mlp"],
     "deepspeed": "deepspeed_configs/zero2.json",
     "fsdp": ["full_shard", "auto_wrap"], "fsdp_config": {"reshard_after_forward": True}, "fsdp_version": 2,
-    "rl": "dpo", "rl_beta": 0.1, "dpo_beta": 0.1, "orpo_alpha": 0.1, "dpo_label_smoothing": 0.1,
+    "rl": "dpo", "rl_beta": 0.1, "dpo_beta": 0.1, "orpo_alpha": 0.1,
     "kto_desirable_weight": 0.2, "kto_undesirable_weight": 1.0,
 }
 TYPICAL_DATASET = {

@@ -73,7 +73,8 @@ def test_preference_keys_and_notices(workdir):
     assert cfg.orpo_weight == 0.2 and cfg.lora_dropout == 0.0
     assert any("lora_dropout 0.05: not applied" in n for n in cfg.notices)
     cfg = TrainConfig.from_dict(config(workdir, dpo_beta=0.3, dpo_label_smoothing=0.1))
-    assert cfg.dpo_beta == 0.3 and cfg.dpo_label_smoothing == 0.1
+    assert cfg.dpo_beta == 0.3  # label smoothing: TRL's sigmoid loss does not use it, nor does lorafit's
+    assert any(n.startswith("dpo_label_smoothing: ignored: TRL's sigmoid DPO loss") for n in cfg.notices)
     assert TrainConfig.from_dict(config(workdir)).dpo_beta == 0.1
 
 
@@ -539,3 +540,29 @@ def test_preprocess_shows_both_sequences_of_a_pair(workdir, demo_tokenizer):
     text = console.export_text()
     assert "line 1 (chosen)" in text and "line 1 (rejected)" in text and "5, I think" in text
     assert "train pairs: 3" in text and report.train_samples == 3
+
+
+@pytest.mark.parametrize("rl", ["dpo", "kto"])
+def test_lorafit_eval_scores_the_eval_split_with_the_preference_loss(workdir, tmp_path, rl, capsys):
+    """lorafit eval on an rl config: the eval split is scored with the run's objective (reference: the adapter
+    switched off), as training logged it; a continued adapter, whose starting point is not kept, is one line."""
+    import yaml
+
+    from lorafit.cli import main
+    from lorafit.train import train
+
+    out = tmp_path / "out"
+    cfg = kto_config(workdir, tmp_path / "kto.jsonl", output_dir=str(out)) if rl == "kto" else \
+        config(workdir, output_dir=str(out))
+    cfg = {**cfg, "test_datasets": cfg["datasets"], "max_steps": 2, "learning_rate": 0.02}
+    train(TrainConfig.from_dict(cfg))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["eval", str(tmp_path / "c.yaml"), "--json", str(tmp_path / "e.json")]) == 0
+    got = json.loads((tmp_path / "e.json").read_text())
+    assert got["adapter"]["eval_loss"] < got["base"]["eval_loss"] == pytest.approx(0.6931 if rl == "dpo" else 0.5,
+                                                                                  abs=1e-3)
+    assert "eval_rewards/margins" in got["adapter"] and "per example" in capsys.readouterr().out
+    (tmp_path / "c2.yaml").write_text(yaml.safe_dump({**cfg, "lora_model_dir": str(out)}))
+    assert main(["eval", str(tmp_path / "c2.yaml"), "--adapter", str(out)]) == 2
+    assert "not kept after the run" in capsys.readouterr().err
+

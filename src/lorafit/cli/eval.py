@@ -17,6 +17,8 @@ from lorafit.fsutil import check_new_file, write_json
 LABELS = {
     "eval_loss": ("eval loss (nats/token)", "lower"),
     "eval_ppl": ("eval perplexity", "lower"),
+    "eval_rewards/accuracies": ("eval reward accuracy (chosen over rejected)", "higher"),
+    "eval_rewards/margins": ("eval reward margin", "higher"),
     "heldout_exact_match": ("held-out exact match", "higher"),
     "retention_accuracy": ("retention: still correct", "higher"),
     "retention_ppl": ("retention: perplexity of base answers", "lower"),
@@ -119,7 +121,10 @@ def print_eval(results: dict, adapter: str | None) -> None:
     table.add_column("metric")
     for c in cols:
         table.add_column(c, justify="right")
+    per_example = any("eval_examples" in r for r in results.values())  # rl: a loss per pair (KTO: per row)
     for m, (label, better) in LABELS.items():
+        if m == "eval_loss" and per_example:
+            label = "eval loss (per example)"
         if any(m in r for r in results.values()):
             table.add_row(f"{label} ({better} is better)", *[_fmt(m, results[c].get(m)) for c in cols])
     console.print(table)

@@ -210,8 +210,8 @@ TOP_LEVEL: dict[str, tuple[str, str]] = {
     "kto_undesirable_weight": (SUPPORTED, "KTO's weight of the undesirable rows' loss (default 1.0)"),
     "dpo_beta": (SUPPORTED, "read as rl_beta, as axolotl does"),
     "orpo_alpha": (SUPPORTED, "ORPO's weight of the odds-ratio term (TRL's ORPO beta, default 0.1)"),
-    "dpo_label_smoothing": (SUPPORTED, "conservative DPO (cDPO): the sigmoid loss with this share of the pair's"
-                            " label flipped"),
+    "dpo_label_smoothing": (IGNORED, "TRL's sigmoid DPO loss, which lorafit and axolotl run, does not use it (TRL"
+                            " applies it to robust DPO and EXO, which lorafit does not run)"),
     # ---- unsupported: features lorafit does not have ----
     **_group(UNSUPPORTED, _RL, """
         trl vllm ebft reward_model process_reward_model center_rewards_coefficient num_labels

@@ -237,7 +237,6 @@ class TrainConfig(BaseModel):
     rl: str | None = None
     rl_beta: float | None = Field(None, gt=0)
     orpo_alpha: float | None = Field(None, gt=0)
-    dpo_label_smoothing: float | None = Field(None, ge=0, lt=0.5)
     # KTO: the weights of the desirable and the undesirable rows' losses (TRL's defaults 1.0)
     kto_desirable_weight: float | None = Field(None, gt=0)
     kto_undesirable_weight: float | None = Field(None, gt=0)
@@ -619,8 +618,6 @@ class TrainConfig(BaseModel):
             self.lora_dropout = 0.0
         if self.rl != "orpo" and self.orpo_alpha is not None:
             notes.append("orpo_alpha: ignored: it applies with rl: orpo")
-        if self.rl != "dpo" and self.dpo_label_smoothing:
-            notes.append("dpo_label_smoothing: ignored: it applies with rl: dpo")
         for key in ("kto_desirable_weight", "kto_undesirable_weight"):
             if self.rl != "kto" and getattr(self, key) is not None:
                 notes.append(f"{key}: ignored: it applies with rl: kto")

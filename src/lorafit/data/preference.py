@@ -24,7 +24,7 @@ Tokens, as TRL's DPOTrainer (and KTOTrainer) makes them: the prompt and the prom
 starts where the two first differ from the prompt (a token can merge across the boundary); an answer that does
 not end with EOS gets it. The chat template places BOS itself; a prompt that does not start with the tokenizer's
 BOS (a plain string) gets it, as tokenizing with special tokens does (TRL would add a second one after a
-template's). Prompt + answer are cut to ``sequence_len`` from the end (TRL's ``keep_start``); a pair with no answer
+template's). Prompt + answer are cut to ``sequence_len`` by dropping their ends (TRL's ``keep_start``); a pair with no answer
 token left is dropped.
 """
 

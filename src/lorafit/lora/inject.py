@@ -311,17 +311,18 @@ def unload(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def disable_adapter(model: nn.Module):
-    """Within the block the model computes as its base (merged adapters are unmerged and re-merged after)."""
+    """Within the block the model computes as its base (merged adapters are unmerged and re-merged after). Blocks
+    nest: each leaves the layers as it found them (a DPO reference pass inside ``lorafit eval``'s base column)."""
     layers = _require_lora(model)
-    was_merged = [layer.merged for layer in layers]
+    was = [(layer.merged, layer.disabled) for layer in layers]
     for layer in layers:
         layer.unmerge()
         layer.disabled = True
     try:
         yield model
     finally:
-        for layer, merged in zip(layers, was_merged, strict=True):
-            layer.disabled = False
+        for layer, (merged, disabled) in zip(layers, was, strict=True):
+            layer.disabled = disabled
             if merged:
                 layer.merge()
 

@@ -13,7 +13,7 @@ with ``pi_*`` the trained model's summed answer log-probs and ``ref_*`` the refe
 model with the adapter switched off, as TRL does for a PEFT model: no second copy of the model. Modules that the
 adapter trains whole (``lora_modules_to_save``) keep a frozen copy of their starting weights for it, as PEFT keeps
 their originals; an adapter continued from ``lora_model_dir`` keeps one of its own, and the reference is the model
-with it as it started (TRL's "ref" copy of such an adapter). ``dpo_label_smoothing`` ε gives conservative DPO: ``-(1-ε)·logsigmoid(βΔ) - ε·logsigmoid(-βΔ)``.
+with it as it started (TRL's "ref" copy of such an adapter), and so is PiSSA's starting adapter.
 
 **ORPO** (Hong et al. 2024; TRL's ``ORPOTrainer``)::
 
@@ -68,11 +68,11 @@ def sequence_logps(model: nn.Module, inputs: dict, labels: torch.Tensor, chunk_t
     return torch.stack(sums).float(), torch.tensor(counts, device=hidden.device), hidden
 
 
-def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta: float, label_smoothing: float = 0.0):
-    """Per pair: DPO's sigmoid loss (cDPO with ``label_smoothing``), and the rewards beta·(pi - ref)."""
+def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta: float):
+    """Per pair: DPO's sigmoid loss, and the rewards beta·(pi - ref)."""
     chosen, rejected = beta * (pi_c - ref_c), beta * (pi_r - ref_r)
     delta = chosen - rejected
-    loss = -F.logsigmoid(delta) * (1 - label_smoothing) - F.logsigmoid(-delta) * label_smoothing
+    loss = -F.logsigmoid(delta)
     return loss, chosen.detach(), rejected.detach()
 
 
@@ -121,12 +121,12 @@ class PreferenceLoss(nn.Module):
     row flags. ``continued``: the adapter was loaded (``lora_model_dir``), so the reference is the model with that
     adapter as it starts, as TRL makes it for a PEFT model that already has one."""
 
-    def __init__(self, model: nn.Module, kind: str, beta: float, label_smoothing: float = 0.0,
+    def __init__(self, model: nn.Module, kind: str, beta: float,
                  weights: tuple[float, float] = (1.0, 1.0), continued: bool = False):
         super().__init__()
         if kind not in ("dpo", "orpo", "kto"):
             raise ValueError(f"unknown preference objective {kind!r}")
-        self.model, self.kind, self.beta, self.label_smoothing = model, kind, beta, label_smoothing
+        self.model, self.kind, self.beta = model, kind, beta
         self.weights, self.continued = weights, continued
         # not registered as buffers: they are no part of the model's state and never saved
         self.originals = starting_weights(model, continued) if kind != "orpo" else {}
@@ -146,7 +146,7 @@ class PreferenceLoss(nn.Module):
         with reference(self.model, self.originals, self.continued):
             ref, _, _ = sequence_logps(self.model, inputs, labels, chunk_tokens, options)
         logps, _, _ = sequence_logps(self.model, inputs, labels, chunk_tokens, options)
-        loss, chosen, rejected = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], self.beta, self.label_smoothing)
+        loss, chosen, rejected = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], self.beta)
         self._record(chosen, rejected, logps[:n].detach(), logps[n:].detach())
         return loss.sum()
 
@@ -213,8 +213,28 @@ def preference_loss(model: nn.Module, cfg) -> PreferenceLoss:
     # and PiSSA, whose start moves the top singular directions of W from the base into B A
     continued = bool(cfg.lora_model_dir) or cfg.lora_init == "pissa"
     if cfg.rl == "dpo":
-        return PreferenceLoss(model, "dpo", cfg.dpo_beta, cfg.dpo_label_smoothing or 0.0, continued=continued)
+        return PreferenceLoss(model, "dpo", cfg.dpo_beta, continued=continued)
     if cfg.rl == "kto":
         return PreferenceLoss(model, "kto", cfg.dpo_beta, continued=continued,
+                              weights=(cfg.kto_desirable_weight or 1.0, cfg.kto_undesirable_weight or 1.0))
+    return PreferenceLoss(model, "orpo", cfg.orpo_weight)
+
+
+def eval_objective(model: nn.Module, cfg) -> PreferenceLoss:
+    """The preference loss ``lorafit eval`` scores a saved adapter's eval split with: the reference is the base with
+    the adapter switched off, as in a fresh adapter's run. A run whose reference was something else kept no copy
+    of it (a continued or PiSSA adapter's start, the starting weights of modules trained whole): one line says so."""
+    from lorafit.errors import LorafitError
+
+    if cfg.rl != "orpo" and (cfg.lora_model_dir or cfg.lora_init == "pissa" or cfg.lora_modules_to_save):
+        why = "lora_model_dir" if cfg.lora_model_dir else "lora_init: pissa" if cfg.lora_init == "pissa" \
+            else "lora_modules_to_save"
+        raise LorafitError(f"lorafit eval: rl: {cfg.rl} with {why} scores against the model as training started, "
+                           "which is not kept after the run; read eval_loss and eval_rewards/* in its metrics.jsonl "
+                           "(set eval_steps), or evaluate with --heldout / --retention")
+    if cfg.rl == "dpo":
+        return PreferenceLoss(model, "dpo", cfg.dpo_beta)
+    if cfg.rl == "kto":
+        return PreferenceLoss(model, "kto", cfg.dpo_beta,
                               weights=(cfg.kto_desirable_weight or 1.0, cfg.kto_undesirable_weight or 1.0))
     return PreferenceLoss(model, "orpo", cfg.orpo_weight)

@@ -18,7 +18,7 @@ from lorafit.data.preference import preference_batches
 from lorafit.options import RuntimeOptions
 from lorafit.train.distributed import LossModule, World, all_sum, full_tensor, unwrapped
 from lorafit.train.loss import options_of
-from lorafit.train.preference import METRICS
+from lorafit.train.preference import METRICS, eval_objective
 
 
 def _on(batch: dict, device: torch.device) -> dict:
@@ -148,7 +148,8 @@ def evaluate(model, samples, cfg, pad_id: int, max_batches: int | None = None,
         return {}
     options = options or options_of(model)
     world = world or World.on(model)
-    loss_module = loss_module or LossModule(model)
+    if loss_module is None:  # lorafit eval: the config's objective, a preference loss under rl
+        loss_module = eval_objective(model, cfg) if getattr(cfg, "rl", None) else LossModule(model)
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
