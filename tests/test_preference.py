@@ -407,6 +407,24 @@ def test_bad_kto_configs(workdir, tmp_path, keys, words):
                                if v is not None})
 
 
+def test_kto_auto_micro_batch_never_picks_one(workdir, tmp_path):
+    """micro_batch_size auto under KTO: at least 2 rows per micro-batch (its KL estimate pairs rows), even when the
+    budget fits only 1; a batch_size of 1 is one line."""
+    from lorafit.errors import LorafitError
+    from lorafit.train.auto_batch import resolve_auto_batch
+
+    for budget, total, want in ((10 * 2**30, 4, 4), (1000, 4, None), (10 * 2**30, 1, None)):
+        keys = dict(kto_config(workdir, tmp_path / "kto.jsonl"), micro_batch_size="auto",
+                    gradient_accumulation_steps="auto", batch_size=total, max_memory=budget)
+        cfg = TrainConfig.from_dict(keys)
+        if want:
+            resolve_auto_batch(cfg, "float32")
+            assert cfg.micro_batch_size == want
+            continue
+        with pytest.raises(LorafitError, match="even 2 sample" if total > 1 else "batch_size 2 or more"):
+            resolve_auto_batch(cfg, "float32")
+
+
 def test_kto_label_must_be_a_boolean(workdir, demo_tokenizer, tmp_path):
     cfg = TrainConfig.from_dict(kto_config(workdir, tmp_path / "kto.jsonl"))
     (tmp_path / "kto.jsonl").write_text(json.dumps({"prompt": "a", "completion": "b", "label": "yes"}) + "\n")

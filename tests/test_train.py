@@ -263,7 +263,7 @@ def test_auto_micro_batch_picks_the_largest_that_fits(workdir):
         assert f"{micro} × {8 // micro}" in note
     cfg = TrainConfig.from_dict(config(workdir, "x", micro_batch_size="auto", batch_size=8, max_memory=1000,
                                            gradient_accumulation_steps="auto"))
-    with pytest.raises(LorafitError, match="even 1 sample"):
+    with pytest.raises(LorafitError, match=r"even 1 sample\(s\) need"):
         resolve_auto_batch(cfg, "float32")
     cfg = TrainConfig.from_dict(config(workdir, "x", micro_batch_size=2, gradient_accumulation_steps="auto",
                                        batch_size=8))

@@ -40,13 +40,17 @@ def resolve_auto_batch(cfg, dtype: str) -> str | None:
         raise LorafitError(f"micro_batch_size auto: {e}; set micro_batch_size to a number") from None
     usable = int(budget * (1 - MARGIN))
     peak = None
-    for m in sorted((d for d in range(1, total + 1) if total % d == 0), reverse=True):
+    smallest = 2 if cfg.rl == "kto" else 1  # KTO's KL estimate pairs each row with another of its micro-batch
+    for m in sorted((d for d in range(smallest, total + 1) if total % d == 0), reverse=True):
         cfg.micro_batch_size, cfg.gradient_accumulation_steps = m, total // m
         peak = estimate(spec, _settings(cfg, device, dtype)).total
         if peak <= usable:
             return (f"micro_batch_size auto: {m} × {total // m} accumulation steps (estimated peak "
                     f"{peak / GiB:.2f} GiB of {budget / GiB:.2f} GiB {where}, {MARGIN:.0%} kept free)")
-    raise LorafitError(f"micro_batch_size auto: even 1 sample needs about {peak / GiB:.2f} GiB, more than "
+    if peak is None:
+        raise LorafitError(f"micro_batch_size auto with rl: kto needs batch_size 2 or more (got {total}); KTO "
+                           "estimates its KL term from the other rows of a micro-batch")
+    raise LorafitError(f"micro_batch_size auto: even {smallest} sample(s) need about {peak / GiB:.2f} GiB, more than "
                        f"{usable / GiB:.2f} GiB of {where}; shorten sequence_len, set gradient_checkpointing: "
                        "true, or use a smaller model")
 

@@ -208,7 +208,12 @@ def _rows(inputs: dict, rows: slice) -> dict:
 
 
 def preference_loss(model: nn.Module, cfg) -> PreferenceLoss:
-    """The objective a config's ``rl`` asks for (made once the model holds its starting weights)."""
+    """The objective a config's ``rl`` asks for (made once the model holds its starting weights). The model's own
+    dropout layers are switched off, as TRL's trainers do by default (``disable_dropout``; lora_dropout is 0
+    under rl already): policy and reference log-probs then differ only by the adapter."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
     # The reference is the adapter as it starts, not the base under it, when the two differ: a continued adapter,
     # and PiSSA, whose start moves the top singular directions of W from the base into B A
     continued = bool(cfg.lora_model_dir) or cfg.lora_init == "pissa"

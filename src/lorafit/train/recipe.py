@@ -257,12 +257,12 @@ class Recipe:
             method = "LoRA (int8 base)"
         if cfg.quantize_moe_experts:
             method = method.replace(" base)", " base and experts)")
-        if cfg.rl == "dpo":
-            method += f" + DPO (beta {cfg.dpo_beta}; reference: the base, adapter disabled)"
+        if cfg.rl in ("dpo", "kto"):
+            ref = "the adapter as it starts" if cfg.lora_model_dir or cfg.lora_init == "pissa" \
+                else "the base, adapter disabled"
+            method += f" + {cfg.rl.upper()} (beta {cfg.dpo_beta}; reference: {ref})"
         elif cfg.rl == "orpo":
             method += f" + ORPO (alpha {cfg.orpo_weight})"
-        elif cfg.rl == "kto":
-            method += f" + KTO (beta {cfg.dpo_beta}; reference: the base, adapter disabled)"
         self.console.print(
             f"{method} | {count_parameters(self.model)} | dtype {str(self.model.dtype).removeprefix('torch.')} "
             f"on {self.world.device.type} | "
