@@ -15,6 +15,7 @@ transformers (what axolotl's ``delinearize_llama4`` tool does).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -87,14 +88,15 @@ def linearized_keys(keys) -> list[str]:
     return [k for k in keys if _LINEAR_KEY.match(k)]
 
 
-def load_linearized_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Put a linearized checkpoint's expert weights (``tensors``: checkpoint key -> tensor) into ``model``'s
+def load_linearized_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
+    """Put a linearized checkpoint's expert weights (``tensors``: (checkpoint key, tensor) pairs, read one at a
+    time so a large checkpoint is never held twice) into ``model``'s
     linearized experts, matched by layer, projection and expert index (the checkpoint's prefix may differ:
     ``language_model.model.layers.…`` of a multimodal checkpoint). Every expert weight must be there."""
     by_layer = {int(m.group(2)): name for name in _experts_paths(model)
                 if (m := _LINEAR_KEY.match(f"{name}.gate_projs.0.weight"))}
     filled = set()
-    for key, tensor in tensors.items():
+    for key, tensor in tensors:
         m = _LINEAR_KEY.match(key)
         layer, proj, expert = int(m.group(2)), m.group(3), int(m.group(4))
         if layer not in by_layer:

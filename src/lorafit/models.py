@@ -218,11 +218,14 @@ def _linearize(model, folder: Path, linear_keys: list[str], name: str) -> None:
     linearize(model)
     if not linear_keys:
         return
-    wanted, tensors = set(linear_keys), {}
-    for f in _checkpoint_files(folder):
-        with safe_open(f, "pt") as st:
-            tensors.update({k: st.get_tensor(k) for k in st.keys() if k in wanted})
-    load_linearized_weights(model, tensors, f"base_model {name!r}")
+    wanted = set(linear_keys)
+
+    def tensors():  # one at a time, straight from the files
+        for f in _checkpoint_files(folder):
+            with safe_open(f, "pt") as st:
+                yield from ((k, st.get_tensor(k)) for k in st.keys() if k in wanted)
+
+    load_linearized_weights(model, tensors(), f"base_model {name!r}")
 
 
 def _folder_load_kwargs(folder: Path, attn_implementation: str) -> dict:
