@@ -26,6 +26,7 @@ from lorafit.config.keys import (
     BNB_KWARGS,
     CHAT_TEMPLATE_NAMES,
     DATASET_TYPE_ALIASES,
+    DATASET_TYPES,
     DEMO_ALIASES,
     FALLBACK_PREFIX,
     KTO_TYPES,
@@ -89,10 +90,8 @@ class DatasetSpec(BaseModel):
 
     path: str
     # alpaca:chat / :chatml / :phi: axolotl's AlpacaPrompter in that prompt style; the preference types (rl: dpo /
-    # orpo) are lorafit.data.preference's
-    type: Literal["alpaca", "alpaca:chat", "alpaca:chatml", "alpaca:phi", "chat_template", "completion", "input_output",
-                  "chat_template.default", "chat_template.argilla", "chatml.intel", "chatml.prompt_pairs",
-                  "passthrough", "llama3.ultra", "llama3.prompt_pairs", "chatml.ultra"]
+    # orpo / kto) are lorafit.data.preference's (the list: config.keys.DATASET_TYPES)
+    type: Literal[DATASET_TYPES]
     split: str = "train"
     data_files: str | list[str] | None = None
     ds_type: Literal["json", "csv", "parquet"] | None = None
