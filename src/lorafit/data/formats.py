@@ -71,19 +71,25 @@ class TokenizerInfo:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
 
-def _text(row: dict, key: str, kind: str, required: bool = True) -> str | None:
-    if key not in row or row[key] is None:
+def value_field(row: dict, key: str, kind: str, required: bool = True) -> Any:
+    """``row[key]``; a missing (or null) one is a row error naming the fields the row has (None if not required)."""
+    if row.get(key) is None:
         if not required:
             return None
         has = ", ".join(str(k) for k in row) or "no fields"
         raise RowError(f"{kind} row is missing '{key}' (has: {has})")
-    v = row[key]
-    if not isinstance(v, str):
+    return row[key]
+
+
+def string_field(row: dict, key: str, kind: str, required: bool = True) -> str | None:
+    """:func:`value_field`, which must be a string."""
+    v = value_field(row, key, kind, required)
+    if v is not None and not isinstance(v, str):
         raise RowError(f"{kind} row field '{key}' must be a string, got {type(v).__name__}")
     return v
 
 
-def _need_dict(row: Any, kind: str) -> dict:
+def need_dict(row: Any, kind: str) -> dict:
     if not isinstance(row, dict):
         raise RowError(f"{kind} row must be a JSON object, got {type(row).__name__}")
     return row
@@ -91,10 +97,10 @@ def _need_dict(row: Any, kind: str) -> dict:
 
 def tokenize_alpaca(row: Any, info: TokenizerInfo, train_on_inputs: bool,
                     style: str = "instruct") -> tuple[list[int], list[int]]:
-    row = _need_dict(row, "alpaca")
-    instruction = _text(row, "instruction", "alpaca")
-    output = _text(row, "output", "alpaca")
-    inp = _text(row, "input", "alpaca", required=False)
+    row = need_dict(row, "alpaca")
+    instruction = string_field(row, "instruction", "alpaca")
+    output = string_field(row, "output", "alpaca")
+    inp = string_field(row, "input", "alpaca", required=False)
     prompt = alpaca_prompt(instruction, inp, style)
     prompt_ids = info.prefix_ids + info.encode(prompt)
     answer_ids = info.encode(output) + [info.eos_id]
@@ -104,14 +110,14 @@ def tokenize_alpaca(row: Any, info: TokenizerInfo, train_on_inputs: bool,
 
 
 def tokenize_completion(row: Any, info: TokenizerInfo, field: str) -> tuple[list[int], list[int]]:
-    row = _need_dict(row, "completion")
-    text = _text(row, field, "completion")
+    row = need_dict(row, "completion")
+    text = string_field(row, field, "completion")
     ids = info.prefix_ids + info.encode(text) + [info.eos_id]
     return ids, list(ids)
 
 
 def tokenize_input_output(row: Any, info: TokenizerInfo, train_on_inputs: bool) -> tuple[list[int], list[int]]:
-    row = _need_dict(row, "input_output")
+    row = need_dict(row, "input_output")
     segments = row.get("segments")
     if not isinstance(segments, list) or not segments:
         has = ", ".join(str(k) for k in row) or "no fields"

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from lorafit.data.chat import SHAREGPT_ROLES, resolve_chat_template
-from lorafit.data.formats import IGNORE, TokenizerInfo
+from lorafit.data.formats import IGNORE, TokenizerInfo, need_dict, string_field, value_field
 from lorafit.data.loading import RowError
 
 # axolotl's placeholder user turn before an answer rendered alone
@@ -123,18 +123,11 @@ class KTOSample:
 
 # ---- rows -> texts -------------------------------------------------------------------------------------------
 def _field(row: Any, key: str, kind: str) -> Any:
-    if not isinstance(row, dict):
-        raise RowError(f"{kind} row must be a JSON object, got {type(row).__name__}")
-    if row.get(key) is None:
-        has = ", ".join(str(k) for k in row) or "no fields"
-        raise RowError(f"{kind} row is missing '{key}' (has: {has})")
-    return row[key]
+    return value_field(need_dict(row, kind), key, kind)
 
 
 def _string(row: Any, key: str, kind: str, answer: bool = False) -> str:
-    v = _field(row, key, kind)
-    if not isinstance(v, str):
-        raise RowError(f"{kind} row field '{key}' must be a string, got {type(v).__name__}")
+    v = string_field(need_dict(row, kind), key, kind)
     if answer and not v.strip():
         raise RowError(f"{kind} row field '{key}' is empty; every answer needs text")
     return v
