@@ -89,6 +89,7 @@ def test_an_mxfp4_checkpoint_loads_as_the_values_it_encodes(mxfp4, dtype):
         assert torch.equal(ours_state[name], values.to(dtype)) and torch.equal(ours_state[name], theirs_state[name])
     assert getattr(model.config, "quantization_config", None) is None  # save_pretrained writes a plain model
     assert model.config._attn_implementation == "eager"  # gpt-oss has no sdpa (its attention sinks)
+    assert "has no sdpa path in transformers; it runs eager attention" in model.attention_notice  # said, not silent
 
 
 def gpt_oss_config(folder, out, **kw):

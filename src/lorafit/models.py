@@ -170,6 +170,10 @@ def load_model(name: str, dtype: str | torch.dtype = "float32", attn_implementat
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=parse_dtype(dtype), **kwargs)
     except (OSError, ValueError, ImportError) as e:  # ImportError: e.g. flash_attention_2 not installed
         raise LorafitError(f"could not load base_model {name!r}: {str(e).splitlines()[0]}") from e
+    if kwargs["attn_implementation"] != attn_implementation:
+        model.attention_notice = (f"attention: {type(model).__name__} has no {attn_implementation} path in "
+                                  f"transformers; it runs {kwargs['attn_implementation']} attention (the same math, "
+                                  "with the full attention scores in memory)")
     if gguf or "quantization_config" in kwargs:
         forget_gguf_quantization(model)  # dequantised on load: save_pretrained must write a plain HF model
     if linearized_experts:

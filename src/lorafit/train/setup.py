@@ -136,7 +136,8 @@ def prepare_model(cfg, options: RuntimeOptions | None = None):
                                                 four_bit=cfg.four_bit, eight_bit=cfg.load_in_8bit,
                                                 moe_experts=cfg.quantize_moe_experts,
                                                 linearized_experts=cfg.llama4_linearized_experts)
-    model.attention_notice = notice  # printed by the recipe with its other notes
+    # printed by the recipe with its other notes (the loader's own, when the model has no sdpa path, comes first)
+    model.attention_notice = "; ".join(n for n in (getattr(model, "attention_notice", None), notice) if n) or None
     apply_special_tokens(tokenizer, cfg.special_tokens, model, trains_embeddings=cfg.trains_embeddings)
     make_trainable(model, lora, cfg.gradient_checkpointing, options, unfrozen=cfg.unfrozen_parameters)
     if start is not None:
