@@ -195,12 +195,12 @@ def llama4(tmp_path_factory):
         return root, model, model(IDS).logits
 
 
-def test_linearized_experts_hold_the_fused_weights_and_compute_the_same(llama4):
+def test_linearized_experts_hold_the_fused_weights_and_compute_the_same(llama4, tmp_path):
     """Each expert's Linear holds its slice of gate_up_proj / down_proj transposed; the experts and the whole
     model compute exactly what the fused ones do (fp32); the state fuses back to transformers' tensors."""
     import copy
 
-    from lorafit.linearized import LinearizedLlama4Experts, fused_state_dict, linearize
+    from lorafit.linearized import LinearizedLlama4Experts, fused_from, linearize
 
     _, fused_model, logits = llama4
     model = copy.deepcopy(fused_model)
@@ -214,8 +214,21 @@ def test_linearized_experts_hold_the_fused_weights_and_compute_the_same(llama4):
     with torch.no_grad():
         assert torch.equal(linear(x), fused(x))
         assert torch.equal(model(IDS).logits, logits)
-    back, original = fused_state_dict(model.state_dict()), fused_model.state_dict()
-    assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in back)
+    back = fused_from(linear, model.config.get_text_config())  # what save_pretrained writes, layer by layer
+    assert torch.equal(back.gate_up_proj, fused.gate_up_proj) and torch.equal(back.down_proj, fused.down_proj)
+    with torch.no_grad():
+        assert torch.equal(back(x), fused(x))
+    # save_pretrained writes the fused layout (plain transformers loads it) and leaves the model linearized
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.linearized import save_pretrained
+
+    save_pretrained(model, tmp_path / "saved")
+    assert isinstance(model.model.layers[1].feed_forward.experts, LinearizedLlama4Experts)
+    reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, logits) and torch.equal(reloaded.eval()(IDS).logits, logits)
 
 
 @pytest.mark.parametrize("layout", ["fused", "linear"])
@@ -317,7 +330,7 @@ def test_lora_on_linearized_experts_trains_and_merges_fused(llama4, tmp_path, ca
 
     from lorafit.cli import main
     from lorafit.config import TrainConfig
-    from lorafit.linearized import fused_state_dict
+    from lorafit.linearized import fused_from
     from lorafit.lora import merge_and_unload
     from lorafit.models import load_tokenizer
     from lorafit.train import train
@@ -334,7 +347,10 @@ def test_lora_on_linearized_experts_trains_and_merges_fused(llama4, tmp_path, ca
         sequence_len=16, micro_batch_size=2, max_steps=2, learning_rate=5e-3, output_dir=str(tmp_path / "out")))
     run = train(cfg)
     assert any(p.abs().max() > 0 for n, p in run.model.named_parameters() if "lora_B" in n)
-    expected = fused_state_dict(merge_and_unload(copy.deepcopy(run.model)).state_dict())
+    plain = merge_and_unload(copy.deepcopy(run.model))
+    experts = plain.get_submodule("model.layers.1.feed_forward.experts")
+    expected = {"model.layers.1.feed_forward.experts.gate_up_proj":
+                fused_from(experts, plain.config.get_text_config()).gate_up_proj.detach()}
     capsys.readouterr()
     assert main(["merge", str(base), str(tmp_path / "out"), str(tmp_path / "merged")]) == 0
     merged, info = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32,

@@ -8,7 +8,7 @@ experts (``experts.gate_projs.0``, or a regex such as ``.*experts\\.gate_projs\\
 them like any linear layer, and checkpoints written with those names (axolotl's linearized Llama 4) load.
 
 The swap is per model instance (:func:`linearize`), after transformers has loaded the model; nothing in transformers
-is patched. :func:`fused_state_dict` writes the standard fused layout back, so a merged model loads in plain
+is patched. :func:`save_pretrained` writes the standard fused layout back, so a merged model loads in plain
 transformers (what axolotl's ``delinearize_llama4`` tool does).
 """
 
@@ -121,26 +121,33 @@ def _experts_paths(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, LinearizedLlama4Experts)]
 
 
-def fused_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` with each linearized experts module's weights fused back into transformers' layout
-    (``gate_up_proj``: gate then up columns, ``down_proj``), as axolotl's ``delinearize_llama4`` writes them."""
-    groups: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
-    out = {}
-    for key, tensor in state.items():
-        m = _LINEAR_KEY.match(key)
-        if m is None:
-            out[key] = tensor
-        else:
-            groups.setdefault(m.group(1), {}).setdefault(m.group(3), {})[int(m.group(4))] = tensor
-    for prefix, projs in groups.items():
-        gate, up, down = (torch.stack([projs[p][n].T for n in sorted(projs[p])]) for p in PROJECTIONS)
-        out[f"{prefix}.gate_up_proj"] = torch.cat([gate, up], dim=-1).contiguous()
-        out[f"{prefix}.down_proj"] = down.contiguous()
-    return out
+def fused_from(linear: LinearizedLlama4Experts, text_config) -> nn.Module:
+    """transformers' ``Llama4TextExperts`` holding ``linear``'s weights (the inverse of :func:`linearized_from`)."""
+    from transformers.models.llama4.modeling_llama4 import Llama4TextExperts
+
+    with torch.device("meta"):
+        fused = Llama4TextExperts(text_config)
+    w = linear.gate_projs[0].weight
+    gate_up = torch.cat([torch.stack([m.weight.detach().T for m in linear.gate_projs]),
+                         torch.stack([m.weight.detach().T for m in linear.up_projs])], dim=-1)
+    down = torch.stack([m.weight.detach().T for m in linear.down_projs])
+    fused.gate_up_proj = nn.Parameter(gate_up.contiguous(), requires_grad=w.requires_grad)
+    fused.down_proj = nn.Parameter(down.contiguous(), requires_grad=w.requires_grad)
+    return fused.train(linear.training)
 
 
 def save_pretrained(model: nn.Module, folder) -> None:
-    """``model.save_pretrained(folder)``, with linearized experts written in the standard fused layout: the
-    folder loads in plain transformers."""
-    state = fused_state_dict(model.state_dict()) if _experts_paths(model) else None
-    model.save_pretrained(folder, state_dict=state)
+    """``model.save_pretrained(folder)``, with linearized experts written in the standard fused layout (what axolotl's
+    ``delinearize_llama4`` writes): the folder loads in plain transformers. The experts are fused in place one layer
+    at a time for the save and linearized again after, so at most one layer is held twice."""
+    paths = _experts_paths(model)
+    if not paths:
+        model.save_pretrained(folder)
+        return
+    text_config = model.config.get_text_config()
+    for name in paths:
+        model.set_submodule(name, fused_from(model.get_submodule(name), text_config))
+    try:
+        model.save_pretrained(folder)
+    finally:
+        linearize(model)
