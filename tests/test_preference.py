@@ -140,7 +140,7 @@ def test_bad_rows_name_the_file_line_and_field(workdir, demo_tokenizer, tmp_path
 
 
 @pytest.mark.parametrize("kind, row", [
-    ("chat_template.argilla", {"chosen": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello"}],
+    ("chat_template.argilla_chat", {"chosen": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello"}],
                                "rejected": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Go"}]}),
     ("chatml.intel", {"system": "Be brief.", "question": "Hi?", "chosen": "Hello", "rejected": "Go"}),
     ("passthrough", {"prompt": "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n",
@@ -155,6 +155,28 @@ def test_other_preference_types(workdir, demo_tokenizer, tmp_path, kind, row):
     assert demo_tokenizer.decode(pair.prompt_ids).endswith("<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n")
     assert demo_tokenizer.decode(pair.chosen_ids) == "Hello<|im_end|>"
     assert demo_tokenizer.decode(pair.rejected_ids) == "Go<|im_end|>"
+
+
+ARGILLA_ROW = {"system": "Be brief.", "prompt": "Hi?",
+               "chosen": [{"role": "user", "content": "Hi? "}, {"role": "assistant", "content": "Hello"}],
+               "rejected": [{"role": "user", "content": "Hi? "}, {"role": "assistant", "content": "Go"}]}
+
+
+@pytest.mark.parametrize("kind, prompt", [
+    # ORPO's strategy: the row's system first, its prompt as the user turn (axolotl's ORPODatasetParsingStrategy)
+    ("chat_template.argilla", "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n"),
+    # DPO's argilla_chat reads the conversations only
+    ("chat_template.argilla_chat", "<|im_start|>user\nHi? <|im_end|>\n"),
+])
+def test_argilla_strategies_read_system_and_prompt_as_axolotl_does(workdir, demo_tokenizer, tmp_path, kind, prompt):
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps(ARGILLA_ROW) + "\n")
+    cfg = config(workdir, rl="orpo" if kind == "chat_template.argilla" else "dpo")
+    cfg["datasets"] = [{"path": str(data), "type": kind}]
+    (pair,), _, _ = build_datasets(TrainConfig.from_dict(cfg), demo_tokenizer)
+    text = demo_tokenizer.decode(pair.prompt_ids)
+    assert text.endswith(prompt + "<|im_start|>assistant\n") and text.count("<|im_start|>") == prompt.count("<|im_start|>") + 1
+    assert demo_tokenizer.decode(pair.chosen_ids) == "Hello<|im_end|>"
 
 
 # ---- the losses against TRL -------------------------------------------------------------------------------------

@@ -85,9 +85,9 @@ def skip_frozen_grad_hooks(tracker, model: torch.nn.Module) -> None:
 
 
 # ---- transformers ------------------------------------------------------------------------------------------
-def forget_gguf_quantization(model) -> None:
-    """A model loaded from GGUF arrives dequantised but still flagged as quantised; drop the flags so
-    ``save_pretrained`` writes a plain HF model (``hf_quantizer`` / ``is_quantized`` are transformers' own)."""
+def forget_load_quantization(model) -> None:
+    """A model dequantised on load (a GGUF file, an MXFP4 checkpoint) arrives still flagged as quantised; drop the
+    flags so ``save_pretrained`` writes a plain HF model (``hf_quantizer`` / ``is_quantized`` are transformers')."""
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     if hasattr(model, "hf_quantizer"):

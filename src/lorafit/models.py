@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from lorafit import dtypes
-from lorafit._compat import forget_gguf_quantization, gguf_parsed_once
+from lorafit._compat import forget_load_quantization, gguf_parsed_once
 from lorafit.architectures import check_causal_lm
 from lorafit.config import DEMO_ALIASES, DEMO_MODEL
 from lorafit.errors import LorafitError
@@ -175,7 +175,7 @@ def load_model(name: str, dtype: str | torch.dtype = "float32", attn_implementat
                                   f"transformers; it runs {kwargs['attn_implementation']} attention (the same math, "
                                   "with the full attention scores in memory)")
     if gguf or "quantization_config" in kwargs:
-        forget_gguf_quantization(model)  # dequantised on load: save_pretrained must write a plain HF model
+        forget_load_quantization(model)  # save_pretrained must write a plain HF model
     if linearized_experts:
         _linearize(model, folder, linear_keys, name)
     model.eval()

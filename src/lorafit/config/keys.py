@@ -24,19 +24,18 @@ DEMO_MODEL = "smollm2-135m-instruct"
 DEMO_ALIASES = frozenset({DEMO_MODEL, "demo", "HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct"})
 
 # preference pairs (rl: dpo / orpo), axolotl's strategy names: chat_template.default (messages + chosen/rejected),
-# chat_template.argilla (chosen/rejected conversations sharing the prompt), chatml.intel / chatml.prompt_pairs
-# (question or prompt, optional system, ChatML strings), passthrough (prompt/chosen/rejected strings as they are)
-PREFERENCE_TYPES = ("chat_template.default", "chat_template.argilla", "chatml.intel", "chatml.prompt_pairs",
-                    "passthrough")
+# chat_template.argilla_chat (DPO's: chosen/rejected conversations sharing the prompt), chat_template.argilla
+# (ORPO's: the same, with the row's system and prompt fields), chatml.intel / chatml.prompt_pairs (question or
+# prompt, optional system, ChatML strings), passthrough (prompt/chosen/rejected strings as they are)
+PREFERENCE_TYPES = ("chat_template.default", "chat_template.argilla_chat", "chat_template.argilla", "chatml.intel",
+                    "chatml.prompt_pairs", "passthrough")
 # KTO's unpaired rows (rl: kto): prompt, completion, label, in llama3 or ChatML strings, or as they are
 KTO_TYPES = ("llama3.ultra", "llama3.prompt_pairs", "chatml.ultra", "chatml.prompt_pairs", "passthrough")
 DATASET_TYPES = ("alpaca", "alpaca:chat", "alpaca:chatml", "alpaca:phi", "chat_template", "completion", "input_output",
                  *PREFERENCE_TYPES, *(t for t in KTO_TYPES if t not in PREFERENCE_TYPES))
 # axolotl's other names for the same prompts (its alpaca_chat / alpaca_instruct strategies are AlpacaPrompter
-# in the chat / instruct style, exactly what type alpaca:chat / alpaca gives; its DPO argilla_chat reads the
-# same rows as the ORPO argilla strategy)
-DATASET_TYPE_ALIASES = {"alpaca:instruct": "alpaca", "alpaca_instruct": "alpaca", "alpaca_chat": "alpaca:chat",
-                        "chat_template.argilla_chat": "chat_template.argilla"}
+# in the chat / instruct style, exactly what type alpaca:chat / alpaca gives)
+DATASET_TYPE_ALIASES = {"alpaca:instruct": "alpaca", "alpaca_instruct": "alpaca", "alpaca_chat": "alpaca:chat"}
 # the kinds of preference training lorafit runs (axolotl's rl values)
 RL_KINDS = ("dpo", "orpo", "kto")
 # The optimizer names lorafit runs (axolotl's) and the kind each is: the one map for the config, the trainer

@@ -9,8 +9,13 @@ Texts, as axolotl's prompt strategies make them:
   what the template renders for that message, from its content on (axolotl renders it after a placeholder user
   turn and cuts there; lorafit looks for the content after the reply's header, where axolotl's search can stop
   at a role name), so the end of turn is part of it.
-* ``chat_template.argilla``: ``field_chosen`` / ``field_rejected`` are whole conversations that share the prompt;
-  the prompt is the chosen one's messages but the last, the answers are the last messages.
+* ``chat_template.argilla_chat`` (axolotl's DPO strategy): ``field_chosen`` / ``field_rejected`` are whole
+  conversations that share the prompt; the prompt is the chosen one's messages but the last, the answers are the
+  last messages.
+* ``chat_template.argilla`` (axolotl's ORPO strategy): the same, and a row's ``system`` string opens the prompt as a
+  system message and its ``prompt`` string is the last user turn (the argilla datasets' layout). axolotl puts
+  ``prompt`` in every user turn of a longer conversation; lorafit keeps the earlier turns as the conversation has
+  them.
 * ``chatml.intel`` / ``chatml.prompt_pairs``: ``question`` / ``prompt`` (and an optional ``system``) written in
   ChatML, the answers followed by ``<|im_end|>`` (axolotl writes these strings itself, whatever the template).
 * ``passthrough``: ``prompt``, ``chosen`` and ``rejected`` strings, used as they are.
@@ -147,8 +152,8 @@ class PreferenceTexts:
 
     def __call__(self, row: Any) -> tuple[str, str, str]:
         read = {"passthrough": self._passthrough, "chat_template.argilla": self._argilla,
-                "chat_template.default": self._default}.get(self.kind, self._chatml)
-        return read(row)
+                "chat_template.argilla_chat": self._argilla, "chat_template.default": self._default}
+        return read.get(self.kind, self._chatml)(row)
 
     def _passthrough(self, row: Any) -> tuple[str, str, str]:
         return (_string(row, "prompt", self.kind), _string(row, "chosen", self.kind, answer=True),
@@ -169,8 +174,26 @@ class PreferenceTexts:
         if len(chosen) < 2:
             raise RowError(f"{self.kind} row field '{s.field_chosen}' holds only the answer; it needs the prompt's "
                            "messages before it")
-        return (self._render(chosen[:-1]), self._answer(chosen[-1], s.field_chosen),
+        prompt = chosen[:-1]
+        if self.kind == "chat_template.argilla":
+            prompt = self._argilla_prompt(row, prompt)
+        return (self._render(prompt), self._answer(chosen[-1], s.field_chosen),
                 self._answer(rejected[-1], s.field_rejected))
+
+    def _argilla_prompt(self, row: Any, messages: list[dict]) -> list[dict]:
+        """ORPO's argilla rows: the row's ``system`` first, its ``prompt`` as the last user turn (when strings)."""
+        messages = list(messages)
+        prompt = row.get("prompt")
+        if isinstance(prompt, str) and prompt:
+            last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+            if last_user is None:
+                messages.append({"role": "user", "content": prompt})
+            else:
+                messages[last_user] = {"role": "user", "content": prompt}
+        system = row.get("system")
+        if isinstance(system, str) and system and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": system})
+        return messages
 
     def _default(self, row: Any) -> tuple[str, str, str]:
         """The prompt's messages (or a string: one user message), and each answer."""
