@@ -18,6 +18,9 @@ the runtime options it was measured and estimated with (``--reestimate`` uses th
                                                                    # rows: one rank of 2 torchrun processes
                                                                    # (gloo, one thread each), writes
                                                                    # estimate_vs_measured_distributed.json
+    .venv/bin/python benchmarks/estimate_vs_measured.py --rows preference   # rl: dpo / orpo / kto (never
+                                                                   # fitted), writes
+                                                                   # estimate_vs_measured_preference.json
     .venv/bin/python benchmarks/estimate_vs_measured.py --quick    # 5 rows
     .venv/bin/python benchmarks/estimate_vs_measured.py --cuda     # on a GPU (see scripts/gpu_check.sh)
     .venv/bin/python benchmarks/estimate_vs_measured.py --reestimate   # rescore the JSON's measured peaks
@@ -155,6 +158,25 @@ DISTRIBUTED_ROWS = [
     for dtype in ("float32", "bfloat16")
 ] + [("llama-small", dict(method="lora", eight_bit=True, dtype="float32", micro_batch=2, seq_len=128, r=8, nproc=2,
                           fsdp=True))]  # an 8-bit base: int8 codes and row scales sharded
+# Preference training (rl): a micro-batch of pairs as one forward of chosen and rejected rows, the reference pass
+# (the adapter switched off, no autograd) before it; KTO's rows with their KL rows. Prompt and answer half the
+# sequence each. Estimated with the constants fitted above, never fitted. `--rows preference` writes
+# estimate_vs_measured_preference.json.
+PREFERENCE_ROWS = [
+    ("llama-small", dict(method="lora", rl="dpo", dtype="float32", micro_batch=4, seq_len=256, r=16, dropout=0.0)),
+    ("llama-small", dict(method="lora", rl="dpo", dtype="bfloat16", micro_batch=4, seq_len=256, r=16, dropout=0.0,
+                         gradient_checkpointing=True)),
+    ("qwen2-small", dict(method="lora", rl="dpo", dtype="bfloat16", micro_batch=2, seq_len=512, r=8, dropout=0.0)),
+    ("llama-small", dict(method="qlora", rl="dpo", dtype="float32", micro_batch=4, seq_len=256, r=16, dropout=0.0)),
+    ("llama-small", dict(method="lora", rl="orpo", dtype="float32", micro_batch=4, seq_len=256, r=16, dropout=0.0)),
+    ("h-llama-untied", dict(method="full", rl="orpo", dtype="bfloat16", micro_batch=2, seq_len=256)),
+    ("llama-small", dict(method="lora", rl="kto", dtype="float32", micro_batch=2, seq_len=256, r=16, dropout=0.0)),
+    ("qwen2-small", dict(method="lora", rl="kto", dtype="bfloat16", micro_batch=4, seq_len=256, r=8, dropout=0.0,
+                         gradient_checkpointing=True)),
+    # the head trained whole: the reference reads a frozen copy of it as it started
+    ("llama-small", dict(method="lora", rl="dpo", dtype="float32", micro_batch=2, seq_len=256, r=8, dropout=0.0,
+                         modules_to_save=["lm_head"])),
+]
 # GPU rows (scripts/gpu_check.sh): the real Llama 3.2 1B shape, random weights.
 CUDA_ROWS = [
     ("llama-3.2-1b", dict(method="lora", dtype="bfloat16", micro_batch=2, seq_len=1024, r=16)),
@@ -236,10 +258,10 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--cuda", action="store_true")
     ap.add_argument("--rows", help="a split (fit | heldout) or comma-separated indices of fit rows")
-    ap.add_argument("--split", choices=["fit", "heldout", "qlora", "int8", "distributed"], default="fit",
+    ap.add_argument("--split", choices=["fit", "heldout", "qlora", "int8", "distributed", "preference"], default="fit",
                     help="fit: the 22 rows the constants were calibrated on (default); heldout: rows never fitted; "
                          "qlora: 4-bit bases and 8-bit optimizers (never fitted); int8: 8-bit bases (never fitted); distributed: one rank of 2 "
-                         "torchrun processes, DDP and FSDP2 (never fitted)")
+                         "torchrun processes, DDP and FSDP2 (never fitted); preference: rl: dpo / orpo / kto (never fitted)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", help="results JSON (default benchmarks/results/estimate_vs_measured[_cuda].json)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -247,9 +269,9 @@ def main() -> int:
                     help="recompute estimates and errors of the results JSON from its stored measured peaks")
     args = ap.parse_args()
     device = "cuda" if args.cuda else "cpu"
-    if args.rows in ("fit", "heldout", "qlora", "int8", "distributed"):
+    if args.rows in ("fit", "heldout", "qlora", "int8", "distributed", "preference"):
         args.split, args.rows = args.rows, None
-    heldout = args.split in ("heldout", "qlora", "int8", "distributed") and not args.cuda
+    heldout = args.split in ("heldout", "qlora", "int8", "distributed", "preference") and not args.cuda
     suffix = "_cuda" if args.cuda else f"_{args.split}" if heldout else ""
     default_name = f"estimate_vs_measured{suffix}.json"
     out = Path(args.out or ROOT / "benchmarks" / "results" / default_name)
@@ -261,7 +283,8 @@ def main() -> int:
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 prints the row, with every rank's peak
             print(json.dumps(row))
         return 0
-    split_rows = {"qlora": QLORA_ROWS, "int8": INT8_ROWS, "distributed": DISTRIBUTED_ROWS, "heldout": HELDOUT_ROWS}
+    split_rows = {"qlora": QLORA_ROWS, "int8": INT8_ROWS, "distributed": DISTRIBUTED_ROWS, "heldout": HELDOUT_ROWS,
+                  "preference": PREFERENCE_ROWS}
     rows = CUDA_ROWS if args.cuda else split_rows[args.split] if heldout else ROWS
     idx = [int(i) for i in args.rows.split(",")] if args.rows else QUICK if args.quick and not args.cuda and not heldout else range(len(rows))
     results = []

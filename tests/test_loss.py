@@ -151,3 +151,35 @@ def test_shared_prefix_is_a_runtime_option_from_the_config_or_the_environment():
     off = RuntimeOptions.resolve(env={"LORAFIT_SHARED_PREFIX": "0"})
     assert not off.shared_prefix and off.describe().endswith("shared prefix off")
     assert RuntimeOptions.resolve(env={"LORAFIT_SHARED_PREFIX": "0"}, shared_prefix=True).shared_prefix  # config wins
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("trained", ["head", "lora-head", "frozen"])
+def test_per_segment_sums_and_their_gradients_equal_autograd(softcap, trained):
+    """Segments (each sequence's answer, for a preference loss): one call gives every segment's sum, and the
+    gradients of any weighting of them — the head's and a LoRA head's B made in backward, by recomputing the
+    logits — equal plain autograd through the full logits."""
+    from lorafit.kernels.loss import LinearCrossEntropy
+    from lorafit.options import RuntimeOptions
+
+    g = torch.Generator().manual_seed(0)
+    n, d, v, r, s, k = 17, 16, 40, 4, 2.0, 4
+    h = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(v, d, generator=g, dtype=torch.float64, requires_grad=trained == "head")
+    u = torch.randn(n, r, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(v, r, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, v, (n,), generator=g)
+    seg = torch.tensor([0] * 5 + [1] * 3 + [3] * 9)  # segment 2 is empty
+    lora = (u, b, s) if trained == "lora-head" else (None, None, 0.0)
+    sums = LinearCrossEntropy.apply(h, w, y, 5, softcap, RuntimeOptions.resolve(), *lora, seg, k)
+    weights = torch.tensor([0.5, -2.0, 3.0, 1.5], dtype=torch.float64)
+    inputs = [t for t in (h, w, *lora[:2]) if t is not None and t.requires_grad]
+    grads = torch.autograd.grad((sums * weights).sum(), inputs)
+    z = h @ w.t() + (s * u @ b.t() if trained == "lora-head" else 0)
+    if softcap:
+        z = torch.tanh(z / softcap) * softcap
+    per_token = torch.nn.functional.cross_entropy(z, y, reduction="none")
+    want = torch.zeros(k, dtype=torch.float64).index_add(0, seg, per_token)
+    torch.testing.assert_close(sums.double(), want, atol=1e-5, rtol=1e-5)
+    for got, ref in zip(grads, torch.autograd.grad((want * weights).sum(), inputs), strict=True):
+        torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)

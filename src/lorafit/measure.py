@@ -102,13 +102,34 @@ def _batch(vocab: int, s: Settings, seed: int) -> dict:
     ids = torch.randint(0, vocab, (s.micro_batch, s.seq_len), generator=g)
     batch = {"input_ids": ids, "labels": ids.clone(), "num_trained_tokens": s.micro_batch * (s.seq_len - 1)}
     if s.packing:  # two documents per row: positions restart half-way
-        half = s.seq_len // 2
+        half = min(8, s.seq_len // 2)
         pos = torch.cat([torch.arange(half), torch.arange(s.seq_len - half)]).expand(s.micro_batch, -1)
         batch["position_ids"] = pos.contiguous()
         batch["seq_ids"] = (torch.arange(s.seq_len) >= half).long().expand(s.micro_batch, -1).contiguous()
     else:
         batch["attention_mask"] = torch.ones_like(ids)
     return batch
+
+
+def _preference_batch(vocab: int, s: Settings, seed: int) -> dict:
+    """A preference micro-batch of random tokens through the trainer's own collation: each sequence a prompt of
+    8 tokens and an answer filling the rest, the case the estimate counts (DPO/ORPO: ``micro_batch`` sequences,
+    half of them chosen; KTO: ``micro_batch`` rows, half desirable, and as many KL rows)."""
+    from lorafit.data.preference import KTOSample, PairSample, kto_batches, pair_batches
+
+    g = torch.Generator().manual_seed(seed)
+    half = min(8, s.seq_len // 2)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(1, vocab, (n,), generator=g).tolist()
+
+    common = dict(sequence_len=s.seq_len, pad_id=0, shuffle=False, seed=0, epoch=0)
+    if s.rl == "kto":
+        rows = [KTOSample(ids(half), ids(s.seq_len - half), i % 2 == 0) for i in range(s.micro_batch)]
+        return kto_batches(rows, micro_batch_size=s.micro_batch, **common)[0]
+    pairs = [PairSample(ids(half), ids(s.seq_len - half), ids(s.seq_len - half), "")
+             for _ in range(s.micro_batch // 2)]
+    return pair_batches(pairs, micro_batch_size=len(pairs), **common)[0]
 
 
 def _step_fn(model, s: Settings, world=None, loss_module=None):
@@ -158,10 +179,17 @@ def measure(spec: ModelSpec, s: Settings, steps: int = 3, model_name: str | None
     vocab = model.get_input_embeddings().weight.shape[0]
     if device == "cuda":
         model.to(world.device if world else "cuda")
-    loss_module = wrap(model, world) if world is not None else None
+    objective = {}
+    if s.rl:  # the preference loss the trainer runs (its reference: the model with the adapter switched off)
+        from lorafit.train.preference import PreferenceLoss
+
+        objective = {"objective": lambda m: PreferenceLoss(m, s.rl, 0.1)}
+    loss_module = wrap(model, world, **objective) if world is not None else \
+        objective["objective"](model) if s.rl else None
     step, optimizer = _step_fn(model, s, world, loss_module)
     rank, size = (world.rank, world.world_size) if world else (0, 1)
-    batches = [_batch(vocab, s, i * size + rank) for i in range(steps)]  # each rank its own batches
+    make = _preference_batch if s.rl else _batch
+    batches = [make(vocab, s, i * size + rank) for i in range(steps)]  # each rank its own batches
     losses = []
     if device == "cuda":
         batches = [{k: v.cuda() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]

@@ -129,15 +129,13 @@ def cmd_estimate(args) -> int:
                                "over several processes); give --nproc N for one rank's estimate")
         base = settings_from_config(cfg, device, nproc=args.nproc or 1)
         model = model or cfg.base_model_path
-        if cfg.rl in ("dpo", "orpo") and not args.json:
-            console.print(f"[yellow]note:[/] rl: {cfg.rl}: a micro-batch of {base.micro_batch // 2} pairs is "
-                          f"{base.micro_batch} sequences (chosen and rejected in one forward), and the estimate counts "
-                          f"{base.micro_batch} rows" + ("; the reference pass (no autograd, the adapter off) and the "
-                          "frozen copies of lora_modules_to_save it reads are not modelled" if cfg.rl == "dpo" else ""),
-                          highlight=False)
-        if cfg.rl == "kto" and not args.json:
-            console.print("[yellow]note:[/] rl: kto: the reference and KL passes (no autograd) are not modelled",
-                          highlight=False)
+        if cfg.rl and not args.json:
+            rows = (f"a micro-batch of {base.micro_batch // 2} pairs is {base.micro_batch} sequences (chosen and "
+                    "rejected in one forward)" if cfg.rl in ("dpo", "orpo") else
+                    f"a micro-batch of {base.micro_batch} rows (its KL rows run without autograd)")
+            ref = "" if cfg.rl == "orpo" else "; the reference pass runs without autograd before the trained one, below its peak"
+            console.print(f"[yellow]note:[/] rl: {cfg.rl}: {rows}; the estimate counts answers that fill each "
+                          f"sequence, an upper bound{ref}", highlight=False)
         if cfg.unfrozen_parameters and not cfg.is_lora and not args.json:
             console.print("[yellow]note:[/] unfrozen_parameters: the estimate counts every parameter as trained "
                           "(gradients and optimizer states for all of them), an upper bound for training part of the "

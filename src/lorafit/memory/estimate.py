@@ -80,6 +80,9 @@ class Settings:
     packing: bool = False
     loss: str = "chunked"  # "chunked" (lorafit) | "hf" (plain transformers loss: full logits)
     loss_chunk_tokens: int | None = None  # None: lorafit's default for the vocabulary
+    # rl: "dpo" | "orpo" | "kto" (preference training) or None. micro_batch counts the sequences of the forward
+    # that trains: a DPO/ORPO micro-batch of N pairs is 2N; KTO's N rows are N (its KL rows run without autograd)
+    rl: str | None = None
     device: str = "cuda"  # "cuda" adds context/allocator overhead; "cpu" adds none
     nproc: int = 1  # processes (ranks) training together; the estimate is then one rank's
     fsdp: bool = False  # FSDP2 (shards per decoder layer) rather than DDP (a full replica per rank)
@@ -111,6 +114,11 @@ class Settings:
             raise LorafitError(f"seq-len: got {self.seq_len}, must be at least 2 (one token predicts the next)")
         if not 0 <= float(self.dropout) < 1:
             raise LorafitError(f"lora dropout: got {self.dropout!r}, must be in [0, 1)")
+        if self.rl not in (None, "dpo", "orpo", "kto"):
+            raise LorafitError(f"rl: got {self.rl!r}, use dpo, orpo or kto")
+        if self.rl in ("dpo", "orpo") and self.micro_batch % 2:
+            raise LorafitError(f"micro-batch: got {self.micro_batch} for rl: {self.rl}; a batch of N pairs runs 2N "
+                               "sequences, an even number")
         if self.loss not in ("chunked", "hf"):
             raise LorafitError(f"loss: got {self.loss!r}, use chunked or hf")
         if self.loss_chunk_tokens is not None and self.loss_chunk_tokens <= 0:
@@ -334,8 +342,16 @@ def _sizes(spec: ModelSpec, s: Settings, adapters: act.Adapters) -> _Sizes:
     if s.eight_bit:  # int8 codes, 1 B an element, and an fp32 scale per output row (bitsandbytes' SCB)
         linear = [(i, o) for _, i, o, _ in spec.linear_layers()] * spec.layers
         weights = (params + copies - sum(i * o for i, o in linear)) * e + sum(i * o + 4 * o for i, o in linear)
+    # DPO's and KTO's reference reads the modules_to_save tables as they started: a frozen copy of each
+    # (lorafit.train.preference.starting_weights)
+    weights += reference_copies(s, saved_n)
     return _Sizes(params, adapter, trainable, weights, adapter * 4, adapter * 4 + saved_n * e if lora else params * e,
                   states, n_states, state_elt)
+
+
+def reference_copies(s: Settings, saved_n: int) -> int:
+    """Bytes of the starting copies of the modules_to_save tables the reference of ``rl: dpo`` / ``kto`` reads."""
+    return saved_n * s.bytes if s.rl in ("dpo", "kto") and s.method == "lora" else 0
 
 
 def four_bit_bytes(numel: int, double_quant: bool) -> int:
@@ -506,11 +522,7 @@ def _components(spec, s: Settings, adapters, z: _Sizes, moment: str, peak_alloc:
                 "optimizer step": "no temporaries (fused AdamW / SGD)",
                 "forward start": "none (the first all-gathers, before any activation)"}[moment]
     comps = [
-        Component("weights", z.weights, z.weights,
-                  f"decoder linears in 4 bits ({s.four_bit}{', double quant' if s.double_quant else ''}: codes + "
-                  f"absmax + statistics), the rest × {e} B ({s.dtype})" if s.four_bit else
-                  f"decoder linears in int8 (1 B an element + fp32 row scales), the rest × {e} B ({s.dtype})"
-                  if s.eight_bit else f"{z.params:,} params × {e} B ({s.dtype})"),
+        Component("weights", z.weights, z.weights, _weights_formula(s, z)),
         Component(name, z.adapter_bytes if lora else z.weights, z.adapter_bytes,
                   _adapter_formula(spec, s, adapters, z.adapter) if lora else "all weights (counted above)"),
         Component("gradients", z.grads, grads_at,
@@ -544,6 +556,18 @@ def _components(spec, s: Settings, adapters, z: _Sizes, moment: str, peak_alloc:
         if s.eight_bit:
             comps[0].formula += " of the int8 codes and row scales"
     return comps
+
+
+def _weights_formula(s: Settings, z: _Sizes) -> str:
+    e = s.bytes
+    why = (f"decoder linears in 4 bits ({s.four_bit}{', double quant' if s.double_quant else ''}: codes + "
+           f"absmax + statistics), the rest × {e} B ({s.dtype})" if s.four_bit else
+           f"decoder linears in int8 (1 B an element + fp32 row scales), the rest × {e} B ({s.dtype})"
+           if s.eight_bit else f"{z.params:,} params × {e} B ({s.dtype})")
+    if reference_copies(s, z.trainable - z.adapter):
+        why += (f"; + {z.trainable - z.adapter:,} × {e} B: the modules_to_save tables as they started, which "
+                f"rl: {s.rl}'s reference reads")
+    return why
 
 
 def _adapter_formula(spec: ModelSpec, s: Settings, adapters: act.Adapters, adapter: int) -> str:

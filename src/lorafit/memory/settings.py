@@ -31,7 +31,8 @@ def settings_from_config(cfg: TrainConfig, device: str, runtime: RuntimeOptions 
               gradient_checkpointing=bool(cfg.gradient_checkpointing),
               offload_checkpoints=cfg.gradient_checkpointing == "offload", packing=bool(cfg.sample_packing),
               optimizer=cfg.optimizer, loss_chunk_tokens=cfg.loss_chunk_tokens, nproc=nproc,
-              fsdp=bool(cfg.fsdp_enabled) and nproc > 1)  # one process is never sharded
+              fsdp=bool(cfg.fsdp_enabled) and nproc > 1,  # one process is never sharded
+              rl=getattr(cfg, "rl", None))
     if cfg.is_lora:
         kw.update(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets,
                   layers_to_transform=cfg.lora_layers_to_transform, use_dora=bool(cfg.peft_use_dora),

@@ -58,9 +58,10 @@ def causal_lm_loss(model: nn.Module, inputs: dict, labels: torch.Tensor, chunk_t
 
 
 def head_loss(model: nn.Module, h: torch.Tensor, y: torch.Tensor, chunk_tokens: int | None,
-              options: RuntimeOptions) -> torch.Tensor:
+              options: RuntimeOptions, segments: torch.Tensor | None = None, n_segments: int = 0) -> torch.Tensor:
     """Summed cross-entropy of the head's logits of hidden states ``h`` (n × d) against targets ``y`` (n), chunked:
-    the logits of all n positions are never held at once."""
+    the logits of all n positions are never held at once. With ``segments`` (n,), the sums per segment (a vector
+    of ``n_segments``)."""
     head = model.get_output_embeddings()
     lora_head = hasattr(head, "base_layer") and not (head.merged or head.disabled)
     base = getattr(head, "base_layer", head)
@@ -69,7 +70,7 @@ def head_loss(model: nn.Module, h: torch.Tensor, y: torch.Tensor, chunk_tokens: 
     if lora_head and head.variant.name != "lora":
         # A DoRA (or 4-bit) head: its row norms (or dequantized weight) belong to its own kernel, so the logits of
         # the trained positions are made by the layer itself, unchunked. Rare; correct before lean.
-        return _unchunked_loss(head(h), y, logit_softcap(model))
+        return _unchunked_loss(head(h), y, logit_softcap(model), segments, n_segments)
     chunk = chunk_tokens or loss_chunk_tokens(base.weight.shape[0])
     lora = ()
     if lora_head:
@@ -78,8 +79,11 @@ def head_loss(model: nn.Module, h: torch.Tensor, y: torch.Tensor, chunk_tokens: 
         a, b = head.lora_A.weight, head.lora_B.weight
         u = F.dropout(h, head.dropout_p, training=head.training).to(a.dtype) @ a.t()
         lora = (u, b, head.scaling)
+    if segments is not None and not lora:
+        lora = (None, None, 0.0)
     return LinearCrossEntropy.apply(h, head._weight_out_in() if lora_head else base.weight, y, chunk,
-                                    logit_softcap(model), options, *lora)
+                                    logit_softcap(model), options, *lora,
+                                    *((segments, n_segments) if segments is not None else ()))
 
 
 # A common prefix shorter than this is not worth a second pass through the stack.
@@ -132,8 +136,12 @@ def _shared_prefix(inputs: dict) -> int:
     return n if n >= MIN_SHARED_PREFIX else 0
 
 
-def _unchunked_loss(logits: torch.Tensor, y: torch.Tensor, softcap: float | None) -> torch.Tensor:
+def _unchunked_loss(logits: torch.Tensor, y: torch.Tensor, softcap: float | None,
+                    segments: torch.Tensor | None = None, n_segments: int = 0) -> torch.Tensor:
     logits = logits.float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, y, reduction="sum")
+    if segments is None:
+        return F.cross_entropy(logits, y, reduction="sum")
+    per_token = F.cross_entropy(logits, y, reduction="none")
+    return per_token.new_zeros(n_segments).index_add(0, segments, per_token)

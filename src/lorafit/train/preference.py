@@ -55,17 +55,20 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/
 def sequence_logps(model: nn.Module, inputs: dict, labels: torch.Tensor, chunk_tokens: int | None,
                    options: RuntimeOptions, hidden: torch.Tensor | None = None):
     """Per sequence: the summed log-probability of its trained tokens, and how many there were; and the hidden
-    states (for another loss over the same forward)."""
+    states (for another loss over the same forward). One loss call over the trained tokens of all sequences, summed
+    per sequence: its buffers (one chunk of logits; a trained head's gradient) are there once, not per sequence."""
     if hidden is None:
         hidden = hidden_states(model, decoder_stack(model), inputs, options.shared_prefix)
-    sums, counts = [], []
-    for r in range(hidden.shape[0]):
-        keep = (labels[r, 1:] != IGNORE_INDEX).nonzero().squeeze(1)
-        counts.append(int(keep.numel()))
-        h = hidden[r, :-1].index_select(0, keep)
-        sums.append(-head_loss(model, h, labels[r, 1:].index_select(0, keep), chunk_tokens, options)
-                    if counts[-1] else hidden[r].sum() * 0.0)
-    return torch.stack(sums).float(), torch.tensor(counts, device=hidden.device), hidden
+    rows, width = labels.shape
+    targets = labels[:, 1:].reshape(-1)
+    keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    segments = keep.div(width - 1, rounding_mode="floor")
+    counts = torch.bincount(segments, minlength=rows)
+    if keep.numel() == 0:
+        return hidden.sum((1, 2)).float() * 0.0, counts, hidden
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, keep)
+    sums = -head_loss(model, h, targets.index_select(0, keep), chunk_tokens, options, segments, rows)
+    return sums, counts, hidden
 
 
 def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta: float):
@@ -157,7 +160,7 @@ class PreferenceLoss(nn.Module):
         nll = self._chosen_nll(inputs, hidden[:n], chunk_tokens, options)
         self._record(self.beta * means[:n].detach(), self.beta * means[n:].detach(), means[:n].detach(),
                      means[n:].detach())
-        self.stats.update({"nll_loss": (float(nll) * n, n), "log_odds_ratio": (float(ratio.sum()), n),
+        self.stats.update({"nll_loss": (float(nll.detach()) * n, n), "log_odds_ratio": (float(ratio.sum()), n),
                            "log_odds_chosen": (float(log_odds.sum()), n)})
         return n * nll - self.beta * ratio.sum()
 
