@@ -103,3 +103,67 @@ def test_switches_are_opt_in_per_kernel():
     handle = apply_lean_kernels(model, options=options(), shared_inputs=False, swiglu=False, rope=False,
                                 attention=False)
     assert handle.applied == {"rms_norm": 5} and handle.notice is None
+
+
+def _saved_bytes(model, batch) -> int:
+    """Bytes of the distinct storages autograd saves for backward over one forward of ``batch``."""
+    storages = {}
+
+    def pack(t):
+        if t.device.type == "cpu" and t.untyped_storage().nbytes():
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(**batch).logits
+    del out
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_right_padded_batch_runs_without_a_mask_and_equals_the_masked_pass(dtype):
+    """Rows padded on the right (every training batch) need no mask under causal attention: every real token's
+    output and every gradient equal the masked pass's, and no (batch × query × key) mask is saved for backward."""
+    plain = tiny_causal_lm("llama").to(dtype)
+    apply_lora(plain, LoraConfig(r=4, dropout=0.0, target_modules="all-linear"), options=options())
+    for n, p in plain.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    lean = copy.deepcopy(plain)
+    apply_lean_kernels(lean, options=options(compile_=False, half_matmul="fp32"))
+    ids = torch.randint(1, 100, (2, 64))
+    mask = torch.ones_like(ids)
+    mask[1, 40:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    real = mask.bool()
+
+    def step(model):
+        out = model(**batch).logits
+        out[real].float().square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return out[real].detach(), grads
+
+    (ref_out, ref_grads), (out, grads) = step(plain), step(lean)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(out, ref_out, **tol)
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], **tol, msg=n)
+    # what backward keeps is what an unpadded batch of the same shape keeps
+    assert _saved_bytes(lean, batch) == _saved_bytes(lean, {"input_ids": ids})
+
+
+def test_a_needed_mask_is_additive_in_the_compute_dtype_once_per_forward():
+    """Left padding (generation) keeps its mask, made additive in the model's dtype (SDPA would convert a boolean
+    one in every layer and keep each copy); a sliding window or an offset keeps transformers' own rules."""
+    from lorafit.patches.attention import lean_mask
+
+    left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    kw = dict(batch_size=2, q_length=4, kv_length=4, attention_mask=left, dtype=torch.bfloat16)
+    mask = lean_mask(**kw)
+    assert mask.dtype == torch.bfloat16 and mask.shape == (2, 1, 4, 4)
+    assert mask[0, 0, 3, 0] == torch.finfo(torch.bfloat16).min and mask[0, 0, 3, 2] == 0 and mask[1, 0, 0, 1] < 0
+    right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    assert lean_mask(**{**kw, "attention_mask": right}) is None
+    assert lean_mask(**{**kw, "attention_mask": right, "allow_is_causal_skip": False}) is not None
+    assert lean_mask(**{**kw, "attention_mask": right, "q_length": 2, "kv_length": 4, "q_offset": 2}) is not None
