@@ -378,6 +378,28 @@ def test_the_estimate_counts_two_sequences_per_pair(workdir):
     assert settings_from_config(TrainConfig.from_dict(cfg), "cpu").micro_batch == 3
 
 
+def test_the_estimate_counts_the_reference_copy_of_tables_trained_whole(workdir, tmp_path, capsys):
+    """DPO's reference reads lm_head as it started: a frozen copy, in the weights and said in their formula; the
+    CLI note says what the rows are and that answers are counted as filling the sequences."""
+    from lorafit.cli import main
+    from lorafit.memory.estimate import estimate
+    from lorafit.memory.settings import settings_from_config
+    from lorafit.memory.spec import resolve_spec
+
+    spec = resolve_spec(str(workdir / "model"))
+    cfg = config(workdir, lora_modules_to_save=["lm_head"])
+    dpo = estimate(spec, settings_from_config(TrainConfig.from_dict(cfg), "cpu"))
+    sft = estimate(spec, settings_from_config(TrainConfig.from_dict(
+        {**cfg, "rl": None, "datasets": [{"path": "x.jsonl", "type": "alpaca"}]}), "cpu"))
+    table = spec.vocab * spec.hidden * 4  # fp32 on a CPU
+    assert dpo.component("weights").bytes - sft.component("weights").bytes == table
+    assert "rl: dpo's reference reads" in dpo.component("weights").formula
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["estimate", "--config", str(tmp_path / "c.yaml"), "--cpu"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "a micro-batch of 3 pairs is 6 sequences" in out and "answers that fill each sequence" in out
+
+
 def test_dpo_resumed_run_takes_the_steps_of_an_uninterrupted_one(workdir, tmp_path):
     """The reference after a resume is still the base (modules trained whole at their starting weights, not at
     the checkpoint's)."""

@@ -10,9 +10,9 @@ Its masks (:func:`lean_mask`) are SDPA's, but for two cases. A batch whose rows 
 (every training batch: ``lorafit.data.batching``) gets no mask: under causal attention a real token attends only
 to earlier positions, all real, so its output and every gradient are those of the masked pass (pad positions are
 never in the loss). And a mask that is needed (left padding in generation, a shared prefix's key/value cache) is
-made additive in the compute dtype once per forward: given a boolean mask, SDPA converts it in each layer and
-keeps that copy for backward, (batch × query × key) elements per layer — at 4 × 2048 tokens in bf16, 32 MiB a
-layer, a GiB over 32 layers.
+made additive in the compute dtype once per forward, one for all rows when theirs are the same. Given a boolean
+mask, SDPA converts it in each layer and keeps that copy for backward, (batch × query × key) elements per layer —
+at 4 × 2048 tokens in bf16, 32 MiB a layer, a GiB over 32 layers.
 """
 
 from __future__ import annotations
@@ -63,6 +63,8 @@ def lean_mask(**kwargs):
     mask = sdpa_mask(**kwargs)
     if mask is None or mask.is_floating_point():
         return mask
+    if mask.shape[0] > 1 and bool((mask == mask[:1]).all()):
+        mask = mask[:1]  # rows without padding share one (query × key) mask; SDPA broadcasts it
     dtype = kwargs.get("dtype", torch.float32)
     return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask.bool(), torch.finfo(dtype).min)
 
