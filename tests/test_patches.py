@@ -167,3 +167,41 @@ def test_a_needed_mask_is_additive_in_the_compute_dtype_once_per_forward():
     assert lean_mask(**{**kw, "attention_mask": right}) is None
     assert lean_mask(**{**kw, "attention_mask": right, "allow_is_causal_skip": False}) is not None
     assert lean_mask(**{**kw, "attention_mask": right, "q_length": 2, "kv_length": 4, "q_offset": 2}) is not None
+
+
+def test_a_masked_call_of_a_grouped_query_model_keeps_its_key_value_heads():
+    """A shared prompt's cache pass needs a mask. transformers would repeat the key/value heads for that SDPA call
+    and backward would keep the copies; lorafit's attention passes the grouped heads to SDPA as they are: the
+    same hidden states and gradients as the plain pass, and no repeated keys or values saved."""
+    from lorafit.train.loss import decoder_stack, hidden_states
+
+    model = tiny_causal_lm("llama")  # 4 query heads, 2 key/value heads, head_dim 8
+    apply_lora(model, LoraConfig(r=4, dropout=0.0, target_modules="all-linear"), options=options())
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    apply_lean_kernels(model, options=options(compile_=False, half_matmul="fp32"))
+    model.train()
+    ids = torch.randint(1, 100, (2, 64))
+    ids[1, :16] = ids[0, :16]
+    shapes = set()
+
+    def run(share: bool):
+        def pack(t):
+            shapes.add(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            h = hidden_states(model, decoder_stack(model), {"input_ids": ids}, share)
+        h.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return h.detach(), grads
+
+    ref_h, ref_grads = run(False)
+    shapes.clear()
+    h, grads = run(True)
+    torch.testing.assert_close(h, ref_h, atol=1e-5, rtol=1e-5)
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5, rtol=1e-5, msg=n)
+    assert (2, 2, 64, 8) in shapes and (2, 4, 64, 8) not in shapes  # keys/values saved with their own 2 heads

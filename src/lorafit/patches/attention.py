@@ -17,6 +17,7 @@ at 4 × 2048 tokens in bf16, 32 MiB a layer, a GiB over 32 layers.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from lorafit._compat import attn_implementation, has_cpu_flash_attention
@@ -39,19 +40,36 @@ def _takes_over(module, query, key, value, attention_mask, dropout, kwargs) -> b
             and matmul.upcasts(options, query.dtype, query.device))
 
 
+def _masked_gqa(module, query, key, attention_mask, kwargs) -> bool:
+    """A masked call of a grouped-query model on a CPU, several queries (a shared prompt's cache pass, a left-padded
+    prompt): transformers repeats the key/value heads for it (its ``use_gqa_in_sdpa`` allows SDPA's own grouping
+    only without a mask), and backward keeps the repeated copies, (query heads / key heads) times the memory. The
+    CPU kernels take a mask with grouped heads: the same outputs, the heads kept as they are."""
+    return (getattr(module, "lorafit_options", None) is not None and attention_mask is not None
+            and query.device.type == "cpu" and query.shape[2] > 1 and key.shape[1] < query.shape[1]
+            and query.shape[1] % key.shape[1] == 0 and attention_mask.dim() == 4
+            and attention_mask.dtype in (torch.bool, query.dtype)
+            and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
+            and not kwargs.get("output_attentions"))
+
+
 def lean_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if _masked_gqa(module, query, key, attention_mask, kwargs):
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask[:, :, :, : key.shape[-2]], dropout_p=dropout, scale=scaling,
+            enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None  # (batch, tokens, heads, head_dim), as transformers returns
     if not _takes_over(module, query, key, value, attention_mask, dropout, kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     out = attention.HalfAttentionOnFp32.apply(query, key, value, scaling)
-    return out.transpose(1, 2).contiguous(), None  # (batch, tokens, heads, head_dim), as transformers returns
+    return out.transpose(1, 2).contiguous(), None
 
 
 def lean_mask(**kwargs):
     """transformers' SDPA mask, none for rows padded on the right only, additive otherwise (see the module)."""
-    import torch
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 
     pad = kwargs.get("attention_mask")
