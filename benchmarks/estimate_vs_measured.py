@@ -176,6 +176,10 @@ PREFERENCE_ROWS = [
     # the head trained whole: the reference reads a frozen copy of it as it started
     ("llama-small", dict(method="lora", rl="dpo", dtype="float32", micro_batch=2, seq_len=256, r=8, dropout=0.0,
                          modules_to_save=["lm_head"])),
+    ("h-llama-tied", dict(method="lora", rl="dpo", dtype="float32", micro_batch=2, seq_len=256, r=8, dropout=0.0,
+                          modules_to_save=["lm_head"])),  # a wider head: 32k × 512
+    ("h-llama-tied", dict(method="lora", rl="kto", dtype="bfloat16", micro_batch=2, seq_len=256, r=8, dropout=0.0,
+                          modules_to_save=["lm_head"])),
 ]
 # GPU rows (scripts/gpu_check.sh): the real Llama 3.2 1B shape, random weights.
 CUDA_ROWS = [

@@ -162,21 +162,39 @@ ARGILLA_ROW = {"system": "Be brief.", "prompt": "Hi?",
                "rejected": [{"role": "user", "content": "Hi? "}, {"role": "assistant", "content": "Go"}]}
 
 
-@pytest.mark.parametrize("kind, prompt", [
+@pytest.mark.parametrize("rl, kind, prompt", [
     # ORPO's strategy: the row's system first, its prompt as the user turn (axolotl's ORPODatasetParsingStrategy)
-    ("chat_template.argilla", "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n"),
-    # DPO's argilla_chat reads the conversations only
-    ("chat_template.argilla_chat", "<|im_start|>user\nHi? <|im_end|>\n"),
+    ("orpo", "chat_template.argilla", "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n"),
+    # DPO's argilla_chat reads the conversations only; DPO has no argilla strategy of its own: it reads the same
+    ("dpo", "chat_template.argilla_chat", "<|im_start|>user\nHi? <|im_end|>\n"),
+    ("dpo", "chat_template.argilla", "<|im_start|>user\nHi? <|im_end|>\n"),
 ])
-def test_argilla_strategies_read_system_and_prompt_as_axolotl_does(workdir, demo_tokenizer, tmp_path, kind, prompt):
+def test_argilla_strategies_read_system_and_prompt_as_axolotl_does(workdir, demo_tokenizer, tmp_path, rl, kind,
+                                                                   prompt):
     data = tmp_path / "rows.jsonl"
     data.write_text(json.dumps(ARGILLA_ROW) + "\n")
-    cfg = config(workdir, rl="orpo" if kind == "chat_template.argilla" else "dpo")
+    cfg = config(workdir, rl=rl)
     cfg["datasets"] = [{"path": str(data), "type": kind}]
     (pair,), _, _ = build_datasets(TrainConfig.from_dict(cfg), demo_tokenizer)
     text = demo_tokenizer.decode(pair.prompt_ids)
     assert text.endswith(prompt + "<|im_start|>assistant\n") and text.count("<|im_start|>") == prompt.count("<|im_start|>") + 1
     assert demo_tokenizer.decode(pair.chosen_ids) == "Hello<|im_end|>"
+
+
+def test_orpo_argilla_keeps_a_longer_conversation_as_it_is(workdir, demo_tokenizer, tmp_path):
+    """A row's prompt is the question of a one-turn conversation; in a longer one the turns stay (axolotl would
+    put the first question in place of the one the answers reply to)."""
+    turns = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"},
+             {"role": "user", "content": "And times 3?"}]
+    row = {"prompt": "What is 2+2?", "chosen": [*turns, {"role": "assistant", "content": "12"}],
+           "rejected": [*turns, {"role": "assistant", "content": "7"}]}
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    cfg = config(workdir, rl="orpo")
+    cfg["datasets"] = [{"path": str(data), "type": "chat_template.argilla"}]
+    (pair,), _, _ = build_datasets(TrainConfig.from_dict(cfg), demo_tokenizer)
+    text = demo_tokenizer.decode(pair.prompt_ids)
+    assert text.count("What is 2+2?") == 1 and text.endswith("user\nAnd times 3?<|im_end|>\n<|im_start|>assistant\n")
 
 
 # ---- the losses against TRL -------------------------------------------------------------------------------------

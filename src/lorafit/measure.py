@@ -102,7 +102,7 @@ def _batch(vocab: int, s: Settings, seed: int) -> dict:
     ids = torch.randint(0, vocab, (s.micro_batch, s.seq_len), generator=g)
     batch = {"input_ids": ids, "labels": ids.clone(), "num_trained_tokens": s.micro_batch * (s.seq_len - 1)}
     if s.packing:  # two documents per row: positions restart half-way
-        half = min(8, s.seq_len // 2)
+        half = s.seq_len // 2
         pos = torch.cat([torch.arange(half), torch.arange(s.seq_len - half)]).expand(s.micro_batch, -1)
         batch["position_ids"] = pos.contiguous()
         batch["seq_ids"] = (torch.arange(s.seq_len) >= half).long().expand(s.micro_batch, -1).contiguous()
@@ -118,16 +118,16 @@ def _preference_batch(vocab: int, s: Settings, seed: int) -> dict:
     from lorafit.data.preference import KTOSample, PairSample, kto_batches, pair_batches
 
     g = torch.Generator().manual_seed(seed)
-    half = min(8, s.seq_len // 2)
+    prompt = min(8, s.seq_len // 2)
 
     def ids(n: int) -> list[int]:
         return torch.randint(1, vocab, (n,), generator=g).tolist()
 
     common = dict(sequence_len=s.seq_len, pad_id=0, shuffle=False, seed=0, epoch=0)
     if s.rl == "kto":
-        rows = [KTOSample(ids(half), ids(s.seq_len - half), i % 2 == 0) for i in range(s.micro_batch)]
+        rows = [KTOSample(ids(prompt), ids(s.seq_len - prompt), i % 2 == 0) for i in range(s.micro_batch)]
         return kto_batches(rows, micro_batch_size=s.micro_batch, **common)[0]
-    pairs = [PairSample(ids(half), ids(s.seq_len - half), ids(s.seq_len - half), "")
+    pairs = [PairSample(ids(prompt), ids(s.seq_len - prompt), ids(s.seq_len - prompt), "")
              for _ in range(s.micro_batch // 2)]
     return pair_batches(pairs, micro_batch_size=len(pairs), **common)[0]
 

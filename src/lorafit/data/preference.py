@@ -12,10 +12,11 @@ Texts, as axolotl's prompt strategies make them:
 * ``chat_template.argilla_chat`` (axolotl's DPO strategy): ``field_chosen`` / ``field_rejected`` are whole
   conversations that share the prompt; the prompt is the chosen one's messages but the last, the answers are the
   last messages.
-* ``chat_template.argilla`` (axolotl's ORPO strategy): the same, and a row's ``system`` string opens the prompt as a
-  system message and its ``prompt`` string is the last user turn (the argilla datasets' layout). axolotl puts
-  ``prompt`` in every user turn of a longer conversation; lorafit keeps the earlier turns as the conversation has
-  them.
+* ``chat_template.argilla`` under ``rl: orpo`` (axolotl's ORPO strategy): the same, and a row's ``system`` string
+  opens the prompt as a system message and its ``prompt`` string is the user turn of a one-turn conversation (the
+  argilla datasets' layout). axolotl puts ``prompt`` in every user turn of a longer conversation, dropping the
+  questions the answers reply to; lorafit keeps a longer conversation's turns as they are. Under ``rl: dpo``
+  (axolotl has no DPO strategy of that name) the type reads as ``argilla_chat``.
 * ``chatml.intel`` / ``chatml.prompt_pairs``: ``question`` / ``prompt`` (and an optional ``system``) written in
   ChatML, the answers followed by ``<|im_end|>`` (axolotl writes these strings itself, whatever the template).
 * ``passthrough``: ``prompt``, ``chosen`` and ``rejected`` strings, used as they are.
@@ -143,6 +144,7 @@ class PreferenceTexts:
 
     def __init__(self, spec, cfg, tokenizer):
         self.spec, self.tok, self.kind = spec, tokenizer, spec.type
+        self.orpo_fields = spec.type == "chat_template.argilla" and cfg.rl == "orpo"  # the row's system and prompt
         self.template = resolve_chat_template(cfg, tokenizer) if spec.type.startswith("chat_template") else None
         self.template_kwargs = dict(cfg.chat_template_kwargs or {})
         self.role_map = dict(SHAREGPT_ROLES)
@@ -175,21 +177,19 @@ class PreferenceTexts:
             raise RowError(f"{self.kind} row field '{s.field_chosen}' holds only the answer; it needs the prompt's "
                            "messages before it")
         prompt = chosen[:-1]
-        if self.kind == "chat_template.argilla":
+        if self.orpo_fields:
             prompt = self._argilla_prompt(row, prompt)
         return (self._render(prompt), self._answer(chosen[-1], s.field_chosen),
                 self._answer(rejected[-1], s.field_rejected))
 
     def _argilla_prompt(self, row: Any, messages: list[dict]) -> list[dict]:
-        """ORPO's argilla rows: the row's ``system`` first, its ``prompt`` as the last user turn (when strings)."""
+        """ORPO's argilla rows: the row's ``system`` first, its ``prompt`` as the user turn of a one-turn
+        conversation (when strings)."""
         messages = list(messages)
         prompt = row.get("prompt")
-        if isinstance(prompt, str) and prompt:
-            last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
-            if last_user is None:
-                messages.append({"role": "user", "content": prompt})
-            else:
-                messages[last_user] = {"role": "user", "content": prompt}
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        if isinstance(prompt, str) and prompt and len(users) == 1:
+            messages[users[0]] = {"role": "user", "content": prompt}
         system = row.get("system")
         if isinstance(system, str) and system and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": system})

@@ -302,7 +302,7 @@ def loss_buffers(spec: ModelSpec, s) -> LossBuffers:
     """
     e, d, V, B, T = s.bytes, spec.hidden, spec.vocab, s.micro_batch, s.seq_len
     n_tok, n_tr = B * T, B * (T - 1)
-    head_grad = V * d * 4 if head_trained(s) else 0
+    head_grad = V * d * 4 if head_trained(s) and not head_grad_in_backward(s) else 0
     if s.loss == "hf":
         per = e + 12 if e != 4 else 12
         total = n_tok * V * per
@@ -338,8 +338,18 @@ def loss_backward(spec: ModelSpec, s) -> int:
         return 0
     e, d, V = s.bytes, spec.hidden, spec.vocab
     n_tr = s.micro_batch * (s.seq_len - 1)
-    head = V * d * (4 + 4 + (e if e != 4 else 0)) if head_trained(s) else 0
+    cast = e if e != 4 else 0
+    head = V * d * (4 + 4 + cast) if head_trained(s) else 0
+    if head_grad_in_backward(s):  # the fp32 gradient with one chunk's buffers, then its cast to the weight's dtype
+        head = V * d * 4 + max(min(chunk_tokens(spec, s), n_tr) * V * (4 + cast), V * d * cast)
     return 2 * n_tr * d * e + head
+
+
+def head_grad_in_backward(s) -> bool:
+    """``rl: dpo`` / ``kto`` with a trained head: the log-probabilities are per-sequence sums, whose head gradient
+    the chunked loss makes in backward, recomputing the logits (``lorafit.kernels.loss``), not in forward.
+    ORPO's nll call is a plain sum and makes it in forward, as supervised training does."""
+    return head_trained(s) and getattr(s, "rl", None) in ("dpo", "kto")
 
 
 def embedding_trained(spec: ModelSpec, s) -> bool:

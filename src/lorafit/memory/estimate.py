@@ -116,6 +116,9 @@ class Settings:
             raise LorafitError(f"lora dropout: got {self.dropout!r}, must be in [0, 1)")
         if self.rl not in (None, "dpo", "orpo", "kto"):
             raise LorafitError(f"rl: got {self.rl!r}, use dpo, orpo or kto")
+        if self.rl in ("dpo", "kto") and self.method == "full":
+            raise LorafitError(f"rl: {self.rl} with full fine-tuning needs a second, frozen copy of the model as "
+                               "its reference, which lorafit does not train; use an adapter")
         if self.rl in ("dpo", "orpo") and self.micro_batch % 2:
             raise LorafitError(f"micro-batch: got {self.micro_batch} for rl: {self.rl}; a batch of N pairs runs 2N "
                                "sequences, an even number")

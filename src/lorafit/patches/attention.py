@@ -6,13 +6,16 @@ takes over only the plain case — causal, no mask, no dropout, no position bias
 lengths, on a CPU where the run's options say bf16 kernels are slow — and hands everything else to
 transformers' SDPA function unchanged.
 
-Its masks (:func:`lean_mask`) are SDPA's, but for two cases. A batch whose rows are padded on the right only
-(every training batch: ``lorafit.data.batching``) gets no mask: under causal attention a real token attends only
-to earlier positions, all real, so its output and every gradient are those of the masked pass (pad positions are
-never in the loss). And a mask that is needed (left padding in generation, a shared prefix's key/value cache) is
-made additive in the compute dtype once per forward, one for all rows when theirs are the same. Given a boolean
-mask, SDPA converts it in each layer and keeps that copy for backward, (batch × query × key) elements per layer —
-at 4 × 2048 tokens in bf16, 32 MiB a layer, a GiB over 32 layers.
+Its masks (:func:`lean_mask`) are SDPA's, but for two things. Rows padded on the right only (every training batch:
+``lorafit.data.batching``) get no padding mask: under causal attention a real token attends only to earlier
+positions, all real, so its output and every gradient are those of the masked pass (pad positions are never in the
+loss). Plain causal attention then takes no mask at all, and a shared prompt's key/value-cache pass one causal mask
+for all rows. And a mask that is needed (that one, left padding in generation) is made additive in the compute
+dtype once per forward, one for all rows when theirs are the same. Given a boolean mask, SDPA converts it in each
+layer and keeps that copy for backward, (batch × query × key) elements per layer — at 4 × 2048 tokens in bf16,
+32 MiB a layer, a GiB over 32 layers.
+
+A masked call of a grouped-query model on a CPU keeps its key/value heads (:func:`_masked_gqa`).
 """
 
 from __future__ import annotations
@@ -69,20 +72,20 @@ def lean_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=No
 
 
 def lean_mask(**kwargs):
-    """transformers' SDPA mask, none for rows padded on the right only, additive otherwise (see the module)."""
+    """transformers' SDPA mask, without the padding of rows padded on the right only, additive (see the module)."""
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 
     pad = kwargs.get("attention_mask")
-    if (kwargs.get("allow_is_causal_skip", True) and pad is not None and pad.dim() == 2
+    if (pad is not None and pad.dim() == 2 and not torch.compiler.is_compiling()
             and kwargs.get("mask_function", causal_mask_function) is causal_mask_function
-            and kwargs.get("local_size") is None and not kwargs.get("q_offset") and not kwargs.get("kv_offset")
-            and kwargs["q_length"] == kwargs["kv_length"] == pad.shape[1] and _right_padded(pad)):
-        return None
+            and kwargs.get("local_size") is None and _right_padded(pad)):
+        # no real token attends to a pad: the causal mask alone (none when it is plain causal attention)
+        kwargs = {**kwargs, "attention_mask": None}
     mask = sdpa_mask(**kwargs)
     if mask is None or mask.is_floating_point():
         return mask
-    if mask.shape[0] > 1 and bool((mask == mask[:1]).all()):
-        mask = mask[:1]  # rows without padding share one (query × key) mask; SDPA broadcasts it
+    if mask.shape[0] > 1 and not torch.compiler.is_compiling() and bool((mask == mask[:1]).all()):
+        mask = mask[:1]  # rows with the same mask share one (query × key) mask; SDPA broadcasts it
     dtype = kwargs.get("dtype", torch.float32)
     return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask.bool(), torch.finfo(dtype).min)
 

@@ -15,7 +15,8 @@ is what the recipe needs around them:
 
 The loss of a step is normalised by the *global* number of trained tokens (all ranks, all accumulation steps),
 and both wrappers average gradients over ranks, so each rank scales its backward by the world size: 2 ranks of
-micro-batch b take exactly the step that 1 process takes on the union of their batches.
+micro-batch b take the step that 1 process takes on the union of their batches (to float rounding: a kernel's
+sums can run over another padded width).
 """
 
 from __future__ import annotations

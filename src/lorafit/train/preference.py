@@ -3,7 +3,8 @@
 A batch holds the chosen sequences of its pairs first and the rejected ones after them
 (:func:`lorafit.data.preference.pair_batches`), so both go through one forward, as TRL concatenates them. The
 log-probability of an answer is summed over its tokens from the head's logits, through the same chunked
-cross-entropy kernel as supervised training (one call per sequence: no full logits tensor).
+cross-entropy kernel as supervised training (one call for all sequences, summed per sequence: no full logits
+tensor).
 
 **DPO** (Rafailov et al. 2023; TRL's ``DPOTrainer``, ``loss_type="sigmoid"``)::
 
