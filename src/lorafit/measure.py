@@ -179,13 +179,15 @@ def measure(spec: ModelSpec, s: Settings, steps: int = 3, model_name: str | None
     vocab = model.get_input_embeddings().weight.shape[0]
     if device == "cuda":
         model.to(world.device if world else "cuda")
-    objective = {}
     if s.rl:  # the preference loss the trainer runs (its reference: the model with the adapter switched off)
         from lorafit.train.preference import PreferenceLoss
 
-        objective = {"objective": lambda m: PreferenceLoss(m, s.rl, 0.1)}
-    loss_module = wrap(model, world, **objective) if world is not None else \
-        objective["objective"](model) if s.rl else None
+        def objective(m):
+            return PreferenceLoss(m, s.rl, 0.1)
+
+        loss_module = wrap(model, world, objective=objective) if world is not None else objective(model)
+    else:
+        loss_module = wrap(model, world) if world is not None else None
     step, optimizer = _step_fn(model, s, world, loss_module)
     rank, size = (world.rank, world.world_size) if world else (0, 1)
     make = _preference_batch if s.rl else _batch

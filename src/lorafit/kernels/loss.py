@@ -148,7 +148,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(*(t for t in (grad_h, grad_w, grad_u, grad_b) if t is not None),
                               *((h, weight, targets, lora_u, lora_b) if late else ()),
                               *((segments,) if segments is not None else ()))
-        ctx.has = (need_h, need_w, need_u, need_b, late, segments is not None, lora)
+        ctx.has = (need_h, need_w, need_u, need_b, late, segments is not None)
         ctx.late_args = (chunk, softcap, options, scaling) if late else None
         ctx.dtypes = (lora_u.dtype, lora_b.dtype) if lora else None
         return total
@@ -156,16 +156,14 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         saved = list(ctx.saved_tensors)
-        need_h, need_w, need_u, need_b, late, segmented, lora = ctx.has
+        need_h, need_w, need_u, need_b, late, segmented = ctx.has
         gh = gw = gu = gb = None
         grad_h = saved.pop(0) if need_h else None
         grad_w = saved.pop(0) if need_w and not late else None
         grad_u = saved.pop(0) if need_u else None
         grad_b = saved.pop(0) if need_b and not late else None
-        if late:
+        if late:  # (lora_u and lora_b are None without a LoRA head: saved as None)
             h, weight, targets, lora_u, lora_b = saved[:5]
-            if not lora:
-                lora_u = lora_b = None
         segments = saved[-1] if segmented else None
         # each token's upstream gradient: its segment's, or the one of the sum
         weights = grad_out.index_select(0, segments)[:, None] if segmented else grad_out

@@ -354,7 +354,7 @@ def _sizes(spec: ModelSpec, s: Settings, adapters: act.Adapters) -> _Sizes:
 
 def reference_copies(s: Settings, saved_n: int) -> int:
     """Bytes of the starting copies of the modules_to_save tables the reference of ``rl: dpo`` / ``kto`` reads."""
-    return saved_n * s.bytes if s.rl in ("dpo", "kto") and s.method == "lora" else 0
+    return saved_n * s.bytes if s.rl in ("dpo", "kto") else 0
 
 
 def four_bit_bytes(numel: int, double_quant: bool) -> int:

@@ -31,16 +31,21 @@ from lorafit.patches.families import attention_modules
 NAME = "lorafit_sdpa"
 
 
+def _plain_cpu_call(module, query, kwargs) -> bool:
+    """A call of a module lorafit switched, on a CPU, with nothing SDPA's kernels do not take (a position bias, a
+    soft-cap, attention weights to return)."""
+    return (getattr(module, "lorafit_options", None) is not None and query.device.type == "cpu"
+            and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
+            and not kwargs.get("output_attentions"))
+
+
 def _takes_over(module, query, key, value, attention_mask, dropout, kwargs) -> bool:
     is_causal = kwargs.get("is_causal")
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-    options = getattr(module, "lorafit_options", None)
-    return (options is not None and is_causal is True and attention_mask is None and not dropout
-            and query.device.type == "cpu" and kwargs.get("position_bias") is None
-            and kwargs.get("softcap") is None and not kwargs.get("output_attentions")
+    return (_plain_cpu_call(module, query, kwargs) and is_causal is True and attention_mask is None and not dropout
             and query.shape[2] == key.shape[2] > 1 and query.shape[-1] == key.shape[-1] == value.shape[-1]
             and query.shape[1] % key.shape[1] == 0 and query.dtype == key.dtype == value.dtype
-            and matmul.upcasts(options, query.dtype, query.device))
+            and matmul.upcasts(module.lorafit_options, query.dtype, query.device))
 
 
 def _masked_gqa(module, query, key, attention_mask, kwargs) -> bool:
@@ -48,12 +53,9 @@ def _masked_gqa(module, query, key, attention_mask, kwargs) -> bool:
     prompt): transformers repeats the key/value heads for it (its ``use_gqa_in_sdpa`` allows SDPA's own grouping
     only without a mask), and backward keeps the repeated copies, (query heads / key heads) times the memory. The
     CPU kernels take a mask with grouped heads: the same outputs, the heads kept as they are."""
-    return (getattr(module, "lorafit_options", None) is not None and attention_mask is not None
-            and query.device.type == "cpu" and query.shape[2] > 1 and key.shape[1] < query.shape[1]
-            and query.shape[1] % key.shape[1] == 0 and attention_mask.dim() == 4
-            and attention_mask.dtype in (torch.bool, query.dtype)
-            and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
-            and not kwargs.get("output_attentions"))
+    return (_plain_cpu_call(module, query, kwargs) and attention_mask is not None and query.shape[2] > 1
+            and key.shape[1] < query.shape[1] and query.shape[1] % key.shape[1] == 0 and attention_mask.dim() == 4
+            and attention_mask.dtype in (torch.bool, query.dtype))
 
 
 def lean_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

@@ -48,13 +48,20 @@ def causal_lm_loss(model: nn.Module, inputs: dict, labels: torch.Tensor, chunk_t
     """
     options = options or options_of(model)
     hidden = hidden_states(model, decoder_stack(model), inputs, options.shared_prefix)  # (B, T, d)
-    targets = labels[:, 1:].reshape(-1)
-    keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-    n = int(keep.numel())
+    h, targets, _ = trained_positions(hidden, labels)
+    n = int(targets.numel())
     if n == 0:
         return hidden.sum() * 0.0, 0
+    return head_loss(model, h, targets, chunk_tokens, options), n
+
+
+def trained_positions(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The hidden states (B, T, d) of the positions whose next label is trained (position ``t`` predicts
+    ``labels[t + 1]``), those labels, and where the positions are among the B × (T − 1) predicting ones."""
+    targets = labels[:, 1:].reshape(-1)
+    keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, keep)
-    return head_loss(model, h, targets.index_select(0, keep), chunk_tokens, options), n
+    return h, targets.index_select(0, keep), keep
 
 
 def head_loss(model: nn.Module, h: torch.Tensor, y: torch.Tensor, chunk_tokens: int | None,

@@ -46,7 +46,14 @@ from torch import nn
 
 from lorafit.lora.inject import disable_adapter
 from lorafit.options import RuntimeOptions
-from lorafit.train.loss import IGNORE_INDEX, decoder_stack, head_loss, hidden_states, options_of
+from lorafit.train.loss import (
+    IGNORE_INDEX,
+    decoder_stack,
+    head_loss,
+    hidden_states,
+    options_of,
+    trained_positions,
+)
 
 # the metrics a preference step logs (each averaged over its own rows: pairs, or KTO's rows of one kind), TRL's names
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -61,15 +68,12 @@ def sequence_logps(model: nn.Module, inputs: dict, labels: torch.Tensor, chunk_t
     if hidden is None:
         hidden = hidden_states(model, decoder_stack(model), inputs, options.shared_prefix)
     rows, width = labels.shape
-    targets = labels[:, 1:].reshape(-1)
-    keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-    segments = keep.div(width - 1, rounding_mode="floor")
+    h, targets, keep = trained_positions(hidden, labels)
+    segments = keep.div(width - 1, rounding_mode="floor")  # the sequence of each trained position
     counts = torch.bincount(segments, minlength=rows)
     if keep.numel() == 0:
         return hidden.sum((1, 2)).float() * 0.0, counts, hidden
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, keep)
-    sums = -head_loss(model, h, targets.index_select(0, keep), chunk_tokens, options, segments, rows)
-    return sums, counts, hidden
+    return -head_loss(model, h, targets, chunk_tokens, options, segments, rows), counts, hidden
 
 
 def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta: float):
@@ -194,10 +198,8 @@ class PreferenceLoss(nn.Module):
     def _chosen_nll(self, inputs, hidden, chunk_tokens, options) -> torch.Tensor:
         """Mean token cross-entropy of the chosen sequences over every real token, prompt included (TRL's)."""
         ids, mask = inputs["input_ids"][: hidden.shape[0]], inputs["attention_mask"][: hidden.shape[0]]
-        keep = mask[:, 1:].reshape(-1).nonzero().squeeze(1)
-        h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, keep)
-        y = ids[:, 1:].reshape(-1).index_select(0, keep)
-        return head_loss(self.model, h, y, chunk_tokens, options) / max(int(keep.numel()), 1)
+        h, y, _ = trained_positions(hidden, ids.masked_fill(mask == 0, IGNORE_INDEX))
+        return head_loss(self.model, h, y, chunk_tokens, options) / max(int(y.numel()), 1)
 
     def _record(self, chosen, rejected, logps_c, logps_r) -> None:
         n = chosen.shape[0]
