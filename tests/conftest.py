@@ -16,6 +16,46 @@ def pytest_configure(config):
 
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+# The tests that compile lean kernels (torch.compile), by file or by test. They run together on one xdist worker,
+# first: a kernel graph is compiled once per process, so spread over two workers most graphs were compiled twice.
+# With empty caches a suite spent about 400 s of its 720–780 s of test time compiling some 100 graphs, about half
+# of them a second time in the other worker.
+COMPILING = (
+    "tests/test_lean_kernels.py::", "tests/test_gated_mlp.py::", "tests/test_group.py::",
+    "tests/test_memory.py::test_measured_rows_within_10_percent[", "tests/test_memory.py::test_saved_tensors_match_the_model[",
+    "tests/test_train.py::test_kernels_compile_a_bounded_number_of_times_whatever_the_lengths",
+    "tests/test_lora.py::test_dropout_backward_matches_autograd_reference[",
+    "tests/test_lora.py::test_dropout_mask_rate_independence_and_kernels_agree[",
+    "tests/test_int8.py::test_lora_branch_gradients_with_dropout_match_autograd",
+    "tests/test_patches.py::test_restore_brings_back_transformers_computation[",
+    "tests/test_dora.py::test_measured_peak_within_10_percent[",
+    "tests/test_embed_head.py::test_estimate_within_10_percent_of_measured[",
+)
+
+
+def compiles(nodeid: str) -> bool:
+    return nodeid.startswith(COMPILING)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The compiling tests first, so the worker that takes them starts with them (every worker orders alike)."""
+    items.sort(key=lambda item: not compiles(item.nodeid))  # stable: each group keeps its order
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` (pyproject's addopts), but the compiling tests are one unit of work: a file's tests
+    stay on one worker (its module fixtures are made once), and all compiling tests share one worker."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class LoadFileCompilingTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "compiling tests" if compiles(nodeid) else nodeid.split("::", 1)[0]
+
+    return LoadFileCompilingTogether(config, log)
+
+
 SWITCHES = ("shared_inputs", "swiglu", "rms_norm", "rope", "attention")
 
 

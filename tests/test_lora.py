@@ -196,7 +196,8 @@ def test_safe_merge_refuses_nan():
     assert all(torch.equal(a, b) or a.isnan().any() for a, b in zip(before, ours.parameters(), strict=True))
 
 
-def test_only_adapter_parameters_change_after_training():
+def test_only_adapter_parameters_change_after_training(monkeypatch):
+    monkeypatch.setenv("LORAFIT_COMPILE", "0")  # which parameters move does not depend on compiling (5 graphs cold)
     _, ours, _ = pair("llama", dropout=0.1)
     before = {n: p.clone() for n, p in ours.named_parameters()}
     opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)

@@ -38,7 +38,9 @@ def workdir(tmp_path_factory, demo_tokenizer):
 
 
 def config(workdir: Path, **kw) -> dict:
-    return {"base_model": str(workdir / "model"), "rl": "dpo", "chat_template": "chatml",
+    """A DPO config over the tiny model. Eager kernels: these tests compare the preference math, and
+    tests/test_lean_kernels.py holds the compiled kernels to the eager ones (compiling here costs ~40 s cold)."""
+    return {"base_model": str(workdir / "model"), "rl": "dpo", "chat_template": "chatml", "compile_kernels": False,
             "datasets": [{"path": str(workdir / "pairs.jsonl"), "type": "chat_template.default",
                           "field_messages": "conversation", "field_chosen": "chosen", "field_rejected": "rejected",
                           "message_property_mappings": {"role": "role", "content": "content"}}],
@@ -347,9 +349,8 @@ class AutoBase:
 
 # ---- end to end -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("rl", ["dpo", "orpo"])
-def test_lorafit_train_on_pairs_lowers_the_loss_and_logs_rewards(workdir, tmp_path, rl):
-    import subprocess
-    import sys
+def test_lorafit_train_on_pairs_lowers_the_loss_and_logs_rewards(workdir, tmp_path, rl, capsys):
+    from lorafit.cli import main
 
     rows = ROWS * 4
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -357,9 +358,7 @@ def test_lorafit_train_on_pairs_lowers_the_loss_and_logs_rewards(workdir, tmp_pa
                  lr_scheduler="constant", val_set_size=2, eval_steps=8, output_dir=str(tmp_path / "out"))
     cfg["datasets"][0]["path"] = str(tmp_path / "pairs.jsonl")
     (tmp_path / "cfg.yml").write_text(yaml.safe_dump(cfg))
-    done = subprocess.run([sys.executable, "-m", "lorafit", "train", str(tmp_path / "cfg.yml")], capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert main(["train", str(tmp_path / "cfg.yml")]) == 0, capsys.readouterr().err[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses[-1] < losses[0]

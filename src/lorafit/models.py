@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -142,14 +144,53 @@ def load_tokenizer(name: str, base_dir: Path | None = None, what: str = "tokeniz
 
     _quiet_transformers()
     folder, gguf = resolve_model_path(name, base_dir, what)
+    demo_tokenizer = _demo_tokenizer_dir(gguf) if name in DEMO_ALIASES and gguf else None
+    if demo_tokenizer is not None and (demo_tokenizer / "tokenizer.json").is_file():
+        folder, gguf = demo_tokenizer, None
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
-        return AutoTokenizer.from_pretrained(folder, **kwargs)
+        tok = AutoTokenizer.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as e:
         raise LorafitError(
             f"could not load a tokenizer from {name!r} ({str(e).splitlines()[0]}); "
             "save the tokenizer next to the model or set tokenizer_config"
         ) from e
+    if demo_tokenizer is not None and gguf:
+        _cache_folder(demo_tokenizer, tok.save_pretrained)
+    return tok
+
+
+def _demo_tokenizer_dir(gguf: str) -> Path:
+    """Where the demo's tokenizer is kept as a ``tokenizer.json`` folder until the whole demo model is cached.
+
+    Read from the GGUF file, the tokenizer takes ~2.5 s (gguf parses its 49k-entry vocabulary field by field in
+    Python), from the folder ~0.5 s: it matters to commands and tests that load only the demo's tokenizer. The
+    name carries the GGUF file's name and size, so another release of the demo package gets its own folder."""
+    size = (demo_model_file().parent / gguf).stat().st_size
+    return cache_root() / f"{DEMO_MODEL}-tokenizer-{Path(gguf).stem}-{size}"
+
+
+def _cache_folder(target: Path, save) -> None:
+    """Write the cache folder ``target`` through ``save(folder)``, whole or not at all, unless it exists.
+
+    The folder is written under a temporary name and renamed: a rename onto a folder another process (a parallel
+    test worker, a second run) completed meanwhile fails and leaves that one in place, so a reader never sees a
+    folder replaced under it. A read-only cache only costs speed."""
+    from lorafit.fsutil import follow_umask
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    except OSError:
+        return
+    try:
+        save(tmp)
+        follow_umask(tmp)
+        os.rename(tmp, target)
+    except OSError:
+        pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_model(name: str, dtype: str | torch.dtype = "float32", attn_implementation: str = "sdpa",
@@ -258,17 +299,15 @@ def _folder_load_kwargs(folder: Path, attn_implementation: str) -> dict:
 
 def _cache_demo_model(model, tok) -> None:
     """Save the dequantised demo model as safetensors so later loads take a second, not ~20 s."""
-    from lorafit.fsutil import atomic_dir
-
     cached = demo_cache_dir()
     if (cached / "config.json").is_file() and (cached / "model.safetensors").is_file():
         return  # another process (a parallel test worker, a second run) saved it meanwhile
-    try:
-        with atomic_dir(cached) as tmp:
-            model.to(torch.float32).save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-    except OSError:
-        pass  # a read-only cache only costs speed
+
+    def save(folder: Path) -> None:
+        model.to(torch.float32).save_pretrained(folder)
+        tok.save_pretrained(folder)
+
+    _cache_folder(cached, save)
 
 
 def load_model_and_tokenizer(name: str, dtype: str | torch.dtype = "float32", tokenizer: str | None = None, *,
