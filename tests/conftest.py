@@ -42,6 +42,7 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: not compiles(item.nodeid))  # stable: each group keeps its order
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: pytest -p no:xdist runs without it
 def pytest_xdist_make_scheduler(config, log):
     """``--dist loadfile`` (pyproject's addopts), but the compiling tests are one unit of work: a file's tests
     stay on one worker (its module fixtures are made once), and all compiling tests share one worker."""

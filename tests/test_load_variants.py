@@ -359,3 +359,21 @@ def test_lora_on_linearized_experts_trains_and_merges_fused(llama4, tmp_path, ca
     name = "model.layers.1.feed_forward.experts.gate_up_proj"
     torch.testing.assert_close(merged.state_dict()[name], expected[name])
     assert not torch.equal(expected[name], AutoModelForCausalLM.from_pretrained(base).state_dict()[name])
+
+
+def test_the_demo_tokenizer_is_read_from_gguf_once_then_from_its_cached_folder(tmp_path, monkeypatch):
+    """The GGUF vocabulary takes seconds to parse; the first load keeps the tokenizer as a folder, later loads
+    read it and get the same tokenizer. A folder that is there is read, never rewritten."""
+    from lorafit.models import load_tokenizer
+
+    monkeypatch.setenv("LORAFIT_CACHE", str(tmp_path))
+    first = load_tokenizer("demo")
+    (folder,) = tmp_path.glob("*-tokenizer-*")
+    written = (folder / "tokenizer.json").stat().st_mtime_ns
+    second = load_tokenizer("demo")
+    text = "<|im_start|>user\nWhen did it open?<|im_end|>\n<|im_start|>assistant\n1887-03-04<|im_end|>"
+    assert second(text).input_ids == first(text).input_ids
+    assert (second.chat_template, second.eos_token, second.pad_token, len(second)) == \
+        (first.chat_template, first.eos_token, first.pad_token, len(first))
+    assert (folder / "tokenizer.json").stat().st_mtime_ns == written
+    assert not list(tmp_path.glob(".tmp-*"))  # no temporary folder left behind
