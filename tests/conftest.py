@@ -8,13 +8,21 @@ import pytest
 
 def pytest_configure(config):
     """Under pytest-xdist (`make test` runs ``-n auto``) each worker gets its share of the cores, so N workers
-    with torch's default of one thread per core do not oversubscribe the machine; CLI subprocesses inherit it."""
+    with torch's default of one thread per core do not oversubscribe the machine; CLI subprocesses inherit it.
+
+    One process runs every compiling test, so a kernel meets more dtypes and gradient patterns than in any run;
+    past torch's recompile limit (8 a function) dynamo would quietly run it eager, and a compiled-vs-eager test
+    would compare eager with eager."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
     if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
         import torch  # a plugin may have imported it before the variable was set
 
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 # The tests that compile lean kernels (torch.compile), by file or by test. They run together on one xdist worker,
 # first: a kernel graph is compiled once per process, so spread over two workers most graphs were compiled twice.
@@ -31,28 +39,30 @@ COMPILING = (
     "tests/test_dora.py::test_measured_peak_within_10_percent[",
     "tests/test_embed_head.py::test_estimate_within_10_percent_of_measured[",
 )
+COMPILING_UNIT = "compiling tests"
 
 
 def compiles(nodeid: str) -> bool:
     return nodeid.startswith(COMPILING)
 
 
-def pytest_collection_modifyitems(config, items):
-    """The compiling tests first, so the worker that takes them starts with them (every worker orders alike)."""
-    items.sort(key=lambda item: not compiles(item.nodeid))  # stable: each group keeps its order
-
-
 @pytest.hookimpl(optionalhook=True)  # an xdist hook: pytest -p no:xdist runs without it
 def pytest_xdist_make_scheduler(config, log):
-    """``--dist loadfile`` (pyproject's addopts), but the compiling tests are one unit of work: a file's tests
-    stay on one worker (its module fixtures are made once), and all compiling tests share one worker."""
+    """``--dist loadfile`` (pyproject's addopts), but the compiling tests are one unit of work, handed out
+    first: the other tests of a file stay on one worker (its module fixtures are made there, and once more
+    where its compiling tests run), and all compiling tests share one worker."""
     if config.getvalue("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
     class LoadFileCompilingTogether(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "compiling tests" if compiles(nodeid) else nodeid.split("::", 1)[0]
+            return COMPILING_UNIT if compiles(nodeid) else nodeid.split("::", 1)[0]
+
+        def _assign_work_unit(self, node) -> None:
+            if COMPILING_UNIT in self.workqueue:  # the largest unit by time, so it goes first
+                self.workqueue.move_to_end(COMPILING_UNIT, last=False)
+            super()._assign_work_unit(node)
 
     return LoadFileCompilingTogether(config, log)
 

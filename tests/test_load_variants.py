@@ -371,6 +371,7 @@ def test_the_demo_tokenizer_is_read_from_gguf_once_then_from_its_cached_folder(t
     (folder,) = tmp_path.glob("*-tokenizer-*")
     written = (folder / "tokenizer.json").stat().st_mtime_ns
     second = load_tokenizer("demo")
+    assert second.name_or_path == str(folder) and first.name_or_path != str(folder)
     text = "<|im_start|>user\nWhen did it open?<|im_end|>\n<|im_start|>assistant\n1887-03-04<|im_end|>"
     assert second(text).input_ids == first(text).input_ids
     assert (second.chat_template, second.eos_token, second.pad_token, len(second)) == \

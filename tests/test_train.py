@@ -167,7 +167,8 @@ def test_sigkill_then_resume_is_bitwise_identical(workdir, tmp_path):
     killed.write_text(yaml.safe_dump(config(workdir, "killed", **common)))
     train(load_config(straight))  # in this process: only the killed run needs one of its own
 
-    proc = _run_cli(["train", str(killed)])
+    same_threads = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # as the run in this process
+    proc = _run_cli(["train", str(killed)], env=same_threads)
     out = workdir / "killed"
     deadline = time.time() + 240
     while not (out / "checkpoint-15").exists():
@@ -176,7 +177,7 @@ def test_sigkill_then_resume_is_bitwise_identical(workdir, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "adapter_model.safetensors").exists()
-    resumed = _run_cli(["train", str(killed), "--resume"])
+    resumed = _run_cli(["train", str(killed), "--resume"], env=same_threads)
     log, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, log
     assert "resumed from" in log

@@ -146,7 +146,10 @@ def load_tokenizer(name: str, base_dir: Path | None = None, what: str = "tokeniz
     folder, gguf = resolve_model_path(name, base_dir, what)
     demo_tokenizer = _demo_tokenizer_dir(gguf) if name in DEMO_ALIASES and gguf else None
     if demo_tokenizer is not None and (demo_tokenizer / "tokenizer.json").is_file():
-        folder, gguf = demo_tokenizer, None
+        try:
+            return AutoTokenizer.from_pretrained(demo_tokenizer)
+        except Exception:  # an unreadable cache only costs speed: read the GGUF file
+            demo_tokenizer = None
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
         tok = AutoTokenizer.from_pretrained(folder, **kwargs)
@@ -161,13 +164,18 @@ def load_tokenizer(name: str, base_dir: Path | None = None, what: str = "tokeniz
 
 
 def _demo_tokenizer_dir(gguf: str) -> Path:
-    """Where the demo's tokenizer is kept as a ``tokenizer.json`` folder until the whole demo model is cached.
+    """Where the demo's tokenizer is kept as a ``tokenizer.json`` folder (used while the whole demo model is not
+    cached: that folder holds the tokenizer too).
 
     Read from the GGUF file, the tokenizer takes ~2.5 s (gguf parses its 49k-entry vocabulary field by field in
     Python), from the folder ~0.5 s: it matters to commands and tests that load only the demo's tokenizer. The
-    name carries the GGUF file's name and size, so another release of the demo package gets its own folder."""
-    size = (demo_model_file().parent / gguf).stat().st_size
-    return cache_root() / f"{DEMO_MODEL}-tokenizer-{Path(gguf).stem}-{size}"
+    name carries the GGUF file's name, size and modification time and the transformers version that wrote it,
+    so another release of the demo package, or of transformers, gets its own folder."""
+    import transformers
+
+    stat = (demo_model_file().parent / gguf).stat()
+    return cache_root() / (f"{DEMO_MODEL}-tokenizer-{Path(gguf).stem}-{stat.st_size}-{stat.st_mtime_ns}"
+                           f"-transformers-{transformers.__version__}")
 
 
 def _cache_folder(target: Path, save) -> None:
@@ -187,7 +195,7 @@ def _cache_folder(target: Path, save) -> None:
         save(tmp)
         follow_umask(tmp)
         os.rename(tmp, target)
-    except OSError:
+    except Exception:  # a cache that cannot be written (or one that is there already) only costs speed
         pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -303,11 +311,14 @@ def _cache_demo_model(model, tok) -> None:
     if (cached / "config.json").is_file() and (cached / "model.safetensors").is_file():
         return  # another process (a parallel test worker, a second run) saved it meanwhile
 
-    def save(folder: Path) -> None:
-        model.to(torch.float32).save_pretrained(folder)
-        tok.save_pretrained(folder)
+    from lorafit.fsutil import atomic_dir
 
-    _cache_folder(cached, save)
+    try:  # replaces an incomplete folder (readers use it only when complete)
+        with atomic_dir(cached) as tmp:
+            model.to(torch.float32).save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+    except Exception:  # a cache that cannot be written only costs speed
+        pass
 
 
 def load_model_and_tokenizer(name: str, dtype: str | torch.dtype = "float32", tokenizer: str | None = None, *,

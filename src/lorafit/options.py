@@ -63,8 +63,10 @@ LOSS_CHUNK_ELEMENTS = 2**23
 # - 1 thread (``python benchmarks/compile_payoff.py examples/demo.yaml``, on a loaded machine): compiling took 89 s
 #   and made a step 1.6 s faster (5.8 → 4.2 s of CPU), repaid after 55 steps (56k planned tokens);
 # - 2 threads, quiet machine, the whole 60-step ``lorafit train examples/demo.yaml`` with LORAFIT_COMPILE=1 and 0:
-#   217 s compiled (46 s of it compiling) against 236 s eager, a step 1.1 s faster, repaid after 43 steps (44k).
-# The bound sits between the two cold figures, so a first run on a new machine is hardly slowed; a filled cache
+#   217 s compiled (46 s of it compiling) against 236 s eager, a step 1.1 s faster, repaid after 43 steps (44k);
+# - the same from a fresh clone with Inductor's precompiled headers (/tmp/torchinductor_root) removed too, on a
+#   busier host: 277 s compiled (84 s compiling) against 260 s eager, repaid after ~76 steps (78k).
+# The bound sits between the first two cold figures, so a first run on a new machine is hardly slowed; a filled cache
 # compiles in a fraction of the time, and larger models save more per token, so for them it is conservative.
 COMPILE_MIN_TOKENS = 48 * 1024
 
