@@ -8,14 +8,7 @@ import pytest
 
 def pytest_configure(config):
     """Under pytest-xdist (`make test` runs ``-n auto``) each worker gets its share of the cores, so N workers
-    with torch's default of one thread per core do not oversubscribe the machine; CLI subprocesses inherit it.
-
-    One process runs every compiling test, so a kernel meets more dtypes and gradient patterns than in any run;
-    past torch's recompile limit (8 a function) dynamo would quietly run it eager, and a compiled-vs-eager test
-    would compare eager with eager."""
-    import torch._dynamo
-
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    with torch's default of one thread per core do not oversubscribe the machine; CLI subprocesses inherit it."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
     if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
@@ -65,6 +58,17 @@ def pytest_xdist_make_scheduler(config, log):
             super()._assign_work_unit(node)
 
     return LoadFileCompilingTogether(config, log)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _recompile_limit():
+    """One process runs every compiling test, so a kernel meets more dtypes and gradient patterns than in any run;
+    past torch's recompile limit (8 a function) dynamo would quietly run it eager, and a compiled-vs-eager test
+    would compare eager with eager. (A fixture, not pytest_configure: xdist's controller runs no test and need
+    not import torch.)"""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
 
 SWITCHES = ("shared_inputs", "swiglu", "rms_norm", "rope", "attention")

@@ -205,6 +205,15 @@ def test_atomic_dir_gives_the_umask_modes(tmp_path, mask):
     assert modes == {".": 0o777 & ~mask, "sub": 0o777 & ~mask, "sub/f": 0o666 & ~mask, "private": 0o666 & ~mask}
 
 
+def test_atomic_dir_without_replace_keeps_the_folder_that_is_there(tmp_path):
+    with atomic_dir(tmp_path / "cache", replace=False) as tmp:
+        (tmp / "f").write_text("first")
+    with pytest.raises(OSError), atomic_dir(tmp_path / "cache", replace=False) as tmp:
+        (tmp / "f").write_text("second")
+    assert (tmp_path / "cache" / "f").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]  # the second folder is gone
+
+
 def test_check_writable_dir_creates_nothing(tmp_path):
     assert check_writable_dir(tmp_path / "a" / "b", "output_dir") == tmp_path / "a" / "b"
     assert list(tmp_path.iterdir()) == []

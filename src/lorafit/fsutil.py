@@ -147,12 +147,14 @@ def read_json(path: str | os.PathLike) -> dict | None:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(target: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     """Yield an empty temporary folder; if the block succeeds it replaces ``target``, else it is removed.
 
     Readers never see a half-written ``target``: it is either the old folder or the complete new one (the
     rename is atomic; between removing the old and renaming the new, ``target`` is briefly absent). The
-    result has the umask's permissions, not the temporary folder's owner-only ones.
+    result has the umask's permissions, not the temporary folder's owner-only ones. ``replace=False``: a
+    ``target`` that holds files (one another process completed meanwhile) is kept as it is, never absent for a
+    moment, and the rename onto it raises ``OSError`` (the new folder is removed).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -160,7 +162,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         follow_umask(tmp)
-        if target.exists():
+        if replace and target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
     except BaseException:

