@@ -264,6 +264,25 @@ def test_dropout_mask_rate_independence_and_kernels_agree(compile_):
     assert torch.equal(xd, x * m1) and torch.allclose(y, x + x * m1)
 
 
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.7])
+def test_eager_dropout_mask_is_a_bernoulli_process(p, monkeypatch):
+    """The eager mask draws only the gaps between dropped positions (geometric, by inversion): every position,
+    the last ones included, is kept with probability 1 - p; a seed gives the same mask again; a round of draws
+    that falls short of the end draws again from where it stopped (forced here: fewer spares than needed)."""
+    from lorafit.kernels import dropout
+
+    seed = lambda i: torch.tensor(i, dtype=torch.int64)  # noqa: E731
+    torch.manual_seed(0)
+    kept = sum(dropout.keep_mask(dropout.new_seed("cpu", False), (8, 25), p) for _ in range(3000)) / 3000
+    sd = (p * (1 - p) / 3000) ** 0.5
+    assert (kept - (1 - p)).abs().max() < 5 * sd  # each of the 200 positions, the first and last too
+    assert torch.equal(dropout.keep_mask(seed(9), (300, 70), p), dropout.keep_mask(seed(9), (300, 70), p))
+    monkeypatch.setattr(dropout, "_SPARE_SD", -4.0)
+    m = dropout.keep_mask(seed(3), (400, 500), p)
+    assert abs(m.mean().item() - (1 - p)) < 0.005 and abs(m[-1, -2000:].mean().item() - (1 - p)) < 0.05
+    assert abs(float(torch.corrcoef(torch.stack([m.reshape(-1)[1:], m.reshape(-1)[:-1]]))[0, 1])) < 0.01
+
+
 def test_dropout_masks_replay_under_activation_checkpointing():
     """Recomputation draws the same seeds (checkpointing restores the RNG state): checkpointed gradients equal
     plain ones, dropout on, through the lean gated MLP's fused LoRA down_proj. Eager kernels: a compiled one

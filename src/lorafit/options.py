@@ -8,7 +8,7 @@ the kernels, the model patches and the memory estimator alike. Nothing reads the
   pure kernels (RMSNorm, RoPE, SiLU·up, the dropout hash) run through ``torch.compile``. ``auto`` compiles
   unless the run is planned too short to repay the compile time (:func:`compile_pays`). With it on, dropout masks
   are a hash of a per-call seed (same mask whether the kernel ends up compiled or, after a compiler failure,
-  eager); with it off they are drawn by ``bernoulli_``.
+  eager); with it off they are drawn from torch's generator (``lorafit.kernels.dropout``).
 * ``half_matmul`` (``half_matmul``, ``LORAFIT_HALF_MATMUL``, default ``auto``): the dtype the frozen GEMMs of a
   bf16 model (fp16 alike: ``HALF_DTYPES``) run in on a CPU. On x86 CPUs without AMX, oneDNN's bf16 GEMM is
   slower than fp32 (``python benchmarks/half_matmul.py`` times both; its JSON is in ``benchmarks/results/``).
@@ -58,17 +58,19 @@ LOSS_CHUNK_ELEMENTS = 2**23
 
 
 # ``compile_kernels: auto`` compiles when a run plans at least this many tokens (max_steps × micro-batch ×
-# accumulation × sequence_len, an upper bound of what it trains on). Measured on the demo (SmolLM2-135M, 8 × 128,
-# fp32, AMD EPYC with AVX2), with an empty Inductor cache:
-# - 1 thread (``python benchmarks/compile_payoff.py examples/demo.yaml``, on a loaded machine): compiling took 89 s
-#   and made a step 1.6 s faster (5.8 → 4.2 s of CPU), repaid after 55 steps (56k planned tokens);
-# - 2 threads, quiet machine, the whole 60-step ``lorafit train examples/demo.yaml`` with LORAFIT_COMPILE=1 and 0:
-#   217 s compiled (46 s of it compiling) against 236 s eager, a step 1.1 s faster, repaid after 43 steps (44k);
-# - the same from a fresh clone with Inductor's precompiled headers (/tmp/torchinductor_root) removed too, on a
-#   busier host: 277 s compiled (84 s compiling) against 260 s eager, repaid after ~76 steps (78k).
-# The bound sits between the first two cold figures, so a first run on a new machine is hardly slowed; a filled cache
-# compiles in a fraction of the time, and larger models save more per token, so for them it is conservative.
-COMPILE_MIN_TOKENS = 48 * 1024
+# accumulation × sequence_len, an upper bound of what it trains on). Measured on an AMD EPYC with AVX2 (2 threads,
+# fp32, SmolLM2-135M shape, LoRA r 16 on all linear layers, dropout 0.05), with the eager dropout mask that draws
+# only the dropped positions (``lorafit.kernels.dropout``):
+# - full 4 × 256 rows (``python benchmarks/peer.py --configs 135m-fp32 --peers peft-loop --compile-kernels
+#   true|false``): a step took 13.1 s of CPU compiled against 14.7 s eager, 1.6 ms per token saved;
+# - the demo (8 × 128 planned, ~400 tokens a step computed; ``benchmarks/compile_payoff.py examples/demo.yaml``):
+#   no saving (3.89 s of CPU a step eager, 4.14 s compiled at 1 thread; 2.96–3.10 s against 2.86–3.11 s wall at 2).
+# Compiling cost 80 s with an empty Inductor cache, 12 s with a filled one. Full rows repay a cold compile after
+# ~50k tokens; shorter rows train fewer tokens than planned and save less per token, so the bound is twice that: a
+# first run on a new machine is not slowed, a filled cache compiles in a fraction of the time, and larger models
+# save more per token, so for them it is conservative. (Before the cheap eager mask, compiling also saved the eager
+# ``bernoulli_`` mask, a quarter of a demo step, and the bound was 48k tokens.)
+COMPILE_MIN_TOKENS = 96 * 1024
 
 
 def compile_pays(planned_tokens: int | None) -> bool:
