@@ -402,7 +402,7 @@ def eager_dropout_temporaries(spec: ModelSpec, s, adapters: Adapters) -> tuple[i
 
     With kernels compiled, the mask is a hash computed inside one fused kernel that writes only its outputs
     (counted with the MLP and hidden-state temporaries). Eager (``RuntimeOptions.compile`` off), each
-    ``lorafit.kernels.dropout`` call materialises its full-size ``bernoulli_`` mask and the masked product before
+    ``lorafit.kernels.dropout`` call materialises its full-size drawn mask and the masked product before
     the sum: for a layer alone (``dropped_and_add_dropped``), mask + ``low · keep``, 2 (tokens × in); for a group
     of n layers reading one input (``dropped_each_and_add``), the n masks together plus the product and the
     running sum, n + 2. The largest over the wrapped layers' input groups counts (measured with MemTracker)."""
