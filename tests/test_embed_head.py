@@ -347,16 +347,18 @@ def test_chunked_loss_with_lora_head_bf16():
 ], ids=["lora-tied-fp32", "saved-untied-bf16"])
 def test_estimate_within_10_percent_of_measured(tied, kw):
     """Estimate vs a measured step (lorafit.measure, CPU) with the head and embeddings trained; ±1.3% when
-    written (with tied fp32 q/v-only LoRA at -1.3% for reference)."""
+    written (with tied fp32 q/v-only LoRA at -1.3% for reference). Eager kernels: the compiled ones' estimate is
+    test_memory's; here the head and embeddings are the point."""
     from lorafit.measure import compare
     from lorafit.memory.estimate import Settings
     from lorafit.memory.spec import ModelSpec
+    from lorafit.options import RuntimeOptions
 
     spec = ModelSpec("tiny", "llama", 64, 160, 2, 4, 2, 16, 512 if tied else 4096, tied)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        est, m, err = compare(spec, Settings(method="lora", micro_batch=2, seq_len=64, r=8, device="cpu", **kw),
-                              steps=2)
+        est, m, err = compare(spec, Settings(method="lora", micro_batch=2, seq_len=64, r=8, device="cpu",
+                                             runtime=RuntimeOptions.resolve(False), **kw), steps=2)
     assert m.peak > 0 and abs(err) <= 10, f"estimate {est.allocated_peak} vs measured {m.peak}: {err:+.1f}%"
 
 
