@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import nn
@@ -150,13 +151,37 @@ def warmup_steps(cfg, total_steps: int) -> int:
     return 0
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup: int, total_steps: int):
-    """transformers' schedule ``name`` (cosine, linear, constant, constant_with_warmup) with ``warmup`` steps."""
-    from transformers import get_scheduler
+# transformers' four schedules (``transformers.optimization``), factor by factor. Written here because importing
+# that module imports its Trainer's utilities, and with them PEFT and bitsandbytes: 2-3 s of every ``lorafit train``
+# on a 2-core CPU, for four formulas. tests/test_optim.py holds them equal to ``transformers.get_scheduler``.
+def _warmup(step: int, warmup: int) -> float:
+    return float(step) / float(max(1, warmup))
 
-    if name == "constant" and warmup:
-        name = "constant_with_warmup"
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+def _constant(step: int, *, warmup: int, total: int) -> float:
+    return _warmup(step, warmup) if step < warmup else 1.0
+
+
+def _linear(step: int, *, warmup: int, total: int) -> float:
+    if step < warmup:
+        return _warmup(step, warmup)
+    return max(0.0, float(total - step) / float(max(1, total - warmup)))
+
+
+def _cosine(step: int, *, warmup: int, total: int) -> float:  # half a cosine wave (num_cycles 0.5) down to 0
+    if step < warmup:
+        return _warmup(step, warmup)
+    progress = float(step - warmup) / float(max(1, total - warmup))
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+
+
+_SCHEDULES = {"cosine": _cosine, "linear": _linear, "constant": _constant, "constant_with_warmup": _constant}
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup: int, total_steps: int):
+    """transformers' schedule ``name`` (cosine, linear, constant, constant_with_warmup) with ``warmup`` steps, as
+    the ``LambdaLR`` ``transformers.get_scheduler`` makes (same factors, same state dict)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(_SCHEDULES[name], warmup=warmup, total=total_steps))
 
 
 def scheduler_from_config(optimizer: torch.optim.Optimizer, cfg, total_steps: int):
