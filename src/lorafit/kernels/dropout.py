@@ -67,9 +67,9 @@ def _hash_keep(seed: torch.Tensor, shape, p: float, dtype: torch.dtype) -> torch
 
 def _drawn_keep(seed: torch.Tensor, shape, p: float, dtype: torch.dtype) -> torch.Tensor:
     """0/1 in ``dtype`` drawn from a generator seeded with ``seed`` (int64: the eager mask)."""
-    gen = torch.Generator(seed.device).manual_seed(int(seed))
     if p <= 0:
         return torch.ones(shape, dtype=dtype, device=seed.device)
+    gen = torch.Generator(seed.device).manual_seed(int(seed))
     if seed.device.type != "cpu" or p > 0.5:  # most positions dropped: drawing each gap costs what bernoulli_ does
         return torch.empty(shape, dtype=dtype, device=seed.device).bernoulli_(1.0 - p, generator=gen)
     n = shape[0] * shape[1]
@@ -78,9 +78,10 @@ def _drawn_keep(seed: torch.Tensor, shape, p: float, dtype: torch.dtype) -> torc
     start = 0
     while start < n:
         m = max(1, int((n - start) * p + _SPARE_SD * math.sqrt((n - start) * p) + 16))
-        u = torch.empty(m, dtype=torch.float64).uniform_(generator=gen)
-        gaps = torch.log1p(-u).div_(step).ceil_().clamp_(min=1).to(torch.int64)  # P(gap > k) = (1 - p)^k
-        at = gaps.cumsum_(0).add_(start - 1)
+        # gaps by inversion, P(gap > k) = (1 - p)^k, in place in float64 (exact positions below 2^53)
+        gaps = torch.empty(m, dtype=torch.float64).uniform_(generator=gen).neg_().log1p_().div_(step).ceil_()
+        at = gaps.clamp_(min=1).cumsum_(0).add_(start - 1).to(torch.int64)
+        del gaps
         start = int(at[-1]) + 1
         keep.index_fill_(0, at.clamp_(max=n), 0)
     return keep[:n].view(shape)
