@@ -65,7 +65,7 @@ LOSS_CHUNK_ELEMENTS = 2**23
 #   true|false``): a step took 13.1 s of CPU compiled against 14.7 s eager, 1.6 ms per token saved;
 # - the demo (8 × 128 planned, ~400 tokens a step computed; ``benchmarks/compile_payoff.py examples/demo.yaml``):
 #   no saving (3.89 s of CPU a step eager, 4.14 s compiled at 1 thread; 2.96–3.10 s against 2.86–3.11 s wall at 2).
-# Compiling cost 80 s with an empty Inductor cache, 12 s with a filled one. Full rows repay a cold compile after
+# Compiling cost 80 s with an empty Inductor cache, 9–12 s with a filled one. Full rows repay a cold compile after
 # ~50k tokens; shorter rows train fewer tokens than planned and save less per token, so the bound is twice that: a
 # first run on a new machine is not slowed, a filled cache compiles in a fraction of the time, and larger models
 # save more per token, so for them it is conservative. (Before the cheap eager mask, compiling also saved the eager
