@@ -37,7 +37,7 @@ peft = pytest.importorskip("peft")
 
 R, ALPHA = 4, 8
 EAGER = RuntimeOptions.resolve(False)
-# The pinned dropout seed: eager kernels take an int64 seed (bernoulli_), compiled ones two int32 (hashed mask).
+# The pinned dropout seed: eager kernels take an int64 seed (drawn mask), compiled ones two int32 (hashed mask).
 SEEDS = {False: torch.tensor(1234, dtype=torch.int64), True: torch.tensor([12, 34], dtype=torch.int32)}
 
 

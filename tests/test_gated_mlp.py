@@ -43,7 +43,7 @@ def test_same_math_less_saved(arch, lora):
     ("1", 0.0, torch.float32), ("1", 0.1, torch.float32), ("0", 0.0, torch.float32), ("0", 0.1, torch.float32),
     ("0", 0.1, torch.bfloat16),
     # fp32 copies: the fused kernel does not round h to bf16 before masking it (bf16 graphs: `make test-slow`)
-    pytest.param("1", 0.1, torch.bfloat16, marks=pytest.mark.slow),
+    pytest.param("1", 0.1, torch.bfloat16, marks=[pytest.mark.slow, pytest.mark.ci]),
 ])
 def test_silu_lora_down_fused_kernels(monkeypatch, compile_, dropout, dtype):
     """SiLU with compiled kernels: the product and its dropped-out copy come from one kernel in forward, and

@@ -264,23 +264,34 @@ def test_dropout_mask_rate_independence_and_kernels_agree(compile_):
     assert torch.equal(xd, x * m1) and torch.allclose(y, x + x * m1)
 
 
-@pytest.mark.parametrize("p", [0.05, 0.3, 0.7])
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.5, 0.7])
 def test_eager_dropout_mask_is_a_bernoulli_process(p, monkeypatch):
     """The eager mask draws only the gaps between dropped positions (geometric, by inversion): every position,
-    the last ones included, is kept with probability 1 - p; a seed gives the same mask again; a round of draws
-    that falls short of the end draws again from where it stopped (forced here: fewer spares than needed)."""
+    the last ones included, is kept with probability 1 - p; a seed gives the same mask again, however its draws
+    are split into rounds (one gap a round, or rounds cut short, continue where the last one stopped)."""
     from lorafit.kernels import dropout
 
-    seed = lambda i: torch.tensor(i, dtype=torch.int64)  # noqa: E731
     torch.manual_seed(0)
     kept = sum(dropout.keep_mask(dropout.new_seed("cpu", False), (8, 25), p) for _ in range(3000)) / 3000
     sd = (p * (1 - p) / 3000) ** 0.5
     assert (kept - (1 - p)).abs().max() < 5 * sd  # each of the 200 positions, the first and last too
-    assert torch.equal(dropout.keep_mask(seed(9), (300, 70), p), dropout.keep_mask(seed(9), (300, 70), p))
-    monkeypatch.setattr(dropout, "_SPARE_SD", -4.0)
-    m = dropout.keep_mask(seed(3), (400, 500), p)
-    assert abs(m.mean().item() - (1 - p)) < 0.005 and abs(m[-1, -2000:].mean().item() - (1 - p)) < 0.05
-    assert abs(float(torch.corrcoef(torch.stack([m.reshape(-1)[1:], m.reshape(-1)[:-1]]))[0, 1])) < 0.01
+    seed = torch.tensor(9, dtype=torch.int64)
+    mask = dropout.keep_mask(seed, (300, 70), p)
+    assert torch.equal(mask, dropout.keep_mask(seed, (300, 70), p))
+    assert abs(float(torch.corrcoef(torch.stack([mask.reshape(-1)[1:], mask.reshape(-1)[:-1]]))[0, 1])) < 0.03
+    monkeypatch.setattr(dropout, "_SPARE_SD", -1e9)  # one draw a round
+    assert torch.equal(dropout.keep_mask(seed, (300, 70), p), mask)
+    monkeypatch.setattr(dropout, "_SPARE_SD", 6.0)
+    monkeypatch.setattr(dropout, "_ROUND", 7)  # rounds cut short
+    assert torch.equal(dropout.keep_mask(seed, (300, 70), p), mask)
+
+
+def test_eager_dropout_mask_with_a_tiny_p_keeps_everything_it_should():
+    """A gap longer than the tensor (any p down to the smallest float) is cut at its end: no int64 overflow."""
+    from lorafit.kernels import dropout
+
+    for p in (1e-20, 1e-300):
+        assert torch.equal(dropout.keep_mask(torch.tensor(3), (40, 50), p), torch.ones(40, 50))
 
 
 def test_dropout_masks_replay_under_activation_checkpointing():

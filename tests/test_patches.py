@@ -52,7 +52,7 @@ def _step(model, ids):
     return out.detach(), grads
 
 
-# bf16 on eager kernels: its compiled graphs are its own (~20 s cold) and test_lean_kernels.py compiles them
+# bf16 on eager kernels: its compiled graphs are its own (~20 s cold); test_lean_kernels.py compiles them (make test-slow)
 @pytest.mark.parametrize("dtype,compile_", [(torch.float32, True), (torch.bfloat16, False)])
 def test_restore_brings_back_transformers_computation(dtype, compile_):
     """Patched: same math as the plain model (to rounding); restored: bitwise the plain model again, with no

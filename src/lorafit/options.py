@@ -58,13 +58,14 @@ LOSS_CHUNK_ELEMENTS = 2**23
 
 
 # ``compile_kernels: auto`` compiles when a run plans at least this many tokens (max_steps × micro-batch ×
-# accumulation × sequence_len, an upper bound of what it trains on). Measured on an AMD EPYC with AVX2 (2 threads,
-# fp32, SmolLM2-135M shape, LoRA r 16 on all linear layers, dropout 0.05), with the eager dropout mask that draws
+# accumulation × sequence_len, an upper bound of what it trains on). Measured on an AMD EPYC with AVX2 (fp32,
+# SmolLM2-135M shape, LoRA r 16 on all linear layers, dropout 0.05), with the eager dropout mask that draws
 # only the dropped positions (``lorafit.kernels.dropout``):
 # - full 4 × 256 rows (``python benchmarks/peer.py --configs 135m-fp32 --peers peft-loop --compile-kernels
-#   true|false``): a step took 13.1 s of CPU compiled against 14.7 s eager, 1.6 ms per token saved;
-# - the demo (8 × 128 planned, ~400 tokens a step computed; ``benchmarks/compile_payoff.py examples/demo.yaml``):
-#   no saving (3.89 s of CPU a step eager, 4.14 s compiled at 1 thread; 2.96–3.10 s against 2.86–3.11 s wall at 2).
+#   true|false``, 2 threads): a step took 13.1 s of CPU compiled against 14.7 s eager, 1.6 ms per token saved;
+# - the demo (8 × 128 planned, ~580 tokens a step, the rows' shared opening run once;
+#   ``benchmarks/compile_payoff.py examples/demo.yaml --steps 16``, 1 thread): no saving (3.89 s of CPU a step eager,
+#   4.14 s compiled).
 # Compiling cost 80 s with an empty Inductor cache, 9–12 s with a filled one. Full rows repay a cold compile after
 # ~50k tokens; shorter rows train fewer tokens than planned and save less per token, so the bound is twice that: a
 # first run on a new machine is not slowed, a filled cache compiles in a fraction of the time, and larger models

@@ -34,8 +34,10 @@ from lorafit.kernels.compiled import compiled
 
 _BITS = 24
 # The eager mask's gap draws: the mean count of dropped positions plus this many standard deviations (and 16), so
-# one round almost always reaches the end; a short round draws again from where it stopped.
+# one round almost always reaches the end; a short round draws again from where it stopped. At most _ROUND draws a
+# round (2 MiB of temporaries beside the mask); the mask does not depend on how the draws are split into rounds.
 _SPARE_SD = 6.0
+_ROUND = 2**17
 
 
 def _const(c: int) -> int:  # a 32-bit constant as the int32 value with the same bits
@@ -72,15 +74,16 @@ def _drawn_keep(seed: torch.Tensor, shape, p: float, dtype: torch.dtype) -> torc
     gen = torch.Generator(seed.device).manual_seed(int(seed))
     if seed.device.type != "cpu" or p > 0.5:  # most positions dropped: drawing each gap costs what bernoulli_ does
         return torch.empty(shape, dtype=dtype, device=seed.device).bernoulli_(1.0 - p, generator=gen)
-    n = shape[0] * shape[1]
+    n = math.prod(shape)
     keep = torch.ones(n + 1, dtype=dtype)  # the last slot takes the positions that fall past the end
     step = math.log1p(-p)
     start = 0
     while start < n:
-        m = max(1, int((n - start) * p + _SPARE_SD * math.sqrt((n - start) * p) + 16))
-        # gaps by inversion, P(gap > k) = (1 - p)^k, in place in float64 (exact positions below 2^53)
+        m = min(_ROUND, max(1, int((n - start) * p + _SPARE_SD * math.sqrt((n - start) * p) + 16)))
+        # gaps by inversion, P(gap > k) = (1 - p)^k, in place in float64; a gap past the end is cut to reach just
+        # past it (the same mask: such a position is dropped nowhere), so sums stay exact and within int64 for any p
         gaps = torch.empty(m, dtype=torch.float64).uniform_(generator=gen).neg_().log1p_().div_(step).ceil_()
-        at = gaps.clamp_(min=1).cumsum_(0).add_(start - 1).to(torch.int64)
+        at = gaps.clamp_(min=1, max=n - start + 1).cumsum_(0).add_(start - 1).to(torch.int64)
         del gaps
         start = int(at[-1]) + 1
         keep.index_fill_(0, at.clamp_(max=n), 0)
@@ -120,7 +123,7 @@ class _MaskKernel:
     """``fn(*tensors, seed, p)``: one fused compiled kernel for hashed (int32) seeds, eager PyTorch for drawn
     (int64) ones. Under a memory tracker (``lorafit measure``) the fused kernel shows only its outputs (what it
     allocates, also when it falls back to eager after a compiler failure), while the eager path runs in the
-    tracker's sight: its full-size ``bernoulli_`` mask and the products are real allocations of a run with
+    tracker's sight: its full-size drawn mask and the products are real allocations of a run with
     compiling off, and the estimator counts them (``lorafit.memory.activations.eager_dropout_temporaries``)."""
 
     def __init__(self, fn):
@@ -144,7 +147,7 @@ dropped_each_and_add = _MaskKernel(_dropped_each_and_add)  # (*x · keep_i, base
 
 def new_seed(device, hashed: bool) -> torch.Tensor:
     """A call's seed, from torch's global RNG of ``device``: two int32 halves for the hashed mask (compiled
-    kernels on), else one int64 for ``bernoulli_``."""
+    kernels on), else one int64 for the drawn mask."""
     if hashed:
         return torch.empty(2, dtype=torch.int32, device=device).random_()
     return torch.empty((), dtype=torch.int64, device=device).random_()
