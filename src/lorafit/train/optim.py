@@ -172,7 +172,7 @@ def _cosine(step: int, *, warmup: int, total: int) -> float:  # half a cosine wa
     if step < warmup:
         return _warmup(step, warmup)
     progress = float(step - warmup) / float(max(1, total - warmup))
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))  # transformers' π · 0.5 · 2.0 is exactly π
 
 
 _SCHEDULES = {"cosine": _cosine, "linear": _linear, "constant": _constant, "constant_with_warmup": _constant}
